@@ -1,0 +1,114 @@
+"""Offline throughput: N concurrent requests through our engine vs. transformers `generate`.
+
+    python benchmarks/bench_engine.py [--num-requests 64] [--max-tokens 64] [--dtype bfloat16]
+
+Greedy, ignore EOS, the same prompts for both. Prints tokens/s for each and the ratio, plus
+batch-1 decode tokens/s for both. Numbers from one run on one machine: compare ratios.
+"""
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+PROMPTS = [
+    "Explain why the sky is blue in simple words.",
+    "Write a short poem about the sea and the wind.",
+    "List three uses of a paperclip that are not about paper.",
+    "What is the capital of France, and why is it famous?",
+    "Describe a cat to someone who has never seen one.",
+    "Give me a recipe for a quick breakfast with eggs.",
+    "Why do people enjoy music? Answer in two sentences.",
+    "Summarise the plot of a heist movie you would like to see.",
+]
+
+
+def make_prompts(tokenizer, n: int) -> list[list[int]]:
+    out = []
+    for i in range(n):
+        msgs = [{"role": "user", "content": f"{PROMPTS[i % len(PROMPTS)]} (variant {i})"}]
+        ids = tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True)
+        out.append(list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids))
+    return out
+
+
+def run_ours(engine, prompts, max_tokens: int) -> tuple[float, int]:
+    from loraplex.engine.sampling_params import SamplingParams
+    params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+    t0 = time.perf_counter()
+    for i, p in enumerate(prompts):
+        engine.add_request(f"bench-{time.monotonic_ns()}-{i}", p, params)
+    generated = 0
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            generated += len(out.token_ids)
+    return time.perf_counter() - t0, generated
+
+
+def run_hf(model, tokenizer, prompts, max_tokens: int, batch_size: int) -> tuple[float, int]:
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    t0 = time.perf_counter()
+    generated = 0
+    for b in range(0, len(prompts), batch_size):
+        chunk = prompts[b:b + batch_size]
+        width = max(len(p) for p in chunk)
+        ids = torch.tensor([[pad] * (width - len(p)) + p for p in chunk])  # left padding
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in chunk])
+        with torch.inference_mode():
+            out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_tokens,
+                                 min_new_tokens=max_tokens, do_sample=False, pad_token_id=pad)
+        generated += (out.shape[1] - width) * len(chunk)
+    return time.perf_counter() - t0, generated
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default=None, help="model folder (default: the default model)")
+    ap.add_argument("--num-requests", type=int, default=64)
+    ap.add_argument("--max-tokens", type=int, default=64)
+    ap.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--hf-batch-size", type=int, default=None, help="transformers batch (default: all)")
+    ap.add_argument("--skip-hf", action="store_true")
+    args = ap.parse_args()
+
+    from transformers import AutoModelForCausalLM
+
+    from loraplex.engine.engine_args import EngineArgs
+    from loraplex.engine.llm_engine import LLMEngine
+
+    engine = LLMEngine.from_engine_args(EngineArgs(model=args.model, dtype=args.dtype, device=args.device,
+                                                   max_num_seqs=max(64, args.num_requests)))
+    device = engine.runner.device
+    model_dir = args.model
+    if model_dir is None:
+        from loraplex.engine.default_model import ensure_default_model
+        model_dir = str(ensure_default_model())
+    prompts = make_prompts(engine.tokenizer, args.num_requests)
+    print(f"device={device} dtype={args.dtype} requests={len(prompts)} max_tokens={args.max_tokens} "
+          f"threads={torch.get_num_threads()} mean_prompt={sum(map(len, prompts)) / len(prompts):.0f} tokens")
+
+    run_ours(engine, prompts[:2], 4)  # warm-up
+    dt, n = run_ours(engine, prompts, args.max_tokens)
+    ours = n / dt
+    print(f"loraplex   : {n} tokens in {dt:.2f}s = {ours:.1f} tok/s")
+    dt1, n1 = run_ours(engine, prompts[:1], args.max_tokens)
+    ours1 = n1 / dt1
+    print(f"loraplex   batch-1: {ours1:.1f} tok/s")
+    if args.skip_hf:
+        return
+    hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, args.dtype)).to(device).eval()
+    run_hf(hf, engine.tokenizer, prompts[:2], 4, 2)  # warm-up
+    dt, n = run_hf(hf, engine.tokenizer, prompts, args.max_tokens, args.hf_batch_size or len(prompts))
+    theirs = n / dt
+    print(f"transformers: {n} tokens in {dt:.2f}s = {theirs:.1f} tok/s")
+    dt1, n1 = run_hf(hf, engine.tokenizer, prompts[:1], args.max_tokens, 1)
+    theirs1 = n1 / dt1
+    print(f"transformers batch-1: {theirs1:.1f} tok/s")
+    print(f"ratio loraplex/transformers: {ours / theirs:.2f}x at {len(prompts)} concurrent, "
+          f"{ours1 / theirs1:.2f}x at batch 1")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,48 @@
+"""EngineArgs: the user-facing engine knobs (vLLM spellings), turned into frozen configs."""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b?)\s*$", re.IGNORECASE)
+
+
+def parse_size_bytes(text: str | int) -> int:
+    """'4GiB', '512M', '1.5g' or a plain integer -> bytes (binary units)."""
+    if isinstance(text, int):
+        return text
+    m = _SIZE_RE.match(str(text))
+    if not m:
+        raise ValueError(f"cannot read a size from {text!r}; use e.g. 2GiB, 512MiB or a byte count")
+    scale = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}[m.group(2).lower()]
+    return int(float(m.group(1)) * scale)
+
+
+@dataclass(frozen=True, slots=True)
+class EngineArgs:
+    model: str | None = None  # HF-layout folder or .gguf file; None: the default model
+    dtype: str = "auto"  # auto | float32 | bfloat16 | float16
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    max_model_len: int | None = None  # None: min(model's max positions, 4096)
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int | None = None  # None: max(1024, max_num_seqs)
+    block_size: int = 16
+    kv_cache_memory_bytes: int = 1 << 30
+    num_gpu_blocks_override: int | None = None
+    enable_prefix_caching: bool = True
+    enable_chunked_prefill: bool = True
+    max_queue_len: int = 256  # waiting requests beyond this get 429
+    seed: int = 0
+    num_threads: int | None = None  # torch intra-op threads on CPU; None: all cores
+
+    def __post_init__(self) -> None:
+        if self.dtype not in ("auto", "float32", "bfloat16", "float16", "half", "float"):
+            raise ValueError(f"--dtype must be one of auto, float32, bfloat16, float16; got {self.dtype!r}")
+        if self.max_model_len is not None and self.max_model_len < 2:
+            raise ValueError("--max-model-len must be at least 2")
+        if self.max_num_seqs < 1:
+            raise ValueError("--max-num-seqs must be at least 1")
+        if self.max_queue_len < 1:
+            raise ValueError("--max-queue-len must be at least 1")
+        if self.kv_cache_memory_bytes <= 0:
+            raise ValueError("--kv-cache-memory-bytes must be positive")

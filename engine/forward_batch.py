@@ -1,0 +1,53 @@
+"""ForwardBatch: one step's flattened tokens and the attention metadata the model consumes.
+
+Token order: all decode tokens (one per request) first, then each prefill chunk contiguously.
+The runner builds it from a SchedulerOutput; models only read it.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass(slots=True)
+class PrefillChunk:
+    query_start: int  # row of the chunk's first token in the flattened batch
+    query_len: int
+    kv_slots: torch.Tensor  # [kv_len] int64: flat KV slots of all tokens of the sequence so far
+    # [query_len, kv_len] bool, True where attention is allowed (causal with offset kv_len - query_len)
+    mask: torch.Tensor | None = None
+
+
+@dataclass(slots=True)
+class AttentionMetadata:
+    num_decode_tokens: int = 0
+    decode_kv_slots: torch.Tensor | None = None  # [num_decodes, max_kv_len] int64, padding -> 0
+    decode_mask: torch.Tensor | None = None  # [num_decodes, 1, 1, max_kv_len] bool, True = attend
+    decode_kv_lens: torch.Tensor | None = None  # [num_decodes] int64
+    prefills: list[PrefillChunk] = field(default_factory=list)
+    sliding_window: int | None = None
+
+
+@dataclass(slots=True)
+class ForwardBatch:
+    input_ids: torch.Tensor  # [num_tokens] int64
+    positions: torch.Tensor  # [num_tokens] int64
+    slot_mapping: torch.Tensor  # [num_tokens] int64: flat KV slot each token's k/v is written to
+    attn: AttentionMetadata
+    logits_indices: torch.Tensor  # [num_sampled] int64: rows whose logits are needed
+    # LoRA seam: per-token adapter slot in the paged pool (-1 = base model); None when no adapters.
+    adapter_slots: torch.Tensor | None = None
+    # Opaque per-step metadata prepared by the adapter hook (segment offsets etc.).
+    adapter_metadata: object | None = None
+
+    @property
+    def num_tokens(self) -> int:
+        return self.input_ids.shape[0]
+
+
+@dataclass(slots=True)
+class KVCache:
+    """Per-layer paged cache: flat slots = num_blocks * block_size."""
+    k: torch.Tensor  # [num_slots, num_kv_heads, head_dim]
+    v: torch.Tensor  # [num_slots, num_kv_heads, head_dim]

@@ -1,0 +1,182 @@
+"""LLMEngine: the synchronous step — schedule(), execute, update_from_output() — plus detokenization."""
+from __future__ import annotations
+
+import logging
+import os
+import time
+from pathlib import Path
+
+import torch
+
+from loraplex.engine.config import CacheConfig, ModelConfig, SchedulerConfig
+from loraplex.engine.detokenizer import IncrementalDetokenizer, decode_token_text
+from loraplex.engine.engine_args import EngineArgs
+from loraplex.engine.errors import PromptTooLongError
+from loraplex.engine.kv_cache import KVCacheManager
+from loraplex.engine.model_runner import ModelRunner
+from loraplex.engine.outputs import EngineStats, RequestOutput, TokenLogprob
+from loraplex.engine.request import Request, RequestStatus
+from loraplex.engine.sampling_params import SamplingParams
+from loraplex.engine.scheduler import Scheduler
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_MAX_MODEL_LEN = 4096
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def resolve_dtype(name: str, model_config: ModelConfig, device: torch.device) -> torch.dtype:
+    """vLLM's 'auto': the checkpoint's dtype; on a CPU without bf16 support, float32; never fp16 on CPU."""
+    name = {"half": "float16", "float": "float32"}.get(name, name)
+    if name == "auto":
+        name = model_config.torch_dtype if model_config.torch_dtype in ("bfloat16", "float16") else "float32"
+        if device.type == "cpu":
+            if name == "float16":
+                name = "bfloat16"
+            if name == "bfloat16" and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+                name = "float32"
+    return getattr(torch, name)
+
+
+class LLMEngine:
+    def __init__(self, runner: ModelRunner, scheduler: Scheduler, tokenizer, model_config: ModelConfig,
+                 max_model_len: int) -> None:
+        self.runner = runner
+        self.scheduler = scheduler
+        self.tokenizer = tokenizer
+        self.model_config = model_config
+        self.max_model_len = max_model_len
+        self.eos_token_ids = self._eos_token_ids(tokenizer, model_config)
+        self._detokenizers: dict[str, IncrementalDetokenizer] = {}
+        self._requests: dict[str, Request] = {}
+
+    @staticmethod
+    def _eos_token_ids(tokenizer, model_config: ModelConfig) -> tuple[int, ...]:
+        ids = list(model_config.eos_token_ids)
+        if tokenizer is not None and tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
+            ids.append(tokenizer.eos_token_id)
+        return tuple(ids)
+
+    @classmethod
+    def from_engine_args(cls, args: EngineArgs) -> "LLMEngine":
+        from transformers import AutoTokenizer
+
+        from loraplex.engine.loader import load_model
+
+        if args.num_threads:
+            torch.set_num_threads(args.num_threads)
+        torch.manual_seed(args.seed)
+        model_path = args.model
+        if model_path is None:
+            from loraplex.engine.default_model import ensure_default_model
+            model_path = str(ensure_default_model(progress=logger.info))
+        device = resolve_device(args.device)
+        t0 = time.perf_counter()
+        model_config = _read_model_config(model_path)
+        dtype = resolve_dtype(args.dtype, model_config, device)
+        model, model_config = load_model(model_path, dtype=dtype, device=device)
+        tokenizer_dir = model_path if os.path.isdir(model_path) else str(Path(model_path).parent)
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir) if os.path.isdir(model_path) else \
+            AutoTokenizer.from_pretrained(tokenizer_dir, gguf_file=Path(model_path).name)
+        max_model_len = args.max_model_len or min(model_config.max_position_embeddings, DEFAULT_MAX_MODEL_LEN)
+        if max_model_len > model_config.max_position_embeddings:
+            raise ValueError(f"--max-model-len {max_model_len} exceeds the model's "
+                             f"max_position_embeddings ({model_config.max_position_embeddings})")
+        logger.info("loaded %s (%s, %d layers) as %s on %s in %.1fs", model_path, model_config.architecture,
+                    model_config.num_hidden_layers, dtype, device, time.perf_counter() - t0)
+        cache_config = CacheConfig(block_size=args.block_size, num_blocks=args.num_gpu_blocks_override,
+                                   kv_cache_memory_bytes=args.kv_cache_memory_bytes,
+                                   enable_prefix_caching=args.enable_prefix_caching)
+        runner = ModelRunner(model, model_config, cache_config, device, dtype, max_model_len)
+        scheduler_config = SchedulerConfig(
+            max_num_seqs=args.max_num_seqs,
+            max_num_batched_tokens=args.max_num_batched_tokens or max(1024, args.max_num_seqs),
+            max_model_len=max_model_len, enable_chunked_prefill=args.enable_chunked_prefill)
+        kv = KVCacheManager(runner.num_blocks, cache_config.block_size, cache_config.enable_prefix_caching)
+        return cls(runner, Scheduler(scheduler_config, kv), tokenizer, model_config, max_model_len)
+
+    # ---- requests -------------------------------------------------------------------------
+    def validate_prompt(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
+        n = len(prompt_token_ids)
+        if n == 0:
+            raise ValueError("the prompt is empty")
+        if n >= self.max_model_len:
+            raise PromptTooLongError(n, params.max_tokens, self.max_model_len)
+        vocab = self.model_config.vocab_size
+        if any(t < 0 or t >= vocab for t in prompt_token_ids):
+            raise ValueError(f"prompt token ids must be in [0, {vocab})")
+
+    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
+                    arrival_time: float | None = None) -> Request:
+        self.validate_prompt(prompt_token_ids, params)
+        request = Request(request_id, prompt_token_ids, params, eos_token_ids=self.eos_token_ids,
+                          arrival_time=arrival_time)
+        self.scheduler.add_request(request)
+        self._requests[request_id] = request
+        self._detokenizers[request_id] = IncrementalDetokenizer(self.tokenizer, prompt_token_ids, params)
+        return request
+
+    def abort_requests(self, request_ids: list[str]) -> list[RequestOutput]:
+        ids = [r for r in request_ids if r in self._requests]
+        self.scheduler.finish_requests(ids, RequestStatus.FINISHED_ABORTED)
+        return [self._final_output(self._requests[r], "", [], None) for r in ids]
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished_requests()
+
+    def stats(self) -> EngineStats:
+        kv = self.scheduler.kv_cache_manager
+        return EngineStats(num_running=self.scheduler.num_running, num_waiting=self.scheduler.num_waiting,
+                           num_free_blocks=kv.num_free_blocks, num_total_blocks=kv.num_total_blocks)
+
+    # ---- the step -------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        scheduler_output = self.scheduler.schedule()
+        if not scheduler_output.scheduled:
+            return []
+        sampled = self.runner.execute(scheduler_output)
+        updates = self.scheduler.update_from_output(
+            scheduler_output, {rid: s.token_id for rid, s in sampled.items()})
+        outputs = []
+        for request, new_token_ids in updates:
+            outputs.append(self._make_output(request, new_token_ids, sampled.get(request.request_id)))
+        return outputs
+
+    def _make_output(self, request: Request, new_token_ids: list[int], sampled) -> RequestOutput:
+        detok = self._detokenizers[request.request_id]
+        text = detok.update(new_token_ids) if new_token_ids else ""
+        if detok.stopped and not request.is_finished:
+            self.scheduler.finish_requests([request.request_id], RequestStatus.FINISHED_STOPPED)
+            request.stop_reason = detok.stop_reason
+        logprobs = None
+        if sampled is not None and sampled.logprobs is not None and new_token_ids:
+            (tok, lp), *top = sampled.logprobs
+            logprobs = [TokenLogprob(tok, decode_token_text(self.tokenizer, tok), lp,
+                                     [(t, decode_token_text(self.tokenizer, t), v) for t, v in top])]
+        if request.is_finished:
+            if not detok.stopped:
+                text += detok.flush()
+            return self._final_output(request, text, new_token_ids, logprobs)
+        return RequestOutput(request.request_id, text, new_token_ids, False, request.num_prompt_tokens,
+                             request.num_output_tokens, logprobs)
+
+    def _final_output(self, request: Request, text: str, new_token_ids: list[int], logprobs) -> RequestOutput:
+        self._requests.pop(request.request_id, None)
+        self._detokenizers.pop(request.request_id, None)
+        return RequestOutput(request.request_id, text, new_token_ids, True, request.num_prompt_tokens,
+                             request.num_output_tokens, logprobs, request.status.finish_reason,
+                             request.stop_reason)
+
+
+def _read_model_config(model_path: str) -> ModelConfig:
+    import json
+    if os.path.isdir(model_path):
+        with open(Path(model_path) / "config.json") as f:
+            return ModelConfig.from_hf_dict(json.load(f))
+    from loraplex.engine.loader import gguf_hf_config
+    return ModelConfig.from_hf_dict(gguf_hf_config(model_path))

@@ -1,0 +1,39 @@
+"""What the engine hands back per request and step: plain data for the HTTP layer to format."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(slots=True)
+class TokenLogprob:
+    token_id: int
+    token: str  # the token's own decoded text
+    logprob: float
+    # the most likely alternatives at this position, best first: (token_id, token text, logprob)
+    top_logprobs: list[tuple[int, str, float]] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class RequestOutput:
+    """One delta for one request. Concatenating every `text` of a request gives its full output."""
+    request_id: str
+    text: str  # new text since the previous output of this request
+    token_ids: list[int]  # new token ids since the previous output
+    finished: bool
+    num_prompt_tokens: int
+    num_output_tokens: int  # total so far
+    logprobs: list[TokenLogprob] | None = None  # one per token in `token_ids`, when asked for
+    finish_reason: str | None = None  # "stop" | "length" | "abort"
+    stop_reason: int | str | None = None  # the stop string or stop token id that ended it
+
+
+@dataclass(slots=True)
+class EngineStats:
+    num_running: int
+    num_waiting: int
+    num_free_blocks: int
+    num_total_blocks: int
+
+    @property
+    def kv_cache_usage(self) -> float:
+        return 1.0 - self.num_free_blocks / max(1, self.num_total_blocks)

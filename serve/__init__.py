@@ -1,0 +1,1 @@
+"""HTTP API (Starlette), CLI, metrics and auth."""

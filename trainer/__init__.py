@@ -1,0 +1,1 @@
+"""Trainer: multi-adapter LoRA fine-tuning on the served base model (issue 5)."""
