@@ -49,7 +49,7 @@ class AsyncEngine:
         self.model_config = engine.model_config
         self.max_model_len = engine.max_model_len
         self.max_queue_len = max_queue_len
-        self._max_in_flight = engine.scheduler.config.max_num_seqs + max_queue_len
+        self._max_in_flight = engine.scheduler.scheduler_config.max_num_seqs + max_queue_len
         self._streams: dict[str, RequestStream] = {}
         self._inbox: collections.deque = collections.deque()  # ("add", args) | ("abort", id)
         self._wakeup = threading.Event()
