@@ -111,7 +111,7 @@ class SamplingMetadata:
                         if p.seed is not None and not g},
             suppress_rows=suppress_rows,
             suppress_token_ids=suppress_ids,
-            max_num_logprobs=max(wanted) if wanted else None,
+            max_num_logprobs=min(max(wanted), vocab_size) if wanted else None,
         )
 
 
