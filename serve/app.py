@@ -1,0 +1,63 @@
+"""build_app: the Starlette app around one engine (lifespan, auth, routes, error handlers, metrics)."""
+from __future__ import annotations
+
+import logging
+import secrets
+import time
+from contextlib import asynccontextmanager
+from typing import Any, AsyncIterator
+
+from starlette.applications import Starlette
+from starlette.datastructures import Headers
+from starlette.middleware import Middleware
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from loraplex.serve.errors import EXCEPTION_HANDLERS, AuthenticationError, openai_error_response
+from loraplex.serve.metrics import ServingMetrics
+from loraplex.serve.routes import ROUTES
+
+logger = logging.getLogger("loraplex.serve")
+
+
+class ApiKeyMiddleware:
+    """Requires `Authorization: Bearer <key>` on /v1/*; health, readiness and metrics stay open."""
+
+    def __init__(self, app: ASGIApp, api_key: str) -> None:
+        self.app = app
+        self._expected = f"Bearer {api_key}".encode()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["path"].startswith("/v1") and scope["method"] != "OPTIONS":
+            given = Headers(scope=scope).get("authorization", "").encode()
+            if not secrets.compare_digest(given, self._expected):
+                await openai_error_response(AuthenticationError())(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+def build_app(engine: Any, served_model_names: list[str], api_key: str | None = None) -> Starlette:
+    """`engine` is an AsyncEngine (or anything with its surface); it is started and stopped by the
+    app's lifespan. The first served name is the default when a request leaves `model` out."""
+    if not served_model_names:
+        raise ValueError("served_model_names must name at least one model")
+
+    @asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        await engine.start()
+        app.state.ready = True
+        logger.info("serving %s (max_model_len=%d)", ", ".join(served_model_names), engine.max_model_len)
+        try:
+            yield
+        finally:
+            app.state.ready = False
+            await engine.shutdown()
+
+    middleware = [Middleware(ApiKeyMiddleware, api_key=api_key)] if api_key else []
+    app = Starlette(routes=ROUTES, middleware=middleware, exception_handlers=EXCEPTION_HANDLERS,
+                    lifespan=lifespan)
+    app.state.engine = engine
+    app.state.served_model_names = list(served_model_names)
+    app.state.metrics = ServingMetrics(engine.stats, served_model_names[0])
+    app.state.created = int(time.time())
+    app.state.ready = False
+    return app

@@ -1,0 +1,117 @@
+"""Prometheus metrics (vLLM's names under a `loraplex:` prefix) in one registry per app."""
+from __future__ import annotations
+
+import logging
+import time
+from typing import Callable, Iterator
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from loraplex.engine.outputs import EngineStats, RequestOutput
+
+logger = logging.getLogger("loraplex.serve")
+
+PREFIX = "loraplex:"
+CONTENT_TYPE = CONTENT_TYPE_LATEST
+_TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0,
+                 7.5, 10.0, 20.0, 40.0, 80.0)
+_TPOT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5,
+                 0.75, 1.0, 2.5, 5.0)
+_E2E_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0,
+                120.0, 240.0, 480.0)
+
+
+class _EngineStatsCollector(Collector):
+    """Gauges read from `engine.stats()` at scrape time, so they are never stale."""
+
+    def __init__(self, stats: Callable[[], EngineStats], model_name: str) -> None:
+        self._stats = stats
+        self._model_name = model_name
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        try:
+            stats = self._stats()
+        except Exception:  # a dead engine must not break /metrics
+            logger.warning("engine.stats() failed during a metrics scrape", exc_info=True)
+            return
+        for name, doc, value in (
+                ("num_requests_running", "Requests in the running batch.", stats.num_running),
+                ("num_requests_waiting", "Requests waiting to be scheduled.", stats.num_waiting),
+                ("kv_cache_usage_perc", "Fraction of KV cache blocks in use (1 = full).",
+                 stats.kv_cache_usage),
+                ("kv_cache_free_blocks", "KV cache blocks on the free list (cached prefixes included).",
+                 stats.num_free_blocks),
+                ("kv_cache_total_blocks", "KV cache blocks in all.", stats.num_total_blocks)):
+            gauge = GaugeMetricFamily(PREFIX + name, doc, labels=["model_name"])
+            gauge.add_metric([self._model_name], float(value))
+            yield gauge
+
+
+class ServingMetrics:
+    """Counters and histograms the HTTP layer feeds, plus the engine gauges, in a private registry."""
+
+    def __init__(self, stats: Callable[[], EngineStats], model_name: str) -> None:
+        self.registry = CollectorRegistry()
+        self.registry.register(_EngineStatsCollector(stats, model_name))
+        labels = ["model_name"]
+        self.prompt_tokens = Counter(PREFIX + "prompt_tokens", "Prefill tokens processed.",
+                                     labels, registry=self.registry)
+        self.generation_tokens = Counter(PREFIX + "generation_tokens", "Generation tokens produced.",
+                                         labels, registry=self.registry)
+        self.request_success = Counter(PREFIX + "request_success", "Finished requests by finish reason.",
+                                       labels + ["finished_reason"], registry=self.registry)
+        self.time_to_first_token = Histogram(
+            PREFIX + "time_to_first_token_seconds", "Time from arrival to the first output token.",
+            labels, buckets=_TTFT_BUCKETS, registry=self.registry)
+        self.time_per_output_token = Histogram(
+            PREFIX + "time_per_output_token_seconds", "Mean time per output token after the first.",
+            labels, buckets=_TPOT_BUCKETS, registry=self.registry)
+        self.e2e_request_latency = Histogram(
+            PREFIX + "e2e_request_latency_seconds", "Time from arrival to the last output token.",
+            labels, buckets=_E2E_BUCKETS, registry=self.registry)
+
+    def start_request(self, model_name: str) -> "RequestTracker":
+        return RequestTracker(self, model_name)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+class RequestTracker:
+    """Times one engine request from arrival to finish and feeds `ServingMetrics`."""
+
+    def __init__(self, metrics: ServingMetrics, model_name: str) -> None:
+        self._metrics = metrics
+        self._model_name = model_name
+        self.arrival_time = time.monotonic()
+        self.first_token_time: float | None = None
+        self.num_output_tokens = 0
+        self.is_finished = False
+
+    def on_output(self, out: RequestOutput) -> None:
+        m, name = self._metrics, self._model_name
+        if out.token_ids and self.first_token_time is None:
+            self.first_token_time = time.monotonic()
+            m.time_to_first_token.labels(name).observe(self.first_token_time - self.arrival_time)
+            m.prompt_tokens.labels(name).inc(out.num_prompt_tokens)
+        if out.token_ids:
+            m.generation_tokens.labels(name).inc(len(out.token_ids))
+        self.num_output_tokens = out.num_output_tokens
+        if out.finished:
+            self.finish(out.finish_reason or "stop")
+
+    def finish(self, finish_reason: str) -> None:
+        if self.is_finished:
+            return
+        self.is_finished = True
+        m, name = self._metrics, self._model_name
+        m.request_success.labels(name, finish_reason).inc()
+        if finish_reason == "abort":
+            return
+        now = time.monotonic()
+        m.e2e_request_latency.labels(name).observe(now - self.arrival_time)
+        if self.first_token_time is not None and self.num_output_tokens > 1:
+            m.time_per_output_token.labels(name).observe(
+                (now - self.first_token_time) / (self.num_output_tokens - 1))

@@ -1,0 +1,397 @@
+"""HTTP endpoints: parse and validate, call the engine, format OpenAI answers as JSON or SSE."""
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+import uuid
+from contextlib import aclosing
+from dataclasses import dataclass, field
+from typing import Any, AsyncIterator
+
+import jinja2
+from pydantic import BaseModel
+from sse_starlette import EventSourceResponse
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from loraplex.engine.errors import PromptTooLongError
+from loraplex.engine.outputs import RequestOutput, TokenLogprob
+from loraplex.engine.sampling_params import SamplingParams
+from loraplex.serve.errors import (ClientDisconnectedError, InvalidRequestError, ModelNotFoundError,
+                                   error_json, error_response)
+from loraplex.serve.metrics import CONTENT_TYPE, RequestTracker
+from loraplex.serve.schemas import (ChatChunkChoice, ChatCompletionChoice, ChatCompletionChunk,
+                                    ChatCompletionRequest, ChatCompletionResponse, ChatResponseMessage,
+                                    CompletionChoice, CompletionRequest, CompletionResponse, DeltaMessage,
+                                    ModelCard, ModelList, UsageInfo, chat_logprobs, choice_params,
+                                    completion_logprobs)
+
+logger = logging.getLogger("loraplex.serve")
+
+
+# ---------------------------------------------------------------------------- models
+
+@dataclass(frozen=True, slots=True)
+class ResolvedModel:
+    name: str  # the name the client asked for, echoed back in responses
+    adapter: str | None = None  # LoRA seam: the adapter that serves it; None is the base model
+
+
+def resolve_model(state: Any, name: str | None) -> ResolvedModel:
+    """The single place a request's `model` field is checked (adapters will be added here)."""
+    served = state.served_model_names
+    if name is None:
+        return ResolvedModel(served[0])
+    if name in served:
+        return ResolvedModel(name)
+    raise ModelNotFoundError(name)
+
+
+def _model_card(state: Any, name: str) -> ModelCard:
+    return ModelCard(id=name, created=state.created, root=name, max_model_len=state.engine.max_model_len)
+
+
+async def list_models(request: Request) -> Response:
+    state = request.app.state
+    return _json(ModelList(data=[_model_card(state, name) for name in state.served_model_names]))
+
+
+async def get_model(request: Request) -> Response:
+    state = request.app.state
+    return _json(_model_card(state, resolve_model(state, request.path_params["model"]).name))
+
+
+# ---------------------------------------------------------------------------- engine requests
+
+@dataclass(slots=True)
+class _Choice:
+    """One engine request: one prompt's one sample (`n` and prompt lists fan out into several)."""
+    index: int
+    request_id: str
+    stream: Any  # async iterator of RequestOutput deltas
+    tracker: RequestTracker
+    num_prompt_tokens: int
+    prefix: str = ""  # echoed prompt text (completions)
+    text_offset: int = 0  # characters emitted so far, for completions' logprobs.text_offset
+    num_output_tokens: int = 0
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+    texts: list[str] = field(default_factory=list)  # non-streaming only
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # non-streaming only
+
+    def on_output(self, out: RequestOutput) -> None:
+        self.tracker.on_output(out)
+        self.num_output_tokens = out.num_output_tokens
+        if out.finished:
+            self.finish_reason, self.stop_reason = out.finish_reason, out.stop_reason
+            logger.info("request %s finished: prompt_tokens=%d output_tokens=%d finish_reason=%s",
+                        self.request_id, out.num_prompt_tokens, out.num_output_tokens, out.finish_reason)
+
+
+def _max_tokens(requested: int | None, num_prompt_tokens: int, max_model_len: int, param: str) -> int:
+    """vLLM's rule: an omitted max_tokens takes the rest of the context; too much is a 400."""
+    if requested is None:
+        if num_prompt_tokens >= max_model_len:
+            raise InvalidRequestError(
+                f"This model's maximum context length is {max_model_len} tokens. However, your request "
+                f"has {num_prompt_tokens} input tokens. Please reduce the length of the input.",
+                param=param, code="context_length_exceeded")
+        return max_model_len - num_prompt_tokens
+    if num_prompt_tokens + requested > max_model_len:
+        raise PromptTooLongError(num_prompt_tokens, requested, max_model_len)
+    return requested
+
+
+def _start_requests(state: Any, response_id: str, model: ResolvedModel, prompts: list[list[int]],
+                    params: list[SamplingParams], n: int) -> list[_Choice]:
+    """One engine request per prompt and sample; all or none are admitted."""
+    choices: list[_Choice] = []
+    try:
+        for i, (prompt_ids, prompt_params) in enumerate(zip(prompts, params)):
+            for j in range(n):
+                index = i * n + j
+                request_id = f"{response_id}-{index}"
+                tracker = state.metrics.start_request(model.name)
+                stream = state.engine.add_request(request_id, prompt_ids, choice_params(prompt_params, j))
+                choices.append(_Choice(index, request_id, aiter(stream), tracker, len(prompt_ids)))
+    except BaseException:
+        _abort_unfinished(state.engine, choices)
+        raise
+    return choices
+
+
+def _abort_unfinished(engine: Any, choices: list[_Choice]) -> None:
+    for c in choices:
+        if not c.tracker.is_finished:
+            engine.abort(c.request_id)
+            c.tracker.finish("abort")
+            logger.info("request %s aborted: prompt_tokens=%d output_tokens=%d",
+                        c.request_id, c.num_prompt_tokens, c.num_output_tokens)
+
+
+async def _next_output(choice: _Choice) -> RequestOutput | None:
+    try:
+        return await anext(choice.stream)
+    except StopAsyncIteration:
+        return None
+
+
+async def _single(choice: _Choice) -> AsyncIterator[tuple[_Choice, RequestOutput | None]]:
+    while True:
+        out = await _next_output(choice)
+        yield choice, out
+        if out is None or out.finished:
+            return
+
+
+async def _interleave(choices: list[_Choice]) -> AsyncIterator[tuple[_Choice, RequestOutput | None]]:
+    pending = {asyncio.ensure_future(_next_output(c)): c for c in choices}
+    try:
+        while pending:
+            done, _ = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+            for fut in sorted(done, key=lambda f: pending[f].index):
+                choice = pending.pop(fut)
+                out = fut.result()
+                yield choice, out
+                if out is not None and not out.finished:
+                    pending[asyncio.ensure_future(_next_output(choice))] = choice
+    finally:
+        for fut in pending:
+            fut.cancel()
+
+
+async def _outputs(choices: list[_Choice]) -> AsyncIterator[tuple[_Choice, RequestOutput]]:
+    """Every choice's deltas, interleaved in the order the engine produces them (no task per token
+    in the common case of one choice)."""
+    source = _single(choices[0]) if len(choices) == 1 else _interleave(choices)
+    async with aclosing(source) as deltas:
+        async for choice, out in deltas:
+            if out is None:  # the stream ended without a final output: the engine dropped it
+                choice.tracker.finish("abort")
+                choice.finish_reason = "abort"
+                continue
+            choice.on_output(out)
+            yield choice, out
+
+
+async def _wait_for_disconnect(request: Request) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def _collect(request: Request, state: Any, choices: list[_Choice]) -> None:
+    """Run every choice to the end; a client that goes away first gets its requests aborted."""
+    async def consume() -> None:
+        async with aclosing(_outputs(choices)) as outputs:
+            async for choice, out in outputs:
+                choice.texts.append(out.text)
+                choice.logprobs.extend(out.logprobs or ())
+
+    consumer = asyncio.ensure_future(consume())
+    watcher = asyncio.ensure_future(_wait_for_disconnect(request))
+    try:
+        await asyncio.wait((consumer, watcher), return_when=asyncio.FIRST_COMPLETED)
+        if not consumer.done():
+            logger.info("client disconnected before its answer was ready")
+            raise ClientDisconnectedError()
+        consumer.result()
+    finally:
+        consumer.cancel()
+        watcher.cancel()
+        _abort_unfinished(state.engine, choices)
+
+
+# ---------------------------------------------------------------------------- chat
+
+def _chat_prompt_ids(tokenizer: Any, req: ChatCompletionRequest) -> list[int]:
+    try:
+        text = tokenizer.apply_chat_template(req.conversation(), add_generation_prompt=True, tokenize=False)
+    except jinja2.TemplateError as exc:
+        raise InvalidRequestError(f"The chat template rejected the messages: {exc}", param="messages")
+    return tokenizer.encode(text, add_special_tokens=False)
+
+
+async def chat_completions(request: Request) -> Response:
+    req = ChatCompletionRequest.model_validate_json(await request.body())
+    state = request.app.state
+    model = resolve_model(state, req.model)
+    engine = state.engine
+    prompt_ids = _chat_prompt_ids(engine.tokenizer, req)
+    max_tokens = _max_tokens(req.requested_max_tokens, len(prompt_ids), engine.max_model_len, "messages")
+    params = req.to_sampling_params(max_tokens)
+    response_id = f"chatcmpl-{uuid.uuid4().hex}"
+    choices = _start_requests(state, response_id, model, [prompt_ids], [params], req.n)
+    if req.stream:
+        return _sse(_chat_stream(state, req, model.name, response_id, choices))
+    await _collect(request, state, choices)
+    num_top = req.top_logprobs or 0
+    return _json(ChatCompletionResponse(
+        id=response_id, model=model.name,
+        choices=[ChatCompletionChoice(
+            index=c.index, message=ChatResponseMessage(content="".join(c.texts)),
+            logprobs=chat_logprobs(c.logprobs, num_top) if req.logprobs else None,
+            finish_reason=c.finish_reason, stop_reason=c.stop_reason) for c in choices],
+        usage=UsageInfo.of(len(prompt_ids), sum(c.num_output_tokens for c in choices))))
+
+
+async def _chat_stream(state: Any, req: ChatCompletionRequest, model_name: str, response_id: str,
+                       choices: list[_Choice]) -> AsyncIterator[str]:
+    created = int(time.time())
+    num_top = req.top_logprobs or 0
+
+    def chunk(chunk_choices: list[ChatChunkChoice], usage: UsageInfo | None = None) -> str:
+        return ChatCompletionChunk(id=response_id, created=created, model=model_name,
+                                   choices=chunk_choices, usage=usage).model_dump_json()
+
+    try:
+        for c in choices:
+            yield chunk([ChatChunkChoice(index=c.index, delta=DeltaMessage(role="assistant", content=""))])
+        async with aclosing(_outputs(choices)) as outputs:
+            async for c, out in outputs:
+                if out.text or (req.logprobs and out.logprobs):
+                    logprobs = chat_logprobs(out.logprobs or [], num_top) if req.logprobs else None
+                    yield chunk([ChatChunkChoice(index=c.index, delta=DeltaMessage(content=out.text),
+                                                 logprobs=logprobs)])
+                if out.finished:
+                    yield chunk([ChatChunkChoice(index=c.index, delta=DeltaMessage(),
+                                                 finish_reason=out.finish_reason, stop_reason=out.stop_reason)])
+        if req.include_usage:
+            yield chunk([], UsageInfo.of(choices[0].num_prompt_tokens, sum(c.num_output_tokens for c in choices)))
+    except Exception as exc:  # the status line is gone already: report in-band, as vLLM does
+        yield json.dumps(error_json(exc))
+    finally:
+        _abort_unfinished(state.engine, choices)
+    yield "[DONE]"
+
+
+# ---------------------------------------------------------------------------- completions
+
+def _completion_prompts(engine: Any, prompt: str | list) -> list[tuple[list[int], str | None]]:
+    """Each prompt as token ids, with its text when the client sent text."""
+    if isinstance(prompt, str):
+        prompt = [prompt]
+    elif prompt and isinstance(prompt[0], int):
+        prompt = [prompt]
+    if not prompt:
+        raise InvalidRequestError("prompt must not be empty", param="prompt")
+    vocab_size = engine.model_config.vocab_size
+    prompts = []
+    for item in prompt:
+        if isinstance(item, str):
+            ids, text = engine.tokenizer.encode(item), item
+        else:
+            ids, text = list(item), None
+            if any(not 0 <= t < vocab_size for t in ids):
+                raise InvalidRequestError(f"prompt token ids must be in [0, {vocab_size})", param="prompt")
+        if not ids:
+            raise InvalidRequestError("prompt must not be empty", param="prompt")
+        prompts.append((ids, text))
+    return prompts
+
+
+async def completions(request: Request) -> Response:
+    req = CompletionRequest.model_validate_json(await request.body())
+    state = request.app.state
+    model = resolve_model(state, req.model)
+    engine = state.engine
+    if req.echo and req.logprobs is not None:
+        raise InvalidRequestError("echo with logprobs is not supported (prompt logprobs are not computed)",
+                                  param="echo")
+    prompts = _completion_prompts(engine, req.prompt)
+    params = [req.to_sampling_params(_max_tokens(req.max_tokens, len(ids), engine.max_model_len, "prompt"))
+              for ids, _ in prompts]
+    response_id = f"cmpl-{uuid.uuid4().hex}"
+    choices = _start_requests(state, response_id, model, [ids for ids, _ in prompts], params, req.n)
+    if req.echo:
+        for c in choices:
+            ids, text = prompts[c.index // req.n]
+            c.prefix = text if text is not None else engine.tokenizer.decode(ids)
+            c.text_offset = len(c.prefix)
+    num_prompt_tokens = sum(len(ids) for ids, _ in prompts)
+    if req.stream:
+        return _sse(_completion_stream(state, req, model.name, response_id, choices, num_prompt_tokens))
+    await _collect(request, state, choices)
+    num_top = req.logprobs or 0
+    return _json(CompletionResponse(
+        id=response_id, model=model.name,
+        choices=[CompletionChoice(
+            index=c.index, text=c.prefix + "".join(c.texts),
+            logprobs=completion_logprobs(c.logprobs, num_top, c.text_offset) if req.logprobs is not None else None,
+            finish_reason=c.finish_reason, stop_reason=c.stop_reason) for c in choices],
+        usage=UsageInfo.of(num_prompt_tokens, sum(c.num_output_tokens for c in choices))))
+
+
+async def _completion_stream(state: Any, req: CompletionRequest, model_name: str, response_id: str,
+                             choices: list[_Choice], num_prompt_tokens: int) -> AsyncIterator[str]:
+    created = int(time.time())
+    num_top = req.logprobs or 0
+
+    def chunk(chunk_choices: list[CompletionChoice], usage: UsageInfo | None = None) -> str:
+        return CompletionResponse(id=response_id, created=created, model=model_name,
+                                  choices=chunk_choices, usage=usage).model_dump_json()
+
+    try:
+        for c in choices:
+            if c.prefix:
+                yield chunk([CompletionChoice(index=c.index, text=c.prefix)])
+        async with aclosing(_outputs(choices)) as outputs:
+            async for c, out in outputs:
+                if out.text or (req.logprobs is not None and out.logprobs):
+                    logprobs = None
+                    if req.logprobs is not None:
+                        logprobs = completion_logprobs(out.logprobs or [], num_top, c.text_offset)
+                        c.text_offset += sum(len(lp.token) for lp in out.logprobs or ())
+                    yield chunk([CompletionChoice(index=c.index, text=out.text, logprobs=logprobs)])
+                if out.finished:
+                    yield chunk([CompletionChoice(index=c.index, text="", finish_reason=out.finish_reason,
+                                                  stop_reason=out.stop_reason)])
+        if req.include_usage:
+            yield chunk([], UsageInfo.of(num_prompt_tokens, sum(c.num_output_tokens for c in choices)))
+    except Exception as exc:  # the status line is gone already: report in-band, as vLLM does
+        yield json.dumps(error_json(exc))
+    finally:
+        _abort_unfinished(state.engine, choices)
+    yield "[DONE]"
+
+
+# ---------------------------------------------------------------------------- health and metrics
+
+async def health(request: Request) -> Response:
+    if request.app.state.engine.is_healthy:
+        return Response(status_code=200)
+    return error_response(503, "The inference engine is not healthy.", type="service_unavailable_error",
+                          code="engine_dead")
+
+
+async def ready(request: Request) -> Response:
+    state = request.app.state
+    if state.ready and state.engine.is_healthy:
+        return Response(status_code=200)
+    return error_response(503, "The inference engine is not running yet.", type="service_unavailable_error",
+                          code="not_ready")
+
+
+async def metrics(request: Request) -> Response:
+    return Response(request.app.state.metrics.render(), media_type=CONTENT_TYPE)
+
+
+def _json(body: BaseModel) -> Response:
+    return Response(body.model_dump_json(), media_type="application/json")
+
+
+def _sse(events: AsyncIterator[str]) -> EventSourceResponse:
+    return EventSourceResponse(events, sep="\n")
+
+
+ROUTES = [
+    Route("/v1/chat/completions", chat_completions, methods=["POST"]),
+    Route("/v1/completions", completions, methods=["POST"]),
+    Route("/v1/models", list_models, methods=["GET"]),
+    Route("/v1/models/{model:path}", get_model, methods=["GET"]),
+    Route("/health", health, methods=["GET"]),
+    Route("/ready", ready, methods=["GET"]),
+    Route("/metrics", metrics, methods=["GET"]),
+]

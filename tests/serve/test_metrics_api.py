@@ -1,0 +1,58 @@
+"""/metrics exposes vLLM-like `loraplex:` metrics from a per-app registry."""
+from __future__ import annotations
+
+from loraplex.serve.app import build_app
+from tests.serve.fake_engine import MODEL_NAME, FakeEngine
+
+NAMES = [
+    "loraplex:num_requests_running", "loraplex:num_requests_waiting", "loraplex:kv_cache_usage_perc",
+    "loraplex:prompt_tokens_total", "loraplex:generation_tokens_total", "loraplex:request_success_total",
+    "loraplex:time_to_first_token_seconds_bucket", "loraplex:time_per_output_token_seconds_bucket",
+    "loraplex:e2e_request_latency_seconds_bucket",
+]
+
+
+def _samples(text: str) -> dict[str, float]:
+    out = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            key, value = line.rsplit(" ", 1)
+            out[key] = float(value)
+    return out
+
+
+def test_metrics_after_requests(client, engine):
+    r = client.post("/v1/chat/completions", json={"model": MODEL_NAME, "max_tokens": 4,
+                                                  "messages": [{"role": "user", "content": "hi"}]})
+    prompt_tokens = r.json()["usage"]["prompt_tokens"]
+    client.post("/v1/completions", json={"model": MODEL_NAME, "prompt": "abc"})  # runs to EOS
+    r = client.get("/metrics")
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
+    for name in NAMES:
+        assert name in r.text, name
+    samples = _samples(r.text)
+    label = '{model_name="fake-model"}'
+    assert samples[f"loraplex:prompt_tokens_total{label}"] == prompt_tokens + 3
+    assert samples[f"loraplex:generation_tokens_total{label}"] == 4 + len(engine.reply_ids) + 1
+    assert samples['loraplex:request_success_total{finished_reason="length",model_name="fake-model"}'] == 1
+    assert samples['loraplex:request_success_total{finished_reason="stop",model_name="fake-model"}'] == 1
+    assert samples[f"loraplex:time_to_first_token_seconds_count{label}"] == 2
+    assert abs(samples[f"loraplex:kv_cache_usage_perc{label}"] - 0.1) < 1e-9 # the fake reports 90 of 100 blocks free
+    assert samples[f"loraplex:num_requests_running{label}"] == 0
+
+
+def test_registries_are_per_app():
+    a, b = build_app(FakeEngine(), ["a"]), build_app(FakeEngine(), ["b"])
+    a.state.metrics.start_request("a").finish("stop")
+    assert 'model_name="a"' in a.state.metrics.render().decode()
+    assert 'finished_reason="stop"' not in b.state.metrics.render().decode()
+
+
+def test_scrape_survives_a_dead_engine():
+    engine = FakeEngine()
+
+    def broken_stats():
+        raise RuntimeError("loop died")
+    engine.stats = broken_stats
+    text = build_app(engine, [MODEL_NAME]).state.metrics.render().decode()
+    assert "loraplex:num_requests_running" not in text and "loraplex:prompt_tokens" in text

@@ -1,0 +1,67 @@
+"""The `loraplex` command line: flags to EngineArgs, served names, and the serve/download wiring."""
+from __future__ import annotations
+
+import sys
+import types
+
+import pytest
+
+from loraplex.serve import cli
+from tests.serve.fake_engine import FakeEngine
+
+
+def _parse(*argv: str):
+    return cli.build_parser().parse_args(["serve", *argv])
+
+
+def test_flags_map_to_engine_args():
+    ns = _parse("--model", "/models/Qwen2-0.5B/", "--dtype", "bfloat16", "--max-model-len", "1024",
+                "--max-num-seqs", "8", "--max-num-batched-tokens", "512", "--block-size", "32",
+                "--kv-cache-memory-bytes", "2GiB", "--no-enable-prefix-caching", "--max-queue-len", "9",
+                "--seed", "3", "--device", "cpu")
+    args = cli.engine_args_from(ns)
+    assert (args.model, args.dtype, args.max_model_len) == ("/models/Qwen2-0.5B/", "bfloat16", 1024)
+    assert args.max_num_seqs == 8
+    assert (args.max_num_batched_tokens, args.block_size, args.kv_cache_memory_bytes) == (512, 32, 2 << 30)
+    assert (args.enable_prefix_caching, args.max_queue_len, args.seed, args.device) == (False, 9, 3, "cpu")
+    defaults = cli.engine_args_from(_parse())
+    assert defaults.model is None and defaults.enable_prefix_caching and defaults.kv_cache_memory_bytes == 1 << 30
+
+
+def test_bad_size_is_a_usage_error():
+    with pytest.raises(SystemExit):
+        _parse("--kv-cache-memory-bytes", "lots")
+
+
+def test_default_served_model_name():
+    assert cli.default_served_model_name(None) == "SmolLM2-135M-Instruct"
+    assert cli.default_served_model_name("/m/Qwen2-0.5B/") == "Qwen2-0.5B"
+    assert cli.default_served_model_name("/m/tiny.Q4_1.gguf") == "tiny.Q4_1"
+
+
+def test_api_key_from_env(monkeypatch):
+    monkeypatch.setenv("LORAPLEX_API_KEY", "from-env")
+    assert _parse().api_key == "from-env"
+    assert _parse("--api-key", "flag").api_key == "flag"
+
+
+def test_serve_builds_engine_and_runs_uvicorn(monkeypatch):
+    fake_module = types.ModuleType("loraplex.engine.async_engine")
+    fake_module.AsyncEngine = FakeEngine
+    monkeypatch.setitem(sys.modules, "loraplex.engine.async_engine", fake_module)
+    seen = {}
+    monkeypatch.setattr("uvicorn.run", lambda app, **kw: seen.update(app=app, **kw))
+    assert cli.main(["--port", "9001", "--served-model-name", "a", "b", "--api-key", "k",
+                     "--max-model-len", "64"]) == 0
+    app = seen["app"]
+    assert (seen["host"], seen["port"]) == ("127.0.0.1", 9001)
+    assert app.state.served_model_names == ["a", "b"]
+    assert app.state.engine.engine_args.max_model_len == 64
+
+
+def test_download_calls_ensure_default_model(monkeypatch, capsys):
+    fake_module = types.ModuleType("loraplex.engine.default_model")
+    fake_module.ensure_default_model = lambda progress=print: "/cache/SmolLM2-135M-Instruct"
+    monkeypatch.setitem(sys.modules, "loraplex.engine.default_model", fake_module)
+    assert cli.main(["download"]) == 0
+    assert "/cache/SmolLM2-135M-Instruct" in capsys.readouterr().out
