@@ -1,0 +1,139 @@
+"""Plain-torch paged attention (the CPU reference every fast path is checked against) and the
+per-step builder of ForwardBatch / AttentionMetadata from plain Python lists."""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from .forward_batch import AttentionMetadata, ForwardBatch, KVCache, PrefillChunk
+
+
+def write_kv(cache: KVCache, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+    """Store this step's keys/values: k, v [num_tokens, num_kv_heads, head_dim] at flat slots."""
+    cache.k.index_copy_(0, slot_mapping, k.to(cache.k.dtype))
+    cache.v.index_copy_(0, slot_mapping, v.to(cache.v.dtype))
+
+
+def paged_attention(q: torch.Tensor, cache: KVCache, attn: AttentionMetadata, scale: float) -> torch.Tensor:
+    """q [num_tokens, num_heads, head_dim] (decodes first, then prefill chunks) -> same shape.
+
+    The step's own k/v must already be in the cache (write_kv before this call).
+    """
+    out = torch.empty_like(q)
+    gqa = q.shape[1] != cache.k.shape[1]
+    nd = attn.num_decode_tokens
+    if nd:
+        max_kv_len = attn.decode_kv_slots.shape[1]
+        flat = attn.decode_kv_slots.reshape(-1)  # index_select is several times faster than advanced indexing
+        k = cache.k.index_select(0, flat).view(nd, max_kv_len, *cache.k.shape[1:]).transpose(1, 2)
+        v = cache.v.index_select(0, flat).view(nd, max_kv_len, *cache.v.shape[1:]).transpose(1, 2)
+        # k, v: [nd, kv_heads, max_kv_len, head_dim]
+        qd = q[:nd].unsqueeze(2)  # [nd, num_heads, 1, head_dim]
+        o = F.scaled_dot_product_attention(qd, k, v, attn_mask=attn.decode_mask, scale=scale, enable_gqa=gqa)
+        out[:nd] = o.squeeze(2)  # [nd, num_heads, head_dim]
+    for chunk in attn.prefills:
+        rows = slice(chunk.query_start, chunk.query_start + chunk.query_len)
+        qc = q[rows].transpose(0, 1).unsqueeze(0)  # [1, num_heads, query_len, head_dim]
+        k = cache.k.index_select(0, chunk.kv_slots).transpose(0, 1).unsqueeze(0)  # [1, kv_heads, kv_len, head_dim]
+        v = cache.v.index_select(0, chunk.kv_slots).transpose(0, 1).unsqueeze(0)
+        o = F.scaled_dot_product_attention(qc, k, v, attn_mask=chunk.mask, is_causal=chunk.mask is None,
+                                           scale=scale, enable_gqa=gqa)
+        out[rows] = o[0].transpose(0, 1)  # [query_len, num_heads, head_dim]
+    return out
+
+
+def _slots(block_table: torch.Tensor, cols: torch.Tensor, block_size: int) -> torch.Tensor:
+    """Flat KV slot of token index `cols` given block table rows (broadcasting)."""
+    return block_table.gather(-1, cols // block_size) * block_size + cols % block_size
+
+
+def build_forward_batch(
+    input_ids: Sequence[int],
+    query_lens: Sequence[int],
+    num_computed_tokens: Sequence[int],
+    block_tables: Sequence[Sequence[int]],
+    block_size: int,
+    device: torch.device | str = "cpu",
+    logits_indices: Sequence[int] | None = None,
+    sliding_window: int | None = None,
+) -> ForwardBatch:
+    """One step's ForwardBatch from plain lists, one entry per scheduled request.
+
+    input_ids: the step's new tokens, flattened in request order; requests whose query_len is 1 must
+      come first (they form the batched decode group), then prefill chunks.
+    query_lens: new tokens per request; num_computed_tokens: tokens already in its KV cache;
+    block_tables: its KV block ids, covering num_computed + query_len tokens.
+    logits_indices: rows to compute logits for (default: each request's last token).
+    Masks are built here once per step and shared by every layer.
+    """
+    n = len(query_lens)
+    if n == 0:
+        raise ValueError("a step needs at least one scheduled request")
+    if not (len(num_computed_tokens) == len(block_tables) == n) or len(input_ids) != sum(query_lens):
+        raise ValueError("input_ids, query_lens, num_computed_tokens and block_tables disagree in length")
+    q_lens = torch.tensor(query_lens, dtype=torch.int64)  # [n]
+    computed = torch.tensor(num_computed_tokens, dtype=torch.int64)
+    kv_lens = computed + q_lens  # [n]
+    max_blocks = max(len(b) for b in block_tables)
+    table = torch.tensor([list(b) + [0] * (max_blocks - len(b)) for b in block_tables], dtype=torch.int64)
+    if (kv_lens > len(table[0]) * block_size).any():
+        raise ValueError("a block table is too short for its request's tokens")
+
+    # per token: its request and absolute position
+    num_tokens = len(input_ids)
+    query_starts = torch.cumsum(q_lens, 0) - q_lens  # [n]
+    req = torch.repeat_interleave(torch.arange(n), q_lens)  # [num_tokens]
+    positions = torch.arange(num_tokens) - query_starts[req] + computed[req]
+    slot_mapping = table[req, positions // block_size] * block_size + positions % block_size  # [num_tokens]
+
+    num_decodes = 0
+    while num_decodes < n and query_lens[num_decodes] == 1:
+        num_decodes += 1
+    attn = AttentionMetadata(num_decode_tokens=num_decodes, sliding_window=sliding_window)
+    if num_decodes:
+        lens = kv_lens[:num_decodes]  # [nd]
+        cols = torch.arange(int(lens.max())).expand(num_decodes, -1)  # [nd, max_kv_len]
+        mask = cols < lens.unsqueeze(1)
+        if sliding_window is not None:
+            mask &= cols >= (lens - sliding_window).unsqueeze(1)
+        attn.decode_kv_slots = torch.where(mask, _slots(table[:num_decodes], cols, block_size), 0)
+        attn.decode_mask = mask.view(num_decodes, 1, 1, -1)  # [nd, 1, 1, max_kv_len]
+        attn.decode_kv_lens = lens
+    for i in range(num_decodes, n):
+        q_len, kv_len = query_lens[i], int(kv_lens[i])
+        kv_pos = torch.arange(kv_len)  # [kv_len]
+        mask = None
+        if q_len != kv_len or (sliding_window is not None and sliding_window < kv_len):
+            q_pos = torch.arange(kv_len - q_len, kv_len).unsqueeze(1)  # [q_len, 1]
+            mask = kv_pos <= q_pos  # [q_len, kv_len] causal with offset
+            if sliding_window is not None:
+                mask &= kv_pos > q_pos - sliding_window
+            mask = mask.to(device)
+        attn.prefills.append(PrefillChunk(query_start=int(query_starts[i]), query_len=q_len,
+                                          kv_slots=_slots(table[i], kv_pos, block_size).to(device), mask=mask))
+
+    if logits_indices is None:
+        logits = query_starts + q_lens - 1
+    else:
+        logits = torch.tensor(logits_indices, dtype=torch.int64)
+    if num_decodes:
+        attn.decode_kv_slots = attn.decode_kv_slots.to(device)
+        attn.decode_mask = attn.decode_mask.to(device)
+        attn.decode_kv_lens = attn.decode_kv_lens.to(device)
+    return ForwardBatch(
+        input_ids=torch.tensor(input_ids, dtype=torch.int64).to(device),
+        positions=positions.to(device),
+        slot_mapping=slot_mapping.to(device),
+        attn=attn,
+        logits_indices=logits.to(device),
+    )
+
+
+def allocate_kv_caches(num_layers: int, num_slots: int, num_kv_heads: int, head_dim: int,
+                       dtype: torch.dtype, device: torch.device | str = "cpu") -> list[KVCache]:
+    """One zeroed flat KVCache per layer: k, v [num_slots, num_kv_heads, head_dim]."""
+    return [KVCache(k=torch.zeros(num_slots, num_kv_heads, head_dim, dtype=dtype, device=device),
+                    v=torch.zeros(num_slots, num_kv_heads, head_dim, dtype=dtype, device=device))
+            for _ in range(num_layers)]

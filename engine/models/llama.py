@@ -1,0 +1,203 @@
+"""Llama-family decoder (Llama 1-3, SmolLM, Mistral, Qwen2 via subclasses) over a flattened, paged batch.
+
+References: Hugging Face transformers' modeling_llama.py (numerics matched: RMSNorm in fp32, rotary
+cos/sin in fp32 then cast), nano-vllm's qwen3.py (flattened tokens, paged attention).
+Every projection is a separate named nn.Linear so LoRA and quantization can swap it for a wrapper.
+"""
+from __future__ import annotations
+
+import math
+import re
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..attention import paged_attention, write_kv
+from ..config import ModelConfig
+from ..forward_batch import AttentionMetadata, ForwardBatch, KVCache
+
+# Checkpoint (Hugging Face layout) name -> our parameter name; "{i}" is the layer index. Identity
+# today; kept explicit so a renamed checkpoint or a fused layout only changes this table.
+WEIGHT_NAME_TABLE: dict[str, str] = {
+    "model.embed_tokens.weight": "model.embed_tokens.weight",  # [vocab, hidden]
+    "model.layers.{i}.input_layernorm.weight": "model.layers.{i}.input_layernorm.weight",  # [hidden]
+    "model.layers.{i}.self_attn.q_proj.weight": "model.layers.{i}.self_attn.q_proj.weight",  # [heads*hd, hidden]
+    "model.layers.{i}.self_attn.q_proj.bias": "model.layers.{i}.self_attn.q_proj.bias",  # [heads*hd]
+    "model.layers.{i}.self_attn.k_proj.weight": "model.layers.{i}.self_attn.k_proj.weight",  # [kv_heads*hd, hidden]
+    "model.layers.{i}.self_attn.k_proj.bias": "model.layers.{i}.self_attn.k_proj.bias",  # [kv_heads*hd]
+    "model.layers.{i}.self_attn.v_proj.weight": "model.layers.{i}.self_attn.v_proj.weight",  # [kv_heads*hd, hidden]
+    "model.layers.{i}.self_attn.v_proj.bias": "model.layers.{i}.self_attn.v_proj.bias",  # [kv_heads*hd]
+    "model.layers.{i}.self_attn.o_proj.weight": "model.layers.{i}.self_attn.o_proj.weight",  # [hidden, heads*hd]
+    "model.layers.{i}.self_attn.o_proj.bias": "model.layers.{i}.self_attn.o_proj.bias",  # [hidden]
+    "model.layers.{i}.post_attention_layernorm.weight": "model.layers.{i}.post_attention_layernorm.weight",
+    "model.layers.{i}.mlp.gate_proj.weight": "model.layers.{i}.mlp.gate_proj.weight",  # [inter, hidden]
+    "model.layers.{i}.mlp.gate_proj.bias": "model.layers.{i}.mlp.gate_proj.bias",
+    "model.layers.{i}.mlp.up_proj.weight": "model.layers.{i}.mlp.up_proj.weight",  # [inter, hidden]
+    "model.layers.{i}.mlp.up_proj.bias": "model.layers.{i}.mlp.up_proj.bias",
+    "model.layers.{i}.mlp.down_proj.weight": "model.layers.{i}.mlp.down_proj.weight",  # [hidden, inter]
+    "model.layers.{i}.mlp.down_proj.bias": "model.layers.{i}.mlp.down_proj.bias",
+    "model.norm.weight": "model.norm.weight",  # [hidden]
+    "lm_head.weight": "lm_head.weight",  # [vocab, hidden]; absent or ignored when tied
+}
+IGNORED_CHECKPOINT_WEIGHTS = re.compile(r".*rotary_emb\.inv_freq$")  # old checkpoints; recomputed here
+_LAYER = re.compile(r"\.(\d+)\.")
+
+
+def map_checkpoint_name(name: str) -> str | None:
+    """Our parameter name for a checkpoint weight name, or None if it is to be ignored."""
+    if IGNORED_CHECKPOINT_WEIGHTS.match(name):
+        return None
+    m = _LAYER.search(name)
+    key = name if m is None else name[:m.start()] + ".{i}." + name[m.end():]
+    target = WEIGHT_NAME_TABLE.get(key)
+    if target is None:
+        raise KeyError(f"unexpected checkpoint weight {name!r}")
+    return target if m is None else target.replace("{i}", m.group(1))
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, hidden_size: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [num_tokens, hidden]
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(x.dtype)
+
+
+def rope_inv_freq(config: ModelConfig) -> torch.Tensor:
+    """[head_dim // 2] float32 inverse frequencies, with linear or llama3 rope scaling."""
+    dim = config.head_dim
+    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64, device="cpu").float() / dim))
+    scaling = config.rope_scaling or {}
+    rope_type = scaling.get("rope_type", scaling.get("type", "default"))
+    if rope_type == "default":
+        return inv_freq
+    if rope_type == "linear":
+        return inv_freq / scaling["factor"]
+    if rope_type == "llama3":
+        factor, low, high = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
+        old_len = scaling["original_max_position_embeddings"]
+        low_wavelen, high_wavelen = old_len / low, old_len / high
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > low_wavelen, inv_freq / factor, inv_freq)
+        smooth = (old_len / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        is_medium = ~(wavelen < high_wavelen) * ~(wavelen > low_wavelen)
+        return torch.where(is_medium, smoothed, scaled)
+    raise ValueError(f"unsupported rope_scaling type {rope_type!r} (supported: default, linear, llama3)")
+
+
+class RotaryEmbedding(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        # float32 on purpose; built on CPU even under a meta-device context (the loader moves it)
+        self.register_buffer("inv_freq", rope_inv_freq(config), persistent=False)
+
+    def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        freqs = positions.float().unsqueeze(1) * self.inv_freq.float().unsqueeze(0)  # [num_tokens, head_dim/2]
+        emb = torch.cat((freqs, freqs), dim=-1).unsqueeze(1)  # [num_tokens, 1, head_dim]
+        return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [num_tokens, heads, head_dim]; rotate-half convention (as HF checkpoints expect)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
+class LlamaAttention(nn.Module):
+    def __init__(self, config: ModelConfig, o_proj_bias: bool) -> None:
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = (config.num_attention_heads,
+                                                            config.num_key_value_heads, config.head_dim)
+        self.scale = self.head_dim ** -0.5
+        h, bias = config.hidden_size, config.attention_bias
+        self.q_proj = nn.Linear(h, self.num_heads * self.head_dim, bias=bias)
+        self.k_proj = nn.Linear(h, self.num_kv_heads * self.head_dim, bias=bias)
+        self.v_proj = nn.Linear(h, self.num_kv_heads * self.head_dim, bias=bias)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, h, bias=o_proj_bias)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv_cache: KVCache,
+                slot_mapping: torch.Tensor, attn: AttentionMetadata) -> torch.Tensor:
+        n = x.shape[0]
+        q = self.q_proj(x).view(n, self.num_heads, self.head_dim)  # [num_tokens, heads, head_dim]
+        k = self.k_proj(x).view(n, self.num_kv_heads, self.head_dim)  # [num_tokens, kv_heads, head_dim]
+        v = self.v_proj(x).view(n, self.num_kv_heads, self.head_dim)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        write_kv(kv_cache, k, v, slot_mapping)
+        o = paged_attention(q, kv_cache, attn, self.scale)  # [num_tokens, heads, head_dim]
+        return self.o_proj(o.view(n, self.num_heads * self.head_dim))  # [num_tokens, hidden]
+
+
+class LlamaMLP(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        h, inter, bias = config.hidden_size, config.intermediate_size, config.mlp_bias
+        self.gate_proj = nn.Linear(h, inter, bias=bias)
+        self.up_proj = nn.Linear(h, inter, bias=bias)
+        self.down_proj = nn.Linear(inter, h, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [num_tokens, hidden]
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class LlamaDecoderLayer(nn.Module):
+    def __init__(self, config: ModelConfig, o_proj_bias: bool) -> None:
+        super().__init__()
+        self.self_attn = LlamaAttention(config, o_proj_bias)
+        self.mlp = LlamaMLP(config)
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv_cache: KVCache,
+                batch: ForwardBatch) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, kv_cache, batch.slot_mapping, batch.attn)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class LlamaModel(nn.Module):
+    def __init__(self, config: ModelConfig, o_proj_bias: bool) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(LlamaDecoderLayer(config, o_proj_bias) for _ in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.rotary_emb = RotaryEmbedding(config)
+
+    def forward(self, batch: ForwardBatch, kv_caches: list[KVCache]) -> torch.Tensor:
+        x = self.embed_tokens(batch.input_ids)  # [num_tokens, hidden]
+        cos, sin = self.rotary_emb(batch.positions, x.dtype)  # once per step, shared by all layers
+        for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
+            x = layer(x, cos, sin, kv_cache, batch)
+        return self.norm(x)
+
+
+class LlamaForCausalLM(nn.Module):
+    o_proj_bias: bool | None = None  # None: follows config.attention_bias (Llama); Qwen2 overrides
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        o_bias = config.attention_bias if self.o_proj_bias is None else self.o_proj_bias
+        self.model = LlamaModel(config, o_bias)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.tie_weights()
+
+    def tie_weights(self) -> None:
+        """Share lm_head.weight with the embedding when the config says so (call again after loading)."""
+        if self.config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    @staticmethod
+    def map_checkpoint_name(name: str) -> str | None:
+        return map_checkpoint_name(name)
+
+    def forward(self, batch: ForwardBatch, kv_caches: list[KVCache]) -> torch.Tensor:
+        """-> final hidden states [num_tokens, hidden]; select rows before compute_logits."""
+        return self.model(batch, kv_caches)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:  # [n, hidden] -> [n, vocab]
+        return self.lm_head(hidden)
