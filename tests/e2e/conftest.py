@@ -1,0 +1,57 @@
+"""A real loraplex server on a free 127.0.0.1 port, serving the default model."""
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import httpx
+import pytest
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    def __init__(self, args: list[str], timeout_s: float = 180.0) -> None:
+        self.port = free_port()
+        self.base_url = f"http://127.0.0.1:{self.port}"
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+        self.log_path = f"/tmp/loraplex-e2e-{self.port}.log"
+        self._log = open(self.log_path, "w")
+        self.proc = subprocess.Popen([sys.executable, "-m", "loraplex.serve.cli", "serve", "--host", "127.0.0.1",
+                                      "--port", str(self.port), *args], stdout=self._log, stderr=subprocess.STDOUT,
+                                     env=env)
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited early:\n{open(self.log_path).read()[-4000:]}")
+            try:
+                if httpx.get(f"{self.base_url}/ready", timeout=1).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.3)
+        self.stop()
+        raise RuntimeError(f"server not ready in {timeout_s}s:\n{open(self.log_path).read()[-4000:]}")
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+        self._log.close()
+
+
+@pytest.fixture(scope="module")
+def server(default_model_dir):
+    srv = Server(["--model", str(default_model_dir), "--dtype", "float32", "--max-model-len", "512",
+                  "--max-num-seqs", "16", "--served-model-name", "smol"])
+    yield srv
+    srv.stop()

@@ -1,0 +1,110 @@
+"""The default model behind a real server, driven by the official openai client and raw HTTP."""
+from __future__ import annotations
+
+import asyncio
+import re
+
+import httpx
+import openai
+import pytest
+
+pytestmark = pytest.mark.e2e
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=f"{server.base_url}/v1", api_key="unused", max_retries=0)
+
+
+def test_models_lists_the_served_model(client):
+    models = client.models.list()
+    assert [m.id for m in models.data] == ["smol"]
+
+
+def test_chat_non_streamed(client):
+    r = client.chat.completions.create(model="smol", messages=[{"role": "user", "content": "What is 2+2?"}],
+                                       max_tokens=12, temperature=0)
+    assert r.object == "chat.completion"
+    assert r.choices[0].message.role == "assistant"
+    assert r.choices[0].message.content
+    assert r.choices[0].finish_reason in ("stop", "length")
+    assert r.usage.completion_tokens <= 12 and r.usage.prompt_tokens > 5
+
+
+def test_chat_streamed_matches_non_streamed(client):
+    msgs = [{"role": "user", "content": "Name a colour."}]
+    full = client.chat.completions.create(model="smol", messages=msgs, max_tokens=16, temperature=0)
+    stream = client.chat.completions.create(model="smol", messages=msgs, max_tokens=16, temperature=0,
+                                            stream=True, stream_options={"include_usage": True})
+    chunks = list(stream)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == full.choices[0].message.content
+    assert chunks[-1].usage.completion_tokens == full.usage.completion_tokens
+    assert chunks[-1].choices == []
+
+
+def test_completions_string_list_and_token_ids(client):
+    r = client.completions.create(model="smol", prompt="The capital of France is", max_tokens=5, temperature=0)
+    assert r.choices[0].text
+    r2 = client.completions.create(model="smol", prompt=["One", "Two"], max_tokens=3, temperature=0)
+    assert [c.index for c in r2.choices] == [0, 1]
+    r3 = client.completions.create(model="smol", prompt=[504, 3575, 282, 4649, 314], max_tokens=3, temperature=0)
+    assert r3.usage.prompt_tokens == 5
+
+
+@pytest.mark.parametrize("body,status", [
+    (b"{not json", 400),
+    (b'{"model": "smol", "messages": "hello"}', 400),
+    (b'{"model": "smol", "messages": [{"role": "user", "content": "hi"}], "max_tokens": -3}', 400),
+    (b'{"model": "nope", "messages": [{"role": "user", "content": "hi"}]}', 404),
+    (b'{"model": "smol", "messages": [{"role": "user", "content": "hi"}], "temperature": "hot"}', 400),
+])
+def test_bad_requests_get_openai_errors(server, client, body, status):
+    r = httpx.post(f"{server.base_url}/v1/chat/completions", content=body,
+                   headers={"content-type": "application/json"})
+    assert r.status_code == status
+    err = r.json()["error"]
+    assert set(err) >= {"message", "type", "param", "code"} and err["message"]
+    assert client.completions.create(model="smol", prompt="Hi", max_tokens=2).choices  # still serving
+
+
+def test_over_long_prompt_is_400(server, client):
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(model="smol", prompt="hello " * 2000, max_tokens=4)
+    assert "context length" in str(e.value)
+    assert client.completions.create(model="smol", prompt="Hi", max_tokens=2).choices
+
+
+def free_blocks(server) -> float:
+    text = httpx.get(f"{server.base_url}/metrics").text
+    m = re.search(r"^loraplex:kv_cache_free_blocks(?:\{[^}]*\})? ([0-9.e+]+)$", text, re.M)
+    assert m, "free-block gauge missing from /metrics"
+    return float(m.group(1))
+
+
+def test_disconnecting_stream_clients_free_their_blocks(server):
+    start = free_blocks(server)
+
+    async def disconnect_after_first_tokens(i: int) -> int:
+        body = {"model": "smol", "stream": True, "max_tokens": 200, "ignore_eos": True,
+                "messages": [{"role": "user", "content": f"Tell me a long story number {i}."}]}
+        n = 0
+        async with httpx.AsyncClient(timeout=120) as c:
+            async with c.stream("POST", f"{server.base_url}/v1/chat/completions", json=body) as resp:
+                assert resp.status_code == 200
+                async for line in resp.aiter_lines():
+                    if line.startswith("data: "):
+                        n += 1
+                        if n >= 3:
+                            break  # leaving the block closes the connection mid-stream
+        return n
+
+    async def main():
+        return await asyncio.gather(*(disconnect_after_first_tokens(i) for i in range(20)))
+
+    assert all(n >= 3 for n in asyncio.run(main()))
+    for _ in range(100):
+        if free_blocks(server) == start:
+            break
+        asyncio.run(asyncio.sleep(0.2))
+    assert free_blocks(server) == start
