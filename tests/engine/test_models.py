@@ -35,13 +35,13 @@ TINY_CONFIGS = {
 class PagedRunner:
     """A minimal runner for tests: random non-contiguous blocks, teacher-forced tokens."""
 
-    def __init__(self, model, config, block_size=4, num_blocks=96, seed=0):
-        self.model, self.config, self.block_size = model, config, block_size
+    def __init__(self, model, config, block_size=4, num_blocks=96, seed=0, device="cpu"):
+        self.model, self.config, self.block_size, self.device = model, config, block_size, device
         self.free = list(range(num_blocks))
         random.Random(seed).shuffle(self.free)
         dtype = next(model.parameters()).dtype
         self.kv_caches = allocate_kv_caches(config.num_hidden_layers, num_blocks * block_size,
-                                            config.num_key_value_heads, config.head_dim, dtype)
+                                            config.num_key_value_heads, config.head_dim, dtype, device)
         self.num_computed, self.block_tables = {}, {}
 
     def step(self, seqs, items):
@@ -56,7 +56,7 @@ class PagedRunner:
             query_lens.append(n)
             computed.append(start)
             tables.append(table)
-        batch = build_forward_batch(input_ids, query_lens, computed, tables, self.block_size,
+        batch = build_forward_batch(input_ids, query_lens, computed, tables, self.block_size, self.device,
                                     logits_indices=range(len(input_ids)),
                                     sliding_window=self.config.sliding_window)
         with torch.no_grad():
