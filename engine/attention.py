@@ -25,14 +25,7 @@ def paged_attention(q: torch.Tensor, cache: KVCache, attn: AttentionMetadata, sc
     gqa = q.shape[1] != cache.k.shape[1]
     nd = attn.num_decode_tokens
     if nd:
-        max_kv_len = attn.decode_kv_slots.shape[1]
-        flat = attn.decode_kv_slots.reshape(-1)  # index_select is several times faster than advanced indexing
-        k = cache.k.index_select(0, flat).view(nd, max_kv_len, *cache.k.shape[1:]).transpose(1, 2)
-        v = cache.v.index_select(0, flat).view(nd, max_kv_len, *cache.v.shape[1:]).transpose(1, 2)
-        # k, v: [nd, kv_heads, max_kv_len, head_dim]
-        qd = q[:nd].unsqueeze(2)  # [nd, num_heads, 1, head_dim]
-        o = F.scaled_dot_product_attention(qd, k, v, attn_mask=attn.decode_mask, scale=scale, enable_gqa=gqa)
-        out[:nd] = o.squeeze(2)  # [nd, num_heads, head_dim]
+        out[:nd] = _decode_attention(q[:nd], cache, attn, scale)
     for chunk in attn.prefills:
         rows = slice(chunk.query_start, chunk.query_start + chunk.query_len)
         qc = q[rows].transpose(0, 1).unsqueeze(0)  # [1, num_heads, query_len, head_dim]
@@ -42,6 +35,27 @@ def paged_attention(q: torch.Tensor, cache: KVCache, attn: AttentionMetadata, sc
                                            scale=scale, enable_gqa=gqa)
         out[rows] = o[0].transpose(0, 1)  # [query_len, num_heads, head_dim]
     return out
+
+
+def _decode_attention(q: torch.Tensor, cache: KVCache, attn: AttentionMetadata, scale: float) -> torch.Tensor:
+    """One query token per sequence: q [nd, num_heads, head_dim] -> [nd, num_heads, head_dim].
+
+    Two batched matmuls over contiguous per-sequence K/V with an fp32 softmax (as transformers' eager
+    attention does). On CPU this is ~3x faster in bf16 than scaled_dot_product_attention, whose
+    flash kernel is tuned for long queries, not one row per sequence.
+    """
+    nd, max_kv_len = attn.decode_kv_slots.shape
+    num_kv_heads, head_dim = cache.k.shape[1:]
+    group = q.shape[1] // num_kv_heads  # query heads per kv head (GQA)
+    flat = attn.decode_kv_slots.reshape(-1)  # index_select is several times faster than advanced indexing
+    k = cache.k.index_select(0, flat).view(nd, max_kv_len, num_kv_heads, head_dim).transpose(1, 2).contiguous()
+    v = cache.v.index_select(0, flat).view(nd, max_kv_len, num_kv_heads, head_dim).transpose(1, 2).contiguous()
+    # k, v: [nd, kv_heads, max_kv_len, head_dim]; query head h reads kv head h // group
+    qg = q.view(nd, num_kv_heads, group, head_dim).to(k.dtype)
+    scores = torch.matmul(qg, k.transpose(-1, -2)).float().mul_(scale)  # [nd, kv_heads, group, max_kv_len]
+    scores.masked_fill_(~attn.decode_mask, float("-inf"))  # decode_mask [nd, 1, 1, max_kv_len]
+    probs = scores.softmax(-1).to(v.dtype)
+    return torch.matmul(probs, v).view(nd, num_kv_heads * group, head_dim).to(q.dtype)
 
 
 def _slots(block_table: torch.Tensor, cols: torch.Tensor, block_size: int) -> torch.Tensor:
