@@ -1,4 +1,9 @@
-"""AsyncEngine: one background thread runs the step loop; each request gets an asyncio output queue."""
+"""AsyncEngine: one loop thread runs the steps; each request gets an asyncio output queue.
+
+The loop runs in its own thread (`start()`), or in the caller's thread (`run_loop()`): the CLI gives
+it the main thread and serves HTTP from a second one, because PyTorch's OpenMP parallel regions
+are several times slower to enter from a non-main thread (small CPU ops pay it on every call).
+"""
 from __future__ import annotations
 
 import asyncio
@@ -43,7 +48,7 @@ class RequestStream:
 
 
 class AsyncEngine:
-    def __init__(self, engine: LLMEngine, max_queue_len: int = 256) -> None:
+    def __init__(self, engine: LLMEngine, max_queue_len: int = 256, own_thread: bool = True) -> None:
         self.engine = engine
         self.tokenizer = engine.tokenizer
         self.model_config = engine.model_config
@@ -54,33 +59,52 @@ class AsyncEngine:
         self._inbox: collections.deque = collections.deque()  # ("add", args) | ("abort", id)
         self._wakeup = threading.Event()
         self._stop = threading.Event()
+        self.own_thread = own_thread
         self._thread: threading.Thread | None = None
+        self._running = False
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._loop_known = threading.Event()
         self._error: BaseException | None = None
         self._stats = engine.stats()
 
     @classmethod
-    def from_engine_args(cls, args: EngineArgs) -> "AsyncEngine":
-        return cls(LLMEngine.from_engine_args(args), max_queue_len=args.max_queue_len)
+    def from_engine_args(cls, args: EngineArgs, own_thread: bool = True) -> "AsyncEngine":
+        return cls(LLMEngine.from_engine_args(args), max_queue_len=args.max_queue_len, own_thread=own_thread)
 
     # ---- lifecycle ------------------------------------------------------------------------
     async def start(self) -> None:
-        if self._thread is not None:
+        """Bind to the running event loop; with own_thread, also start the loop thread."""
+        if self._loop is not None:
             return
         self._loop = asyncio.get_running_loop()
-        self._thread = threading.Thread(target=self._run, name="loraplex-engine", daemon=True)
-        self._thread.start()
+        self._loop_known.set()
+        if self.own_thread:
+            self._thread = threading.Thread(target=self._run, name="loraplex-engine", daemon=True)
+            self._thread.start()
+            while not self._running and self._error is None:
+                await asyncio.sleep(0.001)
 
-    async def shutdown(self) -> None:
+    def run_loop(self) -> None:
+        """Run the step loop in the calling thread until shutdown(); waits for start() first."""
+        while not self._loop_known.wait(timeout=0.1):
+            if self._stop.is_set():
+                return
+        self._run()
+
+    def request_stop(self) -> None:
         self._stop.set()
         self._wakeup.set()
+        self._loop_known.set()
+
+    async def shutdown(self) -> None:
+        self.request_stop()
         if self._thread is not None:
             await asyncio.to_thread(self._thread.join, 10)
             self._thread = None
 
     @property
     def is_running(self) -> bool:
-        return self._thread is not None and self._thread.is_alive()
+        return self._running
 
     @property
     def is_healthy(self) -> bool:
@@ -142,7 +166,9 @@ class AsyncEngine:
         return outputs
 
     def _run(self) -> None:
-        assert self._loop is not None
+        if self._loop is None:  # stopped before start()
+            return
+        self._running = True
         try:
             while not self._stop.is_set():
                 outputs = self._drain_inbox()
@@ -158,6 +184,8 @@ class AsyncEngine:
             logger.exception("engine loop died")
             self._error = e
             self._loop.call_soon_threadsafe(self._fail_all, e)
+        finally:
+            self._running = False
 
 
 def e_output(request_id: str, num_prompt_tokens: int, error: Exception) -> RequestOutput:

@@ -34,6 +34,7 @@ class EngineArgs:
     max_queue_len: int = 256  # waiting requests beyond this get 429
     seed: int = 0
     num_threads: int | None = None  # torch intra-op threads on CPU; None: all cores
+    cpu_weight_prepack: bool = True  # CPU: swap nn.Linear for oneDNN-prepacked PackedLinear
 
     def __post_init__(self) -> None:
         if self.dtype not in ("auto", "float32", "bfloat16", "float16", "half", "float"):

@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from loraplex.engine.config import CacheConfig, ModelConfig, SchedulerConfig
+from loraplex.engine.cpu_linear import can_prepack, prepack_linears
 from loraplex.engine.detokenizer import IncrementalDetokenizer, decode_token_text
 from loraplex.engine.engine_args import EngineArgs
 from loraplex.engine.errors import PromptTooLongError
@@ -80,6 +81,8 @@ class LLMEngine:
         model_config = _read_model_config(model_path)
         dtype = resolve_dtype(args.dtype, model_config, device)
         model, model_config = load_model(model_path, dtype=dtype, device=device)
+        if args.cpu_weight_prepack and can_prepack(device, dtype):
+            prepack_linears(model, batch_size_hint=args.max_num_seqs)
         tokenizer_dir = model_path if os.path.isdir(model_path) else str(Path(model_path).parent)
         tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir) if os.path.isdir(model_path) else \
             AutoTokenizer.from_pretrained(tokenizer_dir, gguf_file=Path(model_path).name)
