@@ -25,6 +25,9 @@ class AttentionMetadata:
     decode_kv_slots: torch.Tensor | None = None  # [num_decodes, max_kv_len] int64, padding -> 0
     decode_mask: torch.Tensor | None = None  # [num_decodes, 1, 1, max_kv_len] bool, True = attend
     decode_kv_lens: torch.Tensor | None = None  # [num_decodes] int64
+    # derived once per step by the first layer that needs them (every layer shares the metadata):
+    decode_kv_rows: torch.Tensor | None = None  # [num_decodes * kv_heads * max_kv_len] rows of cache.view(-1, head_dim)
+    decode_bias: torch.Tensor | None = None  # [num_decodes, 1, 1, max_kv_len] float32: 0 or -inf
     prefills: list[PrefillChunk] = field(default_factory=list)
     sliding_window: int | None = None
 
