@@ -1,20 +1,19 @@
-"""AsyncEngine: one loop thread runs the steps; each request gets an asyncio output queue.
+"""AsyncEngine: the asyncio face of the engine core; each request gets an output queue.
 
-The loop runs in its own thread (`start()`), or in the caller's thread (`run_loop()`): the CLI gives
-it the main thread and serves HTTP from a second one, because PyTorch's OpenMP parallel regions
-are several times slower to enter from a non-main thread (small CPU ops pay it on every call).
+The core (engine/engine_core.py) runs the step loop in a child process (the server's default) or
+in a thread of this process. Either way this class validates at the edge, bounds the queue, and
+routes each step's outputs to the per-request streams on the event loop.
 """
 from __future__ import annotations
 
 import asyncio
-import collections
 import logging
-import threading
 import time
 
 from loraplex.engine.engine_args import EngineArgs
+from loraplex.engine.engine_core import ProcessCore, ThreadCore
 from loraplex.engine.errors import EngineDeadError, QueueFullError
-from loraplex.engine.llm_engine import LLMEngine
+from loraplex.engine.llm_engine import LLMEngine, validate_prompt
 from loraplex.engine.outputs import EngineStats, RequestOutput
 from loraplex.engine.sampling_params import SamplingParams
 
@@ -48,63 +47,47 @@ class RequestStream:
 
 
 class AsyncEngine:
-    def __init__(self, engine: LLMEngine, max_queue_len: int = 256, own_thread: bool = True) -> None:
-        self.engine = engine
-        self.tokenizer = engine.tokenizer
-        self.model_config = engine.model_config
-        self.max_model_len = engine.max_model_len
+    def __init__(self, core: ThreadCore | ProcessCore, max_queue_len: int = 256) -> None:
+        self.core = core
+        self.tokenizer = core.tokenizer
+        self.model_config = core.model_config
+        self.max_model_len = core.max_model_len
         self.max_queue_len = max_queue_len
-        self._max_in_flight = engine.scheduler.scheduler_config.max_num_seqs + max_queue_len
+        self._max_in_flight = core.max_num_seqs + max_queue_len
         self._streams: dict[str, RequestStream] = {}
-        self._inbox: collections.deque = collections.deque()  # ("add", args) | ("abort", id)
-        self._wakeup = threading.Event()
-        self._stop = threading.Event()
-        self.own_thread = own_thread
-        self._thread: threading.Thread | None = None
-        self._running = False
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._loop_known = threading.Event()
         self._error: BaseException | None = None
-        self._stats = engine.stats()
+        self._stats: EngineStats = core.initial_stats
 
     @classmethod
-    def from_engine_args(cls, args: EngineArgs, own_thread: bool = True) -> "AsyncEngine":
-        return cls(LLMEngine.from_engine_args(args), max_queue_len=args.max_queue_len, own_thread=own_thread)
+    def from_engine_args(cls, args: EngineArgs, in_process: bool = False) -> "AsyncEngine":
+        """in_process: run the loop in a thread here instead of a child process."""
+        core = ThreadCore(LLMEngine.from_engine_args(args)) if in_process else ProcessCore(args)
+        return cls(core, max_queue_len=args.max_queue_len)
 
     # ---- lifecycle ------------------------------------------------------------------------
     async def start(self) -> None:
-        """Bind to the running event loop; with own_thread, also start the loop thread."""
         if self._loop is not None:
             return
         self._loop = asyncio.get_running_loop()
-        self._loop_known.set()
-        if self.own_thread:
-            self._thread = threading.Thread(target=self._run, name="loraplex-engine", daemon=True)
-            self._thread.start()
-            while not self._running and self._error is None:
-                await asyncio.sleep(0.001)
+        loop = self._loop
 
-    def run_loop(self) -> None:
-        """Run the step loop in the calling thread until shutdown(); waits for start() first."""
-        while not self._loop_known.wait(timeout=0.1):
-            if self._stop.is_set():
-                return
-        self._run()
+        def emit(outputs: list[RequestOutput], stats: EngineStats) -> None:  # core's thread
+            self._stats = stats
+            loop.call_soon_threadsafe(self._deliver, outputs)
 
-    def request_stop(self) -> None:
-        self._stop.set()
-        self._wakeup.set()
-        self._loop_known.set()
+        def on_error(error: BaseException) -> None:  # core's thread
+            self._error = error
+            loop.call_soon_threadsafe(self._fail_all, error)
+
+        self.core.start(emit, on_error)
 
     async def shutdown(self) -> None:
-        self.request_stop()
-        if self._thread is not None:
-            await asyncio.to_thread(self._thread.join, 10)
-            self._thread = None
+        await asyncio.to_thread(self.core.shutdown)
 
     @property
     def is_running(self) -> bool:
-        return self._running
+        return self._loop is not None and self.core.is_alive()
 
     @property
     def is_healthy(self) -> bool:
@@ -115,23 +98,21 @@ class AsyncEngine:
 
     # ---- requests (event-loop thread) -----------------------------------------------------
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> RequestStream:
-        if self._error is not None:
+        if self._error is not None or (self._loop is not None and not self.core.is_alive()):
             raise EngineDeadError(f"the engine loop died: {self._error!r}")
         if request_id in self._streams:
             raise ValueError(f"duplicate request id {request_id!r}")
-        self.engine.validate_prompt(prompt_token_ids, params)
+        validate_prompt(prompt_token_ids, params, self.max_model_len, self.model_config.vocab_size)
         if len(self._streams) >= self._max_in_flight:
             raise QueueFullError(self.max_queue_len)
         stream = RequestStream(request_id)
         self._streams[request_id] = stream
-        self._inbox.append(("add", (request_id, prompt_token_ids, params, time.monotonic())))
-        self._wakeup.set()
+        self.core.add(request_id, prompt_token_ids, params, time.monotonic())
         return stream
 
     def abort(self, request_id: str) -> None:
         if request_id in self._streams:
-            self._inbox.append(("abort", request_id))
-            self._wakeup.set()
+            self.core.abort(request_id)
 
     def _deliver(self, outputs: list[RequestOutput]) -> None:
         for out in outputs:
@@ -143,51 +124,7 @@ class AsyncEngine:
             stream.put(out)
 
     def _fail_all(self, error: BaseException) -> None:
+        logger.error("engine failed: %s", error)
         for stream in self._streams.values():
             stream.put(EngineDeadError(f"the engine loop died: {error!r}"))
         self._streams.clear()
-
-    # ---- the loop (engine thread) ---------------------------------------------------------
-    def _drain_inbox(self) -> list[RequestOutput]:
-        outputs: list[RequestOutput] = []
-        aborts: list[str] = []
-        while self._inbox:
-            kind, payload = self._inbox.popleft()
-            if kind == "add":
-                request_id, prompt, params, arrival = payload
-                try:
-                    self.engine.add_request(request_id, prompt, params, arrival_time=arrival)
-                except ValueError as e:  # validated already; belt and braces
-                    outputs.append(e_output(request_id, len(prompt), e))
-            else:
-                aborts.append(payload)
-        if aborts:
-            outputs.extend(self.engine.abort_requests(aborts))
-        return outputs
-
-    def _run(self) -> None:
-        if self._loop is None:  # stopped before start()
-            return
-        self._running = True
-        try:
-            while not self._stop.is_set():
-                outputs = self._drain_inbox()
-                if self.engine.has_unfinished_requests():
-                    outputs.extend(self.engine.step())
-                self._stats = self.engine.stats()
-                if outputs:
-                    self._loop.call_soon_threadsafe(self._deliver, outputs)
-                if not self.engine.has_unfinished_requests() and not self._inbox:
-                    self._wakeup.wait(timeout=0.5)
-                    self._wakeup.clear()
-        except BaseException as e:  # noqa: BLE001 - the loop must report, not vanish
-            logger.exception("engine loop died")
-            self._error = e
-            self._loop.call_soon_threadsafe(self._fail_all, e)
-        finally:
-            self._running = False
-
-
-def e_output(request_id: str, num_prompt_tokens: int, error: Exception) -> RequestOutput:
-    logger.warning("request %s rejected in the loop: %s", request_id, error)
-    return RequestOutput(request_id, "", [], True, num_prompt_tokens, 0, finish_reason="abort")

@@ -65,8 +65,6 @@ class LLMEngine:
 
     @classmethod
     def from_engine_args(cls, args: EngineArgs) -> "LLMEngine":
-        from transformers import AutoTokenizer
-
         from loraplex.engine.loader import load_model
 
         if args.num_threads:
@@ -83,9 +81,7 @@ class LLMEngine:
         model, model_config = load_model(model_path, dtype=dtype, device=device)
         if args.cpu_weight_prepack and can_prepack(device, dtype):
             prepack_linears(model, batch_size_hint=args.max_num_seqs)
-        tokenizer_dir = model_path if os.path.isdir(model_path) else str(Path(model_path).parent)
-        tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir) if os.path.isdir(model_path) else \
-            AutoTokenizer.from_pretrained(tokenizer_dir, gguf_file=Path(model_path).name)
+        tokenizer = load_tokenizer(model_path)
         max_model_len = args.max_model_len or min(model_config.max_position_embeddings, DEFAULT_MAX_MODEL_LEN)
         if max_model_len > model_config.max_position_embeddings:
             raise ValueError(f"--max-model-len {max_model_len} exceeds the model's "
@@ -105,14 +101,7 @@ class LLMEngine:
 
     # ---- requests -------------------------------------------------------------------------
     def validate_prompt(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
-        n = len(prompt_token_ids)
-        if n == 0:
-            raise ValueError("the prompt is empty")
-        if n >= self.max_model_len:
-            raise PromptTooLongError(n, params.max_tokens, self.max_model_len)
-        vocab = self.model_config.vocab_size
-        if any(t < 0 or t >= vocab for t in prompt_token_ids):
-            raise ValueError(f"prompt token ids must be in [0, {vocab})")
+        validate_prompt(prompt_token_ids, params, self.max_model_len, self.model_config.vocab_size)
 
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
                     arrival_time: float | None = None) -> Request:
@@ -174,6 +163,25 @@ class LLMEngine:
         return RequestOutput(request.request_id, text, new_token_ids, True, request.num_prompt_tokens,
                              request.num_output_tokens, logprobs, request.status.finish_reason,
                              request.stop_reason)
+
+
+def validate_prompt(prompt_token_ids: list[int], params: SamplingParams, max_model_len: int,
+                    vocab_size: int) -> None:
+    n = len(prompt_token_ids)
+    if n == 0:
+        raise ValueError("the prompt is empty")
+    if n >= max_model_len:
+        raise PromptTooLongError(n, params.max_tokens, max_model_len)
+    if any(t < 0 or t >= vocab_size for t in prompt_token_ids):
+        raise ValueError(f"prompt token ids must be in [0, {vocab_size})")
+
+
+def load_tokenizer(model_path: str):
+    """The tokenizer (with its chat template) of a model folder, or of a .gguf file's metadata."""
+    from transformers import AutoTokenizer
+    if os.path.isdir(model_path):
+        return AutoTokenizer.from_pretrained(model_path)
+    return AutoTokenizer.from_pretrained(str(Path(model_path).parent), gguf_file=Path(model_path).name)
 
 
 def _read_model_config(model_path: str) -> ModelConfig:

@@ -5,8 +5,6 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import signal
-import threading
 import sys
 from pathlib import Path
 
@@ -88,41 +86,18 @@ def serve(ns: argparse.Namespace) -> int:
     served_names = ns.served_model_name or [default_served_model_name(ns.model)]
     logger.info("loading %s", ns.model or DEFAULT_MODEL_NAME)
     try:
-        engine = AsyncEngine.from_engine_args(args, own_thread=False)
-    except (ValueError, FileNotFoundError) as exc:
+        engine = AsyncEngine.from_engine_args(args)
+    except (ValueError, FileNotFoundError, RuntimeError) as exc:
         logger.error("cannot load the model: %s", exc)
         return 1
     app = build_app(engine, served_names, api_key=ns.api_key)
     if ns.api_key:
         logger.info("API key required on /v1/*")
     # log_config=None: uvicorn's loggers propagate to the root handler set up in main().
-    server = uvicorn.Server(uvicorn.Config(app, host=ns.host, port=ns.port, log_level=ns.log_level,
-                                           log_config=None))
-    return run_http_beside_engine(server, engine)
-
-
-def run_http_beside_engine(server, engine) -> int:
-    """HTTP in a second thread, the engine loop in this (main) thread, where torch's CPU ops run
-    fastest. SIGINT/SIGTERM ask uvicorn to exit; its lifespan then stops the engine loop."""
-    def on_signal(signum, frame):
-        logger.info("received signal %d, shutting down", signum)
-        server.should_exit = True
-        if server.started is False:  # still starting: nothing graceful to wait for
-            engine.request_stop()
-
-    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
-    http = threading.Thread(target=server.run, name="loraplex-http", daemon=True)
-    http.start()
-    watchdog = threading.Thread(target=lambda: (http.join(), engine.request_stop()), daemon=True)
-    watchdog.start()  # uvicorn failing to start (port taken) must also end the engine loop
-    try:
-        engine.run_loop()
-    finally:
-        server.should_exit = True
-        http.join(timeout=30)
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-    return 0 if server.started else 1
+    # The lifespan stops the engine process; if uvicorn never starts (port taken), the process is a
+    # daemon and ends with this one.
+    uvicorn.run(app, host=ns.host, port=ns.port, log_level=ns.log_level, log_config=None)
+    return 0
 
 
 def download() -> int:

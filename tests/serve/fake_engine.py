@@ -84,7 +84,7 @@ class FakeEngine:
         self._tasks: dict[str, asyncio.Task] = {}
 
     @classmethod
-    def from_engine_args(cls, args, own_thread: bool = True) -> "FakeEngine":
+    def from_engine_args(cls, args, in_process: bool = False) -> "FakeEngine":
         engine = cls()
         engine.engine_args = args
         return engine

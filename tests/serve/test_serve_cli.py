@@ -50,16 +50,11 @@ def test_serve_builds_engine_and_runs_uvicorn(monkeypatch):
     fake_module.AsyncEngine = FakeEngine
     monkeypatch.setitem(sys.modules, "loraplex.engine.async_engine", fake_module)
     seen = {}
-
-    def run_http_beside_engine(server, engine):
-        seen.update(app=server.config.app, host=server.config.host, port=server.config.port, engine=engine)
-        return 0
-    monkeypatch.setattr(cli, "run_http_beside_engine", run_http_beside_engine)
+    monkeypatch.setattr("uvicorn.run", lambda app, **kw: seen.update(app=app, **kw))
     assert cli.main(["--port", "9001", "--served-model-name", "a", "b", "--api-key", "k",
                      "--max-model-len", "64"]) == 0
     app = seen["app"]
     assert (seen["host"], seen["port"]) == ("127.0.0.1", 9001)
-    assert seen["engine"] is app.state.engine
     assert app.state.served_model_names == ["a", "b"]
     assert app.state.engine.engine_args.max_model_len == 64
 

@@ -1,0 +1,257 @@
+"""The engine core: LLMEngine's step loop fed by an inbox of adds and aborts, run in a thread of
+this process (ThreadCore) or in the main thread of a process of its own (ProcessCore).
+
+The server uses ProcessCore, as vLLM v1 does: the HTTP process's Python work then never holds the
+GIL the step loop needs between torch ops, and the loop runs on a main thread, where PyTorch's
+OpenMP parallel regions are several times cheaper to enter than from a secondary thread.
+Messages cross an OS pipe between two processes of ours (pickled engine dataclasses; nothing a
+client sent is ever unpickled: prompts arrive as token ids and validated SamplingParams).
+"""
+from __future__ import annotations
+
+import collections
+import logging
+import multiprocessing
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from loraplex.engine.engine_args import EngineArgs
+from loraplex.engine.llm_engine import LLMEngine
+from loraplex.engine.outputs import EngineStats, RequestOutput
+from loraplex.engine.sampling_params import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+Emit = Callable[[list[RequestOutput], EngineStats], None]
+
+
+class StepLog:
+    """Logs throughput every `interval_s` while there is work, as vLLM's engine does."""
+
+    def __init__(self, interval_s: float = 5.0) -> None:
+        self.interval_s = interval_s
+        self._start = time.monotonic()
+        self.num_steps = self.num_generated = 0
+        self.busy_s = 0.0
+
+    def record(self, step_s: float, num_generated: int, stats: EngineStats) -> None:
+        self.num_steps += 1
+        self.num_generated += num_generated
+        self.busy_s += step_s
+        elapsed = time.monotonic() - self._start
+        if elapsed < self.interval_s:
+            return
+        logger.info("generation %.1f tok/s, %d steps (mean %.1f ms), running %d, waiting %d, KV cache %.1f%%",
+                    self.num_generated / elapsed, self.num_steps, 1000 * self.busy_s / self.num_steps,
+                    stats.num_running, stats.num_waiting, 100 * stats.kv_cache_usage)
+        self.__init__(self.interval_s)
+
+
+class EngineLoop:
+    """Owns an LLMEngine; `run()` steps it until `stop()`, draining adds and aborts between steps."""
+
+    def __init__(self, engine: LLMEngine) -> None:
+        self.engine = engine
+        self.step_log = StepLog()
+        self._inbox: collections.deque = collections.deque()  # ("add", args) | ("abort", id)
+        self._wakeup = threading.Event()
+        self._stop = threading.Event()
+
+    def add(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, arrival: float) -> None:
+        self._inbox.append(("add", (request_id, prompt_token_ids, params, arrival)))
+        self._wakeup.set()
+
+    def abort(self, request_id: str) -> None:
+        self._inbox.append(("abort", request_id))
+        self._wakeup.set()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._wakeup.set()
+
+    def _drain_inbox(self) -> list[RequestOutput]:
+        outputs: list[RequestOutput] = []
+        aborts: list[str] = []
+        while self._inbox:
+            kind, payload = self._inbox.popleft()
+            if kind == "add":
+                request_id, prompt, params, arrival = payload
+                try:
+                    self.engine.add_request(request_id, prompt, params, arrival_time=arrival)
+                except ValueError as e:  # validated at the edge already; never take the loop down
+                    logger.warning("request %s rejected in the loop: %s", request_id, e)
+                    outputs.append(RequestOutput(request_id, "", [], True, len(prompt), 0, finish_reason="abort"))
+            else:
+                aborts.append(payload)
+        if aborts:
+            outputs.extend(self.engine.abort_requests(aborts))
+        return outputs
+
+    def run(self, emit: Emit, poll: Callable[[float], None] | None = None) -> None:
+        """`poll(timeout_s)` may feed the inbox from outside (a pipe) and returns when it has."""
+        while not self._stop.is_set():
+            if poll is not None:
+                poll(0.0 if self.engine.has_unfinished_requests() or self._inbox else 0.5)
+            outputs = self._drain_inbox()
+            if self.engine.has_unfinished_requests():
+                t0 = time.perf_counter()
+                step_outputs = self.engine.step()
+                stats = self.engine.stats()
+                self.step_log.record(time.perf_counter() - t0, sum(len(o.token_ids) for o in step_outputs), stats)
+                outputs.extend(step_outputs)
+            if outputs:
+                emit(outputs, self.engine.stats())
+            if poll is None and not self.engine.has_unfinished_requests() and not self._inbox:
+                self._wakeup.wait(timeout=0.5)
+                self._wakeup.clear()
+
+
+class ThreadCore:
+    """The loop in a background thread of this process (tests, embedding, notebooks)."""
+
+    def __init__(self, engine: LLMEngine) -> None:
+        self.loop = EngineLoop(engine)
+        self.tokenizer = engine.tokenizer
+        self.model_config = engine.model_config
+        self.max_model_len = engine.max_model_len
+        self.max_num_seqs = engine.scheduler.scheduler_config.max_num_seqs
+        self.initial_stats = engine.stats()
+        self._thread: threading.Thread | None = None
+
+    def start(self, emit: Emit, on_error: Callable[[BaseException], None]) -> None:
+        def main() -> None:
+            try:
+                self.loop.run(emit)
+            except BaseException as e:  # noqa: BLE001 - report, never vanish
+                logger.exception("engine loop died")
+                on_error(e)
+        self._thread = threading.Thread(target=main, name="loraplex-engine", daemon=True)
+        self._thread.start()
+
+    def add(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, arrival: float) -> None:
+        self.loop.add(request_id, prompt_token_ids, params, arrival)
+
+    def abort(self, request_id: str) -> None:
+        self.loop.abort(request_id)
+
+    def is_alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def shutdown(self, timeout_s: float = 10.0) -> None:
+        self.loop.stop()
+        if self._thread is not None:
+            self._thread.join(timeout_s)
+
+
+def _process_main(args: EngineArgs, inbox: Any, outbox: Any, log_level: int) -> None:
+    """Entry point of the engine process."""
+    logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)s %(name)s [core]: %(message)s")
+    try:
+        engine = LLMEngine.from_engine_args(args)
+    except BaseException as e:  # noqa: BLE001 - the parent turns this into a clear start-up error
+        outbox.send(("error", f"{type(e).__name__}: {e}"))
+        return
+    outbox.send(("ready", {"model_config": engine.model_config, "max_model_len": engine.max_model_len,
+                           "max_num_seqs": engine.scheduler.scheduler_config.max_num_seqs,
+                           "stats": engine.stats()}))
+    loop = EngineLoop(engine)
+
+    def poll(timeout_s: float) -> None:
+        while inbox.poll(timeout_s):
+            timeout_s = 0.0
+            kind, *payload = inbox.recv()
+            if kind == "add":
+                loop.add(*payload)
+            elif kind == "abort":
+                loop.abort(payload[0])
+            else:
+                loop.stop()
+
+    try:
+        loop.run(lambda outputs, stats: outbox.send(("outputs", outputs, stats)), poll)
+    except (EOFError, KeyboardInterrupt):  # the server went away, or ^C reached the whole group
+        pass
+    except BaseException as e:  # noqa: BLE001
+        logger.exception("engine loop died")
+        try:
+            outbox.send(("died", f"{type(e).__name__}: {e}"))
+        except OSError:
+            pass
+
+
+class ProcessCore:
+    """The loop in the main thread of a child process; a reader thread here relays its outputs."""
+
+    def __init__(self, args: EngineArgs, startup_timeout_s: float = 1800.0) -> None:
+        ctx = multiprocessing.get_context("spawn")
+        self._to_core_recv, self._to_core = ctx.Pipe(duplex=False)
+        self._from_core, self._from_core_send = ctx.Pipe(duplex=False)
+        self._proc = ctx.Process(target=_process_main, name="loraplex-engine-core", daemon=True,
+                                 args=(args, self._to_core_recv, self._from_core_send,
+                                       logging.getLogger().getEffectiveLevel()))
+        self._proc.start()
+        self._send_lock = threading.Lock()
+        deadline = time.monotonic() + startup_timeout_s
+        while not self._from_core.poll(1.0):
+            if not self._proc.is_alive():
+                raise RuntimeError(f"the engine process exited during start-up (code {self._proc.exitcode})")
+            if time.monotonic() > deadline:
+                self._proc.kill()
+                raise RuntimeError("the engine process did not start in time")
+        kind, info = self._from_core.recv()
+        if kind == "error":
+            self._proc.join(10)
+            raise ValueError(info)
+        self.model_config = info["model_config"]
+        self.max_model_len = info["max_model_len"]
+        self.max_num_seqs = info["max_num_seqs"]
+        self.initial_stats = info["stats"]
+        model_path = args.model
+        if model_path is None:
+            from loraplex.engine.default_model import ensure_default_model
+            model_path = str(ensure_default_model(progress=logger.info))
+        from loraplex.engine.llm_engine import load_tokenizer
+        self.tokenizer = load_tokenizer(model_path)
+        self._reader: threading.Thread | None = None
+
+    def start(self, emit: Emit, on_error: Callable[[BaseException], None]) -> None:
+        def read() -> None:
+            try:
+                while True:
+                    kind, *payload = self._from_core.recv()
+                    if kind == "outputs":
+                        emit(*payload)
+                    elif kind == "died":
+                        raise RuntimeError(payload[0])
+            except EOFError:
+                if self._proc.is_alive() or self._proc.exitcode not in (0, None):
+                    on_error(RuntimeError(f"the engine process exited (code {self._proc.exitcode})"))
+            except BaseException as e:  # noqa: BLE001
+                on_error(e)
+        self._reader = threading.Thread(target=read, name="loraplex-core-reader", daemon=True)
+        self._reader.start()
+
+    def _send(self, message: tuple) -> None:
+        with self._send_lock:
+            self._to_core.send(message)
+
+    def add(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, arrival: float) -> None:
+        self._send(("add", request_id, prompt_token_ids, params, arrival))
+
+    def abort(self, request_id: str) -> None:
+        self._send(("abort", request_id))
+
+    def is_alive(self) -> bool:
+        return self._proc.is_alive()
+
+    def shutdown(self, timeout_s: float = 10.0) -> None:
+        try:
+            self._send(("stop",))
+        except OSError:
+            pass
+        self._proc.join(timeout_s)
+        if self._proc.is_alive():
+            self._proc.kill()
+            self._proc.join(5)
