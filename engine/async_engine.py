@@ -99,7 +99,7 @@ class AsyncEngine:
     # ---- requests (event-loop thread) -----------------------------------------------------
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> RequestStream:
         if self._error is not None or (self._loop is not None and not self.core.is_alive()):
-            raise EngineDeadError(f"the engine loop died: {self._error!r}")
+            raise EngineDeadError(f"the engine loop died: {self._error or 'its process is gone'}")
         if request_id in self._streams:
             raise ValueError(f"duplicate request id {request_id!r}")
         validate_prompt(prompt_token_ids, params, self.max_model_len, self.model_config.vocab_size)

@@ -108,3 +108,25 @@ def test_disconnecting_stream_clients_free_their_blocks(server):
             break
         asyncio.run(asyncio.sleep(0.2))
     assert free_blocks(server) == start
+
+
+def test_dead_engine_process_gives_503_not_a_hang(default_model_dir):
+    import os
+    import signal
+    import time
+
+    from tests.e2e.conftest import Server
+    srv = Server(["--model", str(default_model_dir), "--dtype", "float32", "--max-model-len", "256"])
+    try:
+        children = [int(p) for p in open(f"/proc/{srv.proc.pid}/task/{srv.proc.pid}/children").read().split()]
+        cores = [p for p in children if b"spawn_main" in open(f"/proc/{p}/cmdline", "rb").read()]
+        assert len(cores) == 1, "the engine runs in one child process"
+        os.kill(cores[0], signal.SIGKILL)
+        deadline = time.monotonic() + 30
+        while httpx.get(f"{srv.base_url}/health").status_code != 503 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert httpx.get(f"{srv.base_url}/health").status_code == 503
+        r = httpx.post(f"{srv.base_url}/v1/completions", json={"prompt": "hi", "max_tokens": 2}, timeout=30)
+        assert r.status_code == 503 and r.json()["error"]["code"] == "engine_dead"
+    finally:
+        srv.stop()
