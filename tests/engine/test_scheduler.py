@@ -31,7 +31,7 @@ def make_request(rid, prompt_len=6, first=0, arrival_time=None, adapter_id=0, **
 
 def step(sched, token_fn=fake_token):
     out = sched.schedule()
-    cfg, kv = sched.scheduler_config, sched.kv_cache_manager
+    cfg = sched.scheduler_config
     assert out.num_batched_tokens == sum(s.num_new_tokens for s in out.scheduled)
     assert out.num_batched_tokens <= cfg.max_num_batched_tokens
     assert len(out.scheduled) <= cfg.max_num_seqs
