@@ -183,8 +183,11 @@ class Sampler:
         self._generators: dict[torch.device, torch.Generator] = {}
 
     def __call__(self, logits: torch.Tensor, md: SamplingMetadata) -> SamplerOutput:
-        # logits: [num_rows, vocab], any float dtype; work in float32 on a private copy
-        raw = logits.to(torch.float32, copy=True)
+        # logits: [num_rows, vocab], any float dtype
+        if md.all_greedy and md.no_penalties and md.suppress_rows is None and md.max_num_logprobs is None:
+            # plain greedy needs no float32 copy: the cast is exact, so the argmax is the same
+            return SamplerOutput(logits.argmax(dim=1), None, None)
+        raw = logits.to(torch.float32, copy=True)  # work in float32 on a private copy
         x = raw if md.no_penalties else apply_penalties(raw, md)
         if md.suppress_rows is not None:
             if x is raw and md.max_num_logprobs is not None:
