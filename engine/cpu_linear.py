@@ -44,10 +44,23 @@ class PackedLinear(nn.Module):
 
 
 def prepack_linears(model: nn.Module, batch_size_hint: int) -> int:
-    """Swap every nn.Linear in `model` for a PackedLinear; returns how many were swapped."""
+    """Swap every nn.Linear in `model` for a PackedLinear and warm up the decode batch sizes;
+    returns how many were swapped."""
     swaps = [(parent, name, child) for parent in model.modules()
              for name, child in parent.named_children() if type(child) is nn.Linear]
     for parent, name, child in swaps:
         setattr(parent, name, PackedLinear(child, batch_size_hint))
+    warm_up([getattr(parent, name) for parent, name, _ in swaps], batch_size_hint)
     logger.info("prepacked %d linear layers for oneDNN", len(swaps))
     return len(swaps)
+
+
+@torch.inference_mode()
+def warm_up(linears: list[PackedLinear], max_rows: int) -> None:
+    """oneDNN builds a primitive per (weight shape, rows) on first use (~0.7 ms each) and caches it
+    by shape: one call per distinct shape and per decode batch size 1..max_rows does it at start-up
+    instead of during the first burst of traffic."""
+    by_shape = {(m.in_features, m.out_features, m.bias is not None, m.packed_weight.dtype): m for m in linears}
+    for m in by_shape.values():
+        for rows in range(1, max_rows + 1):
+            m(torch.zeros(rows, m.in_features, dtype=m.packed_weight.dtype))
