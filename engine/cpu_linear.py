@@ -14,6 +14,8 @@ from torch import nn
 
 logger = logging.getLogger(__name__)
 
+MAX_WARM_UP_ROWS = 128  # bounds start-up time when --max-num-seqs is large
+
 
 def can_prepack(device: torch.device, dtype: torch.dtype) -> bool:
     if device.type != "cpu" or dtype not in (torch.float32, torch.bfloat16):
@@ -50,7 +52,7 @@ def prepack_linears(model: nn.Module, batch_size_hint: int) -> int:
              for name, child in parent.named_children() if type(child) is nn.Linear]
     for parent, name, child in swaps:
         setattr(parent, name, PackedLinear(child, batch_size_hint))
-    warm_up([getattr(parent, name) for parent, name, _ in swaps], batch_size_hint)
+    warm_up([getattr(parent, name) for parent, name, _ in swaps], min(batch_size_hint, MAX_WARM_UP_ROWS))
     logger.info("prepacked %d linear layers for oneDNN", len(swaps))
     return len(swaps)
 
