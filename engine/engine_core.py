@@ -98,11 +98,11 @@ class EngineLoop:
             if self.engine.has_unfinished_requests():
                 t0 = time.perf_counter()
                 step_outputs = self.engine.step()
-                stats = self.engine.stats()
-                self.step_log.record(time.perf_counter() - t0, sum(len(o.token_ids) for o in step_outputs), stats)
+                self.step_log.record(time.perf_counter() - t0, sum(len(o.token_ids) for o in step_outputs),
+                                     self.engine.stats())
                 outputs.extend(step_outputs)
             if outputs:
-                emit(outputs, self.engine.stats())
+                emit(outputs, self.engine.stats())  # after aborts too, so free-block counts are current
             if poll is None and not self.engine.has_unfinished_requests() and not self._inbox:
                 self._wakeup.wait(timeout=0.5)
                 self._wakeup.clear()

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
+from loraplex.engine.async_engine import RequestStream
 from loraplex.engine.config import ModelConfig
 from loraplex.engine.errors import EngineDeadError, PromptTooLongError
 from loraplex.engine.outputs import EngineStats, RequestOutput, TokenLogprob
@@ -39,27 +40,6 @@ class FakeRequest:
     request_id: str
     prompt_token_ids: list[int]
     params: SamplingParams
-
-
-class FakeStream:
-    """What `add_request` returns: `async for out in stream` until an output with finished=True."""
-
-    def __init__(self) -> None:
-        self._queue: asyncio.Queue[RequestOutput | Exception] = asyncio.Queue()
-        self._done = False
-
-    def __aiter__(self) -> "FakeStream":
-        return self
-
-    async def __anext__(self) -> RequestOutput:
-        if self._done:
-            raise StopAsyncIteration
-        out = await self._queue.get()
-        if isinstance(out, Exception):
-            self._done = True
-            raise out
-        self._done = out.finished
-        return out
 
 
 class FakeEngine:
@@ -104,7 +84,7 @@ class FakeEngine:
     def stats(self) -> EngineStats:
         return EngineStats(num_running=len(self._tasks), num_waiting=0, num_free_blocks=90, num_total_blocks=100)
 
-    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> FakeStream:
+    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> RequestStream:
         if self.add_error is not None:
             raise self.add_error
         if not self.started:
@@ -113,7 +93,7 @@ class FakeEngine:
             raise PromptTooLongError(len(prompt_token_ids), params.max_tokens, self.max_model_len)
         assert request_id not in self.requests, "request ids must be unique"
         self.requests[request_id] = FakeRequest(request_id, list(prompt_token_ids), params)
-        stream = FakeStream()
+        stream = RequestStream(request_id)
         task = asyncio.get_running_loop().create_task(self._generate(request_id, stream))
         self._tasks[request_id] = task
         task.add_done_callback(lambda _: self._tasks.pop(request_id, None))
@@ -134,7 +114,7 @@ class FakeEngine:
     def _text(self, token_id: int) -> str:
         return self.tokenizer.decode([token_id])
 
-    async def _generate(self, request_id: str, stream: FakeStream) -> None:
+    async def _generate(self, request_id: str, stream: RequestStream) -> None:
         req = self.requests[request_id]
         params, reply = req.params, self.reply_ids
         text, num_emitted = "", 0  # text held back while it could still start a stop string
@@ -143,7 +123,7 @@ class FakeEngine:
             await asyncio.sleep(self.token_delay_s)
             if step == self.fail_after_tokens:
                 self.healthy = False
-                stream._queue.put_nowait(EngineDeadError("the fake engine loop died"))
+                stream.put(EngineDeadError("the fake engine loop died"))
                 return
             if step < len(reply) or self.endless or params.ignore_eos:
                 token_id = reply[step % len(reply)]
@@ -166,7 +146,7 @@ class FakeEngine:
                 end = len(text)
             delta, num_emitted = text[num_emitted:max(end, num_emitted)], max(end, num_emitted)
             logprobs = None if params.logprobs is None else [self._logprob(token_id, params.logprobs)]
-            stream._queue.put_nowait(RequestOutput(
+            stream.put(RequestOutput(
                 request_id=request_id, text=delta, token_ids=[token_id], finished=finish_reason is not None,
                 num_prompt_tokens=len(req.prompt_token_ids), num_output_tokens=step + 1, logprobs=logprobs,
                 finish_reason=finish_reason, stop_reason=stop_reason))
