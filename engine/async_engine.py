@@ -10,6 +10,7 @@ import asyncio
 import logging
 import time
 
+from loraplex.engine.adapter_hook import AdapterHookFactory
 from loraplex.engine.engine_args import EngineArgs
 from loraplex.engine.engine_core import ProcessCore, ThreadCore
 from loraplex.engine.errors import EngineDeadError, QueueFullError
@@ -60,9 +61,12 @@ class AsyncEngine:
         self._stats: EngineStats = core.initial_stats
 
     @classmethod
-    def from_engine_args(cls, args: EngineArgs, in_process: bool = False) -> "AsyncEngine":
-        """in_process: run the loop in a thread here instead of a child process."""
-        core = ThreadCore(LLMEngine.from_engine_args(args)) if in_process else ProcessCore(args)
+    def from_engine_args(cls, args: EngineArgs, in_process: bool = False,
+                         hook_factory: AdapterHookFactory | None = None) -> "AsyncEngine":
+        """in_process: run the loop in a thread here instead of a child process. hook_factory: builds
+        the adapter hook next to the model (a module-level function, so it can cross to the child)."""
+        core = (ThreadCore(LLMEngine.from_engine_args(args, hook_factory)) if in_process
+                else ProcessCore(args, hook_factory))
         return cls(core, max_queue_len=args.max_queue_len)
 
     # ---- lifecycle ------------------------------------------------------------------------
@@ -97,7 +101,9 @@ class AsyncEngine:
         return self._stats
 
     # ---- requests (event-loop thread) -----------------------------------------------------
-    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> RequestStream:
+    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
+                    adapter: tuple[int, int] | None = None) -> RequestStream:
+        """`adapter`: (adapter_id, version) registered with `call("register_adapter", ...)`; None: base."""
         if self._error is not None or (self._loop is not None and not self.core.is_alive()):
             raise EngineDeadError(f"the engine loop died: {self._error or 'its process is gone'}")
         if request_id in self._streams:
@@ -107,8 +113,14 @@ class AsyncEngine:
             raise QueueFullError(self.max_queue_len)
         stream = RequestStream(request_id)
         self._streams[request_id] = stream
-        self.core.add(request_id, prompt_token_ids, params, time.monotonic())
+        self.core.add(request_id, prompt_token_ids, params, time.monotonic(), adapter)
         return stream
+
+    async def call(self, method: str, *args):
+        """A control call run by the engine loop between steps (adapter registration and state)."""
+        if self._error is not None:
+            raise EngineDeadError(f"the engine loop died: {self._error}")
+        return await asyncio.wrap_future(self.core.call(method, args))
 
     def abort(self, request_id: str) -> None:
         if request_id in self._streams:

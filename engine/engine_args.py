@@ -35,6 +35,13 @@ class EngineArgs:
     seed: int = 0
     num_threads: int | None = None  # torch intra-op threads on CPU; None: all cores
     cpu_weight_prepack: bool = True  # CPU: swap nn.Linear for oneDNN-prepacked PackedLinear
+    # LoRA (used by the adapter hook the server wires in; vLLM's spellings)
+    enable_lora: bool = False
+    max_loras: int = 32  # distinct adapters in one step
+    max_lora_rank: int = 64
+    max_cpu_loras: int | None = None  # adapters kept in the host-memory tier; None: sized from the pool
+    lora_pool_pages: int | None = None  # pool size in pages (one rank-row of every target linear)
+    lora_pool_bytes: int = 512 << 20  # pool size in bytes when lora_pool_pages is None
 
     def __post_init__(self) -> None:
         if self.dtype not in ("auto", "float32", "bfloat16", "float16", "half", "float"):
@@ -47,3 +54,12 @@ class EngineArgs:
             raise ValueError("--max-queue-len must be at least 1")
         if self.kv_cache_memory_bytes <= 0:
             raise ValueError("--kv-cache-memory-bytes must be positive")
+        if self.max_loras < 1 or self.max_lora_rank < 1:
+            raise ValueError("--max-loras and --max-lora-rank must be at least 1")
+        if self.max_cpu_loras is not None and self.max_cpu_loras < 1:
+            raise ValueError("--max-cpu-loras must be at least 1")
+        if self.lora_pool_pages is not None and self.lora_pool_pages <= self.max_lora_rank:
+            raise ValueError(f"--lora-pool-pages must exceed --max-lora-rank ({self.max_lora_rank}): "
+                             "the pool must hold at least one adapter of the largest rank")
+        if self.lora_pool_bytes <= 0:
+            raise ValueError("--lora-pool-bytes must be positive")

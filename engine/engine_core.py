@@ -10,6 +10,8 @@ client sent is ever unpickled: prompts arrive as token ids and validated Samplin
 from __future__ import annotations
 
 import collections
+import concurrent.futures
+import itertools
 import logging
 import multiprocessing
 import threading
@@ -25,6 +27,8 @@ from loraplex.engine.sampling_params import SamplingParams
 logger = logging.getLogger(__name__)
 
 Emit = Callable[[list[RequestOutput], EngineStats], None]
+Reply = Callable[[int, bool, Any], None]  # (call id, ok, result or exception)
+Adapter = tuple[int, int] | None  # (adapter_id, version); None is the base model
 
 
 class StepLog:
@@ -50,17 +54,24 @@ class StepLog:
 
 
 class EngineLoop:
-    """Owns an LLMEngine; `run()` steps it until `stop()`, draining adds and aborts between steps."""
+    """Owns an LLMEngine; `run()` steps it until `stop()`, draining adds, aborts and control calls
+    (adapter registration) between steps, so they never race a forward pass."""
 
-    def __init__(self, engine: LLMEngine) -> None:
+    def __init__(self, engine: LLMEngine, reply: Reply | None = None) -> None:
         self.engine = engine
+        self.reply = reply
         self.step_log = StepLog()
-        self._inbox: collections.deque = collections.deque()  # ("add", args) | ("abort", id)
+        self._inbox: collections.deque = collections.deque()  # ("add", args) | ("abort", id) | ("call", args)
         self._wakeup = threading.Event()
         self._stop = threading.Event()
 
-    def add(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, arrival: float) -> None:
-        self._inbox.append(("add", (request_id, prompt_token_ids, params, arrival)))
+    def add(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, arrival: float,
+            adapter: Adapter = None) -> None:
+        self._inbox.append(("add", (request_id, prompt_token_ids, params, arrival, adapter)))
+        self._wakeup.set()
+
+    def call(self, call_id: int, method: str, args: tuple) -> None:
+        self._inbox.append(("call", (call_id, method, args)))
         self._wakeup.set()
 
     def abort(self, request_id: str) -> None:
@@ -77,12 +88,22 @@ class EngineLoop:
         while self._inbox:
             kind, payload = self._inbox.popleft()
             if kind == "add":
-                request_id, prompt, params, arrival = payload
+                request_id, prompt, params, arrival, adapter = payload
                 try:
-                    self.engine.add_request(request_id, prompt, params, arrival_time=arrival)
+                    self.engine.add_request(request_id, prompt, params, arrival_time=arrival, adapter=adapter)
                 except ValueError as e:  # validated at the edge already; never take the loop down
                     logger.warning("request %s rejected in the loop: %s", request_id, e)
                     outputs.append(RequestOutput(request_id, "", [], True, len(prompt), 0, finish_reason="abort"))
+            elif kind == "call":
+                call_id, method, args = payload
+                try:
+                    result, ok = self.engine.call_adapter_hook(method, args), True
+                except Exception as e:  # noqa: BLE001 - the caller gets the error; the loop goes on
+                    if not isinstance(e, ValueError):
+                        logger.exception("control call %s failed", method)
+                    result, ok = e, False
+                if self.reply is not None:
+                    self.reply(call_id, ok, result)
             else:
                 aborts.append(payload)
         if aborts:
@@ -112,7 +133,8 @@ class ThreadCore:
     """The loop in a background thread of this process (tests, embedding, notebooks)."""
 
     def __init__(self, engine: LLMEngine) -> None:
-        self.loop = EngineLoop(engine)
+        self.loop = EngineLoop(engine, reply=self._reply)
+        self._calls = _PendingCalls()
         self.tokenizer = engine.tokenizer
         self.model_config = engine.model_config
         self.max_model_len = engine.max_model_len
@@ -130,11 +152,20 @@ class ThreadCore:
         self._thread = threading.Thread(target=main, name="loraplex-engine", daemon=True)
         self._thread.start()
 
-    def add(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, arrival: float) -> None:
-        self.loop.add(request_id, prompt_token_ids, params, arrival)
+    def add(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, arrival: float,
+            adapter: Adapter = None) -> None:
+        self.loop.add(request_id, prompt_token_ids, params, arrival, adapter)
 
     def abort(self, request_id: str) -> None:
         self.loop.abort(request_id)
+
+    def call(self, method: str, args: tuple) -> concurrent.futures.Future:
+        call_id, future = self._calls.new()
+        self.loop.call(call_id, method, args)
+        return future
+
+    def _reply(self, call_id: int, ok: bool, result: Any) -> None:
+        self._calls.resolve(call_id, ok, result)
 
     def is_alive(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
@@ -145,18 +176,50 @@ class ThreadCore:
             self._thread.join(timeout_s)
 
 
-def _process_main(args: EngineArgs, inbox: Any, outbox: Any, log_level: int) -> None:
+class _PendingCalls:
+    """Futures of control calls in flight, by id."""
+
+    def __init__(self) -> None:
+        self._ids = itertools.count(1)
+        self._futures: dict[int, concurrent.futures.Future] = {}
+        self._lock = threading.Lock()
+
+    def new(self) -> tuple[int, concurrent.futures.Future]:
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        with self._lock:
+            call_id = next(self._ids)
+            self._futures[call_id] = future
+        return call_id, future
+
+    def resolve(self, call_id: int, ok: bool, result: Any) -> None:
+        with self._lock:
+            future = self._futures.pop(call_id, None)
+        if future is None:
+            return
+        if ok:
+            future.set_result(result)
+        else:
+            future.set_exception(result)
+
+    def fail_all(self, error: BaseException) -> None:
+        with self._lock:
+            futures, self._futures = list(self._futures.values()), {}
+        for future in futures:
+            future.set_exception(error)
+
+
+def _process_main(args: EngineArgs, inbox: Any, outbox: Any, log_level: int, hook_factory: Any = None) -> None:
     """Entry point of the engine process."""
     logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)s %(name)s [core]: %(message)s")
     try:
-        engine = LLMEngine.from_engine_args(args)
+        engine = LLMEngine.from_engine_args(args, hook_factory)
     except BaseException as e:  # noqa: BLE001 - the parent turns this into a clear start-up error
         outbox.send(("error", f"{type(e).__name__}: {e}"))
         return
     outbox.send(("ready", {"model_config": engine.model_config, "max_model_len": engine.max_model_len,
                            "max_num_seqs": engine.scheduler.scheduler_config.max_num_seqs,
                            "stats": engine.stats()}))
-    loop = EngineLoop(engine)
+    loop = EngineLoop(engine, reply=lambda call_id, ok, result: outbox.send(("reply", call_id, ok, result)))
 
     def poll(timeout_s: float) -> None:
         while inbox.poll(timeout_s):
@@ -166,6 +229,8 @@ def _process_main(args: EngineArgs, inbox: Any, outbox: Any, log_level: int) -> 
                 loop.add(*payload)
             elif kind == "abort":
                 loop.abort(payload[0])
+            elif kind == "call":
+                loop.call(*payload)
             else:
                 loop.stop()
 
@@ -184,13 +249,15 @@ def _process_main(args: EngineArgs, inbox: Any, outbox: Any, log_level: int) -> 
 class ProcessCore:
     """The loop in the main thread of a child process; a reader thread here relays its outputs."""
 
-    def __init__(self, args: EngineArgs, startup_timeout_s: float = 1800.0) -> None:
+    def __init__(self, args: EngineArgs, hook_factory: Any = None, startup_timeout_s: float = 1800.0) -> None:
+        """`hook_factory`: a picklable AdapterHookFactory (a module-level function), built in the child."""
         ctx = multiprocessing.get_context("spawn")
+        self._calls = _PendingCalls()
         self._to_core_recv, self._to_core = ctx.Pipe(duplex=False)
         self._from_core, self._from_core_send = ctx.Pipe(duplex=False)
         self._proc = ctx.Process(target=_process_main, name="loraplex-engine-core", daemon=True,
                                  args=(args, self._to_core_recv, self._from_core_send,
-                                       logging.getLogger().getEffectiveLevel()))
+                                       logging.getLogger().getEffectiveLevel(), hook_factory))
         self._proc.start()
         self._send_lock = threading.Lock()
         deadline = time.monotonic() + startup_timeout_s
@@ -223,12 +290,16 @@ class ProcessCore:
                     kind, *payload = self._from_core.recv()
                     if kind == "outputs":
                         emit(*payload)
+                    elif kind == "reply":
+                        self._calls.resolve(*payload)
                     elif kind == "died":
                         raise RuntimeError(payload[0])
             except EOFError:
+                self._calls.fail_all(RuntimeError("the engine process exited"))
                 if self._proc.is_alive() or self._proc.exitcode not in (0, None):
                     on_error(RuntimeError(f"the engine process exited (code {self._proc.exitcode})"))
             except BaseException as e:  # noqa: BLE001
+                self._calls.fail_all(e)
                 on_error(e)
         self._reader = threading.Thread(target=read, name="loraplex-core-reader", daemon=True)
         self._reader.start()
@@ -237,8 +308,14 @@ class ProcessCore:
         with self._send_lock:
             self._to_core.send(message)
 
-    def add(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, arrival: float) -> None:
-        self._send(("add", request_id, prompt_token_ids, params, arrival))
+    def add(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, arrival: float,
+            adapter: Adapter = None) -> None:
+        self._send(("add", request_id, prompt_token_ids, params, arrival, adapter))
+
+    def call(self, method: str, args: tuple) -> concurrent.futures.Future:
+        call_id, future = self._calls.new()
+        self._send(("call", call_id, method, args))
+        return future
 
     def abort(self, request_id: str) -> None:
         self._send(("abort", request_id))

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from loraplex.engine.adapter_hook import AdapterHook, AdapterHookFactory
 from loraplex.engine.config import CacheConfig, ModelConfig, SchedulerConfig
 from loraplex.engine.cpu_linear import can_prepack, prepack_linears
 from loraplex.engine.detokenizer import IncrementalDetokenizer, decode_token_text
@@ -47,6 +48,7 @@ def resolve_dtype(name: str, model_config: ModelConfig, device: torch.device) ->
 class LLMEngine:
     def __init__(self, runner: ModelRunner, scheduler: Scheduler, tokenizer, model_config: ModelConfig,
                  max_model_len: int) -> None:
+        self.adapter_hook: AdapterHook | None = None  # set by attach_adapter_hook
         self.runner = runner
         self.scheduler = scheduler
         self.tokenizer = tokenizer
@@ -63,8 +65,14 @@ class LLMEngine:
             ids.append(tokenizer.eos_token_id)
         return tuple(ids)
 
+    def attach_adapter_hook(self, hook: AdapterHook) -> None:
+        """Wire the adapter layer in: it admits, releases and prepares every step's adapter rows."""
+        self.adapter_hook = hook
+        self.runner.adapter_hook = hook
+        self.scheduler.admission_hook = hook.admit
+
     @classmethod
-    def from_engine_args(cls, args: EngineArgs) -> "LLMEngine":
+    def from_engine_args(cls, args: EngineArgs, hook_factory: AdapterHookFactory | None = None) -> "LLMEngine":
         from loraplex.engine.loader import load_model
 
         if args.num_threads:
@@ -95,20 +103,35 @@ class LLMEngine:
         scheduler_config = SchedulerConfig(
             max_num_seqs=args.max_num_seqs,
             max_num_batched_tokens=args.max_num_batched_tokens or max(1024, args.max_num_seqs),
-            max_model_len=max_model_len, enable_chunked_prefill=args.enable_chunked_prefill)
+            max_model_len=max_model_len, enable_chunked_prefill=args.enable_chunked_prefill,
+            max_loras=args.max_loras)
         kv = KVCacheManager(runner.num_blocks, cache_config.block_size, cache_config.enable_prefix_caching)
-        return cls(runner, Scheduler(scheduler_config, kv), tokenizer, model_config, max_model_len)
+        engine = cls(runner, Scheduler(scheduler_config, kv), tokenizer, model_config, max_model_len)
+        if hook_factory is not None:
+            engine.attach_adapter_hook(hook_factory(engine, args))
+        return engine
 
     # ---- requests -------------------------------------------------------------------------
     def validate_prompt(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
         validate_prompt(prompt_token_ids, params, self.max_model_len, self.model_config.vocab_size)
 
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
-                    arrival_time: float | None = None) -> Request:
+                    arrival_time: float | None = None, adapter: tuple[int, int] | None = None) -> Request:
+        """`adapter`: (adapter_id, version) of a registered adapter; None is the base model."""
         self.validate_prompt(prompt_token_ids, params)
+        adapter_id, adapter_version = adapter or (0, 0)
+        if adapter_id and self.adapter_hook is None:
+            raise ValueError("this engine serves no adapters (start it with LoRA enabled)")
         request = Request(request_id, prompt_token_ids, params, eos_token_ids=self.eos_token_ids,
-                          arrival_time=arrival_time)
-        self.scheduler.add_request(request)
+                          arrival_time=arrival_time, adapter_id=adapter_id, adapter_version=adapter_version)
+        if self.adapter_hook is not None:
+            self.adapter_hook.add_request(request)
+        try:
+            self.scheduler.add_request(request)
+        except ValueError:
+            if self.adapter_hook is not None:
+                self.adapter_hook.release(request, finished=True)
+            raise
         self._requests[request_id] = request
         self._detokenizers[request_id] = IncrementalDetokenizer(self.tokenizer, prompt_token_ids, params)
         return request
@@ -124,11 +147,20 @@ class LLMEngine:
     def stats(self) -> EngineStats:
         kv = self.scheduler.kv_cache_manager
         return EngineStats(num_running=self.scheduler.num_running, num_waiting=self.scheduler.num_waiting,
-                           num_free_blocks=kv.num_free_blocks, num_total_blocks=kv.num_total_blocks)
+                           num_free_blocks=kv.num_free_blocks, num_total_blocks=kv.num_total_blocks,
+                           adapters=None if self.adapter_hook is None else self.adapter_hook.stats())
+
+    def call_adapter_hook(self, method: str, args: tuple):
+        if self.adapter_hook is None:
+            raise ValueError("this engine serves no adapters (start it with LoRA enabled)")
+        return self.adapter_hook.call(method, args)
 
     # ---- the step -------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         scheduler_output = self.scheduler.schedule()
+        if self.adapter_hook is not None:
+            for request_id in scheduler_output.preempted_request_ids:
+                self.adapter_hook.release(self._requests[request_id], finished=False)
         if not scheduler_output.scheduled:
             return []
         sampled = self.runner.execute(scheduler_output)
@@ -158,6 +190,8 @@ class LLMEngine:
                              request.num_output_tokens, logprobs)
 
     def _final_output(self, request: Request, text: str, new_token_ids: list[int], logprobs) -> RequestOutput:
+        if self.adapter_hook is not None and request.request_id in self._requests:
+            self.adapter_hook.release(request, finished=True)
         self._requests.pop(request.request_id, None)
         self._detokenizers.pop(request.request_id, None)
         return RequestOutput(request.request_id, text, new_token_ids, True, request.num_prompt_tokens,

@@ -47,6 +47,7 @@ class ModelRunner:
         logger.info("KV cache: %d blocks x %d tokens (%.1f MiB, %s on %s)", self.num_blocks,
                     self.block_size, self.num_blocks * per_block / 2**20, dtype, device)
         self.sampler = Sampler()
+        self.adapter_hook = None  # AdapterHook: sets each step's per-row adapter metadata
 
     # ---- batch building -------------------------------------------------------------------
     def build_batch(self, scheduled) -> ForwardBatch:
@@ -71,6 +72,8 @@ class ModelRunner:
         if not scheduled:
             return {}
         batch = self.build_batch(scheduled)
+        if self.adapter_hook is not None:
+            self.adapter_hook.prepare(scheduled, batch)
         hidden = self.model(batch, self.kv_caches)  # [num_tokens, hidden]
         sampling = [s for s in scheduled if s.sample]  # same order as logits_indices
         if not sampling:

@@ -33,6 +33,8 @@ class EngineStats:
     num_waiting: int
     num_free_blocks: int
     num_total_blocks: int
+    # the adapter hook's counters (pool pages, residency, loads, evictions, load latencies); None without LoRA
+    adapters: dict | None = None
 
     @property
     def kv_cache_usage(self) -> float:

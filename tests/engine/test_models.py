@@ -35,8 +35,9 @@ TINY_CONFIGS = {
 class PagedRunner:
     """A minimal runner for tests: random non-contiguous blocks, teacher-forced tokens."""
 
-    def __init__(self, model, config, block_size=4, num_blocks=96, seed=0, device="cpu"):
+    def __init__(self, model, config, block_size=4, num_blocks=96, seed=0, device="cpu", before_forward=None):
         self.model, self.config, self.block_size, self.device = model, config, block_size, device
+        self.before_forward = before_forward  # (items, starts, batch) -> None, e.g. to set LoRA rows
         self.free = list(range(num_blocks))
         random.Random(seed).shuffle(self.free)
         dtype = next(model.parameters()).dtype
@@ -59,6 +60,8 @@ class PagedRunner:
         batch = build_forward_batch(input_ids, query_lens, computed, tables, self.block_size, self.device,
                                     logits_indices=range(len(input_ids)),
                                     sliding_window=self.config.sliding_window)
+        if self.before_forward is not None:
+            self.before_forward(items, computed, batch)
         with torch.no_grad():
             logits = self.model.compute_logits(self.model(batch, self.kv_caches)[batch.logits_indices])
         out, row = {}, 0

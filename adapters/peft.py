@@ -1,0 +1,249 @@
+"""PEFT LoRA folders in: `adapter_config.json` + `adapter_model.safetensors` (or a legacy
+`adapter_model.bin`, read only with `torch.load(weights_only=True)`), validated against the base model.
+
+Reference: peft/tuners/lora (LoraConfig, LoraModel._create_and_replace, check_target_module_exists,
+get_pattern_key). What PEFT would compute is `y = W x + (alpha / r) · B (A x)` on every targeted linear
+(`alpha / √r` with rsLoRA; per-module r and alpha from rank_pattern / alpha_pattern); `load_adapter`
+returns exactly those A and B with the scale folded into B.
+"""
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from loraplex.adapters.errors import AdapterError, UnsupportedAdapterError
+from loraplex.engine.config import ModelConfig
+
+CONFIG_NAME = "adapter_config.json"
+SAFETENSORS_NAME = "adapter_model.safetensors"
+BIN_NAME = "adapter_model.bin"
+MAX_CONFIG_BYTES = 1 << 20
+
+# the linears of a Llama-family layer a LoRA may target, with the sub-module holding each
+LORA_MODULES: dict[str, str] = {"q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn",
+                                "o_proj": "self_attn", "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp"}
+_KEY = re.compile(r"^(?:base_model\.model\.)?model\.layers\.(\d+)\.(self_attn|mlp)\.(\w+)\.lora_([AB])"
+                  r"(?:\.[A-Za-z0-9_-]+)?\.weight$")
+# config fields that change what is computed and that we do not serve: name -> value meaning "off"
+_UNSUPPORTED_FIELDS = {"use_dora": False, "modules_to_save": None, "lora_bias": False, "layer_replication": None,
+                       "target_parameters": None, "trainable_token_indices": None,
+                       "alora_invocation_tokens": None, "use_qalora": False, "use_bdlora": None,
+                       "megatron_config": None}
+
+
+def module_shapes(config: ModelConfig) -> dict[str, tuple[int, int]]:
+    """(in_features, out_features) of each LoRA-targetable linear of one layer."""
+    h, inter = config.hidden_size, config.intermediate_size
+    q, kv = config.num_attention_heads * config.head_dim, config.num_key_value_heads * config.head_dim
+    return {"q_proj": (h, q), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (q, h),
+            "gate_proj": (h, inter), "up_proj": (h, inter), "down_proj": (inter, h)}
+
+
+@dataclass(frozen=True, slots=True)
+class LoRAAdapterConfig:
+    """The parts of a PEFT LoraConfig that decide what is computed."""
+    r: int
+    lora_alpha: float
+    target_modules: str | tuple[str, ...]
+    use_rslora: bool = False
+    rank_pattern: tuple[tuple[str, int], ...] = ()
+    alpha_pattern: tuple[tuple[str, float], ...] = ()
+    layers_to_transform: tuple[int, ...] | None = None
+    exclude_modules: str | tuple[str, ...] | None = None
+    base_model_name_or_path: str | None = None
+
+    def targets(self, module_name: str, layer: int) -> bool:
+        """PEFT's check_target_module_exists for `model.layers.{layer}.{parent}.{module}` names."""
+        if self.exclude_modules is not None and _matches(self.exclude_modules, module_name):
+            return False
+        if self.target_modules == "all-linear":
+            hit = True
+        else:
+            hit = _matches(self.target_modules, module_name)
+        return hit and (self.layers_to_transform is None or layer in self.layers_to_transform)
+
+    def rank_of(self, module_name: str) -> int:
+        return _pattern_value(self.rank_pattern, module_name, self.r)
+
+    def scale_of(self, module_name: str) -> float:
+        r, alpha = self.rank_of(module_name), _pattern_value(self.alpha_pattern, module_name, self.lora_alpha)
+        return alpha / math.sqrt(r) if self.use_rslora else alpha / r
+
+
+def _matches(targets: str | tuple[str, ...], name: str) -> bool:
+    if isinstance(targets, str):
+        return re.fullmatch(targets, name) is not None
+    return any(name == t or name.endswith("." + t) for t in targets)
+
+
+def _pattern_value(patterns, name: str, default):
+    for pattern, value in patterns:
+        if name == pattern or re.match(rf"(.*\.)?({pattern})$", name):
+            return value
+    return default
+
+
+def parse_adapter_config(raw: dict, max_lora_rank: int) -> LoRAAdapterConfig:
+    """Validate a parsed adapter_config.json; refuses what we do not serve with a clear message."""
+    if not isinstance(raw, dict):
+        raise AdapterError(f"{CONFIG_NAME} must hold a JSON object")
+    peft_type = str(raw.get("peft_type", "LORA")).upper()
+    if peft_type != "LORA":
+        raise UnsupportedAdapterError(f"peft_type {peft_type!r} is not served; only LORA adapters are")
+    for name, off in _UNSUPPORTED_FIELDS.items():
+        if raw.get(name) not in (off, None, [], {}, False):
+            raise UnsupportedAdapterError(f"adapter_config.json sets {name}={raw[name]!r}, which is not "
+                                          "served yet (plain LoRA on linear layers only)", param=name)
+    if raw.get("bias", "none") != "none":
+        raise UnsupportedAdapterError(f"bias={raw['bias']!r} (trained biases) is not served; only bias='none'",
+                                      param="bias")
+    r, alpha = raw.get("r", 8), raw.get("lora_alpha", 8)
+    if not isinstance(r, int) or isinstance(r, bool) or r <= 0:
+        raise AdapterError(f"r must be a positive integer, got {r!r}", param="r")
+    if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or not math.isfinite(alpha):
+        raise AdapterError(f"lora_alpha must be a finite number, got {alpha!r}", param="lora_alpha")
+    rank_pattern = tuple((str(k), v) for k, v in (raw.get("rank_pattern") or {}).items())
+    alpha_pattern = tuple((str(k), float(v)) for k, v in (raw.get("alpha_pattern") or {}).items())
+    for k, v in rank_pattern:
+        if not isinstance(v, int) or v <= 0:
+            raise AdapterError(f"rank_pattern[{k!r}] must be a positive integer", param="rank_pattern")
+    max_r = max([r] + [v for _, v in rank_pattern])
+    if max_r > max_lora_rank:
+        raise UnsupportedAdapterError(f"adapter rank {max_r} exceeds this server's --max-lora-rank "
+                                      f"{max_lora_rank}", param="r")
+    targets = raw.get("target_modules")
+    if isinstance(targets, list) and targets and all(isinstance(t, str) for t in targets):
+        targets = tuple(targets)
+    elif not (isinstance(targets, str) and targets):
+        raise AdapterError("target_modules must be a non-empty list of module names or a regex string",
+                           param="target_modules")
+    excluded = raw.get("exclude_modules")
+    if isinstance(excluded, list):
+        excluded = tuple(excluded)
+    layers = raw.get("layers_to_transform")
+    if isinstance(layers, int):
+        layers = (layers,)
+    elif layers is not None:
+        layers = tuple(int(i) for i in layers)
+    return LoRAAdapterConfig(r=r, lora_alpha=float(alpha), target_modules=targets,
+                             use_rslora=bool(raw.get("use_rslora", False)), rank_pattern=rank_pattern,
+                             alpha_pattern=alpha_pattern, layers_to_transform=layers,
+                             exclude_modules=excluded, base_model_name_or_path=raw.get("base_model_name_or_path"))
+
+
+@dataclass(slots=True)
+class LoRAWeights:
+    """One adapter's weights for the pool: per (layer, module) A [r_m, in] and B·scale [out, r_m]."""
+    config: LoRAAdapterConfig
+    rank: int  # pages it needs: the largest r_m
+    tensors: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]]
+
+    @property
+    def target_modules(self) -> tuple[str, ...]:
+        return tuple(sorted({m for _, m in self.tensors}, key=list(LORA_MODULES).index))
+
+    @property
+    def num_bytes(self) -> int:
+        return sum(a.numel() * a.element_size() + b.numel() * b.element_size() for a, b in self.tensors.values())
+
+
+def read_adapter_config(folder: Path, max_lora_rank: int) -> LoRAAdapterConfig:
+    path = Path(folder) / CONFIG_NAME
+    if not path.is_file():
+        raise AdapterError(f"{CONFIG_NAME} is missing from the adapter folder")
+    if path.stat().st_size > MAX_CONFIG_BYTES:
+        raise AdapterError(f"{CONFIG_NAME} is larger than {MAX_CONFIG_BYTES} bytes")
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise AdapterError(f"{CONFIG_NAME} is not valid JSON: {e}") from None
+    return parse_adapter_config(raw, max_lora_rank)
+
+
+def _read_state_dict(folder: Path, allow_bin: bool) -> dict[str, torch.Tensor]:
+    st, binf = folder / SAFETENSORS_NAME, folder / BIN_NAME
+    if st.is_file():
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+        try:
+            return load_file(str(st))
+        except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+            raise AdapterError(f"{SAFETENSORS_NAME} is not a valid safetensors file: {e}") from None
+    if binf.is_file():
+        if not allow_bin:
+            raise AdapterError(f"{BIN_NAME} (a pickle) is not accepted here; send {SAFETENSORS_NAME}")
+        try:  # never a full unpickle: tensors and plain containers only
+            state = torch.load(str(binf), map_location="cpu", weights_only=True)
+        except Exception as e:  # noqa: BLE001 - any failure of the restricted unpickler is the file's fault
+            raise AdapterError(f"{BIN_NAME} could not be read as plain tensors: {e}") from None
+        if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+            raise AdapterError(f"{BIN_NAME} must hold a flat dict of tensors")
+        return state
+    raise AdapterError(f"the adapter folder has no {SAFETENSORS_NAME}")
+
+
+def load_adapter(folder: Path | str, model_config: ModelConfig, max_lora_rank: int, *,
+                 dtype: torch.dtype = torch.float32, allow_bin: bool = True) -> LoRAWeights:
+    """Read and validate a PEFT LoRA folder against the base model; raise AdapterError (4xx) on
+    anything we would not compute exactly as PEFT does."""
+    folder = Path(folder)
+    config = read_adapter_config(folder, max_lora_rank)
+    state = _read_state_dict(folder, allow_bin)
+    shapes = module_shapes(model_config)
+    pairs: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
+    for key, tensor in state.items():
+        m = _KEY.match(key)
+        if m is None:
+            what = ("DoRA magnitudes" if "lora_magnitude_vector" in key else
+                    "modules_to_save" if "modules_to_save" in key else
+                    "LoRA biases" if key.endswith(".bias") else "an unknown tensor")
+            raise UnsupportedAdapterError(f"weight {key!r} ({what}) is not served; only lora_A/lora_B weights "
+                                          "of the base model's linear layers are")
+        layer, parent, module, which = int(m.group(1)), m.group(2), m.group(3), m.group(4)
+        if LORA_MODULES.get(module) != parent or layer >= model_config.num_hidden_layers:
+            raise AdapterError(f"weight {key!r} targets a module the base model does not have "
+                               f"({model_config.num_hidden_layers} layers; linears {', '.join(LORA_MODULES)})")
+        if (layer, module) in pairs and which in pairs[layer, module]:
+            raise AdapterError(f"weight {key!r} appears twice")
+        pairs.setdefault((layer, module), {})[which] = tensor
+    if not pairs:
+        raise AdapterError("the adapter holds no lora_A/lora_B weights")
+
+    tensors: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]] = {}
+    for (layer, module), ab in sorted(pairs.items()):
+        name = f"model.layers.{layer}.{LORA_MODULES[module]}.{module}"
+        if set(ab) != {"A", "B"}:
+            raise AdapterError(f"{name} has lora_{''.join(ab)} but not its partner")
+        if not config.targets(name, layer):
+            raise AdapterError(f"{name} has LoRA weights but target_modules does not select it")
+        a, b = ab["A"], ab["B"]
+        in_f, out_f = shapes[module]
+        r = config.rank_of(name)
+        if tuple(a.shape) != (r, in_f) or tuple(b.shape) != (out_f, r):
+            raise AdapterError(f"{name}: lora_A {tuple(a.shape)} / lora_B {tuple(b.shape)} do not fit the base "
+                               f"model (expected ({r}, {in_f}) / ({out_f}, {r}))")
+        if not (a.is_floating_point() and b.is_floating_point()):
+            raise AdapterError(f"{name}: LoRA weights must be floating point")
+        a, b = a.float(), b.float()
+        if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
+            raise AdapterError(f"{name}: LoRA weights contain NaN or Inf")
+        tensors[layer, module] = (a.to(dtype).contiguous(), (b * config.scale_of(name)).to(dtype).contiguous())
+    _check_targets_exist(config, model_config)
+    rank = max(a.shape[0] for a, _ in tensors.values())
+    return LoRAWeights(config, rank, tensors)
+
+
+def _check_targets_exist(config: LoRAAdapterConfig, model_config: ModelConfig) -> None:
+    """PEFT refuses a config whose targets match nothing in the base model; so do we (a typo there
+    would otherwise serve the base model under the adapter's name)."""
+    for layer in range(model_config.num_hidden_layers):
+        for module, parent in LORA_MODULES.items():
+            if config.targets(f"model.layers.{layer}.{parent}.{module}", layer):
+                return
+    raise AdapterError(f"target_modules {config.target_modules!r} match no linear layer of the base model "
+                       f"(targetable: {', '.join(LORA_MODULES)})", param="target_modules")

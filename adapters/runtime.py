@@ -1,0 +1,224 @@
+"""LoRARuntime: the engine's adapter hook. Owns the registry of servable adapter versions, the host-memory
+tier, the paged pool and the LoRA wrappers; the engine calls it to admit, release and prepare steps.
+
+Lives in the engine's process; the HTTP process validates and publishes adapters to the store, then
+registers them here by (adapter_id, version) and path (see serve/adapter_routes.py).
+"""
+from __future__ import annotations
+
+import collections
+import logging
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from loraplex.adapters.errors import AdapterError
+from loraplex.adapters.lora_linear import LoRALinear, LoRAStepState
+from loraplex.adapters.ops.cpu import lora_apply_cpu
+from loraplex.adapters.ops.meta import build_lora_meta
+from loraplex.adapters.peft import LORA_MODULES, LoRAWeights, load_adapter, module_shapes
+from loraplex.adapters.pool import AdapterPool, LoRAWeightPool
+
+logger = logging.getLogger(__name__)
+
+AdapterKey = tuple[int, int]  # (adapter_id, version)
+
+
+@dataclass(slots=True)
+class RegisteredAdapter:
+    name: str
+    key: AdapterKey
+    path: Path
+    rank: int
+    target_modules: tuple[str, ...]
+    num_bytes: int
+    num_requests: int = 0  # added and not finished: the version stays servable while > 0
+    retired: bool = False
+
+
+def pick_lora_backend(device: torch.device, name: str = "auto"):
+    if name == "triton" or (name == "auto" and device.type == "cuda"):
+        from loraplex.adapters.ops import triton_ops
+        if triton_ops.HAS_TRITON:
+            return triton_ops.lora_apply_triton
+        if name == "triton":
+            raise ValueError("the triton LoRA backend needs the triton package")
+    return lora_apply_cpu
+
+
+class LoRARuntime:
+    def __init__(self, model: torch.nn.Module, model_config, dtype: torch.dtype, device: torch.device, *,
+                 max_lora_rank: int, num_pages: int, max_cpu_loras: int, backend: str = "auto") -> None:
+        self.model_config = model_config
+        self.dtype, self.device = dtype, device
+        self.max_lora_rank = max_lora_rank
+        self.max_cpu_loras = max_cpu_loras
+        shapes = module_shapes(model_config)
+        if num_pages - 1 < max_lora_rank:
+            raise ValueError(f"the LoRA pool ({num_pages - 1} pages) cannot hold one adapter of "
+                             f"--max-lora-rank {max_lora_rank}")
+        self.weights = LoRAWeightPool(num_pages, model_config.num_hidden_layers, shapes, dtype, device)
+        self.pool = AdapterPool(num_pages)
+        self.host: OrderedDict[AdapterKey, LoRAWeights] = OrderedDict()  # LRU first
+        self.registry: dict[AdapterKey, RegisteredAdapter] = {}
+        self._pinned: dict[str, AdapterKey] = {}  # request_id -> the adapter it holds pages of
+        self.load_latencies_s: collections.deque[float] = collections.deque(maxlen=64)  # the latest loads
+        self.state = LoRAStepState(pick_lora_backend(device, backend))
+        self._attach(model)
+        logger.info("LoRA pool: %d pages of %.2f MiB (%s), max rank %d, host tier %d adapters",
+                    num_pages - 1, LoRAWeightPool.bytes_per_page(model_config.num_hidden_layers, shapes, dtype)
+                    / 2**20, dtype, max_lora_rank, max_cpu_loras)
+
+    def _attach(self, model: torch.nn.Module) -> None:
+        num = 0
+        for layer in range(self.model_config.num_hidden_layers):
+            for module, parent_name in LORA_MODULES.items():
+                parent = model.get_submodule(f"model.layers.{layer}.{parent_name}")
+                base = getattr(parent, module)
+                setattr(parent, module, LoRALinear(base, self.weights.a[layer][module],
+                                                   self.weights.b[layer][module], self.state))
+                num += 1
+        logger.info("wrapped %d linear layers for LoRA", num)
+
+    # ---- registry (control calls from the HTTP process) -----------------------------------------
+    def register_adapter(self, name: str, adapter_id: int, version: int, path: str) -> dict[str, Any]:
+        """Make (adapter_id, version) servable: read and validate it into the host tier now, so a bad
+        file fails this call instead of a request later. Older versions of the same adapter retire."""
+        key = (adapter_id, version)
+        t0 = time.perf_counter()
+        weights = self._read(Path(path))
+        self._put_host(key, weights)
+        self.registry[key] = RegisteredAdapter(name, key, Path(path), weights.rank, weights.target_modules,
+                                               weights.num_bytes)
+        for other in list(self.registry):
+            if other[0] == adapter_id and other[1] < version:
+                self._retire(other)
+        logger.info("adapter %s v%d registered (rank %d, %s) in %.1f ms", name, version, weights.rank,
+                    ",".join(weights.target_modules), 1000 * (time.perf_counter() - t0))
+        return {"rank": weights.rank, "target_modules": list(weights.target_modules), "num_bytes": weights.num_bytes}
+
+    def unregister_adapter(self, adapter_id: int) -> int:
+        """Retire every version of an adapter (deleted): running requests finish on it first."""
+        keys = [k for k in self.registry if k[0] == adapter_id]
+        for key in keys:
+            self._retire(key)
+        return len(keys)
+
+    def adapter_state(self) -> dict[str, Any]:
+        out = {}
+        for key, entry in self.registry.items():
+            tier = "device" if self.pool.is_resident(key) else "host" if key in self.host else "store"
+            out[f"{key[0]}:{key[1]}"] = {"name": entry.name, "version": key[1], "tier": tier,
+                                         "running": self.pool.pin_count(key), "requests": entry.num_requests,
+                                         "retired": entry.retired}
+        return out
+
+    def _retire(self, key: AdapterKey) -> None:
+        entry = self.registry.get(key)
+        if entry is None:
+            return
+        entry.retired = True
+        if entry.num_requests == 0:
+            self._drop(key)
+
+    def _drop(self, key: AdapterKey) -> None:
+        self.registry.pop(key, None)
+        self.host.pop(key, None)
+        self.pool.retire(key)
+
+    def _read(self, path: Path) -> LoRAWeights:
+        return load_adapter(path, self.model_config, self.max_lora_rank, dtype=self.dtype)
+
+    def _put_host(self, key: AdapterKey, weights: LoRAWeights) -> None:
+        self.host[key] = weights
+        self.host.move_to_end(key)
+        while len(self.host) > self.max_cpu_loras:
+            self.host.popitem(last=False)
+
+    def _load_into(self, key: AdapterKey, pages: list[int]) -> None:
+        t0 = time.perf_counter()
+        weights = self.host.get(key)
+        if weights is None:  # evicted from the host tier too: back from the store
+            weights = self._read(self.registry[key].path)
+        self._put_host(key, weights)
+        self.weights.write(pages, weights.tensors)
+        self.load_latencies_s.append(time.perf_counter() - t0)
+
+    # ---- the engine's hook -------------------------------------------------------------------
+    def add_request(self, request) -> None:
+        if not request.adapter_id:
+            return
+        entry = self.registry.get(request.cache_salt)
+        if entry is None or entry.retired:
+            raise AdapterError(f"adapter {request.adapter_id} v{request.adapter_version} is not loaded")
+        entry.num_requests += 1
+
+    def admit(self, request) -> bool:
+        """Waiting -> running: pin the adapter's pages, loading it (and evicting unpinned adapters)."""
+        if not request.adapter_id:
+            return True
+        key = request.cache_salt
+        if request.request_id in self._pinned:
+            return True
+        pages = self.pool.acquire(key, self.registry[key].rank, lambda p: self._load_into(key, p))
+        if pages is None:
+            return False
+        self._pinned[request.request_id] = key
+        return True
+
+    def release(self, request, finished: bool) -> None:
+        """Running -> preempted (finished=False) or finished/aborted (finished=True)."""
+        key = self._pinned.pop(request.request_id, None)
+        if key is not None:
+            self.pool.release(key)
+        if finished and request.adapter_id:
+            entry = self.registry.get(request.cache_salt)
+            if entry is not None:
+                entry.num_requests -= 1
+                if entry.retired and entry.num_requests == 0:
+                    self._drop(entry.key)
+
+    def prepare(self, scheduled, batch) -> None:
+        """Group the step's rows by adapter: decodes of one adapter form one segment, each prefill
+        chunk its own (contiguous rows)."""
+        segments: list[tuple[list[int], list[int]]] = []
+        decode_rows: dict[AdapterKey, list[int]] = {}
+        row = 0
+        for s in scheduled:
+            key = s.request.cache_salt
+            if s.request.adapter_id:
+                if s.num_new_tokens == 1:
+                    decode_rows.setdefault(key, []).append(row)
+                else:
+                    segments.append((list(range(row, row + s.num_new_tokens)), self.pool.pages(key)))
+            row += s.num_new_tokens
+        segments.extend((rows, self.pool.pages(key)) for key, rows in decode_rows.items())
+        meta = build_lora_meta(row, segments, self.device) if segments else None
+        self.state.meta = meta
+        batch.adapter_metadata = meta
+
+    def call(self, method: str, args: tuple) -> Any:
+        if method not in ("register_adapter", "unregister_adapter", "adapter_state"):
+            raise ValueError(f"unknown adapter call {method!r}")
+        return getattr(self, method)(*args)
+
+    def stats(self) -> dict[str, Any]:
+        return {"pages_used": self.pool.num_used_pages, "pages_free": self.pool.num_free_pages,
+                "resident_device": len(self.pool.resident), "resident_host": len(self.host),
+                "registered": len(self.registry), "loads": self.pool.num_loads,
+                "evictions": self.pool.num_evictions, "recent_load_latencies_s": list(self.load_latencies_s)}
+
+
+def create_lora_runtime(engine, args) -> LoRARuntime:
+    """The engine's hook factory (picklable: the engine process calls it after loading the model)."""
+    runner = engine.runner
+    shapes = module_shapes(engine.model_config)
+    per_page = LoRAWeightPool.bytes_per_page(engine.model_config.num_hidden_layers, shapes, runner.dtype)
+    num_pages = args.lora_pool_pages or max(args.max_lora_rank, args.lora_pool_bytes // per_page) + 1
+    return LoRARuntime(runner.model, engine.model_config, runner.dtype, runner.device,
+                       max_lora_rank=args.max_lora_rank, num_pages=num_pages,
+                       max_cpu_loras=args.max_cpu_loras or max(args.max_loras, 2 * num_pages // args.max_lora_rank))

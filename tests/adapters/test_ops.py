@@ -1,0 +1,105 @@
+"""The batched LoRA op: the CPU fast path against the plain-torch reference, and both against a
+per-row loop written from the definition y += B[a] (A[a] x)."""
+import random
+
+import pytest
+import torch
+
+from loraplex.adapters.ops.cpu import LONG_SEGMENT_TOKENS, cpu_layout, lora_apply_cpu
+from loraplex.adapters.ops.meta import ZERO_PAGE, build_lora_meta
+from loraplex.adapters.ops.reference import lora_apply_ref
+
+
+def random_case(seed, num_tokens, in_f, out_f, ranks, seg_lens, num_pages=200, dtype=torch.float32,
+                contiguous_long=True):
+    rng = random.Random(seed)
+    gen = torch.Generator().manual_seed(seed)
+    a_pool = torch.randn(num_pages, in_f, generator=gen).to(dtype)
+    b_pool = torch.randn(num_pages, out_f, generator=gen).to(dtype)
+    a_pool[ZERO_PAGE] = 0
+    b_pool[ZERO_PAGE] = 0
+    free = list(range(1, num_pages))
+    rng.shuffle(free)
+    long_total = sum(n for n in seg_lens if n > LONG_SEGMENT_TOKENS and contiguous_long)
+    cursor = num_tokens - long_total  # prefill chunks: contiguous rows at the end, as the runner lays them
+    rows = list(range(cursor))
+    rng.shuffle(rows)
+    segments = []
+    for rank, n in zip(ranks, seg_lens):
+        if n > LONG_SEGMENT_TOKENS and contiguous_long:
+            seg_rows, cursor = list(range(cursor, cursor + n)), cursor + n
+        else:
+            seg_rows, rows = rows[:n], rows[n:]
+        segments.append((sorted(seg_rows), [free.pop() for _ in range(rank)]))
+    x = torch.randn(num_tokens, in_f, generator=gen).to(dtype)
+    y = torch.randn(num_tokens, out_f, generator=gen).to(dtype)
+    return x, y, a_pool, b_pool, segments
+
+
+def loop_reference(x, y, a_pool, b_pool, segments):
+    out = y.clone().double()
+    for rows, pages in segments:
+        a, b = a_pool[pages].double(), b_pool[pages].double()  # [r, in], [r, out]
+        for row in rows:
+            out[row] += (a @ x[row].double()) @ b
+    return out
+
+
+CASES = {
+    "decode-mixed-ranks": dict(num_tokens=40, in_f=64, out_f=48, ranks=[1, 4, 8, 16, 64], seg_lens=[3, 1, 9, 2, 5]),
+    "odd-sizes": dict(num_tokens=23, in_f=37, out_f=100, ranks=[3, 7], seg_lens=[5, 11]),
+    "long-prefill-and-decodes": dict(num_tokens=90, in_f=32, out_f=40, ranks=[8, 16, 4],
+                                     seg_lens=[40, 3, 30]),
+    "one-adapter": dict(num_tokens=8, in_f=16, out_f=16, ranks=[8], seg_lens=[8]),
+    "skewed-decodes": dict(num_tokens=70, in_f=24, out_f=24, ranks=[8, 8, 8], seg_lens=[60, 1, 1]),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_cpu_and_reference_match_definition(case):
+    x, y, a_pool, b_pool, segments = random_case(0, **CASES[case])
+    meta = build_lora_meta(x.shape[0], segments)
+    want = loop_reference(x, y, a_pool, b_pool, segments)
+    for apply in (lora_apply_ref, lora_apply_cpu):
+        got = y.clone()
+        apply(got, x, a_pool, b_pool, meta)
+        torch.testing.assert_close(got.double(), want, atol=1e-3, rtol=1e-4)
+    untouched = sorted(set(range(x.shape[0])) - {r for rows, _ in segments for r in rows})
+    got = y.clone()
+    lora_apply_cpu(got, x, a_pool, b_pool, meta)
+    assert torch.equal(got[untouched], y[untouched])  # base-model rows are never written
+
+
+def test_long_contiguous_segments_take_the_dense_path():
+    x, y, a_pool, b_pool, segments = random_case(1, **CASES["long-prefill-and-decodes"])
+    layout = cpu_layout(build_lora_meta(x.shape[0], segments))
+    assert len(layout.dense) == 2 and layout.num_bmm_segments == 1
+
+
+def test_skewed_segments_are_split_to_bound_padding():
+    x, y, a_pool, b_pool, segments = random_case(2, **CASES["skewed-decodes"])
+    layout = cpu_layout(build_lora_meta(x.shape[0], segments, ))
+    assert layout.num_bmm_segments * layout.bmm_len < 2 * 62
+
+
+def test_bfloat16_close_to_float32():
+    x, y, a_pool, b_pool, segments = random_case(3, **CASES["decode-mixed-ranks"])
+    meta = build_lora_meta(x.shape[0], segments)
+    want = y.clone()
+    lora_apply_ref(want, x, a_pool, b_pool, meta)
+    got = y.bfloat16()
+    lora_apply_cpu(got, x.bfloat16(), a_pool.bfloat16(), b_pool.bfloat16(), meta)
+    assert got.dtype == torch.bfloat16
+    assert ((got.float() - want).abs().max() / want.abs().max()) < 0.02
+
+
+def test_meta_validation():
+    assert build_lora_meta(4, []) is None
+    assert build_lora_meta(4, [([], [1])]) is None
+    with pytest.raises(ValueError):
+        build_lora_meta(4, [([0, 1], [1]), ([1], [2])])  # row in two segments
+    with pytest.raises(ValueError):
+        build_lora_meta(4, [([4], [1])])  # row out of range
+    meta = build_lora_meta(6, [([1, 3], [5, 6, 7]), ([4], [9])])
+    assert meta.max_rank == 3 and meta.seg_pages.tolist() == [[5, 6, 7], [9, ZERO_PAGE, ZERO_PAGE]]
+    assert meta.token_pages().tolist() == [[5, 6, 7], [5, 6, 7], [9, 0, 0]]
