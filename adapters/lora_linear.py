@@ -14,25 +14,28 @@ LoRAApply = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, Lo
 
 
 class LoRAStepState:
-    """The current step's row-to-pages map, shared by all wrappers of one model (an explicit object
-    handed to each wrapper, set by the adapter runtime before every forward)."""
+    """The current step's row-to-pages maps, one per target module name (absent: no row of the step
+    uses an adapter targeting that module, and its wrappers skip LoRA entirely). Shared by all wrappers
+    of one model (an explicit object handed to each), set by the adapter runtime before every forward."""
 
     def __init__(self, apply: LoRAApply) -> None:
         self.apply = apply
-        self.meta: LoRABatchMeta | None = None
+        self.metas: dict[str, LoRABatchMeta] = {}
 
 
 class LoRALinear(nn.Module):
-    def __init__(self, base: nn.Module, a_pool: torch.Tensor, b_pool: torch.Tensor, state: LoRAStepState) -> None:
+    def __init__(self, base: nn.Module, module_name: str, a_pool: torch.Tensor, b_pool: torch.Tensor,
+                 state: LoRAStepState) -> None:
         super().__init__()
         self.base = base
+        self.module_name = module_name  # q_proj, ..., down_proj: picks this step's rows for it
         self.a_pool = a_pool  # [num_pages, in_features], a view shared with LoRAWeightPool (not a parameter)
         self.b_pool = b_pool  # [num_pages, out_features]
         self.state = state
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [num_tokens, in] -> [num_tokens, out]
         y = self.base(x)
-        meta = self.state.meta
+        meta = self.state.metas.get(self.module_name)
         if meta is not None:
             self.state.apply(y, x, self.a_pool, self.b_pool, meta)
         return y

@@ -193,6 +193,7 @@ def load_adapter(folder: Path | str, model_config: ModelConfig, max_lora_rank: i
     anything we would not compute exactly as PEFT does."""
     folder = Path(folder)
     config = read_adapter_config(folder, max_lora_rank)
+    _check_targets_exist(config, model_config)
     state = _read_state_dict(folder, allow_bin)
     shapes = module_shapes(model_config)
     pairs: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
@@ -233,7 +234,6 @@ def load_adapter(folder: Path | str, model_config: ModelConfig, max_lora_rank: i
         if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
             raise AdapterError(f"{name}: LoRA weights contain NaN or Inf")
         tensors[layer, module] = (a.to(dtype).contiguous(), (b * config.scale_of(name)).to(dtype).contiguous())
-    _check_targets_exist(config, model_config)
     rank = max(a.shape[0] for a, _ in tensors.values())
     return LoRAWeights(config, rank, tensors)
 

@@ -79,7 +79,7 @@ class LoRARuntime:
             for module, parent_name in LORA_MODULES.items():
                 parent = model.get_submodule(f"model.layers.{layer}.{parent_name}")
                 base = getattr(parent, module)
-                setattr(parent, module, LoRALinear(base, self.weights.a[layer][module],
+                setattr(parent, module, LoRALinear(base, module, self.weights.a[layer][module],
                                                    self.weights.b[layer][module], self.state))
                 num += 1
         logger.info("wrapped %d linear layers for LoRA", num)
@@ -184,8 +184,10 @@ class LoRARuntime:
 
     def prepare(self, scheduled, batch) -> None:
         """Group the step's rows by adapter: decodes of one adapter form one segment, each prefill
-        chunk its own (contiguous rows)."""
-        segments: list[tuple[list[int], list[int]]] = []
+        chunk its own (contiguous rows). Each target module gets the segments of the adapters that
+        target it; modules no adapter of the step targets are skipped (PEFT's default q_proj/v_proj
+        adapters cost nothing on the other five linears)."""
+        segments: list[tuple[AdapterKey, list[int]]] = []
         decode_rows: dict[AdapterKey, list[int]] = {}
         row = 0
         for s in scheduled:
@@ -194,12 +196,22 @@ class LoRARuntime:
                 if s.num_new_tokens == 1:
                     decode_rows.setdefault(key, []).append(row)
                 else:
-                    segments.append((list(range(row, row + s.num_new_tokens)), self.pool.pages(key)))
+                    segments.append((key, list(range(row, row + s.num_new_tokens))))
             row += s.num_new_tokens
-        segments.extend((rows, self.pool.pages(key)) for key, rows in decode_rows.items())
-        meta = build_lora_meta(row, segments, self.device) if segments else None
-        self.state.meta = meta
-        batch.adapter_metadata = meta
+        segments.extend(decode_rows.items())
+        metas: dict[str, object] = {}
+        by_selection: dict[tuple[int, ...], object] = {}  # modules with the same segments share a meta
+        for module in LORA_MODULES:
+            selection = tuple(i for i, (key, _) in enumerate(segments)
+                              if module in self.registry[key].target_modules)
+            if not selection:
+                continue
+            if selection not in by_selection:
+                by_selection[selection] = build_lora_meta(
+                    row, [(segments[i][1], self.pool.pages(segments[i][0])) for i in selection], self.device)
+            metas[module] = by_selection[selection]
+        self.state.metas = metas
+        batch.adapter_metadata = metas or None
 
     def call(self, method: str, args: tuple) -> Any:
         if method not in ("register_adapter", "unregister_adapter", "adapter_state"):

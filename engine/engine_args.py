@@ -41,7 +41,7 @@ class EngineArgs:
     max_lora_rank: int = 64
     max_cpu_loras: int | None = None  # adapters kept in the host-memory tier; None: sized from the pool
     lora_pool_pages: int | None = None  # pool size in pages (one rank-row of every target linear)
-    lora_pool_bytes: int = 512 << 20  # pool size in bytes when lora_pool_pages is None
+    lora_pool_bytes: int = 256 << 20  # pool size in bytes when lora_pool_pages is None
 
     def __post_init__(self) -> None:
         if self.dtype not in ("auto", "float32", "bfloat16", "float16", "half", "float"):

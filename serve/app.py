@@ -12,6 +12,7 @@ from starlette.datastructures import Headers
 from starlette.middleware import Middleware
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from loraplex.serve.adapter_routes import ADAPTER_ROUTES, is_admin_route
 from loraplex.serve.errors import EXCEPTION_HANDLERS, AuthenticationError, openai_error_response
 from loraplex.serve.metrics import ServingMetrics
 from loraplex.serve.routes import ROUTES
@@ -20,30 +21,43 @@ logger = logging.getLogger("loraplex.serve")
 
 
 class ApiKeyMiddleware:
-    """Requires `Authorization: Bearer <key>` on /v1/*; health, readiness and metrics stay open."""
+    """Requires `Authorization: Bearer <key>` on /v1/*; health, readiness and metrics stay open. With an
+    admin key, the endpoints that change adapters (upload, delete, load, unload) take only that key;
+    the admin key is accepted everywhere else too."""
 
-    def __init__(self, app: ASGIApp, api_key: str) -> None:
+    def __init__(self, app: ASGIApp, api_key: str | None, admin_api_key: str | None = None) -> None:
         self.app = app
-        self._expected = f"Bearer {api_key}".encode()
+        self._user = None if api_key is None else f"Bearer {api_key}".encode()
+        self._admin = None if admin_api_key is None else f"Bearer {admin_api_key}".encode()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and scope["path"].startswith("/v1") and scope["method"] != "OPTIONS":
             given = Headers(scope=scope).get("authorization", "").encode()
-            if not secrets.compare_digest(given, self._expected):
+            admin_ok = self._admin is not None and secrets.compare_digest(given, self._admin)
+            if self._admin is not None and is_admin_route(scope["path"], scope["method"]):
+                allowed = admin_ok
+            else:
+                allowed = self._user is None or admin_ok or secrets.compare_digest(given, self._user)
+            if not allowed:
                 await openai_error_response(AuthenticationError())(scope, receive, send)
                 return
         await self.app(scope, receive, send)
 
 
-def build_app(engine: Any, served_model_names: list[str], api_key: str | None = None) -> Starlette:
+def build_app(engine: Any, served_model_names: list[str], api_key: str | None = None, *,
+              admin_api_key: str | None = None, adapters: Any = None,
+              lora_modules: dict[str, str] | None = None) -> Starlette:
     """`engine` is an AsyncEngine (or anything with its surface); it is started and stopped by the
-    app's lifespan. The first served name is the default when a request leaves `model` out."""
+    app's lifespan. The first served name is the default when a request leaves `model` out.
+    `adapters`: an AdapterService (None: no LoRA); `lora_modules` are published at start-up."""
     if not served_model_names:
         raise ValueError("served_model_names must name at least one model")
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         await engine.start()
+        if adapters is not None:
+            await adapters.start(lora_modules)
         app.state.ready = True
         logger.info("serving %s (max_model_len=%d)", ", ".join(served_model_names), engine.max_model_len)
         try:
@@ -51,11 +65,15 @@ def build_app(engine: Any, served_model_names: list[str], api_key: str | None = 
         finally:
             app.state.ready = False
             await engine.shutdown()
+            if adapters is not None:
+                adapters.close()
 
-    middleware = [Middleware(ApiKeyMiddleware, api_key=api_key)] if api_key else []
-    app = Starlette(routes=ROUTES, middleware=middleware, exception_handlers=EXCEPTION_HANDLERS,
+    middleware = ([Middleware(ApiKeyMiddleware, api_key=api_key, admin_api_key=admin_api_key)]
+                  if api_key or admin_api_key else [])
+    app = Starlette(routes=ROUTES + ADAPTER_ROUTES, middleware=middleware, exception_handlers=EXCEPTION_HANDLERS,
                     lifespan=lifespan)
     app.state.engine = engine
+    app.state.adapters = adapters
     app.state.served_model_names = list(served_model_names)
     app.state.metrics = ServingMetrics(engine.stats, served_model_names[0])
     app.state.created = int(time.time())

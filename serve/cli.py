@@ -60,6 +60,25 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
                    help="name(s) clients use in `model` (default: the model folder's name)")
     p.add_argument("--api-key", default=os.environ.get("LORAPLEX_API_KEY"),
                    help="require 'Authorization: Bearer KEY' on /v1/* (also env LORAPLEX_API_KEY)")
+    p.add_argument("--admin-api-key", default=os.environ.get("LORAPLEX_ADMIN_API_KEY"),
+                   help="the only key accepted on endpoints that change adapters (also env LORAPLEX_ADMIN_API_KEY)")
+    lora = p.add_argument_group("LoRA adapters")
+    lora.add_argument("--enable-lora", action=argparse.BooleanOptionalAction, default=True,
+                      help="serve LoRA adapters from a paged pool (default: on)")
+    lora.add_argument("--lora-modules", nargs="+", default=[], metavar="NAME=PATH",
+                      help="PEFT folders to publish and serve at start-up")
+    lora.add_argument("--adapter-dir", default=None,
+                      help="the adapter store (SQLite + files; default: ~/.cache/loraplex/adapters)")
+    lora.add_argument("--max-loras", type=int, default=32, help="distinct adapters in one batch")
+    lora.add_argument("--max-lora-rank", type=int, default=64)
+    lora.add_argument("--max-cpu-loras", type=int, default=None,
+                      help="adapters kept in the host-memory tier (default: sized from the pool)")
+    lora.add_argument("--lora-pool-pages", type=int, default=None,
+                      help="pool size in pages (one page = one rank-row of every target linear)")
+    lora.add_argument("--lora-pool-bytes", type=_size, default=256 << 20, metavar="SIZE",
+                      help="pool size when --lora-pool-pages is not given (default: 256MiB)")
+    lora.add_argument("--max-upload-bytes", type=_size, default=512 << 20, metavar="SIZE",
+                      help="largest adapter archive accepted by POST /v1/adapters (default: 512MiB)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
 
@@ -69,28 +88,62 @@ def engine_args_from(ns: argparse.Namespace) -> EngineArgs:
         model=ns.model, dtype=ns.dtype, device=ns.device, max_model_len=ns.max_model_len,
         max_num_seqs=ns.max_num_seqs, max_num_batched_tokens=ns.max_num_batched_tokens,
         block_size=ns.block_size, kv_cache_memory_bytes=ns.kv_cache_memory_bytes,
-        enable_prefix_caching=ns.enable_prefix_caching, max_queue_len=ns.max_queue_len, seed=ns.seed)
+        enable_prefix_caching=ns.enable_prefix_caching, max_queue_len=ns.max_queue_len, seed=ns.seed,
+        enable_lora=ns.enable_lora, max_loras=ns.max_loras, max_lora_rank=ns.max_lora_rank,
+        max_cpu_loras=ns.max_cpu_loras, lora_pool_pages=ns.lora_pool_pages, lora_pool_bytes=ns.lora_pool_bytes)
+
+
+def parse_lora_modules(items: list[str]) -> dict[str, str]:
+    modules = {}
+    for item in items:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise ValueError(f"--lora-modules takes NAME=PATH, got {item!r}")
+        modules[name] = path
+    return modules
+
+
+def default_adapter_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "loraplex" / "adapters"
 
 
 def serve(ns: argparse.Namespace) -> int:
     import uvicorn
 
+    from loraplex.adapters.archive import UploadLimits
+    from loraplex.adapters.runtime import create_lora_runtime
     from loraplex.engine.async_engine import AsyncEngine
+    from loraplex.serve.adapter_service import AdapterService, AdapterSettings
     from loraplex.serve.app import build_app
 
     try:
         args = engine_args_from(ns)
+        lora_modules = parse_lora_modules(ns.lora_modules)
+        # weights barely compress: a decompressed size far above the archive's is a bomb
+        upload_limits = UploadLimits(max_archive_bytes=ns.max_upload_bytes, max_total_bytes=2 * ns.max_upload_bytes,
+                                     max_file_bytes=2 * ns.max_upload_bytes)
     except ValueError as exc:
         logger.error("%s", exc)
+        return 2
+    if lora_modules and not ns.enable_lora:
+        logger.error("--lora-modules needs LoRA enabled (drop --no-enable-lora)")
         return 2
     served_names = ns.served_model_name or [default_served_model_name(ns.model)]
     logger.info("loading %s", ns.model or DEFAULT_MODEL_NAME)
     try:
-        engine = AsyncEngine.from_engine_args(args)
+        engine = AsyncEngine.from_engine_args(args, hook_factory=create_lora_runtime if ns.enable_lora else None)
     except (ValueError, FileNotFoundError, RuntimeError) as exc:
         logger.error("cannot load the model: %s", exc)
         return 1
-    app = build_app(engine, served_names, api_key=ns.api_key)
+    adapters = None
+    if ns.enable_lora:
+        settings = AdapterSettings(Path(ns.adapter_dir) if ns.adapter_dir else default_adapter_dir(),
+                                   max_lora_rank=ns.max_lora_rank, upload_limits=upload_limits)
+        adapters = AdapterService(engine, settings, served_names)
+        logger.info("adapter store: %s", settings.adapter_dir)
+    app = build_app(engine, served_names, api_key=ns.api_key, admin_api_key=ns.admin_api_key,
+                    adapters=adapters, lora_modules=lora_modules)
     if ns.api_key:
         logger.info("API key required on /v1/*")
     # log_config=None: uvicorn's loggers propagate to the root handler set up in main().

@@ -9,6 +9,7 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
+from loraplex.adapters.errors import AdapterError
 from loraplex.engine.errors import EngineDeadError, PromptTooLongError, QueueFullError
 
 logger = logging.getLogger("loraplex.serve")
@@ -112,6 +113,11 @@ async def _prompt_too_long(request: Request, exc: PromptTooLongError) -> JSONRes
                           code="context_length_exceeded")
 
 
+async def _adapter_error(request: Request, exc: AdapterError) -> JSONResponse:
+    type_ = "invalid_request_error" if exc.status_code < 500 else "service_unavailable_error"
+    return error_response(exc.status_code, exc.message, type=type_, param=exc.param, code=exc.code)
+
+
 async def _queue_full(request: Request, exc: QueueFullError) -> JSONResponse:
     return error_response(429, str(exc), type="rate_limit_error", code="queue_full",
                           headers={"Retry-After": str(exc.retry_after_s)})
@@ -138,6 +144,7 @@ EXCEPTION_HANDLERS = {
     OpenAIError: _openai_error,
     ValidationError: _validation_error,
     PromptTooLongError: _prompt_too_long,
+    AdapterError: _adapter_error,
     ValueError: _value_error,
     QueueFullError: _queue_full,
     EngineDeadError: _engine_dead,

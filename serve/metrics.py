@@ -6,7 +6,7 @@ import time
 from typing import Callable, Iterator
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from loraplex.engine.outputs import EngineStats, RequestOutput
@@ -19,6 +19,7 @@ _TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.7
                  7.5, 10.0, 20.0, 40.0, 80.0)
 _TPOT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5,
                  0.75, 1.0, 2.5, 5.0)
+_LOAD_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 _E2E_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0,
                 120.0, 240.0, 480.0)
 
@@ -47,12 +48,36 @@ class _EngineStatsCollector(Collector):
             gauge = GaugeMetricFamily(PREFIX + name, doc, labels=["model_name"])
             gauge.add_metric([self._model_name], float(value))
             yield gauge
+        if stats.adapters is not None:
+            yield from self._adapter_metrics(stats.adapters)
+
+    def _adapter_metrics(self, a: dict) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
+        for name, doc, value in (
+                ("lora_pool_pages_used", "LoRA pool pages holding adapter weights.", a["pages_used"]),
+                ("lora_pool_pages_free", "LoRA pool pages on the free list.", a["pages_free"]),
+                ("lora_adapters_registered", "Adapter versions the engine can serve.", a["registered"])):
+            gauge = GaugeMetricFamily(PREFIX + name, doc, labels=["model_name"])
+            gauge.add_metric([self._model_name], float(value))
+            yield gauge
+        resident = GaugeMetricFamily(PREFIX + "lora_adapters_resident", "Adapters resident per memory tier.",
+                                     labels=["model_name", "tier"])
+        resident.add_metric([self._model_name, "device"], float(a["resident_device"]))
+        resident.add_metric([self._model_name, "host"], float(a["resident_host"]))
+        yield resident
+        for name, doc, value in (("lora_adapter_loads", "Adapter loads into the pool.", a["loads"]),
+                                 ("lora_adapter_evictions", "Adapters evicted from the pool.", a["evictions"])):
+            counter = CounterMetricFamily(PREFIX + name, doc, labels=["model_name"])
+            counter.add_metric([self._model_name], float(value))
+            yield counter
 
 
 class ServingMetrics:
     """Counters and histograms the HTTP layer feeds, plus the engine gauges, in a private registry."""
 
     def __init__(self, stats: Callable[[], EngineStats], model_name: str) -> None:
+        self._stats = stats
+        self._model_name = model_name
+        self._loads_seen = 0
         self.registry = CollectorRegistry()
         self.registry.register(_EngineStatsCollector(stats, model_name))
         labels = ["model_name"]
@@ -71,12 +96,30 @@ class ServingMetrics:
         self.e2e_request_latency = Histogram(
             PREFIX + "e2e_request_latency_seconds", "Time from arrival to the last output token.",
             labels, buckets=_E2E_BUCKETS, registry=self.registry)
+        self.lora_load_latency = Histogram(
+            PREFIX + "lora_adapter_load_seconds", "Time to load an adapter into the pool (from host or disk).",
+            labels, buckets=_LOAD_BUCKETS, registry=self.registry)
 
     def start_request(self, model_name: str) -> "RequestTracker":
         return RequestTracker(self, model_name)
 
     def render(self) -> bytes:
+        self._observe_adapter_loads()
         return generate_latest(self.registry)
+
+    def _observe_adapter_loads(self) -> None:
+        """The engine reports its load count and its latest load latencies; observe the new ones."""
+        try:
+            adapters = self._stats().adapters
+        except Exception:  # noqa: BLE001 - the collector logs a dead engine
+            return
+        if not adapters:
+            return
+        new = adapters["loads"] - self._loads_seen
+        self._loads_seen = adapters["loads"]
+        recent = adapters["recent_load_latencies_s"]
+        for latency in recent[max(0, len(recent) - new):] if new > 0 else ():
+            self.lora_load_latency.labels(self._model_name).observe(latency)
 
 
 class RequestTracker:

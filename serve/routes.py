@@ -37,26 +37,35 @@ logger = logging.getLogger("loraplex.serve")
 @dataclass(frozen=True, slots=True)
 class ResolvedModel:
     name: str  # the name the client asked for, echoed back in responses
-    adapter: str | None = None  # LoRA seam: the adapter that serves it; None is the base model
+    adapter: tuple[int, int] | None = None  # (adapter_id, version) that serves it; None is the base model
 
 
 def resolve_model(state: Any, name: str | None) -> ResolvedModel:
-    """The single place a request's `model` field is checked (adapters will be added here)."""
+    """The single place a request's `model` field is checked: a base model name, or an adapter's,
+    resolved to its newest version now (the request keeps that version to its last token)."""
     served = state.served_model_names
     if name is None:
         return ResolvedModel(served[0])
     if name in served:
         return ResolvedModel(name)
+    adapter = None if state.adapters is None else state.adapters.resolve(name)
+    if adapter is not None:
+        return ResolvedModel(name, adapter)
     raise ModelNotFoundError(name)
 
 
 def _model_card(state: Any, name: str) -> ModelCard:
+    if name not in state.served_model_names:  # an adapter
+        v = state.adapters.served[name]
+        return ModelCard(id=name, created=int(v.created), root=name, parent=state.served_model_names[0],
+                         max_model_len=state.engine.max_model_len)
     return ModelCard(id=name, created=state.created, root=name, max_model_len=state.engine.max_model_len)
 
 
 async def list_models(request: Request) -> Response:
     state = request.app.state
-    return _json(ModelList(data=[_model_card(state, name) for name in state.served_model_names]))
+    names = list(state.served_model_names) + ([] if state.adapters is None else state.adapters.names())
+    return _json(ModelList(data=[_model_card(state, name) for name in names]))
 
 
 async def get_model(request: Request) -> Response:
@@ -115,7 +124,9 @@ def _start_requests(state: Any, response_id: str, model: ResolvedModel, prompts:
                 index = i * n + j
                 request_id = f"{response_id}-{index}"
                 tracker = state.metrics.start_request(model.name)
-                stream = state.engine.add_request(request_id, prompt_ids, choice_params(prompt_params, j))
+                params_j = choice_params(prompt_params, j)
+                stream = (state.engine.add_request(request_id, prompt_ids, params_j) if model.adapter is None
+                          else state.engine.add_request(request_id, prompt_ids, params_j, adapter=model.adapter))
                 choices.append(_Choice(index, request_id, aiter(stream), tracker, len(prompt_ids)))
     except BaseException:
         _abort_unfinished(state.engine, choices)

@@ -1,10 +1,12 @@
-"""Real PEFT adapters for tests: made with `peft` on a transformers model, random non-zero weights,
+"""Real PEFT adapters for tests (and write_random_peft re-exported from loraplex.adapters.synthetic): made with `peft` on a transformers model, random non-zero weights,
 saved with save_pretrained (the format users upload)."""
 from __future__ import annotations
 
 from pathlib import Path
 
 import torch
+
+from loraplex.adapters.synthetic import write_random_peft  # noqa: F401 - re-exported for tests
 
 
 def add_random_adapter(model, name: str, *, r: int, alpha: float, target_modules, use_rslora: bool = False,
@@ -33,39 +35,6 @@ def save_adapter(peft_model, name: str, out_dir: Path) -> Path:
     peft_model.save_pretrained(str(out_dir), selected_adapters=[name])
     folder = Path(out_dir) if name == "default" else Path(out_dir) / name
     assert (folder / "adapter_model.safetensors").is_file(), list(Path(out_dir).rglob("*"))
-    return folder
-
-
-PEFT_KEY = "base_model.model.model.layers.{layer}.{parent}.{module}.lora_{ab}.weight"
-PARENTS = {"q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn", "o_proj": "self_attn",
-           "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp"}
-
-
-def write_random_peft(folder: Path, model_config, *, r: int, alpha: float = 16.0,
-                      target_modules=("q_proj", "v_proj"), seed: int = 0, std: float = 0.05,
-                      extra_config: dict | None = None, dtype=torch.float32) -> Path:
-    """A PEFT folder written directly (same layout save_pretrained writes), fast enough for hundreds."""
-    import json
-
-    from safetensors.torch import save_file
-
-    from loraplex.adapters.peft import module_shapes
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    shapes = module_shapes(model_config)
-    gen = torch.Generator().manual_seed(seed)
-    tensors = {}
-    for layer in range(model_config.num_hidden_layers):
-        for module in target_modules:
-            in_f, out_f = shapes[module]
-            kw = dict(layer=layer, parent=PARENTS[module], module=module)
-            tensors[PEFT_KEY.format(ab="A", **kw)] = (torch.randn(r, in_f, generator=gen) * std).to(dtype)
-            tensors[PEFT_KEY.format(ab="B", **kw)] = (torch.randn(out_f, r, generator=gen) * std).to(dtype)
-    save_file(tensors, str(folder / "adapter_model.safetensors"))
-    config = {"peft_type": "LORA", "r": r, "lora_alpha": alpha, "target_modules": list(target_modules),
-              "bias": "none", "task_type": "CAUSAL_LM", "use_rslora": False, "use_dora": False,
-              "modules_to_save": None, "lora_dropout": 0.0, **(extra_config or {})}
-    (folder / "adapter_config.json").write_text(json.dumps(config))
     return folder
 
 

@@ -23,6 +23,9 @@ class Server:
         self.base_url = f"http://127.0.0.1:{self.port}"
         env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
         self.log_path = f"/tmp/loraplex-e2e-{self.port}.log"
+        if "--adapter-dir" not in args:  # hermetic: never the user's store
+            import tempfile
+            args = [*args, "--adapter-dir", tempfile.mkdtemp(prefix="loraplex-e2e-adapters-")]
         self._log = open(self.log_path, "w")
         self.proc = subprocess.Popen([sys.executable, "-m", "loraplex.serve.cli", "serve", "--host", "127.0.0.1",
                                       "--port", str(self.port), *args], stdout=self._log, stderr=subprocess.STDOUT,

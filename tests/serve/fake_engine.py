@@ -64,9 +64,10 @@ class FakeEngine:
         self._tasks: dict[str, asyncio.Task] = {}
 
     @classmethod
-    def from_engine_args(cls, args, in_process: bool = False) -> "FakeEngine":
+    def from_engine_args(cls, args, in_process: bool = False, hook_factory=None) -> "FakeEngine":
         engine = cls()
         engine.engine_args = args
+        engine.hook_factory = hook_factory
         return engine
 
     async def start(self) -> None:

@@ -45,15 +45,19 @@ def test_api_key_from_env(monkeypatch):
     assert _parse("--api-key", "flag").api_key == "flag"
 
 
-def test_serve_builds_engine_and_runs_uvicorn(monkeypatch):
+def test_serve_builds_engine_and_runs_uvicorn(monkeypatch, tmp_path):
     fake_module = types.ModuleType("loraplex.engine.async_engine")
     fake_module.AsyncEngine = FakeEngine
     monkeypatch.setitem(sys.modules, "loraplex.engine.async_engine", fake_module)
     seen = {}
     monkeypatch.setattr("uvicorn.run", lambda app, **kw: seen.update(app=app, **kw))
     assert cli.main(["--port", "9001", "--served-model-name", "a", "b", "--api-key", "k",
-                     "--max-model-len", "64"]) == 0
+                     "--max-model-len", "64", "--adapter-dir", str(tmp_path / "store"), "--max-loras", "4",
+                     ]) == 0
     app = seen["app"]
+    assert app.state.adapters.settings.adapter_dir == tmp_path / "store"
+    assert app.state.engine.engine_args.enable_lora and app.state.engine.engine_args.max_loras == 4
+    assert app.state.engine.hook_factory.__name__ == "create_lora_runtime"
     assert (seen["host"], seen["port"]) == ("127.0.0.1", 9001)
     assert app.state.served_model_names == ["a", "b"]
     assert app.state.engine.engine_args.max_model_len == 64

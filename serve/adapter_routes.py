@@ -1,0 +1,138 @@
+"""Adapter endpoints: our `/v1/adapters` (multipart upload, list, get, delete) and vLLM's
+`/v1/load_lora_adapter` / `/v1/unload_lora_adapter`. Parse, call AdapterService, format."""
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict
+from starlette.datastructures import UploadFile
+from starlette.requests import Request
+from starlette.responses import JSONResponse, PlainTextResponse, Response
+from starlette.routing import Route
+from starlette.types import Message, Receive
+
+from loraplex.adapters.errors import AdapterError, AdapterTooLargeError
+from loraplex.serve.errors import InvalidRequestError
+
+MULTIPART_OVERHEAD_BYTES = 64 << 10  # form fields and part headers around the archive
+
+
+class LoadLoRAAdapterRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    lora_name: str
+    lora_path: str
+    load_inplace: bool = False
+
+
+class UnloadLoRAAdapterRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    lora_name: str
+
+
+def _service(request: Request) -> Any:
+    service = request.app.state.adapters
+    if service is None:
+        raise InvalidRequestError("this server runs without LoRA support (started with --no-enable-lora)",
+                                  code="lora_disabled")
+    return service
+
+
+def _limited(receive: Receive, max_bytes: int) -> Receive:
+    """The request body, refused with 413 as soon as it grows past `max_bytes` (Content-Length may lie)."""
+    seen = 0
+
+    async def wrapped() -> Message:
+        nonlocal seen
+        message = await receive()
+        if message["type"] == "http.request":
+            seen += len(message.get("body", b""))
+            if seen > max_bytes:
+                raise AdapterTooLargeError(f"the upload is larger than the {max_bytes >> 20} MiB limit", param="file")
+        return message
+    return wrapped
+
+
+async def upload_adapter(request: Request) -> Response:
+    service = _service(request)
+    if not request.headers.get("content-type", "").startswith("multipart/form-data"):
+        raise InvalidRequestError("send the adapter as multipart/form-data with fields `name` and `file` "
+                                  "(a .zip or .tar.gz of a PEFT folder)")
+    max_body = service.settings.upload_limits.max_archive_bytes + MULTIPART_OVERHEAD_BYTES
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > max_body:
+        raise AdapterTooLargeError(f"the upload is larger than the {max_body >> 20} MiB limit", param="file")
+    limited = Request(request.scope, _limited(request.receive, max_body))
+    form = await limited.form(max_files=1, max_fields=8)
+    try:
+        name, upload = form.get("name"), form.get("file")
+        if not isinstance(name, str) or not name:
+            raise InvalidRequestError("the form field `name` (the adapter's name) is required", param="name")
+        if not isinstance(upload, UploadFile):
+            raise InvalidRequestError("the form field `file` (a .zip or .tar.gz of a PEFT folder) is required",
+                                      param="file")
+        fd, tmp = tempfile.mkstemp(prefix="upload-", dir=service.settings.adapter_dir / "tmp")
+        try:
+            with os.fdopen(fd, "wb") as out:
+                await asyncio.to_thread(shutil.copyfileobj, upload.file, out, 1 << 20)
+            version = await service.upload(name, Path(tmp))
+        finally:
+            os.unlink(tmp)
+    finally:
+        await form.close()
+    return JSONResponse(service.summary(version.name), status_code=201)
+
+
+async def list_adapters(request: Request) -> Response:
+    service = _service(request)
+    return JSONResponse({"object": "list", "data": [service.summary(n) for n in service.names()]})
+
+
+async def get_adapter(request: Request) -> Response:
+    return JSONResponse(await _service(request).describe(request.path_params["name"]))
+
+
+async def delete_adapter(request: Request) -> Response:
+    name = request.path_params["name"]
+    removed = await _service(request).remove(name)
+    return JSONResponse({"id": name, "object": "adapter", "deleted": True, "versions": len(removed)})
+
+
+async def load_lora_adapter(request: Request) -> Response:
+    req = LoadLoRAAdapterRequest.model_validate_json(await request.body())
+    service = _service(request)
+    await service.publish_folder(req.lora_name, Path(req.lora_path), allow_bin=True, replace=req.load_inplace)
+    return PlainTextResponse(f"Success: LoRA adapter '{req.lora_name}' added successfully.")
+
+
+async def unload_lora_adapter(request: Request) -> Response:
+    req = UnloadLoRAAdapterRequest.model_validate_json(await request.body())
+    await _service(request).remove(req.lora_name)
+    return PlainTextResponse(f"Success: LoRA adapter '{req.lora_name}' removed successfully.")
+
+
+# (path, method) pairs that change state: with --admin-api-key they need that key
+ADMIN_ROUTES = {("/v1/adapters", "POST"), ("/v1/adapters/*", "DELETE"), ("/v1/load_lora_adapter", "POST"),
+                ("/v1/unload_lora_adapter", "POST")}
+
+
+def is_admin_route(path: str, method: str) -> bool:
+    if (path, method) in ADMIN_ROUTES:
+        return True
+    return path.startswith("/v1/adapters/") and ("/v1/adapters/*", method) in ADMIN_ROUTES
+
+
+ADAPTER_ROUTES = [
+    Route("/v1/adapters", upload_adapter, methods=["POST"]),
+    Route("/v1/adapters", list_adapters, methods=["GET"]),
+    Route("/v1/adapters/{name}", get_adapter, methods=["GET"]),
+    Route("/v1/adapters/{name}", delete_adapter, methods=["DELETE"]),
+    Route("/v1/load_lora_adapter", load_lora_adapter, methods=["POST"]),
+    Route("/v1/unload_lora_adapter", unload_lora_adapter, methods=["POST"]),
+]
+
+__all__ = ["ADAPTER_ROUTES", "AdapterError", "is_admin_route"]

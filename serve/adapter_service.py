@@ -1,0 +1,178 @@
+"""AdapterService: the HTTP process's side of adapters — validate, publish to the store, register with
+the engine, resolve `model` names to (adapter_id, version).
+
+Every change is validated in full here first (archive safety, PEFT format, shapes against the base
+model, finite weights) so that a bad upload is refused with nothing written, and the engine process
+only ever re-reads files that are known to be good.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from loraplex.adapters.archive import UploadLimits, extract_adapter_archive
+from loraplex.adapters.errors import AdapterError, AdapterNotFoundError
+from loraplex.adapters.peft import load_adapter
+from loraplex.adapters.store import AdapterStore, AdapterVersion, validate_adapter_name
+
+logger = logging.getLogger("loraplex.serve")
+
+
+class AdapterConflictError(AdapterError):
+    status_code = 409
+    code = "adapter_exists"
+
+
+@dataclass(frozen=True, slots=True)
+class AdapterSettings:
+    adapter_dir: Path
+    max_lora_rank: int = 64
+    upload_limits: UploadLimits = UploadLimits()
+
+
+class AdapterService:
+    def __init__(self, engine: Any, settings: AdapterSettings, base_model_names: list[str]) -> None:
+        self.engine = engine  # AsyncEngine: .call(method, *args), .model_config
+        self.settings = settings
+        self.base_model_names = set(base_model_names)
+        settings.adapter_dir.mkdir(parents=True, exist_ok=True)
+        self.store = AdapterStore(settings.adapter_dir)
+        self.served: dict[str, AdapterVersion] = {}  # name -> the version new requests get
+        self._lock = asyncio.Lock()  # one publish/unload at a time: versions stay ordered
+
+    # ---- start-up ---------------------------------------------------------------------------
+    async def start(self, lora_modules: dict[str, str] | None = None) -> None:
+        """Serve every adapter already in the store, then publish `--lora-modules` folders."""
+        for version in self.store.list():
+            try:
+                await self._register(version)
+            except AdapterError as e:
+                logger.error("adapter %s v%d in the store is not servable: %s", version.name, version.version, e)
+        for name, path in (lora_modules or {}).items():
+            await self.publish_folder(name, Path(path), allow_bin=True, replace=True, skip_if_same=True)
+        if self.served:
+            logger.info("serving %d adapter(s): %s", len(self.served), ", ".join(sorted(self.served)))
+
+    def close(self) -> None:
+        self.store.close()
+
+    # ---- lookups ----------------------------------------------------------------------------
+    def resolve(self, name: str) -> tuple[int, int] | None:
+        version = self.served.get(name)
+        return None if version is None else (version.adapter_id, version.version)
+
+    def names(self) -> list[str]:
+        return sorted(self.served)
+
+    async def describe(self, name: str) -> dict[str, Any]:
+        if name not in self.served:
+            raise AdapterNotFoundError(name)
+        state = await self.engine.call("adapter_state")
+        versions = []
+        for v in await asyncio.to_thread(self.store.versions, name):
+            resident = state.get(f"{v.adapter_id}:{v.version}")
+            versions.append({"version": v.version, "rank": v.rank, "lora_alpha": v.alpha,
+                             "target_modules": list(v.target_modules), "bytes": v.num_bytes,
+                             "sha256": v.sha256, "created": int(v.created),
+                             "resident": resident["tier"] if resident else "store",
+                             "running_requests": resident["running"] if resident else 0})
+        latest = self.served[name]
+        return {"id": name, "object": "adapter", "adapter_id": latest.adapter_id, "version": latest.version,
+                "rank": latest.rank, "target_modules": list(latest.target_modules), "bytes": latest.num_bytes,
+                "created": int(latest.created), "versions": versions}
+
+    def summary(self, name: str) -> dict[str, Any]:
+        v = self.served[name]
+        return {"id": name, "object": "adapter", "adapter_id": v.adapter_id, "version": v.version, "rank": v.rank,
+                "target_modules": list(v.target_modules), "bytes": v.num_bytes, "created": int(v.created)}
+
+    # ---- changes ----------------------------------------------------------------------------
+    async def upload(self, name: str, archive: Path) -> AdapterVersion:
+        """Publish an uploaded archive (zip or tar.gz of a PEFT folder) as `name`'s next version."""
+        self._check_name(name)
+        with tempfile.TemporaryDirectory(prefix="upload-", dir=self.settings.adapter_dir / "tmp") as tmp:
+            folder = await asyncio.to_thread(extract_adapter_archive, archive, Path(tmp),
+                                             self.settings.upload_limits)
+            return await self.publish_folder(name, folder, allow_bin=False, replace=True)
+
+    async def publish_folder(self, name: str, folder: Path, *, allow_bin: bool, replace: bool,
+                             skip_if_same: bool = False) -> AdapterVersion:
+        """Validate `folder` against the base model and publish it. `replace=False` refuses an existing
+        name (vLLM's load_lora_adapter without load_inplace)."""
+        self._check_name(name)
+        if not folder.is_dir():
+            raise AdapterError(f"adapter path {str(folder)!r} is not a directory on the server", param="lora_path")
+        async with self._lock:
+            if name in self.served and not replace:
+                raise AdapterConflictError(f"The lora adapter '{name}' has already been loaded.", param="lora_name")
+            weights = await asyncio.to_thread(load_adapter, folder, self.engine.model_config,
+                                              self.settings.max_lora_rank, allow_bin=allow_bin)
+            with tempfile.TemporaryDirectory(prefix="stage-", dir=self.settings.adapter_dir / "tmp") as stage:
+                src = await asyncio.to_thread(_as_safetensors_folder, folder, weights, Path(stage))
+                if skip_if_same and name in self.served and _sha256(src) == self.served[name].sha256:
+                    return self.served[name]
+                version = await asyncio.to_thread(
+                    self.store.publish, name, src, rank=weights.rank, alpha=weights.config.lora_alpha,
+                    target_modules=weights.target_modules)
+            try:
+                await self._register(version)
+            except BaseException:
+                logger.exception("engine refused adapter %s v%d", name, version.version)
+                raise
+            logger.info("published adapter %s v%d (rank %d, %s, %d bytes)", name, version.version, version.rank,
+                        ",".join(version.target_modules), version.num_bytes)
+            return version
+
+    async def remove(self, name: str) -> list[AdapterVersion]:
+        """Stop serving `name` and delete it from the store; running requests finish on it first."""
+        async with self._lock:
+            if name not in self.served:
+                raise AdapterNotFoundError(name)
+            version = self.served.pop(name)
+            removed = await asyncio.to_thread(self.store.delete, name)
+            await self.engine.call("unregister_adapter", version.adapter_id)
+            logger.info("removed adapter %s (%d version(s))", name, len(removed))
+            return removed
+
+    async def _register(self, version: AdapterVersion) -> None:
+        await self.engine.call("register_adapter", version.name, version.adapter_id, version.version,
+                               str(version.path))
+        self.served[version.name] = version
+
+    def _check_name(self, name: str) -> None:
+        validate_adapter_name(name)
+        if name in self.base_model_names:
+            raise AdapterConflictError(f"{name!r} is the base model's name; choose another adapter name",
+                                       param="name")
+
+
+def _as_safetensors_folder(folder: Path, weights, stage: Path) -> Path:
+    """The folder to publish: as given when it already has adapter_model.safetensors; a legacy .bin
+    adapter (local paths only) is converted so the store only ever holds safetensors."""
+    if (folder / "adapter_model.safetensors").is_file():
+        return folder
+    from safetensors.torch import save_file
+    shutil.copy(folder / "adapter_config.json", stage / "adapter_config.json")
+    state = {}
+    for (layer, module), (a, b) in weights.tensors.items():
+        parent = "self_attn" if module in ("q_proj", "k_proj", "v_proj", "o_proj") else "mlp"
+        prefix = f"base_model.model.model.layers.{layer}.{parent}.{module}"
+        name = f"model.layers.{layer}.{parent}.{module}"
+        state[f"{prefix}.lora_A.weight"] = a.float().contiguous()
+        state[f"{prefix}.lora_B.weight"] = (b.float() / weights.config.scale_of(name)).contiguous()
+    save_file(state, str(stage / "adapter_model.safetensors"))
+    return stage
+
+
+def _sha256(folder: Path) -> str:
+    import hashlib
+    h = hashlib.sha256()
+    with open(folder / "adapter_model.safetensors", "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()

@@ -1,0 +1,203 @@
+"""A real server with LoRA, driven by the official openai client: upload an adapter, chat with it,
+re-publish it while a stream on the old version runs, unload it; hostile uploads change nothing."""
+from __future__ import annotations
+
+import io
+import json
+import math
+import tarfile
+import threading
+import zipfile
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from loraplex.engine.llm_engine import _read_model_config
+from tests.adapters.peft_factory import write_random_peft
+from tests.e2e.conftest import Server
+
+pytestmark = pytest.mark.e2e
+ADMIN = {"Authorization": "Bearer admin-s3cret"}
+PROMPT = [{"role": "user", "content": "Write a short poem about the sea."}]
+
+
+@pytest.fixture(scope="module")
+def lora_server(default_model_dir, tmp_path_factory):
+    store = tmp_path_factory.mktemp("store")
+    srv = Server(["--model", str(default_model_dir), "--dtype", "float32", "--max-model-len", "512",
+                  "--max-num-seqs", "16", "--served-model-name", "smol", "--admin-api-key", "admin-s3cret",
+                  "--adapter-dir", str(store), "--max-lora-rank", "16", "--max-upload-bytes", "8MiB"])
+    srv.store = store
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(scope="module")
+def smol_config(default_model_dir):
+    return _read_model_config(str(default_model_dir))
+
+
+@pytest.fixture
+def client(lora_server):
+    return openai.OpenAI(base_url=lora_server.base_url + "/v1", api_key="unused", max_retries=0)
+
+
+def tar_gz(folder: Path, prefix: str = "adapter") -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz") as tf:
+        for f in sorted(folder.iterdir()):
+            tf.add(f, arcname=f"{prefix}/{f.name}")
+    return buf.getvalue()
+
+
+def zipped(files: dict[str, bytes]) -> bytes:
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as zf:
+        for name, data in files.items():
+            zf.writestr(name, data)
+    return buf.getvalue()
+
+
+def upload(server, name: str, data: bytes, filename: str = "a.tar.gz", headers=ADMIN) -> httpx.Response:
+    return httpx.post(server.base_url + "/v1/adapters", data={"name": name}, files={"file": (filename, data)},
+                      headers=headers, timeout=60)
+
+
+def chat(client, model: str, max_tokens: int = 24) -> str:
+    r = client.chat.completions.create(model=model, messages=PROMPT, max_tokens=max_tokens, temperature=0,
+                                       extra_body={"ignore_eos": True})
+    return r.choices[0].message.content
+
+
+def test_upload_chat_republish_during_stream_unload(lora_server, client, smol_config, tmp_path):
+    v1 = write_random_peft(tmp_path / "v1", smol_config, r=8, seed=1, std=0.04)
+    v2 = write_random_peft(tmp_path / "v2", smol_config, r=16, seed=2, std=0.04,
+                           target_modules=("q_proj", "k_proj", "v_proj", "o_proj"))
+    assert upload(lora_server, "poet", tar_gz(v1), headers={}).status_code == 401  # admin key required
+    r = upload(lora_server, "poet", tar_gz(v1))
+    assert r.status_code == 201, r.text
+    assert r.json()["version"] == 1 and r.json()["rank"] == 8
+
+    models = {m.id: m for m in client.models.list().data}
+    assert set(models) == {"smol", "poet"} and models["poet"].parent == "smol"
+    base_text, v1_text = chat(client, "smol", 60), chat(client, "poet", 60)
+    assert v1_text != base_text and chat(client, "poet", 60) == v1_text
+
+    # a long stream on v1; v2 is published after its first tokens; the stream must end on v1's weights
+    stream = client.chat.completions.create(model="poet", messages=PROMPT, max_tokens=60, temperature=0,
+                                            stream=True, extra_body={"ignore_eos": True})
+    pieces, published = [], threading.Event()
+    for i, chunk in enumerate(stream):
+        if chunk.choices and chunk.choices[0].delta.content:
+            pieces.append(chunk.choices[0].delta.content)
+        if i == 3:
+            r = upload(lora_server, "poet", tar_gz(v2))
+            assert r.status_code == 201 and r.json()["version"] == 2, r.text
+            published.set()
+            v2_text = chat(client, "poet", 60)  # served while the v1 stream is still running
+    assert published.is_set() and "".join(pieces) == v1_text
+    assert v2_text not in (v1_text, base_text) and chat(client, "poet", 60) == v2_text
+
+    info = httpx.get(lora_server.base_url + "/v1/adapters/poet").json()
+    assert [v["version"] for v in info["versions"]] == [1, 2] and info["version"] == 2 and info["rank"] == 16
+    assert info["versions"][1]["resident"] in ("device", "host")
+
+    metrics = httpx.get(lora_server.base_url + "/metrics").text
+    assert 'loraplex:generation_tokens_total{model_name="poet"}' in metrics
+    assert "loraplex:lora_pool_pages_used" in metrics and "loraplex:lora_adapter_load_seconds_count" in metrics
+
+    r = httpx.post(lora_server.base_url + "/v1/unload_lora_adapter", json={"lora_name": "poet"}, headers=ADMIN)
+    assert r.status_code == 200, r.text
+    with pytest.raises(openai.NotFoundError):
+        chat(client, "poet")
+    assert "poet" not in {m.id for m in client.models.list().data}
+    assert chat(client, "smol", 60) == base_text
+
+
+def test_vllm_load_lora_adapter_from_a_path(lora_server, client, smol_config, tmp_path):
+    folder = write_random_peft(tmp_path / "x", smol_config, r=4, seed=5, std=0.04)
+    url = lora_server.base_url
+    r = httpx.post(url + "/v1/load_lora_adapter", json={"lora_name": "pathy", "lora_path": str(folder)}, headers=ADMIN)
+    assert r.status_code == 200 and "added successfully" in r.text
+    first = chat(client, "pathy")
+    r = httpx.post(url + "/v1/load_lora_adapter", json={"lora_name": "pathy", "lora_path": str(folder)}, headers=ADMIN)
+    assert r.status_code == 409 and r.json()["error"]["code"] == "adapter_exists"
+    other = write_random_peft(tmp_path / "y", smol_config, r=4, seed=6, std=0.04)
+    r = httpx.post(url + "/v1/load_lora_adapter",
+                   json={"lora_name": "pathy", "lora_path": str(other), "load_inplace": True}, headers=ADMIN)
+    assert r.status_code == 200
+    assert chat(client, "pathy") != first
+    assert httpx.delete(url + "/v1/adapters/pathy", headers=ADMIN).json()["deleted"] is True
+    assert httpx.delete(url + "/v1/adapters/pathy", headers=ADMIN).status_code == 404
+
+
+def _store_listing(server) -> tuple:
+    files = sorted(str(p.relative_to(server.store)) for p in server.store.rglob("*")
+                   if "tmp" not in p.parts and not p.name.startswith("store.sqlite3"))
+    return httpx.get(server.base_url + "/v1/adapters").json()["data"], files
+
+
+def test_hostile_uploads_are_refused_and_change_nothing(lora_server, smol_config, tmp_path):
+    good = write_random_peft(tmp_path / "good", smol_config, r=8, seed=9)
+    config, weights = (good / "adapter_config.json").read_bytes(), (good / "adapter_model.safetensors").read_bytes()
+    tensors = load_file(str(good / "adapter_model.safetensors"))
+
+    def with_tensors(change) -> bytes:
+        t = {k: v.clone() for k, v in tensors.items()}
+        change(t)
+        buf = tmp_path / "w.safetensors"
+        save_file(t, str(buf))
+        return buf.read_bytes()
+
+    def with_config(**changes) -> bytes:
+        return json.dumps({**json.loads(config), **changes}).encode()
+
+    key = next(iter(tensors))
+    traversal = io.BytesIO()
+    with tarfile.open(fileobj=traversal, mode="w:gz") as tf:
+        for name, data in (("../../evil.txt", b"x"), ("adapter_config.json", config)):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+    symlink = io.BytesIO()
+    with tarfile.open(fileobj=symlink, mode="w:gz") as tf:
+        info = tarfile.TarInfo("adapter_model.safetensors")
+        info.type, info.linkname = tarfile.SYMTYPE, "/etc/passwd"
+        tf.addfile(info)
+    cases = {
+        "traversal": (traversal.getvalue(), 400),
+        "absolute": (zipped({"/tmp/abs.json": config}), 400),
+        "symlink": (symlink.getvalue(), 400),
+        "zip bomb": (zipped({"adapter_config.json": config, "adapter_model.safetensors": b"\0" * (40 << 20)}), 413),
+        "oversize": (b"PK\x03\x04" + torch.randn(3 << 20).numpy().tobytes(), 413),
+        "pickle": (zipped({"adapter_config.json": config, "adapter_model.bin": b"\x80\x04cos\nsystem\n."}), 400),
+        "not an archive": (b"hello world", 400),
+        "NaN weights": (zipped({"adapter_config.json": config, "adapter_model.safetensors":
+                                with_tensors(lambda t: t[key].fill_(math.nan))}), 400),
+        "wrong shapes": (zipped({"adapter_config.json": config, "adapter_model.safetensors":
+                                 with_tensors(lambda t: t.update({key: torch.zeros(8, 100)}))}), 400),
+        "rank too high": (zipped({"adapter_config.json": with_config(r=32), "adapter_model.safetensors": weights}), 422),
+        "DoRA": (zipped({"adapter_config.json": with_config(use_dora=True), "adapter_model.safetensors": weights}), 422),
+        "unknown module": (zipped({"adapter_config.json": config, "adapter_model.safetensors": with_tensors(
+            lambda t: t.update({"base_model.model.model.layers.0.mlp.fc9.lora_A.weight": torch.zeros(8, 4)}))}), 400),
+        "modules_to_save": (zipped({"adapter_config.json": with_config(modules_to_save=["lm_head"]),
+                                    "adapter_model.safetensors": weights}), 422),
+    }
+    before = _store_listing(lora_server)
+    for what, (data, status) in cases.items():
+        r = upload(lora_server, "evil", data)
+        assert r.status_code == status, (what, r.status_code, r.text)
+        err = r.json()["error"]
+        assert err["message"] and err["type"], what
+    for bad_name in ("../x", "a/b", ".hidden", "smol"):
+        r = upload(lora_server, bad_name, zipped({"adapter_config.json": config, "adapter_model.safetensors": weights}))
+        assert r.status_code in (400, 404, 409), (bad_name, r.text)
+    assert _store_listing(lora_server) == before
+    assert not Path("/tmp/abs.json").exists() and not (lora_server.store.parent / "evil.txt").exists()
+    # and the server still serves
+    r = upload(lora_server, "fine", zipped({"adapter_config.json": config, "adapter_model.safetensors": weights}))
+    assert r.status_code == 201, r.text
