@@ -98,6 +98,9 @@ def main() -> None:
     ap.add_argument("--rank", type=int, default=8)
     ap.add_argument("--targets", default=ALL_LINEAR, help="comma-separated target modules of the adapters")
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--no-prefix-caching", action="store_true",
+                    help="base-only requests share the chat template's cached prefix, adapter requests cannot "
+                         "(the cache is salted per adapter); this isolates the LoRA compute cost")
     ap.add_argument("--skip-peft", action="store_true")
     ap.add_argument("--peft-subset", type=int, default=4, help="requests for the one-at-a-time peft baseline")
     args = ap.parse_args()
@@ -111,6 +114,7 @@ def main() -> None:
     max_adapters = max(counts)
     engine = LLMEngine.from_engine_args(
         EngineArgs(model=args.model, dtype=args.dtype, device=args.device, max_num_seqs=max(64, args.num_requests),
+                   enable_prefix_caching=not args.no_prefix_caching,
                    enable_lora=True, max_loras=min(max_adapters, args.num_requests), max_lora_rank=max(16, args.rank),
                    lora_pool_pages=max_adapters * args.rank + 17, max_cpu_loras=max_adapters + 1),
         hook_factory=create_lora_runtime)
@@ -126,7 +130,8 @@ def main() -> None:
         engine.adapter_hook.register_adapter(f"a{i}", i + 1, 1, str(f))
     prompts = make_prompts(engine.tokenizer, args.num_requests)
     print(f"device={engine.runner.device} dtype={args.dtype} requests={len(prompts)} max_tokens={args.max_tokens} "
-          f"rank={args.rank} targets={','.join(targets)} threads={torch.get_num_threads()}")
+          f"rank={args.rank} targets={','.join(targets)} threads={torch.get_num_threads()} "
+          f"prefix_caching={not args.no_prefix_caching}")
 
     workloads = {"base only": [None]} | {f"{c} adapters": [(i + 1, 1) for i in range(c)] for c in counts}
     for adapters in workloads.values():  # warm-up: oneDNN primitives, pool loads

@@ -39,12 +39,14 @@ async def one_request(client: httpx.AsyncClient, url: str, model: str, i: int, m
     return {"ttft": ttft or e2e, "e2e": e2e, "tokens": n}
 
 
-async def run_target(url: str, num_requests: int, max_tokens: int) -> dict:
+async def run_target(url: str, num_requests: int, max_tokens: int, models: list[str] | None = None) -> dict:
+    """`models`: request i asks for models[i % len(models)] (adapters); default: the first listed model."""
     async with httpx.AsyncClient(timeout=600) as client:
-        model = (await client.get(f"{url}/v1/models")).json()["data"][0]["id"]
-        await one_request(client, url, model, 0, 4)  # warm-up
+        models = models or [(await client.get(f"{url}/v1/models")).json()["data"][0]["id"]]
+        model = models[0]
+        await asyncio.gather(*(one_request(client, url, m, 0, 4) for m in models))  # warm-up (adapter loads)
         t0 = time.perf_counter()
-        results = await asyncio.gather(*(one_request(client, url, model, i, max_tokens)
+        results = await asyncio.gather(*(one_request(client, url, models[i % len(models)], i, max_tokens)
                                          for i in range(num_requests)))
         dt = time.perf_counter() - t0
     tokens = sum(r["tokens"] for r in results)

@@ -4,18 +4,20 @@ Rows are grouped by adapter (one segment each, see ops/meta.py). Short segments 
 one padded `bmm` pair per linear: segments longer than the average are split so padding stays below
 2x, and an adapter's pages are gathered once per segment instead of once per token (the reference's
 per-token gather reads max_rank x in_features weights for every row). Long contiguous segments
-(prefill chunks) are plain matmuls on a view of x. Seven torch ops per linear, whatever the number of
-adapters. `benchmarks/bench_lora_ops.py` compares it with the reference formulation.
+(prefill chunks) are plain matmuls on a view of x. The expand is an `embedding_bag` over the pool:
+each row's delta is the h-weighted sum of its pages' B rows, read in place (no gathered copy of B).
+Six torch ops per linear, whatever the number of adapters. `benchmarks/bench_lora_ops.py` compares it with the reference formulation.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from loraplex.adapters.ops.meta import ZERO_PAGE, LoRABatchMeta
 
-LONG_SEGMENT_TOKENS = 16  # contiguous segments longer than this are matmuls of their own
+LONG_SEGMENT_TOKENS = 128  # contiguous segments longer than this are matmuls of their own (no padding)
 
 
 @dataclass(slots=True)
@@ -27,6 +29,7 @@ class CpuLayout:
     bmm_rank: int
     bmm_valid: torch.Tensor | None  # [n] positions in the padded [segments * bmm_len] order that are real
     bmm_token_rows: torch.Tensor | None  # [n] the batch rows they belong to
+    bmm_token_pages: torch.Tensor | None  # [n, rank] each of those rows' pages (the expand's bags)
     dense: list[tuple[int, int, torch.Tensor]]  # (first row, end row, pages [rank]) of long segments
 
 
@@ -52,24 +55,27 @@ def _build_layout(meta: LoRABatchMeta) -> CpuLayout:
         else:
             short.append((seg_rows, seg_pages))
     if not short:
-        return CpuLayout(0, 0, None, None, 0, None, None, dense)
+        return CpuLayout(0, 0, None, None, 0, None, None, None, dense)
     # split long segments so that no segment is longer than the mean: padding costs < 2x
     num_rows = sum(len(r) for r, _ in short)
     cap = max(1, -(-num_rows // len(short)))
     pieces = [(r[i:i + cap], p) for r, p in short for i in range(0, len(r), cap)]
     bmm_len = max(len(r) for r, _ in pieces)
     rank = max(len(p) for _, p in pieces)
-    x_rows, flat_pages, valid, token_rows = [], [], [], []
+    x_rows, flat_pages, valid, token_rows, token_pages = [], [], [], [], []
     for s, (r, p) in enumerate(pieces):
+        padded = p + [ZERO_PAGE] * (rank - len(p))
         x_rows.extend(r + [r[0]] * (bmm_len - len(r)))
-        flat_pages.extend(p + [ZERO_PAGE] * (rank - len(p)))
+        flat_pages.extend(padded)
         valid.extend(range(s * bmm_len, s * bmm_len + len(r)))
         token_rows.extend(r)
+        token_pages.extend([padded] * len(r))
 
     def t(data: list[int]) -> torch.Tensor:
         return torch.tensor(data, dtype=torch.int64, device=device)
 
-    return CpuLayout(len(pieces), bmm_len, t(x_rows), t(flat_pages), rank, t(valid), t(token_rows), dense)
+    return CpuLayout(len(pieces), bmm_len, t(x_rows), t(flat_pages), rank, t(valid), t(token_rows),
+                     t(token_pages), dense)
 
 
 def lora_apply_cpu(y: torch.Tensor, x: torch.Tensor, a_pool: torch.Tensor, b_pool: torch.Tensor,
@@ -80,10 +86,10 @@ def lora_apply_cpu(y: torch.Tensor, x: torch.Tensor, a_pool: torch.Tensor, b_poo
         s, t, r = layout.num_bmm_segments, layout.bmm_len, layout.bmm_rank
         xs = x.index_select(0, layout.bmm_x_rows).view(s, t, x.shape[1])  # [segments, tokens, in]
         a = a_pool.index_select(0, layout.bmm_pages).view(s, r, a_pool.shape[1])  # [segments, rank, in]
-        b = b_pool.index_select(0, layout.bmm_pages).view(s, r, b_pool.shape[1])  # [segments, rank, out]
-        h = torch.bmm(xs, a.transpose(1, 2))  # [segments, tokens, rank]
-        delta = torch.bmm(h, b).view(s * t, b_pool.shape[1])  # [segments * tokens, out]
-        y.index_add_(0, layout.bmm_token_rows, delta.index_select(0, layout.bmm_valid))
+        h = torch.bmm(xs, a.transpose(1, 2)).view(s * t, r).index_select(0, layout.bmm_valid)  # [n, rank]
+        # expand without copying B: each row's delta is the h-weighted sum of its pages' B rows
+        delta = F.embedding_bag(layout.bmm_token_pages, b_pool, per_sample_weights=h, mode="sum")  # [n, out]
+        y.index_add_(0, layout.bmm_token_rows, delta)
     for start, end, pages in layout.dense:
         h = x[start:end] @ a_pool.index_select(0, pages).t()  # [tokens, rank]
         y[start:end].addmm_(h, b_pool.index_select(0, pages))

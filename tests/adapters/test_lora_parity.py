@@ -22,7 +22,7 @@ ADAPTERS = {  # name: (adapter_id, r, alpha, target_modules, use_rslora)
 }
 
 
-def build_setup(path, tmp_path, num_pages=100, max_rank=64, extra_adapters=None):
+def build_setup(path, tmp_path, num_pages=100, max_rank=64, extra_adapters=None, device="cpu"):
     hf = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     peft_model = hf
     adapters = dict(ADAPTERS, **(extra_adapters or {}))
@@ -31,8 +31,8 @@ def build_setup(path, tmp_path, num_pages=100, max_rank=64, extra_adapters=None)
         peft_model = add_random_adapter(peft_model, name, r=r, alpha=alpha, target_modules=targets,
                                         use_rslora=rslora, seed=seed)
         folders[name] = save_adapter(peft_model, name, tmp_path / "peft")
-    model, config = load_model(path, torch.float32)
-    runtime = LoRARuntime(model, config, torch.float32, torch.device("cpu"), max_lora_rank=max_rank,
+    model, config = load_model(path, torch.float32, device=device)
+    runtime = LoRARuntime(model, config, torch.float32, torch.device(device), max_lora_rank=max_rank,
                           num_pages=num_pages, max_cpu_loras=8)
     for name, (adapter_id, *_) in adapters.items():
         runtime.register_adapter(name, adapter_id, 1, str(folders[name]))

@@ -48,8 +48,10 @@ def loop_reference(x, y, a_pool, b_pool, segments):
 CASES = {
     "decode-mixed-ranks": dict(num_tokens=40, in_f=64, out_f=48, ranks=[1, 4, 8, 16, 64], seg_lens=[3, 1, 9, 2, 5]),
     "odd-sizes": dict(num_tokens=23, in_f=37, out_f=100, ranks=[3, 7], seg_lens=[5, 11]),
-    "long-prefill-and-decodes": dict(num_tokens=90, in_f=32, out_f=40, ranks=[8, 16, 4],
-                                     seg_lens=[40, 3, 30]),
+    "long-prefill-and-decodes": dict(num_tokens=400, in_f=32, out_f=40, ranks=[8, 16, 4],
+                                     seg_lens=[200, 3, 150]),
+    "short-prefills-and-decodes": dict(num_tokens=90, in_f=32, out_f=40, ranks=[8, 16, 4],
+                                       seg_lens=[40, 3, 30]),
     "one-adapter": dict(num_tokens=8, in_f=16, out_f=16, ranks=[8], seg_lens=[8]),
     "skewed-decodes": dict(num_tokens=70, in_f=24, out_f=24, ranks=[8, 8, 8], seg_lens=[60, 1, 1]),
 }
