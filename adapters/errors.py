@@ -42,9 +42,3 @@ class AdapterNotFoundError(AdapterError):
     def __init__(self, name: str) -> None:
         super().__init__(f"The adapter `{name}` does not exist.", param="name")
         self.name = name
-
-
-class AdapterPoolFullError(AdapterError):
-    """Every page of the pool is pinned by running requests; retry when they finish."""
-    status_code = 503
-    code = "adapter_pool_full"

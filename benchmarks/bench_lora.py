@@ -40,32 +40,36 @@ def run_engine(engine, prompts, adapters, max_tokens: int) -> float:
     return generated / (time.perf_counter() - t0)
 
 
-def peft_baselines(model_dir, folders, prompts, tokenizer, max_tokens, dtype, subset: int) -> dict[str, float]:
+def peft_baselines(model_dir, folders, counts, prompts, tokenizer, max_tokens, dtype, subset: int) -> dict:
+    """{(baseline, number of adapters): tok/s} for the two ways users serve several adapters with peft."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
     base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).eval()
     model = PeftModel.from_pretrained(base, str(folders[0]), adapter_name="a0")
-    for i, f in enumerate(folders[1:], 1):
+    for i, f in enumerate(folders[1:max(counts)], 1):
         model.load_adapter(str(f), adapter_name=f"a{i}")
-    names = [f"a{i % len(folders)}" for i in range(len(prompts))]
-    # (a) one request at a time, switching adapters
+    results = {}
+    # (a) one request at a time, switching adapters (the count hardly matters: measured once)
+    names = [f"a{i % max(counts)}" for i in range(len(prompts))]
     t0, generated = time.perf_counter(), 0
     for p, name in list(zip(prompts, names))[:subset]:
         model.set_adapter(name)
         _, n = run_hf(model, tokenizer, [p], max_tokens, 1)
         generated += n
-    one_at_a_time = generated / (time.perf_counter() - t0)
+    results["one-at-a-time (set_adapter)", None] = generated / (time.perf_counter() - t0)
     # (b) all requests in one batch, each row naming its adapter
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     width = max(len(p) for p in prompts)
     ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts])
     mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
-    t0 = time.perf_counter()
-    with torch.inference_mode():
-        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_tokens, min_new_tokens=max_tokens,
-                             do_sample=False, pad_token_id=pad, adapter_names=names)
-    batched = (out.shape[1] - width) * len(prompts) / (time.perf_counter() - t0)
-    return {"peft one-at-a-time (set_adapter)": one_at_a_time, "peft batched (adapter_names=)": batched}
+    for count in counts:
+        names = [f"a{i % count}" for i in range(len(prompts))]
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_tokens,
+                                 min_new_tokens=max_tokens, do_sample=False, pad_token_id=pad, adapter_names=names)
+        results["batched (adapter_names=)", count] = (out.shape[1] - width) * len(prompts) / (time.perf_counter() - t0)
+    return results
 
 
 def load_latency(engine, folder: Path, repeats: int = 10) -> tuple[float, float]:
@@ -103,6 +107,7 @@ def main() -> None:
                          "(the cache is salted per adapter); this isolates the LoRA compute cost")
     ap.add_argument("--skip-peft", action="store_true")
     ap.add_argument("--peft-subset", type=int, default=4, help="requests for the one-at-a-time peft baseline")
+    ap.add_argument("--peft-max-adapters", type=int, default=32, help="largest count the peft baselines load")
     args = ap.parse_args()
 
     from loraplex.adapters.runtime import create_lora_runtime
@@ -152,11 +157,14 @@ def main() -> None:
           f"{host_ms:.1f} ms from the host tier, {disk_ms:.1f} ms from disk")
 
     if not args.skip_peft:
-        peft = peft_baselines(model_dir, folders[:8], prompts, engine.tokenizer, args.max_tokens,
+        peft_counts = [c for c in counts if c <= args.peft_max_adapters]
+        peft = peft_baselines(model_dir, folders, peft_counts, prompts, engine.tokenizer, args.max_tokens,
                               getattr(torch, args.dtype), args.peft_subset)
-        ours8 = statistics.median(results.get("8 adapters", results["base only"]))
-        for name, tps in peft.items():
-            print(f"{name:>34}: {tps:7.1f} tok/s; loraplex with 8 adapters is {ours8 / tps:.1f}x")
+        for (name, count), tps in peft.items():
+            for c in ([count] if count else peft_counts):
+                ours = statistics.median(results[f"{c} adapters"])
+                print(f"peft {name:>28} {c:3d} adapters: {tps:7.1f} tok/s; loraplex {ours:.1f} tok/s = "
+                      f"{ours / tps:.1f}x")
 
 
 if __name__ == "__main__":

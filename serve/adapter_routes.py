@@ -16,7 +16,7 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 from starlette.types import Message, Receive
 
-from loraplex.adapters.errors import AdapterError, AdapterTooLargeError
+from loraplex.adapters.errors import AdapterTooLargeError
 from loraplex.serve.errors import InvalidRequestError
 
 MULTIPART_OVERHEAD_BYTES = 64 << 10  # form fields and part headers around the archive
@@ -134,5 +134,3 @@ ADAPTER_ROUTES = [
     Route("/v1/load_lora_adapter", load_lora_adapter, methods=["POST"]),
     Route("/v1/unload_lora_adapter", unload_lora_adapter, methods=["POST"]),
 ]
-
-__all__ = ["ADAPTER_ROUTES", "AdapterError", "is_admin_route"]
