@@ -62,6 +62,7 @@ class LoRARuntime:
             raise ValueError(f"the LoRA pool ({num_pages - 1} pages) cannot hold one adapter of "
                              f"--max-lora-rank {max_lora_rank}")
         self.weights = LoRAWeightPool(num_pages, model_config.num_hidden_layers, shapes, dtype, device)
+        self.pool_bytes = num_pages * LoRAWeightPool.bytes_per_page(model_config.num_hidden_layers, shapes, dtype)
         self.pool = AdapterPool(num_pages)
         self.host: OrderedDict[AdapterKey, LoRAWeights] = OrderedDict()  # LRU first
         self.registry: dict[AdapterKey, RegisteredAdapter] = {}

@@ -35,6 +35,8 @@ class EngineArgs:
     seed: int = 0
     num_threads: int | None = None  # torch intra-op threads on CPU; None: all cores
     cpu_weight_prepack: bool = True  # CPU: swap nn.Linear for oneDNN-prepacked PackedLinear
+    quantization: str = "none"  # none | nf4 | int8 (bitsandbytes, at load) | gptq | exl2 (from the checkpoint)
+    double_quant: bool = True  # nf4: QLoRA's double quantization of the absmax statistics
     # LoRA (used by the adapter hook the server wires in; vLLM's spellings)
     enable_lora: bool = False
     max_loras: int = 32  # distinct adapters in one step
@@ -54,6 +56,8 @@ class EngineArgs:
             raise ValueError("--max-queue-len must be at least 1")
         if self.kv_cache_memory_bytes <= 0:
             raise ValueError("--kv-cache-memory-bytes must be positive")
+        if self.quantization not in ("none", "nf4", "int8", "gptq", "exl2"):
+            raise ValueError(f"--quantization must be one of none, nf4, int8, gptq, exl2; got {self.quantization!r}")
         if self.max_loras < 1 or self.max_lora_rank < 1:
             raise ValueError("--max-loras and --max-lora-rank must be at least 1")
         if self.max_cpu_loras is not None and self.max_cpu_loras < 1:

@@ -17,6 +17,7 @@ from loraplex.engine.errors import PromptTooLongError
 from loraplex.engine.kv_cache import KVCacheManager
 from loraplex.engine.model_runner import ModelRunner
 from loraplex.engine.outputs import EngineStats, RequestOutput, TokenLogprob
+from loraplex.engine.quant import BNB_METHODS, QuantConfig, module_weight_bytes, quantize_linears
 from loraplex.engine.request import Request, RequestStatus
 from loraplex.engine.sampling_params import SamplingParams
 from loraplex.engine.scheduler import Scheduler
@@ -49,6 +50,7 @@ class LLMEngine:
     def __init__(self, runner: ModelRunner, scheduler: Scheduler, tokenizer, model_config: ModelConfig,
                  max_model_len: int) -> None:
         self.adapter_hook: AdapterHook | None = None  # set by attach_adapter_hook
+        self.memory_bytes: dict[str, int] | None = None  # set by from_engine_args
         self.runner = runner
         self.scheduler = scheduler
         self.tokenizer = tokenizer
@@ -87,6 +89,11 @@ class LLMEngine:
         model_config = _read_model_config(model_path)
         dtype = resolve_dtype(args.dtype, model_config, device)
         model, model_config = load_model(model_path, dtype=dtype, device=device)
+        quant = QuantConfig(args.quantization, double_quant=args.double_quant)
+        if quant.method in BNB_METHODS:
+            quantize_linears(model, quant, dtype, device)
+        elif quant.method != "none" and getattr(model, "quant_method", "none") != quant.method:
+            raise ValueError(f"--quantization {quant.method}: {model_path} is not a {quant.method.upper()} checkpoint")
         if args.cpu_weight_prepack and can_prepack(device, dtype):
             prepack_linears(model, batch_size_hint=args.max_num_seqs)
         tokenizer = load_tokenizer(model_path)
@@ -109,6 +116,11 @@ class LLMEngine:
         engine = cls(runner, Scheduler(scheduler_config, kv), tokenizer, model_config, max_model_len)
         if hook_factory is not None:
             engine.attach_adapter_hook(hook_factory(engine, args))
+        engine.memory_bytes = {"weights": module_weight_bytes(model), "kv_cache": runner.kv_cache_bytes,
+                               "lora_pool": getattr(engine.adapter_hook, "pool_bytes", 0)}
+        logger.info("memory: base weights %.1f MiB (%s), KV cache %.1f MiB, LoRA pool %.1f MiB",
+                    engine.memory_bytes["weights"] / 2**20, quant.method if quant.method != "none" else str(dtype),
+                    engine.memory_bytes["kv_cache"] / 2**20, engine.memory_bytes["lora_pool"] / 2**20)
         return engine
 
     # ---- requests -------------------------------------------------------------------------
@@ -148,7 +160,8 @@ class LLMEngine:
         kv = self.scheduler.kv_cache_manager
         return EngineStats(num_running=self.scheduler.num_running, num_waiting=self.scheduler.num_waiting,
                            num_free_blocks=kv.num_free_blocks, num_total_blocks=kv.num_total_blocks,
-                           adapters=None if self.adapter_hook is None else self.adapter_hook.stats())
+                           adapters=None if self.adapter_hook is None else self.adapter_hook.stats(),
+                           memory_bytes=self.memory_bytes)
 
     def call_adapter_hook(self, method: str, args: tuple):
         if self.adapter_hook is None:

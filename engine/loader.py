@@ -59,15 +59,57 @@ def load_model(path: str | Path, dtype: torch.dtype | str = "auto",
     else:
         raise FileNotFoundError(f"{path} is neither a GGUF file nor a folder with config.json")
     config = ModelConfig.from_hf_dict(hf_config)
+    quant = hf_config.get("quantization_config") or {}
+    method = quant.get("quant_method")
+    if method not in (None, "gptq"):
+        raise ValueError(f"{path}: quantization_config.quant_method {method!r} is not supported (gptq is)")
     with torch.device("meta"):
         model = get_model_class(config.architecture)(config)
-    load_weights(model, weights, resolve_dtype(dtype, config), torch.device(device))
+    gptq_tensors: dict[str, dict[str, torch.Tensor]] = {}  # linear's checkpoint prefix -> its GPTQ tensors
+
+    def dense(weights: Iterator[tuple[str, torch.Tensor]]) -> Iterator[tuple[str, torch.Tensor]]:
+        for name, tensor in weights:
+            prefix, _, suffix = name.rpartition(".")
+            if method == "gptq" and suffix in GPTQ_SUFFIXES:
+                gptq_tensors.setdefault(prefix, {})[suffix] = tensor
+            else:
+                yield name, tensor
+
+    device = torch.device(device)
+    load_weights(model, dense(weights), resolve_dtype(dtype, config), device,
+                 not_dense=lambda: {model.map_checkpoint_name(p + ".weight") for p in gptq_tensors})
+    if method == "gptq":
+        _swap_in_gptq(model, gptq_tensors, quant, device)
+    model.quant_method = method or "none"
     return model.eval(), config
 
 
+GPTQ_SUFFIXES = ("qweight", "qzeros", "scales", "g_idx")
+
+
+def _swap_in_gptq(model: nn.Module, tensors: dict[str, dict[str, torch.Tensor]], quant: dict,
+                  device: torch.device) -> None:
+    """Replace each quantized linear (still an nn.Linear with a meta weight) by a GPTQLinear."""
+    from .gptq import GPTQLinear
+    bits, group_size = int(quant.get("bits", 4)), int(quant.get("group_size", 128))
+    if quant.get("checkpoint_format", "gptq") != "gptq":
+        raise ValueError(f"GPTQ checkpoint_format {quant['checkpoint_format']!r} is not supported (gptq v1 is)")
+    for prefix, parts in tensors.items():
+        module_name = model.map_checkpoint_name(prefix + ".weight").rpartition(".")[0]
+        parent_name, _, attr = module_name.rpartition(".")
+        linear = model.get_submodule(module_name)
+        bias = None if linear.bias is None else linear.bias.detach()
+        parts = {k: v.to(device) for k, v in parts.items()}
+        q = GPTQLinear.from_tensors(parts, bits, group_size, bias=bias)
+        if (q.in_features, q.out_features) != (linear.in_features, linear.out_features):
+            raise ValueError(f"{prefix}: GPTQ shape {(q.in_features, q.out_features)} does not fit the model")
+        setattr(model.get_submodule(parent_name), attr, q.to(device))
+
+
 def load_weights(model: nn.Module, weights: Iterator[tuple[str, torch.Tensor]], dtype: torch.dtype,
-                 device: torch.device) -> None:
-    """Replace each meta parameter by its checkpoint tensor (cast once, no init); move buffers."""
+                 device: torch.device, not_dense=lambda: set()) -> None:
+    """Replace each meta parameter by its checkpoint tensor (cast once, no init); move buffers.
+    `not_dense()` (asked after reading) names weights that come quantized instead (left on meta)."""
     params = dict(model.named_parameters())  # tied lm_head.weight is listed once, as the embedding
     loaded: set[str] = set()
     for ckpt_name, tensor in weights:
@@ -83,7 +125,7 @@ def load_weights(model: nn.Module, weights: Iterator[tuple[str, torch.Tensor]], 
         data = tensor.to(device=device, dtype=dtype if tensor.is_floating_point() else tensor.dtype)
         model.get_submodule(module_name)._parameters[attr] = nn.Parameter(data, requires_grad=False)
         loaded.add(name)
-    missing = sorted(set(params) - loaded)
+    missing = sorted(set(params) - loaded - not_dense())
     if missing:
         raise ValueError(f"checkpoint lacks {len(missing)} weights, e.g. {missing[:3]}")
     model.tie_weights()

@@ -44,6 +44,7 @@ class ModelRunner:
         self.kv_caches = allocate_kv_caches(model_config.num_hidden_layers, self.num_blocks * self.block_size,
                                             model_config.num_key_value_heads, model_config.head_dim,
                                             dtype, device)
+        self.kv_cache_bytes = self.num_blocks * per_block
         logger.info("KV cache: %d blocks x %d tokens (%.1f MiB, %s on %s)", self.num_blocks,
                     self.block_size, self.num_blocks * per_block / 2**20, dtype, device)
         self.sampler = Sampler()

@@ -35,6 +35,8 @@ class EngineStats:
     num_total_blocks: int
     # the adapter hook's counters (pool pages, residency, loads, evictions, load latencies); None without LoRA
     adapters: dict | None = None
+    # bytes held on the device by kind: weights (base model, quantized where it is), kv_cache, lora_pool
+    memory_bytes: dict[str, int] | None = None
 
     @property
     def kv_cache_usage(self) -> float:

@@ -37,6 +37,15 @@ def build_parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", help="run the OpenAI-compatible server (the default command)")
     add_serve_args(serve)
     sub.add_parser("download", help="fetch and convert the default model into the local cache")
+    quantize = sub.add_parser("quantize", help="write a quantized copy of a model folder (GPTQ format, "
+                              "round-to-nearest) that `serve --model` loads")
+    quantize.add_argument("--format", choices=["gptq"], default="gptq")
+    quantize.add_argument("--model", default=None, help="HF-layout folder (default: the default model)")
+    quantize.add_argument("--output", required=True, help="the folder to write")
+    quantize.add_argument("--bits", type=int, choices=[4, 8], default=4)
+    quantize.add_argument("--group-size", type=int, default=128, help="input channels per scale (-1: per row)")
+    quantize.add_argument("--asym", action="store_true", help="asymmetric (per-group zero points)")
+    quantize.add_argument("--desc-act", action="store_true", help="act-order grouping (g_idx)")
     return parser
 
 
@@ -51,6 +60,8 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-num-seqs", type=int, default=64)
     p.add_argument("--max-num-batched-tokens", type=int, default=None)
     p.add_argument("--block-size", type=int, default=16)
+    p.add_argument("--quantization", "-q", default="none", choices=["none", "nf4", "int8", "gptq", "exl2"],
+                   help="base weights: nf4/int8 quantize at load (bitsandbytes); gptq/exl2 name the checkpoint's format")
     p.add_argument("--kv-cache-memory-bytes", type=_size, default=1 << 30, metavar="SIZE",
                    help="KV cache size, e.g. 2GiB or 512MiB (default: 1GiB)")
     p.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True)
@@ -87,7 +98,7 @@ def engine_args_from(ns: argparse.Namespace) -> EngineArgs:
     return EngineArgs(
         model=ns.model, dtype=ns.dtype, device=ns.device, max_model_len=ns.max_model_len,
         max_num_seqs=ns.max_num_seqs, max_num_batched_tokens=ns.max_num_batched_tokens,
-        block_size=ns.block_size, kv_cache_memory_bytes=ns.kv_cache_memory_bytes,
+        block_size=ns.block_size, kv_cache_memory_bytes=ns.kv_cache_memory_bytes, quantization=ns.quantization,
         enable_prefix_caching=ns.enable_prefix_caching, max_queue_len=ns.max_queue_len, seed=ns.seed,
         enable_lora=ns.enable_lora, max_loras=ns.max_loras, max_lora_rank=ns.max_lora_rank,
         max_cpu_loras=ns.max_cpu_loras, lora_pool_pages=ns.lora_pool_pages, lora_pool_bytes=ns.lora_pool_bytes)
@@ -153,6 +164,18 @@ def serve(ns: argparse.Namespace) -> int:
     return 0
 
 
+def quantize(ns: argparse.Namespace) -> int:
+    from loraplex.engine.gptq import export_gptq
+    model = ns.model
+    if model is None:
+        from loraplex.engine.default_model import ensure_default_model
+        model = str(ensure_default_model(progress=print))
+    out = export_gptq(Path(model), Path(ns.output), bits=ns.bits, group_size=ns.group_size, sym=not ns.asym,
+                      desc_act=ns.desc_act, progress=print)
+    print(out)
+    return 0
+
+
 def download() -> int:
     from loraplex.engine.default_model import ensure_default_model
 
@@ -169,6 +192,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=level, format=LOG_FORMAT)
     if ns.command == "download":
         return download()
+    if ns.command == "quantize":
+        return quantize(ns)
     return serve(ns)
 
 

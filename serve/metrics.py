@@ -48,6 +48,12 @@ class _EngineStatsCollector(Collector):
             gauge = GaugeMetricFamily(PREFIX + name, doc, labels=["model_name"])
             gauge.add_metric([self._model_name], float(value))
             yield gauge
+        if stats.memory_bytes:
+            memory = GaugeMetricFamily(PREFIX + "memory_bytes", "Bytes held on the device: base weights "
+                                       "(quantized where they are), KV cache, LoRA pool.", labels=["model_name", "kind"])
+            for kind, value in stats.memory_bytes.items():
+                memory.add_metric([self._model_name, kind], float(value))
+            yield memory
         if stats.adapters is not None:
             yield from self._adapter_metrics(stats.adapters)
 

@@ -201,3 +201,20 @@ def test_hostile_uploads_are_refused_and_change_nothing(lora_server, smol_config
     # and the server still serves
     r = upload(lora_server, "fine", zipped({"adapter_config.json": config, "adapter_model.safetensors": weights}))
     assert r.status_code == 201, r.text
+
+
+def test_nf4_server_with_an_adapter(default_model_dir, smol_config, tmp_path):
+    folder = write_random_peft(tmp_path / "q", smol_config, r=8, seed=3, std=0.04)
+    srv = Server(["--model", str(default_model_dir), "--dtype", "float32", "--max-model-len", "256",
+                  "--max-num-seqs", "8", "--served-model-name", "smol", "--quantization", "nf4",
+                  "--lora-modules", f"quokka={folder}"])
+    try:
+        client = openai.OpenAI(base_url=srv.base_url + "/v1", api_key="unused", max_retries=0)
+        assert {m.id for m in client.models.list().data} == {"smol", "quokka"}
+        base, adapted = chat(client, "smol", 24), chat(client, "quokka", 24)
+        assert base and adapted and base != adapted
+        metrics = httpx.get(srv.base_url + "/metrics").text
+        weights = [line for line in metrics.splitlines() if line.startswith('loraplex:memory_bytes{') and 'weights' in line]
+        assert weights and float(weights[0].split()[-1]) < 0.6 * 651306368  # well under the fp32 weights
+    finally:
+        srv.stop()

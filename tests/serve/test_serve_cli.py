@@ -69,3 +69,19 @@ def test_download_calls_ensure_default_model(monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "loraplex.engine.default_model", fake_module)
     assert cli.main(["download"]) == 0
     assert "/cache/SmolLM2-135M-Instruct" in capsys.readouterr().out
+
+
+def test_quantize_writes_a_gptq_folder_that_loads(tmp_path):
+    import torch
+    import transformers
+
+    from loraplex.engine.gptq import GPTQLinear
+    from loraplex.engine.loader import load_model
+    config = transformers.LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2)
+    transformers.AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "m")
+    assert cli.main(["quantize", "--model", str(tmp_path / "m"), "--output", str(tmp_path / "q"),
+                     "--group-size", "32"]) == 0
+    model, _ = load_model(tmp_path / "q", torch.float32)
+    assert model.quant_method == "gptq"
+    assert sum(isinstance(m, GPTQLinear) for m in model.modules()) == 14
