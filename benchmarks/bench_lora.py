@@ -98,6 +98,7 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     ap.add_argument("--device", default="auto")
+    ap.add_argument("--quantization", default="none", choices=["none", "nf4", "int8", "gptq"])
     ap.add_argument("--adapters", default="8,32,128", help="numbers of distinct adapters to spread over")
     ap.add_argument("--rank", type=int, default=8)
     ap.add_argument("--targets", default=ALL_LINEAR, help="comma-separated target modules of the adapters")
@@ -119,7 +120,7 @@ def main() -> None:
     max_adapters = max(counts)
     engine = LLMEngine.from_engine_args(
         EngineArgs(model=args.model, dtype=args.dtype, device=args.device, max_num_seqs=max(64, args.num_requests),
-                   enable_prefix_caching=not args.no_prefix_caching,
+                   enable_prefix_caching=not args.no_prefix_caching, quantization=args.quantization,
                    enable_lora=True, max_loras=min(max_adapters, args.num_requests), max_lora_rank=max(16, args.rank),
                    lora_pool_pages=max_adapters * args.rank + 17, max_cpu_loras=max_adapters + 1),
         hook_factory=create_lora_runtime)
@@ -136,7 +137,8 @@ def main() -> None:
     prompts = make_prompts(engine.tokenizer, args.num_requests)
     print(f"device={engine.runner.device} dtype={args.dtype} requests={len(prompts)} max_tokens={args.max_tokens} "
           f"rank={args.rank} targets={','.join(targets)} threads={torch.get_num_threads()} "
-          f"prefix_caching={not args.no_prefix_caching}")
+          f"prefix_caching={not args.no_prefix_caching} quantization={args.quantization} "
+          f"weights={engine.memory_bytes['weights'] / 2**20:.0f}MiB")
 
     workloads = {"base only": [None]} | {f"{c} adapters": [(i + 1, 1) for i in range(c)] for c in counts}
     for adapters in workloads.values():  # warm-up: oneDNN primitives, pool loads
