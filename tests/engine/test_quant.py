@@ -14,6 +14,8 @@ from torch import nn
 from loraplex.engine.loader import load_model
 from loraplex.engine.quant import QuantConfig, bnb_linear, module_weight_bytes, quantize_linears
 
+from tests.engine.test_cuda import tiny_model_dir  # noqa: F401 - fixture
+
 bnb = pytest.importorskip("bitsandbytes")
 TEXT = (Path(__file__).parent / "data" / "perplexity.txt").read_text()
 CPU = torch.device("cpu")
@@ -166,28 +168,15 @@ def test_bnb_linear_on_cuda_matches_its_dequantized_reference(method, dtype):
 
 
 @pytest.mark.cuda
-def test_cuda_engine_nf4_with_adapters(tmp_path):
+def test_cuda_engine_nf4_with_adapters(tiny_model_dir, tmp_path):  # noqa: F811
     from loraplex.adapters.runtime import create_lora_runtime
     from loraplex.adapters.synthetic import write_random_peft
     from loraplex.engine.engine_args import EngineArgs
     from loraplex.engine.llm_engine import LLMEngine, _read_model_config
     from loraplex.engine.sampling_params import SamplingParams
     from tests.adapters.test_lora_engine import run
-    import transformers
-
-    from tests.serve.fake_engine import build_tokenizer
-    tokenizer = build_tokenizer()
-    config = transformers.LlamaConfig(vocab_size=len(tokenizer), hidden_size=128, intermediate_size=256,
-                                      num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
-                                      max_position_embeddings=512, eos_token_id=tokenizer.eos_token_id)
-    torch.manual_seed(0)
-    hf = transformers.LlamaForCausalLM(config)
-    for p in hf.parameters():
-        p.data.normal_(0, 0.08)
-    hf.save_pretrained(tmp_path / "m")
-    tokenizer.save_pretrained(tmp_path / "m")
-    mc = _read_model_config(str(tmp_path / "m"))
-    engine = LLMEngine.from_engine_args(EngineArgs(model=str(tmp_path / "m"), device="cuda", dtype="bfloat16",
+    mc = _read_model_config(str(tiny_model_dir))
+    engine = LLMEngine.from_engine_args(EngineArgs(model=str(tiny_model_dir), device="cuda", dtype="bfloat16",
                                                    quantization="nf4", max_model_len=256, enable_lora=True,
                                                    max_lora_rank=16, lora_pool_pages=40),
                                         hook_factory=create_lora_runtime)
@@ -198,4 +187,5 @@ def test_cuda_engine_nf4_with_adapters(tmp_path):
     prompts = {k: list(range(3 + j, 14 + j)) for j, k in enumerate([None, (1, 1), (2, 1)])}
     alone = {str(k): run(engine, {"x": (p, greedy, k)})["x"] for k, p in prompts.items()}
     assert run(engine, {str(k): (p, greedy, k) for k, p in prompts.items()}) == alone
-    assert engine.memory_bytes["weights"] < module_weight_bytes(hf) / 2
+    dense, _ = load_model(tiny_model_dir, torch.bfloat16)
+    assert engine.memory_bytes["weights"] < module_weight_bytes(dense)
