@@ -40,16 +40,18 @@ class StepLog:
         self.num_steps = self.num_generated = 0
         self.busy_s = 0.0
 
-    def record(self, step_s: float, num_generated: int, stats: EngineStats) -> None:
+    def record(self, step_s: float, num_generated: int, stats: Callable[[], EngineStats]) -> None:
+        """`stats` is only called when a line is due (it is not free with adapters: pool counters)."""
         self.num_steps += 1
         self.num_generated += num_generated
         self.busy_s += step_s
         elapsed = time.monotonic() - self._start
         if elapsed < self.interval_s:
             return
+        now = stats()
         logger.info("generation %.1f tok/s, %d steps (mean %.1f ms), running %d, waiting %d, KV cache %.1f%%",
                     self.num_generated / elapsed, self.num_steps, 1000 * self.busy_s / self.num_steps,
-                    stats.num_running, stats.num_waiting, 100 * stats.kv_cache_usage)
+                    now.num_running, now.num_waiting, 100 * now.kv_cache_usage)
         self.__init__(self.interval_s)
 
 
@@ -120,7 +122,7 @@ class EngineLoop:
                 t0 = time.perf_counter()
                 step_outputs = self.engine.step()
                 self.step_log.record(time.perf_counter() - t0, sum(len(o.token_ids) for o in step_outputs),
-                                     self.engine.stats())
+                                     self.engine.stats)
                 outputs.extend(step_outputs)
             if outputs:
                 emit(outputs, self.engine.stats())  # after aborts too, so free-block counts are current

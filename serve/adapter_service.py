@@ -17,7 +17,7 @@ from typing import Any
 
 from loraplex.adapters.archive import UploadLimits, extract_adapter_archive
 from loraplex.adapters.errors import AdapterError, AdapterNotFoundError
-from loraplex.adapters.peft import load_adapter
+from loraplex.adapters.peft import LORA_MODULES, load_adapter
 from loraplex.adapters.store import AdapterStore, AdapterVersion, validate_adapter_name
 
 logger = logging.getLogger("loraplex.serve")
@@ -160,7 +160,7 @@ def _as_safetensors_folder(folder: Path, weights, stage: Path) -> Path:
     shutil.copy(folder / "adapter_config.json", stage / "adapter_config.json")
     state = {}
     for (layer, module), (a, b) in weights.tensors.items():
-        parent = "self_attn" if module in ("q_proj", "k_proj", "v_proj", "o_proj") else "mlp"
+        parent = LORA_MODULES[module]
         prefix = f"base_model.model.model.layers.{layer}.{parent}.{module}"
         name = f"model.layers.{layer}.{parent}.{module}"
         state[f"{prefix}.lora_A.weight"] = a.float().contiguous()
