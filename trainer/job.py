@@ -1,0 +1,116 @@
+"""One fine-tuning job's training state: its LoRA parameters, AdamW, cosine schedule with warmup, data order,
+gradient accumulation and counters. Owned by the MultiJobTrainer, which runs many such jobs in one batch."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from .batch import num_targets
+from .data import PackedSequence
+from .lora_layers import JobLoRA, LoRASpec
+
+
+@dataclass(frozen=True, slots=True)
+class Hyperparams:
+    n_epochs: int = 3
+    batch_size: int = 8  # sequences per optimizer step
+    micro_batch_size: int = 4  # sequences this job puts into one batched step (gradient accumulation above it)
+    learning_rate: float = 2e-4
+    warmup_ratio: float = 0.0  # of the total optimizer steps, linear from 0
+    min_lr_ratio: float = 0.0  # the cosine decays to learning_rate * min_lr_ratio
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0  # <= 0: no clipping
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        checks = [(1 <= self.n_epochs <= 1000, "n_epochs must be between 1 and 1000"),
+                  (1 <= self.batch_size <= 4096, "batch_size must be between 1 and 4096"),
+                  (1 <= self.micro_batch_size, "micro_batch_size must be at least 1"),
+                  (0 < self.learning_rate <= 1 and math.isfinite(self.learning_rate),
+                   "learning_rate must be in (0, 1]"),
+                  (0 <= self.warmup_ratio < 1, "warmup_ratio must be in [0, 1)"),
+                  (0 <= self.min_lr_ratio <= 1, "min_lr_ratio must be in [0, 1]"),
+                  (self.weight_decay >= 0, "weight_decay must be >= 0")]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
+
+
+def cosine_with_warmup(step: int, total_steps: int, warmup_steps: int, min_ratio: float) -> float:
+    """LR multiplier for optimizer step `step` (0-based), as transformers' get_cosine_schedule_with_warmup."""
+    if step < warmup_steps:
+        return step / warmup_steps
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    return min_ratio + (1 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+class TrainingJob:
+    def __init__(self, job_id: str, spec: LoRASpec, hp: Hyperparams, train: list[PackedSequence], model_config,
+                 device: torch.device | str = "cpu") -> None:
+        if not train:
+            raise ValueError("the training set is empty")
+        self.job_id, self.spec, self.hp = job_id, spec, hp
+        self.train = train
+        self.lora = JobLoRA(spec, model_config, device, seed=hp.seed)
+        self.params = list(self.lora.parameters())
+        self.optimizer = torch.optim.AdamW(self.params, lr=hp.learning_rate, betas=(0.9, 0.999), eps=1e-8,
+                                           weight_decay=hp.weight_decay)
+        self.steps_per_epoch = math.ceil(len(train) / hp.batch_size)
+        self.total_steps = self.steps_per_epoch * hp.n_epochs
+        warmup = int(hp.warmup_ratio * self.total_steps)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda s: cosine_with_warmup(s, self.total_steps, warmup, hp.min_lr_ratio))
+        self.step = 0  # optimizer steps done
+        self.micro_step = 0  # micro-batches trained (seeds dropout)
+        self._pending: list[list[PackedSequence]] = []  # the rest of the current optimizer step's micro-batches
+        self._norm = 0  # trained targets in the current optimizer step (the loss normaliser)
+        self._loss_sum = 0.0
+        self.last_train_loss: float | None = None
+
+    @property
+    def is_finished(self) -> bool:
+        return self.step >= self.total_steps
+
+    @property
+    def epoch(self) -> int:
+        return self.step // self.steps_per_epoch
+
+    def optimizer_batch(self, step: int) -> list[PackedSequence]:
+        """The sequences of optimizer step `step`: a per-epoch shuffle seeded by (seed, epoch), so resuming
+        at any step sees the same data order."""
+        epoch, index = divmod(step, self.steps_per_epoch)
+        gen = torch.Generator().manual_seed(self.hp.seed * 100_003 + epoch)
+        order = torch.randperm(len(self.train), generator=gen).tolist()
+        chosen = order[index * self.hp.batch_size:(index + 1) * self.hp.batch_size]
+        return [self.train[i] for i in chosen]
+
+    def next_micro_batch(self) -> tuple[list[PackedSequence], int, int]:
+        """-> (sequences, loss normaliser, dropout seed) for this job's share of the next batched step."""
+        if self.is_finished:
+            raise RuntimeError(f"job {self.job_id} has finished")
+        if not self._pending:
+            seqs = self.optimizer_batch(self.step)
+            m = self.hp.micro_batch_size
+            self._pending = [seqs[i:i + m] for i in range(0, len(seqs), m)]
+            self._norm = max(1, num_targets(seqs))
+            self._loss_sum = 0.0
+        return self._pending[0], self._norm, self.hp.seed * 7_919 + self.micro_step
+
+    def after_backward(self, loss_sum: float) -> bool:
+        """Account one micro-batch whose gradients are now accumulated; step the optimizer when it closes the
+        optimizer step. Returns True when an optimizer step was taken."""
+        self._pending.pop(0)
+        self.micro_step += 1
+        self._loss_sum += loss_sum
+        if self._pending:
+            return False
+        if self.hp.max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(self.params, self.hp.max_grad_norm)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        self.last_train_loss = self._loss_sum / self._norm
+        return True

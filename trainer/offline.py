@@ -1,0 +1,200 @@
+"""`loraplex train CONFIG.yaml`: several LoRA jobs trained together on one base model, no server; each job
+writes a PEFT folder (loadable by peft and vLLM unchanged, and by `loraplex serve --lora-modules`).
+
+    model: null                 # a Hugging Face folder or .gguf; null = the default model
+    dtype: float32              # float32 | bfloat16
+    quantization: none          # none | nf4 | int8 (QLoRA); GPTQ/EXL2 folders are detected
+    output_dir: adapters
+    max_jobs: 4                 # jobs per batched step
+    gradient_checkpointing: false
+    jobs:
+      - name: pirate
+        data: pirate.jsonl      # OpenAI chat JSONL, Alpaca JSON, or raw text
+        validation: null        # a file; null = a split of `data` (validation_fraction)
+        template: chat          # chat (the model's template) | chatml | alpaca | plain
+        max_length: 1024
+        packing: false
+        eval_every: 0           # optimizer steps between validation runs; 0 = at every epoch's end
+        early_stopping_patience: 0   # evaluations without improvement before stopping; 0 = off
+        lora: {r: 8, alpha: 16, dropout: 0.0, target_modules: [q_proj, v_proj], use_rslora: false}
+        hyperparameters: {n_epochs: 3, batch_size: 8, micro_batch_size: 4, learning_rate: 2.0e-4}
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import re
+import time
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+
+from .data import load_dataset, split_validation
+from .job import Hyperparams, TrainingJob
+from .lora_layers import LoRASpec
+from .multi_job import MultiJobTrainer
+
+logger = logging.getLogger(__name__)
+
+JOB_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+TOP_KEYS = {"model", "dtype", "quantization", "output_dir", "max_jobs", "gradient_checkpointing", "jobs", "device"}
+JOB_KEYS = {"name", "data", "validation", "format", "template", "max_length", "packing", "validation_fraction",
+            "eval_every", "early_stopping_patience", "lora", "hyperparameters"}
+
+
+@dataclass(slots=True)
+class JobPlan:
+    job: TrainingJob
+    valid: list
+    eval_every: int
+    patience: int
+    best_loss: float = math.inf
+    best_state: dict | None = None
+    evals_without_improvement: int = 0
+    stopped_early: bool = False
+    steps_done: int = 0
+
+
+def _dataclass_from(cls, values: dict | None, where: str):
+    values = dict(values or {})
+    known = {f.name for f in fields(cls)}
+    unknown = set(values) - known
+    if unknown:
+        raise ValueError(f"{where}: unknown keys {sorted(unknown)} (known: {sorted(known)})")
+    if "target_modules" in values:
+        values["target_modules"] = tuple(values["target_modules"])
+    return cls(**values)
+
+
+def write_peft_folder(folder: Path, job: TrainingJob, base_model: str | None, state: dict | None = None) -> Path:
+    """adapter_config.json + adapter_model.safetensors, written to a temp folder and renamed into place."""
+    folder = Path(folder)
+    tmp = folder.with_name(folder.name + ".tmp")
+    tmp.mkdir(parents=True, exist_ok=True)
+    save_file(state or job.lora.peft_state_dict(), str(tmp / "adapter_model.safetensors"))
+    (tmp / "adapter_config.json").write_text(json.dumps(job.spec.peft_config(base_model), indent=2))
+    if folder.exists():
+        import shutil
+        shutil.rmtree(folder)
+    tmp.rename(folder)
+    return folder
+
+
+def run_config(config: dict[str, Any], base_dir: Path = Path("."), progress: bool = True) -> dict[str, dict]:
+    """Train every job of a parsed config; returns {job name: summary}."""
+    from loraplex.engine.llm_engine import load_tokenizer, resolve_device
+    from loraplex.engine.loader import load_model
+    from loraplex.engine.quant import BNB_METHODS, QuantConfig, quantize_linears, use_quantized_kernels
+
+    unknown = set(config) - TOP_KEYS
+    if unknown:
+        raise ValueError(f"unknown top-level keys {sorted(unknown)} (known: {sorted(TOP_KEYS)})")
+    jobs_cfg = config.get("jobs") or []
+    if not jobs_cfg:
+        raise ValueError("the config lists no jobs")
+    names = [j.get("name") for j in jobs_cfg]
+    for name in names:
+        if not isinstance(name, str) or not JOB_NAME.match(name):
+            raise ValueError(f"job name {name!r} must match {JOB_NAME.pattern}")
+    if len(set(names)) != len(names):
+        raise ValueError("job names must be unique")
+
+    model_path = config.get("model")
+    if model_path is None:
+        from loraplex.engine.default_model import ensure_default_model
+        model_path = str(ensure_default_model(progress=logger.info))
+    device = resolve_device(config.get("device", "auto"))
+    dtype = getattr(torch, config.get("dtype", "float32"))
+    model, model_config = load_model(model_path, dtype=dtype, device=device)
+    quant = QuantConfig(config.get("quantization", "none"))
+    if quant.method in BNB_METHODS:
+        quantize_linears(model, quant, dtype, device)
+    use_quantized_kernels(model, device, dtype)
+    tokenizer = load_tokenizer(model_path)
+    trainer = MultiJobTrainer(model, model_config, dtype, device, max_jobs=int(config.get("max_jobs", 4)),
+                              gradient_checkpointing=bool(config.get("gradient_checkpointing", False)))
+    out_dir = base_dir / config.get("output_dir", "adapters")
+
+    plans: dict[str, JobPlan] = {}
+    for jc in jobs_cfg:
+        unknown = set(jc) - JOB_KEYS
+        if unknown:
+            raise ValueError(f"job {jc['name']}: unknown keys {sorted(unknown)} (known: {sorted(JOB_KEYS)})")
+        kw = dict(fmt=jc.get("format", "auto"), template=jc.get("template", "chat"),
+                  max_length=int(jc.get("max_length", 1024)), packing=bool(jc.get("packing", False)))
+        train, stats = load_dataset((base_dir / jc["data"]).read_bytes(), tokenizer, **kw)
+        hp = _dataclass_from(Hyperparams, jc.get("hyperparameters"), f"job {jc['name']} hyperparameters")
+        if jc.get("validation"):
+            valid, _ = load_dataset((base_dir / jc["validation"]).read_bytes(), tokenizer, **kw)
+        else:
+            train, valid = split_validation(train, float(jc.get("validation_fraction", 0.1)), seed=hp.seed)
+        spec = _dataclass_from(LoRASpec, jc.get("lora"), f"job {jc['name']} lora")
+        job = TrainingJob(jc["name"], spec, hp, train, model_config, device)
+        plans[job.job_id] = JobPlan(job, valid, int(jc.get("eval_every", 0)) or job.steps_per_epoch,
+                                    int(jc.get("early_stopping_patience", 0)))
+        trainer.add_job(job)
+        logger.info("job %s: %d training / %d validation sequences (%s, %d trained tokens, %d dropped), "
+                    "%d optimizer steps", job.job_id, len(train), len(valid), stats.format,
+                    stats.num_trained_tokens, stats.num_dropped, job.total_steps)
+
+    bars = _progress_bars(plans) if progress else {}
+    t0, tokens = time.perf_counter(), 0
+    while trainer.has_work:
+        for report in trainer.step():
+            tokens += report.num_targets
+            plan = plans[report.job_id]
+            if not report.optimizer_step:
+                continue
+            if report.job_id in bars:
+                bars[report.job_id].update(1)
+                bars[report.job_id].set_postfix(loss=f"{plan.job.last_train_loss:.3f}")
+            if plan.valid and (report.step % plan.eval_every == 0 or report.finished):
+                _evaluate(trainer, plan)
+    for bar in bars.values():
+        bar.close()
+    elapsed = time.perf_counter() - t0
+
+    summary = {}
+    for name, plan in plans.items():
+        folder = write_peft_folder(out_dir / name, plan.job, str(model_path), plan.best_state)
+        summary[name] = {"path": str(folder), "steps": plan.steps_done or plan.job.step, "train_loss": plan.job.last_train_loss,
+                         "valid_loss": None if math.isinf(plan.best_loss) else plan.best_loss,
+                         "stopped_early": plan.stopped_early}
+        logger.info("job %s: %s", name, summary[name])
+    logger.info("trained %d jobs in %.1f s (%.0f trained tokens/s)", len(plans), elapsed, tokens / max(elapsed, 1e-9))
+    return summary
+
+
+def _evaluate(trainer: MultiJobTrainer, plan: JobPlan) -> None:
+    loss = trainer.evaluate([(plan.job, plan.valid)])[0]
+    logger.info("job %s step %d: train_loss %.4f valid_loss %.4f", plan.job.job_id, plan.job.step,
+                plan.job.last_train_loss, loss)
+    if loss < plan.best_loss:
+        plan.best_loss, plan.evals_without_improvement = loss, 0
+        if plan.patience:
+            plan.best_state = plan.job.lora.peft_state_dict()
+    else:
+        plan.evals_without_improvement += 1
+        if plan.patience and plan.evals_without_improvement >= plan.patience:
+            plan.stopped_early, plan.steps_done = True, plan.job.step
+            plan.job.step = plan.job.total_steps  # finished: it leaves the batch
+            logger.info("job %s: early stop at step %d (best valid_loss %.4f)", plan.job.job_id, plan.job.step,
+                        plan.best_loss)
+
+
+def _progress_bars(plans: dict[str, JobPlan]) -> dict:
+    from tqdm.auto import tqdm
+    return {name: tqdm(total=p.job.total_steps, desc=name, position=i, unit="step")
+            for i, (name, p) in enumerate(plans.items())}
+
+
+def load_config(path: Path) -> dict:
+    import yaml
+    config = yaml.safe_load(Path(path).read_text())
+    if not isinstance(config, dict):
+        raise ValueError(f"{path}: expected a mapping at the top level")
+    return config
