@@ -11,6 +11,7 @@ import logging
 import time
 
 from loraplex.engine.adapter_hook import AdapterHookFactory
+from loraplex.engine.background import BackgroundFactory
 from loraplex.engine.engine_args import EngineArgs
 from loraplex.engine.engine_core import ProcessCore, ThreadCore
 from loraplex.engine.errors import EngineDeadError, QueueFullError
@@ -62,11 +63,12 @@ class AsyncEngine:
 
     @classmethod
     def from_engine_args(cls, args: EngineArgs, in_process: bool = False,
-                         hook_factory: AdapterHookFactory | None = None) -> "AsyncEngine":
+                         hook_factory: AdapterHookFactory | None = None,
+                         background_factory: BackgroundFactory | None = None) -> "AsyncEngine":
         """in_process: run the loop in a thread here instead of a child process. hook_factory: builds
         the adapter hook next to the model (a module-level function, so it can cross to the child)."""
-        core = (ThreadCore(LLMEngine.from_engine_args(args, hook_factory)) if in_process
-                else ProcessCore(args, hook_factory))
+        core = (ThreadCore(LLMEngine.from_engine_args(args, hook_factory, background_factory), args.train_share)
+                if in_process else ProcessCore(args, hook_factory, background_factory=background_factory))
         return cls(core, max_queue_len=args.max_queue_len)
 
     # ---- lifecycle ------------------------------------------------------------------------

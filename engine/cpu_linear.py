@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 logger = logging.getLogger(__name__)
@@ -26,12 +27,15 @@ def can_prepack(device: torch.device, dtype: torch.dtype) -> bool:
 
 
 class PackedLinear(nn.Module):
-    """y = x @ W^T + b with W prepacked for oneDNN. Inference only (no autograd)."""
+    """y = x @ W^T + b with W prepacked for oneDNN. The oneDNN op has no autograd formula: with `keep_dense`
+    (a trainer is attached) the dense weight stays too and a call that needs gradients (training through the
+    frozen base) runs the plain nn.Linear product on it, at the cost of a second copy of the weight."""
 
-    def __init__(self, linear: nn.Linear, batch_size_hint: int) -> None:
+    def __init__(self, linear: nn.Linear, batch_size_hint: int, keep_dense: bool = False) -> None:
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
         weight = linear.weight.detach()
+        self.register_buffer("dense_weight", weight if keep_dense else None, persistent=False)
         # [out_features, in_features] in oneDNN's blocked layout, tuned for ~batch_size_hint rows
         self.register_buffer("packed_weight", torch.ops.mkldnn._reorder_linear_weight(weight, batch_size_hint),
                              persistent=False)
@@ -39,21 +43,24 @@ class PackedLinear(nn.Module):
                              persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [..., in_features] -> [..., out_features]
+        if self.dense_weight is not None and torch.is_grad_enabled() and x.requires_grad:
+            return F.linear(x, self.dense_weight, self.bias)
         return torch.ops.mkldnn._linear_pointwise(x, self.packed_weight, self.bias, "none", [], "")
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
 
 
-def prepack_linears(model: nn.Module, batch_size_hint: int) -> int:
+def prepack_linears(model: nn.Module, batch_size_hint: int, keep_dense: bool = False) -> int:
     """Swap every nn.Linear in `model` for a PackedLinear and warm up the decode batch sizes;
-    returns how many were swapped."""
+    returns how many were swapped. keep_dense: they can also backpropagate (see PackedLinear)."""
     swaps = [(parent, name, child) for parent in model.modules()
              for name, child in parent.named_children() if type(child) is nn.Linear]
     for parent, name, child in swaps:
-        setattr(parent, name, PackedLinear(child, batch_size_hint))
+        setattr(parent, name, PackedLinear(child, batch_size_hint, keep_dense))
     warm_up([getattr(parent, name) for parent, name, _ in swaps], min(batch_size_hint, MAX_WARM_UP_ROWS))
-    logger.info("prepacked %d linear layers for oneDNN", len(swaps))
+    logger.info("prepacked %d linear layers for oneDNN%s", len(swaps),
+                " (dense weights kept for training)" if keep_dense else "")
     return len(swaps)
 
 

@@ -44,6 +44,12 @@ class EngineArgs:
     max_cpu_loras: int | None = None  # adapters kept in the host-memory tier; None: sized from the pool
     lora_pool_pages: int | None = None  # pool size in pages (one rank-row of every target linear)
     lora_pool_bytes: int = 256 << 20  # pool size in bytes when lora_pool_pages is None
+    # training beside serving (used by the background work the server wires in: loraplex.trainer.service)
+    enable_training: bool = False  # the base linears keep what a backward pass needs (CPU prepack: dense weights)
+    train_share: float = 0.3  # largest share of the loop's busy time training takes while requests wait
+    max_train_jobs: int = 4  # jobs batched into one training step
+    train_gradient_checkpointing: bool = False
+    fine_tuning_dir: str | None = None  # the fine-tuning job store (files, jobs, checkpoints)
 
     def __post_init__(self) -> None:
         if self.dtype not in ("auto", "float32", "bfloat16", "float16", "half", "float"):
@@ -67,3 +73,7 @@ class EngineArgs:
                              "the pool must hold at least one adapter of the largest rank")
         if self.lora_pool_bytes <= 0:
             raise ValueError("--lora-pool-bytes must be positive")
+        if not 0.0 <= self.train_share <= 1.0:
+            raise ValueError(f"--train-share must be in [0, 1]; got {self.train_share}")
+        if self.max_train_jobs < 1:
+            raise ValueError("--max-train-jobs must be at least 1")

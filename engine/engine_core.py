@@ -19,6 +19,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from loraplex.engine.background import SharePolicy
 from loraplex.engine.engine_args import EngineArgs
 from loraplex.engine.llm_engine import LLMEngine
 from loraplex.engine.outputs import EngineStats, RequestOutput
@@ -59,9 +60,10 @@ class EngineLoop:
     """Owns an LLMEngine; `run()` steps it until `stop()`, draining adds, aborts and control calls
     (adapter registration) between steps, so they never race a forward pass."""
 
-    def __init__(self, engine: LLMEngine, reply: Reply | None = None) -> None:
+    def __init__(self, engine: LLMEngine, reply: Reply | None = None, train_share: float = 0.3) -> None:
         self.engine = engine
         self.reply = reply
+        self.policy = SharePolicy(train_share)
         self.step_log = StepLog()
         self._inbox: collections.deque = collections.deque()  # ("add", args) | ("abort", id) | ("call", args)
         self._wakeup = threading.Event()
@@ -99,7 +101,7 @@ class EngineLoop:
             elif kind == "call":
                 call_id, method, args = payload
                 try:
-                    result, ok = self.engine.call_adapter_hook(method, args), True
+                    result, ok = self.engine.call(method, args), True
                 except Exception as e:  # noqa: BLE001 - the caller gets the error; the loop goes on
                     if not isinstance(e, ValueError):
                         logger.exception("control call %s failed", method)
@@ -112,21 +114,34 @@ class EngineLoop:
             outputs.extend(self.engine.abort_requests(aborts))
         return outputs
 
+    def _background_due(self) -> bool:
+        work = self.engine.background
+        return work is not None and work.has_work() and self.policy.may_run(self.engine.has_unfinished_requests())
+
     def run(self, emit: Emit, poll: Callable[[float], None] | None = None) -> None:
         """`poll(timeout_s)` may feed the inbox from outside (a pipe) and returns when it has."""
         while not self._stop.is_set():
+            busy = self.engine.has_unfinished_requests() or bool(self._inbox) or self._background_due()
             if poll is not None:
-                poll(0.0 if self.engine.has_unfinished_requests() or self._inbox else 0.5)
+                poll(0.0 if busy else 0.5)
             outputs = self._drain_inbox()
             if self.engine.has_unfinished_requests():
                 t0 = time.perf_counter()
                 step_outputs = self.engine.step()
-                self.step_log.record(time.perf_counter() - t0, sum(len(o.token_ids) for o in step_outputs),
-                                     self.engine.stats)
+                step_s = time.perf_counter() - t0
+                self.policy.record(inference_s=step_s)
+                self.step_log.record(step_s, sum(len(o.token_ids) for o in step_outputs), self.engine.stats)
                 outputs.extend(step_outputs)
+            if self._background_due():  # one training micro-step within its share of the loop
+                under_load = self.engine.has_unfinished_requests()
+                t0 = time.perf_counter()
+                self.engine.background.run_step()
+                if under_load:
+                    self.policy.record(background_s=time.perf_counter() - t0)
             if outputs:
                 emit(outputs, self.engine.stats())  # after aborts too, so free-block counts are current
-            if poll is None and not self.engine.has_unfinished_requests() and not self._inbox:
+            if poll is None and not self.engine.has_unfinished_requests() and not self._inbox \
+                    and not self._background_due():
                 self._wakeup.wait(timeout=0.5)
                 self._wakeup.clear()
 
@@ -134,8 +149,8 @@ class EngineLoop:
 class ThreadCore:
     """The loop in a background thread of this process (tests, embedding, notebooks)."""
 
-    def __init__(self, engine: LLMEngine) -> None:
-        self.loop = EngineLoop(engine, reply=self._reply)
+    def __init__(self, engine: LLMEngine, train_share: float = 0.3) -> None:
+        self.loop = EngineLoop(engine, reply=self._reply, train_share=train_share)
         self._calls = _PendingCalls()
         self.tokenizer = engine.tokenizer
         self.model_config = engine.model_config
@@ -210,18 +225,20 @@ class _PendingCalls:
             future.set_exception(error)
 
 
-def _process_main(args: EngineArgs, inbox: Any, outbox: Any, log_level: int, hook_factory: Any = None) -> None:
+def _process_main(args: EngineArgs, inbox: Any, outbox: Any, log_level: int, hook_factory: Any = None,
+                  background_factory: Any = None) -> None:
     """Entry point of the engine process."""
     logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)s %(name)s [core]: %(message)s")
     try:
-        engine = LLMEngine.from_engine_args(args, hook_factory)
+        engine = LLMEngine.from_engine_args(args, hook_factory, background_factory)
     except BaseException as e:  # noqa: BLE001 - the parent turns this into a clear start-up error
         outbox.send(("error", f"{type(e).__name__}: {e}"))
         return
     outbox.send(("ready", {"model_config": engine.model_config, "max_model_len": engine.max_model_len,
                            "max_num_seqs": engine.scheduler.scheduler_config.max_num_seqs,
                            "stats": engine.stats()}))
-    loop = EngineLoop(engine, reply=lambda call_id, ok, result: outbox.send(("reply", call_id, ok, result)))
+    loop = EngineLoop(engine, reply=lambda call_id, ok, result: outbox.send(("reply", call_id, ok, result)),
+                      train_share=args.train_share)
 
     def poll(timeout_s: float) -> None:
         while inbox.poll(timeout_s):
@@ -251,15 +268,17 @@ def _process_main(args: EngineArgs, inbox: Any, outbox: Any, log_level: int, hoo
 class ProcessCore:
     """The loop in the main thread of a child process; a reader thread here relays its outputs."""
 
-    def __init__(self, args: EngineArgs, hook_factory: Any = None, startup_timeout_s: float = 1800.0) -> None:
-        """`hook_factory`: a picklable AdapterHookFactory (a module-level function), built in the child."""
+    def __init__(self, args: EngineArgs, hook_factory: Any = None, startup_timeout_s: float = 1800.0,
+                 background_factory: Any = None) -> None:
+        """`hook_factory` / `background_factory`: picklable factories (module-level functions) of the adapter
+        hook and the background work (the trainer), built in the child."""
         ctx = multiprocessing.get_context("spawn")
         self._calls = _PendingCalls()
         self._to_core_recv, self._to_core = ctx.Pipe(duplex=False)
         self._from_core, self._from_core_send = ctx.Pipe(duplex=False)
         self._proc = ctx.Process(target=_process_main, name="loraplex-engine-core", daemon=True,
                                  args=(args, self._to_core_recv, self._from_core_send,
-                                       logging.getLogger().getEffectiveLevel(), hook_factory))
+                                       logging.getLogger().getEffectiveLevel(), hook_factory, background_factory))
         self._proc.start()
         self._send_lock = threading.Lock()
         deadline = time.monotonic() + startup_timeout_s

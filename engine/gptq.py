@@ -241,11 +241,32 @@ def export_gptq(model_dir: str | Path, out_dir: str | Path, bits: int = 4, group
     Names containing any string in `skip` stay unquantized; embeddings, norms and lm_head are copied as is.
     `progress` gets one line per decoder layer; clip_search picks each group's range by least squared
     error (see quantize_rtn). Returns out_dir."""
-    model_dir, out_dir = Path(model_dir), Path(out_dir)
     _check_bits(bits)
+
+    def quantize(name: str, tensor: torch.Tensor) -> dict[str, torch.Tensor] | None:
+        if QUANTIZED_WEIGHT.match(name) is None or any(s in name for s in skip):
+            return None
+        return quantize_rtn(tensor, bits, group_size, sym, desc_act, clip_search=clip_search)
+
+    qconfig = quantization_config(bits, group_size, desc_act, sym)  # lm_head is never quantized here
+    out_dir = export_quantized(model_dir, out_dir, quantize, lambda: qconfig, progress)
+    (out_dir / "quantize_config.json").write_text(json.dumps(qconfig, indent=2) + "\n")  # read by AutoGPTQ
+    return out_dir
+
+
+def export_quantized(model_dir: str | Path, out_dir: str | Path,
+                     quantize: Callable[[str, torch.Tensor], dict[str, torch.Tensor] | None],
+                     make_qconfig: Callable[[], dict], progress: Callable[[str], None] | None = None) -> Path:
+    """The folder writing shared by the GPTQ and EXL2 exporters. `quantize(name, weight)` returns the tensors that
+    replace a linear's weight, keyed by suffix (qweight, ...), or None to copy the tensor as is; a quantized
+    linear's bias is stored in fp16. config.json's quantization_config is `make_qconfig()` (asked once the weights are
+    written); tokenizer, chat template and other non-weight files are copied. `progress` gets one line per
+    decoder layer (and one per other quantized linear). Returns out_dir."""
+    model_dir, out_dir = Path(model_dir), Path(out_dir)
     config = json.loads((model_dir / "config.json").read_text())
     out_dir.mkdir(parents=True, exist_ok=True)
     tensors: dict[str, torch.Tensor] = {}
+    quantized: set[str] = set()  # prefixes of the quantized linears
     quantized_in_layer: dict[int, list[str]] = {}
     current: int | None = None
 
@@ -255,27 +276,31 @@ def export_gptq(model_dir: str | Path, out_dir: str | Path, bits: int = 4, group
                      f"{', '.join(quantized_in_layer[layer])}")
 
     for name, tensor in iter_safetensors(model_dir):
-        m = QUANTIZED_WEIGHT.match(name)
-        if m is None or any(s in name for s in skip):
+        q = quantize(name, tensor) if name.endswith(".weight") else None
+        if q is None:
             tensors[name] = tensor.contiguous()
+            continue
+        prefix = name.removesuffix(".weight")
+        tensors.update({f"{prefix}.{k}": v for k, v in q.items()})
+        quantized.add(prefix)
+        m = QUANTIZED_WEIGHT.match(name)
+        if m is None:
+            if progress is not None:
+                progress(f"{prefix}: quantized")
             continue
         layer = int(m.group(1))
         if current is not None and layer != current:
             report(current)
         current = layer
-        prefix = name.removesuffix(".weight")
-        q = quantize_rtn(tensor, bits, group_size, sym, desc_act, clip_search=clip_search)
-        tensors.update({f"{prefix}.{k}": v for k, v in q.items()})
         quantized_in_layer.setdefault(layer, []).append(prefix.rsplit(".", 1)[-1])
     if current is not None:
         report(current)
-    for name in [n for n in tensors if n.endswith(".bias")]:  # GPTQ stores a quantized linear's bias in fp16
-        if f"{name.removesuffix('.bias')}.qweight" in tensors:
+    for name in [n for n in tensors if n.endswith(".bias")]:  # exllamav2 reads a quantized linear's bias as fp16
+        if name.removesuffix(".bias") in quantized:
             tensors[name] = tensors[name].to(torch.float16)
     save_file(tensors, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
-    qconfig = quantization_config(bits, group_size, desc_act, sym)  # lm_head is never quantized here
+    qconfig = make_qconfig()
     (out_dir / "config.json").write_text(json.dumps({**config, "quantization_config": qconfig}, indent=2) + "\n")
-    (out_dir / "quantize_config.json").write_text(json.dumps(qconfig, indent=2) + "\n")  # read by AutoGPTQ
     for path in model_dir.iterdir():  # tokenizer, chat template, generation config, ...
         if path.is_file() and path.name not in SKIPPED_FILES and not path.name.endswith(WEIGHT_FILE_SUFFIXES) \
                 and path.name != "quantize_config.json":

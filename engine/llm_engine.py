@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from loraplex.engine.adapter_hook import AdapterHook, AdapterHookFactory
+from loraplex.engine.background import BackgroundFactory, BackgroundWork
 from loraplex.engine.config import CacheConfig, ModelConfig, SchedulerConfig
 from loraplex.engine.cpu_linear import can_prepack, prepack_linears
 from loraplex.engine.detokenizer import IncrementalDetokenizer, decode_token_text
@@ -17,7 +18,8 @@ from loraplex.engine.errors import PromptTooLongError
 from loraplex.engine.kv_cache import KVCacheManager
 from loraplex.engine.model_runner import ModelRunner
 from loraplex.engine.outputs import EngineStats, RequestOutput, TokenLogprob
-from loraplex.engine.quant import BNB_METHODS, QuantConfig, module_weight_bytes, quantize_linears
+from loraplex.engine.quant import (BNB_METHODS, QuantConfig, module_weight_bytes, quantize_linears,
+                                   use_quantized_kernels)
 from loraplex.engine.request import Request, RequestStatus
 from loraplex.engine.sampling_params import SamplingParams
 from loraplex.engine.scheduler import Scheduler
@@ -50,6 +52,7 @@ class LLMEngine:
     def __init__(self, runner: ModelRunner, scheduler: Scheduler, tokenizer, model_config: ModelConfig,
                  max_model_len: int) -> None:
         self.adapter_hook: AdapterHook | None = None  # set by attach_adapter_hook
+        self.background: BackgroundWork | None = None  # set by from_engine_args (the trainer)
         self.memory_bytes: dict[str, int] | None = None  # set by from_engine_args
         self.runner = runner
         self.scheduler = scheduler
@@ -74,7 +77,8 @@ class LLMEngine:
         self.scheduler.admission_hook = hook.admit
 
     @classmethod
-    def from_engine_args(cls, args: EngineArgs, hook_factory: AdapterHookFactory | None = None) -> "LLMEngine":
+    def from_engine_args(cls, args: EngineArgs, hook_factory: AdapterHookFactory | None = None,
+                         background_factory: BackgroundFactory | None = None) -> "LLMEngine":
         from loraplex.engine.loader import load_model
 
         if args.num_threads:
@@ -94,8 +98,9 @@ class LLMEngine:
             quantize_linears(model, quant, dtype, device)
         elif quant.method != "none" and getattr(model, "quant_method", "none") != quant.method:
             raise ValueError(f"--quantization {quant.method}: {model_path} is not a {quant.method.upper()} checkpoint")
+        use_quantized_kernels(model, device, dtype)
         if args.cpu_weight_prepack and can_prepack(device, dtype):
-            prepack_linears(model, batch_size_hint=args.max_num_seqs)
+            prepack_linears(model, batch_size_hint=args.max_num_seqs, keep_dense=args.enable_training)
         tokenizer = load_tokenizer(model_path)
         max_model_len = args.max_model_len or min(model_config.max_position_embeddings, DEFAULT_MAX_MODEL_LEN)
         if max_model_len > model_config.max_position_embeddings:
@@ -116,6 +121,8 @@ class LLMEngine:
         engine = cls(runner, Scheduler(scheduler_config, kv), tokenizer, model_config, max_model_len)
         if hook_factory is not None:
             engine.attach_adapter_hook(hook_factory(engine, args))
+        if background_factory is not None:
+            engine.background = background_factory(engine, args)
         engine.memory_bytes = {"weights": module_weight_bytes(model), "kv_cache": runner.kv_cache_bytes,
                                "lora_pool": getattr(engine.adapter_hook, "pool_bytes", 0)}
         logger.info("memory: base weights %.1f MiB (%s), KV cache %.1f MiB, LoRA pool %.1f MiB",
@@ -162,6 +169,15 @@ class LLMEngine:
                            num_free_blocks=kv.num_free_blocks, num_total_blocks=kv.num_total_blocks,
                            adapters=None if self.adapter_hook is None else self.adapter_hook.stats(),
                            memory_bytes=self.memory_bytes)
+
+    def call(self, method: str, args: tuple):
+        """A control call between steps: train_* go to the background work (the trainer), the rest to the
+        adapter hook."""
+        if method.startswith("train_"):
+            if self.background is None:
+                raise ValueError("this engine runs no trainer (start it with training enabled)")
+            return self.background.call(method, args)
+        return self.call_adapter_hook(method, args)
 
     def call_adapter_hook(self, method: str, args: tuple):
         if self.adapter_hook is None:

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -61,48 +61,74 @@ def load_model(path: str | Path, dtype: torch.dtype | str = "auto",
     config = ModelConfig.from_hf_dict(hf_config)
     quant = hf_config.get("quantization_config") or {}
     method = quant.get("quant_method")
-    if method not in (None, "gptq"):
-        raise ValueError(f"{path}: quantization_config.quant_method {method!r} is not supported (gptq is)")
+    if method not in (None, "gptq", "exl2"):
+        raise ValueError(f"{path}: quantization_config.quant_method {method!r} is not supported (gptq and exl2 are)")
     with torch.device("meta"):
         model = get_model_class(config.architecture)(config)
-    gptq_tensors: dict[str, dict[str, torch.Tensor]] = {}  # linear's checkpoint prefix -> its GPTQ tensors
+    # linear's checkpoint prefix -> its quantized tensors; EXL2's names are unambiguous, so they are also
+    # recognised in a folder without quantization_config
+    quantized: dict[str, dict[str, dict[str, torch.Tensor]]] = {"gptq": {}, "exl2": {}}
 
     def dense(weights: Iterator[tuple[str, torch.Tensor]]) -> Iterator[tuple[str, torch.Tensor]]:
         for name, tensor in weights:
             prefix, _, suffix = name.rpartition(".")
             if method == "gptq" and suffix in GPTQ_SUFFIXES:
-                gptq_tensors.setdefault(prefix, {})[suffix] = tensor
+                quantized["gptq"].setdefault(prefix, {})[suffix] = tensor
+            elif suffix in EXL2_SUFFIXES:
+                quantized["exl2"].setdefault(prefix, {})[suffix] = tensor
             else:
                 yield name, tensor
 
     device = torch.device(device)
     load_weights(model, dense(weights), resolve_dtype(dtype, config), device,
-                 not_dense=lambda: {model.map_checkpoint_name(p + ".weight") for p in gptq_tensors})
+                 not_dense=lambda: {model.map_checkpoint_name(p + ".weight") for q in quantized.values() for p in q})
+    if quantized["exl2"]:
+        if method == "gptq":
+            raise ValueError(f"{path}: quant_method is gptq but the checkpoint holds EXL2 tensors (*.q_weight)")
+        method = "exl2"
+    elif method == "exl2":
+        raise ValueError(f"{path}: quant_method is exl2 but the checkpoint holds no EXL2 tensors (*.q_weight)")
     if method == "gptq":
-        _swap_in_gptq(model, gptq_tensors, quant, device)
+        _swap_in_quantized(model, quantized["gptq"], device, _gptq_builder(quant))
+    elif method == "exl2":
+        from .exl2 import EXL2Linear
+        _swap_in_quantized(model, quantized["exl2"], device, lambda parts, linear: EXL2Linear.from_tensors(
+            parts, linear.in_features, linear.out_features, bias=_bias(linear)))
     model.quant_method = method or "none"
     return model.eval(), config
 
 
 GPTQ_SUFFIXES = ("qweight", "qzeros", "scales", "g_idx")
+EXL2_SUFFIXES = ("q_weight", "q_groups", "q_scale", "q_scale_max", "q_invperm", "q_perm")
 
 
-def _swap_in_gptq(model: nn.Module, tensors: dict[str, dict[str, torch.Tensor]], quant: dict,
-                  device: torch.device) -> None:
-    """Replace each quantized linear (still an nn.Linear with a meta weight) by a GPTQLinear."""
+def _bias(linear: nn.Linear) -> torch.Tensor | None:
+    return None if linear.bias is None else linear.bias.detach()
+
+
+def _gptq_builder(quant: dict) -> Callable[[dict[str, torch.Tensor], nn.Linear], nn.Module]:
     from .gptq import GPTQLinear
     bits, group_size = int(quant.get("bits", 4)), int(quant.get("group_size", 128))
     if quant.get("checkpoint_format", "gptq") != "gptq":
         raise ValueError(f"GPTQ checkpoint_format {quant['checkpoint_format']!r} is not supported (gptq v1 is)")
+    return lambda parts, linear: GPTQLinear.from_tensors(parts, bits, group_size, bias=_bias(linear))
+
+
+def _swap_in_quantized(model: nn.Module, tensors: dict[str, dict[str, torch.Tensor]], device: torch.device,
+                       build: Callable[[dict[str, torch.Tensor], nn.Linear], nn.Module]) -> None:
+    """Replace each quantized linear (still an nn.Linear with a meta weight; lm_head included) by
+    `build(its tensors on device, the linear)`."""
     for prefix, parts in tensors.items():
         module_name = model.map_checkpoint_name(prefix + ".weight").rpartition(".")[0]
         parent_name, _, attr = module_name.rpartition(".")
         linear = model.get_submodule(module_name)
-        bias = None if linear.bias is None else linear.bias.detach()
-        parts = {k: v.to(device) for k, v in parts.items()}
-        q = GPTQLinear.from_tensors(parts, bits, group_size, bias=bias)
+        try:
+            q = build({k: v.to(device) for k, v in parts.items()}, linear)
+        except ValueError as exc:
+            raise ValueError(f"{prefix}: {exc}") from None
         if (q.in_features, q.out_features) != (linear.in_features, linear.out_features):
-            raise ValueError(f"{prefix}: GPTQ shape {(q.in_features, q.out_features)} does not fit the model")
+            raise ValueError(f"{prefix}: quantized shape {(q.in_features, q.out_features)} does not fit the model "
+                             f"{(linear.in_features, linear.out_features)}")
         setattr(model.get_submodule(parent_name), attr, q.to(device))
 
 

@@ -3,8 +3,10 @@ files never change and LoRA wrappers sit on top of whatever base linear is there
 
   nf4 / int8  bitsandbytes Linear4bit (NF4, optional double quantization) and Linear8bitLt
               (LLM.int8 with outlier threshold 6.0), on CPU and CUDA.
-  gptq        GPTQ-format checkpoints (engine/gptq.py): the plain-torch dequantizing reference on
-              CPU; exllamav2 kernels on CUDA when installed (loraplex[exl2]).
+  gptq        GPTQ-format checkpoints (engine/gptq.py): the plain-torch dequantizing reference;
+              PyTorch's int4 kernel on CPU for 4-bit bf16/fp16 models (engine/int4_cpu.py);
+              exllamav2's kernels on CUDA when installed (loraplex[exl2], engine/exllama.py).
+  exl2        EXL2 checkpoints (engine/exl2.py): the plain-torch reference; exllamav2 on CUDA.
 The embeddings and lm_head stay dense (as bitsandbytes' QLoRA recipe and GPTQ exporters do).
 """
 from __future__ import annotations
@@ -117,3 +119,37 @@ def _quant_state_bytes(state) -> int:
     if isinstance(offset, torch.Tensor):
         total += tensor_bytes(offset)
     return total
+
+
+def use_quantized_kernels(model: nn.Module, device: torch.device, dtype: torch.dtype) -> str | None:
+    """Swap the plain-torch GPTQ/EXL2 linears (the references) for a fast kernel where one applies:
+    exllamav2 on CUDA (GPTQ 4-bit and EXL2), PyTorch's grouped int4 kernel on CPU (GPTQ 4-bit, bf16/fp16
+    models). Returns the kernel's name, or None when the references stay."""
+    from .exl2 import EXL2Linear
+    from .gptq import GPTQLinear
+    swaps = [(parent, name, child) for parent in model.modules() for name, child in parent.named_children()
+             if isinstance(child, (GPTQLinear, EXL2Linear))]
+    if not swaps:
+        return None
+    if device.type == "cuda":
+        from .exllama import ExllamaLinear, exllama_ext, temp_dq_buffer
+        swaps = [s for s in swaps if isinstance(s[2], EXL2Linear) or s[2].bits == 4]
+        ext = exllama_ext() if swaps else None
+        if ext is None:
+            return None
+        temp_dq = temp_dq_buffer(device, max(c.in_features * c.out_features for _, _, c in swaps))
+        for parent, name, child in swaps:
+            tensors = {n: b for n, b in child.named_buffers(recurse=False) if b is not None and n != "bias"}
+            setattr(parent, name, ExllamaLinear(ext, tensors, child.in_features, child.out_features, child.bias,
+                                                temp_dq))
+        kernel = "exllamav2"
+    else:
+        from .int4_cpu import Int4CPULinear, can_use_cpu_int4
+        swaps = [s for s in swaps if isinstance(s[2], GPTQLinear) and can_use_cpu_int4(s[2], dtype)]
+        if not swaps:
+            return None
+        for parent, name, child in swaps:
+            setattr(parent, name, Int4CPULinear(child, dtype))
+        kernel = "torch int4 (CPU)"
+    logger.info("%d quantized linears run on %s kernels", len(swaps), kernel)
+    return kernel

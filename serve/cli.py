@@ -37,15 +37,22 @@ def build_parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", help="run the OpenAI-compatible server (the default command)")
     add_serve_args(serve)
     sub.add_parser("download", help="fetch and convert the default model into the local cache")
-    quantize = sub.add_parser("quantize", help="write a quantized copy of a model folder (GPTQ format, "
+    quantize = sub.add_parser("quantize", help="write a quantized copy of a model folder (GPTQ or EXL2 format, "
                               "round-to-nearest) that `serve --model` loads")
-    quantize.add_argument("--format", choices=["gptq"], default="gptq")
+    quantize.add_argument("--format", choices=["gptq", "exl2"], default="gptq")
     quantize.add_argument("--model", default=None, help="HF-layout folder (default: the default model)")
     quantize.add_argument("--output", required=True, help="the folder to write")
-    quantize.add_argument("--bits", type=int, choices=[4, 8], default=4)
-    quantize.add_argument("--group-size", type=int, default=128, help="input channels per scale (-1: per row)")
-    quantize.add_argument("--asym", action="store_true", help="asymmetric (per-group zero points)")
-    quantize.add_argument("--desc-act", action="store_true", help="act-order grouping (g_idx)")
+    quantize.add_argument("--bits", type=int, choices=[2, 3, 4, 5, 6, 8], default=4,
+                          help="bits per weight (gptq: 4 or 8; exl2: 2, 3, 4, 5, 6 or 8)")
+    quantize.add_argument("--group-size", type=int, default=None,
+                          help="input channels per scale (gptq default 128, -1: per row; exl2 default 32, "
+                               "a multiple of 32)")
+    quantize.add_argument("--asym", action="store_true", help="gptq: asymmetric (per-group zero points)")
+    quantize.add_argument("--desc-act", action="store_true", help="gptq: act-order grouping (g_idx)")
+    train = sub.add_parser("train", help="fine-tune several LoRA adapters together from a YAML config, no server "
+                           "(see trainer/offline.py for the keys); writes PEFT folders")
+    train.add_argument("config", help="the YAML file; data paths in it are relative to its folder")
+    train.add_argument("--no-progress", action="store_true", help="log lines only, no progress bars")
     return parser
 
 
@@ -165,14 +172,45 @@ def serve(ns: argparse.Namespace) -> int:
 
 
 def quantize(ns: argparse.Namespace) -> int:
-    from loraplex.engine.gptq import export_gptq
+    if ns.format == "gptq" and ns.bits not in (4, 8):
+        logger.error("--format gptq takes --bits 4 or 8")
+        return 2
+    if ns.format == "exl2" and (ns.asym or ns.desc_act):
+        logger.error("--asym and --desc-act apply to --format gptq only")
+        return 2
     model = ns.model
     if model is None:
         from loraplex.engine.default_model import ensure_default_model
         model = str(ensure_default_model(progress=print))
-    out = export_gptq(Path(model), Path(ns.output), bits=ns.bits, group_size=ns.group_size, sym=not ns.asym,
-                      desc_act=ns.desc_act, progress=print)
+    try:
+        if ns.format == "exl2":
+            from loraplex.engine.exl2 import export_exl2
+            group_size = 32 if ns.group_size is None else ns.group_size
+            out = export_exl2(Path(model), Path(ns.output), bits=ns.bits, group_size=group_size, progress=print)
+        else:
+            from loraplex.engine.gptq import export_gptq
+            group_size = 128 if ns.group_size is None else ns.group_size
+            out = export_gptq(Path(model), Path(ns.output), bits=ns.bits, group_size=group_size, sym=not ns.asym,
+                              desc_act=ns.desc_act, progress=print)
+    except ValueError as exc:
+        logger.error("%s", exc)
+        return 2
     print(out)
+    return 0
+
+
+def train(ns: argparse.Namespace) -> int:
+    from loraplex.trainer.data import DataError
+    from loraplex.trainer.offline import load_config, run_config
+    path = Path(ns.config)
+    try:
+        summary = run_config(load_config(path), base_dir=path.parent, progress=not ns.no_progress)
+    except (ValueError, DataError, OSError) as exc:
+        logger.error("%s", exc)
+        return 2
+    for name, result in summary.items():
+        print(f"{name}: {result['path']} (steps {result['steps']}, train_loss {result['train_loss']:.4f}, "
+              f"valid_loss {result['valid_loss'] if result['valid_loss'] is None else round(result['valid_loss'], 4)})")
     return 0
 
 
@@ -194,6 +232,8 @@ def main(argv: list[str] | None = None) -> int:
         return download()
     if ns.command == "quantize":
         return quantize(ns)
+    if ns.command == "train":
+        return train(ns)
     return serve(ns)
 
 

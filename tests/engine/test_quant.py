@@ -1,4 +1,4 @@
-"""Quantized base linears (bitsandbytes nf4 / int8; GPTQ in test_gptq.py): each against its
+"""Quantized base linears (bitsandbytes nf4 / int8; GPTQ and EXL2 in test_gptq.py, test_exl2.py): each against its
 reference, perplexity of the default model, weight bytes, LoRA gradients through the base, and
 mixed-adapter batches on an nf4 base."""
 from __future__ import annotations
@@ -71,25 +71,41 @@ def test_perplexity_and_weight_bytes_per_backend(default_model_dir, text_ids, tm
     folder = gptq.export_gptq(default_model_dir, tmp_path / "gptq", bits=4, group_size=64, sym=False)
     model, config = load_model(folder, torch.float32)
     results["gptq"] = (perplexity(model, config, text_ids), module_weight_bytes(model))
+    exl2 = pytest.importorskip("loraplex.engine.exl2")
+    # EXL2 RTN, groups of 32, find_params's p search on an 11-point grid (the exporter's default 96 points
+    # takes ~30 s here and measured the same). Measured once on this text: 4-bit +19% (+21% with 96 points,
+    # +25% at p = 1), 8-bit +0% (+2.4% at p = 1, where small groups' fp16 scales clip). The format is
+    # symmetric with 4-bit per-column scales; exllamav2 gets its quality from GPTQ error feedback, not RTN.
+    for label, bits in (("exl2", 4), ("exl2-8", 8)):
+        folder = exl2.export_exl2(default_model_dir, tmp_path / label, bits=bits, group_size=32, p_grid=10)
+        model, config = load_model(folder, torch.float32)
+        results[label] = (perplexity(model, config, text_ids), module_weight_bytes(model))
     print({k: (round(p, 3), f"{b / base_bytes:.1%}") for k, (p, b) in results.items()})
     base_ppl = results["none"][0]
     assert 1.5 < base_ppl < 40
     assert results["int8"][0] <= 1.02 * base_ppl
     assert results["nf4"][0] <= 1.15 * base_ppl
     assert results["gptq"][0] <= 1.15 * base_ppl
+    assert results["exl2"][0] <= 1.25 * base_ppl
+    assert results["exl2-8"][0] <= 1.02 * base_ppl
     # embeddings (tied with lm_head, 21% of this model) stay in fp32 and are counted
     assert results["nf4"][1] <= 0.35 * base_bytes
     assert results["int8"][1] <= 0.55 * base_bytes
     assert results["gptq"][1] <= 0.35 * base_bytes
+    assert results["exl2"][1] <= 0.35 * base_bytes
+    assert results["exl2-8"][1] <= 0.55 * base_bytes
 
 
-@pytest.mark.parametrize("method", ["nf4", "int8", "gptq"])
+@pytest.mark.parametrize("method", ["nf4", "int8", "gptq", "exl2"])
 def test_lora_gradients_flow_through_the_quantized_base(method):
     torch.manual_seed(0)
     linear = nn.Linear(64, 96)
     if method == "gptq":
         gptq = pytest.importorskip("loraplex.engine.gptq")
         base = gptq.GPTQLinear.from_linear(linear, bits=4, group_size=32, sym=True, desc_act=False)
+    elif method == "exl2":
+        exl2 = pytest.importorskip("loraplex.engine.exl2")
+        base = exl2.EXL2Linear.from_linear(linear, bits=[8, 4], group_size=32)
     else:
         base = bnb_linear(linear, QuantConfig(method), torch.float32, CPU)
     lora_a = nn.Parameter(torch.randn(8, 64) * 0.1)

@@ -85,3 +85,28 @@ def test_quantize_writes_a_gptq_folder_that_loads(tmp_path):
     model, _ = load_model(tmp_path / "q", torch.float32)
     assert model.quant_method == "gptq"
     assert sum(isinstance(m, GPTQLinear) for m in model.modules()) == 14
+
+
+def test_quantize_writes_an_exl2_folder_that_loads(tmp_path):
+    import json
+
+    import torch
+    import transformers
+
+    from loraplex.engine.exl2 import EXL2Linear
+    from loraplex.engine.loader import load_model
+    config = transformers.LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2)
+    transformers.AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "m")
+    assert cli.main(["quantize", "--format", "exl2", "--bits", "5", "--model", str(tmp_path / "m"),
+                     "--output", str(tmp_path / "q")]) == 0
+    qconfig = json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"]
+    assert (qconfig["quant_method"], qconfig["bits"], qconfig["group_size"]) == ("exl2", 5.0, 32)
+    model, _ = load_model(tmp_path / "q", torch.float32)
+    assert model.quant_method == "exl2"
+    linears = [m for m in model.modules() if isinstance(m, EXL2Linear)]
+    assert len(linears) == 14 and {m.group_bits for m in linears} == {(5,) * 2, (5,) * 4}  # K = 64 or 128
+    assert cli.main(["quantize", "--format", "gptq", "--bits", "5", "--model", str(tmp_path / "m"),
+                     "--output", str(tmp_path / "g")]) == 2
+    assert cli.main(["quantize", "--format", "exl2", "--group-size", "48", "--model", str(tmp_path / "m"),
+                     "--output", str(tmp_path / "e")]) == 2

@@ -89,3 +89,14 @@ def test_train_config_writes_peft_folders_that_peft_reads_alike(config, tmp_path
 def test_bad_configs_fail_clearly(config, tmp_path, change, message):
     with pytest.raises(ValueError, match=message):
         run_config(config | change, base_dir=tmp_path, progress=False)
+
+
+def test_cli_train(config, tmp_path, capsys):
+    from loraplex.serve.cli import main
+    config["jobs"] = config["jobs"][:1]
+    (tmp_path / "train.yaml").write_text(yaml.safe_dump(config))
+    assert main(["train", str(tmp_path / "train.yaml"), "--no-progress"]) == 0
+    assert "code-words: " in capsys.readouterr().out
+    assert (tmp_path / "out" / "code-words" / "adapter_model.safetensors").is_file()
+    (tmp_path / "bad.yaml").write_text(yaml.safe_dump(config | {"jobs": [{"name": "x", "data": "missing.jsonl"}]}))
+    assert main(["train", str(tmp_path / "bad.yaml"), "--no-progress"]) == 2

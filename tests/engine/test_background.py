@@ -1,0 +1,113 @@
+"""Background work (the trainer) in the engine loop: the share policy, control-call routing, and inference
+continuing while background work runs."""
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+from loraplex.engine.background import SharePolicy
+from loraplex.engine.engine_args import EngineArgs
+from loraplex.engine.engine_core import EngineLoop
+from loraplex.engine.sampling_params import SamplingParams
+
+from tests.engine.test_cuda import tiny_model_dir  # noqa: F401 - fixture
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_share_policy():
+    clock = FakeClock()
+    policy = SharePolicy(0.25, window_s=10.0, clock=clock)
+    assert policy.may_run(has_requests=False) and policy.may_run(has_requests=True)  # nothing measured yet
+    policy.record(inference_s=0.3)
+    assert policy.may_run(has_requests=True)  # 0 of 0.3 s
+    policy.record(background_s=0.1)
+    assert not policy.may_run(has_requests=True)  # 0.1 / 0.4 = 25%: at the cap
+    assert policy.may_run(has_requests=False)  # idle: all of it
+    policy.record(inference_s=0.1)
+    assert policy.may_run(has_requests=True)  # 0.1 / 0.5
+    clock.now += 1000.0  # the window forgets
+    assert policy.background_fraction == pytest.approx(0.2) and policy.may_run(True)
+    assert not SharePolicy(0.0).may_run(has_requests=True) and SharePolicy(0.0).may_run(has_requests=False)
+    with pytest.raises(ValueError, match="train-share"):
+        SharePolicy(1.5)
+
+
+class FakeWork:
+    def __init__(self, steps: int, step_s: float, under_load=lambda: False) -> None:
+        self.left, self.step_s, self.calls, self.ran = steps, step_s, [], 0
+        self.under_load, self.loaded_s = under_load, 0.0  # time spent while requests were in flight
+
+    def has_work(self) -> bool:
+        return self.left > 0
+
+    def run_step(self) -> None:
+        if self.under_load():
+            self.loaded_s += self.step_s
+        time.sleep(self.step_s)
+        self.left -= 1
+        self.ran += 1
+
+    def call(self, method, args):
+        self.calls.append((method, args))
+        return "ok"
+
+    def stats(self) -> dict:
+        return {}
+
+
+def run_loop(engine, seconds: float):
+    loop = EngineLoop(engine, reply=lambda *a: None, train_share=0.2)
+    outputs = []
+    thread = threading.Thread(target=loop.run, args=(lambda outs, stats: outputs.extend(outs),), daemon=True)
+    thread.start()
+    return loop, thread, outputs
+
+
+def test_loop_runs_background_work_when_idle_and_within_its_share_under_load(tiny_model_dir):  # noqa: F811
+    from loraplex.engine.llm_engine import LLMEngine
+    engine = LLMEngine.from_engine_args(EngineArgs(model=str(tiny_model_dir), max_num_seqs=4))
+    work = FakeWork(steps=10**6, step_s=0.01, under_load=engine.has_unfinished_requests)
+    engine.background = work
+    inference_s = []
+    step = engine.step
+
+    def timed_step():
+        t0 = time.perf_counter()
+        try:
+            return step()
+        finally:
+            inference_s.append(time.perf_counter() - t0)
+    engine.step = timed_step
+    assert engine.call("train_submit", ("ftjob-1",)) == "ok" and work.calls == [("train_submit", ("ftjob-1",))]
+    loop, thread, outputs = run_loop(engine, 0)
+    time.sleep(0.3)
+    idle_steps = work.ran
+    assert idle_steps >= 10  # idle: background work runs back to back
+    params = SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True)
+    for i in range(4):
+        loop.add(f"r{i}", [5, 6, 7, 8], params, time.monotonic())
+    deadline = time.monotonic() + 60
+    while sum(1 for o in outputs if o.finished) < 4 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    loop.stop()
+    thread.join(10)
+    assert sum(1 for o in outputs if o.finished) == 4  # requests complete while background work has work
+    assert sum(len(o.token_ids) for o in outputs) == 160
+    share = work.loaded_s / (work.loaded_s + sum(inference_s))
+    assert work.loaded_s > 0 and share <= 0.2 + 0.05, share  # training went on under load, within its share
+
+
+def test_train_calls_without_a_trainer_fail_clearly(tiny_model_dir):  # noqa: F811
+    from loraplex.engine.llm_engine import LLMEngine
+    engine = LLMEngine.from_engine_args(EngineArgs(model=str(tiny_model_dir), max_num_seqs=2))
+    with pytest.raises(ValueError, match="no trainer"):
+        engine.call("train_submit", ("x",))
