@@ -23,7 +23,9 @@ WEIGHTS_NAME = "adapter_model.safetensors"
 README_NAME = "README.md"
 _REQUIRED_FILES = (CONFIG_NAME, WEIGHTS_NAME)
 _PUBLISHED_FILES = (CONFIG_NAME, WEIGHTS_NAME, README_NAME)
-_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+MAX_NAME_CHARS = 128  # fits OpenAI's fine-tuned model names: ft:{base}:{suffix}:{job_id}
+# ':' is allowed for those names; every allowed character is safe in a single path component on Linux.
+_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,%d}" % (MAX_NAME_CHARS - 1))
 _VERSION_DIR_RE = re.compile(r"v[0-9]+")
 _CHUNK_BYTES = 1 << 20
 
@@ -54,8 +56,8 @@ _SELECT = ("SELECT a.name, a.adapter_id, v.version, v.rank, v.alpha, v.target_mo
 def validate_adapter_name(name: str) -> str:
     """Return `name` if it is a safe adapter name (also a safe folder name), else raise AdapterError."""
     if not isinstance(name, str) or not _NAME_RE.fullmatch(name) or ".." in name:
-        raise AdapterError(f"Invalid adapter name {name!r}: use 1 to 64 letters, digits, '.', '_' or '-', "
-                           "starting with a letter or digit and without '..'.", param="name")
+        raise AdapterError(f"Invalid adapter name {name!r}: use 1 to {MAX_NAME_CHARS} letters, digits, '.', "
+                           "'_', ':' or '-', starting with a letter or digit and without '..'.", param="name")
     return name
 
 

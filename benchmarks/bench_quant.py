@@ -1,11 +1,11 @@
 """Decode speed and memory per quantized base, with and without 8 mixed adapters.
 
-    python benchmarks/bench_quant.py [--backends none,int8,nf4,gptq] [--dtype float32]
+    python benchmarks/bench_quant.py [--backends none,int8,nf4,gptq,exl2] [--dtype float32]
         [--num-requests 16] [--max-tokens 32] [--rounds 2]
 
 Each backend runs in its own child process (so peak memory is that backend's alone): the default model
-(or --model) loaded with `--quantization B` (gptq: a 4-bit g64 asymmetric RTN export made once with
-`loraplex quantize`), then, alternating for --rounds: one request alone (batch-1 decode tok/s),
+(or --model) loaded with `--quantization B` (gptq: a 4-bit g64 asymmetric RTN export, exl2: a 4-bit g32
+export, each made once as `loraplex quantize` makes them), then, alternating for --rounds: one request alone (batch-1 decode tok/s),
 --num-requests concurrent requests on the base model, and the same requests spread over 8 rank-8
 all-linear adapters. Greedy, ignore EOS. Prints a Markdown table: tok/s, the 8-adapter ratio to base,
 weight bytes as counted by the engine (embeddings included) and the process's peak RSS (CPU; it
@@ -36,7 +36,7 @@ def measure(args: argparse.Namespace) -> dict:
     from loraplex.engine.llm_engine import LLMEngine
 
     quant = args.one
-    model = args.gptq_dir if quant == "gptq" else args.model
+    model = args.checkpoint_dir or args.model
     engine = LLMEngine.from_engine_args(
         EngineArgs(model=model, dtype=args.dtype, device=args.device, max_num_seqs=max(16, args.num_requests),
                    quantization=quant, enable_lora=True, max_loras=8,
@@ -70,14 +70,14 @@ def measure(args: argparse.Namespace) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=None)
-    ap.add_argument("--backends", default="none,int8,nf4,gptq")
+    ap.add_argument("--backends", default="none,int8,nf4,gptq,exl2")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     ap.add_argument("--device", default="auto")
     ap.add_argument("--num-requests", type=int, default=16)
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--one", default=None, help=argparse.SUPPRESS)  # child mode: measure this backend
-    ap.add_argument("--gptq-dir", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--checkpoint-dir", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.one:
         print("RESULT " + json.dumps(measure(args)), flush=True)
@@ -87,16 +87,20 @@ def main() -> None:
         from loraplex.engine.default_model import ensure_default_model
         args.model = str(ensure_default_model())
     backends = [b for b in args.backends.split(",") if b]
-    gptq_dir = None
+    checkpoints = {}
     if "gptq" in backends:
         from loraplex.engine.gptq import export_gptq
-        gptq_dir = export_gptq(args.model, Path(tempfile.mkdtemp(prefix="bench-gptq-")), bits=4, group_size=64,
-                               sym=False)
+        checkpoints["gptq"] = export_gptq(args.model, Path(tempfile.mkdtemp(prefix="bench-gptq-")), bits=4,
+                                          group_size=64, sym=False)
+    if "exl2" in backends:
+        from loraplex.engine.exl2 import export_exl2
+        checkpoints["exl2"] = export_exl2(args.model, Path(tempfile.mkdtemp(prefix="bench-exl2-")), bits=4,
+                                          group_size=32)
     rows = []
     for b in backends:
         cmd = [sys.executable, __file__, "--one", b, "--model", args.model, "--dtype", args.dtype, "--device",
                args.device, "--num-requests", str(args.num_requests), "--max-tokens", str(args.max_tokens),
-               "--rounds", str(args.rounds)] + (["--gptq-dir", str(gptq_dir)] if gptq_dir else [])
+               "--rounds", str(args.rounds)] + (["--checkpoint-dir", str(checkpoints[b])] if b in checkpoints else [])
         proc = subprocess.run(cmd, capture_output=True, text=True, env=os.environ.copy())
         line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
         if proc.returncode != 0 or line is None:

@@ -123,8 +123,8 @@ def _quant_state_bytes(state) -> int:
 
 def use_quantized_kernels(model: nn.Module, device: torch.device, dtype: torch.dtype) -> str | None:
     """Swap the plain-torch GPTQ/EXL2 linears (the references) for a fast kernel where one applies:
-    exllamav2 on CUDA (GPTQ 4-bit and EXL2), PyTorch's grouped int4 kernel on CPU (GPTQ 4-bit, bf16/fp16
-    models). Returns the kernel's name, or None when the references stay."""
+    exllamav2 on CUDA (GPTQ 4-bit and EXL2), PyTorch's grouped int4 kernel on CPU (GPTQ 4-bit and EXL2
+    whose groups are all 4-bit, bf16/fp16 models). Returns the kernel's name, or None when the references stay."""
     from .exl2 import EXL2Linear
     from .gptq import GPTQLinear
     swaps = [(parent, name, child) for parent in model.modules() for name, child in parent.named_children()
@@ -145,7 +145,7 @@ def use_quantized_kernels(model: nn.Module, device: torch.device, dtype: torch.d
         kernel = "exllamav2"
     else:
         from .int4_cpu import Int4CPULinear, can_use_cpu_int4
-        swaps = [s for s in swaps if isinstance(s[2], GPTQLinear) and can_use_cpu_int4(s[2], dtype)]
+        swaps = [s for s in swaps if can_use_cpu_int4(s[2], dtype)]
         if not swaps:
             return None
         for parent, name, child in swaps:

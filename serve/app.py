@@ -14,6 +14,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from loraplex.serve.adapter_routes import ADAPTER_ROUTES, is_admin_route
 from loraplex.serve.errors import EXCEPTION_HANDLERS, AuthenticationError, openai_error_response
+from loraplex.serve.fine_tuning_routes import FINE_TUNING_ROUTES, is_fine_tuning_admin_route
 from loraplex.serve.metrics import ServingMetrics
 from loraplex.serve.routes import ROUTES
 
@@ -22,8 +23,8 @@ logger = logging.getLogger("loraplex.serve")
 
 class ApiKeyMiddleware:
     """Requires `Authorization: Bearer <key>` on /v1/*; health, readiness and metrics stay open. With an
-    admin key, the endpoints that change adapters (upload, delete, load, unload) take only that key;
-    the admin key is accepted everywhere else too."""
+    admin key, the endpoints that change adapters (upload, delete, load, unload) or fine-tuning files and
+    jobs (upload, delete, create, cancel) take only that key; the admin key is accepted everywhere else too."""
 
     def __init__(self, app: ASGIApp, api_key: str | None, admin_api_key: str | None = None) -> None:
         self.app = app
@@ -34,7 +35,7 @@ class ApiKeyMiddleware:
         if scope["type"] == "http" and scope["path"].startswith("/v1") and scope["method"] != "OPTIONS":
             given = Headers(scope=scope).get("authorization", "").encode()
             admin_ok = self._admin is not None and secrets.compare_digest(given, self._admin)
-            if self._admin is not None and is_admin_route(scope["path"], scope["method"]):
+            if self._admin is not None and _is_admin(scope["path"], scope["method"]):
                 allowed = admin_ok
             else:
                 allowed = self._user is None or admin_ok or secrets.compare_digest(given, self._user)
@@ -44,12 +45,17 @@ class ApiKeyMiddleware:
         await self.app(scope, receive, send)
 
 
+def _is_admin(path: str, method: str) -> bool:
+    return is_admin_route(path, method) or is_fine_tuning_admin_route(path, method)
+
+
 def build_app(engine: Any, served_model_names: list[str], api_key: str | None = None, *,
               admin_api_key: str | None = None, adapters: Any = None,
-              lora_modules: dict[str, str] | None = None) -> Starlette:
+              lora_modules: dict[str, str] | None = None, fine_tuning: Any = None) -> Starlette:
     """`engine` is an AsyncEngine (or anything with its surface); it is started and stopped by the
     app's lifespan. The first served name is the default when a request leaves `model` out.
-    `adapters`: an AdapterService (None: no LoRA); `lora_modules` are published at start-up."""
+    `adapters`: an AdapterService (None: no LoRA); `lora_modules` are published at start-up.
+    `fine_tuning`: a FineTuningService (None: the fine-tuning endpoints answer 400)."""
     if not served_model_names:
         raise ValueError("served_model_names must name at least one model")
 
@@ -58,22 +64,27 @@ def build_app(engine: Any, served_model_names: list[str], api_key: str | None = 
         await engine.start()
         if adapters is not None:
             await adapters.start(lora_modules)
+        if fine_tuning is not None:
+            await fine_tuning.start()
         app.state.ready = True
         logger.info("serving %s (max_model_len=%d)", ", ".join(served_model_names), engine.max_model_len)
         try:
             yield
         finally:
             app.state.ready = False
+            if fine_tuning is not None:
+                await fine_tuning.close()
             await engine.shutdown()
             if adapters is not None:
                 adapters.close()
 
     middleware = ([Middleware(ApiKeyMiddleware, api_key=api_key, admin_api_key=admin_api_key)]
                   if api_key or admin_api_key else [])
-    app = Starlette(routes=ROUTES + ADAPTER_ROUTES, middleware=middleware, exception_handlers=EXCEPTION_HANDLERS,
-                    lifespan=lifespan)
+    app = Starlette(routes=ROUTES + ADAPTER_ROUTES + FINE_TUNING_ROUTES, middleware=middleware,
+                    exception_handlers=EXCEPTION_HANDLERS, lifespan=lifespan)
     app.state.engine = engine
     app.state.adapters = adapters
+    app.state.fine_tuning = fine_tuning
     app.state.served_model_names = list(served_model_names)
     app.state.metrics = ServingMetrics(engine.stats, served_model_names[0])
     app.state.created = int(time.time())

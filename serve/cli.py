@@ -97,6 +97,21 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
                       help="pool size when --lora-pool-pages is not given (default: 256MiB)")
     lora.add_argument("--max-upload-bytes", type=_size, default=512 << 20, metavar="SIZE",
                       help="largest adapter archive accepted by POST /v1/adapters (default: 512MiB)")
+    ft = p.add_argument_group("fine-tuning (OpenAI's /v1/files and /v1/fine_tuning/jobs; needs LoRA)")
+    ft.add_argument("--fine-tuning-dir", default=None,
+                    help="the fine-tuning job store (SQLite + uploaded files + checkpoints; "
+                         "default: ~/.cache/loraplex/fine_tuning)")
+    ft.add_argument("--max-file-bytes", type=_size, default=64 << 20, metavar="SIZE",
+                    help="largest training file accepted by POST /v1/files (default: 64MiB)")
+    ft.add_argument("--enable-training", action=argparse.BooleanOptionalAction, default=True,
+                    help="train fine-tuning jobs in this process beside live traffic (default: on with LoRA; on "
+                         "CPU the base linears then keep a dense copy of their weights for the backward pass)")
+    ft.add_argument("--train-share", type=float, default=0.3,
+                    help="largest share of the engine loop's time training takes while requests are running or "
+                         "waiting; all of it when idle (default: 0.3)")
+    ft.add_argument("--max-train-jobs", type=int, default=4, help="jobs batched into one training step (default: 4)")
+    ft.add_argument("--train-gradient-checkpointing", action="store_true",
+                    help="recompute activations in the backward pass (less memory, ~30%% more compute)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
 
@@ -108,7 +123,11 @@ def engine_args_from(ns: argparse.Namespace) -> EngineArgs:
         block_size=ns.block_size, kv_cache_memory_bytes=ns.kv_cache_memory_bytes, quantization=ns.quantization,
         enable_prefix_caching=ns.enable_prefix_caching, max_queue_len=ns.max_queue_len, seed=ns.seed,
         enable_lora=ns.enable_lora, max_loras=ns.max_loras, max_lora_rank=ns.max_lora_rank,
-        max_cpu_loras=ns.max_cpu_loras, lora_pool_pages=ns.lora_pool_pages, lora_pool_bytes=ns.lora_pool_bytes)
+        max_cpu_loras=ns.max_cpu_loras, lora_pool_pages=ns.lora_pool_pages, lora_pool_bytes=ns.lora_pool_bytes,
+        # the engine side's TrainingRuntime opens the same job store as the HTTP process's FineTuningService
+        enable_training=ns.enable_lora and ns.enable_training, fine_tuning_dir=str(fine_tuning_dir_from(ns)),
+        train_share=ns.train_share, max_train_jobs=ns.max_train_jobs,
+        train_gradient_checkpointing=ns.train_gradient_checkpointing)
 
 
 def parse_lora_modules(items: list[str]) -> dict[str, str]:
@@ -126,6 +145,12 @@ def default_adapter_dir() -> Path:
     return Path(base) / "loraplex" / "adapters"
 
 
+def fine_tuning_dir_from(ns: argparse.Namespace) -> Path:
+    from loraplex.trainer.service import default_fine_tuning_dir
+    """The one job store both processes open: --fine-tuning-dir, else the default."""
+    return Path(ns.fine_tuning_dir).expanduser() if ns.fine_tuning_dir else default_fine_tuning_dir()
+
+
 def serve(ns: argparse.Namespace) -> int:
     import uvicorn
 
@@ -134,6 +159,8 @@ def serve(ns: argparse.Namespace) -> int:
     from loraplex.engine.async_engine import AsyncEngine
     from loraplex.serve.adapter_service import AdapterService, AdapterSettings
     from loraplex.serve.app import build_app
+    from loraplex.serve.fine_tuning_service import FineTuningService, FineTuningSettings
+    from loraplex.trainer.service import create_training_runtime
 
     try:
         args = engine_args_from(ns)
@@ -147,10 +174,16 @@ def serve(ns: argparse.Namespace) -> int:
     if lora_modules and not ns.enable_lora:
         logger.error("--lora-modules needs LoRA enabled (drop --no-enable-lora)")
         return 2
+    if ns.max_file_bytes <= 0:
+        logger.error("--max-file-bytes must be positive")
+        return 2
+    fine_tuning_dir = fine_tuning_dir_from(ns)  # the engine side needs the same path (see engine_args_from)
     served_names = ns.served_model_name or [default_served_model_name(ns.model)]
     logger.info("loading %s", ns.model or DEFAULT_MODEL_NAME)
     try:
-        engine = AsyncEngine.from_engine_args(args, hook_factory=create_lora_runtime if ns.enable_lora else None)
+        engine = AsyncEngine.from_engine_args(args, hook_factory=create_lora_runtime if ns.enable_lora else None,
+                                              background_factory=create_training_runtime if args.enable_training
+                                              else None)
     except (ValueError, FileNotFoundError, RuntimeError) as exc:
         logger.error("cannot load the model: %s", exc)
         return 1
@@ -160,8 +193,13 @@ def serve(ns: argparse.Namespace) -> int:
                                    max_lora_rank=ns.max_lora_rank, upload_limits=upload_limits)
         adapters = AdapterService(engine, settings, served_names)
         logger.info("adapter store: %s", settings.adapter_dir)
+    fine_tuning = None
+    if adapters is not None and args.enable_training:  # a fine-tuned model is served as an adapter
+        fine_tuning = FineTuningService(engine, adapters, FineTuningSettings(fine_tuning_dir, ns.max_file_bytes),
+                                        served_names)
+        logger.info("fine-tuning job store: %s", fine_tuning_dir)
     app = build_app(engine, served_names, api_key=ns.api_key, admin_api_key=ns.admin_api_key,
-                    adapters=adapters, lora_modules=lora_modules)
+                    adapters=adapters, lora_modules=lora_modules, fine_tuning=fine_tuning)
     if ns.api_key:
         logger.info("API key required on /v1/*")
     # log_config=None: uvicorn's loggers propagate to the root handler set up in main().

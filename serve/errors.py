@@ -11,6 +11,8 @@ from starlette.responses import JSONResponse
 
 from loraplex.adapters.errors import AdapterError
 from loraplex.engine.errors import EngineDeadError, PromptTooLongError, QueueFullError
+from loraplex.trainer.job_store import FileInUseError, InvalidTransitionError
+from loraplex.trainer.job_store import NotFoundError as StoreNotFoundError
 
 logger = logging.getLogger("loraplex.serve")
 
@@ -39,6 +41,24 @@ class ModelNotFoundError(OpenAIError):
 
     def __init__(self, name: str) -> None:
         super().__init__(f"The model `{name}` does not exist.", param="model")
+
+
+class NotFoundError(OpenAIError):
+    status_code = 404
+
+
+class ConflictError(OpenAIError):
+    status_code = 409
+
+
+class RequestTooLargeError(OpenAIError):
+    status_code = 413
+    code = "request_too_large"
+
+
+class ServiceUnavailableError(OpenAIError):
+    status_code = 503
+    type = "service_unavailable_error"
 
 
 class AuthenticationError(OpenAIError):
@@ -118,6 +138,19 @@ async def _adapter_error(request: Request, exc: AdapterError) -> JSONResponse:
     return error_response(exc.status_code, exc.message, type=type_, param=exc.param, code=exc.code)
 
 
+async def _store_not_found(request: Request, exc: StoreNotFoundError) -> JSONResponse:
+    return error_response(404, exc.message, param=exc.param)
+
+
+async def _file_in_use(request: Request, exc: FileInUseError) -> JSONResponse:
+    return error_response(409, str(exc), param="file_id", code="file_in_use")
+
+
+async def _invalid_transition(request: Request, exc: InvalidTransitionError) -> JSONResponse:
+    # a job changed state under the request (the engine side finished or cancelled it meanwhile)
+    return error_response(409, str(exc), code="invalid_job_status")
+
+
 async def _queue_full(request: Request, exc: QueueFullError) -> JSONResponse:
     return error_response(429, str(exc), type="rate_limit_error", code="queue_full",
                           headers={"Retry-After": str(exc.retry_after_s)})
@@ -145,6 +178,9 @@ EXCEPTION_HANDLERS = {
     ValidationError: _validation_error,
     PromptTooLongError: _prompt_too_long,
     AdapterError: _adapter_error,
+    StoreNotFoundError: _store_not_found,
+    FileInUseError: _file_in_use,
+    InvalidTransitionError: _invalid_transition,
     ValueError: _value_error,
     QueueFullError: _queue_full,
     EngineDeadError: _engine_dead,

@@ -302,3 +302,143 @@ def completion_logprobs(logprobs: list[TokenLogprob], num_top: int, text_offset:
         out.text_offset.append(text_offset)
         text_offset += len(lp.token)
     return out
+
+
+# ---------------------------------------------------------------------------- fine-tuning requests
+
+MAX_SUFFIX_CHARS = 40
+_SUFFIX_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_-")
+_HYPERPARAMETER_BOUNDS = {"n_epochs": (1, 50), "batch_size": (1, 256)}
+MAX_LEARNING_RATE_MULTIPLIER = 10.0
+SUPPORTED_METHOD = "supervised"
+_KNOWN_METHODS = ("supervised", "dpo", "reinforcement")
+
+
+class FineTuningHyperparameters(BaseModel):
+    """OpenAI's hyperparameters; each is a value or "auto" (resolved by the service)."""
+    model_config = ConfigDict(extra="forbid")
+    n_epochs: Any = "auto"
+    batch_size: Any = "auto"
+    learning_rate_multiplier: Any = "auto"
+
+    @field_validator("n_epochs", "batch_size")
+    @classmethod
+    def _int_or_auto(cls, value: Any, info) -> int | str:
+        low, high = _HYPERPARAMETER_BOUNDS[info.field_name]
+        if value is None or value == "auto":
+            return "auto"
+        if type(value) is not int or not low <= value <= high:
+            raise ValueError(f'must be "auto" or an integer from {low} to {high}; got {value!r}')
+        return value
+
+    @field_validator("learning_rate_multiplier")
+    @classmethod
+    def _multiplier_or_auto(cls, value: Any) -> float | str:
+        if value is None or value == "auto":
+            return "auto"
+        if type(value) not in (int, float) or not 0 < value <= MAX_LEARNING_RATE_MULTIPLIER:
+            raise ValueError(f'must be "auto" or a number above 0 and at most {MAX_LEARNING_RATE_MULTIPLIER:g}; '
+                             f"got {value!r}")
+        return float(value)
+
+
+class SupervisedMethod(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    hyperparameters: FineTuningHyperparameters | None = None
+
+
+class FineTuningMethod(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    type: str
+    supervised: SupervisedMethod | None = None
+    dpo: dict | None = None
+    reinforcement: dict | None = None
+
+    @field_validator("type")
+    @classmethod
+    def _supervised_only(cls, value: str) -> str:
+        if value in _KNOWN_METHODS and value != SUPPORTED_METHOD:
+            raise ValueError(f"the {value!r} fine-tuning method is not supported by this server; "
+                             f"use {SUPPORTED_METHOD!r}")
+        if value != SUPPORTED_METHOD:
+            raise ValueError(f"must be {SUPPORTED_METHOD!r}; got {value!r}")
+        return value
+
+    @field_validator("dpo", "reinforcement")
+    @classmethod
+    def _no_other_settings(cls, value: dict | None, info) -> None:
+        if value is not None:
+            raise ValueError(f"the {info.field_name!r} method is not supported by this server; "
+                             f"use {SUPPORTED_METHOD!r}")
+        return None
+
+
+class LoRAOptions(BaseModel):
+    """Our extension field `lora`: LoRASpec's fields and trainer extras (see trainer/job_store.py);
+    a field left out takes the trainer's default. LoRASpec itself checks the LoRA fields."""
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
+    r: int | None = None
+    alpha: float | None = None
+    dropout: float | None = None
+    target_modules: list[str] | None = None
+    use_rslora: bool | None = None
+    micro_batch_size: int | None = Field(None, ge=1, le=256)
+    max_length: int | None = Field(None, ge=8)  # and at most the engine's max_model_len (checked by the service)
+    packing: bool | None = None
+    template: str | None = None  # checked by the service against trainer.data.TEMPLATES
+    validation_fraction: float | None = Field(None, ge=0, lt=1)
+    warmup_ratio: float | None = Field(None, ge=0, lt=1)
+    eval_every: int | None = Field(None, ge=0)
+    checkpoint_every: int | None = Field(None, ge=0)
+    early_stopping_patience: int | None = Field(None, ge=0)
+
+
+class CreateFineTuningJobRequest(BaseModel):
+    """POST /v1/fine_tuning/jobs: OpenAI's fields plus our `lora` extension; anything else is refused."""
+    model_config = ConfigDict(extra="forbid")
+    model: str
+    training_file: str
+    validation_file: str | None = None
+    suffix: str | None = None
+    seed: int | None = Field(None, ge=0, le=(1 << 31) - 1, strict=True)
+    hyperparameters: FineTuningHyperparameters | None = None  # deprecated by OpenAI in favour of `method`
+    method: FineTuningMethod | None = None
+    integrations: list[Any] | None = None
+    metadata: dict[str, str] | None = None
+    lora: LoRAOptions | None = None
+
+    @field_validator("suffix")
+    @classmethod
+    def _suffix_chars(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        if len(value) > MAX_SUFFIX_CHARS or not set(value) <= _SUFFIX_CHARS:
+            raise ValueError(f"must be at most {MAX_SUFFIX_CHARS} letters, digits, '_' or '-'; got {value!r}")
+        return value or None
+
+    @field_validator("method")
+    @classmethod
+    def _not_both(cls, value: FineTuningMethod | None, info) -> FineTuningMethod | None:
+        if value is not None and info.data.get("hyperparameters") is not None:
+            raise ValueError("give the hyperparameters in method.supervised.hyperparameters or in the deprecated "
+                             "top-level hyperparameters, not both")
+        return value
+
+    @field_validator("integrations")
+    @classmethod
+    def _no_integrations(cls, value: list[Any] | None) -> None:
+        if value:
+            raise ValueError("integrations (e.g. Weights & Biases) are not supported by this server")
+        return None
+
+    @field_validator("metadata")
+    @classmethod
+    def _metadata_size(cls, value: dict[str, str] | None) -> dict[str, str] | None:
+        if value is not None and (len(value) > 16 or any(len(k) > 64 or len(v) > 512 for k, v in value.items())):
+            raise ValueError("at most 16 pairs, keys of at most 64 and values of at most 512 characters")
+        return value
+
+    def given_hyperparameters(self) -> FineTuningHyperparameters:
+        if self.method is not None and self.method.supervised is not None:
+            return self.method.supervised.hyperparameters or FineTuningHyperparameters()
+        return self.hyperparameters or FineTuningHyperparameters()

@@ -21,18 +21,18 @@ writes a PEFT folder (loadable by peft and vLLM unchanged, and by `loraplex serv
 """
 from __future__ import annotations
 
-import json
 import logging
 import math
 import re
+import shutil
 import time
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
 
+from .checkpoint import write_adapter
 from .data import load_dataset, split_validation
 from .job import Hyperparams, TrainingJob
 from .lora_layers import LoRASpec
@@ -74,12 +74,9 @@ def write_peft_folder(folder: Path, job: TrainingJob, base_model: str | None, st
     """adapter_config.json + adapter_model.safetensors, written to a temp folder and renamed into place."""
     folder = Path(folder)
     tmp = folder.with_name(folder.name + ".tmp")
-    tmp.mkdir(parents=True, exist_ok=True)
-    save_file(state or job.lora.peft_state_dict(), str(tmp / "adapter_model.safetensors"))
-    (tmp / "adapter_config.json").write_text(json.dumps(job.spec.peft_config(base_model), indent=2))
-    if folder.exists():
-        import shutil
-        shutil.rmtree(folder)
+    shutil.rmtree(tmp, ignore_errors=True)
+    write_adapter(tmp, job, base_model, state)
+    shutil.rmtree(folder, ignore_errors=True)
     tmp.rename(folder)
     return folder
 

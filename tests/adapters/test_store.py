@@ -176,7 +176,8 @@ def test_failure_after_rename_rolls_back(tmp_path, store, monkeypatch):
     assert store.publish("b", src, **PUBLISH_ARGS).adapter_id > v1.adapter_id
 
 
-@pytest.mark.parametrize("bad", ["../x", "a/b", "", "x" * 65, ".hidden", "-x", "a..b", "a b", "a\n", "ü"])
+@pytest.mark.parametrize("bad", ["../x", "a/b", "", "x" * 129, ".hidden", "-x", "a..b", "a b", "a\n", "ü",
+                                 ":x", "a\\b", "ft:..:x", "a:b/c", "a\x00b"])
 def test_bad_names_refused(tmp_path, store, bad):
     with pytest.raises(AdapterError) as info:
         validate_adapter_name(bad)
@@ -186,9 +187,20 @@ def test_bad_names_refused(tmp_path, store, bad):
     assert list((store.root / "adapters").iterdir()) == []
 
 
-@pytest.mark.parametrize("good", ["my-adapter_1.v2", "a", "A" * 64, "9lives"])
+@pytest.mark.parametrize("good", ["my-adapter_1.v2", "a", "A" * 64, "9lives", "A" * 128,
+                                  "ft:SmolLM2-135M-Instruct:my_suffix:ftjob-0123456789abcdef01234567",
+                                  "ft:base::ftjob-0123456789abcdef01234567"])
 def test_good_names(good):
     assert validate_adapter_name(good) == good
+
+
+def test_fine_tuned_model_name_is_a_folder(tmp_path, store):
+    """OpenAI-style names (':' and up to 128 characters) publish as one folder under adapters/."""
+    name = "ft:" + "b" * 60 + ":suffix-1:ftjob-0123456789abcdef01234567"
+    assert len(name) <= 128
+    version = store.publish(name, make_adapter_dir(tmp_path / "src"), **PUBLISH_ARGS)
+    assert version.path.parent.parent == store.root / "adapters" and version.path.parent.name == name
+    assert store.latest(name) == version
 
 
 def test_bad_metadata_refused(tmp_path, store):

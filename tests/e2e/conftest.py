@@ -23,13 +23,15 @@ class Server:
         self.base_url = f"http://127.0.0.1:{self.port}"
         env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
         self.log_path = f"/tmp/loraplex-e2e-{self.port}.log"
-        if "--adapter-dir" not in args:  # hermetic: never the user's store
-            import tempfile
+        import tempfile
+        if "--adapter-dir" not in args:  # hermetic: never the user's stores
             args = [*args, "--adapter-dir", tempfile.mkdtemp(prefix="loraplex-e2e-adapters-")]
+        if "--fine-tuning-dir" not in args:
+            args = [*args, "--fine-tuning-dir", tempfile.mkdtemp(prefix="loraplex-e2e-ft-")]
         self._log = open(self.log_path, "w")
         self.proc = subprocess.Popen([sys.executable, "-m", "loraplex.serve.cli", "serve", "--host", "127.0.0.1",
                                       "--port", str(self.port), *args], stdout=self._log, stderr=subprocess.STDOUT,
-                                     env=env)
+                                     env=env, start_new_session=True)  # its own group: kill() reaches the engine too
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -42,6 +44,13 @@ class Server:
             time.sleep(0.3)
         self.stop()
         raise RuntimeError(f"server not ready in {timeout_s}s:\n{open(self.log_path).read()[-4000:]}")
+
+    def kill(self) -> None:
+        """SIGKILL the server and its engine process at once, as a crash would."""
+        import signal
+        os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait(timeout=20)
+        self._log.close()
 
     def stop(self) -> None:
         self.proc.terminate()

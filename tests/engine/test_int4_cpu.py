@@ -112,3 +112,31 @@ def test_engine_swaps_in_the_kernel_for_bf16_gptq(tiny_model_dir, tmp_path):  # 
         for out in engine.step():
             tokens += out.token_ids
     assert len(tokens) == 6
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("in_f,out_f,group_size,permute,bias", [
+    (64, 96, 32, False, True), (256, 48, 64, True, False), (576, 192, 32, True, True),
+])
+def test_int4_linear_matches_the_exl2_reference(dtype, in_f, out_f, group_size, permute, bias):
+    from loraplex.engine.exl2 import EXL2Linear
+    torch.manual_seed(1)
+    perm = torch.randperm(in_f) if permute else None
+    ref = EXL2Linear.from_linear(nn.Linear(in_f, out_f, bias=bias), bits=4, group_size=group_size, perm=perm)
+    assert can_use_cpu_int4(ref, dtype)
+    fast = Int4CPULinear(ref, dtype)
+    assert (fast.perm is not None) == permute
+    x = torch.randn(9, in_f).to(dtype)
+    want = F.linear(x.float(), ref.dequantized_weight(torch.float32), None if ref.bias is None else ref.bias.float())
+    got = fast(x)
+    assert got.shape == (9, out_f)
+    assert (got.float() - want).abs().max() <= (2e-2 if dtype == torch.bfloat16 else 4e-3) * want.abs().max()
+    w_ref = ref.dequantized_weight(torch.float32)
+    assert (fast.dequantized_weight(torch.float32) - w_ref).abs().max() <= 2**-7 * w_ref.abs().max()
+
+
+def test_mixed_bit_exl2_keeps_the_reference():
+    from loraplex.engine.exl2 import EXL2Linear
+    torch.manual_seed(0)
+    mixed = EXL2Linear.from_linear(nn.Linear(128, 64), bits=[6, 4, 4, 3], group_size=32)
+    assert not can_use_cpu_int4(mixed, torch.bfloat16)

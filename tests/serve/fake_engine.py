@@ -61,13 +61,17 @@ class FakeEngine:
         self.started = False
         self.requests: dict[str, FakeRequest] = {}
         self.aborted: list[str] = []
+        self.calls: list[tuple] = []  # control calls as (method, *args), e.g. ("train_submit", job_id)
+        self.call_error: Exception | None = None  # raised by the next control calls
         self._tasks: dict[str, asyncio.Task] = {}
 
     @classmethod
-    def from_engine_args(cls, args, in_process: bool = False, hook_factory=None) -> "FakeEngine":
+    def from_engine_args(cls, args, in_process: bool = False, hook_factory=None,
+                         background_factory=None) -> "FakeEngine":
         engine = cls()
         engine.engine_args = args
         engine.hook_factory = hook_factory
+        engine.background_factory = background_factory
         return engine
 
     async def start(self) -> None:
@@ -105,6 +109,12 @@ class FakeEngine:
         task = self._tasks.pop(request_id, None)
         if task is not None:
             task.cancel()
+
+    async def call(self, method: str, *args):
+        self.calls.append((method, *args))
+        if self.call_error is not None:
+            raise self.call_error
+        return None
 
     def _logprob(self, token_id: int, k: int) -> TokenLogprob:
         alternatives = [t for t in range(64, 64 + k + 1) if t != token_id][:max(0, k - 1)]

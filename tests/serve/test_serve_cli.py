@@ -53,14 +53,38 @@ def test_serve_builds_engine_and_runs_uvicorn(monkeypatch, tmp_path):
     monkeypatch.setattr("uvicorn.run", lambda app, **kw: seen.update(app=app, **kw))
     assert cli.main(["--port", "9001", "--served-model-name", "a", "b", "--api-key", "k",
                      "--max-model-len", "64", "--adapter-dir", str(tmp_path / "store"), "--max-loras", "4",
-                     ]) == 0
+                     "--fine-tuning-dir", str(tmp_path / "ft"), "--max-file-bytes", "1MiB"]) == 0
     app = seen["app"]
     assert app.state.adapters.settings.adapter_dir == tmp_path / "store"
+    ft = app.state.fine_tuning
+    assert ft.settings.max_file_bytes == 1 << 20 and ft.store.root == (tmp_path / "ft").resolve()
+    assert ft.adapters is app.state.adapters
     assert app.state.engine.engine_args.enable_lora and app.state.engine.engine_args.max_loras == 4
     assert app.state.engine.hook_factory.__name__ == "create_lora_runtime"
+    assert app.state.engine.background_factory.__name__ == "create_training_runtime"
+    args = app.state.engine.engine_args
+    assert args.enable_training and args.fine_tuning_dir == str(tmp_path / "ft") and args.train_share == 0.3
     assert (seen["host"], seen["port"]) == ("127.0.0.1", 9001)
     assert app.state.served_model_names == ["a", "b"]
     assert app.state.engine.engine_args.max_model_len == 64
+
+
+def test_fine_tuning_flags(monkeypatch, tmp_path):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    ns = _parse()
+    assert ns.max_file_bytes == 64 << 20
+    assert cli.fine_tuning_dir_from(ns) == tmp_path / "cache" / "loraplex" / "fine_tuning"
+    assert cli.fine_tuning_dir_from(_parse("--fine-tuning-dir", str(tmp_path / "ft"))) == tmp_path / "ft"
+
+
+def test_no_fine_tuning_without_lora(monkeypatch, tmp_path):
+    fake_module = types.ModuleType("loraplex.engine.async_engine")
+    fake_module.AsyncEngine = FakeEngine
+    monkeypatch.setitem(sys.modules, "loraplex.engine.async_engine", fake_module)
+    seen = {}
+    monkeypatch.setattr("uvicorn.run", lambda app, **kw: seen.update(app=app, **kw))
+    assert cli.main(["--no-enable-lora", "--fine-tuning-dir", str(tmp_path / "ft")]) == 0
+    assert seen["app"].state.fine_tuning is None and not (tmp_path / "ft").exists()
 
 
 def test_download_calls_ensure_default_model(monkeypatch, capsys):

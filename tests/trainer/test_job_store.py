@@ -1,0 +1,312 @@
+"""Tests for trainer/job_store.py: files, jobs and their state machine, pagination, events, checkpoints,
+publishing hand-off, two stores on one root (the HTTP and engine processes), ids and model names."""
+from __future__ import annotations
+
+import json
+import re
+import threading
+
+import pytest
+
+from loraplex.adapters.store import validate_adapter_name
+from loraplex.trainer.job_store import (BASE_LEARNING_RATE, FileInUseError, InvalidTransitionError, JobStore,
+                                        NotFoundError, fine_tuned_model_name)
+
+CHAT = b'{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}\n'
+HP = {"n_epochs": 3, "batch_size": 4, "learning_rate_multiplier": 1.0}
+LORA = {"r": 8, "alpha": 16.0, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"], "use_rslora": False,
+        "max_length": 256}
+METHOD = {"type": "supervised", "supervised": {"hyperparameters": HP}}
+
+
+@pytest.fixture
+def store(tmp_path):
+    with JobStore(tmp_path / "ft") as s:
+        yield s
+
+
+def make_job(store: JobStore, training_file: str | None = None, **kw):
+    training_file = training_file or store.add_file(CHAT, "train.jsonl", "fine-tune").id
+    args = dict(model="base", training_file=training_file, validation_file=None, suffix="s", seed=7,
+                hyperparameters=HP, lora=LORA, method=METHOD)
+    return store.create_job(**{**args, **kw})
+
+
+def test_files(store):
+    f = store.add_file(CHAT, "train.jsonl", "fine-tune")
+    assert re.fullmatch(r"file-[0-9a-f]{24}", f.id)
+    assert (f.bytes, f.filename, f.purpose, f.status) == (len(CHAT), "train.jsonl", "fine-tune", "processed")
+    assert store.file_path(f.id).read_bytes() == CHAT
+    assert store.get_file(f.id) == f and store.get_file("file-000000000000000000000000") is None
+    assert f.to_openai() == {"object": "file", "id": f.id, "bytes": len(CHAT), "created_at": f.created_at,
+                             "filename": "train.jsonl", "purpose": "fine-tune", "status": "processed"}
+    g = store.add_file(b"x", "other.txt", "assistants")
+    assert store.list_files() == [g, f]  # newest first
+    assert store.list_files("fine-tune") == [f]
+    assert store.delete_file(f.id) and not store.file_path(f.id).exists()
+    assert not store.delete_file(f.id)
+    assert store.list_files() == [g]
+    assert [p.name for p in store.files_dir.iterdir()] == [g.id]  # no temp files left
+
+
+def test_file_path_refuses_non_ids(store):
+    for bad in ("../jobs.sqlite3", "file-../../x", "file-ABC", ""):
+        with pytest.raises(ValueError):
+            store.file_path(bad)
+
+
+def test_failed_file_write_leaves_nothing(store, monkeypatch):
+    import loraplex.trainer.job_store as job_store
+
+    def boom(path):
+        raise OSError("disk full (simulated)")
+    monkeypatch.setattr(job_store, "_fsync_dir", boom)
+    with pytest.raises(OSError, match="simulated"):
+        store.add_file(CHAT, "a.jsonl", "fine-tune")
+    assert list(store.files_dir.iterdir()) == [] and store.list_files() == []
+
+
+def test_delete_file_refused_while_a_job_uses_it(store):
+    job = make_job(store)
+    valid = store.add_file(CHAT, "valid.jsonl", "fine-tune")
+    job2 = make_job(store, training_file=job.training_file, validation_file=valid.id)
+    for file_id in (job.training_file, valid.id):
+        with pytest.raises(FileInUseError, match="has not finished"):
+            store.delete_file(file_id)
+    store.set_status(job.id, "queued")
+    store.set_status(job.id, "running")
+    store.set_status(job2.id, "cancelled")
+    with pytest.raises(FileInUseError):
+        store.delete_file(job.training_file)
+    assert store.delete_file(valid.id)  # job2 has finished
+    store.set_status(job.id, "failed", error={"code": "x", "message": "y"})
+    assert store.delete_file(job.training_file)
+
+
+def test_create_job(store):
+    job = make_job(store, metadata={"team": "a"})
+    assert re.fullmatch(r"ftjob-[0-9a-f]{24}", job.id)
+    assert job.status == "validating_files" and job.finished_at is None and job.output_path is None
+    assert store.get_job(job.id) == job and store.get_job("ftjob-nope") is None
+    out = job.to_openai()
+    assert out == {
+        "object": "fine_tuning.job", "id": job.id, "model": "base", "created_at": job.created_at, "finished_at": None,
+        "fine_tuned_model": None, "organization_id": "loraplex", "result_files": [], "status": "validating_files",
+        "validation_file": None, "training_file": job.training_file, "hyperparameters": HP, "trained_tokens": None,
+        "error": None, "seed": 7, "user_provided_suffix": "s", "method": METHOD, "estimated_finish": None,
+        "integrations": [], "metadata": {"team": "a"}, "lora": LORA}
+    json.dumps(out)
+    assert BASE_LEARNING_RATE == 2e-4
+
+
+def test_create_job_needs_existing_files(store):
+    with pytest.raises(NotFoundError) as info:
+        make_job(store, training_file="file-000000000000000000000000")
+    assert info.value.param == "training_file"
+    with pytest.raises(NotFoundError) as info:
+        make_job(store, validation_file="file-000000000000000000000000")
+    assert info.value.param == "validation_file"
+    assert store.list_jobs() == ([], False)
+
+
+ALLOWED = [("validating_files", "queued"), ("validating_files", "failed"), ("validating_files", "cancelled"),
+           ("queued", "running"), ("queued", "failed"), ("queued", "cancelled"),
+           ("running", "succeeded"), ("running", "failed"), ("running", "cancelled"), ("running", "queued")]
+PATHS = {"validating_files": [], "queued": ["queued"], "running": ["queued", "running"]}
+
+
+@pytest.mark.parametrize("start,end", ALLOWED)
+def test_allowed_transitions(store, start, end):
+    job = make_job(store)
+    for status in PATHS[start]:
+        store.set_status(job.id, status)
+    after = store.set_status(job.id, end)
+    assert after.status == end == store.get_job(job.id).status
+    assert (after.finished_at is not None) == (end in ("succeeded", "failed", "cancelled"))
+
+
+@pytest.mark.parametrize("path,refused", [
+    ([], "running"), ([], "succeeded"), ([], "validating_files"), (["queued"], "succeeded"),
+    (["queued"], "validating_files"), (["queued"], "queued"), (["queued", "running"], "running"),
+    (["queued", "running"], "validating_files"), (["queued", "running", "succeeded"], "failed"),
+    (["queued", "running", "succeeded"], "queued"), (["failed"], "queued"), (["failed"], "cancelled"),
+    (["cancelled"], "cancelled"), (["cancelled"], "running"), (["queued", "running", "failed"], "succeeded")])
+def test_refused_transitions(store, path, refused):
+    job = make_job(store)
+    for status in path:
+        store.set_status(job.id, status)
+    before = store.get_job(job.id)
+    with pytest.raises(InvalidTransitionError, match="cannot become"):
+        store.set_status(job.id, refused)
+    assert store.get_job(job.id) == before
+    assert issubclass(InvalidTransitionError, ValueError)
+
+
+def test_set_status_fields_and_errors(store):
+    job = make_job(store)
+    with pytest.raises(ValueError, match="unknown job status"):
+        store.set_status(job.id, "done")
+    with pytest.raises(NotFoundError):
+        store.set_status("ftjob-missing", "queued")
+    store.set_status(job.id, "queued")
+    store.set_status(job.id, "running")
+    done = store.set_status(job.id, "succeeded", fine_tuned_model="ft:base:s:x", trained_tokens=123)
+    assert (done.fine_tuned_model, done.trained_tokens, done.error) == ("ft:base:s:x", 123, None)
+    failed = store.set_status(make_job(store).id, "failed", error={"code": "invalid_training_file",
+                                                                   "message": "line 3: bad", "param": "training_file"})
+    assert failed.to_openai()["error"] == {"code": "invalid_training_file", "message": "line 3: bad",
+                                           "param": "training_file"}
+
+
+def test_output_and_awaiting_publish(store):
+    a, b, c = make_job(store), make_job(store), make_job(store)
+    for job in (a, b, c):
+        store.set_status(job.id, "queued")
+        store.set_status(job.id, "running")
+    assert store.jobs_awaiting_publish() == []
+    store.set_output(b.id, "/ckpt/b/final", 1000)
+    store.set_output(a.id, "/ckpt/a/final", 10)
+    assert [j.id for j in store.jobs_awaiting_publish()] == [a.id, b.id]  # oldest first
+    assert store.get_job(b.id).status == "running" and store.get_job(b.id).trained_tokens == 1000
+    store.set_status(a.id, "succeeded", fine_tuned_model="ft:x")
+    assert [j.id for j in store.jobs_awaiting_publish()] == [b.id]
+    store.set_status(c.id, "cancelled")
+    assert store.set_output(c.id, "/ckpt/c/final", 5).output_path is None  # cancelled meanwhile: dropped
+    assert [j.id for j in store.jobs_awaiting_publish()] == [b.id]
+    assert [j.id for j in store.jobs_in_status("running")] == [b.id]
+    assert [j.id for j in store.jobs_in_status("running", "cancelled", "succeeded")] == [a.id, b.id, c.id]
+
+
+def test_list_jobs_pagination(store):
+    jobs = [make_job(store) for _ in range(5)]
+    newest_first = [j.id for j in reversed(jobs)]
+    page, more = store.list_jobs(limit=2)
+    assert [j.id for j in page] == newest_first[:2] and more
+    page, more = store.list_jobs(after=page[-1].id, limit=2)
+    assert [j.id for j in page] == newest_first[2:4] and more
+    page, more = store.list_jobs(after=page[-1].id, limit=2)
+    assert [j.id for j in page] == newest_first[4:] and not more
+    page, more = store.list_jobs(limit=5)
+    assert len(page) == 5 and not more
+    assert store.list_jobs(after=jobs[0].id) == ([], False)
+    with pytest.raises(ValueError, match="after must"):
+        store.list_jobs(after="ftjob-unknown")
+
+
+def test_events(store):
+    job, other = make_job(store), make_job(store)
+    store.add_event(job.id, "info", "Created fine-tuning job")
+    store.add_event(other.id, "info", "other job")
+    store.add_event(job.id, "info", "Step 1/2", {"step": 1, "train_loss": 1.5, "learning_rate": 2e-4})
+    store.add_event(job.id, "warning", "careful")
+    store.add_event(job.id, "error", "Step 2/2", {"step": 2, "train_loss": float("nan"), "valid_loss": 1.0})
+    with pytest.raises(ValueError, match="level"):
+        store.add_event(job.id, "debug", "x")
+    events, more = store.list_events(job.id)
+    assert not more and [e["message"] for e in events] == ["Step 2/2", "careful", "Step 1/2", "Created fine-tuning job"]
+    first = events[-1]
+    assert re.fullmatch(r"ftevent-[0-9a-f]{24}", first["id"])
+    assert first == {"object": "fine_tuning.job.event", "id": first["id"], "created_at": first["created_at"],
+                     "level": "info", "message": "Created fine-tuning job", "data": None, "type": "message"}
+    assert events[2]["type"] == "metrics" and events[2]["data"]["train_loss"] == 1.5
+    assert events[1]["level"] == "warn" and events[1]["type"] == "message"
+    assert events[0]["data"] == {"step": 2, "train_loss": None, "valid_loss": 1.0}  # NaN is not JSON
+    json.dumps(events, allow_nan=False)
+    page, more = store.list_events(job.id, limit=2)
+    assert [e["id"] for e in page] == [e["id"] for e in events[:2]] and more
+    page, more = store.list_events(job.id, after=page[-1]["id"], limit=2)
+    assert [e["id"] for e in page] == [e["id"] for e in events[2:]] and not more
+    with pytest.raises(ValueError, match="after must"):
+        store.list_events(other.id, after=events[0]["id"])  # a cursor from another job's list
+    assert store.list_events("ftjob-none") == ([], False)
+
+
+def test_checkpoints(store):
+    job = make_job(store, suffix="my-bot")
+    assert store.latest_checkpoint(job.id) is None and store.list_checkpoints(job.id) == ([], False)
+    for step in (10, 20, 30):
+        ckpt = store.add_checkpoint(job.id, step, f"/ck/step-{step}", {"train_loss": 1.0 / step, "valid_loss": 0.5})
+    assert re.fullmatch(r"ftckpt-[0-9a-f]{24}", ckpt["id"])
+    name = f"ft:base:my-bot:{job.id}"
+    assert ckpt == {"object": "fine_tuning.job.checkpoint", "id": ckpt["id"], "created_at": ckpt["created_at"],
+                    "fine_tuned_model_checkpoint": f"{name}:ckpt-step-30", "step_number": 30,
+                    "metrics": {"step": 30, "train_loss": 1 / 30, "valid_loss": 0.5}, "fine_tuning_job_id": job.id}
+    assert store.latest_checkpoint(job.id) == {**ckpt, "path": "/ck/step-30"}
+    page, more = store.list_checkpoints(job.id, limit=2)
+    assert [c["step_number"] for c in page] == [30, 20] and more and "path" not in page[0]
+    page, more = store.list_checkpoints(job.id, after=page[-1]["id"], limit=2)
+    assert [c["step_number"] for c in page] == [10] and not more
+    with pytest.raises(NotFoundError):
+        store.add_checkpoint("ftjob-none", 1, "/x", {})
+
+
+def test_two_stores_on_one_root(tmp_path):
+    """The HTTP process and the engine process each open the store; each sees the other's writes."""
+    with JobStore(tmp_path / "ft") as http, JobStore(tmp_path / "ft") as engine:
+        job = make_job(http)
+        assert engine.get_job(job.id) == job
+        assert engine.file_path(job.training_file).read_bytes() == CHAT
+        http.set_status(job.id, "queued")
+        assert [j.id for j in engine.jobs_in_status("queued")] == [job.id]
+        engine.set_status(job.id, "running")
+        engine.add_event(job.id, "info", "Step 1/1", {"train_loss": 0.5})
+        engine.add_checkpoint(job.id, 1, "/ck/1", {"train_loss": 0.5})
+        engine.set_output(job.id, "/ck/final", 42)
+        assert [j.id for j in http.jobs_awaiting_publish()] == [job.id]
+        assert http.list_events(job.id)[0][0]["message"] == "Step 1/1"
+        assert http.latest_checkpoint(job.id)["path"] == "/ck/1"
+        http.set_status(job.id, "succeeded", fine_tuned_model="ft:x")
+        with pytest.raises(InvalidTransitionError):  # the engine side cannot cancel a finished job
+            engine.set_status(job.id, "cancelled")
+        assert engine.get_job(job.id).status == "succeeded"
+
+
+def test_concurrent_writers(tmp_path):
+    """Both processes' connections writing at once: every transition is applied exactly once."""
+    with JobStore(tmp_path / "ft") as a, JobStore(tmp_path / "ft") as b:
+        jobs = [make_job(a) for _ in range(20)]
+        results: dict[str, list[str]] = {"a": [], "b": []}
+
+        def cancel_all(store, key):
+            for job in jobs:
+                try:
+                    store.set_status(job.id, "cancelled")
+                    results[key].append(job.id)
+                except InvalidTransitionError:
+                    pass
+                store.add_event(job.id, "info", key)
+        threads = [threading.Thread(target=cancel_all, args=(s, k)) for s, k in ((a, "a"), (b, "b"))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert sorted(results["a"] + results["b"]) == sorted(j.id for j in jobs)  # each cancelled once
+        assert all(len(a.list_events(j.id)[0]) == 2 for j in jobs)
+
+
+def test_persists_across_reopen(tmp_path):
+    with JobStore(tmp_path / "ft") as s:
+        job = make_job(s)
+        s.add_event(job.id, "info", "hello")
+    with JobStore(tmp_path / "ft") as s:
+        assert s.get_job(job.id) == job and s.list_events(job.id)[0][0]["message"] == "hello"
+
+
+@pytest.mark.parametrize("base,suffix,expected", [
+    ("SmolLM2-135M-Instruct", "my-bot", "ft:SmolLM2-135M-Instruct:my-bot:ftjob-abc"),
+    ("HuggingFaceTB/SmolLM2-135M", None, "ft:HuggingFaceTB-SmolLM2-135M::ftjob-abc"),
+    ("org/model..v1", "", "ft:org-model.v1::ftjob-abc"),
+    ("../etc", "x", "ft:etc:x:ftjob-abc"),
+    ("/", "x", "ft:model:x:ftjob-abc"),
+])
+def test_fine_tuned_model_name(base, suffix, expected):
+    name = fine_tuned_model_name(base, suffix, "ftjob-abc")
+    assert name == expected
+    assert validate_adapter_name(name) == name
+
+
+def test_fine_tuned_model_name_fits_the_adapter_name_limit():
+    job_id = "ftjob-0123456789abcdef01234567"
+    name = fine_tuned_model_name("m" * 300, "s" * 40, job_id)
+    assert len(name) == 128 and name.endswith(":" + "s" * 40 + ":" + job_id)
+    assert validate_adapter_name(name) == name

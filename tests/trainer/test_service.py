@@ -1,0 +1,123 @@
+"""TrainingRuntime, the engine process's side of fine-tuning: jobs from the store train between inference
+steps on the served model, report events and checkpoints, write the adapter, fail cleanly, cancel, resume."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from loraplex.engine.engine_args import EngineArgs
+from loraplex.engine.llm_engine import LLMEngine
+from loraplex.engine.sampling_params import SamplingParams
+from loraplex.trainer.job_store import JobStore
+
+from tests.engine.test_cuda import tiny_model_dir  # noqa: F401 - fixture
+
+CHAT = "\n".join(json.dumps({"messages": [{"role": "user", "content": f"code {i}?"},
+                                          {"role": "assistant", "content": f"zebra {i}"}]}) for i in range(8))
+
+
+def make_engine(model_dir, store_dir) -> LLMEngine:
+    from loraplex.adapters.runtime import create_lora_runtime
+    from loraplex.trainer.service import create_training_runtime
+    args = EngineArgs(model=str(model_dir), max_num_seqs=4, enable_lora=True, max_lora_rank=16, lora_pool_pages=40,
+                      enable_training=True, fine_tuning_dir=str(store_dir), max_train_jobs=2)
+    return LLMEngine.from_engine_args(args, create_lora_runtime, create_training_runtime)
+
+
+def submit(store: JobStore, data: str = CHAT, **lora) -> str:
+    f = store.add_file(data.encode(), "train.jsonl", "fine-tune")
+    job = store.create_job(model="tiny", training_file=f.id, validation_file=None, suffix="t", seed=1,
+                           hyperparameters={"n_epochs": 2, "batch_size": 2, "learning_rate_multiplier": 5.0},
+                           lora={"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"],
+                                 "use_rslora": False, "checkpoint_every": 1, "template": "chatml"} | lora,
+                           method={"type": "supervised"})
+    store.set_status(job.id, "queued")
+    return job.id
+
+
+def generate(engine, prompt, adapter=None) -> list[int]:
+    engine.add_request(f"g{id(prompt)}{adapter}", prompt, SamplingParams(max_tokens=6, temperature=0.0,
+                                                                          ignore_eos=True), adapter=adapter)
+    tokens = []
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            tokens += out.token_ids
+    return tokens
+
+
+def test_a_job_trains_beside_inference_and_its_adapter_serves(tiny_model_dir, tmp_path):  # noqa: F811
+    engine = make_engine(tiny_model_dir, tmp_path / "ft")
+    store = JobStore(tmp_path / "ft")
+    job_id = submit(store)
+    base_tokens = generate(engine, [5, 6, 7])
+    assert engine.call("train_submit", (job_id,)) == "running"
+    assert store.get_job(job_id).status == "running"
+    steps = 0
+    while engine.background.has_work():
+        engine.background.run_step()
+        steps += 1
+        if steps == 3:  # inference in the middle of training is unaffected by it
+            assert generate(engine, [5, 6, 7]) == base_tokens
+    record = store.get_job(job_id)
+    assert record.status == "running" and record.output_path  # the HTTP side publishes it
+    events, _ = store.list_events(job_id, limit=100)
+    metrics = [e["data"] for e in events if e["type"] == "metrics"]
+    total = 2 * 4  # 7 training examples (1 held out), batches of 2, 2 epochs
+    assert len(metrics) == total and all(m["train_loss"] > 0 for m in metrics)
+    assert any("valid_loss" in m for m in metrics)
+    checkpoints, _ = store.list_checkpoints(job_id, limit=100)
+    assert sorted(c["step_number"] for c in checkpoints) == list(range(1, total))  # the last one is the output
+    # publish as the HTTP side would: the engine's adapter hook serves the folder
+    engine.call("register_adapter", ("ft", 1, 1, record.output_path))
+    tuned = generate(engine, [5, 6, 7], adapter=(1, 1))
+    assert len(tuned) == 6
+    assert engine.runner.model.model.layers[0].self_attn.q_proj.state.segments == []  # wrappers back to pass-through
+
+
+def test_bad_data_fails_the_job_and_cancel_stops_one(tiny_model_dir, tmp_path):  # noqa: F811
+    engine = make_engine(tiny_model_dir, tmp_path / "ft")
+    store = JobStore(tmp_path / "ft")
+    bad = submit(store, data=json.dumps({"messages": [{"role": "user", "content": "no answer"}]}))
+    assert engine.call("train_submit", (bad,)) == "failed"
+    record = store.get_job(bad)
+    assert record.status == "failed" and record.error["code"] == "invalid_training_file"
+    good = submit(store)
+    engine.call("train_submit", (good,))
+    engine.background.run_step()
+    assert engine.call("train_cancel", (good,)) == "cancelled"
+    assert store.get_job(good).status == "cancelled" and not engine.background.has_work()
+    with pytest.raises(ValueError, match="no fine-tuning job"):
+        engine.call("train_submit", ("ftjob-missing",))
+
+
+def test_a_restarted_engine_resumes_running_jobs_from_their_checkpoint(tiny_model_dir, tmp_path):  # noqa: F811
+    engine = make_engine(tiny_model_dir, tmp_path / "ft")
+    store = JobStore(tmp_path / "ft")
+    job_id = submit(store)
+    engine.call("train_submit", (job_id,))
+    while not store.list_checkpoints(job_id)[0] or store.latest_checkpoint(job_id)["step_number"] < 3:
+        engine.background.run_step()
+    del engine  # "killed": the job is still running in the store, with checkpoints at steps 1..3
+    restarted = make_engine(tiny_model_dir, tmp_path / "ft")  # resumes on start
+    job = restarted.background.running[job_id].job
+    assert job.step == 3
+    while restarted.background.has_work():
+        restarted.background.run_step()
+    assert store.get_job(job_id).output_path
+    events, _ = store.list_events(job_id, limit=100)
+    assert any("Resumed from the checkpoint at step 3" in e["message"] for e in events)
+    # the resumed run ends with the same adapter as an uninterrupted one
+    fresh = make_engine(tiny_model_dir, tmp_path / "ft2")
+    store2 = JobStore(tmp_path / "ft2")
+    other = submit(store2)
+    fresh.call("train_submit", (other,))
+    while fresh.background.has_work():
+        fresh.background.run_step()
+    from safetensors.torch import load_file
+    a = load_file(f"{store.get_job(job_id).output_path}/adapter_model.safetensors")
+    b = load_file(f"{store2.get_job(other).output_path}/adapter_model.safetensors")
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=1e-5)

@@ -1,0 +1,552 @@
+"""JobStore: fine-tuning files, jobs, events and checkpoints in SQLite (WAL), shared by two processes.
+
+The HTTP process (serve/fine_tuning_service.py) writes files and jobs and publishes finished ones; the
+engine process (trainer/service.py) trains them and writes status changes, events, checkpoints and the
+final output. Both open the same `root` at once, so every read-modify-write runs in `BEGIN IMMEDIATE`
+with a busy timeout, and nothing is swept at open beyond stale upload temp files.
+
+Layout under `root`: `jobs.sqlite3`; uploaded files at `files/<file_id>` (written to a temp name, fsynced,
+renamed); checkpoints under `checkpoints/<job_id>/` (written by the engine side; only rows here).
+
+A job's columns the engine side reads:
+- `hyperparameters`: resolved OpenAI values `{"n_epochs": int, "batch_size": int (sequences per optimizer
+  step), "learning_rate_multiplier": float}` ("auto": AUTO_HYPERPARAMETERS, i.e. 3 epochs, batch size 4,
+  multiplier 1.0); the learning rate is BASE_LEARNING_RATE (2e-4) * multiplier.
+- `lora`: every `trainer.lora_layers.LoRASpec` field, resolved (`r`, `alpha`, `dropout`,
+  `target_modules` (a list), `use_rslora`), plus whichever of these trainer extras the client gave
+  (absent: the engine side's default):
+    `micro_batch_size` (int >= 1: sequences per batched step; gradient accumulation above it),
+    `max_length` (int: tokens per training sequence), `packing` (bool), `template` (a name in
+    `trainer.data.TEMPLATES`), `validation_fraction` (float in [0, 1): held out when no validation file),
+    `warmup_ratio` (float in [0, 1)), `eval_every` (optimizer steps between validation runs; 0: each
+    epoch's end), `checkpoint_every` (optimizer steps between checkpoints; 0: each epoch's end),
+    `early_stopping_patience` (evaluations without improvement before stopping; 0: off).
+- `seed`, `training_file`, `validation_file` (file ids: read them with `file_path`).
+
+Status machine (OpenAI's names): validating_files -> queued | failed | cancelled; queued -> running |
+failed | cancelled; running -> succeeded | failed | cancelled | queued (a restart re-queues); succeeded,
+failed and cancelled never change. The engine side records its result with `set_output` (status stays
+running); the HTTP side publishes it as an adapter and sets succeeded.
+
+References: OpenAI's fine-tuning API objects (file, fine_tuning.job, .event, .checkpoint) and its model
+names `ft:{base}:{suffix}:{job_id}`.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import secrets
+import sqlite3
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any
+
+from loraplex.adapters.store import MAX_NAME_CHARS
+
+BASE_LEARNING_RATE = 2e-4  # learning_rate_multiplier 1.0 (OpenAI's "auto") trains LoRA at this rate
+# what OpenAI's "auto" becomes (batch_size: sequences per optimizer step)
+AUTO_HYPERPARAMETERS = MappingProxyType({"n_epochs": 3, "batch_size": 4, "learning_rate_multiplier": 1.0})
+STATUSES = ("validating_files", "queued", "running", "succeeded", "failed", "cancelled")
+ACTIVE_STATUSES = ("validating_files", "queued", "running")
+TERMINAL_STATUSES = ("succeeded", "failed", "cancelled")
+_TRANSITIONS = {
+    "validating_files": frozenset({"queued", "failed", "cancelled"}),
+    "queued": frozenset({"running", "failed", "cancelled"}),
+    "running": frozenset({"succeeded", "failed", "cancelled", "queued"}),
+}
+EVENT_LEVELS = ("info", "warn", "error")
+_METRIC_KEYS = ("train_loss", "valid_loss")
+_FILE_ID_RE = re.compile(r"file-[0-9a-f]{24}")
+_UNSAFE_NAME_CHARS = re.compile(r"[^A-Za-z0-9._-]+")
+_TMP_PREFIX = ".tmp-"
+_STALE_TMP_S = 3600.0
+BUSY_TIMEOUT_S = 5.0
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS files (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    id TEXT NOT NULL UNIQUE,
+    bytes INTEGER NOT NULL,
+    created_at INTEGER NOT NULL,
+    filename TEXT NOT NULL,
+    purpose TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS jobs (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    id TEXT NOT NULL UNIQUE,
+    model TEXT NOT NULL,
+    training_file TEXT NOT NULL,
+    validation_file TEXT,
+    suffix TEXT,
+    seed INTEGER NOT NULL,
+    hyperparameters TEXT NOT NULL,
+    lora TEXT NOT NULL,
+    method TEXT NOT NULL,
+    metadata TEXT,
+    status TEXT NOT NULL,
+    created_at INTEGER NOT NULL,
+    finished_at INTEGER,
+    fine_tuned_model TEXT,
+    trained_tokens INTEGER,
+    error TEXT,
+    output_path TEXT
+);
+CREATE INDEX IF NOT EXISTS jobs_by_status ON jobs (status);
+CREATE TABLE IF NOT EXISTS events (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    id TEXT NOT NULL UNIQUE,
+    job_id TEXT NOT NULL,
+    created_at INTEGER NOT NULL,
+    level TEXT NOT NULL,
+    message TEXT NOT NULL,
+    data TEXT
+);
+CREATE INDEX IF NOT EXISTS events_by_job ON events (job_id, seq);
+CREATE TABLE IF NOT EXISTS checkpoints (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    id TEXT NOT NULL UNIQUE,
+    job_id TEXT NOT NULL,
+    created_at INTEGER NOT NULL,
+    step INTEGER NOT NULL,
+    path TEXT NOT NULL,
+    metrics TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS checkpoints_by_job ON checkpoints (job_id, seq);
+"""
+_JOB_COLUMNS = ("id", "model", "training_file", "validation_file", "suffix", "seed", "hyperparameters", "lora",
+                "method", "metadata", "status", "created_at", "finished_at", "fine_tuned_model", "trained_tokens",
+                "error", "output_path")
+_JSON_JOB_COLUMNS = ("hyperparameters", "lora", "method", "metadata", "error")
+
+
+class InvalidTransitionError(ValueError):
+    """A status change the job state machine does not allow (e.g. anything out of a terminal state)."""
+
+
+class FileInUseError(ValueError):
+    """The file is the training or validation file of a job that has not finished."""
+
+
+class NotFoundError(LookupError):
+    """No file or job with that id; `param` names the request field that carried it."""
+
+    def __init__(self, message: str, *, param: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+
+
+@dataclass(frozen=True, slots=True)
+class FileRecord:
+    id: str
+    bytes: int
+    created_at: int  # unix seconds
+    filename: str
+    purpose: str
+    status: str = "processed"
+
+    def to_openai(self) -> dict[str, Any]:
+        return {"object": "file", "id": self.id, "bytes": self.bytes, "created_at": self.created_at,
+                "filename": self.filename, "purpose": self.purpose, "status": self.status}
+
+
+@dataclass(frozen=True, slots=True)
+class JobRecord:
+    id: str
+    model: str  # the base model's served name
+    training_file: str
+    validation_file: str | None
+    suffix: str | None
+    seed: int
+    hyperparameters: dict  # resolved: n_epochs, batch_size, learning_rate_multiplier
+    lora: dict  # LoRASpec fields plus trainer extras (see the module docstring)
+    method: dict  # {"type": "supervised", "supervised": {"hyperparameters": {...}}}
+    metadata: dict | None
+    status: str
+    created_at: int
+    finished_at: int | None
+    fine_tuned_model: str | None
+    trained_tokens: int | None
+    error: dict | None  # {"code", "message", "param"} once failed
+    output_path: str | None  # the engine side's final PEFT folder, waiting to be published
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status in TERMINAL_STATUSES
+
+    def to_openai(self) -> dict[str, Any]:
+        return {"object": "fine_tuning.job", "id": self.id, "model": self.model, "created_at": self.created_at,
+                "finished_at": self.finished_at, "fine_tuned_model": self.fine_tuned_model,
+                "organization_id": "loraplex", "result_files": [], "status": self.status,
+                "validation_file": self.validation_file, "training_file": self.training_file,
+                "hyperparameters": dict(self.hyperparameters), "trained_tokens": self.trained_tokens,
+                "error": self.error, "seed": self.seed, "user_provided_suffix": self.suffix,
+                "method": self.method, "estimated_finish": None, "integrations": [], "metadata": self.metadata,
+                "lora": dict(self.lora)}  # our extension
+
+
+def fine_tuned_model_name(base: str, suffix: str | None, job_id: str) -> str:
+    """OpenAI's `ft:{base}:{suffix}:{job_id}` (suffix may be empty), made a valid adapter name: characters
+    outside [A-Za-z0-9._-] become '-', no '..', and `base` is shortened to fit MAX_NAME_CHARS."""
+    tail = f":{_safe_name_part(suffix or '')}:{_safe_name_part(job_id)}"
+    clean = _safe_name_part(base).lstrip(".-_") or "model"
+    return "ft:" + clean[:max(1, MAX_NAME_CHARS - 3 - len(tail))] + tail
+
+
+def _safe_name_part(text: str) -> str:
+    return re.sub(r"\.{2,}", ".", _UNSAFE_NAME_CHARS.sub("-", text))
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{secrets.token_hex(12)}"
+
+
+class JobStore:
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root).expanduser().resolve()
+        self.files_dir = self.root / "files"
+        self.checkpoints_dir = self.root / "checkpoints"
+        self.files_dir.mkdir(parents=True, exist_ok=True)
+        self.checkpoints_dir.mkdir(exist_ok=True)
+        # One connection for all threads of this process, serialised by the lock (a sqlite3 connection
+        # must not be used by two threads at once); the other process has its own.
+        self._lock = threading.RLock()
+        self._db = sqlite3.connect(self.root / "jobs.sqlite3", isolation_level=None, check_same_thread=False,
+                                   timeout=BUSY_TIMEOUT_S)
+        with self._lock:
+            self._db.execute(f"PRAGMA busy_timeout={int(BUSY_TIMEOUT_S * 1000)}")
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=FULL")
+            self._db.executescript(_SCHEMA)
+        self._sweep_stale_uploads()
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    def __enter__(self) -> JobStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ---- files ------------------------------------------------------------------------------------
+
+    def add_file(self, data: bytes, filename: str, purpose: str) -> FileRecord:
+        """Store `data` durably, then record it; on any failure nothing remains."""
+        file_id = new_id("file")
+        final = self.file_path(file_id)
+        tmp = self.files_dir / f"{_TMP_PREFIX}{file_id}"
+        try:
+            with open(tmp, "xb") as out:
+                out.write(data)
+                out.flush()
+                os.fsync(out.fileno())
+            os.rename(tmp, final)
+            _fsync_dir(self.files_dir)
+            record = FileRecord(id=file_id, bytes=len(data), created_at=int(time.time()), filename=filename,
+                                purpose=purpose)
+            with self._lock:
+                self._db.execute("INSERT INTO files (id, bytes, created_at, filename, purpose) VALUES (?, ?, ?, ?, ?)",
+                                 (record.id, record.bytes, record.created_at, record.filename, record.purpose))
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            final.unlink(missing_ok=True)
+            raise
+        return record
+
+    def get_file(self, file_id: str) -> FileRecord | None:
+        with self._lock:
+            row = self._db.execute("SELECT id, bytes, created_at, filename, purpose FROM files WHERE id = ?",
+                                   (file_id,)).fetchone()
+        return None if row is None else FileRecord(*row)
+
+    def list_files(self, purpose: str | None = None) -> list[FileRecord]:
+        """Newest first."""
+        sql = "SELECT id, bytes, created_at, filename, purpose FROM files"
+        with self._lock:
+            rows = (self._db.execute(sql + " ORDER BY seq DESC").fetchall() if purpose is None else
+                    self._db.execute(sql + " WHERE purpose = ? ORDER BY seq DESC", (purpose,)).fetchall())
+        return [FileRecord(*row) for row in rows]
+
+    def file_path(self, file_id: str) -> Path:
+        if not _FILE_ID_RE.fullmatch(file_id):  # ids become paths: never let one climb out of files/
+            raise ValueError(f"{file_id!r} is not a file id")
+        return self.files_dir / file_id
+
+    def delete_file(self, file_id: str) -> bool:
+        """False when there is no such file; FileInUseError while an unfinished job uses it."""
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                if self._db.execute("SELECT 1 FROM files WHERE id = ?", (file_id,)).fetchone() is None:
+                    self._db.execute("ROLLBACK")
+                    return False
+                user = self._db.execute(
+                    f"SELECT id FROM jobs WHERE (training_file = ? OR validation_file = ?) AND status IN "
+                    f"({_marks(ACTIVE_STATUSES)}) LIMIT 1", (file_id, file_id, *ACTIVE_STATUSES)).fetchone()
+                if user is not None:
+                    raise FileInUseError(f"file {file_id} is used by fine-tuning job {user[0]}, which has not "
+                                         "finished; cancel it or wait for it to end")
+                self._db.execute("DELETE FROM files WHERE id = ?", (file_id,))
+                self._db.execute("COMMIT")
+            except BaseException:
+                if self._db.in_transaction:
+                    self._db.execute("ROLLBACK")
+                raise
+        self.file_path(file_id).unlink(missing_ok=True)
+        return True
+
+    # ---- jobs -------------------------------------------------------------------------------------
+
+    def create_job(self, *, model: str, training_file: str, validation_file: str | None, suffix: str | None,
+                   seed: int, hyperparameters: dict, lora: dict, method: dict,
+                   metadata: dict | None = None) -> JobRecord:
+        """A new job in validating_files. Its files must exist (checked in the same transaction, so a
+        concurrent delete cannot leave the job pointing at nothing): NotFoundError otherwise."""
+        job = JobRecord(id=new_id("ftjob"), model=model, training_file=training_file,
+                        validation_file=validation_file, suffix=suffix, seed=int(seed),
+                        hyperparameters=dict(hyperparameters), lora=dict(lora), method=dict(method),
+                        metadata=None if metadata is None else dict(metadata), status="validating_files",
+                        created_at=int(time.time()), finished_at=None, fine_tuned_model=None, trained_tokens=None,
+                        error=None, output_path=None)
+        values = [_dumps(getattr(job, c)) if c in _JSON_JOB_COLUMNS else getattr(job, c) for c in _JOB_COLUMNS]
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                for param, file_id in (("training_file", training_file), ("validation_file", validation_file)):
+                    if file_id is not None and self._db.execute("SELECT 1 FROM files WHERE id = ?",
+                                                                (file_id,)).fetchone() is None:
+                        raise NotFoundError(f"No such file: {file_id}", param=param)
+                self._db.execute(f"INSERT INTO jobs ({', '.join(_JOB_COLUMNS)}) VALUES ({_marks(_JOB_COLUMNS)})",
+                                 values)
+                self._db.execute("COMMIT")
+            except BaseException:
+                if self._db.in_transaction:
+                    self._db.execute("ROLLBACK")
+                raise
+        return job
+
+    def get_job(self, job_id: str) -> JobRecord | None:
+        with self._lock:
+            row = self._db.execute(f"SELECT {', '.join(_JOB_COLUMNS)} FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        return None if row is None else _job(row)
+
+    def list_jobs(self, after: str | None = None, limit: int = 20) -> tuple[list[JobRecord], bool]:
+        """Newest first; `after` is the id of the last job of the previous page (OpenAI's cursor)."""
+        where, params = self._after("jobs", after, "job")
+        with self._lock:
+            rows = self._db.execute(f"SELECT {', '.join(_JOB_COLUMNS)} FROM jobs {where} ORDER BY seq DESC LIMIT ?",
+                                    (*params, limit + 1)).fetchall()
+        return [_job(row) for row in rows[:limit]], len(rows) > limit
+
+    def jobs_in_status(self, *statuses: str) -> list[JobRecord]:
+        """Oldest first."""
+        with self._lock:
+            rows = self._db.execute(f"SELECT {', '.join(_JOB_COLUMNS)} FROM jobs WHERE status IN ({_marks(statuses)})"
+                                    " ORDER BY seq", statuses).fetchall()
+        return [_job(row) for row in rows]
+
+    def jobs_awaiting_publish(self) -> list[JobRecord]:
+        """Running jobs whose engine side has recorded its output (oldest first)."""
+        with self._lock:
+            rows = self._db.execute(f"SELECT {', '.join(_JOB_COLUMNS)} FROM jobs WHERE status = 'running'"
+                                    " AND output_path IS NOT NULL ORDER BY seq").fetchall()
+        return [_job(row) for row in rows]
+
+    def set_status(self, job_id: str, status: str, *, error: dict | None = None, fine_tuned_model: str | None = None,
+                   trained_tokens: int | None = None) -> JobRecord:
+        """Move a job along the state machine (InvalidTransitionError otherwise); terminal states stamp
+        finished_at. `error` is OpenAI's {"code", "message", "param"}."""
+        if status not in STATUSES:
+            raise ValueError(f"unknown job status {status!r} (expected one of {', '.join(STATUSES)})")
+        changes: dict[str, Any] = {"status": status}
+        if status in TERMINAL_STATUSES:
+            changes["finished_at"] = int(time.time())
+        if error is not None:
+            changes["error"] = _dumps({"code": error.get("code"), "message": error.get("message"),
+                                       "param": error.get("param")})
+        if fine_tuned_model is not None:
+            changes["fine_tuned_model"] = fine_tuned_model
+        if trained_tokens is not None:
+            changes["trained_tokens"] = int(trained_tokens)
+
+        def check(current: JobRecord) -> None:
+            if status not in _TRANSITIONS.get(current.status, ()):
+                raise InvalidTransitionError(f"fine-tuning job {job_id} is {current.status}; it cannot become {status}")
+        return self._update(job_id, changes, check)
+
+    def set_output(self, job_id: str, path: str, trained_tokens: int) -> JobRecord:
+        """The engine side's "training done, publish me": records the final PEFT folder of a running job.
+        A job that is no longer running (cancelled meanwhile) keeps its state and the output is dropped."""
+        def check(current: JobRecord) -> None:
+            if current.status != "running":
+                raise _Unchanged(current)
+        try:
+            return self._update(job_id, {"output_path": str(path), "trained_tokens": int(trained_tokens)}, check)
+        except _Unchanged as unchanged:
+            return unchanged.job
+
+    def _update(self, job_id: str, changes: dict[str, Any], check) -> JobRecord:
+        columns = ", ".join(f"{c} = ?" for c in changes)
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                row = self._db.execute(f"SELECT {', '.join(_JOB_COLUMNS)} FROM jobs WHERE id = ?",
+                                       (job_id,)).fetchone()
+                if row is None:
+                    raise NotFoundError(f"No such fine-tuning job: {job_id}", param="fine_tuning_job_id")
+                check(_job(row))
+                self._db.execute(f"UPDATE jobs SET {columns} WHERE id = ?", (*changes.values(), job_id))
+                row = self._db.execute(f"SELECT {', '.join(_JOB_COLUMNS)} FROM jobs WHERE id = ?",
+                                       (job_id,)).fetchone()
+                self._db.execute("COMMIT")
+            except BaseException:
+                if self._db.in_transaction:
+                    self._db.execute("ROLLBACK")
+                raise
+        return _job(row)
+
+    # ---- events -----------------------------------------------------------------------------------
+
+    def add_event(self, job_id: str, level: str, message: str, data: dict | None = None) -> None:
+        level = "warn" if level == "warning" else level
+        if level not in EVENT_LEVELS:
+            raise ValueError(f"event level must be one of {', '.join(EVENT_LEVELS)}; got {level!r}")
+        row = (new_id("ftevent"), job_id, int(time.time()), level, message, None if data is None else _dumps(data))
+        with self._lock:
+            self._db.execute("INSERT INTO events (id, job_id, created_at, level, message, data)"
+                             " VALUES (?, ?, ?, ?, ?, ?)", row)
+
+    def list_events(self, job_id: str, after: str | None = None, limit: int = 20) -> tuple[list[dict], bool]:
+        """Newest first, as OpenAI's fine_tuning.job.event objects; `after` is an event id."""
+        where, params = self._after("events", after, "event", job_id)
+        with self._lock:
+            rows = self._db.execute(f"SELECT id, created_at, level, message, data FROM events {where}"
+                                    " ORDER BY seq DESC LIMIT ?", (*params, limit + 1)).fetchall()
+        events = []
+        for event_id, created_at, level, message, data in rows[:limit]:
+            data = None if data is None else json.loads(data)
+            is_metrics = isinstance(data, dict) and any(k in data for k in _METRIC_KEYS)
+            events.append({"object": "fine_tuning.job.event", "id": event_id, "created_at": created_at,
+                           "level": level, "message": message, "data": data,
+                           "type": "metrics" if is_metrics else "message"})
+        return events, len(rows) > limit
+
+    # ---- checkpoints ------------------------------------------------------------------------------
+
+    def add_checkpoint(self, job_id: str, step: int, path: str, metrics: dict) -> dict:
+        job = self.get_job(job_id)
+        if job is None:
+            raise NotFoundError(f"No such fine-tuning job: {job_id}", param="fine_tuning_job_id")
+        row = (new_id("ftckpt"), job_id, int(time.time()), int(step), str(path), _dumps({"step": int(step), **metrics}))
+        with self._lock:
+            self._db.execute("INSERT INTO checkpoints (id, job_id, created_at, step, path, metrics)"
+                             " VALUES (?, ?, ?, ?, ?, ?)", row)
+        return _checkpoint(job, row[0], row[2], row[3], row[5])
+
+    def list_checkpoints(self, job_id: str, after: str | None = None, limit: int = 10) -> tuple[list[dict], bool]:
+        """Newest first, as OpenAI's fine_tuning.job.checkpoint objects; `after` is a checkpoint id."""
+        job = self.get_job(job_id)
+        if job is None:
+            return [], False
+        where, params = self._after("checkpoints", after, "checkpoint", job_id)
+        with self._lock:
+            rows = self._db.execute(f"SELECT id, created_at, step, metrics FROM checkpoints {where}"
+                                    " ORDER BY seq DESC LIMIT ?", (*params, limit + 1)).fetchall()
+        return [_checkpoint(job, *row) for row in rows[:limit]], len(rows) > limit
+
+    def latest_checkpoint(self, job_id: str) -> dict | None:
+        """The newest checkpoint, with its folder under "path" (for resuming)."""
+        job = self.get_job(job_id)
+        with self._lock:
+            row = self._db.execute("SELECT id, created_at, step, metrics, path FROM checkpoints WHERE job_id = ?"
+                                   " ORDER BY seq DESC LIMIT 1", (job_id,)).fetchone()
+        if job is None or row is None:
+            return None
+        return {**_checkpoint(job, *row[:4]), "path": row[4]}
+
+    # ---- internals --------------------------------------------------------------------------------
+
+    def _after(self, table: str, after: str | None, what: str, job_id: str | None = None) -> tuple[str, tuple]:
+        """The WHERE clause of a page: rows of `job_id` (if given) older than the cursor row `after`."""
+        clauses, params = [], []
+        if job_id is not None:
+            clauses.append("job_id = ?")
+            params.append(job_id)
+        if after is not None:
+            sql, cursor_params = f"SELECT seq FROM {table} WHERE id = ?", (after,)
+            if job_id is not None:
+                sql, cursor_params = sql + " AND job_id = ?", (after, job_id)
+            with self._lock:
+                found = self._db.execute(sql, cursor_params).fetchone()
+            if found is None:
+                raise ValueError(f"after must be the id of a {what} from a previous page; got {after!r}")
+            clauses.append("seq < ?")
+            params.append(found[0])
+        return ("WHERE " + " AND ".join(clauses) if clauses else ""), tuple(params)
+
+    def _sweep_stale_uploads(self) -> None:
+        """Temp files of uploads that crashed mid-write; only old ones, as the other process may be writing."""
+        cutoff = time.time() - _STALE_TMP_S
+        for path in self.files_dir.glob(f"{_TMP_PREFIX}*"):
+            try:
+                if path.stat().st_mtime < cutoff:
+                    path.unlink()
+            except FileNotFoundError:
+                pass
+
+
+class _Unchanged(Exception):
+    def __init__(self, job: JobRecord) -> None:
+        self.job = job
+
+
+def _job(row: tuple) -> JobRecord:
+    values = dict(zip(_JOB_COLUMNS, row))
+    for column in _JSON_JOB_COLUMNS:
+        if values[column] is not None:
+            values[column] = json.loads(values[column])
+    return JobRecord(**values)
+
+
+def _checkpoint(job: JobRecord, checkpoint_id: str, created_at: int, step: int, metrics: str) -> dict:
+    name = job.fine_tuned_model or fine_tuned_model_name(job.model, job.suffix, job.id)
+    return {"object": "fine_tuning.job.checkpoint", "id": checkpoint_id, "created_at": created_at,
+            "fine_tuned_model_checkpoint": f"{name}:ckpt-step-{step}", "step_number": step,
+            "metrics": json.loads(metrics), "fine_tuning_job_id": job.id}
+
+
+def _marks(items: tuple | list) -> str:
+    return ", ".join("?" * len(items))
+
+
+def _finite(value: Any) -> Any:
+    """JSON has no NaN or Infinity (a diverged loss would make every later read fail): they become null.
+    NumPy and 0-d torch scalars become Python numbers."""
+    if hasattr(value, "item") and not isinstance(value, (dict, list, tuple, str)):
+        value = value.item()
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {str(k): _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
+
+
+def _dumps(value: Any) -> str:
+    return json.dumps(_finite(value), allow_nan=False)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
