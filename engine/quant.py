@@ -90,12 +90,18 @@ def tensor_bytes(t: torch.Tensor) -> int:
 def module_weight_bytes(model: nn.Module) -> int:
     """Bytes of every distinct parameter and buffer, quantization statistics included (bitsandbytes
     keeps absmax and its nested statistics outside the parameter)."""
-    seen: set[int] = set()
+    seen: set[tuple[str, int]] = set()
     total = 0
     for t in list(model.parameters()) + list(model.buffers()):
-        if t.device.type == "meta" or id(t) in seen:
+        if t.device.type == "meta":
             continue
-        seen.add(id(t))
+        try:
+            key = (str(t.device), t.untyped_storage().data_ptr())  # tied or detached views share one storage
+        except (NotImplementedError, RuntimeError):  # opaque tensors (oneDNN-packed weights) have no storage
+            key = ("opaque", id(t))
+        if key in seen:
+            continue
+        seen.add(key)
         total += tensor_bytes(t)
         state = getattr(t, "quant_state", None)
         if state is not None:

@@ -197,3 +197,26 @@ def test_training_lowers_the_loss_and_leaves_the_base_alone(tiny_dir):
     for name, tensor in model.state_dict().items():
         assert torch.equal(tensor, base_state[name]), name
     assert all(p.grad is None for p in model.parameters() if not any(p is q for q in job.params))
+
+
+@pytest.mark.parametrize("method", ["nf4", "int8", "gptq"])
+def test_batched_training_on_a_quantized_base(tiny_dir, tmp_path, method):
+    """QLoRA: the same batched step runs through every quantized base; the base stays frozen."""
+    from loraplex.engine.quant import QuantConfig, quantize_linears
+    if method == "gptq":
+        from loraplex.engine.gptq import export_gptq
+        model, config = load_model(export_gptq(tiny_dir, tmp_path / "gptq", bits=4, group_size=32), torch.float32)
+    else:
+        pytest.importorskip("bitsandbytes")
+        model, config = load_model(tiny_dir, torch.float32)
+        quantize_linears(model, QuantConfig(method), torch.float32, torch.device("cpu"))
+    trainer = MultiJobTrainer(model, config, torch.float32, torch.device("cpu"), max_jobs=2)
+    jobs = [make_job(n, config, random_sequences(4, seed=6)) for n in ("qv-r4", "all-r8-rslora")]
+    for job in jobs:
+        trainer.add_job(job)
+    reports = trainer.step()
+    assert all(r.loss > 0 for r in reports)
+    for job in jobs:
+        for name, g in grads(job).items():
+            assert torch.isfinite(g).all() and g.abs().sum() > 0, name
+    assert all(p.grad is None for p in model.parameters())
