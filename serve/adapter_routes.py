@@ -6,6 +6,7 @@ import asyncio
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -42,8 +43,9 @@ def _service(request: Request) -> Any:
     return service
 
 
-def _limited(receive: Receive, max_bytes: int) -> Receive:
-    """The request body, refused with 413 as soon as it grows past `max_bytes` (Content-Length may lie)."""
+def limited_receive(receive: Receive, max_bytes: int, on_too_large: Callable[[], None]) -> Receive:
+    """The request body, cut off by `on_too_large()` (which raises a 413 error) as soon as it grows past
+    `max_bytes` (Content-Length may lie). Shared by adapter and training-file uploads."""
     seen = 0
 
     async def wrapped() -> Message:
@@ -52,9 +54,13 @@ def _limited(receive: Receive, max_bytes: int) -> Receive:
         if message["type"] == "http.request":
             seen += len(message.get("body", b""))
             if seen > max_bytes:
-                raise AdapterTooLargeError(f"the upload is larger than the {max_bytes >> 20} MiB limit", param="file")
+                on_too_large()
         return message
     return wrapped
+
+
+def _raise_adapter_too_large(max_bytes: int) -> None:
+    raise AdapterTooLargeError(f"the upload is larger than the {max_bytes >> 20} MiB limit", param="file")
 
 
 async def upload_adapter(request: Request) -> Response:
@@ -66,7 +72,8 @@ async def upload_adapter(request: Request) -> Response:
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > max_body:
         raise AdapterTooLargeError(f"the upload is larger than the {max_body >> 20} MiB limit", param="file")
-    limited = Request(request.scope, _limited(request.receive, max_body))
+    limited = Request(request.scope, limited_receive(request.receive, max_body,
+                                                     lambda: _raise_adapter_too_large(max_body)))
     form = await limited.form(max_files=1, max_fields=8)
     try:
         name, upload = form.get("name"), form.get("file")

@@ -8,8 +8,7 @@ from starlette.datastructures import UploadFile
 from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.routing import Route
-from starlette.types import Message, Receive
-
+from loraplex.serve.adapter_routes import limited_receive
 from loraplex.serve.errors import InvalidRequestError
 from loraplex.serve.fine_tuning_service import raise_too_large
 from loraplex.serve.schemas import CreateFineTuningJobRequest
@@ -21,24 +20,9 @@ MAX_PAGE_LIMIT = 100
 def _service(request: Request) -> Any:
     service = request.app.state.fine_tuning
     if service is None:
-        raise InvalidRequestError("this server runs without fine-tuning (it needs LoRA enabled; started with "
+        raise InvalidRequestError("this server runs without fine-tuning (started with --no-enable-training or "
                                   "--no-enable-lora)", code="fine_tuning_disabled")
     return service
-
-
-def _limited(receive: Receive, max_bytes: int, limit_bytes: int) -> Receive:
-    """The request body, refused with 413 as soon as it grows past `max_bytes` (Content-Length may lie)."""
-    seen = 0
-
-    async def wrapped() -> Message:
-        nonlocal seen
-        message = await receive()
-        if message["type"] == "http.request":
-            seen += len(message.get("body", b""))
-            if seen > max_bytes:
-                raise_too_large(limit_bytes)
-        return message
-    return wrapped
 
 
 def _page(request: Request, default_limit: int) -> tuple[str | None, int]:
@@ -69,7 +53,7 @@ async def upload_file(request: Request) -> Response:
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > max_body:
         raise_too_large(max_file)
-    form = await Request(request.scope, _limited(request.receive, max_body, max_file)).form(max_files=1,
+    form = await Request(request.scope, limited_receive(request.receive, max_body, lambda: raise_too_large(max_file))).form(max_files=1,
                                                                                           max_fields=8)
     try:
         purpose, upload = form.get("purpose"), form.get("file")
