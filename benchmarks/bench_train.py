@@ -2,7 +2,7 @@
 
     python benchmarks/bench_train.py [--model DIR] [--dtype float32] [--jobs 4] [--examples 32] [--epochs 1]
         [--batch-size 4] [--rank 8] [--skip-peft] [--skip-serving] [--rounds 1]
-        [--serve-requests 64] [--serve-tokens 64] [--train-share 0.3]
+        [--serve-requests 64] [--serve-tokens 64] [--train-share 0.25]
 
 Every job trains rank-`rank` LoRA on all seven linears of the default model, on its own synthetic chat set
 (PROMPTS -> a made-up answer per job), CPU, AdamW at 2e-4, cosine schedule, clip 1.0, no dropout. Runs:
@@ -206,6 +206,17 @@ def serving_bench(model_dir, args) -> dict:
             "idle_p99_ms": med(idle, "p99_ttft_ms"), "train_p99_ms": med(training, "p99_ttft_ms")}
 
 
+def print_training(runs: dict, peft_s: float | None, num_tokens: int, num_trained: int) -> None:
+    print("\n| run | seconds | tokens/s | trained tokens/s | vs peft sequential |")
+    print("|---|---:|---:|---:|---:|")
+    for name, seconds in runs.items():
+        vs = f"{peft_s / seconds:.2f}x" if peft_s else "n/a"
+        print(f"| {name} | {seconds:.2f} | {num_tokens / seconds:.0f} | {num_trained / seconds:.0f} | {vs} |")
+    batched_s, seq_s = list(runs.values())[:2]
+    print(f"\nbatched vs loraplex sequential: {seq_s / batched_s:.2f}x"
+          + (f"; vs peft sequential: {peft_s / batched_s:.2f}x (target >= 1.5x)" if peft_s else ""))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=None, help="HF-layout folder (default: the default model)")
@@ -217,10 +228,11 @@ def main() -> None:
     ap.add_argument("--rank", type=int, default=8)
     ap.add_argument("--skip-peft", action="store_true")
     ap.add_argument("--skip-serving", action="store_true")
+    ap.add_argument("--skip-training", action="store_true", help="only the serving part")
     ap.add_argument("--rounds", type=int, default=1, help="idle/training serving rounds (medians reported)")
     ap.add_argument("--serve-requests", type=int, default=64)
     ap.add_argument("--serve-tokens", type=int, default=64)
-    ap.add_argument("--train-share", type=float, default=0.3, help="passed to the server (its default: 0.3)")
+    ap.add_argument("--train-share", type=float, default=0.25, help="passed to the server (its default: 0.25)")
     args = ap.parse_args()
     from loraplex.engine.llm_engine import load_tokenizer
     from loraplex.trainer.data import load_dataset
@@ -241,22 +253,17 @@ def main() -> None:
     print(f"tokens processed {num_tokens}, trained tokens {num_trained} (all jobs, all epochs); "
           "timings exclude model loading")
 
-    runs = {f"loraplex batched ({args.jobs} jobs)": loraplex_run(model_dir, dtype, datasets, args, batched=True),
-            "loraplex sequential": loraplex_run(model_dir, dtype, datasets, args, batched=False)}
-    if not args.skip_peft:
+    runs = {} if args.skip_training else {
+        f"loraplex batched ({args.jobs} jobs)": loraplex_run(model_dir, dtype, datasets, args, batched=True),
+        "loraplex sequential": loraplex_run(model_dir, dtype, datasets, args, batched=False)}
+    if not args.skip_peft and not args.skip_training:
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         runs["peft sequential"] = peft_run(model_dir, dtype, datasets, args, pad_id)
     serving = None if args.skip_serving else serving_bench(model_dir, args)
 
     peft_s = runs.get("peft sequential")
-    print("\n| run | seconds | tokens/s | trained tokens/s | vs peft sequential |")
-    print("|---|---:|---:|---:|---:|")
-    for name, seconds in runs.items():
-        vs = f"{peft_s / seconds:.2f}x" if peft_s else "n/a"
-        print(f"| {name} | {seconds:.2f} | {num_tokens / seconds:.0f} | {num_trained / seconds:.0f} | {vs} |")
-    batched_s, seq_s = list(runs.values())[:2]
-    print(f"\nbatched vs loraplex sequential: {seq_s / batched_s:.2f}x"
-          + (f"; vs peft sequential: {peft_s / batched_s:.2f}x (target >= 1.5x)" if peft_s else ""))
+    if runs:
+        print_training(runs, peft_s, num_tokens, num_trained)
     if serving:
         print(f"serving idle: {serving['idle_tok_s']:.1f} output tok/s, p99 TTFT {serving['idle_p99_ms']:.0f} ms "
               f"(median of {args.rounds} rounds, {args.serve_requests} requests x {args.serve_tokens} tokens)")

@@ -15,7 +15,9 @@ class BackgroundWork(Protocol):
         """True while there is a unit to run (e.g. a training job is running)."""
 
     def run_step(self) -> None:
-        """Run one unit (one batched training micro-step); never raises for a single job's failure."""
+        """Run one short unit (one slice of a batched training step: a decoder layer of a chunk); never
+        raises for a single job's failure. Units should take about as long as an inference step or less:
+        the share policy admits them one at a time."""
 
     def call(self, method: str, args: tuple) -> Any:
         """A control call from the server (methods named train_*)."""

@@ -46,9 +46,10 @@ class EngineArgs:
     lora_pool_bytes: int = 256 << 20  # pool size in bytes when lora_pool_pages is None
     # training beside serving (used by the background work the server wires in: loraplex.trainer.service)
     enable_training: bool = False  # the base linears keep what a backward pass needs (CPU prepack: dense weights)
-    train_share: float = 0.3  # largest share of the loop's busy time training takes while requests wait
+    train_share: float = 0.25  # largest share of the loop's busy time training takes while requests wait
     max_train_jobs: int = 4  # jobs batched into one training step
     train_gradient_checkpointing: bool = False
+    train_chunk_tokens: int = 1024  # tokens per training slice (a layer of a chunk): bounds how long decode waits
     fine_tuning_dir: str | None = None  # the fine-tuning job store (files, jobs, checkpoints)
 
     def __post_init__(self) -> None:
@@ -77,3 +78,5 @@ class EngineArgs:
             raise ValueError(f"--train-share must be in [0, 1]; got {self.train_share}")
         if self.max_train_jobs < 1:
             raise ValueError("--max-train-jobs must be at least 1")
+        if self.train_chunk_tokens < 1:
+            raise ValueError("--train-chunk-tokens must be at least 1")

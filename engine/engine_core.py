@@ -60,7 +60,7 @@ class EngineLoop:
     """Owns an LLMEngine; `run()` steps it until `stop()`, draining adds, aborts and control calls
     (adapter registration) between steps, so they never race a forward pass."""
 
-    def __init__(self, engine: LLMEngine, reply: Reply | None = None, train_share: float = 0.3) -> None:
+    def __init__(self, engine: LLMEngine, reply: Reply | None = None, train_share: float = 0.25) -> None:
         self.engine = engine
         self.reply = reply
         self.policy = SharePolicy(train_share)
@@ -132,7 +132,7 @@ class EngineLoop:
                 self.policy.record(inference_s=step_s)
                 self.step_log.record(step_s, sum(len(o.token_ids) for o in step_outputs), self.engine.stats)
                 outputs.extend(step_outputs)
-            if self._background_due():  # one training micro-step within its share of the loop
+            if self._background_due():  # one slice of a training step, within its share of the loop
                 under_load = self.engine.has_unfinished_requests()
                 t0 = time.perf_counter()
                 self.engine.background.run_step()
@@ -149,7 +149,7 @@ class EngineLoop:
 class ThreadCore:
     """The loop in a background thread of this process (tests, embedding, notebooks)."""
 
-    def __init__(self, engine: LLMEngine, train_share: float = 0.3) -> None:
+    def __init__(self, engine: LLMEngine, train_share: float = 0.25) -> None:
         self.loop = EngineLoop(engine, reply=self._reply, train_share=train_share)
         self._calls = _PendingCalls()
         self.tokenizer = engine.tokenizer

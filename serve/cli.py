@@ -106,12 +106,15 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     ft.add_argument("--enable-training", action=argparse.BooleanOptionalAction, default=True,
                     help="train fine-tuning jobs in this process beside live traffic (default: on with LoRA; on "
                          "CPU the base linears then keep a dense copy of their weights for the backward pass)")
-    ft.add_argument("--train-share", type=float, default=0.3,
+    ft.add_argument("--train-share", type=float, default=0.25,
                     help="largest share of the engine loop's time training takes while requests are running or "
-                         "waiting; all of it when idle (default: 0.3)")
+                         "waiting; all of it when idle (default: 0.25)")
     ft.add_argument("--max-train-jobs", type=int, default=4, help="jobs batched into one training step (default: 4)")
     ft.add_argument("--train-gradient-checkpointing", action="store_true",
                     help="recompute activations in the backward pass (less memory, ~30%% more compute)")
+    ft.add_argument("--train-chunk-tokens", type=int, default=1024,
+                    help="a training step runs in slices (one decoder layer of a chunk of about this many tokens) "
+                         "with inference steps in between: smaller keeps decode latency lower (default: 1024)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
 
@@ -127,7 +130,7 @@ def engine_args_from(ns: argparse.Namespace) -> EngineArgs:
         # the engine side's TrainingRuntime opens the same job store as the HTTP process's FineTuningService
         enable_training=ns.enable_lora and ns.enable_training, fine_tuning_dir=str(fine_tuning_dir_from(ns)),
         train_share=ns.train_share, max_train_jobs=ns.max_train_jobs,
-        train_gradient_checkpointing=ns.train_gradient_checkpointing)
+        train_gradient_checkpointing=ns.train_gradient_checkpointing, train_chunk_tokens=ns.train_chunk_tokens)
 
 
 def parse_lora_modules(items: list[str]) -> dict[str, str]:

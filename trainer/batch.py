@@ -11,8 +11,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
-from torch import nn
 
 from loraplex.engine.attention import allocate_kv_caches, build_forward_batch
 from loraplex.engine.forward_batch import ForwardBatch, KVCache
@@ -42,6 +40,7 @@ class TrainingBatch:
     batch: ForwardBatch
     kv_caches: list[KVCache]  # scratch, one per layer, exactly num_tokens slots
     segments: list[tuple[int, int]]  # per job: its rows [start, end)
+    sequence_rows: list[list[tuple[int, int]]]  # per job: the rows [start, end) of each of its sequences
     target_rows: torch.Tensor  # [num_targets] rows whose next token is trained
     targets: torch.Tensor  # [num_targets] the next token ids
     target_job: torch.Tensor  # [num_targets] index of the job each target belongs to
@@ -57,12 +56,15 @@ def build_training_batch(per_job: Sequence[Sequence[PackedSequence]], model_conf
     query_lens: list[int] = []
     tables: list[range] = []
     segments: list[tuple[int, int]] = []
+    sequence_rows: list[list[tuple[int, int]]] = []
     rows: list[int] = []
     targets: list[int] = []
     target_job: list[int] = []
     for j, seqs in enumerate(per_job):
         start = len(input_ids)
+        sequence_rows.append([])
         for seq in seqs:
+            seq_start = len(input_ids)
             for ids, labels in sub_sequences(seq):
                 if len(ids) < 2:  # nothing to predict
                     continue
@@ -75,6 +77,7 @@ def build_training_batch(per_job: Sequence[Sequence[PackedSequence]], model_conf
                 input_ids += ids
                 query_lens.append(len(ids))
                 tables.append(range(base, base + len(ids)))  # block_size 1: slot = row
+            sequence_rows[j].append((seq_start, len(input_ids)))
         segments.append((start, len(input_ids)))
     if not query_lens:
         raise ValueError("the training batch has no sequence with a token to predict")
@@ -83,15 +86,30 @@ def build_training_batch(per_job: Sequence[Sequence[PackedSequence]], model_conf
     kv = allocate_kv_caches(model_config.num_hidden_layers, len(input_ids), model_config.num_key_value_heads,
                             model_config.head_dim, dtype, device)
     as_tensor = lambda v: torch.tensor(v, dtype=torch.int64, device=device)  # noqa: E731
-    return TrainingBatch(batch, kv, segments, as_tensor(rows), as_tensor(targets), as_tensor(target_job))
+    return TrainingBatch(batch, kv, segments, sequence_rows, as_tensor(rows), as_tensor(targets), as_tensor(target_job))
 
 
-def per_job_loss_sums(model: nn.Module, tb: TrainingBatch, num_jobs: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Forward the batch; -> (sum of token cross-entropies per job [num_jobs] fp32, targets per job [num_jobs]).
-    Logits are computed only for trained rows."""
-    hidden = model(tb.batch, tb.kv_caches)  # [num_tokens, hidden]
-    logits = model.compute_logits(hidden.index_select(0, tb.target_rows)).float()  # [num_targets, vocab]
-    ce = F.cross_entropy(logits, tb.targets, reduction="none")  # [num_targets]
-    sums = torch.zeros(num_jobs, dtype=torch.float32, device=ce.device).index_add(0, tb.target_job, ce)
-    counts = torch.bincount(tb.target_job, minlength=num_jobs)
-    return sums, counts
+def has_target(seq: PackedSequence) -> bool:
+    return any(len(ids) >= 2 for ids, _ in sub_sequences(seq))
+
+
+def plan_chunks(per_job: Sequence[Sequence[PackedSequence]], max_tokens: int) -> list[list[list[tuple[int, PackedSequence]]]]:
+    """Split one step's micro-batches into chunks of whole sequences of about `max_tokens` tokens (a longer
+    sequence is a chunk of its own), each chunk a list per job of (ordinal in the job's micro-batch,
+    sequence); jobs keep their order, so a job's rows stay contiguous in every chunk. Sequences with nothing
+    to predict are left out. Gradients summed over the chunks equal those of the whole step."""
+    chunks: list[list[list[tuple[int, PackedSequence]]]] = []
+    current: list[list[tuple[int, PackedSequence]]] = [[] for _ in per_job]
+    tokens = 0
+    for j, seqs in enumerate(per_job):
+        for k, seq in enumerate(seqs):
+            if not has_target(seq):
+                continue
+            if tokens and tokens + len(seq.input_ids) > max_tokens:
+                chunks.append(current)
+                current, tokens = [[] for _ in per_job], 0
+            current[j].append((k, seq))
+            tokens += len(seq.input_ids)
+    if tokens:
+        chunks.append(current)
+    return chunks

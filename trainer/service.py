@@ -56,13 +56,16 @@ class TrainingRuntime:
         self.base_model = args.model
         runner = engine.runner
         self.device = runner.device
+        # the serving LoRA wrappers keep the last inference step's rows: cleared before each training slice
+        self.serving_lora_state = getattr(engine.adapter_hook, "state", None)
         self.trainer = MultiJobTrainer(runner.model, engine.model_config, runner.dtype, runner.device,
                                        max_jobs=args.max_train_jobs,
-                                       gradient_checkpointing=args.train_gradient_checkpointing)
-        # the serving LoRA wrappers keep the last inference step's rows: cleared before each training forward
-        self.serving_lora_state = getattr(engine.adapter_hook, "state", None)
+                                       gradient_checkpointing=args.train_gradient_checkpointing,
+                                       chunk_tokens=args.train_chunk_tokens, before_slice=self._clear_serving_lora)
         self.running: dict[str, RunningJob] = {}
         self.num_steps = 0
+        self.num_slices = 0
+        self._work = None  # the step (and its evaluations) in progress: a generator of slices
         self.resume()
 
     # ---- control calls -------------------------------------------------------------------------
@@ -114,6 +117,7 @@ class TrainingRuntime:
     def cancel(self, job_id: str) -> str:
         self.running.pop(job_id, None)
         self.trainer.remove_job(job_id)
+        self._drop_orphaned_step()
         record = self.store.get_job(job_id)
         if record is not None and record.status in ("validating_files", "queued", "running"):
             self.store.set_status(job_id, "cancelled")
@@ -121,22 +125,44 @@ class TrainingRuntime:
         return "cancelled"
 
     def stats(self) -> dict:
-        return {"running_jobs": len(self.running), "steps": self.num_steps}
+        return {"running_jobs": len(self.running), "steps": self.num_steps, "slices": self.num_slices}
 
     # ---- background work -----------------------------------------------------------------------
     def has_work(self) -> bool:
-        return bool(self.running)
+        return bool(self.running) or self._work is not None
 
     def run_step(self) -> None:
-        if self.serving_lora_state is not None:
-            self.serving_lora_state.metas = {}
+        """One slice of the training step in progress (a layer of a chunk, a block of loss rows, ...); the
+        engine loop runs inference steps in between."""
+        if self._work is None:
+            self._work = self._step_and_report()
         try:
-            reports = self.trainer.step()
+            next(self._work)
+        except StopIteration:
+            self._work = None
         except Exception as e:  # noqa: BLE001 - e.g. out of memory: fail the jobs of this step, keep serving
             logger.exception("training step failed")
-            for job_id in list(self.running)[:self.trainer.max_jobs]:
+            self._work = None
+            for job_id in self.trainer.in_step or list(self.running)[:self.trainer.max_jobs]:
                 self._fail(job_id, "training_error", f"{type(e).__name__}: {e}")
-            return
+        self.num_slices += 1
+
+    def _drop_orphaned_step(self) -> None:
+        """A step in progress whose jobs have all left (cancelled, failed) is not finished for nothing. One
+        with a job still running goes on: its other jobs' gradients are already half accumulated. After the
+        step (evaluations, events of the other jobs), the work always goes on."""
+        in_step = self.trainer.in_step
+        if self._work is not None and in_step and not any(j in self.running for j in in_step):
+            self._work.close()
+            self._work = None
+            self.trainer.in_step = []
+
+    def _clear_serving_lora(self) -> None:
+        if self.serving_lora_state is not None:
+            self.serving_lora_state.metas = {}
+
+    def _step_and_report(self):
+        reports = yield from self.trainer.step_slices()
         self.num_steps += 1
         for report in reports:
             running = self.running.get(report.job_id)
@@ -146,7 +172,9 @@ class TrainingRuntime:
             data = {"step": job.step, "train_loss": job.last_train_loss, "learning_rate": job.scheduler.get_last_lr()[0]}
             stop_early = False
             if running.valid and (job.step % running.eval_every == 0 or job.is_finished):
-                data["valid_loss"] = self.trainer.evaluate([(job, running.valid)])[0]
+                data["valid_loss"] = (yield from self.trainer.evaluate_slices([(job, running.valid)]))[0]
+                if self.running.get(job.job_id) is not running:
+                    continue  # cancelled while it was being evaluated
                 stop_early = self._track_validation(running, data["valid_loss"])
             self.store.add_event(job.job_id, "info", f"Step {job.step}/{job.total_steps}: training loss="
                                  f"{job.last_train_loss:.4f}" + (f", validation loss={data['valid_loss']:.4f}"
@@ -215,6 +243,7 @@ class TrainingRuntime:
     def _fail(self, job_id: str, code: str, message: str) -> None:
         self.running.pop(job_id, None)
         self.trainer.remove_job(job_id)
+        self._drop_orphaned_step()
         record = self.store.get_job(job_id)
         if record is not None and record.status in ("validating_files", "queued", "running"):
             self.store.set_status(job_id, "failed", error={"code": code, "message": message, "param": None})

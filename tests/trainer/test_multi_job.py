@@ -11,7 +11,7 @@ import torch.nn.functional as F
 import transformers
 
 from loraplex.engine.loader import load_model
-from loraplex.trainer.batch import IGNORE_INDEX, num_targets
+from loraplex.trainer.batch import IGNORE_INDEX, build_training_batch, num_targets, plan_chunks
 from loraplex.trainer.data import PackedSequence
 from loraplex.trainer.job import Hyperparams, TrainingJob, cosine_with_warmup
 from loraplex.trainer.lora_layers import LoRASpec
@@ -179,6 +179,58 @@ def test_gradient_checkpointing_gives_the_same_gradients(tiny_dir):
     for plain, ckpt in zip(*results):
         for k in plain:
             torch.testing.assert_close(ckpt[k], plain[k], atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_slices_with_inference_in_between_give_the_whole_steps_gradients(tiny_dir, checkpointing):
+    """The engine serves decode steps between training slices: cutting a step into chunks of a few
+    sequences and blocks of loss rows changes no gradient, and a forward between slices sees the plain
+    base model (no job's LoRA leaks into it)."""
+    names = list(SPECS)  # the dropout job too: its masks are drawn per sequence, however the step is cut
+    data = {name: random_sequences(8, seed=30 + i) for i, name in enumerate(names)}
+    results = []
+    for chunk_tokens, head_rows in ((10_000, 10_000), (20, 3)):
+        model, config = load_model(tiny_dir, torch.float32)
+        trainer = MultiJobTrainer(model, config, torch.float32, torch.device("cpu"), max_jobs=3,
+                                  gradient_checkpointing=checkpointing, chunk_tokens=chunk_tokens,
+                                  head_rows=head_rows)
+        probe = build_training_batch([random_sequences(2, seed=99)], config, torch.float32, torch.device("cpu"))
+        with torch.no_grad():
+            plain = model(probe.batch, probe.kv_caches).clone()
+        jobs = [make_job(n, config, data[n]) for n in names]
+        for job in jobs:
+            trainer.add_job(job)
+        slices = trainer.step_slices()
+        num_slices = 0
+        while True:
+            try:
+                next(slices)
+            except StopIteration as stop:
+                reports = stop.value
+                break
+            num_slices += 1
+            with torch.no_grad():  # an inference step between two slices
+                torch.testing.assert_close(model(probe.batch, probe.kv_caches), plain, atol=0, rtol=0)
+        assert [r.job_id for r in reports] == names and all(r.num_targets > 0 for r in reports)
+        results.append((num_slices, [r.loss for r in reports], [grads(j) for j in jobs]))
+    (whole_slices, whole_loss, whole), (cut_slices, cut_loss, cut) = results
+    assert cut_slices > whole_slices  # several chunks and loss blocks
+    assert cut_loss == pytest.approx(whole_loss, rel=1e-5)
+    for want, got in zip(whole, cut):
+        for k in want:
+            torch.testing.assert_close(got[k], want[k], atol=1e-6, rtol=1e-5)
+
+
+def test_plan_chunks_keeps_sequences_whole_and_jobs_in_order():
+    a, b = random_sequences(5, seed=1), random_sequences(3, seed=2)
+    chunks = plan_chunks([a, b], max_tokens=25)
+    flat = [(j, k) for chunk in chunks for j, part in enumerate(chunk) for k, _ in part]
+    assert flat == [(0, k) for k in range(5)] + [(1, k) for k in range(3)]  # every sequence once, in order
+    for chunk in chunks:
+        sizes = [len(seq.input_ids) for part in chunk for _, seq in part]
+        assert sum(sizes) <= 25 or len(sizes) == 1
+    empty = PackedSequence(input_ids=[5], labels=[5], seq_lens=[1])  # nothing to predict: left out
+    assert plan_chunks([[empty], []], max_tokens=25) == []
 
 
 def test_training_lowers_the_loss_and_leaves_the_base_alone(tiny_dir):
