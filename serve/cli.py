@@ -53,6 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
                            "(see trainer/offline.py for the keys); writes PEFT folders")
     train.add_argument("config", help="the YAML file; data paths in it are relative to its folder")
     train.add_argument("--no-progress", action="store_true", help="log lines only, no progress bars")
+    from loraplex.bench.cli import add_bench_parser
+    add_bench_parser(sub)
     return parser
 
 
@@ -275,6 +277,9 @@ def main(argv: list[str] | None = None) -> int:
         return quantize(ns)
     if ns.command == "train":
         return train(ns)
+    if ns.command == "bench":
+        from loraplex.bench.cli import run_bench
+        return run_bench(ns)
     return serve(ns)
 
 
