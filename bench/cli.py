@@ -6,6 +6,7 @@ import asyncio
 import dataclasses
 import datetime
 import json
+import logging
 import math
 import tempfile
 from pathlib import Path
@@ -92,6 +93,7 @@ def finish(ns: argparse.Namespace, result: dict) -> int:
 
 
 def run_bench(ns: argparse.Namespace) -> int:
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # not a line per request
     try:
         if ns.bench_command == "serve":
             return bench_serve(ns)

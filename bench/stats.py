@@ -87,7 +87,9 @@ def format_summary(result: dict) -> str:
     errors = [r["error"] for r in result["requests"] if r["error"]]
     if errors:
         lines.append(f"first error: {errors[0]}")
-    if len(result["per_model"]) > 1:
+    if len(result["per_model"]) > 8:
+        lines.append(f"{len(result['per_model'])} models: per-model figures are in the result file")
+    elif len(result["per_model"]) > 1:
         lines.append("per model: " + ", ".join(f"{m} {s['completed']} req {s['output_throughput']:.1f} tok/s "
                                                f"TTFT p50 {s['ttft_ms']['p50']:.0f} ms"
                                                for m, s in result["per_model"].items()))
