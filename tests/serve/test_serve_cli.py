@@ -63,7 +63,7 @@ def test_serve_builds_engine_and_runs_uvicorn(monkeypatch, tmp_path):
     assert app.state.engine.hook_factory.__name__ == "create_lora_runtime"
     assert app.state.engine.background_factory.__name__ == "create_training_runtime"
     args = app.state.engine.engine_args
-    assert args.enable_training and args.fine_tuning_dir == str(tmp_path / "ft") and args.train_share == 0.3
+    assert args.enable_training and args.fine_tuning_dir == str(tmp_path / "ft") and args.train_share == 0.25
     assert (seen["host"], seen["port"]) == ("127.0.0.1", 9001)
     assert app.state.served_model_names == ["a", "b"]
     assert app.state.engine.engine_args.max_model_len == 64
