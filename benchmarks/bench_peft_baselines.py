@@ -61,10 +61,8 @@ def main() -> None:
     add_workload_args(ap)
     ns = ap.parse_args()
 
-    model_dir = ns.model
-    if model_dir is None:
-        from loraplex.engine.default_model import ensure_default_model
-        model_dir = str(ensure_default_model())
+    from loraplex.engine.default_model import model_dir_or_default
+    model_dir = model_dir_or_default(ns.model)
     dtype = getattr(torch, ns.dtype)
     tokenizer = load_tokenizer(model_dir)
 

