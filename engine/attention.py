@@ -7,6 +7,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
+from . import cpu_kernels
 from .forward_batch import AttentionMetadata, ForwardBatch, KVCache, PrefillChunk
 
 
@@ -21,11 +22,15 @@ def paged_attention(q: torch.Tensor, cache: KVCache, attn: AttentionMetadata, sc
 
     The step's own k/v must already be in the cache (write_kv before this call).
     """
-    out = torch.empty_like(q)
     gqa = q.shape[1] != cache.k.shape[1]
-    nd = attn.num_decode_tokens
-    if nd:
-        out[:nd] = _decode_attention(q[:nd], cache, attn, scale)
+    if attn.kernel_lens is not None:  # fused CPU kernel for every row but the long prefill chunks
+        out = cpu_kernels.paged_attention(q.to(cache.k.dtype), cache.k, cache.v, attn.kernel_slots, attn.kernel_rows,
+                                          attn.kernel_lens, attn.sliding_window, scale).to(q.dtype)
+    else:
+        out = torch.empty_like(q)
+        nd = attn.num_decode_tokens
+        if nd:
+            out[:nd] = _decode_attention(q[:nd], cache, attn, scale)
     for chunk in attn.prefills:
         rows = slice(chunk.query_start, chunk.query_start + chunk.query_len)
         qc = q[rows].transpose(0, 1).unsqueeze(0)  # [1, num_heads, query_len, head_dim]
@@ -62,6 +67,11 @@ def _decode_attention(q: torch.Tensor, cache: KVCache, attn: AttentionMetadata, 
     return torch.matmul(probs, v).view(nd, num_kv_heads * group, head_dim).to(q.dtype)
 
 
+# Prefill chunks up to this many query tokens go through the CPU kernel; longer ones keep SDPA, whose
+# blocked kernel wins once a chunk's query_len x kv_len work is large (benchmarks/bench_attention.py).
+KERNEL_MAX_PREFILL_TOKENS = 256
+
+
 def _slots(block_table: torch.Tensor, cols: torch.Tensor, block_size: int) -> torch.Tensor:
     """Flat KV slot of token index `cols` given block table rows (broadcasting)."""
     return block_table.gather(-1, cols // block_size) * block_size + cols % block_size
@@ -76,6 +86,7 @@ def build_forward_batch(
     device: torch.device | str = "cpu",
     logits_indices: Sequence[int] | None = None,
     sliding_window: int | None = None,
+    cpu_kernel: bool = False,
 ) -> ForwardBatch:
     """One step's ForwardBatch from plain lists, one entry per scheduled request.
 
@@ -84,6 +95,7 @@ def build_forward_batch(
     query_lens: new tokens per request; num_computed_tokens: tokens already in its KV cache;
     block_tables: its KV block ids, covering num_computed + query_len tokens.
     logits_indices: rows to compute logits for (default: each request's last token).
+    cpu_kernel: fill the kernel_* fields for engine/cpu_kernels.py (inference only: it has no autograd).
     Masks are built here once per step and shared by every layer.
     """
     n = len(query_lens)
@@ -110,6 +122,9 @@ def build_forward_batch(
     while num_decodes < n and query_lens[num_decodes] == 1:
         num_decodes += 1
     attn = AttentionMetadata(num_decode_tokens=num_decodes, sliding_window=sliding_window)
+    if cpu_kernel:
+        _fill_kernel_metadata(attn, table, kv_lens, q_lens, req, positions, block_size, device)
+        num_decodes = 0  # the kernel covers them
     if num_decodes:
         lens = kv_lens[:num_decodes]  # [nd]
         cols = torch.arange(int(lens.max())).expand(num_decodes, -1)  # [nd, max_kv_len]
@@ -121,6 +136,8 @@ def build_forward_batch(
         attn.decode_kv_lens = lens
     for i in range(num_decodes, n):
         q_len, kv_len = query_lens[i], int(kv_lens[i])
+        if cpu_kernel and q_len <= KERNEL_MAX_PREFILL_TOKENS:
+            continue
         kv_pos = torch.arange(kv_len)  # [kv_len]
         mask = None
         if q_len != kv_len or (sliding_window is not None and sliding_window < kv_len):
@@ -147,6 +164,17 @@ def build_forward_batch(
         attn=attn,
         logits_indices=logits.to(device),
     )
+
+
+def _fill_kernel_metadata(attn: AttentionMetadata, table: torch.Tensor, kv_lens: torch.Tensor, q_lens: torch.Tensor,
+                          req: torch.Tensor, positions: torch.Tensor, block_size: int,
+                          device: torch.device | str) -> None:
+    cols = torch.arange(int(kv_lens.max())).expand(len(kv_lens), -1)  # [n, max_kv_len]
+    attn.kernel_slots = _slots(table, cols, block_size).to(device)  # past a row's kv_len: never read
+    lens = positions + 1  # causal: a token sees everything up to its own position
+    long_chunk = (q_lens > KERNEL_MAX_PREFILL_TOKENS)[req]
+    attn.kernel_lens = lens.masked_fill_(long_chunk, 0).to(device)
+    attn.kernel_rows = req.to(device)
 
 
 def allocate_kv_caches(num_layers: int, num_slots: int, num_kv_heads: int, head_dim: int,

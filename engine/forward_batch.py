@@ -30,6 +30,12 @@ class AttentionMetadata:
     decode_bias: torch.Tensor | None = None  # [num_decodes, 1, 1, max_kv_len] float32: 0 or -inf
     prefills: list[PrefillChunk] = field(default_factory=list)
     sliding_window: int | None = None
+    # CPU kernel path (engine/cpu_kernels.py), set instead of the decode_* fields when the runner uses it:
+    # every token row attends to the first kernel_lens[t] slots of kernel_slots[kernel_rows[t]]; rows with
+    # kernel_lens 0 belong to the (long) prefill chunks in `prefills`, which keep the SDPA path.
+    kernel_slots: torch.Tensor | None = None  # [num_requests, max_kv_len] int64
+    kernel_rows: torch.Tensor | None = None  # [num_tokens] int64: each token's request
+    kernel_lens: torch.Tensor | None = None  # [num_tokens] int64: kv tokens it sees (position + 1), or 0
 
 
 @dataclass(slots=True)

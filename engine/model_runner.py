@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
+from loraplex.engine import cpu_kernels
 from loraplex.engine.config import CacheConfig, ModelConfig
 from loraplex.engine.attention import allocate_kv_caches, build_forward_batch
 from loraplex.engine.forward_batch import ForwardBatch
@@ -47,6 +48,10 @@ class ModelRunner:
         self.kv_cache_bytes = self.num_blocks * per_block
         logger.info("KV cache: %d blocks x %d tokens (%.1f MiB, %s on %s)", self.num_blocks,
                     self.block_size, self.num_blocks * per_block / 2**20, dtype, device)
+        # the fused CPU attention kernel (built once per machine); the plain-torch path otherwise
+        self.cpu_attention_kernel = (device.type == "cpu" and dtype in (torch.float32, torch.bfloat16)
+                                     and cpu_kernels.available())
+        logger.info("attention: %s", "fused CPU kernel" if self.cpu_attention_kernel else "plain torch")
         self.sampler = Sampler()
         self.adapter_hook = None  # AdapterHook: sets each step's per-row adapter metadata
 
@@ -64,7 +69,7 @@ class ModelRunner:
         return build_forward_batch(
             input_ids, [s.num_new_tokens for s in scheduled], [s.start_pos for s in scheduled],
             [s.block_ids for s in scheduled], self.block_size, self.device, logits_indices=logits_rows,
-            sliding_window=self.model_config.sliding_window)
+            sliding_window=self.model_config.sliding_window, cpu_kernel=self.cpu_attention_kernel)
 
     # ---- execution ------------------------------------------------------------------------
     @torch.inference_mode()

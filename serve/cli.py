@@ -36,7 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command")
     serve = sub.add_parser("serve", help="run the OpenAI-compatible server (the default command)")
     add_serve_args(serve)
-    sub.add_parser("download", help="fetch and convert the default model into the local cache")
+    sub.add_parser("download", help="fetch and convert the default model into the local cache, build the CPU kernels")
     quantize = sub.add_parser("quantize", help="write a quantized copy of a model folder (GPTQ or EXL2 format, "
                               "round-to-nearest) that `serve --model` loads")
     quantize.add_argument("--format", choices=["gptq", "exl2"], default="gptq")
@@ -258,9 +258,13 @@ def train(ns: argparse.Namespace) -> int:
 
 
 def download() -> int:
+    from loraplex.engine import cpu_kernels
     from loraplex.engine.default_model import ensure_default_model
 
     print(ensure_default_model(progress=print))
+    if cpu_kernels.enabled():  # build the CPU kernels now rather than at the first server start
+        print("CPU kernels:", "ready" if cpu_kernels.available() else
+              f"unavailable, the plain-torch path will be used ({cpu_kernels.build_error()})")
     return 0
 
 

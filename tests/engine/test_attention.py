@@ -4,6 +4,7 @@ import random
 import pytest
 import torch
 
+from loraplex.engine import cpu_kernels
 from loraplex.engine.attention import allocate_kv_caches, build_forward_batch, paged_attention, write_kv
 
 
@@ -29,7 +30,10 @@ def random_block_tables(kv_lens, block_size, num_blocks, rng):
     (9, 3, 64, 8, None),  # the default model's geometry
     (4, 1, 8, 4, 5),  # MQA with a sliding window
 ])
-def test_paged_attention_matches_dense(num_heads, num_kv_heads, head_dim, block_size, sliding_window):
+@pytest.mark.parametrize("cpu_kernel", [False, True], ids=["torch", "cpu-kernel"])
+def test_paged_attention_matches_dense(num_heads, num_kv_heads, head_dim, block_size, sliding_window, cpu_kernel):
+    if cpu_kernel and not cpu_kernels.available():
+        pytest.skip("CPU kernels not built (no C++ compiler)")
     rng = random.Random(0)
     torch.manual_seed(0)
     # (num_computed_tokens, query_len): three decodes, then a whole prompt, a later chunk, a 1-token chunk
@@ -42,8 +46,8 @@ def test_paged_attention_matches_dense(num_heads, num_kv_heads, head_dim, block_
     seqs = [(torch.randn(n, num_kv_heads, head_dim), torch.randn(n, num_kv_heads, head_dim)) for n in kv_lens]
     input_ids = [0] * sum(q for _, q in requests)
     batch = build_forward_batch(input_ids, [q for _, q in requests], [c for c, _ in requests], tables,
-                                block_size, logits_indices=[], sliding_window=sliding_window)
-    assert batch.attn.num_decode_tokens == 3 and len(batch.attn.prefills) == 3
+                                block_size, logits_indices=[], sliding_window=sliding_window, cpu_kernel=cpu_kernel)
+    assert batch.attn.num_decode_tokens == 3 and len(batch.attn.prefills) == (0 if cpu_kernel else 3)
     for (computed, _), table, (k, v) in zip(requests, tables, seqs):
         past = torch.tensor([table[j // block_size] * block_size + j % block_size for j in range(computed)],
                             dtype=torch.int64)

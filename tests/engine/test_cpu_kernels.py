@@ -1,0 +1,87 @@
+"""The fused CPU attention kernel (engine/csrc/cpu_attention.cpp) against its plain-torch references."""
+import random
+import shutil
+
+import pytest
+import torch
+
+from loraplex.engine import cpu_kernels
+from loraplex.engine.attention import KERNEL_MAX_PREFILL_TOKENS, allocate_kv_caches, build_forward_batch, \
+    paged_attention, write_kv
+
+needs_kernel = pytest.mark.skipif(not cpu_kernels.available(), reason="CPU kernels not built (no C++ compiler)")
+
+
+def test_kernel_builds_where_a_compiler_exists():
+    if not (shutil.which("c++") or shutil.which("g++")):
+        pytest.skip("no C++ compiler on this machine: the plain-torch path is used")
+    assert cpu_kernels.available(), cpu_kernels.build_error()
+
+
+def test_disabled_by_environment(monkeypatch):
+    monkeypatch.setenv("LORAPLEX_CPU_KERNELS", "0")
+    assert not cpu_kernels.enabled() and not cpu_kernels.available()
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("num_heads,num_kv_heads,head_dim,window", [
+    (9, 3, 64, None),  # the default model (vectorised head_dim 64 path)
+    (8, 2, 128, None),  # vectorised head_dim 128
+    (6, 2, 24, None),  # generic path
+    (4, 1, 64, 5),  # MQA with a sliding window
+])
+def test_kernel_matches_reference(dtype, num_heads, num_kv_heads, head_dim, window):
+    gen = torch.Generator().manual_seed(0)
+    num_slots, rows = 200, 5
+    k_cache = torch.randn(num_slots, num_kv_heads, head_dim, generator=gen).to(dtype)
+    v_cache = torch.randn(num_slots, num_kv_heads, head_dim, generator=gen).to(dtype)
+    table = torch.stack([torch.randperm(num_slots, generator=gen)[:40] for _ in range(rows)])  # [rows, 40]
+    row_index = torch.tensor([0, 1, 2, 2, 2, 3, 4, 4, 0])
+    row_len = torch.tensor([1, 17, 3, 4, 5, 40, 33, 0, 16])  # 0: left to another path, gets zeros
+    q = torch.randn(len(row_index), num_heads, head_dim, generator=gen).to(dtype)
+    scale = head_dim ** -0.5
+    out = cpu_kernels.paged_attention(q, k_cache, v_cache, table, row_index, row_len, window, scale)
+    ref = cpu_kernels.paged_attention_reference(q, k_cache, v_cache, table, row_index, row_len, window, scale)
+    assert out.dtype == dtype and out.shape == q.shape
+    tol = 1e-5 if dtype == torch.float32 else 1e-2  # bfloat16: one rounding of the output
+    torch.testing.assert_close(out.float(), ref.float(), atol=tol, rtol=tol)
+    assert not out[7].any()
+
+
+@needs_kernel
+def test_kernel_rejects_bad_inputs():
+    q, cache = torch.randn(2, 4, 8), torch.randn(10, 2, 8)
+    table, rows = torch.zeros(1, 4, dtype=torch.int64), torch.zeros(2, dtype=torch.int64)
+    with pytest.raises(RuntimeError, match="share a dtype"):
+        cpu_kernels.paged_attention(q.double(), cache, cache, table, rows, rows, None, 1.0)
+    with pytest.raises(RuntimeError, match="exceeds the slot table"):
+        cpu_kernels.paged_attention(q, cache, cache, table, rows, torch.tensor([1, 5]), None, 1.0)
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_step_through_kernel_equals_torch_path(dtype):
+    """A whole step (decodes, short prefill chunks, one chunk long enough to stay on SDPA) gives the same
+    attention output with the kernel metadata as with the plain-torch metadata."""
+    rng = random.Random(0)
+    torch.manual_seed(0)
+    requests = [(5, 1), (40, 1), (0, 1), (0, 12), (30, 9), (3, KERNEL_MAX_PREFILL_TOKENS + 20)]
+    kv_lens = [c + q for c, q in requests]
+    free = list(range(64))
+    rng.shuffle(free)
+    block_size = 8
+    tables = [[free.pop() for _ in range(-(-n // block_size))] for n in kv_lens]
+    (cache,) = allocate_kv_caches(1, 64 * block_size, 3, 64, dtype)
+    cache.k.normal_(), cache.v.normal_()
+    args = ([0] * sum(q for _, q in requests), [q for _, q in requests], [c for c, _ in requests], tables,
+            block_size)
+    torch_batch = build_forward_batch(*args, logits_indices=[])
+    kernel_batch = build_forward_batch(*args, logits_indices=[], cpu_kernel=True)
+    assert kernel_batch.attn.decode_kv_slots is None and len(kernel_batch.attn.prefills) == 1  # the long chunk
+    write_kv(cache, torch.randn(len(args[0]), 3, 64), torch.randn(len(args[0]), 3, 64), torch_batch.slot_mapping)
+    q = torch.randn(len(args[0]), 9, 64).to(dtype)
+    want = paged_attention(q, cache, torch_batch.attn, 0.125)
+    got = paged_attention(q, cache, kernel_batch.attn, 0.125)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(got.float(), want.float(), atol=tol, rtol=tol)
