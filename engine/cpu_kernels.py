@@ -25,7 +25,8 @@ from .default_model import cache_dir
 
 logger = logging.getLogger(__name__)
 
-SOURCES = [Path(__file__).parent / "csrc" / "cpu_attention.cpp"]
+SOURCES = [Path(__file__).parent / "csrc" / name for name in ("cpu_attention.cpp", "cpu_ops.cpp")]
+HEADERS = [Path(__file__).parent / "csrc" / "cpu_vec.h"]
 _lock = threading.Lock()
 _state: dict[str, object] = {}  # "ok": bool once tried, "error": str when the build failed
 
@@ -46,7 +47,7 @@ def _cpu_model() -> str:
 
 def build_key() -> str:
     h = hashlib.sha256()
-    for src in SOURCES:
+    for src in SOURCES + HEADERS:
         h.update(src.read_bytes())
     h.update(torch.__version__.encode())
     h.update(_cpu_model().encode())
@@ -84,6 +85,11 @@ def available() -> bool:
             logger.warning("CPU kernels unavailable, using the plain-torch path (%s)", str(e).splitlines()[0]
                            if str(e) else type(e).__name__)
         return bool(_state["ok"])
+
+
+def loaded() -> bool:
+    """Whether available() has already built and loaded them (never starts a build)."""
+    return bool(_state.get("ok")) and enabled()
 
 
 def build_error() -> str | None:

@@ -8,6 +8,8 @@
 #include <c10/util/BFloat16.h>
 #include <torch/library.h>
 
+#include "cpu_vec.h"
+
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -32,33 +34,7 @@ inline void from_float(const float* src, c10::BFloat16* dst, int64_t n) {
   for (int64_t i = 0; i < n; ++i) dst[i] = c10::BFloat16(src[i]);  // round to nearest even, as .to(bfloat16)
 }
 
-#if defined(__AVX512F__)
-#include <immintrin.h>
-
-// exp(x) for x <= 0 (softmax after subtracting the row max): Cephes' expf range reduction and
-// polynomial, ~1 ulp; _mm512_scalef_ps applies 2^n and underflows cleanly to 0.
-inline __m512 exp_nonpositive(__m512 x) {
-  x = _mm512_max_ps(x, _mm512_set1_ps(-103.97f));
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
-  p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.f)));
-  return _mm512_scalef_ps(p, n);
-}
-
-inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
-inline __m512 load16(const c10::BFloat16* p) {
-  const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
-}
-
+#if defined(LORAPLEX_AVX512)
 // One (query row, kv head) item with head_dim D known at compile time: the query heads of the group
 // one at a time, so every accumulator lives in registers.
 template <int D, typename T>
@@ -67,12 +43,12 @@ void attend_item_avx512(const T* q, const T* k_cache, const T* v_cache, const in
   constexpr int C = D / 16;
   for (int64_t g = 0; g < group; ++g) {
     __m512 qv[C];
-    for (int c = 0; c < C; ++c) qv[c] = load16(q + g * D + 16 * c);
+    for (int c = 0; c < C; ++c) qv[c] = lpx::load(q + g * D + 16 * c);
     float* sg = scores + g * n;
     for (int64_t j = 0; j < n; ++j) {
       const T* k = k_cache + slots[j] * kv_stride;
-      __m512 s = _mm512_mul_ps(qv[0], load16(k));
-      for (int c = 1; c < C; ++c) s = _mm512_fmadd_ps(qv[c], load16(k + 16 * c), s);
+      __m512 s = _mm512_mul_ps(qv[0], lpx::load(k));
+      for (int c = 1; c < C; ++c) s = _mm512_fmadd_ps(qv[c], lpx::load(k + 16 * c), s);
       sg[j] = _mm512_reduce_add_ps(s) * scale;
     }
     __m512 m = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
@@ -83,13 +59,13 @@ void attend_item_avx512(const T* q, const T* k_cache, const T* v_cache, const in
     const __m512 mv = _mm512_set1_ps(mx);
     __m512 sum = _mm512_setzero_ps();
     for (j = 0; j + 16 <= n; j += 16) {
-      const __m512 e = exp_nonpositive(_mm512_sub_ps(_mm512_loadu_ps(sg + j), mv));
+      const __m512 e = lpx::exp(_mm512_sub_ps(_mm512_loadu_ps(sg + j), mv));
       _mm512_storeu_ps(sg + j, e);
       sum = _mm512_add_ps(sum, e);
     }
     if (j < n) {
       const __mmask16 tail = static_cast<__mmask16>((1u << (n - j)) - 1);
-      const __m512 e = exp_nonpositive(_mm512_sub_ps(_mm512_maskz_loadu_ps(tail, sg + j), mv));
+      const __m512 e = lpx::exp(_mm512_sub_ps(_mm512_maskz_loadu_ps(tail, sg + j), mv));
       _mm512_mask_storeu_ps(sg + j, tail, e);
       sum = _mm512_add_ps(sum, _mm512_maskz_mov_ps(tail, e));
     }
@@ -99,7 +75,7 @@ void attend_item_avx512(const T* q, const T* k_cache, const T* v_cache, const in
     for (j = 0; j < n; ++j) {
       const T* v = v_cache + slots[j] * kv_stride;
       const __m512 p = _mm512_set1_ps(sg[j]);
-      for (int c = 0; c < C; ++c) acc[c] = _mm512_fmadd_ps(p, load16(v + 16 * c), acc[c]);
+      for (int c = 0; c < C; ++c) acc[c] = _mm512_fmadd_ps(p, lpx::load(v + 16 * c), acc[c]);
     }
     alignas(64) float res[D];
     for (int c = 0; c < C; ++c) _mm512_store_ps(res + 16 * c, _mm512_mul_ps(acc[c], _mm512_set1_ps(inv)));
@@ -131,7 +107,7 @@ void paged_attention_impl(const T* q, const T* k_cache, const T* v_cache, const 
         continue;
       }
       scores.resize(group * n);
-#if defined(__AVX512F__)
+#if defined(LORAPLEX_AVX512)
       if (head_dim == 64 || head_dim == 128) {
         const T* qh = q + (t * num_heads + h * group) * head_dim;
         T* oh = out + (t * num_heads + h * group) * head_dim;

@@ -1,7 +1,8 @@
 """Llama-family decoder (Llama 1-3, SmolLM, Mistral, Qwen2 via subclasses) over a flattened, paged batch.
 
 References: Hugging Face transformers' modeling_llama.py (numerics matched: RMSNorm in fp32, rotary
-cos/sin in fp32 then cast), nano-vllm's qwen3.py (flattened tokens, paged attention).
+cos/sin in fp32 then cast), nano-vllm's qwen3.py (flattened tokens, paged attention). The elementwise
+pieces live in engine/layers.py (plain torch, or fused CPU kernels for inference).
 Every projection is a separate named nn.Linear so LoRA and quantization can swap it for a wrapper.
 """
 from __future__ import annotations
@@ -10,12 +11,12 @@ import math
 import re
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..attention import paged_attention, write_kv
 from ..config import ModelConfig
 from ..forward_batch import AttentionMetadata, ForwardBatch, KVCache
+from ..layers import apply_rotary, rms_norm, silu_and_mul
 
 # Checkpoint (Hugging Face layout) name -> our parameter name; "{i}" is the layer index. Identity
 # today; kept explicit so a renamed checkpoint or a fused layout only changes this table.
@@ -63,9 +64,7 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [num_tokens, hidden]
-        h = x.float()
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * h.to(x.dtype)
+        return rms_norm(x, self.weight, self.eps)
 
 
 def rope_inv_freq(config: ModelConfig) -> torch.Tensor:
@@ -103,12 +102,6 @@ class RotaryEmbedding(nn.Module):
         return emb.cos().to(dtype), emb.sin().to(dtype)
 
 
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x [num_tokens, heads, head_dim]; rotate-half convention (as HF checkpoints expect)."""
-    x1, x2 = x.chunk(2, dim=-1)
-    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
-
-
 class LlamaAttention(nn.Module):
     def __init__(self, config: ModelConfig, o_proj_bias: bool) -> None:
         super().__init__()
@@ -142,7 +135,7 @@ class LlamaMLP(nn.Module):
         self.down_proj = nn.Linear(inter, h, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [num_tokens, hidden]
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(silu_and_mul(self.gate_proj(x), self.up_proj(x)))
 
 
 class LlamaDecoderLayer(nn.Module):

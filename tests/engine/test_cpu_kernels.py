@@ -85,3 +85,54 @@ def test_step_through_kernel_equals_torch_path(dtype):
     got = paged_attention(q, cache, kernel_batch.attn, 0.125)
     tol = 1e-5 if dtype == torch.float32 else 2e-2
     torch.testing.assert_close(got.float(), want.float(), atol=tol, rtol=tol)
+
+
+def _assert_matches(got, want, dtype):
+    assert got.dtype == want.dtype == dtype and got.shape == want.shape
+    if dtype == torch.float32:
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    else:  # same rounding points as the reference: at most one bfloat16 ulp apart, mostly identical
+        torch.testing.assert_close(got.float(), want.float(), atol=1e-6, rtol=2 ** -7)
+        assert (got == want).float().mean() > 0.95
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dim", [576, 40])  # the default model's hidden size; a masked tail
+def test_elementwise_kernels_match_references(dtype, dim):
+    from loraplex.engine import layers
+    gen = torch.Generator().manual_seed(0)
+    x = (torch.randn(37, dim, generator=gen) * 3).to(dtype)
+    w = (torch.rand(dim, generator=gen) + 0.5).to(dtype)
+    with torch.inference_mode():
+        _assert_matches(torch.ops.loraplex_cpu.rms_norm(x, w, 1e-5), layers.rms_norm_reference(x, w, 1e-5), dtype)
+        gate_up = (torch.randn(37, 2 * dim, generator=gen) * 4).to(dtype)
+        gate, up = gate_up[:, :dim], gate_up[:, dim:]  # strided rows, as from a fused projection
+        _assert_matches(torch.ops.loraplex_cpu.silu_and_mul(gate, up), layers.silu_and_mul_reference(gate, up), dtype)
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("heads,head_dim", [(9, 64), (2, 24)])  # vectorised halves; generic path
+def test_rotary_kernel_matches_reference(dtype, heads, head_dim):
+    from loraplex.engine import layers
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(11, heads, head_dim, generator=gen).to(dtype)
+    angle = torch.rand(11, 1, head_dim // 2, generator=gen) * 100
+    cos, sin = torch.cat([angle, angle], -1).cos().to(dtype), torch.cat([angle, angle], -1).sin().to(dtype)
+    want = layers.apply_rotary_reference(x, cos, sin)
+    got = x.clone()
+    assert torch.ops.loraplex_cpu.rotary_(got, cos, sin) is got  # in place
+    _assert_matches(got, want, dtype)
+
+
+@needs_kernel
+def test_layers_use_references_under_autograd():
+    """Training backpropagates through these: with grad enabled the kernels (no autograd) stay out."""
+    from loraplex.engine import layers
+    x = torch.randn(4, 32, dtype=torch.bfloat16, requires_grad=True)
+    w = torch.ones(32, dtype=torch.bfloat16)
+    layers.rms_norm(x, w, 1e-6).sum().backward()
+    assert x.grad is not None
+    with torch.inference_mode():
+        torch.testing.assert_close(layers.rms_norm(x.detach(), w, 1e-6), layers.rms_norm_reference(x.detach(), w, 1e-6))

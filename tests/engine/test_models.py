@@ -5,6 +5,7 @@ import pytest
 import torch
 import transformers
 
+from loraplex.engine import cpu_kernels
 from loraplex.engine.attention import allocate_kv_caches, build_forward_batch
 from loraplex.engine.loader import load_model
 
@@ -35,8 +36,10 @@ TINY_CONFIGS = {
 class PagedRunner:
     """A minimal runner for tests: random non-contiguous blocks, teacher-forced tokens."""
 
-    def __init__(self, model, config, block_size=4, num_blocks=96, seed=0, device="cpu", before_forward=None):
+    def __init__(self, model, config, block_size=4, num_blocks=96, seed=0, device="cpu", before_forward=None,
+                 cpu_kernel=False):
         self.model, self.config, self.block_size, self.device = model, config, block_size, device
+        self.cpu_kernel = cpu_kernel  # the fused CPU attention kernel instead of the plain-torch path
         self.before_forward = before_forward  # (items, starts, batch) -> None, e.g. to set LoRA rows
         self.free = list(range(num_blocks))
         random.Random(seed).shuffle(self.free)
@@ -59,7 +62,7 @@ class PagedRunner:
             tables.append(table)
         batch = build_forward_batch(input_ids, query_lens, computed, tables, self.block_size, self.device,
                                     logits_indices=range(len(input_ids)),
-                                    sliding_window=self.config.sliding_window)
+                                    sliding_window=self.config.sliding_window, cpu_kernel=self.cpu_kernel)
         if self.before_forward is not None:
             self.before_forward(items, computed, batch)
         with torch.no_grad():
@@ -194,7 +197,10 @@ def test_default_model_prompt_matches_hf(smollm2):
     torch.testing.assert_close(ours, hf_logits(hf_model, ids), atol=ATOL, rtol=0)
 
 
-def test_default_model_mixed_batch_matches_hf(smollm2):
+@pytest.mark.parametrize("cpu_kernel", [False, True], ids=["torch-attention", "cpu-kernel-attention"])
+def test_default_model_mixed_batch_matches_hf(smollm2, cpu_kernel):
+    if cpu_kernel and not cpu_kernels.available():
+        pytest.skip("CPU kernels not built (no C++ compiler)")
     tokenizer, hf_model, model, config = smollm2
     seqs = {
         "a": tokenizer.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
@@ -204,7 +210,7 @@ def test_default_model_mixed_batch_matches_hf(smollm2):
     }
     seqs["a"] = list(seqs["a"])
     len_a = len(seqs["a"]) - 5
-    runner = PagedRunner(model, config, block_size=16, num_blocks=32)
+    runner = PagedRunner(model, config, block_size=16, num_blocks=32, cpu_kernel=cpu_kernel)
     ours = runner.run(seqs, [
         [("a", len_a)],
         [("a", 1), ("b", 8)],  # a decodes while b's prefill starts
