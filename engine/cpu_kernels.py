@@ -88,8 +88,8 @@ def available() -> bool:
 
 
 def loaded() -> bool:
-    """Whether available() has already built and loaded them (never starts a build)."""
-    return bool(_state.get("ok")) and enabled()
+    """Whether available() has already built and loaded them (never starts a build). Cheap: called per op."""
+    return _state.get("ok") is True
 
 
 def build_error() -> str | None:

@@ -26,50 +26,108 @@ def can_prepack(device: torch.device, dtype: torch.dtype) -> bool:
     return dtype != torch.bfloat16 or torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
 
-class PackedLinear(nn.Module):
-    """y = x @ W^T + b with W prepacked for oneDNN. The oneDNN op has no autograd formula: with `keep_dense`
-    (a trainer is attached) the dense weight stays too and a call that needs gradients (training through the
-    frozen base) runs the plain nn.Linear product on it, at the cost of a second copy of the weight."""
+# sibling projections that read the same input: packed side by side into one weight (one oneDNN call)
+FUSED_SIBLINGS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 
-    def __init__(self, linear: nn.Linear, batch_size_hint: int, keep_dense: bool = False) -> None:
+
+def _linear(x: torch.Tensor, packed_weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return torch.ops.mkldnn._linear_pointwise(x, packed_weight, bias, "none", [], "")
+
+
+class PackedGroup:
+    """Sibling linears that read the same input (q/k/v, gate/up), packed as one [sum(out), in] weight.
+    The first member called with an input computes every member's output in one call; each member then
+    takes its column slice of it, once (a member called again with that input gets a fresh product).
+    Contract, as in the decoder layers: the siblings are called with the very same tensor object, which
+    is not modified in place between the calls. (Inference tensors have no version counter to check.)"""
+
+    def __init__(self, linears: list[nn.Linear], batch_size_hint: int) -> None:
+        self.sizes = [m.out_features for m in linears]
+        self.in_features, self.out_features = linears[0].in_features, sum(self.sizes)
+        weight = torch.cat([m.weight.detach() for m in linears])  # [sum(out), in]
+        self.packed_weight = torch.ops.mkldnn._reorder_linear_weight(weight, batch_size_hint)
+        self.bias = None if all(m.bias is None for m in linears) else torch.cat([
+            m.bias.detach() if m.bias is not None else weight.new_zeros(m.out_features) for m in linears])
+        self._x: torch.Tensor | None = None
+        self._outs: list[torch.Tensor] = []
+        self._taken: list[bool] = []
+
+    def output(self, x: torch.Tensor, index: int) -> torch.Tensor:
+        if x is not self._x or self._taken[index]:
+            self._outs = list(_linear(x, self.packed_weight, self.bias).split(self.sizes, dim=-1))
+            self._x, self._taken = x, [False] * len(self.sizes)
+        self._taken[index] = True
+        out = self._outs[index]
+        if all(self._taken):  # every sibling served: hold no activations between steps
+            self._x, self._outs = None, []
+        return out
+
+
+class PackedLinear(nn.Module):
+    """y = x @ W^T + b with W prepacked for oneDNN (alone, or as a member of a PackedGroup). The oneDNN op
+    has no autograd formula: with `keep_dense` (a trainer is attached) the dense weight stays too and a
+    call that needs gradients (training through the frozen base) runs the plain nn.Linear product on it,
+    at the cost of a second copy of the weight."""
+
+    def __init__(self, linear: nn.Linear, batch_size_hint: int, keep_dense: bool = False,
+                 group: PackedGroup | None = None, index: int = 0) -> None:
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
         weight = linear.weight.detach()
         self.register_buffer("dense_weight", weight if keep_dense else None, persistent=False)
         # [out_features, in_features] in oneDNN's blocked layout, tuned for ~batch_size_hint rows
-        self.register_buffer("packed_weight", torch.ops.mkldnn._reorder_linear_weight(weight, batch_size_hint),
-                             persistent=False)
+        self.register_buffer("packed_weight", None if group is not None else
+                             torch.ops.mkldnn._reorder_linear_weight(weight, batch_size_hint), persistent=False)
         self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().clone(),
                              persistent=False)
+        object.__setattr__(self, "group", group)  # shared by the siblings: not a submodule of each
+        self.index = index
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [..., in_features] -> [..., out_features]
         if self.dense_weight is not None and torch.is_grad_enabled() and x.requires_grad:
             return F.linear(x, self.dense_weight, self.bias)
-        return torch.ops.mkldnn._linear_pointwise(x, self.packed_weight, self.bias, "none", [], "")
+        if self.group is not None:
+            return self.group.output(x, self.index)
+        return _linear(x, self.packed_weight, self.bias)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+        fused = f", fused={self.index + 1}/{len(self.group.sizes)}" if self.group is not None else ""
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}{fused}"
 
 
-def prepack_linears(model: nn.Module, batch_size_hint: int, keep_dense: bool = False) -> int:
-    """Swap every nn.Linear in `model` for a PackedLinear and warm up the decode batch sizes;
-    returns how many were swapped. keep_dense: they can also backpropagate (see PackedLinear)."""
+def prepack_linears(model: nn.Module, batch_size_hint: int, keep_dense: bool = False, fuse: bool = True) -> int:
+    """Swap every nn.Linear in `model` for a PackedLinear and warm up the decode batch sizes; returns how
+    many were swapped. fuse: sibling projections (FUSED_SIBLINGS) share one packed weight and one call.
+    keep_dense: they can also backpropagate (see PackedLinear)."""
     swaps = [(parent, name, child) for parent in model.modules()
              for name, child in parent.named_children() if type(child) is nn.Linear]
+    members: dict[tuple[int, str], tuple[PackedGroup, int]] = {}
+    if fuse:
+        children = {(id(p), n): c for p, n, c in swaps}
+        for parent in {id(p): p for p, _, _ in swaps}.values():
+            for names in FUSED_SIBLINGS:
+                linears = [children.get((id(parent), n)) for n in names]
+                if all(m is not None for m in linears) and len({m.in_features for m in linears}) == 1 \
+                        and len({m.weight.dtype for m in linears}) == 1:
+                    group = PackedGroup(linears, batch_size_hint)
+                    members.update({(id(parent), n): (group, i) for i, n in enumerate(names)})
     for parent, name, child in swaps:
-        setattr(parent, name, PackedLinear(child, batch_size_hint, keep_dense))
-    warm_up([getattr(parent, name) for parent, name, _ in swaps], min(batch_size_hint, MAX_WARM_UP_ROWS))
-    logger.info("prepacked %d linear layers for oneDNN%s", len(swaps),
+        group, index = members.get((id(parent), name), (None, 0))
+        setattr(parent, name, PackedLinear(child, batch_size_hint, keep_dense, group, index))
+    groups = list({id(g): g for g, _ in members.values()}.values())
+    singles = [getattr(p, n) for p, n, _ in swaps if (id(p), n) not in members]
+    warm_up(singles + groups, min(batch_size_hint, MAX_WARM_UP_ROWS))
+    logger.info("prepacked %d linear layers for oneDNN (%d fused groups)%s", len(swaps), len(groups),
                 " (dense weights kept for training)" if keep_dense else "")
     return len(swaps)
 
 
 @torch.inference_mode()
-def warm_up(linears: list[PackedLinear], max_rows: int) -> None:
+def warm_up(linears: list[PackedLinear | PackedGroup], max_rows: int) -> None:
     """oneDNN builds a primitive per (weight shape, rows) on first use (~0.7 ms each) and caches it
     by shape: one call per distinct shape and per decode batch size 1..max_rows does it at start-up
     instead of during the first burst of traffic."""
     by_shape = {(m.in_features, m.out_features, m.bias is not None, m.packed_weight.dtype): m for m in linears}
     for m in by_shape.values():
         for rows in range(1, max_rows + 1):
-            m(torch.zeros(rows, m.in_features, dtype=m.packed_weight.dtype))
+            _linear(torch.zeros(rows, m.in_features, dtype=m.packed_weight.dtype), m.packed_weight, m.bias)

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
+from loraplex.engine import cpu_kernels
 from loraplex.engine.request import Request
 
 _MASK64 = (1 << 64) - 1
@@ -176,8 +177,12 @@ def apply_min_p(logits: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
 
 
 def greedy(logits: torch.Tensor) -> torch.Tensor:
-    """argmax over the last dim, ties to the lowest index (as argmax). `max(dim).indices` is the same
-    reduction but runs 1.1x (float32) to 4x (bfloat16) faster than `argmax` on CPU."""
+    """argmax over the last dim of [rows, vocab], ties to the lowest index (as argmax). On CPU the
+    loaded kernel does it in one vectorised pass; `max(dim).indices`, the same reduction, runs 1.1x
+    (float32) to 4x (bfloat16) faster than `argmax` otherwise."""
+    if logits.device.type == "cpu" and logits.dim() == 2 and logits.dtype in (torch.float32, torch.bfloat16) \
+            and cpu_kernels.loaded():
+        return torch.ops.loraplex_cpu.argmax_rows(logits)
     return logits.max(dim=-1).indices
 
 

@@ -1,5 +1,5 @@
 // CPU fast paths for the decoder's elementwise work, each one pass over memory instead of several
-// ATen ops: RMSNorm, SiLU(gate) * up, rotary embedding (in place). bfloat16 results round exactly where
+// ATen ops: RMSNorm, SiLU(gate) * up, rotary embedding (in place); and the greedy argmax over logits. bfloat16 results round exactly where
 // the plain-torch references in loraplex/engine/layers.py round, so the two agree to the last bit in
 // most elements and within one bfloat16 ulp elsewhere (float32 sums in another order).
 #include <ATen/ATen.h>
@@ -13,6 +13,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <limits>
 
 namespace {
 
@@ -91,6 +92,57 @@ void rotary_row(T* v, const T* c, const T* s, int64_t dim) {
     v[d] = cast<T>(lo);
     v[d + half] = cast<T>(hi);
   }
+}
+
+
+// index of the first maximum of a row (a NaN counts as the maximum, as in torch.max)
+template <typename T>
+int64_t argmax_row(const T* x, int64_t n) {
+  int64_t best = 0;
+  float best_v = f32(x[0]);
+  int64_t d = 0;
+#if defined(LORAPLEX_AVX512)
+  if (n >= 16 && n <= std::numeric_limits<int32_t>::max()) {
+    __m512 vmax = lpx::load(x);
+    __m512i vidx = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    __m512i cur = vidx;
+    const __m512i step = _mm512_set1_epi32(16);
+    __mmask16 nan = _mm512_cmp_ps_mask(vmax, vmax, _CMP_UNORD_Q);
+    for (d = 16; d + 16 <= n; d += 16) {
+      cur = _mm512_add_epi32(cur, step);
+      const __m512 v = lpx::load(x + d);
+      nan |= _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+      const __mmask16 gt = _mm512_cmp_ps_mask(v, vmax, _CMP_GT_OQ);  // strict: earlier index wins ties
+      vmax = _mm512_mask_mov_ps(vmax, gt, v);
+      vidx = _mm512_mask_mov_epi32(vidx, gt, cur);
+    }
+    if (nan) {  // rare: find the first NaN with the scalar loop below
+      d = 0;
+    } else {
+      alignas(64) float vals[16];
+      alignas(64) int32_t idxs[16];
+      _mm512_store_ps(vals, vmax);
+      _mm512_store_si512(idxs, vidx);
+      best_v = vals[0];
+      best = idxs[0];
+      for (int l = 1; l < 16; ++l) {
+        if (vals[l] > best_v || (vals[l] == best_v && idxs[l] < best)) {
+          best_v = vals[l];
+          best = idxs[l];
+        }
+      }
+    }
+  }
+#endif
+  for (; d < n; ++d) {
+    const float v = f32(x[d]);
+    if (std::isnan(v)) return d;
+    if (v > best_v) {
+      best_v = v;
+      best = d;
+    }
+  }
+  return best;
 }
 
 template <typename T>
@@ -175,12 +227,30 @@ at::Tensor rotary_(at::Tensor x, const at::Tensor& cos, const at::Tensor& sin) {
   return x;
 }
 
+at::Tensor argmax_rows(const at::Tensor& x) {
+  check_cpu_float(x, "argmax_rows");
+  TORCH_CHECK(x.dim() == 2 && x.size(1) > 0, "argmax_rows: [rows, n > 0] expected");
+  auto xc = x.contiguous();
+  const int64_t rows = xc.size(0), n = xc.size(1);
+  auto out = at::empty({rows}, x.options().dtype(at::kLong));
+  int64_t* o = out.data_ptr<int64_t>();
+  at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      o[r] = xc.scalar_type() == at::kFloat ? argmax_row(xc.data_ptr<float>() + r * n, n)
+                                            : argmax_row(xc.data_ptr<c10::BFloat16>() + r * n, n);
+    }
+  });
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(loraplex_cpu, m) {
   m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor");
   m.def("silu_and_mul(Tensor gate, Tensor up) -> Tensor");
   m.def("rotary_(Tensor(a!) x, Tensor cos, Tensor sin) -> Tensor(a!)");
+  m.def("argmax_rows(Tensor x) -> Tensor");
+  m.impl("argmax_rows", c10::DispatchKey::CPU, &argmax_rows);
   m.impl("rms_norm", c10::DispatchKey::CPU, &rms_norm);
   m.impl("silu_and_mul", c10::DispatchKey::CPU, &silu_and_mul);
   m.impl("rotary_", c10::DispatchKey::CPU, &rotary_);

@@ -136,3 +136,18 @@ def test_layers_use_references_under_autograd():
     assert x.grad is not None
     with torch.inference_mode():
         torch.testing.assert_close(layers.rms_norm(x.detach(), w, 1e-6), layers.rms_norm_reference(x.detach(), w, 1e-6))
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_argmax_kernel_matches_torch(dtype):
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randn(9, 49152 + 5, generator=gen).to(dtype)  # a vocabulary with a tail past 16 lanes
+    x[1, 7] = x[1, 40000] = x[1].max() + 1  # ties go to the first index
+    x[2, :] = 0.5
+    x[3, 100] = float("nan")  # a NaN wins, as in torch.max
+    x[4, -1] = 100.0  # the maximum in the tail
+    short = torch.randn(3, 7, generator=gen).to(dtype)  # shorter than one vector
+    for t in (x, short):
+        want = torch.stack([row.argmax() if not row.isnan().any() else row.isnan().nonzero()[0, 0] for row in t])
+        assert torch.ops.loraplex_cpu.argmax_rows(t).tolist() == want.tolist()

@@ -48,3 +48,43 @@ def test_prepacked_model_logits_match_transformers(tmp_path):
         ours = model.compute_logits(model(batch, caches))
         ref = hf(torch.tensor([ids])).logits[0]
     assert (ours - ref).abs().max().item() <= 1e-4
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_siblings_match_separate_linears(dtype):
+    """q/k/v packed as one weight: each sibling still returns its own product (with its bias), once per
+    input; a sibling called twice with one input gets a fresh product, not the slice it may have changed."""
+    if not can_prepack(torch.device("cpu"), dtype):
+        pytest.skip(f"no oneDNN {dtype} on this CPU")
+    torch.manual_seed(0)
+    attn = nn.Module()
+    attn.q_proj, attn.k_proj, attn.v_proj = (nn.Linear(48, 48, bias=True), nn.Linear(48, 16, bias=False),
+                                             nn.Linear(48, 16, bias=True))
+    attn.o_proj = nn.Linear(48, 48)
+    attn.to(dtype)
+    ref = {n: getattr(attn, n) for n in ("q_proj", "k_proj", "v_proj", "o_proj")}
+    assert prepack_linears(attn, batch_size_hint=8) == 4
+    assert attn.q_proj.group is attn.v_proj.group is not None and attn.o_proj.group is None
+    x = torch.randn(5, 48, dtype=dtype)
+    with torch.inference_mode():
+        outs = {n: getattr(attn, n)(x) for n in ("q_proj", "k_proj", "v_proj")}
+        for n, y in outs.items():
+            torch.testing.assert_close(y, ref[n](x), atol=2e-2 if dtype == torch.bfloat16 else 1e-5, rtol=1e-2)
+        outs["q_proj"].add_(1.0)  # a LoRA delta added in place to q's slice
+        torch.testing.assert_close(attn.q_proj(x), ref["q_proj"](x), atol=2e-2 if dtype == torch.bfloat16 else 1e-5,
+                                   rtol=1e-2)
+    assert attn.q_proj.group._x is None or attn.q_proj.group._taken.count(True) < 3
+
+
+def test_fused_siblings_still_backpropagate_with_dense_weights():
+    mlp = nn.Module()
+    mlp.gate_proj, mlp.up_proj = nn.Linear(16, 32, bias=False), nn.Linear(16, 32, bias=False)
+    ref = nn.Linear(16, 32, bias=False)
+    ref.load_state_dict(mlp.gate_proj.state_dict())
+    prepack_linears(mlp, batch_size_hint=4, keep_dense=True)
+    assert mlp.gate_proj.group is not None
+    x = torch.randn(3, 16, requires_grad=True)
+    mlp.gate_proj(x).sum().backward()
+    x2 = x.detach().clone().requires_grad_()
+    ref(x2).sum().backward()
+    torch.testing.assert_close(x.grad, x2.grad)
