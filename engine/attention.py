@@ -17,6 +17,19 @@ def write_kv(cache: KVCache, k: torch.Tensor, v: torch.Tensor, slot_mapping: tor
     cache.v.index_copy_(0, slot_mapping, v.to(cache.v.dtype))
 
 
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: KVCache, slot_mapping: torch.Tensor,
+           attn: AttentionMetadata, scale: float) -> torch.Tensor:
+    """write_kv then paged_attention: q [num_tokens, heads, head_dim], this step's k, v [num_tokens,
+    kv_heads, head_dim] -> [num_tokens, heads, head_dim]. The CPU kernel path does both in one call."""
+    if attn.kernel_lens is not None and not attn.prefills:
+        dtype = cache.k.dtype
+        return cpu_kernels.paged_attention(q.to(dtype), cache.k, cache.v, attn.kernel_slots, attn.kernel_rows,
+                                           attn.kernel_lens, attn.sliding_window, scale, k.to(dtype), v.to(dtype),
+                                           slot_mapping).to(q.dtype)
+    write_kv(cache, k, v, slot_mapping)
+    return paged_attention(q, cache, attn, scale)
+
+
 def paged_attention(q: torch.Tensor, cache: KVCache, attn: AttentionMetadata, scale: float) -> torch.Tensor:
     """q [num_tokens, num_heads, head_dim] (decodes first, then prefill chunks) -> same shape.
 

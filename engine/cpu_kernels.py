@@ -117,12 +117,15 @@ def _build_and_load() -> None:
 
 
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_table: torch.Tensor,
-                    row_index: torch.Tensor, row_len: torch.Tensor, window: int | None, scale: float) -> torch.Tensor:
+                    row_index: torch.Tensor, row_len: torch.Tensor, window: int | None, scale: float,
+                    k_new: torch.Tensor | None = None, v_new: torch.Tensor | None = None,
+                    slot_mapping: torch.Tensor | None = None) -> torch.Tensor:
     """q [T, H, D] -> [T, H, D]: query row t attends to the first row_len[t] slots of
     slot_table[row_index[t]] (only the last `window` of them with a sliding window), reading k/v
-    [S, KVH, D] in place. q must have the caches' dtype (float32 or bfloat16)."""
+    [S, KVH, D] in place. q must have the caches' dtype (float32 or bfloat16). With k_new/v_new
+    [T, KVH, D] and slot_mapping [T], those rows are written into the caches first (write_kv)."""
     return torch.ops.loraplex_cpu.paged_attention(q, k_cache, v_cache, slot_table, row_index, row_len,
-                                                  window or 0, scale)
+                                                  window or 0, scale, k_new, v_new, slot_mapping)
 
 
 def paged_attention_reference(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,

@@ -1,6 +1,6 @@
-// CPU fast path for paged attention over a flattened batch: one fused loop per (query row, kv head)
-// reads the keys and values straight from the paged cache (no gathered copy), scores in float32,
-// softmax, weighted sum. The plain-torch reference is loraplex/engine/attention.py:paged_attention;
+// CPU fast path for paged attention over a flattened batch: optionally writes the step's keys and
+// values into the paged cache, then one fused loop per (query row, kv head) reads keys and values
+// straight from the cache (no gathered copy), scores in float32, softmax, weighted sum. The plain-torch reference is loraplex/engine/attention.py:paged_attention;
 // tests/engine/test_cpu_kernels.py checks this against it. Built once per machine by
 // loraplex/engine/cpu_kernels.py (torch.utils.cpp_extension), registered as torch.ops.loraplex_cpu.*.
 #include <ATen/ATen.h>
@@ -35,52 +35,87 @@ inline void from_float(const float* src, c10::BFloat16* dst, int64_t n) {
 }
 
 #if defined(LORAPLEX_AVX512)
-// One (query row, kv head) item with head_dim D known at compile time: the query heads of the group
-// one at a time, so every accumulator lives in registers.
+// scores[0..n) <- exp(scores - max), in place; returns 1 / sum
+inline float softmax_unnormalised(float* sg, int64_t n) {
+  __m512 m = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+  for (int64_t j = 0; j < n; j += 16) m = _mm512_max_ps(m, _mm512_mask_loadu_ps(m, lpx::tail_mask(n - j), sg + j));
+  const __m512 mv = _mm512_set1_ps(_mm512_reduce_max_ps(m));
+  __m512 sum = _mm512_setzero_ps();
+  for (int64_t j = 0; j < n; j += 16) {
+    const __mmask16 tail = lpx::tail_mask(n - j);
+    const __m512 e = lpx::exp(_mm512_sub_ps(_mm512_maskz_loadu_ps(tail, sg + j), mv));
+    _mm512_mask_storeu_ps(sg + j, tail, e);
+    sum = _mm512_add_ps(sum, _mm512_maskz_mov_ps(tail, e));
+  }
+  return 1.f / _mm512_reduce_add_ps(sum);
+}
+
+template <int D, typename T>
+inline void store_scaled(const __m512* acc, float inv, T* out) {
+  const __m512 iv = _mm512_set1_ps(inv);
+  for (int c = 0; c < D / 16; ++c) lpx::store(out + 16 * c, _mm512_mul_ps(acc[c], iv));
+}
+
+constexpr int64_t PREFETCH_AHEAD = 6;  // tokens: hides the jump to the next paged block
+
+// One (query row, kv head) item, head_dim D and the G query heads sharing the kv head known at compile
+// time: each key/value row is loaded once for all G heads, every accumulator lives in registers, and
+// rows a few tokens ahead are prefetched (consecutive tokens sit in different blocks every block_size).
+template <int D, int G, typename T>
+void attend_item_grouped(const T* q, const T* k_cache, const T* v_cache, const int64_t* slots, int64_t n,
+                         int64_t kv_stride, float scale, float* scores, T* out) {
+  constexpr int C = D / 16;
+  __m512 qv[G][C];
+  for (int g = 0; g < G; ++g)
+    for (int c = 0; c < C; ++c) qv[g][c] = lpx::load(q + g * D + 16 * c);
+  for (int64_t j = 0; j < n; ++j) {
+    if (j + PREFETCH_AHEAD < n) {
+      const char* kp = reinterpret_cast<const char*>(k_cache + slots[j + PREFETCH_AHEAD] * kv_stride);
+      const char* vp = reinterpret_cast<const char*>(v_cache + slots[j + PREFETCH_AHEAD] * kv_stride);
+      for (int64_t b = 0; b < static_cast<int64_t>(D * sizeof(T)); b += 64) {
+        _mm_prefetch(kp + b, _MM_HINT_T0);
+        _mm_prefetch(vp + b, _MM_HINT_T1);
+      }
+    }
+    const T* k = k_cache + slots[j] * kv_stride;
+    __m512 kv[C];
+    for (int c = 0; c < C; ++c) kv[c] = lpx::load(k + 16 * c);
+    for (int g = 0; g < G; ++g) {
+      __m512 s = _mm512_mul_ps(qv[g][0], kv[0]);
+      for (int c = 1; c < C; ++c) s = _mm512_fmadd_ps(qv[g][c], kv[c], s);
+      scores[g * n + j] = _mm512_reduce_add_ps(s) * scale;
+    }
+  }
+  float inv[G];
+  for (int g = 0; g < G; ++g) inv[g] = softmax_unnormalised(scores + g * n, n);
+  __m512 acc[G][C];
+  for (int g = 0; g < G; ++g)
+    for (int c = 0; c < C; ++c) acc[g][c] = _mm512_setzero_ps();
+  for (int64_t j = 0; j < n; ++j) {
+    const T* v = v_cache + slots[j] * kv_stride;
+    __m512 vv[C];
+    for (int c = 0; c < C; ++c) vv[c] = lpx::load(v + 16 * c);
+    for (int g = 0; g < G; ++g) {
+      const __m512 p = _mm512_set1_ps(scores[g * n + j]);
+      for (int c = 0; c < C; ++c) acc[g][c] = _mm512_fmadd_ps(p, vv[c], acc[g][c]);
+    }
+  }
+  for (int g = 0; g < G; ++g) store_scaled<D>(acc[g], inv[g], out + g * D);
+}
+
+// Any group size: the query heads one at a time.
 template <int D, typename T>
 void attend_item_avx512(const T* q, const T* k_cache, const T* v_cache, const int64_t* slots, int64_t n,
                         int64_t group, int64_t kv_stride, float scale, float* scores, T* out) {
-  constexpr int C = D / 16;
-  for (int64_t g = 0; g < group; ++g) {
-    __m512 qv[C];
-    for (int c = 0; c < C; ++c) qv[c] = lpx::load(q + g * D + 16 * c);
-    float* sg = scores + g * n;
-    for (int64_t j = 0; j < n; ++j) {
-      const T* k = k_cache + slots[j] * kv_stride;
-      __m512 s = _mm512_mul_ps(qv[0], lpx::load(k));
-      for (int c = 1; c < C; ++c) s = _mm512_fmadd_ps(qv[c], lpx::load(k + 16 * c), s);
-      sg[j] = _mm512_reduce_add_ps(s) * scale;
-    }
-    __m512 m = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
-    int64_t j = 0;
-    for (; j + 16 <= n; j += 16) m = _mm512_max_ps(m, _mm512_loadu_ps(sg + j));
-    float mx = _mm512_reduce_max_ps(m);
-    for (; j < n; ++j) mx = std::max(mx, sg[j]);
-    const __m512 mv = _mm512_set1_ps(mx);
-    __m512 sum = _mm512_setzero_ps();
-    for (j = 0; j + 16 <= n; j += 16) {
-      const __m512 e = lpx::exp(_mm512_sub_ps(_mm512_loadu_ps(sg + j), mv));
-      _mm512_storeu_ps(sg + j, e);
-      sum = _mm512_add_ps(sum, e);
-    }
-    if (j < n) {
-      const __mmask16 tail = static_cast<__mmask16>((1u << (n - j)) - 1);
-      const __m512 e = lpx::exp(_mm512_sub_ps(_mm512_maskz_loadu_ps(tail, sg + j), mv));
-      _mm512_mask_storeu_ps(sg + j, tail, e);
-      sum = _mm512_add_ps(sum, _mm512_maskz_mov_ps(tail, e));
-    }
-    const float inv = 1.f / _mm512_reduce_add_ps(sum);
-    __m512 acc[C];
-    for (int c = 0; c < C; ++c) acc[c] = _mm512_setzero_ps();
-    for (j = 0; j < n; ++j) {
-      const T* v = v_cache + slots[j] * kv_stride;
-      const __m512 p = _mm512_set1_ps(sg[j]);
-      for (int c = 0; c < C; ++c) acc[c] = _mm512_fmadd_ps(p, lpx::load(v + 16 * c), acc[c]);
-    }
-    alignas(64) float res[D];
-    for (int c = 0; c < C; ++c) _mm512_store_ps(res + 16 * c, _mm512_mul_ps(acc[c], _mm512_set1_ps(inv)));
-    from_float(res, out + g * D, D);
+  switch (group) {
+    case 1: return attend_item_grouped<D, 1>(q, k_cache, v_cache, slots, n, kv_stride, scale, scores, out);
+    case 2: return attend_item_grouped<D, 2>(q, k_cache, v_cache, slots, n, kv_stride, scale, scores, out);
+    case 3: return attend_item_grouped<D, 3>(q, k_cache, v_cache, slots, n, kv_stride, scale, scores, out);
+    case 4: return attend_item_grouped<D, 4>(q, k_cache, v_cache, slots, n, kv_stride, scale, scores, out);
+    default: break;
   }
+  for (int64_t g = 0; g < group; ++g)
+    attend_item_grouped<D, 1>(q + g * D, k_cache, v_cache, slots, n, kv_stride, scale, scores, out + g * D);
 }
 #endif
 
@@ -162,9 +197,22 @@ void paged_attention_impl(const T* q, const T* k_cache, const T* v_cache, const 
   });
 }
 
+// cache rows [slot] <- new [t] (the step's keys or values), rows of num_kv_heads * head_dim elements
+template <typename T>
+void write_rows(T* cache, const T* rows, int64_t row_stride, const int64_t* slots, int64_t n, int64_t width) {
+  for (int64_t t = 0; t < n; ++t) std::memcpy(cache + slots[t] * width, rows + t * row_stride, width * sizeof(T));
+}
+
+void check_slots(const at::Tensor& slots, int64_t num_slots, const char* what) {
+  const int64_t* p = slots.data_ptr<int64_t>();
+  for (int64_t i = 0, n = slots.numel(); i < n; ++i)
+    TORCH_CHECK(p[i] >= 0 && p[i] < num_slots, "paged_attention: ", what, " slot ", p[i], " out of range");
+}
+
 at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                            const at::Tensor& slot_table, const at::Tensor& row_index, const at::Tensor& row_len,
-                           int64_t window, double scale) {
+                           int64_t window, double scale, const c10::optional<at::Tensor>& k_new,
+                           const c10::optional<at::Tensor>& v_new, const c10::optional<at::Tensor>& slot_mapping) {
   TORCH_CHECK(q.dim() == 3 && k_cache.dim() == 3 && v_cache.sizes() == k_cache.sizes(),
               "paged_attention: q [T, H, D] and caches [S, KVH, D] expected");
   TORCH_CHECK(q.device().is_cpu() && k_cache.device().is_cpu(), "paged_attention: CPU tensors expected");
@@ -181,19 +229,43 @@ at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& k_cache, const
   auto idx = row_index.contiguous();
   auto lens = row_len.contiguous();
   auto out = at::empty_like(qc);
-  const int64_t T = qc.size(0), H = qc.size(1), D = qc.size(2), KVH = k_cache.size(1), W = table.size(1);
-  if (T == 0) return out;
-  TORCH_CHECK(lens.max().item<int64_t>() <= W, "paged_attention: row_len exceeds the slot table width");
+  const int64_t T = qc.size(0), H = qc.size(1), D = qc.size(2), S = k_cache.size(0), KVH = k_cache.size(1),
+                W = table.size(1), R = table.size(0);
+  const bool write = k_new.has_value();
+  if (write) {  // this step's keys and values go into the cache first (write_kv)
+    TORCH_CHECK(v_new.has_value() && slot_mapping.has_value(), "paged_attention: k_new, v_new and slot_mapping together");
+    for (const at::Tensor* t : {&*k_new, &*v_new}) {
+      TORCH_CHECK(t->dim() == 3 && t->size(0) == T && t->size(1) == KVH && t->size(2) == D &&
+                      t->scalar_type() == k_cache.scalar_type() && t->stride(2) == 1 && t->stride(1) == D,
+                  "paged_attention: k_new / v_new [T, KVH, D] in the cache dtype, rows contiguous");
+    }
+    TORCH_CHECK(slot_mapping->scalar_type() == at::kLong && slot_mapping->numel() == T && slot_mapping->is_contiguous(),
+                "paged_attention: slot_mapping [T] int64");
+    check_slots(*slot_mapping, S, "write");
+  }
+  check_slots(table, S, "read");
+  const int64_t* lp = lens.data_ptr<int64_t>();
+  const int64_t* ip = idx.data_ptr<int64_t>();
+  for (int64_t t = 0; t < T; ++t) {
+    TORCH_CHECK(lp[t] >= 0 && lp[t] <= W, "paged_attention: row_len ", lp[t], " exceeds the slot table width ", W);
+    TORCH_CHECK(ip[t] >= 0 && ip[t] < R, "paged_attention: row_index out of range");
+  }
   const float s = static_cast<float>(scale);
   if (qc.scalar_type() == at::kFloat) {
+    if (write) {
+      write_rows(k_cache.data_ptr<float>(), k_new->data_ptr<float>(), k_new->stride(0), slot_mapping->data_ptr<int64_t>(), T, KVH * D);
+      write_rows(v_cache.data_ptr<float>(), v_new->data_ptr<float>(), v_new->stride(0), slot_mapping->data_ptr<int64_t>(), T, KVH * D);
+    }
     paged_attention_impl<float>(qc.data_ptr<float>(), k_cache.data_ptr<float>(), v_cache.data_ptr<float>(),
-                                table.data_ptr<int64_t>(), idx.data_ptr<int64_t>(), lens.data_ptr<int64_t>(),
-                                out.data_ptr<float>(), T, H, KVH, D, W, window, s);
+                                table.data_ptr<int64_t>(), ip, lp, out.data_ptr<float>(), T, H, KVH, D, W, window, s);
   } else if (qc.scalar_type() == at::kBFloat16) {
-    paged_attention_impl<c10::BFloat16>(
-        qc.data_ptr<c10::BFloat16>(), k_cache.data_ptr<c10::BFloat16>(), v_cache.data_ptr<c10::BFloat16>(),
-        table.data_ptr<int64_t>(), idx.data_ptr<int64_t>(), lens.data_ptr<int64_t>(),
-        out.data_ptr<c10::BFloat16>(), T, H, KVH, D, W, window, s);
+    using B = c10::BFloat16;
+    if (write) {
+      write_rows(k_cache.data_ptr<B>(), k_new->data_ptr<B>(), k_new->stride(0), slot_mapping->data_ptr<int64_t>(), T, KVH * D);
+      write_rows(v_cache.data_ptr<B>(), v_new->data_ptr<B>(), v_new->stride(0), slot_mapping->data_ptr<int64_t>(), T, KVH * D);
+    }
+    paged_attention_impl<B>(qc.data_ptr<B>(), k_cache.data_ptr<B>(), v_cache.data_ptr<B>(), table.data_ptr<int64_t>(),
+                            ip, lp, out.data_ptr<B>(), T, H, KVH, D, W, window, s);
   } else {
     TORCH_CHECK(false, "paged_attention: float32 or bfloat16 expected, got ", qc.scalar_type());
   }
@@ -203,7 +275,8 @@ at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& k_cache, const
 }  // namespace
 
 TORCH_LIBRARY(loraplex_cpu, m) {
-  m.def("paged_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor slot_table, Tensor row_index, "
-        "Tensor row_len, int window, float scale) -> Tensor");
+  m.def("paged_attention(Tensor q, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor slot_table, Tensor row_index, "
+        "Tensor row_len, int window, float scale, Tensor? k_new=None, Tensor? v_new=None, "
+        "Tensor? slot_mapping=None) -> Tensor");
   m.impl("paged_attention", c10::DispatchKey::CPU, &paged_attention);
 }

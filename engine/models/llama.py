@@ -13,7 +13,7 @@ import re
 import torch
 from torch import nn
 
-from ..attention import paged_attention, write_kv
+from ..attention import attend
 from ..config import ModelConfig
 from ..forward_batch import AttentionMetadata, ForwardBatch, KVCache
 from ..layers import apply_rotary, rms_norm, silu_and_mul
@@ -121,8 +121,7 @@ class LlamaAttention(nn.Module):
         k = self.k_proj(x).view(n, self.num_kv_heads, self.head_dim)  # [num_tokens, kv_heads, head_dim]
         v = self.v_proj(x).view(n, self.num_kv_heads, self.head_dim)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        write_kv(kv_cache, k, v, slot_mapping)
-        o = paged_attention(q, kv_cache, attn, self.scale)  # [num_tokens, heads, head_dim]
+        o = attend(q, k, v, kv_cache, slot_mapping, attn, self.scale)  # [num_tokens, heads, head_dim]
         return self.o_proj(o.view(n, self.num_heads * self.head_dim))  # [num_tokens, hidden]
 
 

@@ -151,3 +151,32 @@ def test_argmax_kernel_matches_torch(dtype):
     for t in (x, short):
         want = torch.stack([row.argmax() if not row.isnan().any() else row.isnan().nonzero()[0, 0] for row in t])
         assert torch.ops.loraplex_cpu.argmax_rows(t).tolist() == want.tolist()
+
+
+@needs_kernel
+def test_attend_writes_the_cache_and_matches_torch_path():
+    """attend(): the kernel path writes this step's keys/values itself (no separate index_copy_)."""
+    from loraplex.engine.attention import attend
+    torch.manual_seed(3)
+    requests = [(7, 1), (20, 1), (0, 5), (9, 4)]  # decodes and short prefill chunks only
+    tables = [[3, 8], [1, 5], [0], [2, 6]]
+    args = ([0] * sum(q for _, q in requests), [q for _, q in requests], [c for c, _ in requests], tables, 16)
+    caches = allocate_kv_caches(2, 10 * 16, 3, 64, torch.bfloat16)
+    for c in caches:
+        c.k.normal_(), c.v.normal_()
+    torch_cache, kernel_cache = caches
+    kernel_cache.k.copy_(torch_cache.k), kernel_cache.v.copy_(torch_cache.v)
+    n = len(args[0])
+    q, k, v = (torch.randn(n, heads, 64).bfloat16() for heads in (9, 3, 3))
+    torch_batch = build_forward_batch(*args, logits_indices=[])
+    kernel_batch = build_forward_batch(*args, logits_indices=[], cpu_kernel=True)
+    want = attend(q, k, v, torch_cache, torch_batch.slot_mapping, torch_batch.attn, 0.125)
+    got = attend(q, k, v, kernel_cache, kernel_batch.slot_mapping, kernel_batch.attn, 0.125)
+    assert torch.equal(kernel_cache.k, torch_cache.k) and torch.equal(kernel_cache.v, torch_cache.v)
+    torch.testing.assert_close(got.float(), want.float(), atol=2e-2, rtol=2e-2)
+    bad = kernel_batch.slot_mapping.clone()
+    bad[0] = 10 * 16  # one past the end: refused before anything is written
+    before = kernel_cache.k.clone()
+    with pytest.raises(RuntimeError, match="out of range"):
+        attend(q, k, v, kernel_cache, bad, kernel_batch.attn, 0.125)
+    assert torch.equal(kernel_cache.k, before)
