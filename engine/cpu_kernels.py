@@ -9,6 +9,7 @@ what the tests compare the kernels against.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
@@ -25,7 +26,7 @@ from .default_model import cache_dir
 
 logger = logging.getLogger(__name__)
 
-SOURCES = [Path(__file__).parent / "csrc" / name for name in ("cpu_attention.cpp", "cpu_ops.cpp")]
+SOURCES = [Path(__file__).parent / "csrc" / name for name in ("cpu_attention.cpp", "cpu_ops.cpp", "cpu_lora.cpp")]
 HEADERS = [Path(__file__).parent / "csrc" / "cpu_vec.h"]
 _lock = threading.Lock()
 _state: dict[str, object] = {}  # "ok": bool once tried, "error": str when the build failed
@@ -89,7 +90,18 @@ def available() -> bool:
 
 def loaded() -> bool:
     """Whether available() has already built and loaded them (never starts a build). Cheap: called per op."""
-    return _state.get("ok") is True
+    return _state.get("ok") is True and not _state.get("suspended")
+
+
+@contextlib.contextmanager
+def suspended():
+    """Callers take their plain-torch paths inside this block (tests compare the two; not thread-safe)."""
+    before = _state.get("suspended", False)
+    _state["suspended"] = True
+    try:
+        yield
+    finally:
+        _state["suspended"] = before
 
 
 def build_error() -> str | None:

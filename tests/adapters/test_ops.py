@@ -1,5 +1,6 @@
 """The batched LoRA op: the CPU fast path against the plain-torch reference, and both against a
 per-row loop written from the definition y += B[a] (A[a] x)."""
+import contextlib
 import random
 
 import pytest
@@ -8,6 +9,7 @@ import torch
 from loraplex.adapters.ops.cpu import LONG_SEGMENT_TOKENS, cpu_layout, lora_apply_cpu
 from loraplex.adapters.ops.meta import ZERO_PAGE, build_lora_meta
 from loraplex.adapters.ops.reference import lora_apply_ref
+from loraplex.engine import cpu_kernels
 
 
 def random_case(seed, num_tokens, in_f, out_f, ranks, seg_lens, num_pages=200, dtype=torch.float32,
@@ -57,19 +59,47 @@ CASES = {
 }
 
 
+def cpu_paths():
+    """lora_apply_cpu with its torch ops, and with the C++ kernel where one is built."""
+    yield "torch-ops", cpu_kernels.suspended()
+    if cpu_kernels.available():
+        yield "kernel", contextlib.nullcontext()
+
+
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_cpu_and_reference_match_definition(case):
     x, y, a_pool, b_pool, segments = random_case(0, **CASES[case])
     meta = build_lora_meta(x.shape[0], segments)
     want = loop_reference(x, y, a_pool, b_pool, segments)
-    for apply in (lora_apply_ref, lora_apply_cpu):
-        got = y.clone()
-        apply(got, x, a_pool, b_pool, meta)
-        torch.testing.assert_close(got.double(), want, atol=1e-3, rtol=1e-4)
-    untouched = sorted(set(range(x.shape[0])) - {r for rows, _ in segments for r in rows})
     got = y.clone()
-    lora_apply_cpu(got, x, a_pool, b_pool, meta)
-    assert torch.equal(got[untouched], y[untouched])  # base-model rows are never written
+    lora_apply_ref(got, x, a_pool, b_pool, meta)
+    torch.testing.assert_close(got.double(), want, atol=1e-3, rtol=1e-4)
+    untouched = sorted(set(range(x.shape[0])) - {r for rows, _ in segments for r in rows})
+    for name, path in cpu_paths():
+        got = y.clone()
+        with path, torch.inference_mode():
+            lora_apply_cpu(got, x, a_pool, b_pool, meta)
+        torch.testing.assert_close(got.double(), want, atol=1e-3, rtol=1e-4, msg=name)
+        assert torch.equal(got[untouched], y[untouched]), name  # base-model rows are never written
+
+
+@pytest.mark.skipif(not cpu_kernels.available(), reason="CPU kernels not built (no C++ compiler)")
+def test_kernel_writes_into_strided_outputs_and_refuses_bad_pages():
+    """y may be a column slice of a fused q/k/v output; bad metadata is refused before any write."""
+    x, y, a_pool, b_pool, segments = random_case(4, **CASES["decode-mixed-ranks"])
+    meta = build_lora_meta(x.shape[0], segments)
+    fused = torch.zeros(x.shape[0], y.shape[1] + 7)
+    fused[:, 3:3 + y.shape[1]] = y
+    view = fused[:, 3:3 + y.shape[1]]
+    with torch.inference_mode():
+        lora_apply_cpu(view, x, a_pool, b_pool, meta)
+    torch.testing.assert_close(view.double(), loop_reference(x, y, a_pool, b_pool, segments), atol=1e-3, rtol=1e-4)
+    assert not fused[:, :3].any() and not fused[:, 3 + y.shape[1]:].any()
+    rows, starts, pages, ranks = cpu_layout(meta).kernel
+    before = view.clone()
+    with pytest.raises(RuntimeError, match="page out of range"):
+        torch.ops.loraplex_cpu.lora_apply_(view, x, a_pool, b_pool, rows, starts, pages + a_pool.shape[0], ranks)
+    assert torch.equal(view, before)
 
 
 def test_long_contiguous_segments_take_the_dense_path():
@@ -89,10 +119,12 @@ def test_bfloat16_close_to_float32():
     meta = build_lora_meta(x.shape[0], segments)
     want = y.clone()
     lora_apply_ref(want, x, a_pool, b_pool, meta)
-    got = y.bfloat16()
-    lora_apply_cpu(got, x.bfloat16(), a_pool.bfloat16(), b_pool.bfloat16(), meta)
-    assert got.dtype == torch.bfloat16
-    assert ((got.float() - want).abs().max() / want.abs().max()) < 0.02
+    for name, path in cpu_paths():
+        got = y.bfloat16()
+        with path, torch.inference_mode():
+            lora_apply_cpu(got, x.bfloat16(), a_pool.bfloat16(), b_pool.bfloat16(), meta)
+        assert got.dtype == torch.bfloat16
+        assert ((got.float() - want).abs().max() / want.abs().max()) < 0.02, name
 
 
 def test_meta_validation():

@@ -1,0 +1,125 @@
+// Batched LoRA on CPU for short segments (decodes, short prefill pieces): y[row] += B[a] (A[a] x[row])
+// for every row of every segment, reading the adapter's pages in place from the paged pool. One call per
+// linear instead of six ATen ops; h and the delta stay in float32 and y is rounded once. The plain-torch
+// formulation in loraplex/adapters/ops/cpu.py (and ops/reference.py) is what the tests compare it with.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+#include <torch/library.h>
+
+#include "cpu_vec.h"
+
+#include <algorithm>
+#include <cstdint>
+#include <vector>
+
+namespace {
+
+constexpr int64_t ROWS_PER_ITEM = 8;  // rows of one segment handled together (its A/B pages stay in L1/L2)
+
+template <typename T>
+float dot(const T* a, const T* b, int64_t n) {
+#if defined(LORAPLEX_AVX512)
+  __m512 acc = _mm512_setzero_ps();
+  for (int64_t d = 0; d < n; d += 16) {
+    const __mmask16 m = lpx::tail_mask(n - d);
+    acc = _mm512_fmadd_ps(lpx::load(a + d, m), lpx::load(b + d, m), acc);
+  }
+  return _mm512_reduce_add_ps(acc);
+#else
+  float s = 0.f;
+  for (int64_t d = 0; d < n; ++d) s += lpx::f32(a[d]) * lpx::f32(b[d]);
+  return s;
+#endif
+}
+
+// y_row[0..n) += sum_r h[r] * b_rows[r][0..n)
+template <typename T>
+void expand_row(T* y, const T* const* b_rows, const float* h, int64_t rank, int64_t n) {
+#if defined(LORAPLEX_AVX512)
+  for (int64_t d = 0; d < n; d += 16) {
+    const __mmask16 m = lpx::tail_mask(n - d);
+    __m512 acc = _mm512_setzero_ps();
+    for (int64_t r = 0; r < rank; ++r) acc = _mm512_fmadd_ps(_mm512_set1_ps(h[r]), lpx::load(b_rows[r] + d, m), acc);
+    lpx::store(y + d, _mm512_add_ps(lpx::load(y + d, m), acc), m);
+  }
+#else
+  for (int64_t d = 0; d < n; ++d) {
+    float acc = 0.f;
+    for (int64_t r = 0; r < rank; ++r) acc += h[r] * lpx::f32(b_rows[r][d]);
+    y[d] = lpx::cast<T>(lpx::f32(y[d]) + acc);
+  }
+#endif
+}
+
+template <typename T>
+void lora_apply_impl(T* y, int64_t y_stride, const T* x, int64_t x_stride, const T* a_pool, const T* b_pool,
+                     int64_t in, int64_t out, const int64_t* rows, const int64_t* starts, const int64_t* pages,
+                     const int64_t* ranks, int64_t num_segments, int64_t max_rank) {
+  std::vector<std::pair<int64_t, int64_t>> items;  // (segment, first index into rows)
+  for (int64_t s = 0; s < num_segments; ++s)
+    for (int64_t i = starts[s]; i < starts[s + 1]; i += ROWS_PER_ITEM) items.emplace_back(s, i);
+  at::parallel_for(0, static_cast<int64_t>(items.size()), 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> h(max_rank);
+    std::vector<const T*> a_rows(max_rank), b_rows(max_rank);
+    for (int64_t it = begin; it < end; ++it) {
+      const int64_t s = items[it].first, rank = ranks[s];
+      for (int64_t r = 0; r < rank; ++r) {
+        a_rows[r] = a_pool + pages[s * max_rank + r] * in;
+        b_rows[r] = b_pool + pages[s * max_rank + r] * out;
+      }
+      const int64_t last = std::min(items[it].second + ROWS_PER_ITEM, starts[s + 1]);
+      for (int64_t i = items[it].second; i < last; ++i) {
+        const T* xr = x + rows[i] * x_stride;
+        for (int64_t r = 0; r < rank; ++r) h[r] = dot(xr, a_rows[r], in);
+        expand_row(y + rows[i] * y_stride, b_rows.data(), h.data(), rank, out);
+      }
+    }
+  });
+}
+
+void lora_apply_(at::Tensor y, const at::Tensor& x, const at::Tensor& a_pool, const at::Tensor& b_pool,
+                 const at::Tensor& token_rows, const at::Tensor& seg_starts, const at::Tensor& seg_pages,
+                 const at::Tensor& seg_ranks) {
+  TORCH_CHECK(y.device().is_cpu() && x.device().is_cpu() && a_pool.device().is_cpu(), "lora_apply_: CPU tensors");
+  TORCH_CHECK(y.dim() == 2 && x.dim() == 2 && y.size(0) == x.size(0) && y.stride(1) == 1 && x.stride(1) == 1,
+              "lora_apply_: y [N, out] and x [N, in] with contiguous rows expected");
+  TORCH_CHECK(a_pool.dim() == 2 && b_pool.dim() == 2 && a_pool.size(0) == b_pool.size(0) && a_pool.is_contiguous() &&
+                  b_pool.is_contiguous() && a_pool.size(1) == x.size(1) && b_pool.size(1) == y.size(1),
+              "lora_apply_: pools a [P, in], b [P, out] contiguous expected");
+  const auto dt = y.scalar_type();
+  TORCH_CHECK((dt == at::kFloat || dt == at::kBFloat16) && x.scalar_type() == dt && a_pool.scalar_type() == dt &&
+                  b_pool.scalar_type() == dt, "lora_apply_: one float32 or bfloat16 dtype expected");
+  for (const at::Tensor* t : {&token_rows, &seg_starts, &seg_pages, &seg_ranks})
+    TORCH_CHECK(t->scalar_type() == at::kLong && t->is_contiguous(), "lora_apply_: contiguous int64 metadata");
+  const int64_t S = seg_pages.size(0), R = seg_pages.dim() == 2 ? seg_pages.size(1) : 0;
+  TORCH_CHECK(seg_pages.dim() == 2 && seg_ranks.numel() == S && seg_starts.numel() == S + 1, "lora_apply_: segments");
+  const int64_t* rows = token_rows.data_ptr<int64_t>();
+  const int64_t* starts = seg_starts.data_ptr<int64_t>();
+  const int64_t* pages = seg_pages.data_ptr<int64_t>();
+  const int64_t* ranks = seg_ranks.data_ptr<int64_t>();
+  const int64_t N = y.size(0), P = a_pool.size(0), n_rows = token_rows.numel();
+  TORCH_CHECK(starts[0] == 0 && starts[S] == n_rows, "lora_apply_: seg_starts must cover token_rows");
+  for (int64_t s = 0; s < S; ++s) {
+    TORCH_CHECK(starts[s] <= starts[s + 1] && ranks[s] >= 0 && ranks[s] <= R, "lora_apply_: bad segment ", s);
+    for (int64_t r = 0; r < R; ++r)
+      TORCH_CHECK(pages[s * R + r] >= 0 && pages[s * R + r] < P, "lora_apply_: page out of range");
+  }
+  for (int64_t i = 0; i < n_rows; ++i) TORCH_CHECK(rows[i] >= 0 && rows[i] < N, "lora_apply_: row out of range");
+  if (dt == at::kFloat) {
+    lora_apply_impl<float>(y.data_ptr<float>(), y.stride(0), x.data_ptr<float>(), x.stride(0), a_pool.data_ptr<float>(),
+                           b_pool.data_ptr<float>(), x.size(1), y.size(1), rows, starts, pages, ranks, S, R);
+  } else {
+    using B = c10::BFloat16;
+    lora_apply_impl<B>(y.data_ptr<B>(), y.stride(0), x.data_ptr<B>(), x.stride(0), a_pool.data_ptr<B>(),
+                       b_pool.data_ptr<B>(), x.size(1), y.size(1), rows, starts, pages, ranks, S, R);
+  }
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(loraplex_cpu, m) {
+  m.def("lora_apply_(Tensor(a!) y, Tensor x, Tensor a_pool, Tensor b_pool, Tensor token_rows, Tensor seg_starts, "
+        "Tensor seg_pages, Tensor seg_ranks) -> ()");
+  m.impl("lora_apply_", c10::DispatchKey::CPU, &lora_apply_);
+}
