@@ -14,6 +14,7 @@ import hashlib
 import logging
 import os
 import platform
+import re
 import shutil
 import sys
 import threading
@@ -126,6 +127,14 @@ def _build_and_load() -> None:
                        extra_ldflags=["-fopenmp"], is_python_module=False, verbose=False)
     if not cached:
         logger.info("CPU kernels built in %.1f s", time.perf_counter() - t0)
+        _prune_other_builds(build_dir)
+
+
+def _prune_other_builds(keep: Path) -> None:
+    """Builds of older sources (an upgrade) are never loaded again: remove them."""
+    for other in keep.parent.iterdir():
+        if other != keep and other.is_dir() and re.fullmatch(r"[0-9a-f]{16}", other.name):
+            shutil.rmtree(other, ignore_errors=True)
 
 
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_table: torch.Tensor,

@@ -31,6 +31,11 @@ FUSED_SIBLINGS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 
 
 def _linear(x: torch.Tensor, packed_weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    if x.dim() == 2 and x.shape[0] == 1:
+        # oneDNN computes a single row with a GEMV whose summation order differs from the GEMM every
+        # M >= 2 shares (measured on bf16 and fp32): two rows keep a request's result independent of its
+        # batch (greedy decoding alone == in a batch, exactly) at the same cost (both read the weight once)
+        return torch.ops.mkldnn._linear_pointwise(x.expand(2, -1), packed_weight, bias, "none", [], "")[:1]
     return torch.ops.mkldnn._linear_pointwise(x, packed_weight, bias, "none", [], "")
 
 

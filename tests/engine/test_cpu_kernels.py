@@ -180,3 +180,17 @@ def test_attend_writes_the_cache_and_matches_torch_path():
     with pytest.raises(RuntimeError, match="out of range"):
         attend(q, k, v, kernel_cache, bad, kernel_batch.attn, 0.125)
     assert torch.equal(kernel_cache.k, before)
+
+
+def test_a_failed_build_leaves_the_torch_path(monkeypatch, caplog):
+    """No compiler (or a compile error): available() says so once, logs why, and callers stay on torch."""
+    from loraplex.engine import layers
+    monkeypatch.setattr(cpu_kernels, "_state", {})
+    monkeypatch.setattr(cpu_kernels, "_build_and_load", lambda: (_ for _ in ()).throw(OSError("no c++ here")))
+    with caplog.at_level("WARNING"):
+        assert not cpu_kernels.available() and not cpu_kernels.loaded()
+    assert "no c++ here" in cpu_kernels.build_error() and "plain-torch" in caplog.text
+    x = torch.randn(3, 8, dtype=torch.bfloat16)
+    with torch.inference_mode():
+        assert torch.equal(layers.rms_norm(x, torch.ones(8, dtype=torch.bfloat16), 1e-6),
+                           layers.rms_norm_reference(x, torch.ones(8, dtype=torch.bfloat16), 1e-6))

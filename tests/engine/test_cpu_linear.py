@@ -88,3 +88,23 @@ def test_fused_siblings_still_backpropagate_with_dense_weights():
     x2 = x.detach().clone().requires_grad_()
     ref(x2).sum().backward()
     torch.testing.assert_close(x.grad, x2.grad)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_row_gets_the_same_result_in_any_batch(dtype):
+    """Batch invariance of the packed linears: a row alone (M = 1) equals that row among others, bit
+    for bit, for single and fused (PackedGroup) linears."""
+    if not can_prepack(torch.device("cpu"), dtype):
+        pytest.skip(f"no oneDNN {dtype} on this CPU")
+    torch.manual_seed(1)
+    mlp = nn.Module()
+    mlp.gate_proj, mlp.up_proj, mlp.down_proj = nn.Linear(576, 1536, False), nn.Linear(576, 1536, False), \
+        nn.Linear(1536, 576, False)
+    mlp.to(dtype)
+    prepack_linears(mlp, batch_size_hint=64)
+    x, h = torch.randn(37, 576, dtype=dtype), torch.randn(37, 1536, dtype=dtype)
+    with torch.inference_mode():
+        for m, inp in ((mlp.down_proj, h), (mlp.gate_proj, x)):
+            many = m(inp).clone()
+            for i in (0, 5, 36):
+                assert torch.equal(m(inp[i:i + 1])[0], many[i])

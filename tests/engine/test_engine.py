@@ -106,3 +106,34 @@ def test_abort_and_preemption_return_all_blocks(default_model_dir):
     assert preempted, "the tiny cache should have forced a preemption"
     assert got["ref2"] == ref  # recompute after preemption gives the same greedy tokens
     assert kv.num_free_blocks == start
+
+
+def test_cpu_attention_kernel_and_torch_path_decode_the_same_tokens(engine):
+    """float32: the fused CPU attention kernel and the plain-torch path agree token for token."""
+    if not engine.runner.cpu_attention_kernel:
+        pytest.skip("CPU kernels not built (no C++ compiler)")
+    greedy = SamplingParams(max_tokens=20, temperature=0.0, ignore_eos=True)
+    requests = {f"r{i}": (encode(engine, p), greedy) for i, p in enumerate(PROMPTS[:4])}
+    with_kernel = run_all(engine, requests)
+    engine.runner.cpu_attention_kernel = False
+    try:
+        without = run_all(engine, {rid: r for rid, r in requests.items()})
+    finally:
+        engine.runner.cpu_attention_kernel = True
+    assert with_kernel == without
+
+
+def test_bfloat16_greedy_alone_equals_greedy_in_busy_batch(default_model_dir):
+    """The serving dtype, with every CPU kernel on where they are built: still batch invariant."""
+    eng = LLMEngine.from_engine_args(EngineArgs(model=str(default_model_dir), dtype="bfloat16", max_model_len=512,
+                                                max_num_seqs=16, max_num_batched_tokens=64,
+                                                num_gpu_blocks_override=256))
+    start = eng.scheduler.kv_cache_manager.num_free_blocks
+    greedy = SamplingParams(max_tokens=20, temperature=0.0, ignore_eos=True)
+    target = encode(eng, PROMPTS[3])
+    alone = run_all(eng, {"alone": (target, greedy)})["alone"]
+    busy = {f"n{i}": (encode(eng, p * 3), SamplingParams(max_tokens=24, temperature=0.8, seed=i))
+            for i, p in enumerate(PROMPTS[:3] + PROMPTS[4:])}
+    busy["target"] = (target, greedy)
+    assert run_all(eng, busy)["target"] == alone
+    assert eng.scheduler.kv_cache_manager.num_free_blocks == start
