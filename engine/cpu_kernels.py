@@ -47,12 +47,19 @@ def _cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+def target_arch() -> str:
+    """-march for the build: this CPU, unless LORAPLEX_CPU_KERNELS_ARCH names another (e.g. x86-64-v3,
+    an AVX2 machine: the tests build that too, to exercise the generic code paths)."""
+    return os.environ.get("LORAPLEX_CPU_KERNELS_ARCH") or "native"
+
+
 def build_key() -> str:
     h = hashlib.sha256()
     for src in SOURCES + HEADERS:
         h.update(src.read_bytes())
     h.update(torch.__version__.encode())
     h.update(_cpu_model().encode())
+    h.update(target_arch().encode())
     return h.hexdigest()[:16]
 
 
@@ -123,11 +130,13 @@ def _build_and_load() -> None:
         logger.info("building CPU kernels once for this machine into %s (10-30 s)", build_dir)
     t0 = time.perf_counter()
     cpp_extension.load(name=name, sources=[str(s) for s in SOURCES], build_directory=str(build_dir),
-                       extra_cflags=["-O3", "-march=native", "-fopenmp", "-DNDEBUG"],
+                       extra_cflags=["-O3", f"-march={target_arch()}", "-fopenmp", "-DNDEBUG"],
                        extra_ldflags=["-fopenmp"], is_python_module=False, verbose=False)
     if not cached:
-        logger.info("CPU kernels built in %.1f s", time.perf_counter() - t0)
-        _prune_other_builds(build_dir)
+        logger.info("CPU kernels built in %.1f s (%s code paths)", time.perf_counter() - t0,
+                    torch.ops.loraplex_cpu.vector_isa())
+        if target_arch() == "native":
+            _prune_other_builds(build_dir)
 
 
 def _prune_other_builds(keep: Path) -> None:

@@ -14,6 +14,7 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <string>
 
 namespace {
 
@@ -243,9 +244,19 @@ at::Tensor argmax_rows(const at::Tensor& x) {
   return out;
 }
 
+std::string vector_isa() {
+#if defined(LORAPLEX_AVX512)
+  return "avx512";
+#else
+  return "generic";
+#endif
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(loraplex_cpu, m) {
+  m.def("vector_isa() -> str");
+  m.impl("vector_isa", c10::DispatchKey::CatchAll, &vector_isa);
   m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor");
   m.def("silu_and_mul(Tensor gate, Tensor up) -> Tensor");
   m.def("rotary_(Tensor(a!) x, Tensor cos, Tensor sin) -> Tensor(a!)");

@@ -194,3 +194,23 @@ def test_a_failed_build_leaves_the_torch_path(monkeypatch, caplog):
     with torch.inference_mode():
         assert torch.equal(layers.rms_norm(x, torch.ones(8, dtype=torch.bfloat16), 1e-6),
                            layers.rms_norm_reference(x, torch.ones(8, dtype=torch.bfloat16), 1e-6))
+
+
+@pytest.mark.slow
+@needs_kernel
+def test_generic_code_paths_on_an_avx2_build(tmp_path):
+    """The kernels built for an AVX2-only x86-64 (no AVX-512: the plain loops) pass the same tests."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[2]
+    env = dict(os.environ, LORAPLEX_CPU_KERNELS_ARCH="x86-64-v3", LORAPLEX_CACHE_DIR=str(tmp_path))
+    check = subprocess.run([sys.executable, "-c", "import torch; from loraplex.engine import cpu_kernels as ck; "
+                            "assert ck.available(), ck.build_error(); print(torch.ops.loraplex_cpu.vector_isa())"],
+                           env=env, capture_output=True, text=True, timeout=300)
+    assert check.returncode == 0 and check.stdout.strip() == "generic", check.stderr[-2000:]
+    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "not slow",
+                          "tests/engine/test_cpu_kernels.py", "tests/adapters/test_ops.py"],
+                         cwd=root, env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout[-3000:]
