@@ -32,6 +32,14 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return rms_norm_reference(x, weight, eps)
 
 
+def add_rms_norm(x: torch.Tensor, a: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The residual add and the next RMSNorm in one pass: (x + a, rms_norm(x + a))."""
+    if _use_kernel(x) and a.dtype == weight.dtype == x.dtype and a.shape == x.shape:
+        return torch.ops.loraplex_cpu.add_rms_norm(x, a, weight, eps)
+    s = x + a
+    return s, rms_norm_reference(s, weight, eps)
+
+
 def silu_and_mul_reference(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     return F.silu(gate) * up
 

@@ -15,6 +15,7 @@
 #include <cstring>
 #include <limits>
 #include <string>
+#include <tuple>
 
 namespace {
 
@@ -45,6 +46,30 @@ void rms_norm_row(const T* x, const T* w, T* o, int64_t dim, float eps) {
   for (int64_t d = 0; d < dim; ++d) ss += f32(x[d]) * f32(x[d]);
   const float inv = 1.f / std::sqrt(ss / static_cast<float>(dim) + eps);
   for (int64_t d = 0; d < dim; ++d) o[d] = cast<T>(f32(w[d]) * round_trip_scalar<T>(f32(x[d]) * inv));
+#endif
+}
+
+// s = x + a (rounded as a bfloat16 add would be), then o = rms_norm(s)
+template <typename T>
+void add_rms_norm_row(const T* x, const T* a, const T* w, T* s, T* o, int64_t dim, float eps) {
+#if defined(LORAPLEX_AVX512)
+  __m512 acc = _mm512_setzero_ps();
+  for (int64_t d = 0; d < dim; d += 16) {
+    const __mmask16 m = lpx::tail_mask(dim - d);
+    const __m512 v = lpx::round_trip<T>(_mm512_add_ps(lpx::load(x + d, m), lpx::load(a + d, m)));
+    lpx::store(s + d, v, m);
+    acc = _mm512_fmadd_ps(v, v, acc);
+  }
+  const float inv = 1.f / std::sqrt(_mm512_reduce_add_ps(acc) / static_cast<float>(dim) + eps);
+  const __m512 iv = _mm512_set1_ps(inv);
+  for (int64_t d = 0; d < dim; d += 16) {
+    const __mmask16 m = lpx::tail_mask(dim - d);
+    const __m512 y = lpx::round_trip<T>(_mm512_mul_ps(lpx::load(s + d, m), iv));
+    lpx::store(o + d, _mm512_mul_ps(lpx::load(w + d, m), y), m);
+  }
+#else
+  for (int64_t d = 0; d < dim; ++d) s[d] = cast<T>(f32(x[d]) + f32(a[d]));
+  rms_norm_row(s, w, o, dim, eps);
 #endif
 }
 
@@ -171,6 +196,14 @@ void rotary_impl(T* x, const T* cos, const T* sin, int64_t tokens, int64_t heads
   });
 }
 
+template <typename T>
+void add_rms_norm_impl(const T* x, const T* a, const T* w, T* s, T* out, int64_t rows, int64_t dim, float eps) {
+  at::parallel_for(0, rows, grain(dim), [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r)
+      add_rms_norm_row(x + r * dim, a + r * dim, w, s + r * dim, out + r * dim, dim, eps);
+  });
+}
+
 void check_cpu_float(const at::Tensor& t, const char* what) {
   TORCH_CHECK(t.device().is_cpu(), what, ": CPU tensor expected");
   TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kBFloat16, what,
@@ -192,6 +225,29 @@ at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
                                  out.data_ptr<c10::BFloat16>(), rows, dim, eps);
   }
   return out;
+}
+
+std::tuple<at::Tensor, at::Tensor> add_rms_norm(const at::Tensor& x, const at::Tensor& a, const at::Tensor& weight,
+                                                double eps) {
+  check_cpu_float(x, "add_rms_norm");
+  TORCH_CHECK(a.sizes() == x.sizes() && a.scalar_type() == x.scalar_type(), "add_rms_norm: x and a must match");
+  TORCH_CHECK(weight.scalar_type() == x.scalar_type() && weight.dim() == 1 && weight.size(0) == x.size(-1),
+              "add_rms_norm: weight [dim] of the input's dtype expected");
+  auto xc = x.contiguous();
+  auto ac = a.contiguous();
+  auto wc = weight.contiguous();
+  auto sum = at::empty_like(xc);
+  auto out = at::empty_like(xc);
+  const int64_t dim = xc.size(-1), rows = dim ? xc.numel() / dim : 0;
+  if (xc.scalar_type() == at::kFloat) {
+    add_rms_norm_impl<float>(xc.data_ptr<float>(), ac.data_ptr<float>(), wc.data_ptr<float>(), sum.data_ptr<float>(),
+                             out.data_ptr<float>(), rows, dim, eps);
+  } else {
+    using B = c10::BFloat16;
+    add_rms_norm_impl<B>(xc.data_ptr<B>(), ac.data_ptr<B>(), wc.data_ptr<B>(), sum.data_ptr<B>(), out.data_ptr<B>(),
+                         rows, dim, eps);
+  }
+  return {sum, out};
 }
 
 at::Tensor silu_and_mul(const at::Tensor& gate, const at::Tensor& up) {
@@ -258,6 +314,8 @@ TORCH_LIBRARY_FRAGMENT(loraplex_cpu, m) {
   m.def("vector_isa() -> str");
   m.impl("vector_isa", c10::DispatchKey::CatchAll, &vector_isa);
   m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor");
+  m.def("add_rms_norm(Tensor x, Tensor a, Tensor weight, float eps) -> (Tensor, Tensor)");
+  m.impl("add_rms_norm", c10::DispatchKey::CPU, &add_rms_norm);
   m.def("silu_and_mul(Tensor gate, Tensor up) -> Tensor");
   m.def("rotary_(Tensor(a!) x, Tensor cos, Tensor sin) -> Tensor(a!)");
   m.def("argmax_rows(Tensor x) -> Tensor");

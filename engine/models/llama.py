@@ -16,7 +16,7 @@ from torch import nn
 from ..attention import attend
 from ..config import ModelConfig
 from ..forward_batch import AttentionMetadata, ForwardBatch, KVCache
-from ..layers import apply_rotary, rms_norm, silu_and_mul
+from ..layers import add_rms_norm, apply_rotary, rms_norm, silu_and_mul
 
 # Checkpoint (Hugging Face layout) name -> our parameter name; "{i}" is the layer index. Identity
 # today; kept explicit so a renamed checkpoint or a fused layout only changes this table.
@@ -147,8 +147,10 @@ class LlamaDecoderLayer(nn.Module):
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv_cache: KVCache,
                 batch: ForwardBatch) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, kv_cache, batch.slot_mapping, batch.attn)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        a = self.self_attn(self.input_layernorm(x), cos, sin, kv_cache, batch.slot_mapping, batch.attn)
+        norm = self.post_attention_layernorm
+        x, h = add_rms_norm(x, a, norm.weight, norm.eps)  # x + a, and its norm, in one pass
+        return x + self.mlp(h)
 
 
 class LlamaModel(nn.Module):

@@ -106,6 +106,10 @@ def test_elementwise_kernels_match_references(dtype, dim):
     w = (torch.rand(dim, generator=gen) + 0.5).to(dtype)
     with torch.inference_mode():
         _assert_matches(torch.ops.loraplex_cpu.rms_norm(x, w, 1e-5), layers.rms_norm_reference(x, w, 1e-5), dtype)
+        a = (torch.randn(37, dim, generator=gen) * 3).to(dtype)
+        total, normed = torch.ops.loraplex_cpu.add_rms_norm(x, a, w, 1e-5)
+        assert torch.equal(total, x + a)  # the add rounds exactly as torch's
+        _assert_matches(normed, layers.rms_norm_reference(x + a, w, 1e-5), dtype)
         gate_up = (torch.randn(37, 2 * dim, generator=gen) * 4).to(dtype)
         gate, up = gate_up[:, :dim], gate_up[:, dim:]  # strided rows, as from a fused projection
         _assert_matches(torch.ops.loraplex_cpu.silu_and_mul(gate, up), layers.silu_and_mul_reference(gate, up), dtype)
