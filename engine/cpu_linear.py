@@ -30,11 +30,12 @@ def can_prepack(device: torch.device, dtype: torch.dtype) -> bool:
 FUSED_SIBLINGS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 
 
-def _linear(x: torch.Tensor, packed_weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    if x.dim() == 2 and x.shape[0] == 1:
+def _linear(x: torch.Tensor, packed_weight: torch.Tensor, bias: torch.Tensor | None,
+            pad_single_rows: bool = False) -> torch.Tensor:
+    if pad_single_rows and x.dim() == 2 and x.shape[0] == 1:
         # oneDNN computes a single row with a GEMV whose summation order differs from the GEMM every
         # M >= 2 shares (measured on bf16 and fp32): two rows keep a request's result independent of its
-        # batch (greedy decoding alone == in a batch, exactly) at the same cost (both read the weight once)
+        # batch (greedy decoding alone == in a batch, exactly), for ~10% of batch-1 decode speed
         return torch.ops.mkldnn._linear_pointwise(x.expand(2, -1), packed_weight, bias, "none", [], "")[:1]
     return torch.ops.mkldnn._linear_pointwise(x, packed_weight, bias, "none", [], "")
 
@@ -46,7 +47,8 @@ class PackedGroup:
     Contract, as in the decoder layers: the siblings are called with the very same tensor object, which
     is not modified in place between the calls. (Inference tensors have no version counter to check.)"""
 
-    def __init__(self, linears: list[nn.Linear], batch_size_hint: int) -> None:
+    def __init__(self, linears: list[nn.Linear], batch_size_hint: int, pad_single_rows: bool = True) -> None:
+        self.pad_single_rows = pad_single_rows
         self.sizes = [m.out_features for m in linears]
         self.in_features, self.out_features = linears[0].in_features, sum(self.sizes)
         weight = torch.cat([m.weight.detach() for m in linears])  # [sum(out), in]
@@ -59,7 +61,8 @@ class PackedGroup:
 
     def output(self, x: torch.Tensor, index: int) -> torch.Tensor:
         if x is not self._x or self._taken[index]:
-            self._outs = list(_linear(x, self.packed_weight, self.bias).split(self.sizes, dim=-1))
+            self._outs = list(_linear(x, self.packed_weight, self.bias, self.pad_single_rows)
+                              .split(self.sizes, dim=-1))
             self._x, self._taken = x, [False] * len(self.sizes)
         self._taken[index] = True
         out = self._outs[index]
@@ -75,8 +78,9 @@ class PackedLinear(nn.Module):
     at the cost of a second copy of the weight."""
 
     def __init__(self, linear: nn.Linear, batch_size_hint: int, keep_dense: bool = False,
-                 group: PackedGroup | None = None, index: int = 0) -> None:
+                 group: PackedGroup | None = None, index: int = 0, pad_single_rows: bool = True) -> None:
         super().__init__()
+        self.pad_single_rows = pad_single_rows
         self.in_features, self.out_features = linear.in_features, linear.out_features
         weight = linear.weight.detach()
         self.register_buffer("dense_weight", weight if keep_dense else None, persistent=False)
@@ -93,17 +97,19 @@ class PackedLinear(nn.Module):
             return F.linear(x, self.dense_weight, self.bias)
         if self.group is not None:
             return self.group.output(x, self.index)
-        return _linear(x, self.packed_weight, self.bias)
+        return _linear(x, self.packed_weight, self.bias, self.pad_single_rows)
 
     def extra_repr(self) -> str:
         fused = f", fused={self.index + 1}/{len(self.group.sizes)}" if self.group is not None else ""
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}{fused}"
 
 
-def prepack_linears(model: nn.Module, batch_size_hint: int, keep_dense: bool = False, fuse: bool = True) -> int:
+def prepack_linears(model: nn.Module, batch_size_hint: int, keep_dense: bool = False, fuse: bool = True,
+                    batch_invariant: bool = True) -> int:
     """Swap every nn.Linear in `model` for a PackedLinear and warm up the decode batch sizes; returns how
     many were swapped. fuse: sibling projections (FUSED_SIBLINGS) share one packed weight and one call.
-    keep_dense: they can also backpropagate (see PackedLinear)."""
+    keep_dense: they can also backpropagate (see PackedLinear). batch_invariant: a single row is computed
+    as two (see _linear), so a row's result never depends on its batch."""
     swaps = [(parent, name, child) for parent in model.modules()
              for name, child in parent.named_children() if type(child) is nn.Linear]
     members: dict[tuple[int, str], tuple[PackedGroup, int]] = {}
@@ -114,11 +120,11 @@ def prepack_linears(model: nn.Module, batch_size_hint: int, keep_dense: bool = F
                 linears = [children.get((id(parent), n)) for n in names]
                 if all(m is not None for m in linears) and len({m.in_features for m in linears}) == 1 \
                         and len({m.weight.dtype for m in linears}) == 1:
-                    group = PackedGroup(linears, batch_size_hint)
+                    group = PackedGroup(linears, batch_size_hint, batch_invariant)
                     members.update({(id(parent), n): (group, i) for i, n in enumerate(names)})
     for parent, name, child in swaps:
         group, index = members.get((id(parent), name), (None, 0))
-        setattr(parent, name, PackedLinear(child, batch_size_hint, keep_dense, group, index))
+        setattr(parent, name, PackedLinear(child, batch_size_hint, keep_dense, group, index, batch_invariant))
     groups = list({id(g): g for g, _ in members.values()}.values())
     singles = [getattr(p, n) for p, n, _ in swaps if (id(p), n) not in members]
     warm_up(singles + groups, min(batch_size_hint, MAX_WARM_UP_ROWS))

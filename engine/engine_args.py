@@ -35,6 +35,7 @@ class EngineArgs:
     seed: int = 0
     num_threads: int | None = None  # torch intra-op threads on CPU; None: all cores
     cpu_weight_prepack: bool = True  # CPU: swap nn.Linear for oneDNN-prepacked PackedLinear
+    batch_invariant: bool = True  # CPU prepack: a request's greedy output never depends on its batch (~10% batch-1)
     quantization: str = "none"  # none | nf4 | int8 (bitsandbytes, at load) | gptq | exl2 (from the checkpoint)
     double_quant: bool = True  # nf4: QLoRA's double quantization of the absmax statistics
     # LoRA (used by the adapter hook the server wires in; vLLM's spellings)

@@ -100,7 +100,8 @@ class LLMEngine:
             raise ValueError(f"--quantization {quant.method}: {model_path} is not a {quant.method.upper()} checkpoint")
         use_quantized_kernels(model, device, dtype)
         if args.cpu_weight_prepack and can_prepack(device, dtype):
-            prepack_linears(model, batch_size_hint=args.max_num_seqs, keep_dense=args.enable_training)
+            prepack_linears(model, batch_size_hint=args.max_num_seqs, keep_dense=args.enable_training,
+                            batch_invariant=args.batch_invariant)
         tokenizer = load_tokenizer(model_path)
         max_model_len = args.max_model_len or min(model_config.max_position_embeddings, DEFAULT_MAX_MODEL_LEN)
         if max_model_len > model_config.max_position_embeddings:

@@ -18,14 +18,16 @@ def test_flags_map_to_engine_args():
     ns = _parse("--model", "/models/Qwen2-0.5B/", "--dtype", "bfloat16", "--max-model-len", "1024",
                 "--max-num-seqs", "8", "--max-num-batched-tokens", "512", "--block-size", "32",
                 "--kv-cache-memory-bytes", "2GiB", "--no-enable-prefix-caching", "--max-queue-len", "9",
-                "--seed", "3", "--device", "cpu")
+                "--seed", "3", "--device", "cpu", "--no-batch-invariant")
     args = cli.engine_args_from(ns)
     assert (args.model, args.dtype, args.max_model_len) == ("/models/Qwen2-0.5B/", "bfloat16", 1024)
     assert args.max_num_seqs == 8
     assert (args.max_num_batched_tokens, args.block_size, args.kv_cache_memory_bytes) == (512, 32, 2 << 30)
     assert (args.enable_prefix_caching, args.max_queue_len, args.seed, args.device) == (False, 9, 3, "cpu")
+    assert not args.batch_invariant
     defaults = cli.engine_args_from(_parse())
     assert defaults.model is None and defaults.enable_prefix_caching and defaults.kv_cache_memory_bytes == 1 << 30
+    assert defaults.batch_invariant
 
 
 def test_bad_size_is_a_usage_error():
