@@ -53,24 +53,14 @@ void rms_norm_row(const T* x, const T* w, T* o, int64_t dim, float eps) {
 template <typename T>
 void add_rms_norm_row(const T* x, const T* a, const T* w, T* s, T* o, int64_t dim, float eps) {
 #if defined(LORAPLEX_AVX512)
-  __m512 acc = _mm512_setzero_ps();
   for (int64_t d = 0; d < dim; d += 16) {
     const __mmask16 m = lpx::tail_mask(dim - d);
-    const __m512 v = lpx::round_trip<T>(_mm512_add_ps(lpx::load(x + d, m), lpx::load(a + d, m)));
-    lpx::store(s + d, v, m);
-    acc = _mm512_fmadd_ps(v, v, acc);
-  }
-  const float inv = 1.f / std::sqrt(_mm512_reduce_add_ps(acc) / static_cast<float>(dim) + eps);
-  const __m512 iv = _mm512_set1_ps(inv);
-  for (int64_t d = 0; d < dim; d += 16) {
-    const __mmask16 m = lpx::tail_mask(dim - d);
-    const __m512 y = lpx::round_trip<T>(_mm512_mul_ps(lpx::load(s + d, m), iv));
-    lpx::store(o + d, _mm512_mul_ps(lpx::load(w + d, m), y), m);
+    lpx::store(s + d, _mm512_add_ps(lpx::load(x + d, m), lpx::load(a + d, m)), m);  // rounds as torch's add
   }
 #else
   for (int64_t d = 0; d < dim; ++d) s[d] = cast<T>(f32(x[d]) + f32(a[d]));
-  rms_norm_row(s, w, o, dim, eps);
 #endif
+  rms_norm_row(s, w, o, dim, eps);  // s is still in L1
 }
 
 template <typename T>
