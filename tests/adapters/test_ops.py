@@ -105,13 +105,13 @@ def test_kernel_writes_into_strided_outputs_and_refuses_bad_pages():
 def test_long_contiguous_segments_take_the_dense_path():
     x, y, a_pool, b_pool, segments = random_case(1, **CASES["long-prefill-and-decodes"])
     layout = cpu_layout(build_lora_meta(x.shape[0], segments))
-    assert len(layout.dense) == 2 and layout.num_bmm_segments == 1
+    assert len(layout.dense) == 2 and layout.bmm().num_segments == 1
 
 
 def test_skewed_segments_are_split_to_bound_padding():
     x, y, a_pool, b_pool, segments = random_case(2, **CASES["skewed-decodes"])
     layout = cpu_layout(build_lora_meta(x.shape[0], segments, ))
-    assert layout.num_bmm_segments * layout.bmm_len < 2 * 62
+    assert layout.bmm().num_segments * layout.bmm().seg_len < 2 * 62
 
 
 def test_bfloat16_close_to_float32():
@@ -137,3 +137,13 @@ def test_meta_validation():
     meta = build_lora_meta(6, [([1, 3], [5, 6, 7]), ([4], [9])])
     assert meta.max_rank == 3 and meta.seg_pages.tolist() == [[5, 6, 7], [9, ZERO_PAGE, ZERO_PAGE]]
     assert meta.token_pages().tolist() == [[5, 6, 7], [5, 6, 7], [9, 0, 0]]
+
+
+@pytest.mark.skipif(not cpu_kernels.available(), reason="CPU kernels not built (no C++ compiler)")
+def test_kernel_path_builds_no_bmm_layout():
+    """With the kernel taking the short segments, the padded bmm layout is never built (per-step work)."""
+    x, y, a_pool, b_pool, segments = random_case(5, **CASES["decode-mixed-ranks"])
+    meta = build_lora_meta(x.shape[0], segments)
+    with torch.inference_mode():
+        lora_apply_cpu(y.clone(), x, a_pool, b_pool, meta)
+    assert cpu_layout(meta)._bmm is None
