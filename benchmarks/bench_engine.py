@@ -76,6 +76,7 @@ def main() -> None:
     ap.add_argument("--device", default="auto")
     ap.add_argument("--hf-batch-size", type=int, default=None, help="transformers batch (default: all)")
     ap.add_argument("--skip-hf", action="store_true")
+    ap.add_argument("--no-batch-invariant", action="store_true", help="as loraplex serve --no-batch-invariant")
     ap.add_argument("--rounds", type=int, default=2, help="timed runs per side after one untimed run (median)")
     args = ap.parse_args()
 
@@ -85,7 +86,8 @@ def main() -> None:
     from loraplex.engine.llm_engine import LLMEngine
 
     engine = LLMEngine.from_engine_args(EngineArgs(model=args.model, dtype=args.dtype, device=args.device,
-                                                   max_num_seqs=max(64, args.num_requests)))
+                                                   max_num_seqs=max(64, args.num_requests),
+                                                   batch_invariant=not args.no_batch_invariant))
     device = engine.runner.device
     model_dir = args.model
     if model_dir is None:

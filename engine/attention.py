@@ -22,12 +22,19 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: KVCache, sl
     """write_kv then paged_attention: q [num_tokens, heads, head_dim], this step's k, v [num_tokens,
     kv_heads, head_dim] -> [num_tokens, heads, head_dim]. The CPU kernel path does both in one call."""
     if attn.kernel_lens is not None and not attn.prefills:
-        dtype = cache.k.dtype
-        return cpu_kernels.paged_attention(q.to(dtype), cache.k, cache.v, attn.kernel_slots, attn.kernel_rows,
-                                           attn.kernel_lens, attn.sliding_window, scale, k.to(dtype), v.to(dtype),
-                                           slot_mapping).to(q.dtype)
+        return _kernel_attention(q, cache, attn, scale, k, v, slot_mapping)
     write_kv(cache, k, v, slot_mapping)
     return paged_attention(q, cache, attn, scale)
+
+
+def _kernel_attention(q: torch.Tensor, cache: KVCache, attn: AttentionMetadata, scale: float,
+                      k: torch.Tensor | None = None, v: torch.Tensor | None = None,
+                      slot_mapping: torch.Tensor | None = None) -> torch.Tensor:
+    """The CPU kernel over the kernel_* metadata; with k, v and slot_mapping it writes them first."""
+    dtype = cache.k.dtype
+    k, v = (None, None) if k is None else (k.to(dtype), v.to(dtype))
+    return cpu_kernels.paged_attention(q.to(dtype), cache.k, cache.v, attn.kernel_slots, attn.kernel_rows,
+                                       attn.kernel_lens, attn.sliding_window, scale, k, v, slot_mapping).to(q.dtype)
 
 
 def paged_attention(q: torch.Tensor, cache: KVCache, attn: AttentionMetadata, scale: float) -> torch.Tensor:
@@ -37,8 +44,7 @@ def paged_attention(q: torch.Tensor, cache: KVCache, attn: AttentionMetadata, sc
     """
     gqa = q.shape[1] != cache.k.shape[1]
     if attn.kernel_lens is not None:  # fused CPU kernel for every row but the long prefill chunks
-        out = cpu_kernels.paged_attention(q.to(cache.k.dtype), cache.k, cache.v, attn.kernel_slots, attn.kernel_rows,
-                                          attn.kernel_lens, attn.sliding_window, scale).to(q.dtype)
+        out = _kernel_attention(q, cache, attn, scale)
     else:
         out = torch.empty_like(q)
         nd = attn.num_decode_tokens
@@ -81,8 +87,9 @@ def _decode_attention(q: torch.Tensor, cache: KVCache, attn: AttentionMetadata, 
 
 
 # Prefill chunks up to this many query tokens go through the CPU kernel; longer ones keep SDPA, whose
-# blocked kernel wins once a chunk's query_len x kv_len work is large (benchmarks/bench_attention.py).
-KERNEL_MAX_PREFILL_TOKENS = 256
+# blocked kernel catches up as query_len x kv_len grows (`python benchmarks/bench_attention.py`, bf16,
+# whole prompts: kernel/SDPA time 0.18 at 16 tokens, 0.53 at 256, 0.79 at 1024, 0.93 at 2048).
+KERNEL_MAX_PREFILL_TOKENS = 1024
 
 
 def _slots(block_table: torch.Tensor, cols: torch.Tensor, block_size: int) -> torch.Tensor:

@@ -1,8 +1,9 @@
 """The decoder's elementwise pieces: plain-torch references, and their fused CPU kernels for inference.
 
 Every function takes the kernel path only when the kernels are loaded (the runner loads them on CPU),
-the tensors are CPU bfloat16 (the serving dtype; float32 is the parity mode), and autograd is off: training through the base model (the
-trainer) always runs the references, which are also what the tests compare the kernels against.
+the tensors are CPU bfloat16 (the serving dtype; float32 is the parity mode), and autograd is off:
+training through the base model (the trainer) always runs the references, which are also what the
+tests compare the kernels against.
 """
 from __future__ import annotations
 

@@ -68,11 +68,12 @@ def test_step_through_kernel_equals_torch_path(dtype):
     torch.manual_seed(0)
     requests = [(5, 1), (40, 1), (0, 1), (0, 12), (30, 9), (3, KERNEL_MAX_PREFILL_TOKENS + 20)]
     kv_lens = [c + q for c, q in requests]
-    free = list(range(64))
-    rng.shuffle(free)
     block_size = 8
+    num_blocks = sum(-(-n // block_size) for n in kv_lens)
+    free = list(range(num_blocks))
+    rng.shuffle(free)
     tables = [[free.pop() for _ in range(-(-n // block_size))] for n in kv_lens]
-    (cache,) = allocate_kv_caches(1, 64 * block_size, 3, 64, dtype)
+    (cache,) = allocate_kv_caches(1, num_blocks * block_size, 3, 64, dtype)
     cache.k.normal_(), cache.v.normal_()
     args = ([0] * sum(q for _, q in requests), [q for _, q in requests], [c for c, _ in requests], tables,
             block_size)

@@ -1,0 +1,53 @@
+"""Prefill attention: the fused CPU kernel against the SDPA path, per chunk length (whole prompts).
+
+    python benchmarks/bench_attention.py [--dtype bfloat16] [--lengths 16,64,256,512,1024]
+
+The default model's geometry (9 heads, 3 kv heads, head_dim 64), 8 prompts of each length in one step,
+one layer. Prints milliseconds per step for both and their ratio; engine/attention.py sends chunks up to
+KERNEL_MAX_PREFILL_TOKENS through the kernel and longer ones through SDPA.
+"""
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+from loraplex.engine import attention, cpu_kernels
+
+
+def time_ms(fn, reps: int = 5) -> float:
+    fn()
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        fn()
+    return (time.perf_counter() - t0) / reps * 1000
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
+    ap.add_argument("--lengths", default="16,64,256,512,1024")
+    ap.add_argument("--prompts", type=int, default=8)
+    args = ap.parse_args()
+    if not cpu_kernels.available():
+        raise SystemExit(f"CPU kernels unavailable: {cpu_kernels.build_error()}")
+    attention.KERNEL_MAX_PREFILL_TOKENS = 1 << 30  # let the kernel take every chunk, to compare
+    dtype, block = getattr(torch, args.dtype), 16
+    for n in (int(v) for v in args.lengths.split(",")):
+        blocks = -(-n // block)
+        tables = [list(range(i * blocks, (i + 1) * blocks)) for i in range(args.prompts)]
+        (cache,) = attention.allocate_kv_caches(1, args.prompts * blocks * block, 3, 64, dtype)
+        cache.k.normal_(), cache.v.normal_()
+        q = torch.randn(args.prompts * n, 9, 64).to(dtype)
+        batch_args = ([0] * (args.prompts * n), [n] * args.prompts, [0] * args.prompts, tables, block)
+        sdpa = attention.build_forward_batch(*batch_args, logits_indices=[]).attn
+        kernel = attention.build_forward_batch(*batch_args, logits_indices=[], cpu_kernel=True).attn
+        t_sdpa = time_ms(lambda: attention.paged_attention(q, cache, sdpa, 0.125))
+        t_kernel = time_ms(lambda: attention.paged_attention(q, cache, kernel, 0.125))
+        print(f"{args.prompts} x {n:5d} tokens: SDPA {t_sdpa:8.2f} ms, kernel {t_kernel:8.2f} ms, "
+              f"kernel/SDPA {t_kernel / t_sdpa:.2f}")
+
+
+if __name__ == "__main__":
+    main()
