@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from . import cpu_kernels
-from .forward_batch import AttentionMetadata, ForwardBatch, KVCache, PrefillChunk
+from .forward_batch import AttentionMetadata, ForwardBatch, KVCache, PackedSequences, PrefillChunk
 
 
 def write_kv(cache: KVCache, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor) -> None:
@@ -17,10 +17,13 @@ def write_kv(cache: KVCache, k: torch.Tensor, v: torch.Tensor, slot_mapping: tor
     cache.v.index_copy_(0, slot_mapping, v.to(cache.v.dtype))
 
 
-def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: KVCache, slot_mapping: torch.Tensor,
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: KVCache | None, slot_mapping: torch.Tensor,
            attn: AttentionMetadata, scale: float) -> torch.Tensor:
     """write_kv then paged_attention: q [num_tokens, heads, head_dim], this step's k, v [num_tokens,
-    kv_heads, head_dim] -> [num_tokens, heads, head_dim]. The CPU kernel path does both in one call."""
+    kv_heads, head_dim] -> [num_tokens, heads, head_dim]. The CPU kernel path does both in one call.
+    Packed training sequences (attn.packed) attend to their own k, v only: no cache."""
+    if attn.packed is not None:
+        return packed_attention(q, k, v, attn.packed, attn.sliding_window, scale)
     if attn.kernel_lens is not None and not attn.prefills:
         return _kernel_attention(q, cache, attn, scale, k, v, slot_mapping)
     write_kv(cache, k, v, slot_mapping)
@@ -59,6 +62,79 @@ def paged_attention(q: torch.Tensor, cache: KVCache, attn: AttentionMetadata, sc
                                            scale=scale, enable_gqa=gqa)
         out[rows] = o[0].transpose(0, 1)  # [query_len, num_heads, head_dim]
     return out
+
+
+def packed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, packed: PackedSequences,
+                     window: int | None, scale: float) -> torch.Tensor:
+    """Causal self-attention of whole sequences packed in rows (training; differentiable): q [N, H, D],
+    k, v [N, KVH, D] -> [N, H, D]. On CPU with the kernels: the paged kernel forward over k/v in place and
+    the kernel backward (`_PackedAttentionKernel`); else the reference, SDPA per sequence."""
+    if packed.kernel_slots is not None and cpu_kernels.loaded() and q.dtype == k.dtype == v.dtype:
+        return _PackedAttentionKernel.apply(q, k, v, packed, window, scale)
+    return packed_attention_reference(q, k, v, packed, window, scale)
+
+
+def packed_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, packed: PackedSequences,
+                               window: int | None, scale: float) -> torch.Tensor:
+    out = []
+    gqa = q.shape[1] != k.shape[1]
+    for start, end in zip(packed.seq_starts[:-1], packed.seq_starts[1:]):
+        n = end - start
+        if n == 0:
+            continue
+        qs, ks, vs = (t[start:end].transpose(0, 1).unsqueeze(0) for t in (q, k, v))  # [1, heads, n, head_dim]
+        mask = None
+        if window is not None and window < n:
+            pos = torch.arange(n, device=q.device)
+            mask = (pos.unsqueeze(0) <= pos.unsqueeze(1)) & (pos.unsqueeze(0) > pos.unsqueeze(1) - window)
+        o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, is_causal=mask is None, scale=scale,
+                                           enable_gqa=gqa)
+        out.append(o[0].transpose(0, 1))  # [n, heads, head_dim]
+    return torch.cat(out)
+
+
+class _PackedAttentionKernel(torch.autograd.Function):
+    """Forward: the paged kernel with k/v as the cache (no softmax saved); backward: the CPU kernel that
+    recomputes each row's softmax (engine/csrc/cpu_attention_backward.cpp)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, packed: PackedSequences, window: int | None, scale: float):
+        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+        out = cpu_kernels.paged_attention(q, k, v, packed.kernel_slots, packed.kernel_rows, packed.kernel_lens,
+                                          window, scale)
+        ctx.save_for_backward(q, k, v)
+        ctx.packed, ctx.window, ctx.scale = packed, window, scale
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        q, k, v = ctx.saved_tensors
+        dq, dk, dv = cpu_kernels.packed_attention_backward(q, k, v, grad.to(q.dtype), ctx.packed.cu_seqlens,
+                                                           ctx.window, ctx.scale)
+        return dq, dk, dv, None, None, None
+
+
+def build_packed_batch(input_ids: Sequence[int], seq_lens: Sequence[int], device: torch.device | str = "cpu",
+                       sliding_window: int | None = None, cpu_kernel: bool = False) -> ForwardBatch:
+    """A ForwardBatch of whole sequences packed one after another (training): positions from 0 in each,
+    attention within each sequence only (attn.packed), no KV cache. cpu_kernel: fill the kernel fields."""
+    if not seq_lens or any(n < 1 for n in seq_lens) or sum(seq_lens) != len(input_ids):
+        raise ValueError("seq_lens must be positive and add up to the number of input ids")
+    lens = torch.tensor(seq_lens, dtype=torch.int64)
+    starts = torch.cumsum(lens, 0) - lens
+    req = torch.repeat_interleave(torch.arange(len(seq_lens)), lens)
+    positions = torch.arange(len(input_ids)) - starts[req]
+    packed = PackedSequences(seq_starts=[0, *torch.cumsum(lens, 0).tolist()],
+                             cu_seqlens=torch.cat([torch.zeros(1, dtype=torch.int64), torch.cumsum(lens, 0)]))
+    if cpu_kernel:
+        cols = torch.arange(int(lens.max()))
+        packed.kernel_slots = torch.where(cols < lens.unsqueeze(1), starts.unsqueeze(1) + cols, 0).to(device)
+        packed.kernel_rows = req.to(device)
+        packed.kernel_lens = (positions + 1).to(device)
+    rows = torch.arange(len(input_ids))
+    return ForwardBatch(input_ids=torch.tensor(input_ids, dtype=torch.int64).to(device), positions=positions.to(device),
+                        slot_mapping=rows.to(device), attn=AttentionMetadata(sliding_window=sliding_window, packed=packed),
+                        logits_indices=(starts + lens - 1).to(device))
 
 
 def _decode_attention(q: torch.Tensor, cache: KVCache, attn: AttentionMetadata, scale: float) -> torch.Tensor:

@@ -27,7 +27,8 @@ from .default_model import cache_dir
 
 logger = logging.getLogger(__name__)
 
-SOURCES = [Path(__file__).parent / "csrc" / name for name in ("cpu_attention.cpp", "cpu_ops.cpp", "cpu_lora.cpp")]
+SOURCES = [Path(__file__).parent / "csrc" / name for name in ("cpu_attention.cpp", "cpu_attention_backward.cpp",
+                                                                      "cpu_ops.cpp", "cpu_lora.cpp")]
 HEADERS = [Path(__file__).parent / "csrc" / "cpu_vec.h"]
 _lock = threading.Lock()
 _state: dict[str, object] = {}  # "ok": bool once tried, "error": str when the build failed
@@ -156,6 +157,14 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     [T, KVH, D] and slot_mapping [T], those rows are written into the caches first (write_kv)."""
     return torch.ops.loraplex_cpu.paged_attention(q, k_cache, v_cache, slot_table, row_index, row_len,
                                                   window or 0, scale, k_new, v_new, slot_mapping)
+
+
+def packed_attention_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grad_out: torch.Tensor,
+                              cu_seqlens: torch.Tensor, window: int | None, scale: float
+                              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients (dq, dk, dv) of causal self-attention over packed sequences (rows [cu_seqlens[b],
+    cu_seqlens[b+1]) each, from position 0; q, grad_out [N, H, D], k, v [N, KVH, D], one dtype)."""
+    return torch.ops.loraplex_cpu.packed_attention_backward(q, k, v, grad_out, cu_seqlens, window or 0, scale)
 
 
 def paged_attention_reference(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,

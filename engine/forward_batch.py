@@ -20,6 +20,18 @@ class PrefillChunk:
 
 
 @dataclass(slots=True)
+class PackedSequences:
+    """Training layout: every sequence lies whole in this step's rows, from position 0, and attends only to its
+    own earlier rows; no KV cache is read or written (engine/attention.py:packed_attention)."""
+    seq_starts: list[int]  # [B + 1]: sequence b owns rows [seq_starts[b], seq_starts[b + 1])
+    cu_seqlens: torch.Tensor  # the same as int64 on the CPU (the backward kernel's argument)
+    # CPU kernel forward (set when the kernels serve this batch): the paged kernel reads k/v as its "cache"
+    kernel_slots: torch.Tensor | None = None  # [B, max_len] int64: row of each position of sequence b
+    kernel_rows: torch.Tensor | None = None  # [N] int64: each row's sequence
+    kernel_lens: torch.Tensor | None = None  # [N] int64: position + 1
+
+
+@dataclass(slots=True)
 class AttentionMetadata:
     num_decode_tokens: int = 0
     decode_kv_slots: torch.Tensor | None = None  # [num_decodes, max_kv_len] int64, padding -> 0
@@ -36,6 +48,7 @@ class AttentionMetadata:
     kernel_slots: torch.Tensor | None = None  # [num_requests, max_kv_len] int64
     kernel_rows: torch.Tensor | None = None  # [num_tokens] int64: each token's request
     kernel_lens: torch.Tensor | None = None  # [num_tokens] int64: kv tokens it sees (position + 1), or 0
+    packed: PackedSequences | None = None  # training: self-contained sequences, no KV cache (every other field unset)
 
 
 @dataclass(slots=True)

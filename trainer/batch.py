@@ -1,9 +1,9 @@
 """One training step's flattened batch: every job's micro-batch stacked (rows of a job contiguous), each
 packed example its own causal sequence, and the per-job token-level loss.
 
-The forward runs through the engine's own model and attention code: each example is a "prefill" from
-position 0 over a scratch KV cache that exists only for this step (the served KV cache is never touched),
-so no second copy of the model or of its attention exists for training.
+The forward runs through the engine's own model and attention code: each example is a whole sequence from
+position 0 that attends only to its own rows (engine/attention.py:packed_attention: no KV cache at all, the
+served one is never touched), so no second copy of the model or of its attention exists for training.
 """
 from __future__ import annotations
 
@@ -12,8 +12,9 @@ from dataclasses import dataclass
 
 import torch
 
-from loraplex.engine.attention import allocate_kv_caches, build_forward_batch
-from loraplex.engine.forward_batch import ForwardBatch, KVCache
+from loraplex.engine import cpu_kernels
+from loraplex.engine.attention import build_packed_batch
+from loraplex.engine.forward_batch import ForwardBatch
 
 from .data import PackedSequence
 
@@ -38,7 +39,7 @@ def num_targets(seqs: Sequence[PackedSequence]) -> int:
 @dataclass(slots=True)
 class TrainingBatch:
     batch: ForwardBatch
-    kv_caches: list[KVCache]  # scratch, one per layer, exactly num_tokens slots
+    kv_caches: list[None]  # one per layer, for model(batch, kv_caches): packed attention reads no cache
     segments: list[tuple[int, int]]  # per job: its rows [start, end)
     sequence_rows: list[list[tuple[int, int]]]  # per job: the rows [start, end) of each of its sequences
     target_rows: torch.Tensor  # [num_targets] rows whose next token is trained
@@ -54,7 +55,6 @@ def build_training_batch(per_job: Sequence[Sequence[PackedSequence]], model_conf
                          device: torch.device) -> TrainingBatch:
     input_ids: list[int] = []
     query_lens: list[int] = []
-    tables: list[range] = []
     segments: list[tuple[int, int]] = []
     sequence_rows: list[list[tuple[int, int]]] = []
     rows: list[int] = []
@@ -76,15 +76,13 @@ def build_training_batch(per_job: Sequence[Sequence[PackedSequence]], model_conf
                         target_job.append(j)
                 input_ids += ids
                 query_lens.append(len(ids))
-                tables.append(range(base, base + len(ids)))  # block_size 1: slot = row
             sequence_rows[j].append((seq_start, len(input_ids)))
         segments.append((start, len(input_ids)))
     if not query_lens:
         raise ValueError("the training batch has no sequence with a token to predict")
-    batch = build_forward_batch(input_ids, query_lens, [0] * len(query_lens), tables, block_size=1, device=device,
-                                logits_indices=[0], sliding_window=model_config.sliding_window)
-    kv = allocate_kv_caches(model_config.num_hidden_layers, len(input_ids), model_config.num_key_value_heads,
-                            model_config.head_dim, dtype, device)
+    kernel = device.type == "cpu" and dtype in (torch.float32, torch.bfloat16) and cpu_kernels.available()
+    batch = build_packed_batch(input_ids, query_lens, device, model_config.sliding_window, cpu_kernel=kernel)
+    kv = [None] * model_config.num_hidden_layers
     as_tensor = lambda v: torch.tensor(v, dtype=torch.int64, device=device)  # noqa: E731
     return TrainingBatch(batch, kv, segments, sequence_rows, as_tensor(rows), as_tensor(targets), as_tensor(target_job))
 

@@ -114,7 +114,7 @@ class LlamaAttention(nn.Module):
         self.v_proj = nn.Linear(h, self.num_kv_heads * self.head_dim, bias=bias)
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, h, bias=o_proj_bias)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv_cache: KVCache,
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv_cache: KVCache | None,
                 slot_mapping: torch.Tensor, attn: AttentionMetadata) -> torch.Tensor:
         n = x.shape[0]
         q = self.q_proj(x).view(n, self.num_heads, self.head_dim)  # [num_tokens, heads, head_dim]
@@ -145,7 +145,7 @@ class LlamaDecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv_cache: KVCache,
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv_cache: KVCache | None,
                 batch: ForwardBatch) -> torch.Tensor:
         a = self.self_attn(self.input_layernorm(x), cos, sin, kv_cache, batch.slot_mapping, batch.attn)
         norm = self.post_attention_layernorm
@@ -161,7 +161,7 @@ class LlamaModel(nn.Module):
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.rotary_emb = RotaryEmbedding(config)
 
-    def forward(self, batch: ForwardBatch, kv_caches: list[KVCache]) -> torch.Tensor:
+    def forward(self, batch: ForwardBatch, kv_caches: list[KVCache | None]) -> torch.Tensor:
         x = self.embed_tokens(batch.input_ids)  # [num_tokens, hidden]
         cos, sin = self.rotary_emb(batch.positions, x.dtype)  # once per step, shared by all layers
         for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
@@ -189,7 +189,7 @@ class LlamaForCausalLM(nn.Module):
     def map_checkpoint_name(name: str) -> str | None:
         return map_checkpoint_name(name)
 
-    def forward(self, batch: ForwardBatch, kv_caches: list[KVCache]) -> torch.Tensor:
+    def forward(self, batch: ForwardBatch, kv_caches: list[KVCache | None]) -> torch.Tensor:
         """-> final hidden states [num_tokens, hidden]; select rows before compute_logits."""
         return self.model(batch, kv_caches)
 

@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from loraplex.engine import cpu_kernels
-from loraplex.engine.attention import allocate_kv_caches, build_forward_batch, paged_attention, write_kv
+from loraplex.engine.attention import allocate_kv_caches, attend, build_forward_batch, build_packed_batch, \
+    paged_attention, write_kv
 
 
 def naive_attention(q, k_seq, v_seq, position, scale, sliding_window=None):
@@ -104,3 +105,31 @@ def test_build_forward_batch_layout():
 def test_build_forward_batch_rejects_short_block_table():
     with pytest.raises(ValueError):
         build_forward_batch([1, 2, 3], [3], [2], [[0]], 4)
+
+
+@pytest.mark.parametrize("cpu_kernel", [False, True], ids=["torch", "cpu-kernel"])
+@pytest.mark.parametrize("sliding_window", [None, 3])
+def test_packed_batch_attends_within_each_sequence(cpu_kernel, sliding_window):
+    """Training layout: positions restart at 0 in every sequence, each row sees only its own sequence's earlier
+    rows (dense float64 reference), and no KV cache is involved."""
+    if cpu_kernel and not cpu_kernels.available():
+        pytest.skip("CPU kernels not built (no C++ compiler)")
+    torch.manual_seed(0)
+    lens = [5, 1, 9]
+    batch = build_packed_batch(list(range(15)), lens, "cpu", sliding_window, cpu_kernel=cpu_kernel)
+    assert batch.positions.tolist() == [0, 1, 2, 3, 4, 0, 0, 1, 2, 3, 4, 5, 6, 7, 8]
+    assert batch.attn.packed.seq_starts == [0, 5, 6, 15] and batch.logits_indices.tolist() == [4, 5, 14]
+    assert (batch.attn.packed.kernel_slots is not None) == cpu_kernel
+    q, k, v = torch.randn(15, 4, 16), torch.randn(15, 2, 16), torch.randn(15, 2, 16)
+    out = attend(q, k, v, None, batch.slot_mapping, batch.attn, 0.25)
+    for start, n in ((0, 5), (5, 1), (6, 9)):
+        for i in range(n):
+            want = naive_attention(q[start + i], k[start:start + n], v[start:start + n], i, 0.25, sliding_window)
+            torch.testing.assert_close(out[start + i].double(), want, atol=1e-5, rtol=1e-5)
+
+
+def test_packed_batch_rejects_bad_lengths():
+    with pytest.raises(ValueError, match="add up"):
+        build_packed_batch([1, 2, 3], [2, 2])
+    with pytest.raises(ValueError, match="positive"):
+        build_packed_batch([1, 2], [2, 0])
