@@ -1,6 +1,6 @@
 """Training throughput of batched LoRA jobs, and serving while a job trains (issue 5's performance section).
 
-    python benchmarks/bench_train.py [--model DIR] [--dtype float32] [--jobs 4] [--examples 32] [--epochs 1]
+    python benchmarks/bench_train.py [--model DIR] [--dtype auto] [--jobs 4] [--examples 32] [--epochs 1]
         [--batch-size 4] [--rank 8] [--skip-peft] [--skip-serving] [--rounds 1]
         [--serve-requests 64] [--serve-tokens 64] [--train-share 0.25]
 
@@ -220,7 +220,8 @@ def print_training(runs: dict, peft_s: float | None, num_tokens: int, num_traine
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=None, help="HF-layout folder (default: the default model)")
-    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    ap.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
+                    help="auto: what the server picks (the checkpoint's, bf16 on CPUs that support it)")
     ap.add_argument("--jobs", type=int, default=4)
     ap.add_argument("--examples", type=int, default=32, help="examples per job")
     ap.add_argument("--epochs", type=int, default=1)
@@ -238,7 +239,9 @@ def main() -> None:
     from loraplex.trainer.data import load_dataset
     from loraplex.engine.default_model import model_dir_or_default
     model_dir = model_dir_or_default(args.model)
-    dtype = getattr(torch, args.dtype)
+    from loraplex.engine.llm_engine import _read_model_config, resolve_dtype
+    dtype = resolve_dtype(args.dtype, _read_model_config(str(model_dir)), torch.device("cpu"))
+    args.dtype = str(dtype).removeprefix("torch.")
     tokenizer = load_tokenizer(model_dir)
     datasets, num_tokens, num_trained = [], 0, 0
     for job in range(args.jobs):

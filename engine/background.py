@@ -32,9 +32,11 @@ BackgroundFactory = Callable[[Any, Any], BackgroundWork]  # (LLMEngine, EngineAr
 class SharePolicy:
     """While requests are running or waiting, background work may take at most `share` of the loop's busy
     time (measured over an exponentially decaying window of `window_s`); with no requests, all of it, and
-    that idle time is not held against it (the caller records only background time spent under load)."""
+    that idle time is not held against it (the caller records only background time spent under load).
+    The window is short (3 s) so that the share holds within seconds of a burst of requests: with 10 s, the
+    serving history from before a quiet spell let training take ~30% of the next 15 s of load."""
 
-    def __init__(self, share: float, window_s: float = 10.0, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, share: float, window_s: float = 3.0, clock: Callable[[], float] = time.monotonic) -> None:
         if not 0.0 <= share <= 1.0:
             raise ValueError(f"--train-share must be in [0, 1]; got {share}")
         self.share, self.window_s, self.clock = share, window_s, clock

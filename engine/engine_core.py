@@ -40,6 +40,14 @@ class StepLog:
         self._start = time.monotonic()
         self.num_steps = self.num_generated = 0
         self.busy_s = 0.0
+        self.background_s, self.background_max_s, self.num_background = 0.0, 0.0, 0
+
+    def record_background(self, slice_s: float, policy_fraction: float) -> None:
+        """One slice of background work (training), shown on the next line."""
+        self.policy_fraction = policy_fraction
+        self.num_background += 1
+        self.background_s += slice_s
+        self.background_max_s = max(self.background_max_s, slice_s)
 
     def record(self, step_s: float, num_generated: int, stats: Callable[[], EngineStats]) -> None:
         """`stats` is only called when a line is due (it is not free with adapters: pool counters)."""
@@ -50,9 +58,12 @@ class StepLog:
         if elapsed < self.interval_s:
             return
         now = stats()
-        logger.info("generation %.1f tok/s, %d steps (mean %.1f ms), running %d, waiting %d, KV cache %.1f%%",
+        training = "" if not self.num_background else (
+            f", training {100 * self.background_s / elapsed:.0f}% of the time ({self.num_background} slices, "
+            f"max {1000 * self.background_max_s:.0f} ms, policy {100 * self.policy_fraction:.0f}%)")
+        logger.info("generation %.1f tok/s, %d steps (mean %.1f ms), running %d, waiting %d, KV cache %.1f%%%s",
                     self.num_generated / elapsed, self.num_steps, 1000 * self.busy_s / self.num_steps,
-                    now.num_running, now.num_waiting, 100 * now.kv_cache_usage)
+                    now.num_running, now.num_waiting, 100 * now.kv_cache_usage, training)
         self.__init__(self.interval_s)
 
 
@@ -137,7 +148,9 @@ class EngineLoop:
                 t0 = time.perf_counter()
                 self.engine.background.run_step()
                 if under_load:
-                    self.policy.record(background_s=time.perf_counter() - t0)
+                    slice_s = time.perf_counter() - t0
+                    self.policy.record(background_s=slice_s)
+                    self.step_log.record_background(slice_s, self.policy.background_fraction)
             if outputs:
                 emit(outputs, self.engine.stats())  # after aborts too, so free-block counts are current
             if poll is None and not self.engine.has_unfinished_requests() and not self._inbox \

@@ -41,6 +41,20 @@ def test_share_policy():
         SharePolicy(1.5)
 
 
+def test_step_log_shows_training_slices(caplog):
+    import logging
+    from loraplex.engine.engine_core import StepLog
+    from loraplex.engine.outputs import EngineStats
+    log = StepLog(interval_s=0.0)
+    log.record_background(0.05, policy_fraction=0.24)
+    log.record_background(0.12, policy_fraction=0.25)
+    with caplog.at_level(logging.INFO, logger="loraplex.engine.engine_core"):
+        log.record(0.04, 16, lambda: EngineStats(num_running=16, num_waiting=0, num_free_blocks=90, num_total_blocks=100))
+    line = caplog.records[-1].getMessage()
+    assert "running 16" in line and "2 slices, max 120 ms, policy 25%" in line, line
+    assert log.num_background == 0  # a fresh window after each line
+
+
 class FakeWork:
     def __init__(self, steps: int, step_s: float, under_load=lambda: False) -> None:
         self.left, self.step_s, self.calls, self.ran = steps, step_s, [], 0
