@@ -80,8 +80,6 @@ def packed_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     gqa = q.shape[1] != k.shape[1]
     for start, end in zip(packed.seq_starts[:-1], packed.seq_starts[1:]):
         n = end - start
-        if n == 0:
-            continue
         qs, ks, vs = (t[start:end].transpose(0, 1).unsqueeze(0) for t in (q, k, v))  # [1, heads, n, head_dim]
         mask = None
         if window is not None and window < n:

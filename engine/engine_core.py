@@ -41,6 +41,7 @@ class StepLog:
         self.num_steps = self.num_generated = 0
         self.busy_s = 0.0
         self.background_s, self.background_max_s, self.num_background = 0.0, 0.0, 0
+        self.policy_fraction = 0.0  # the share policy's view after the last slice
 
     def record_background(self, slice_s: float, policy_fraction: float) -> None:
         """One slice of background work (training), shown on the next line."""

@@ -124,10 +124,11 @@ class SegmentLoRA(torch.autograd.Function):
     """y[rows of segment i] += (keep_i * x[rows]) @ A_i^T * scale_i @ B_i^T, in place; other rows unchanged.
 
     One autograd node per module call for all of a step's jobs, with a hand-written backward of plain
-    matmuls. y (the base layer's fresh output, which nothing saved) takes the deltas in place through
-    addmm_, and y's gradient passes through unchanged: no delta tensor, zero fill or full-size add per module
-    (slicing rows out of y and concatenating them back cost ~15% of a step on CPU, the separate delta and
-    add another ~5%). A and B are cast to the compute dtype once per step and kept for the backward."""
+    matmuls. y (the base layer's fresh output, which no base op saves; autograd would refuse the backward if
+    one did) takes the deltas in place through addmm_, and y's gradient passes through unchanged: no delta
+    tensor, zero fill or full-size add per module (slicing rows out of y and concatenating them back cost
+    ~15% of a step on CPU, the separate delta and add another ~5%). A and B are cast to the compute dtype
+    once per call, and the backward reuses those casts."""
 
     @staticmethod
     def forward(ctx, y: torch.Tensor, x: torch.Tensor, plan: list, *params: torch.Tensor) -> torch.Tensor:

@@ -70,8 +70,9 @@ inline void axpy(float alpha, const float* x, float* y, int64_t d_runtime) {
   for (int64_t d = 0; d < D; ++d) y[d] += alpha * x[d];
 }
 
-// One (sequence, query head) task. kf, vf: the sequence's keys/values of this head's kv head, float32
-// [len, D]; dk, dv: float32 [len, D] accumulators (zeroed by the caller); p, dp: scratch [len].
+// One (sequence, query head) task, the plain loops (DF: head_dim known at compile time, or 0). kf, vf: the
+// sequence's keys/values of this head's kv head, float32 [len, D]; dk, dv: float32 [len, D] accumulators
+// (zeroed by the caller); p, dp: scratch [len].
 template <int64_t DF, typename T>
 void backward_task(const T* q, const T* dout, T* dq, int64_t row_stride, const float* kf, const float* vf,
                    float* dk, float* dv, float* qi, float* doi, float* dqi, float* p, float* dp, int64_t len,
@@ -254,8 +255,9 @@ void packed_backward_impl(const T* q, const T* k, const T* v, const T* dout, con
         for (int64_t j = 0; j < len; ++j) widen(v + ((s0 + j) * KVH + kvh) * D, vf.data() + j * D, D);
         p.resize(len);
         dp.resize(len);
-        backward_task<0>(q + off, dout + off, dq + off, H * D, kf.data(), vf.data(), dk.data(), dv.data(), qi.data(),
-                         doi.data(), dqi.data(), p.data(), dp.data(), len, D, window, scale);
+        auto task_fn = D == 64 ? &backward_task<64, T> : D == 128 ? &backward_task<128, T> : &backward_task<0, T>;
+        task_fn(q + off, dout + off, dq + off, H * D, kf.data(), vf.data(), dk.data(), dv.data(), qi.data(),
+                doi.data(), dqi.data(), p.data(), dp.data(), len, D, window, scale);
       }
       for (int64_t j = 0; j < len; ++j) {  // this head's partial dk/dv rows: [N, H, D]
         std::copy(dk.data() + j * D, dk.data() + (j + 1) * D, dk_heads + ((s0 + j) * H + h) * D);
