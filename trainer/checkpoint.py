@@ -15,6 +15,7 @@ from .job import TrainingJob
 
 ADAPTER_WEIGHTS, ADAPTER_CONFIG = "adapter_model.safetensors", "adapter_config.json"
 OPTIMIZER_TENSORS, TRAINER_STATE = "optimizer.safetensors", "trainer_state.json"
+BEST_WEIGHTS = "best_adapter_model.safetensors"  # early stopping's best adapter so far, when there is one
 
 
 def write_adapter(folder: Path, job: TrainingJob, base_model: str | None,
@@ -24,9 +25,10 @@ def write_adapter(folder: Path, job: TrainingJob, base_model: str | None,
     (folder / ADAPTER_CONFIG).write_text(json.dumps(job.spec.peft_config(base_model), indent=2))
 
 
-def save_checkpoint(folder: Path, job: TrainingJob, base_model: str | None, extra: dict | None = None) -> Path:
+def save_checkpoint(folder: Path, job: TrainingJob, base_model: str | None, extra: dict | None = None,
+                    best_weights: dict[str, torch.Tensor] | None = None) -> Path:
     """Write the checkpoint to a temporary sibling, fsync, then rename into place (a crash never leaves a
-    half-written checkpoint under the final name)."""
+    half-written checkpoint under the final name). `best_weights`: PEFT-named tensors kept beside it."""
     folder = Path(folder)
     tmp = folder.with_name(folder.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -35,6 +37,8 @@ def save_checkpoint(folder: Path, job: TrainingJob, base_model: str | None, extr
     tensors = {f"{idx}.{name}": value.detach().cpu().contiguous() for idx, state in opt["state"].items()
                for name, value in state.items() if isinstance(value, torch.Tensor)}
     save_file(tensors, str(tmp / OPTIMIZER_TENSORS))
+    if best_weights is not None:
+        save_file(best_weights, str(tmp / BEST_WEIGHTS))
     scheduler = {k: v for k, v in job.scheduler.state_dict().items() if k != "lr_lambdas"}
     state = {"job_id": job.job_id, "step": job.step, "micro_step": job.micro_step,
              "param_groups": opt["param_groups"], "scheduler": scheduler, "extra": extra or {}}
@@ -61,3 +65,8 @@ def load_checkpoint(folder: Path, job: TrainingJob) -> dict:
     job.scheduler.load_state_dict(state["scheduler"] | {"lr_lambdas": [None]})
     job.step, job.micro_step = int(state["step"]), int(state["micro_step"])
     return state.get("extra", {})
+
+
+def load_best_weights(folder: Path) -> dict[str, torch.Tensor] | None:
+    path = Path(folder) / BEST_WEIGHTS
+    return load_file(str(path)) if path.exists() else None

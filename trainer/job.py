@@ -114,3 +114,29 @@ class TrainingJob:
         self.step += 1
         self.last_train_loss = self._loss_sum / self._norm
         return True
+
+
+@dataclass(slots=True)
+class EarlyStopping:
+    """Validation-loss bookkeeping for one job: the best loss and its step, and, when early stopping is on
+    (patience > 0), a copy of the adapter at that step, which is what gets published if the job stops early
+    (the weights after `patience` evaluations without improvement are worse by definition)."""
+    patience: int = 0
+    best_loss: float = math.inf
+    best_step: int = 0
+    best_weights: dict[str, torch.Tensor] | None = None  # PEFT-named fp32 CPU copies
+    evals_without_improvement: int = 0
+
+    def update(self, loss: float, job: TrainingJob) -> bool:
+        """One evaluation of `job`'s adapter; -> whether the job should stop now."""
+        if loss < self.best_loss:
+            self.best_loss, self.best_step, self.evals_without_improvement = loss, job.step, 0
+            if self.patience:
+                self.best_weights = job.lora.peft_state_dict()
+            return False
+        self.evals_without_improvement += 1
+        return bool(self.patience) and self.evals_without_improvement >= self.patience
+
+    @property
+    def best_loss_or_none(self) -> float | None:
+        return self.best_loss if math.isfinite(self.best_loss) else None

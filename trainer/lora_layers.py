@@ -78,13 +78,14 @@ class JobLoRA(nn.Module):
         return (self.a[k], self.b[k]) if k in self.a else None
 
     def peft_state_dict(self) -> dict[str, torch.Tensor]:
-        """Tensors under PEFT's names (adapter_model.safetensors), detached fp32 copies on the CPU."""
+        """Tensors under PEFT's names (adapter_model.safetensors): fp32 copies on the CPU that later training
+        steps leave alone (a snapshot of the best weights relies on that)."""
         out = {}
         for k, a in self.a.items():
             layer, module = k.split("_", 1)
             names = dict(layer=int(layer[1:]), parent=LORA_MODULES[module], module=module)
-            out[PEFT_KEY.format(ab="A", **names)] = a.detach().float().cpu().contiguous()
-            out[PEFT_KEY.format(ab="B", **names)] = self.b[k].detach().float().cpu().contiguous()
+            out[PEFT_KEY.format(ab="A", **names)] = a.detach().to("cpu", torch.float32, copy=True)
+            out[PEFT_KEY.format(ab="B", **names)] = self.b[k].detach().to("cpu", torch.float32, copy=True)
         return out
 
     def load_peft_state_dict(self, tensors: dict[str, torch.Tensor]) -> None:

@@ -15,14 +15,14 @@ writes a PEFT folder (loadable by peft and vLLM unchanged, and by `loraplex serv
         max_length: 1024
         packing: false
         eval_every: 0           # optimizer steps between validation runs; 0 = at every epoch's end
-        early_stopping_patience: 0   # evaluations without improvement before stopping; 0 = off
+        early_stopping_patience: 0   # evaluations without improvement before stopping (the adapter of the
+                                     # best validation loss is written); 0 = off: the last one
         lora: {r: 8, alpha: 16, dropout: 0.0, target_modules: [q_proj, v_proj], use_rslora: false}
         hyperparameters: {n_epochs: 3, batch_size: 8, micro_batch_size: 4, learning_rate: 2.0e-4}
 """
 from __future__ import annotations
 
 import logging
-import math
 import re
 import shutil
 import time
@@ -34,7 +34,7 @@ import torch
 
 from .checkpoint import write_adapter
 from .data import load_dataset, split_validation
-from .job import Hyperparams, TrainingJob
+from .job import EarlyStopping, Hyperparams, TrainingJob
 from .lora_layers import LoRASpec
 from .multi_job import MultiJobTrainer
 
@@ -51,10 +51,7 @@ class JobPlan:
     job: TrainingJob
     valid: list
     eval_every: int
-    patience: int
-    best_loss: float = math.inf
-    best_state: dict | None = None
-    evals_without_improvement: int = 0
+    early: EarlyStopping
     stopped_early: bool = False
     steps_done: int = 0
 
@@ -132,7 +129,7 @@ def run_config(config: dict[str, Any], base_dir: Path = Path("."), progress: boo
         spec = _dataclass_from(LoRASpec, jc.get("lora"), f"job {jc['name']} lora")
         job = TrainingJob(jc["name"], spec, hp, train, model_config, device)
         plans[job.job_id] = JobPlan(job, valid, int(jc.get("eval_every", 0)) or job.steps_per_epoch,
-                                    int(jc.get("early_stopping_patience", 0)))
+                                    EarlyStopping(int(jc.get("early_stopping_patience", 0))))
         trainer.add_job(job)
         logger.info("job %s: %d training / %d validation sequences (%s, %d trained tokens, %d dropped), "
                     "%d optimizer steps", job.job_id, len(train), len(valid), stats.format,
@@ -157,10 +154,11 @@ def run_config(config: dict[str, Any], base_dir: Path = Path("."), progress: boo
 
     summary = {}
     for name, plan in plans.items():
-        folder = write_peft_folder(out_dir / name, plan.job, str(model_path), plan.best_state)
+        best = plan.early.best_weights  # with early stopping on: the adapter of the best validation loss
+        folder = write_peft_folder(out_dir / name, plan.job, str(model_path), best)
         summary[name] = {"path": str(folder), "steps": plan.steps_done or plan.job.step, "train_loss": plan.job.last_train_loss,
-                         "valid_loss": None if math.isinf(plan.best_loss) else plan.best_loss,
-                         "stopped_early": plan.stopped_early}
+                         "valid_loss": plan.early.best_loss_or_none, "stopped_early": plan.stopped_early,
+                         "published_step": plan.early.best_step if best is not None else plan.steps_done or plan.job.step}
         logger.info("job %s: %s", name, summary[name])
     logger.info("trained %d jobs in %.1f s (%.0f trained tokens/s)", len(plans), elapsed, tokens / max(elapsed, 1e-9))
     return summary
@@ -170,17 +168,11 @@ def _evaluate(trainer: MultiJobTrainer, plan: JobPlan) -> None:
     loss = trainer.evaluate([(plan.job, plan.valid)])[0]
     logger.info("job %s step %d: train_loss %.4f valid_loss %.4f", plan.job.job_id, plan.job.step,
                 plan.job.last_train_loss, loss)
-    if loss < plan.best_loss:
-        plan.best_loss, plan.evals_without_improvement = loss, 0
-        if plan.patience:
-            plan.best_state = plan.job.lora.peft_state_dict()
-    else:
-        plan.evals_without_improvement += 1
-        if plan.patience and plan.evals_without_improvement >= plan.patience:
-            plan.stopped_early, plan.steps_done = True, plan.job.step
-            plan.job.step = plan.job.total_steps  # finished: it leaves the batch
-            logger.info("job %s: early stop at step %d (best valid_loss %.4f)", plan.job.job_id, plan.job.step,
-                        plan.best_loss)
+    if plan.early.update(loss, plan.job):
+        plan.stopped_early, plan.steps_done = True, plan.job.step
+        plan.job.step = plan.job.total_steps  # finished: it leaves the batch
+        logger.info("job %s: early stop at step %d; the adapter of step %d (best valid_loss %.4f) is written",
+                    plan.job.job_id, plan.steps_done, plan.early.best_step, plan.early.best_loss)
 
 
 def _progress_bars(plans: dict[str, JobPlan]) -> dict:

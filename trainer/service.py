@@ -18,9 +18,9 @@ from pathlib import Path
 from typing import Any
 
 
-from .checkpoint import load_checkpoint, save_checkpoint, write_adapter
+from .checkpoint import load_best_weights, load_checkpoint, save_checkpoint, write_adapter
 from .data import DataError, load_dataset, split_validation
-from .job import Hyperparams, TrainingJob
+from .job import EarlyStopping, Hyperparams, TrainingJob
 from .job_store import BASE_LEARNING_RATE, JobRecord, JobStore
 from .lora_layers import LoRASpec
 from .multi_job import MultiJobTrainer
@@ -37,9 +37,7 @@ class RunningJob:
     valid: list
     eval_every: int
     checkpoint_every: int
-    patience: int
-    best_loss: float = math.inf
-    evals_without_improvement: int = 0
+    early: EarlyStopping
     started_s: float = 0.0
 
 
@@ -100,7 +98,9 @@ class TrainingRuntime:
         if checkpoint is not None:
             extra = load_checkpoint(Path(checkpoint["path"]), running.job)
             best = extra.get("best_loss")
-            running.best_loss = math.inf if best is None else float(best)
+            running.early.best_loss = math.inf if best is None else float(best)
+            running.early.best_step = int(extra.get("best_step", 0))
+            running.early.best_weights = load_best_weights(Path(checkpoint["path"]))
             self.store.add_event(job_id, "info", f"Resumed from the checkpoint at step {running.job.step}")
         if record.status == "queued":
             self.store.set_status(job_id, "running")
@@ -175,7 +175,7 @@ class TrainingRuntime:
                 data["valid_loss"] = (yield from self.trainer.evaluate_slices([(job, running.valid)]))[0]
                 if self.running.get(job.job_id) is not running:
                     continue  # cancelled while it was being evaluated
-                stop_early = self._track_validation(running, data["valid_loss"])
+                stop_early = running.early.update(data["valid_loss"], job)
             self.store.add_event(job.job_id, "info", f"Step {job.step}/{job.total_steps}: training loss="
                                  f"{job.last_train_loss:.4f}" + (f", validation loss={data['valid_loss']:.4f}"
                                                                  if "valid_loss" in data else ""), data)
@@ -207,22 +207,17 @@ class TrainingRuntime:
         job = TrainingJob(record.id, spec, hp, train, self.model_config, self.device)
         return RunningJob(job, valid, eval_every=int(extras.get("eval_every", 0)) or job.steps_per_epoch,
                           checkpoint_every=int(extras.get("checkpoint_every", 0)) or job.steps_per_epoch,
-                          patience=int(extras.get("early_stopping_patience", 0)))
-
-    def _track_validation(self, running: RunningJob, loss: float) -> bool:
-        if loss < running.best_loss:
-            running.best_loss, running.evals_without_improvement = loss, 0
-            return False
-        running.evals_without_improvement += 1
-        return bool(running.patience) and running.evals_without_improvement >= running.patience
+                          early=EarlyStopping(int(extras.get("early_stopping_patience", 0))))
 
     def _job_dir(self, job_id: str) -> Path:
         return self.store.root / "checkpoints" / job_id
 
     def _checkpoint(self, running: RunningJob, metrics: dict) -> None:
         job = running.job
+        early = running.early
         folder = save_checkpoint(self._job_dir(job.job_id) / f"step-{job.step}", job, self.base_model,
-                                 extra={"best_loss": running.best_loss if math.isfinite(running.best_loss) else None})
+                                 extra={"best_loss": early.best_loss_or_none, "best_step": early.best_step},
+                                 best_weights=early.best_weights)
         self.store.add_checkpoint(job.job_id, job.step, str(folder),
                                   {k: v for k, v in metrics.items() if k in ("step", "train_loss", "valid_loss")})
 
@@ -231,10 +226,14 @@ class TrainingRuntime:
         self.running.pop(job.job_id, None)
         self.trainer.remove_job(job.job_id)
         folder = self._job_dir(job.job_id) / "final"
-        write_adapter(folder, job, self.base_model)
+        best = running.early.best_weights  # with early stopping on: the adapter of the best validation loss
+        write_adapter(folder, job, self.base_model, best)
         if early:
             self.store.add_event(job.job_id, "info", f"Early stopping at step {job.step}: validation loss has not "
-                                 f"improved for {running.patience} evaluations")
+                                 f"improved for {running.early.patience} evaluations")
+        if best is not None:
+            self.store.add_event(job.job_id, "info", f"The published adapter is the one of step "
+                                 f"{running.early.best_step} (validation loss {running.early.best_loss:.4f})")
         trained = sum(len(s.input_ids) for s in job.train) * job.hp.n_epochs
         self.store.set_output(job.job_id, str(folder), trained)
         logger.info("fine-tuning job %s finished: %d steps in %.1f s", job.job_id, job.step,

@@ -121,3 +121,37 @@ def test_a_restarted_engine_resumes_running_jobs_from_their_checkpoint(tiny_mode
     assert a.keys() == b.keys()
     for k in a:
         torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=1e-5)
+
+
+def test_early_stopping_publishes_the_adapter_of_the_best_validation_loss(tiny_model_dir, tmp_path):  # noqa: F811
+    """Validation losses 2.0, 1.0, 1.5, 1.6 with patience 2: the job stops at step 4 and publishes the weights
+    of step 2 (kept in memory and in each checkpoint, so a resumed job keeps them too), not its last ones."""
+    from safetensors.torch import load_file
+
+    from loraplex.trainer.checkpoint import load_best_weights
+    engine = make_engine(tiny_model_dir, tmp_path / "ft")
+    store = JobStore(tmp_path / "ft")
+    job_id = submit(store, eval_every=1, early_stopping_patience=2)
+    losses, snapshots = iter([2.0, 1.0, 1.5, 1.6]), {}
+
+    def scripted(jobs_and_data):  # evaluate_slices with set losses; records the weights each one saw
+        ((job, _),) = jobs_and_data
+        snapshots[job.step] = job.lora.peft_state_dict()
+        return [next(losses)]
+        yield  # a generator, as evaluate_slices is
+
+    engine.background.trainer.evaluate_slices = scripted
+    engine.call("train_submit", (job_id,))
+    while engine.background.has_work():
+        engine.background.run_step()
+    assert sorted(snapshots) == [1, 2, 3, 4]
+    messages = [e["message"] for e in store.list_events(job_id, limit=100)[0]]
+    assert any(m.startswith("Early stopping at step 4") for m in messages)
+    assert any("the one of step 2 (validation loss 1.0000)" in m for m in messages)
+    published = load_file(f"{store.get_job(job_id).output_path}/adapter_model.safetensors")
+    assert published.keys() == snapshots[2].keys()
+    assert all(torch.equal(published[k], snapshots[2][k]) for k in published)
+    assert any(not torch.equal(published[k], snapshots[4][k]) for k in published)  # the last weights differ
+    kept = load_best_weights(store.latest_checkpoint(job_id)["path"])  # step 3's checkpoint keeps step 2's
+    assert store.latest_checkpoint(job_id)["step_number"] == 3
+    assert all(torch.equal(kept[k], snapshots[2][k]) for k in kept)
