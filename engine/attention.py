@@ -78,7 +78,8 @@ def packed_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
                                window: int | None, scale: float) -> torch.Tensor:
     out = []
     gqa = q.shape[1] != k.shape[1]
-    for start, end in zip(packed.seq_starts[:-1], packed.seq_starts[1:]):
+    starts = packed.cu_seqlens.tolist()
+    for start, end in zip(starts[:-1], starts[1:]):
         n = end - start
         qs, ks, vs = (t[start:end].transpose(0, 1).unsqueeze(0) for t in (q, k, v))  # [1, heads, n, head_dim]
         mask = None
@@ -122,8 +123,7 @@ def build_packed_batch(input_ids: Sequence[int], seq_lens: Sequence[int], device
     starts = torch.cumsum(lens, 0) - lens
     req = torch.repeat_interleave(torch.arange(len(seq_lens)), lens)
     positions = torch.arange(len(input_ids)) - starts[req]
-    packed = PackedSequences(seq_starts=[0, *torch.cumsum(lens, 0).tolist()],
-                             cu_seqlens=torch.cat([torch.zeros(1, dtype=torch.int64), torch.cumsum(lens, 0)]))
+    packed = PackedSequences(cu_seqlens=torch.cat([torch.zeros(1, dtype=torch.int64), torch.cumsum(lens, 0)]))
     if cpu_kernel:
         cols = torch.arange(int(lens.max()))
         packed.kernel_slots = torch.where(cols < lens.unsqueeze(1), starts.unsqueeze(1) + cols, 0).to(device)

@@ -23,8 +23,7 @@ class PrefillChunk:
 class PackedSequences:
     """Training layout: every sequence lies whole in this step's rows, from position 0, and attends only to its
     own earlier rows; no KV cache is read or written (engine/attention.py:packed_attention)."""
-    seq_starts: list[int]  # [B + 1]: sequence b owns rows [seq_starts[b], seq_starts[b + 1])
-    cu_seqlens: torch.Tensor  # the same as int64 on the CPU (the backward kernel's argument)
+    cu_seqlens: torch.Tensor  # [B + 1] int64 on the CPU: sequence b owns rows [cu_seqlens[b], cu_seqlens[b + 1])
     # CPU kernel forward (set when the kernels serve this batch): the paged kernel reads k/v as its "cache"
     kernel_slots: torch.Tensor | None = None  # [B, max_len] int64: row of each position of sequence b
     kernel_rows: torch.Tensor | None = None  # [N] int64: each row's sequence

@@ -118,7 +118,7 @@ def test_packed_batch_attends_within_each_sequence(cpu_kernel, sliding_window):
     lens = [5, 1, 9]
     batch = build_packed_batch(list(range(15)), lens, "cpu", sliding_window, cpu_kernel=cpu_kernel)
     assert batch.positions.tolist() == [0, 1, 2, 3, 4, 0, 0, 1, 2, 3, 4, 5, 6, 7, 8]
-    assert batch.attn.packed.seq_starts == [0, 5, 6, 15] and batch.logits_indices.tolist() == [4, 5, 14]
+    assert batch.attn.packed.cu_seqlens.tolist() == [0, 5, 6, 15] and batch.logits_indices.tolist() == [4, 5, 14]
     assert (batch.attn.packed.kernel_slots is not None) == cpu_kernel
     q, k, v = torch.randn(15, 4, 16), torch.randn(15, 2, 16), torch.randn(15, 2, 16)
     out = attend(q, k, v, None, batch.slot_mapping, batch.attn, 0.25)
