@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from loraplex.adapters.errors import AdapterError, UnsupportedAdapterError
-from loraplex.engine.config import ModelConfig
+from loraplex.engine.core.config import ModelConfig
 
 CONFIG_NAME = "adapter_config.json"
 SAFETENSORS_NAME = "adapter_model.safetensors"
@@ -247,3 +247,14 @@ def _check_targets_exist(config: LoRAAdapterConfig, model_config: ModelConfig) -
                 return
     raise AdapterError(f"target_modules {config.target_modules!r} match no linear layer of the base model "
                        f"(targetable: {', '.join(LORA_MODULES)})", param="target_modules")
+
+
+def parse_lora_modules(items: list[str]) -> dict[str, str]:
+    """`--lora-modules NAME=PATH ...` -> {name: path}."""
+    modules = {}
+    for item in items:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise ValueError(f"--lora-modules takes NAME=PATH, got {item!r}")
+        modules[name] = path
+    return modules

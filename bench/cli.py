@@ -44,6 +44,7 @@ def add_workload_args(p: argparse.ArgumentParser, seed: bool = True) -> None:
 def add_bench_parser(sub) -> None:
     bench = sub.add_parser("bench", help="benchmark a server (`serve`) or the in-process engine (`offline`) "
                            "with a multi-adapter workload")
+    bench.set_defaults(run=run_bench)
     kinds = bench.add_subparsers(dest="bench_command", required=True)
     serve = kinds.add_parser("serve", help="load an OpenAI-compatible server (loraplex, vLLM, LoRAX, ...)")
     serve.add_argument("--base-url", required=True, help="e.g. http://127.0.0.1:8000")
@@ -53,8 +54,12 @@ def add_bench_parser(sub) -> None:
     serve.add_argument("--max-concurrency", type=int, default=None, help="cap on requests in flight")
     add_workload_args(serve)
     offline = kinds.add_parser("offline", help="the same workload against the in-process engine (no HTTP)")
-    from loraplex.serve.cli import add_serve_args
-    add_serve_args(offline)  # every engine option `loraplex serve` has
+    from loraplex.engine.engine_args import add_engine_args
+    lora = add_engine_args(offline)["lora"]  # every engine option `loraplex serve` has
+    offline.add_argument("--served-model-name", nargs="+", default=None, metavar="NAME",
+                         help="the base model's name in the workload (default: the model folder's name)")
+    offline.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    lora.add_argument("--lora-modules", nargs="+", default=[], metavar="NAME=PATH", help="PEFT folders to serve")
     offline.add_argument("--num-adapters", type=int, default=0,
                          help="also serve this many random adapters, named bench-a0.. (PEFT folders in a temp dir)")
     offline.add_argument("--adapter-rank", type=int, default=8)
@@ -116,9 +121,11 @@ def bench_serve(ns: argparse.Namespace) -> int:
 
 
 def bench_offline(ns: argparse.Namespace) -> int:
+    from loraplex.adapters.peft import parse_lora_modules
     from loraplex.adapters.runtime import create_lora_runtime
+    from loraplex.engine.default_model import default_served_model_name
+    from loraplex.engine.engine_args import engine_args_from
     from loraplex.engine.llm_engine import LLMEngine
-    from loraplex.serve.cli import default_served_model_name, engine_args_from, parse_lora_modules
 
     from .offline import register_adapters, run_offline, synthetic_adapters
     modules = parse_lora_modules(ns.lora_modules)

@@ -33,7 +33,7 @@ def register_adapters(engine, adapters: dict[str, str]) -> dict[str, tuple[int, 
 
 def run_offline(engine, workload: list[BenchRequest], adapter_keys: dict[str, tuple[int, int]], *,
                 ignore_eos: bool = True, progress: bool = True) -> tuple[list[RequestResult], float]:
-    from loraplex.engine.sampling_params import SamplingParams
+    from loraplex.engine.core.sampling_params import SamplingParams
     prompts = [tokenize(engine.tokenizer, r) for r in workload]
     pending = sorted(workload, key=lambda r: r.arrival_s)
     results = {r.index: RequestResult(r.index, r.model, r.arrival_s, prompt_tokens=len(p))

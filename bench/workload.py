@@ -1,7 +1,7 @@
 """The benchmark's workload: which requests, to which model (base or adapter), arriving when.
 
 The same seed gives the same workload everywhere (`loraplex bench serve`, `loraplex bench offline` and the
-transformers + peft baselines in benchmarks/), so their results compare request for request.
+transformers + peft baselines in scripts/bench/), so their results compare request for request.
 - Arrivals: a Poisson process at `request_rate` requests/s (exponential gaps), or all at t=0 (rate inf).
 - Adapter popularity: uniform, or a power law p(i) ~ (i + 1)^-alpha over the listed adapters (S-LoRA's
   skewed workloads); `base_fraction` of the requests go to the base model.

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import Any, Callable, Protocol
 
-from loraplex.engine.forward_batch import ForwardBatch
-from loraplex.engine.request import Request
+from loraplex.engine.core.request import Request
+from loraplex.engine.layers.forward_batch import ForwardBatch
 
 
 class AdapterHook(Protocol):

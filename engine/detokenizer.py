@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import functools
 
-from loraplex.engine.sampling_params import SamplingParams
+from loraplex.engine.core.sampling_params import SamplingParams
 
 # prompt tokens decoded as context before the first output token (SentencePiece leading spaces)
 INITIAL_CONTEXT_TOKENS = 5

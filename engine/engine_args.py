@@ -1,8 +1,13 @@
-"""EngineArgs: the user-facing engine knobs (vLLM spellings), turned into frozen configs."""
+"""EngineArgs: the user-facing engine knobs (vLLM spellings), turned into frozen configs, and the command-line
+flags that set them (`add_engine_args`, `engine_args_from`), shared by `loraplex serve` and `loraplex bench offline`."""
 from __future__ import annotations
 
+import argparse
 import re
 from dataclasses import dataclass
+from pathlib import Path
+
+from loraplex.engine.paths import default_fine_tuning_dir
 
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b?)\s*$", re.IGNORECASE)
 
@@ -81,3 +86,83 @@ class EngineArgs:
             raise ValueError("--max-train-jobs must be at least 1")
         if self.train_chunk_tokens < 1:
             raise ValueError("--train-chunk-tokens must be at least 1")
+
+
+def size_arg(text: str) -> int:
+    """argparse type for sizes ('2GiB', '512MiB', a byte count)."""
+    try:
+        return parse_size_bytes(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def add_engine_args(p: argparse.ArgumentParser) -> dict[str, argparse._ArgumentGroup]:
+    """The engine's flags on `p`. Returns the "lora" and "fine_tuning" argument groups, so a command adds its own
+    flags of those topics beside them in --help."""
+    p.add_argument("--model", default=None,
+                   help="Hugging Face-layout folder or .gguf file (default: SmolLM2-135M-Instruct)")
+    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--max-model-len", type=int, default=None)
+    p.add_argument("--max-num-seqs", type=int, default=64)
+    p.add_argument("--max-num-batched-tokens", type=int, default=None)
+    p.add_argument("--block-size", type=int, default=16)
+    p.add_argument("--quantization", "-q", default="none", choices=["none", "nf4", "int8", "gptq", "exl2"],
+                   help="base weights: nf4/int8 quantize at load (bitsandbytes); gptq/exl2 name the checkpoint's format")
+    p.add_argument("--kv-cache-memory-bytes", type=size_arg, default=1 << 30, metavar="SIZE",
+                   help="KV cache size, e.g. 2GiB or 512MiB (default: 1GiB)")
+    p.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--batch-invariant", action=argparse.BooleanOptionalAction, default=True,
+                   help="CPU: a request's greedy output is exactly the same alone or in any batch "
+                        "(--no-batch-invariant: ~10%% faster batch-1 decode)")
+    p.add_argument("--max-queue-len", type=int, default=256,
+                   help="waiting requests beyond this get 429 with Retry-After")
+    p.add_argument("--seed", type=int, default=0)
+    lora = p.add_argument_group("LoRA adapters")
+    lora.add_argument("--enable-lora", action=argparse.BooleanOptionalAction, default=True,
+                      help="serve LoRA adapters from a paged pool (default: on)")
+    lora.add_argument("--max-loras", type=int, default=32, help="distinct adapters in one batch")
+    lora.add_argument("--max-lora-rank", type=int, default=64)
+    lora.add_argument("--max-cpu-loras", type=int, default=None,
+                      help="adapters kept in the host-memory tier (default: sized from the pool)")
+    lora.add_argument("--lora-pool-pages", type=int, default=None,
+                      help="pool size in pages (one page = one rank-row of every target linear)")
+    lora.add_argument("--lora-pool-bytes", type=size_arg, default=256 << 20, metavar="SIZE",
+                      help="pool size when --lora-pool-pages is not given (default: 256MiB)")
+    ft = p.add_argument_group("fine-tuning (OpenAI's /v1/files and /v1/fine_tuning/jobs; needs LoRA)")
+    ft.add_argument("--fine-tuning-dir", default=None,
+                    help="the fine-tuning job store (SQLite + uploaded files + checkpoints; "
+                         "default: ~/.cache/loraplex/fine_tuning)")
+    ft.add_argument("--enable-training", action=argparse.BooleanOptionalAction, default=True,
+                    help="train fine-tuning jobs in this process beside live traffic (default: on with LoRA; on "
+                         "CPU the base linears then keep a dense copy of their weights for the backward pass)")
+    ft.add_argument("--train-share", type=float, default=0.25,
+                    help="largest share of the engine loop's time training takes while requests are running or "
+                         "waiting; all of it when idle (default: 0.25)")
+    ft.add_argument("--max-train-jobs", type=int, default=4, help="jobs batched into one training step (default: 4)")
+    ft.add_argument("--train-gradient-checkpointing", action="store_true",
+                    help="recompute activations in the backward pass (less memory, ~30%% more compute)")
+    ft.add_argument("--train-chunk-tokens", type=int, default=1024,
+                    help="a training step runs in slices (one decoder layer of a chunk of about this many tokens) "
+                         "with inference steps in between: smaller keeps decode latency lower (default: 1024)")
+    return {"lora": lora, "fine_tuning": ft}
+
+
+def fine_tuning_dir_from(ns: argparse.Namespace) -> Path:
+    """The one job store both processes open: --fine-tuning-dir, else the default."""
+    return Path(ns.fine_tuning_dir).expanduser() if ns.fine_tuning_dir else default_fine_tuning_dir()
+
+
+def engine_args_from(ns: argparse.Namespace) -> EngineArgs:
+    """EngineArgs from the flags `add_engine_args` defined (raises ValueError on a bad combination)."""
+    return EngineArgs(
+        model=ns.model, dtype=ns.dtype, device=ns.device, max_model_len=ns.max_model_len,
+        max_num_seqs=ns.max_num_seqs, max_num_batched_tokens=ns.max_num_batched_tokens,
+        block_size=ns.block_size, kv_cache_memory_bytes=ns.kv_cache_memory_bytes, quantization=ns.quantization,
+        enable_prefix_caching=ns.enable_prefix_caching, max_queue_len=ns.max_queue_len, seed=ns.seed,
+        batch_invariant=ns.batch_invariant, enable_lora=ns.enable_lora, max_loras=ns.max_loras, max_lora_rank=ns.max_lora_rank,
+        max_cpu_loras=ns.max_cpu_loras, lora_pool_pages=ns.lora_pool_pages, lora_pool_bytes=ns.lora_pool_bytes,
+        # the engine side's TrainingRuntime opens the same job store as the HTTP process's FineTuningService
+        enable_training=ns.enable_lora and ns.enable_training, fine_tuning_dir=str(fine_tuning_dir_from(ns)),
+        train_share=ns.train_share, max_train_jobs=ns.max_train_jobs,
+        train_gradient_checkpointing=ns.train_gradient_checkpointing, train_chunk_tokens=ns.train_chunk_tokens)

@@ -20,10 +20,10 @@ from collections.abc import Callable
 from typing import Any
 
 from loraplex.engine.background import SharePolicy
+from loraplex.engine.core.outputs import EngineStats, RequestOutput
+from loraplex.engine.core.sampling_params import SamplingParams
 from loraplex.engine.engine_args import EngineArgs
 from loraplex.engine.llm_engine import LLMEngine
-from loraplex.engine.outputs import EngineStats, RequestOutput
-from loraplex.engine.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
 

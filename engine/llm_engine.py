@@ -10,19 +10,18 @@ import torch
 
 from loraplex.engine.adapter_hook import AdapterHook, AdapterHookFactory
 from loraplex.engine.background import BackgroundFactory, BackgroundWork
-from loraplex.engine.config import CacheConfig, ModelConfig, SchedulerConfig
-from loraplex.engine.cpu_linear import can_prepack, prepack_linears
+from loraplex.engine.core.config import CacheConfig, ModelConfig, SchedulerConfig
+from loraplex.engine.core.errors import PromptTooLongError
+from loraplex.engine.core.kv_cache import KVCacheManager
+from loraplex.engine.core.outputs import EngineStats, RequestOutput, TokenLogprob
+from loraplex.engine.core.request import Request, RequestStatus
+from loraplex.engine.core.sampling_params import SamplingParams
+from loraplex.engine.core.scheduler import Scheduler
 from loraplex.engine.detokenizer import IncrementalDetokenizer, decode_token_text
 from loraplex.engine.engine_args import EngineArgs
-from loraplex.engine.errors import PromptTooLongError
-from loraplex.engine.kv_cache import KVCacheManager
+from loraplex.engine.kernels.cpu_linear import can_prepack, prepack_linears
 from loraplex.engine.model_runner import ModelRunner
-from loraplex.engine.outputs import EngineStats, RequestOutput, TokenLogprob
-from loraplex.engine.quant import (BNB_METHODS, QuantConfig, module_weight_bytes, quantize_linears,
-                                   use_quantized_kernels)
-from loraplex.engine.request import Request, RequestStatus
-from loraplex.engine.sampling_params import SamplingParams
-from loraplex.engine.scheduler import Scheduler
+from loraplex.engine.quant import BNB_METHODS, QuantConfig, module_weight_bytes, quantize_linears, use_quantized_kernels
 
 logger = logging.getLogger(__name__)
 
@@ -253,5 +252,5 @@ def _read_model_config(model_path: str) -> ModelConfig:
     if os.path.isdir(model_path):
         with open(Path(model_path) / "config.json") as f:
             return ModelConfig.from_hf_dict(json.load(f))
-    from loraplex.engine.loader import gguf_hf_config
+    from loraplex.engine.weights import gguf_hf_config
     return ModelConfig.from_hf_dict(gguf_hf_config(model_path))

@@ -6,11 +6,11 @@ from dataclasses import dataclass
 
 import torch
 
-from loraplex.engine import cpu_kernels
-from loraplex.engine.config import CacheConfig, ModelConfig
-from loraplex.engine.attention import allocate_kv_caches, build_forward_batch
-from loraplex.engine.forward_batch import ForwardBatch
-from loraplex.engine.sampler import Sampler, SamplingMetadata
+from loraplex.engine.core.config import CacheConfig, ModelConfig
+from loraplex.engine.kernels import cpu_kernels
+from loraplex.engine.layers.attention import allocate_kv_caches, build_forward_batch
+from loraplex.engine.layers.forward_batch import ForwardBatch
+from loraplex.engine.layers.sampler import Sampler, SamplingMetadata
 
 logger = logging.getLogger(__name__)
 

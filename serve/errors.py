@@ -10,7 +10,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 
 from loraplex.adapters.errors import AdapterError
-from loraplex.engine.errors import EngineDeadError, PromptTooLongError, QueueFullError
+from loraplex.engine.core.errors import EngineDeadError, PromptTooLongError, QueueFullError
 from loraplex.trainer.job_store import FileInUseError, InvalidTransitionError
 from loraplex.trainer.job_store import NotFoundError as StoreNotFoundError
 

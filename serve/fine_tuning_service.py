@@ -23,13 +23,25 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from loraplex.engine.errors import EngineDeadError
-from loraplex.serve.errors import (ConflictError, InvalidRequestError, ModelNotFoundError, NotFoundError,
-                                   RequestTooLargeError, ServiceUnavailableError)
+from loraplex.engine.core.errors import EngineDeadError
+from loraplex.serve.errors import (
+    ConflictError,
+    InvalidRequestError,
+    ModelNotFoundError,
+    NotFoundError,
+    RequestTooLargeError,
+    ServiceUnavailableError,
+)
 from loraplex.serve.schemas import CreateFineTuningJobRequest
 from loraplex.trainer.data import TEMPLATES, DataError, parse_examples
-from loraplex.trainer.job_store import (AUTO_HYPERPARAMETERS, FileRecord, InvalidTransitionError, JobRecord,
-                                        JobStore, fine_tuned_model_name)
+from loraplex.trainer.job_store import (
+    AUTO_HYPERPARAMETERS,
+    FileRecord,
+    InvalidTransitionError,
+    JobRecord,
+    JobStore,
+    fine_tuned_model_name,
+)
 
 logger = logging.getLogger("loraplex.serve")
 

@@ -9,7 +9,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, H
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from loraplex.engine.outputs import EngineStats, RequestOutput
+from loraplex.engine.core.outputs import EngineStats, RequestOutput
 
 logger = logging.getLogger("loraplex.serve")
 

@@ -17,17 +17,35 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from loraplex.engine.errors import PromptTooLongError
-from loraplex.engine.outputs import RequestOutput, TokenLogprob
-from loraplex.engine.sampling_params import SamplingParams
-from loraplex.serve.errors import (ClientDisconnectedError, InvalidRequestError, ModelNotFoundError,
-                                   error_json, error_response)
+from loraplex.engine.core.errors import PromptTooLongError
+from loraplex.engine.core.outputs import RequestOutput, TokenLogprob
+from loraplex.engine.core.sampling_params import SamplingParams
+from loraplex.serve.errors import (
+    ClientDisconnectedError,
+    InvalidRequestError,
+    ModelNotFoundError,
+    error_json,
+    error_response,
+)
 from loraplex.serve.metrics import CONTENT_TYPE, RequestTracker
-from loraplex.serve.schemas import (ChatChunkChoice, ChatCompletionChoice, ChatCompletionChunk,
-                                    ChatCompletionRequest, ChatCompletionResponse, ChatResponseMessage,
-                                    CompletionChoice, CompletionRequest, CompletionResponse, DeltaMessage,
-                                    ModelCard, ModelList, UsageInfo, chat_logprobs, choice_params,
-                                    completion_logprobs)
+from loraplex.serve.schemas import (
+    ChatChunkChoice,
+    ChatCompletionChoice,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    ChatResponseMessage,
+    CompletionChoice,
+    CompletionRequest,
+    CompletionResponse,
+    DeltaMessage,
+    ModelCard,
+    ModelList,
+    UsageInfo,
+    chat_logprobs,
+    choice_params,
+    completion_logprobs,
+)
 
 logger = logging.getLogger("loraplex.serve")
 

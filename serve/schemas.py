@@ -8,8 +8,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_serializer
 
-from loraplex.engine.outputs import TokenLogprob
-from loraplex.engine.sampling_params import MAX_TOP_LOGPROBS, SamplingParams
+from loraplex.engine.core.outputs import TokenLogprob
+from loraplex.engine.core.sampling_params import MAX_TOP_LOGPROBS, SamplingParams
 
 MAX_N = 8
 _INT64_MIN, _INT64_MAX = -(1 << 63), (1 << 63) - 1

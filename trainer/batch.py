@@ -2,7 +2,7 @@
 packed example its own causal sequence, and the per-job token-level loss.
 
 The forward runs through the engine's own model and attention code: each example is a whole sequence from
-position 0 that attends only to its own rows (engine/attention.py:packed_attention: no KV cache at all, the
+position 0 that attends only to its own rows (engine/layers/attention.py:packed_attention: no KV cache at all, the
 served one is never touched), so no second copy of the model or of its attention exists for training.
 """
 from __future__ import annotations
@@ -12,9 +12,9 @@ from dataclasses import dataclass
 
 import torch
 
-from loraplex.engine import cpu_kernels
-from loraplex.engine.attention import build_packed_batch
-from loraplex.engine.forward_batch import ForwardBatch
+from loraplex.engine.kernels import cpu_kernels
+from loraplex.engine.layers.attention import build_packed_batch
+from loraplex.engine.layers.forward_batch import ForwardBatch
 
 from .data import PackedSequence
 

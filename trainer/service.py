@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import time
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
+from loraplex.engine.paths import default_fine_tuning_dir
 
 from .checkpoint import load_best_weights, load_checkpoint, save_checkpoint, write_adapter
 from .data import DataError, load_dataset, split_validation
@@ -39,11 +39,6 @@ class RunningJob:
     checkpoint_every: int
     early: EarlyStopping
     started_s: float = 0.0
-
-
-def default_fine_tuning_dir() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "loraplex" / "fine_tuning"
 
 
 class TrainingRuntime:

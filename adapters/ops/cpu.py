@@ -6,9 +6,9 @@ one padded `bmm` pair per linear: segments longer than the average are split so 
 per-token gather reads max_rank x in_features weights for every row). Long contiguous segments
 (prefill chunks) are plain matmuls on a view of x. The expand is an `embedding_bag` over the pool:
 each row's delta is the h-weighted sum of its pages' B rows, read in place (no gathered copy of B).
-Six torch ops per linear, whatever the number of adapters. `benchmarks/bench_lora_ops.py` compares it with the reference formulation.
-When the CPU kernels are loaded (engine/cpu_kernels.py), the short segments take one C++ call instead
-(engine/csrc/cpu_lora.cpp: each row's h and delta in float32, pages read in place); long ones stay matmuls.
+Six torch ops per linear, whatever the number of adapters. `scripts/bench/bench_lora_ops.py` compares it with the reference formulation.
+When the CPU kernels are loaded (engine/kernels/cpu_kernels.py), the short segments take one C++ call instead
+(engine/kernels/csrc/cpu_lora.cpp: each row's h and delta in float32, pages read in place); long ones stay matmuls.
 """
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from loraplex.adapters.ops.meta import ZERO_PAGE, LoRABatchMeta
-from loraplex.engine import cpu_kernels
+from loraplex.engine.kernels import cpu_kernels
 
 LONG_SEGMENT_TOKENS = 128  # contiguous segments longer than this are matmuls of their own (no padding)
 
@@ -39,7 +39,7 @@ class BmmLayout:
 class CpuLayout:
     short: list[tuple[list[int], list[int]]]  # (rows, pages) of the short segments
     dense: list[tuple[int, int, torch.Tensor]]  # (first row, end row, pages [rank]) of long segments
-    # the short segments for the C++ kernel (engine/csrc/cpu_lora.cpp): rows, starts, pages, ranks
+    # the short segments for the C++ kernel (engine/kernels/csrc/cpu_lora.cpp): rows, starts, pages, ranks
     kernel: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None
     device: torch.device
     _bmm: BmmLayout | None = None

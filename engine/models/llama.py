@@ -2,7 +2,7 @@
 
 References: Hugging Face transformers' modeling_llama.py (numerics matched: RMSNorm in fp32, rotary
 cos/sin in fp32 then cast), nano-vllm's qwen3.py (flattened tokens, paged attention). The elementwise
-pieces live in engine/layers.py (plain torch, or fused CPU kernels for inference).
+pieces live in engine/layers/elementwise.py (plain torch, or fused CPU kernels for inference).
 Every projection is a separate named nn.Linear so LoRA and quantization can swap it for a wrapper.
 """
 from __future__ import annotations
@@ -13,10 +13,10 @@ import re
 import torch
 from torch import nn
 
-from ..attention import attend
-from ..config import ModelConfig
-from ..forward_batch import AttentionMetadata, ForwardBatch, KVCache
-from ..layers import add_rms_norm, apply_rotary, rms_norm, silu_and_mul
+from loraplex.engine.core.config import ModelConfig
+from loraplex.engine.layers.attention import attend
+from loraplex.engine.layers.elementwise import add_rms_norm, apply_rotary, rms_norm, silu_and_mul
+from loraplex.engine.layers.forward_batch import AttentionMetadata, ForwardBatch, KVCache
 
 # Checkpoint (Hugging Face layout) name -> our parameter name; "{i}" is the layer index. Identity
 # today; kept explicit so a renamed checkpoint or a fused layout only changes this table.

@@ -8,9 +8,9 @@ import transformers
 
 from loraplex.adapters.runtime import create_lora_runtime
 from loraplex.adapters.synthetic import write_random_peft
+from loraplex.engine.core.sampling_params import SamplingParams
 from loraplex.engine.engine_args import EngineArgs
 from loraplex.engine.llm_engine import LLMEngine, _read_model_config
-from loraplex.engine.sampling_params import SamplingParams
 from tests.adapters.test_lora_engine import run
 from tests.adapters.test_lora_parity import build_setup, lora_runner, make_requests, peft_logits
 from tests.engine.test_cuda import no_tf32, tiny_model_dir  # noqa: F401 - fixtures

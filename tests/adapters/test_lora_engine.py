@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 
 from loraplex.adapters.runtime import create_lora_runtime
+from loraplex.engine.core.sampling_params import SamplingParams
 from loraplex.engine.engine_args import EngineArgs
 from loraplex.engine.llm_engine import LLMEngine
-from loraplex.engine.sampling_params import SamplingParams
 from tests.adapters.peft_factory import make_tiny_model, write_random_peft
 
 GREEDY = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)

@@ -5,12 +5,12 @@ import torch
 import transformers
 
 from loraplex.adapters.runtime import LoRARuntime
+from loraplex.engine.core.request import Request
+from loraplex.engine.core.sampling_params import SamplingParams
+from loraplex.engine.core.scheduler import ScheduledRequest
 from loraplex.engine.loader import load_model
-from loraplex.engine.request import Request
-from loraplex.engine.sampling_params import SamplingParams
-from loraplex.engine.scheduler import ScheduledRequest
 from tests.adapters.peft_factory import add_random_adapter, save_adapter
-from tests.engine.test_models import PagedRunner, TINY_CONFIGS, randomize
+from tests.engine.test_models import TINY_CONFIGS, PagedRunner, randomize
 
 ATOL = 1e-4
 ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]

@@ -9,7 +9,7 @@ import torch
 from loraplex.adapters.ops.cpu import LONG_SEGMENT_TOKENS, cpu_layout, lora_apply_cpu
 from loraplex.adapters.ops.meta import ZERO_PAGE, build_lora_meta
 from loraplex.adapters.ops.reference import lora_apply_ref
-from loraplex.engine import cpu_kernels
+from loraplex.engine.kernels import cpu_kernels
 
 
 def random_case(seed, num_tokens, in_f, out_f, ranks, seg_lens, num_pages=200, dtype=torch.float32,

@@ -9,7 +9,7 @@ from safetensors.torch import load_file, save_file
 
 from loraplex.adapters.errors import AdapterError, UnsupportedAdapterError
 from loraplex.adapters.peft import load_adapter, parse_adapter_config
-from loraplex.engine.config import ModelConfig
+from loraplex.engine.core.config import ModelConfig
 from tests.adapters.peft_factory import write_random_peft
 
 CONFIG = ModelConfig(architecture="LlamaForCausalLM", vocab_size=100, hidden_size=16, intermediate_size=24,

@@ -8,10 +8,9 @@ import time
 import pytest
 
 from loraplex.engine.background import SharePolicy
+from loraplex.engine.core.sampling_params import SamplingParams
 from loraplex.engine.engine_args import EngineArgs
 from loraplex.engine.engine_core import EngineLoop
-from loraplex.engine.sampling_params import SamplingParams
-
 from tests.engine.test_cuda import tiny_model_dir  # noqa: F401 - fixture
 
 
@@ -43,8 +42,9 @@ def test_share_policy():
 
 def test_step_log_shows_training_slices(caplog):
     import logging
+
+    from loraplex.engine.core.outputs import EngineStats
     from loraplex.engine.engine_core import StepLog
-    from loraplex.engine.outputs import EngineStats
     log = StepLog(interval_s=0.0)
     log.record_background(0.05, policy_fraction=0.24)
     log.record_background(0.12, policy_fraction=0.25)

@@ -5,9 +5,9 @@ import pytest
 import torch
 import transformers
 
+from loraplex.engine.core.sampling_params import SamplingParams
 from loraplex.engine.engine_args import EngineArgs
 from loraplex.engine.llm_engine import LLMEngine
-from loraplex.engine.sampling_params import SamplingParams
 from tests.engine.test_models import PagedRunner
 from tests.serve.fake_engine import build_tokenizer
 

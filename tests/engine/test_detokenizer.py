@@ -3,8 +3,8 @@ import pytest
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
+from loraplex.engine.core.sampling_params import SamplingParams
 from loraplex.engine.detokenizer import IncrementalDetokenizer, decode_token_text
-from loraplex.engine.sampling_params import SamplingParams
 
 CORPUS = [
     "Hello world, the quick brown fox jumps over the lazy dog.",

@@ -7,7 +7,7 @@ import pytest
 import torch
 import transformers
 
-from loraplex.engine.attention import allocate_kv_caches, build_forward_batch
+from loraplex.engine.layers.attention import allocate_kv_caches, build_forward_batch
 from loraplex.engine.loader import load_model
 
 QTYPES = (gguf.GGMLQuantizationType.F16, gguf.GGMLQuantizationType.Q8_0, gguf.GGMLQuantizationType.Q4_1)
@@ -148,7 +148,7 @@ def test_load_errors(tmp_path):
 
 
 def test_gguf_hf_config_reads_metadata_only(tmp_path):
-    from loraplex.engine.loader import gguf_hf_config
+    from loraplex.engine.weights import gguf_hf_config
 
     write_gguf(tiny_hf_model("llama", True), tmp_path / "tiny.gguf", "llama")
     cfg = gguf_hf_config(tmp_path / "tiny.gguf")

@@ -5,8 +5,8 @@ import pytest
 import torch
 import transformers
 
-from loraplex.engine import cpu_kernels
-from loraplex.engine.attention import allocate_kv_caches, build_forward_batch
+from loraplex.engine.kernels import cpu_kernels
+from loraplex.engine.layers.attention import allocate_kv_caches, build_forward_batch
 from loraplex.engine.loader import load_model
 
 ATOL = 1e-4

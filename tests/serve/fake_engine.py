@@ -9,10 +9,10 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
 from loraplex.engine.async_engine import RequestStream
-from loraplex.engine.config import ModelConfig
-from loraplex.engine.errors import EngineDeadError, PromptTooLongError
-from loraplex.engine.outputs import EngineStats, RequestOutput, TokenLogprob
-from loraplex.engine.sampling_params import SamplingParams
+from loraplex.engine.core.config import ModelConfig
+from loraplex.engine.core.errors import EngineDeadError, PromptTooLongError
+from loraplex.engine.core.outputs import EngineStats, RequestOutput, TokenLogprob
+from loraplex.engine.core.sampling_params import SamplingParams
 
 CHATML_TEMPLATE = (
     "{% for message in messages %}"

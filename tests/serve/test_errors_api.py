@@ -5,7 +5,7 @@ import openai
 import pytest
 from starlette.testclient import TestClient
 
-from loraplex.engine.errors import EngineDeadError, QueueFullError
+from loraplex.engine.core.errors import EngineDeadError, QueueFullError
 from loraplex.serve.app import build_app
 from tests.serve.fake_engine import MODEL_NAME, FakeEngine
 

@@ -12,7 +12,7 @@ import pytest
 from starlette.testclient import TestClient
 
 from loraplex.adapters.errors import AdapterError
-from loraplex.engine.errors import EngineDeadError
+from loraplex.engine.core.errors import EngineDeadError
 from loraplex.serve.adapter_service import AdapterSettings
 from loraplex.serve.app import build_app
 from loraplex.serve.fine_tuning_routes import is_fine_tuning_admin_route

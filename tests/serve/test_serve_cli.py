@@ -6,6 +6,8 @@ import types
 
 import pytest
 
+from loraplex.engine.default_model import default_served_model_name
+from loraplex.engine.engine_args import engine_args_from, fine_tuning_dir_from
 from loraplex.serve import cli
 from tests.serve.fake_engine import FakeEngine
 
@@ -19,13 +21,13 @@ def test_flags_map_to_engine_args():
                 "--max-num-seqs", "8", "--max-num-batched-tokens", "512", "--block-size", "32",
                 "--kv-cache-memory-bytes", "2GiB", "--no-enable-prefix-caching", "--max-queue-len", "9",
                 "--seed", "3", "--device", "cpu", "--no-batch-invariant")
-    args = cli.engine_args_from(ns)
+    args = engine_args_from(ns)
     assert (args.model, args.dtype, args.max_model_len) == ("/models/Qwen2-0.5B/", "bfloat16", 1024)
     assert args.max_num_seqs == 8
     assert (args.max_num_batched_tokens, args.block_size, args.kv_cache_memory_bytes) == (512, 32, 2 << 30)
     assert (args.enable_prefix_caching, args.max_queue_len, args.seed, args.device) == (False, 9, 3, "cpu")
     assert not args.batch_invariant
-    defaults = cli.engine_args_from(_parse())
+    defaults = engine_args_from(_parse())
     assert defaults.model is None and defaults.enable_prefix_caching and defaults.kv_cache_memory_bytes == 1 << 30
     assert defaults.batch_invariant
 
@@ -36,9 +38,9 @@ def test_bad_size_is_a_usage_error():
 
 
 def test_default_served_model_name():
-    assert cli.default_served_model_name(None) == "SmolLM2-135M-Instruct"
-    assert cli.default_served_model_name("/m/Qwen2-0.5B/") == "Qwen2-0.5B"
-    assert cli.default_served_model_name("/m/tiny.Q4_1.gguf") == "tiny.Q4_1"
+    assert default_served_model_name(None) == "SmolLM2-135M-Instruct"
+    assert default_served_model_name("/m/Qwen2-0.5B/") == "Qwen2-0.5B"
+    assert default_served_model_name("/m/tiny.Q4_1.gguf") == "tiny.Q4_1"
 
 
 def test_api_key_from_env(monkeypatch):
@@ -75,8 +77,8 @@ def test_fine_tuning_flags(monkeypatch, tmp_path):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     ns = _parse()
     assert ns.max_file_bytes == 64 << 20
-    assert cli.fine_tuning_dir_from(ns) == tmp_path / "cache" / "loraplex" / "fine_tuning"
-    assert cli.fine_tuning_dir_from(_parse("--fine-tuning-dir", str(tmp_path / "ft"))) == tmp_path / "ft"
+    assert fine_tuning_dir_from(ns) == tmp_path / "cache" / "loraplex" / "fine_tuning"
+    assert fine_tuning_dir_from(_parse("--fine-tuning-dir", str(tmp_path / "ft"))) == tmp_path / "ft"
 
 
 def test_no_fine_tuning_without_lora(monkeypatch, tmp_path):
@@ -101,8 +103,8 @@ def test_quantize_writes_a_gptq_folder_that_loads(tmp_path):
     import torch
     import transformers
 
-    from loraplex.engine.gptq import GPTQLinear
     from loraplex.engine.loader import load_model
+    from loraplex.engine.quant.gptq import GPTQLinear
     config = transformers.LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                                       num_attention_heads=4, num_key_value_heads=2)
     transformers.AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "m")
@@ -119,8 +121,8 @@ def test_quantize_writes_an_exl2_folder_that_loads(tmp_path):
     import torch
     import transformers
 
-    from loraplex.engine.exl2 import EXL2Linear
     from loraplex.engine.loader import load_model
+    from loraplex.engine.quant.exl2 import EXL2Linear
     config = transformers.LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                                       num_attention_heads=4, num_key_value_heads=2)
     transformers.AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "m")

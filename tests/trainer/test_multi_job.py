@@ -256,7 +256,7 @@ def test_batched_training_on_a_quantized_base(tiny_dir, tmp_path, method):
     """QLoRA: the same batched step runs through every quantized base; the base stays frozen."""
     from loraplex.engine.quant import QuantConfig, quantize_linears
     if method == "gptq":
-        from loraplex.engine.gptq import export_gptq
+        from loraplex.engine.quant.gptq import export_gptq
         model, config = load_model(export_gptq(tiny_dir, tmp_path / "gptq", bits=4, group_size=32), torch.float32)
     else:
         pytest.importorskip("bitsandbytes")

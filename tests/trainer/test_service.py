@@ -7,11 +7,10 @@ import json
 import pytest
 import torch
 
+from loraplex.engine.core.sampling_params import SamplingParams
 from loraplex.engine.engine_args import EngineArgs
 from loraplex.engine.llm_engine import LLMEngine
-from loraplex.engine.sampling_params import SamplingParams
 from loraplex.trainer.job_store import JobStore
-
 from tests.engine.test_cuda import tiny_model_dir  # noqa: F401 - fixture
 
 CHAT = "\n".join(json.dumps({"messages": [{"role": "user", "content": f"code {i}?"},

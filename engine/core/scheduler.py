@@ -1,0 +1,273 @@
+"""Continuous-batching scheduler: each step maps requests to new tokens within a token budget,
+mixing decodes and prefill chunks, with prefix-cache admission and recompute preemption
+(after vLLM v1's Scheduler and nano-vllm). Pure Python over plain data.
+
+Step contract: the engine calls `schedule()`, runs the model on the returned `SchedulerOutput`,
+then calls `update_from_output()` exactly once before the next `schedule()`.
+"""
+from __future__ import annotations
+
+import bisect
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, NamedTuple
+
+from loraplex.engine.core.config import SchedulerConfig
+from loraplex.engine.core.errors import PromptTooLongError
+from loraplex.engine.core.kv_cache import KVCacheManager, cdiv
+from loraplex.engine.core.request import Request, RequestStatus
+
+AdmissionHook = Callable[[Request], bool]
+
+
+@dataclass(slots=True)
+class ScheduledRequest:
+    request: Request
+    num_new_tokens: int
+    start_pos: int  # request.num_computed_tokens before this step: position of the first new token
+    block_ids: list[int]  # the request's full block table after allocation
+    sample: bool  # after this step every known token is computed: sample the next one
+
+
+@dataclass(slots=True)
+class SchedulerOutput:
+    # Decodes (num_new_tokens == 1) first, then prefill chunks; the runner relies on this order.
+    scheduled: list[ScheduledRequest] = field(default_factory=list)
+    num_batched_tokens: int = 0
+    preempted_request_ids: list[str] = field(default_factory=list)
+    # Requests finished or aborted since the previous step: the runner drops their per-request state.
+    finished_request_ids: list[str] = field(default_factory=list)
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.scheduled
+
+
+class RequestUpdate(NamedTuple):
+    """One request's change in a step: the tokens it gained, and whether it is now finished (its
+    status, stop_reason and full token lists are on `request`). Unpacks as (request, new_token_ids)."""
+    request: Request
+    new_token_ids: list[int]
+
+    @property
+    def finished(self) -> bool:
+        return self.request.is_finished
+
+
+class Scheduler:
+    """Waiting requests are admitted first come, first served. A request that lacks KV blocks, a
+    sequence slot or token budget blocks the ones behind it (so it cannot starve). A request that
+    is refused for adapter reasons (the `max_loras` cap, or `admission_hook` returning False) is
+    skipped, and from then on in that step no later request with a non-zero adapter is admitted,
+    so the adapters in use drain and the skipped one gets in (no adapter starves behind a hot one);
+    base-model requests pass.
+
+    `admission_hook(request) -> bool` is called once each time a request is about to move from
+    waiting to running (again after a preemption), after every other check passed, so a True may
+    pin resources: requests leave running through `SchedulerOutput.preempted_request_ids` and
+    `finished_request_ids`.
+    """
+
+    def __init__(self, scheduler_config: SchedulerConfig, kv_cache_manager: KVCacheManager,
+                 admission_hook: AdmissionHook | None = None) -> None:
+        self.scheduler_config = scheduler_config
+        self.kv_cache_manager = kv_cache_manager
+        self.admission_hook = admission_hook
+        self.requests: dict[str, Request] = {}  # every unfinished request
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []  # sorted by arrival_time: the last one is the newest
+        self.finished_request_ids: list[str] = []
+
+    # ---- bookkeeping ---------------------------------------------------------------------------
+    @property
+    def num_running(self) -> int:
+        return len(self.running)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.waiting)
+
+    def get_num_unfinished_requests(self) -> int:
+        return len(self.running) + len(self.waiting)
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.running or self.waiting)
+
+    def add_request(self, request: Request) -> None:
+        cfg = self.scheduler_config
+        if request.request_id in self.requests:
+            raise ValueError(f"duplicate request id {request.request_id!r}")
+        max_tokens = request.sampling_params.max_tokens
+        if request.num_prompt_tokens > cfg.max_model_len:
+            raise PromptTooLongError(request.num_prompt_tokens, max_tokens, cfg.max_model_len)
+        # The most tokens whose K/V are ever cached: the last sampled token is never computed.
+        max_kv_tokens = min(request.num_prompt_tokens + max_tokens - 1,
+                            max(cfg.max_model_len - 1, request.num_prompt_tokens))
+        kv = self.kv_cache_manager
+        if cdiv(max_kv_tokens, kv.block_size) > kv.num_total_blocks:
+            raise ValueError(f"request needs up to {max_kv_tokens} tokens of KV cache but the cache holds "
+                             f"only {kv.num_total_blocks * kv.block_size}; reduce the prompt or max_tokens")
+        request.status = RequestStatus.WAITING
+        self.requests[request.request_id] = request
+        self.waiting.append(request)
+
+    def finish_requests(self, request_ids: str | Iterable[str], finished_status: RequestStatus) -> None:
+        """Finish waiting or running requests from outside the step (aborts, stop strings) and free
+        their blocks. Unknown or already finished ids are ignored."""
+        if not finished_status.is_finished:
+            raise ValueError(f"{finished_status!r} is not a finished status")
+        if isinstance(request_ids, str):
+            request_ids = (request_ids,)
+        for request_id in request_ids:
+            request = self.requests.get(request_id)
+            if request is None:
+                continue
+            if request.status == RequestStatus.RUNNING:
+                self.running.remove(request)
+            else:
+                self.waiting.remove(request)
+            request.status = finished_status
+            self._free_request(request)
+
+    def _free_request(self, request: Request) -> None:
+        self.kv_cache_manager.free(request)
+        del self.requests[request.request_id]
+        self.finished_request_ids.append(request.request_id)
+
+    def _preempt(self, request: Request) -> None:
+        """Recompute preemption: drop the K/V, keep the tokens (prompt and outputs so far)."""
+        self.kv_cache_manager.free(request)
+        request.status = RequestStatus.PREEMPTED
+        request.num_computed_tokens = 0
+        request.num_preemptions += 1
+        self.waiting.appendleft(request)
+
+    # ---- the step ------------------------------------------------------------------------------
+    def schedule(self) -> SchedulerOutput:
+        cfg = self.scheduler_config
+        kv = self.kv_cache_manager
+        token_budget = cfg.max_num_batched_tokens
+        scheduled: list[ScheduledRequest] = []
+        preempted: list[Request] = []
+
+        # Running requests, oldest first: decodes and the rest of chunked prefills.
+        req_index = 0
+        while req_index < len(self.running) and token_budget > 0:
+            request = self.running[req_index]
+            num_new_tokens = min(request.num_tokens - request.num_computed_tokens, token_budget)
+            if num_new_tokens <= 0:  # nothing to compute (update_from_output was skipped)
+                req_index += 1
+                continue
+            while (block_ids := kv.allocate_slots(request, num_new_tokens)) is None:
+                victim = self.running.pop()  # the newest
+                self._preempt(victim)
+                preempted.append(victim)
+                if victim is request:
+                    break
+            if block_ids is None:
+                break
+            scheduled.append(self._scheduled(request, num_new_tokens, block_ids))
+            token_budget -= num_new_tokens
+            req_index += 1
+
+        # Waiting requests, first come first served; none after a preemption (blocks are short).
+        if not preempted:
+            token_budget = self._admit_waiting(token_budget, scheduled)
+
+        scheduled.sort(key=lambda s: s.num_new_tokens != 1)  # stable: decodes first
+        output = SchedulerOutput(
+            scheduled=scheduled,
+            num_batched_tokens=cfg.max_num_batched_tokens - token_budget,
+            preempted_request_ids=[r.request_id for r in preempted],
+            finished_request_ids=self.finished_request_ids,
+        )
+        self.finished_request_ids = []
+        return output
+
+    def _admit_waiting(self, token_budget: int, scheduled: list[ScheduledRequest]) -> int:
+        cfg = self.scheduler_config
+        kv = self.kv_cache_manager
+        active_loras = {r.adapter_id for r in self.running if r.adapter_id}
+        skipped: list[Request] = []
+        adapter_blocked = False
+        while self.waiting and token_budget > 0 and len(self.running) < cfg.max_num_seqs:
+            request = self.waiting.popleft()
+            adapter_id = request.adapter_id
+            if adapter_id and (adapter_blocked or (adapter_id not in active_loras
+                                                   and len(active_loras) >= cfg.max_loras)):
+                skipped.append(request)
+                adapter_blocked = True
+                continue
+            computed_blocks, num_computed = kv.get_computed_blocks(request)
+            num_new_tokens = request.num_tokens - num_computed
+            if num_new_tokens > token_budget:
+                if not cfg.enable_chunked_prefill:
+                    self.waiting.appendleft(request)
+                    break
+                num_new_tokens = token_budget
+            if not kv.can_allocate(request, num_new_tokens, computed_blocks):
+                self.waiting.appendleft(request)
+                break
+            if self.admission_hook is not None and not self.admission_hook(request):
+                skipped.append(request)
+                adapter_blocked = adapter_blocked or adapter_id != 0
+                continue
+            block_ids = kv.allocate_slots(request, num_new_tokens, computed_blocks)
+            assert block_ids is not None
+            request.num_computed_tokens = num_computed
+            request.status = RequestStatus.RUNNING
+            bisect.insort(self.running, request, key=lambda r: r.arrival_time)
+            if adapter_id:
+                active_loras.add(adapter_id)
+            scheduled.append(self._scheduled(request, num_new_tokens, block_ids))
+            token_budget -= num_new_tokens
+        self.waiting.extendleft(reversed(skipped))
+        return token_budget
+
+    @staticmethod
+    def _scheduled(request: Request, num_new_tokens: int, block_ids: list[int]) -> ScheduledRequest:
+        start_pos = request.num_computed_tokens
+        return ScheduledRequest(request, num_new_tokens, start_pos, block_ids,
+                                sample=start_pos + num_new_tokens == request.num_tokens)
+
+    def update_from_output(self, scheduler_output: SchedulerOutput,
+                           sampled_token_ids: dict[str, int]) -> list[RequestUpdate]:
+        """Apply a step's result. `sampled_token_ids` maps request_id -> the token sampled for every
+        scheduled request with sample=True. Returns one RequestUpdate per request that gained a
+        token or finished in this step; requests finished meanwhile (aborts) are skipped."""
+        updates: list[RequestUpdate] = []
+        for sched in scheduler_output.scheduled:
+            request = sched.request
+            if request.status != RequestStatus.RUNNING:
+                continue
+            request.num_computed_tokens += sched.num_new_tokens
+            new_token_ids: list[int] = []
+            if sched.sample:
+                token_id = sampled_token_ids[request.request_id]
+                request.output_token_ids.append(token_id)
+                new_token_ids.append(token_id)
+                if request.first_token_time is None:
+                    request.first_token_time = time.monotonic()
+                self._check_stop(request, token_id)
+            self.kv_cache_manager.cache_full_blocks(request)
+            if request.is_finished:
+                self.running.remove(request)
+                self._free_request(request)
+            if new_token_ids or request.is_finished:
+                updates.append(RequestUpdate(request, new_token_ids))
+        return updates
+
+    def _check_stop(self, request: Request, token_id: int) -> None:
+        params = request.sampling_params
+        if request.num_output_tokens >= params.min_tokens:
+            if token_id in request.eos_token_ids and not params.ignore_eos:
+                request.status = RequestStatus.FINISHED_STOPPED
+                return
+            if token_id in params.stop_token_ids:
+                request.status = RequestStatus.FINISHED_STOPPED
+                request.stop_reason = token_id
+                return
+        if (request.num_output_tokens >= params.max_tokens
+                or request.num_tokens >= self.scheduler_config.max_model_len):
+            request.status = RequestStatus.FINISHED_LENGTH

@@ -1,0 +1,185 @@
+"""CPU kernels built from source once per machine (engine/kernels/csrc/*.cpp), with plain-torch references.
+
+`torch.utils.cpp_extension` compiles the sources with the system C++ compiler (-O3 -march=native,
+OpenMP) into `$LORAPLEX_CACHE_DIR/kernels/<key>/` on first use (10-30 s, logged), then loads the cached
+library in milliseconds. The key covers the sources, the torch version and the CPU model, so a cache
+shared between machines never loads a library built for another CPU. Without a compiler, or with
+`LORAPLEX_CPU_KERNELS=0`, `available()` is False and callers keep the plain-torch path, which is also
+what the tests compare the kernels against.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import os
+import platform
+import re
+import shutil
+import sys
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+from loraplex.engine.paths import cache_dir
+
+logger = logging.getLogger(__name__)
+
+SOURCES = [Path(__file__).parent / "csrc" / name for name in ("cpu_attention.cpp", "cpu_attention_backward.cpp",
+                                                                      "cpu_ops.cpp", "cpu_lora.cpp")]
+HEADERS = [Path(__file__).parent / "csrc" / "cpu_vec.h"]
+_lock = threading.Lock()
+_state: dict[str, object] = {}  # "ok": bool once tried, "error": str when the build failed
+
+
+def enabled() -> bool:
+    return os.environ.get("LORAPLEX_CPU_KERNELS", "1").lower() not in ("0", "false", "no", "off")
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("model name", "flags")):
+                return line  # first of either: enough to tell CPU generations apart
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def target_arch() -> str:
+    """-march for the build: this CPU, unless LORAPLEX_CPU_KERNELS_ARCH names another (e.g. x86-64-v3,
+    an AVX2 machine: the tests build that too, to exercise the generic code paths)."""
+    return os.environ.get("LORAPLEX_CPU_KERNELS_ARCH") or "native"
+
+
+def build_key() -> str:
+    h = hashlib.sha256()
+    for src in SOURCES + HEADERS:
+        h.update(src.read_bytes())
+    h.update(torch.__version__.encode())
+    h.update(_cpu_model().encode())
+    h.update(target_arch().encode())
+    return h.hexdigest()[:16]
+
+
+def _ensure_ninja_on_path() -> None:
+    if shutil.which("ninja"):
+        return
+    candidates = [os.path.dirname(sys.executable)]
+    try:
+        import ninja  # the PyPI wheel ships the binary
+        candidates.insert(0, ninja.BIN_DIR)
+    except ImportError:
+        pass
+    for d in candidates:
+        if os.path.exists(os.path.join(d, "ninja")):
+            os.environ["PATH"] = d + os.pathsep + os.environ.get("PATH", "")
+            return
+
+
+def available() -> bool:
+    """Build (first call on this machine) and load the kernels; False if disabled or the build fails."""
+    if not enabled():
+        return False
+    with _lock:
+        if "ok" in _state:
+            return bool(_state["ok"])
+        _state["ok"] = False
+        try:
+            _build_and_load()
+            _state["ok"] = True
+        except Exception as e:  # no compiler, no ninja, a compile error: keep the torch path
+            _state["error"] = f"{type(e).__name__}: {e}"
+            logger.warning("CPU kernels unavailable, using the plain-torch path (%s)", str(e).splitlines()[0]
+                           if str(e) else type(e).__name__)
+        return bool(_state["ok"])
+
+
+def loaded() -> bool:
+    """Whether available() has already built and loaded them (never starts a build). Cheap: called per op."""
+    return _state.get("ok") is True and not _state.get("suspended")
+
+
+@contextlib.contextmanager
+def suspended():
+    """Callers take their plain-torch paths inside this block (tests compare the two; not thread-safe)."""
+    before = _state.get("suspended", False)
+    _state["suspended"] = True
+    try:
+        yield
+    finally:
+        _state["suspended"] = before
+
+
+def build_error() -> str | None:
+    """Why the last build failed, if it did."""
+    return _state.get("error")  # type: ignore[return-value]
+
+
+def _build_and_load() -> None:
+    from torch.utils import cpp_extension
+
+    key = build_key()
+    build_dir = cache_dir() / "kernels" / key
+    build_dir.mkdir(parents=True, exist_ok=True)
+    name = f"loraplex_cpu_{key}"
+    cached = (build_dir / f"{name}.so").exists()
+    if not cached:
+        _ensure_ninja_on_path()
+        logger.info("building CPU kernels once for this machine into %s (10-30 s)", build_dir)
+    t0 = time.perf_counter()
+    cpp_extension.load(name=name, sources=[str(s) for s in SOURCES], build_directory=str(build_dir),
+                       extra_cflags=["-O3", f"-march={target_arch()}", "-fopenmp", "-DNDEBUG"],
+                       extra_ldflags=["-fopenmp"], is_python_module=False, verbose=False)
+    if not cached:
+        logger.info("CPU kernels built in %.1f s (%s code paths)", time.perf_counter() - t0,
+                    torch.ops.loraplex_cpu.vector_isa())
+        if target_arch() == "native":
+            _prune_other_builds(build_dir)
+
+
+def _prune_other_builds(keep: Path) -> None:
+    """Builds of older sources (an upgrade) are never loaded again: remove them."""
+    for other in keep.parent.iterdir():
+        if other != keep and other.is_dir() and re.fullmatch(r"[0-9a-f]{16}", other.name):
+            shutil.rmtree(other, ignore_errors=True)
+
+
+def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_table: torch.Tensor,
+                    row_index: torch.Tensor, row_len: torch.Tensor, window: int | None, scale: float,
+                    k_new: torch.Tensor | None = None, v_new: torch.Tensor | None = None,
+                    slot_mapping: torch.Tensor | None = None) -> torch.Tensor:
+    """q [T, H, D] -> [T, H, D]: query row t attends to the first row_len[t] slots of
+    slot_table[row_index[t]] (only the last `window` of them with a sliding window), reading k/v
+    [S, KVH, D] in place. q must have the caches' dtype (float32 or bfloat16). With k_new/v_new
+    [T, KVH, D] and slot_mapping [T], those rows are written into the caches first (write_kv)."""
+    return torch.ops.loraplex_cpu.paged_attention(q, k_cache, v_cache, slot_table, row_index, row_len,
+                                                  window or 0, scale, k_new, v_new, slot_mapping)
+
+
+def packed_attention_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grad_out: torch.Tensor,
+                              cu_seqlens: torch.Tensor, window: int | None, scale: float
+                              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients (dq, dk, dv) of causal self-attention over packed sequences (rows [cu_seqlens[b],
+    cu_seqlens[b+1]) each, from position 0; q, grad_out [N, H, D], k, v [N, KVH, D], one dtype)."""
+    return torch.ops.loraplex_cpu.packed_attention_backward(q, k, v, grad_out, cu_seqlens, window or 0, scale)
+
+
+def paged_attention_reference(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                              slot_table: torch.Tensor, row_index: torch.Tensor, row_len: torch.Tensor,
+                              window: int | None, scale: float) -> torch.Tensor:
+    """Plain torch, one query row at a time, float32 throughout: what the kernel computes."""
+    num_kv_heads = k_cache.shape[1]
+    group = q.shape[1] // num_kv_heads
+    out = torch.empty_like(q)
+    for t in range(q.shape[0]):
+        n = int(row_len[t])
+        first = max(0, n - window) if window else 0
+        slots = slot_table[row_index[t], first:n]
+        k = k_cache[slots].float().repeat_interleave(group, dim=1)  # [n, H, D]
+        v = v_cache[slots].float().repeat_interleave(group, dim=1)
+        scores = torch.einsum("hd,nhd->hn", q[t].float(), k) * scale  # [H, n]
+        out[t] = torch.einsum("hn,nhd->hd", scores.softmax(-1), v).to(q.dtype)
+    return out

@@ -1,0 +1,282 @@
+// CPU fast path for paged attention over a flattened batch: optionally writes the step's keys and
+// values into the paged cache, then one fused loop per (query row, kv head) reads keys and values
+// straight from the cache (no gathered copy), scores in float32, softmax, weighted sum. The plain-torch reference is loraplex/engine/layers/attention.py:paged_attention;
+// tests/engine/test_cpu_kernels.py checks this against it. Built once per machine by
+// loraplex/engine/kernels/cpu_kernels.py (torch.utils.cpp_extension), registered as torch.ops.loraplex_cpu.*.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+#include <torch/library.h>
+
+#include "cpu_vec.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+namespace {
+
+inline void to_float(const float* src, float* dst, int64_t n) { std::memcpy(dst, src, n * sizeof(float)); }
+
+inline void to_float(const c10::BFloat16* src, float* dst, int64_t n) {
+  const uint16_t* s = reinterpret_cast<const uint16_t*>(src);
+  uint32_t* d = reinterpret_cast<uint32_t*>(dst);
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) d[i] = static_cast<uint32_t>(s[i]) << 16;  // exact widening
+}
+
+inline void from_float(const float* src, float* dst, int64_t n) { std::memcpy(dst, src, n * sizeof(float)); }
+
+inline void from_float(const float* src, c10::BFloat16* dst, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) dst[i] = c10::BFloat16(src[i]);  // round to nearest even, as .to(bfloat16)
+}
+
+#if defined(LORAPLEX_AVX512)
+// scores[0..n) <- exp(scores - max), in place; returns 1 / sum
+inline float softmax_unnormalised(float* sg, int64_t n) {
+  __m512 m = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+  for (int64_t j = 0; j < n; j += 16) m = _mm512_max_ps(m, _mm512_mask_loadu_ps(m, lpx::tail_mask(n - j), sg + j));
+  const __m512 mv = _mm512_set1_ps(_mm512_reduce_max_ps(m));
+  __m512 sum = _mm512_setzero_ps();
+  for (int64_t j = 0; j < n; j += 16) {
+    const __mmask16 tail = lpx::tail_mask(n - j);
+    const __m512 e = lpx::exp(_mm512_sub_ps(_mm512_maskz_loadu_ps(tail, sg + j), mv));
+    _mm512_mask_storeu_ps(sg + j, tail, e);
+    sum = _mm512_add_ps(sum, _mm512_maskz_mov_ps(tail, e));
+  }
+  return 1.f / _mm512_reduce_add_ps(sum);
+}
+
+template <int D, typename T>
+inline void store_scaled(const __m512* acc, float inv, T* out) {
+  const __m512 iv = _mm512_set1_ps(inv);
+  for (int c = 0; c < D / 16; ++c) lpx::store(out + 16 * c, _mm512_mul_ps(acc[c], iv));
+}
+
+constexpr int64_t PREFETCH_AHEAD = 6;  // tokens: hides the jump to the next paged block
+
+// One (query row, kv head) item, head_dim D and the G query heads sharing the kv head known at compile
+// time: each key/value row is loaded once for all G heads, every accumulator lives in registers, and
+// rows a few tokens ahead are prefetched (consecutive tokens sit in different blocks every block_size).
+template <int D, int G, typename T>
+void attend_item_grouped(const T* q, const T* k_cache, const T* v_cache, const int64_t* slots, int64_t n,
+                         int64_t kv_stride, float scale, float* scores, T* out) {
+  constexpr int C = D / 16;
+  __m512 qv[G][C];
+  for (int g = 0; g < G; ++g)
+    for (int c = 0; c < C; ++c) qv[g][c] = lpx::load(q + g * D + 16 * c);
+  for (int64_t j = 0; j < n; ++j) {
+    if (j + PREFETCH_AHEAD < n) {
+      const char* kp = reinterpret_cast<const char*>(k_cache + slots[j + PREFETCH_AHEAD] * kv_stride);
+      const char* vp = reinterpret_cast<const char*>(v_cache + slots[j + PREFETCH_AHEAD] * kv_stride);
+      for (int64_t b = 0; b < static_cast<int64_t>(D * sizeof(T)); b += 64) {
+        _mm_prefetch(kp + b, _MM_HINT_T0);
+        _mm_prefetch(vp + b, _MM_HINT_T1);
+      }
+    }
+    const T* k = k_cache + slots[j] * kv_stride;
+    __m512 kv[C];
+    for (int c = 0; c < C; ++c) kv[c] = lpx::load(k + 16 * c);
+    for (int g = 0; g < G; ++g) {
+      __m512 s = _mm512_mul_ps(qv[g][0], kv[0]);
+      for (int c = 1; c < C; ++c) s = _mm512_fmadd_ps(qv[g][c], kv[c], s);
+      scores[g * n + j] = _mm512_reduce_add_ps(s) * scale;
+    }
+  }
+  float inv[G];
+  for (int g = 0; g < G; ++g) inv[g] = softmax_unnormalised(scores + g * n, n);
+  __m512 acc[G][C];
+  for (int g = 0; g < G; ++g)
+    for (int c = 0; c < C; ++c) acc[g][c] = _mm512_setzero_ps();
+  for (int64_t j = 0; j < n; ++j) {
+    const T* v = v_cache + slots[j] * kv_stride;
+    __m512 vv[C];
+    for (int c = 0; c < C; ++c) vv[c] = lpx::load(v + 16 * c);
+    for (int g = 0; g < G; ++g) {
+      const __m512 p = _mm512_set1_ps(scores[g * n + j]);
+      for (int c = 0; c < C; ++c) acc[g][c] = _mm512_fmadd_ps(p, vv[c], acc[g][c]);
+    }
+  }
+  for (int g = 0; g < G; ++g) store_scaled<D>(acc[g], inv[g], out + g * D);
+}
+
+// Any group size: the query heads one at a time.
+template <int D, typename T>
+void attend_item_avx512(const T* q, const T* k_cache, const T* v_cache, const int64_t* slots, int64_t n,
+                        int64_t group, int64_t kv_stride, float scale, float* scores, T* out) {
+  switch (group) {
+    case 1: return attend_item_grouped<D, 1>(q, k_cache, v_cache, slots, n, kv_stride, scale, scores, out);
+    case 2: return attend_item_grouped<D, 2>(q, k_cache, v_cache, slots, n, kv_stride, scale, scores, out);
+    case 3: return attend_item_grouped<D, 3>(q, k_cache, v_cache, slots, n, kv_stride, scale, scores, out);
+    case 4: return attend_item_grouped<D, 4>(q, k_cache, v_cache, slots, n, kv_stride, scale, scores, out);
+    default: break;
+  }
+  for (int64_t g = 0; g < group; ++g)
+    attend_item_grouped<D, 1>(q + g * D, k_cache, v_cache, slots, n, kv_stride, scale, scores, out + g * D);
+}
+#endif
+
+// q [T, H, D]; caches [S, KVH, D]; slot_table [R, W]: row r's kv slots in token order; row_index [T]:
+// each query row's table row; row_len [T]: how many of that row's tokens it sees (causal), of which
+// the last `window` (window > 0) only; a row with row_len 0 gets zeros. out [T, H, D].
+template <typename T>
+void paged_attention_impl(const T* q, const T* k_cache, const T* v_cache, const int64_t* slot_table,
+                          const int64_t* row_index, const int64_t* row_len, T* out, int64_t num_rows,
+                          int64_t num_heads, int64_t num_kv_heads, int64_t head_dim, int64_t table_width,
+                          int64_t window, float scale) {
+  const int64_t group = num_heads / num_kv_heads;
+  at::parallel_for(0, num_rows * num_kv_heads, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> qf(group * head_dim), acc(group * head_dim), row(head_dim), scores;
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t t = item / num_kv_heads, h = item % num_kv_heads;
+      const int64_t len = row_len[t];
+      const int64_t first = window > 0 ? std::max<int64_t>(0, len - window) : 0;
+      const int64_t* slots = slot_table + row_index[t] * table_width;
+      const int64_t n = len - first;
+      if (n <= 0) {  // a row the caller computes another way
+        std::fill(out + t * num_heads * head_dim + h * group * head_dim,
+                  out + t * num_heads * head_dim + (h + 1) * group * head_dim, T(0.f));
+        continue;
+      }
+      scores.resize(group * n);
+#if defined(LORAPLEX_AVX512)
+      if (head_dim == 64 || head_dim == 128) {
+        const T* qh = q + (t * num_heads + h * group) * head_dim;
+        T* oh = out + (t * num_heads + h * group) * head_dim;
+        const T* kh = k_cache + h * head_dim;
+        const T* vh = v_cache + h * head_dim;
+        if (head_dim == 64) {
+          attend_item_avx512<64>(qh, kh, vh, slots + first, n, group, num_kv_heads * head_dim, scale, scores.data(), oh);
+        } else {
+          attend_item_avx512<128>(qh, kh, vh, slots + first, n, group, num_kv_heads * head_dim, scale, scores.data(), oh);
+        }
+        continue;
+      }
+#endif
+      to_float(q + (t * num_heads + h * group) * head_dim, qf.data(), group * head_dim);
+      // scores[g, j] = scale * q_g . k_j
+      for (int64_t j = 0; j < n; ++j) {
+        to_float(k_cache + (slots[first + j] * num_kv_heads + h) * head_dim, row.data(), head_dim);
+        for (int64_t g = 0; g < group; ++g) {
+          const float* qg = qf.data() + g * head_dim;
+          float s = 0.f;
+#pragma omp simd reduction(+ : s)
+          for (int64_t d = 0; d < head_dim; ++d) s += qg[d] * row[d];
+          scores[g * n + j] = s * scale;
+        }
+      }
+      // softmax per query head, in float32
+      for (int64_t g = 0; g < group; ++g) {
+        float* sg = scores.data() + g * n;
+        float m = -std::numeric_limits<float>::infinity();
+        for (int64_t j = 0; j < n; ++j) m = std::max(m, sg[j]);
+        float sum = 0.f;
+        for (int64_t j = 0; j < n; ++j) {
+          sg[j] = std::exp(sg[j] - m);
+          sum += sg[j];
+        }
+        const float inv = sum > 0.f ? 1.f / sum : 0.f;
+        for (int64_t j = 0; j < n; ++j) sg[j] *= inv;
+      }
+      // out_g = sum_j p[g, j] v_j
+      std::fill(acc.begin(), acc.end(), 0.f);
+      for (int64_t j = 0; j < n; ++j) {
+        to_float(v_cache + (slots[first + j] * num_kv_heads + h) * head_dim, row.data(), head_dim);
+        for (int64_t g = 0; g < group; ++g) {
+          const float p = scores[g * n + j];
+          float* ag = acc.data() + g * head_dim;
+#pragma omp simd
+          for (int64_t d = 0; d < head_dim; ++d) ag[d] += p * row[d];
+        }
+      }
+      from_float(acc.data(), out + (t * num_heads + h * group) * head_dim, group * head_dim);
+    }
+  });
+}
+
+// cache rows [slot] <- new [t] (the step's keys or values), rows of num_kv_heads * head_dim elements
+template <typename T>
+void write_rows(T* cache, const T* rows, int64_t row_stride, const int64_t* slots, int64_t n, int64_t width) {
+  for (int64_t t = 0; t < n; ++t) std::memcpy(cache + slots[t] * width, rows + t * row_stride, width * sizeof(T));
+}
+
+void check_slots(const at::Tensor& slots, int64_t num_slots, const char* what) {
+  const int64_t* p = slots.data_ptr<int64_t>();
+  for (int64_t i = 0, n = slots.numel(); i < n; ++i)
+    TORCH_CHECK(p[i] >= 0 && p[i] < num_slots, "paged_attention: ", what, " slot ", p[i], " out of range");
+}
+
+at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                           const at::Tensor& slot_table, const at::Tensor& row_index, const at::Tensor& row_len,
+                           int64_t window, double scale, const c10::optional<at::Tensor>& k_new,
+                           const c10::optional<at::Tensor>& v_new, const c10::optional<at::Tensor>& slot_mapping) {
+  TORCH_CHECK(q.dim() == 3 && k_cache.dim() == 3 && v_cache.sizes() == k_cache.sizes(),
+              "paged_attention: q [T, H, D] and caches [S, KVH, D] expected");
+  TORCH_CHECK(q.device().is_cpu() && k_cache.device().is_cpu(), "paged_attention: CPU tensors expected");
+  TORCH_CHECK(q.scalar_type() == k_cache.scalar_type() && v_cache.scalar_type() == k_cache.scalar_type(),
+              "paged_attention: q and the caches must share a dtype");
+  TORCH_CHECK(q.size(2) == k_cache.size(2) && q.size(1) % k_cache.size(1) == 0, "paged_attention: head shapes");
+  TORCH_CHECK(slot_table.scalar_type() == at::kLong && row_index.scalar_type() == at::kLong &&
+                  row_len.scalar_type() == at::kLong && slot_table.dim() == 2,
+              "paged_attention: int64 slot_table [R, W], row_index [T], row_len [T] expected");
+  TORCH_CHECK(row_index.numel() == q.size(0) && row_len.numel() == q.size(0), "paged_attention: one row per query");
+  TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous(), "paged_attention: contiguous caches expected");
+  auto qc = q.contiguous();
+  auto table = slot_table.contiguous();
+  auto idx = row_index.contiguous();
+  auto lens = row_len.contiguous();
+  auto out = at::empty_like(qc);
+  const int64_t T = qc.size(0), H = qc.size(1), D = qc.size(2), S = k_cache.size(0), KVH = k_cache.size(1),
+                W = table.size(1), R = table.size(0);
+  const bool write = k_new.has_value();
+  if (write) {  // this step's keys and values go into the cache first (write_kv)
+    TORCH_CHECK(v_new.has_value() && slot_mapping.has_value(), "paged_attention: k_new, v_new and slot_mapping together");
+    for (const at::Tensor* t : {&*k_new, &*v_new}) {
+      TORCH_CHECK(t->dim() == 3 && t->size(0) == T && t->size(1) == KVH && t->size(2) == D &&
+                      t->scalar_type() == k_cache.scalar_type() && t->stride(2) == 1 && t->stride(1) == D,
+                  "paged_attention: k_new / v_new [T, KVH, D] in the cache dtype, rows contiguous");
+    }
+    TORCH_CHECK(slot_mapping->scalar_type() == at::kLong && slot_mapping->numel() == T && slot_mapping->is_contiguous(),
+                "paged_attention: slot_mapping [T] int64");
+    check_slots(*slot_mapping, S, "write");
+  }
+  check_slots(table, S, "read");
+  const int64_t* lp = lens.data_ptr<int64_t>();
+  const int64_t* ip = idx.data_ptr<int64_t>();
+  for (int64_t t = 0; t < T; ++t) {
+    TORCH_CHECK(lp[t] >= 0 && lp[t] <= W, "paged_attention: row_len ", lp[t], " exceeds the slot table width ", W);
+    TORCH_CHECK(ip[t] >= 0 && ip[t] < R, "paged_attention: row_index out of range");
+  }
+  const float s = static_cast<float>(scale);
+  if (qc.scalar_type() == at::kFloat) {
+    if (write) {
+      write_rows(k_cache.data_ptr<float>(), k_new->data_ptr<float>(), k_new->stride(0), slot_mapping->data_ptr<int64_t>(), T, KVH * D);
+      write_rows(v_cache.data_ptr<float>(), v_new->data_ptr<float>(), v_new->stride(0), slot_mapping->data_ptr<int64_t>(), T, KVH * D);
+    }
+    paged_attention_impl<float>(qc.data_ptr<float>(), k_cache.data_ptr<float>(), v_cache.data_ptr<float>(),
+                                table.data_ptr<int64_t>(), ip, lp, out.data_ptr<float>(), T, H, KVH, D, W, window, s);
+  } else if (qc.scalar_type() == at::kBFloat16) {
+    using B = c10::BFloat16;
+    if (write) {
+      write_rows(k_cache.data_ptr<B>(), k_new->data_ptr<B>(), k_new->stride(0), slot_mapping->data_ptr<int64_t>(), T, KVH * D);
+      write_rows(v_cache.data_ptr<B>(), v_new->data_ptr<B>(), v_new->stride(0), slot_mapping->data_ptr<int64_t>(), T, KVH * D);
+    }
+    paged_attention_impl<B>(qc.data_ptr<B>(), k_cache.data_ptr<B>(), v_cache.data_ptr<B>(), table.data_ptr<int64_t>(),
+                            ip, lp, out.data_ptr<B>(), T, H, KVH, D, W, window, s);
+  } else {
+    TORCH_CHECK(false, "paged_attention: float32 or bfloat16 expected, got ", qc.scalar_type());
+  }
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY(loraplex_cpu, m) {
+  m.def("paged_attention(Tensor q, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor slot_table, Tensor row_index, "
+        "Tensor row_len, int window, float scale, Tensor? k_new=None, Tensor? v_new=None, "
+        "Tensor? slot_mapping=None) -> Tensor");
+  m.impl("paged_attention", c10::DispatchKey::CPU, &paged_attention);
+}
