@@ -6,8 +6,14 @@ import os
 import pytest
 import torch
 
+from loraplex.engine.kernels.cpu_linear import cap_isa_for_batch_invariance
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# oneDNN runs here as in the engine process of a default (--batch-invariant) server: off AMX on a CPU that has it
+# (engine/kernels/cpu_linear.py says why). Only a setting made before this process's first oneDNN call counts.
+# test_cpu_linear.py runs the AMX path (--no-batch-invariant) in processes of its own.
+cap_isa_for_batch_invariance()
 
 
 def pytest_collection_modifyitems(config, items):

@@ -8,6 +8,8 @@ Like quantization, it is applied by swapping modules, never inside model files.
 from __future__ import annotations
 
 import logging
+import os
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -28,6 +30,44 @@ def can_prepack(device: torch.device, dtype: torch.dtype) -> bool:
 
 # sibling projections that read the same input: packed side by side into one weight (one oneDNN call)
 FUSED_SIBLINGS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+
+# oneDNN's AMX bf16 GEMMs (Sapphire Rapids and later) round some rows differently depending on how many rows
+# share the call (measured: 1 ulp on a few rows of 37, enough to flip greedy tokens in half the prompts of a busy
+# batch); its AVX512_CORE_BF16 kernels do not. oneDNN reads this variable once, at its first CPU-ISA query.
+ONEDNN_ISA_VARIABLE = "ONEDNN_MAX_CPU_ISA"
+BATCH_INVARIANT_ISA = "AVX512_CORE_BF16"
+
+
+def has_amx() -> bool:
+    try:
+        flags = next((line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")), "")
+    except OSError:
+        return False
+    return "amx_bf16" in flags.split()
+
+
+def cap_isa_for_batch_invariance() -> bool:
+    """On an AMX CPU, keep oneDNN off AMX (see BATCH_INVARIANT_ISA) so a row's bf16 result never depends on its
+    batch. Takes effect only before the process's first oneDNN call: the engine process calls it first thing. A
+    user's own ONEDNN_MAX_CPU_ISA is left as it is. Returns whether the cap is (now) set."""
+    if not has_amx() or os.environ.get(ONEDNN_ISA_VARIABLE, BATCH_INVARIANT_ISA) != BATCH_INVARIANT_ISA:
+        return False
+    os.environ[ONEDNN_ISA_VARIABLE] = BATCH_INVARIANT_ISA
+    return True
+
+
+def rows_are_batch_invariant(dtype: torch.dtype = torch.bfloat16, rows: int = 37) -> bool:
+    """A quick probe of this process's oneDNN: does each row of a prepacked linear come out the same alone as
+    among `rows` rows, bit for bit? (A few milliseconds: one 576x1536 weight, `rows` + 1 calls.)"""
+    gen = torch.Generator().manual_seed(0)
+    linear = nn.Linear(576, 1536, bias=False).to(dtype)
+    with torch.no_grad():
+        linear.weight.copy_(torch.randn(linear.weight.shape, generator=gen))
+    packed = PackedLinear(linear, batch_size_hint=64)
+    x = torch.randn(rows, 576, generator=gen).to(dtype)
+    with torch.inference_mode():
+        many = packed(x)
+        return all(torch.equal(packed(x[i:i + 1])[0], many[i]) for i in range(rows))
 
 
 def _linear(x: torch.Tensor, packed_weight: torch.Tensor, bias: torch.Tensor | None,

@@ -10,6 +10,11 @@ from loraplex.engine.layers.attention import allocate_kv_caches, build_forward_b
 from loraplex.engine.loader import load_model
 
 ATOL = 1e-4
+# The 30-layer default model in float32 when our rows run in calls of other sizes than the reference's (mixed
+# batches, chunks): the reference's own logits move by up to 1.6e-4 (transformers) and 6.4e-4 (peft, with adapters)
+# with the number of rows per call on an AMX Xeon, whose GEMMs are blocked by row count. A real error (a wrong
+# scale, position or adapter row) moves them by more than 1e-2.
+DEFAULT_MODEL_ATOL = 1e-3
 
 TINY_CONFIGS = {
     "llama_gqa": lambda: transformers.LlamaConfig(
@@ -194,7 +199,7 @@ def test_default_model_prompt_matches_hf(smollm2):
     ids = tokenizer("The quick brown fox jumps over the lazy dog while the cat sleeps in the warm sun.").input_ids
     assert 15 <= len(ids) <= 25
     ours = PagedRunner(model, config, block_size=16, num_blocks=16).run({"a": ids}, [[("a", len(ids))]])["a"]
-    torch.testing.assert_close(ours, hf_logits(hf_model, ids), atol=ATOL, rtol=0)
+    torch.testing.assert_close(ours, hf_logits(hf_model, ids), atol=ATOL, rtol=0)  # same rows per call as HF
 
 
 @pytest.mark.parametrize("cpu_kernel", [False, True], ids=["torch-attention", "cpu-kernel-attention"])
@@ -221,4 +226,4 @@ def test_default_model_mixed_batch_matches_hf(smollm2, cpu_kernel):
     ])
     for name in seqs:
         assert ours[name].shape[0] == len(seqs[name])
-        torch.testing.assert_close(ours[name], hf_logits(hf_model, seqs[name]), atol=ATOL, rtol=0)
+        torch.testing.assert_close(ours[name], hf_logits(hf_model, seqs[name]), atol=DEFAULT_MODEL_ATOL, rtol=0)

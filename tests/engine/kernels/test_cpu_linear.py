@@ -1,11 +1,16 @@
 """PackedLinear (oneDNN-prepacked CPU weights) against nn.Linear, and a prepacked model against transformers."""
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 from torch import nn
 
-from loraplex.engine.kernels.cpu_linear import PackedLinear, can_prepack, prepack_linears
+from loraplex.engine.kernels.cpu_linear import (BATCH_INVARIANT_ISA, ONEDNN_ISA_VARIABLE, PackedLinear, can_prepack,
+                                                has_amx, prepack_linears)
 
 pytestmark = pytest.mark.skipif(not can_prepack(torch.device("cpu"), torch.float32),
                                 reason="this torch build has no oneDNN linear")
@@ -106,5 +111,50 @@ def test_a_row_gets_the_same_result_in_any_batch(dtype):
     with torch.inference_mode():
         for m, inp in ((mlp.down_proj, h), (mlp.gate_proj, x)):
             many = m(inp).clone()
-            for i in (0, 5, 36):
-                assert torch.equal(m(inp[i:i + 1])[0], many[i])
+            for i in range(len(inp)):
+                assert torch.equal(m(inp[i:i + 1])[0], many[i]), f"row {i}"
+
+
+def _fresh_python(code: str, *args: str) -> str:
+    """Run `code` in a new interpreter (oneDNN not yet initialised) without conftest's ISA cap; its stdout."""
+    environ = {k: v for k, v in os.environ.items() if k != ONEDNN_ISA_VARIABLE}
+    result = subprocess.run([sys.executable, "-c", code, *args], env=environ, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout
+
+
+@pytest.mark.skipif(not has_amx(), reason="no AMX on this CPU")
+def test_amx_path_matches_linear():
+    """--no-batch-invariant keeps oneDNN's AMX kernels: still the same product as nn.Linear (bf16 tolerance)."""
+    out = _fresh_python(
+        "import torch\n"
+        "from torch import nn\n"
+        "from loraplex.engine.kernels.cpu_linear import PackedLinear\n"
+        "torch.manual_seed(0)\n"
+        "for rows in (1, 5, 37, 130):\n"
+        "    lin = nn.Linear(576, 1536).to(torch.bfloat16)\n"
+        "    x = torch.randn(rows, 576, dtype=torch.bfloat16)\n"
+        "    with torch.inference_mode():\n"
+        "        got = PackedLinear(lin, 64, pad_single_rows=False)(x)\n"
+        "        torch.testing.assert_close(got.float(), lin(x).float(), atol=2e-2, rtol=2e-2)\n"
+        "print('ok')\n")
+    assert out.strip() == "ok"
+
+
+@pytest.mark.slow
+def test_engine_caps_onednn_for_batch_invariance(default_model_dir):
+    """A default (--batch-invariant) bf16 engine in a fresh process: on an AMX CPU it keeps oneDNN off AMX, and its
+    packed linears are then batch invariant; --no-batch-invariant leaves oneDNN as it is."""
+    code = ("import os, sys\n"
+            "from loraplex.engine.engine_args import EngineArgs\n"
+            "from loraplex.engine.llm_engine import LLMEngine\n"
+            "from loraplex.engine.kernels.cpu_linear import rows_are_batch_invariant\n"
+            f"LLMEngine.from_engine_args(EngineArgs(model={str(default_model_dir)!r}, dtype='bfloat16', device='cpu', "
+            "max_model_len=64, batch_invariant=sys.argv[1] == 'on'))\n"
+            f"print(os.environ.get({ONEDNN_ISA_VARIABLE!r}), rows_are_batch_invariant())\n")
+
+    isa, invariant = _fresh_python(code, "on").split()
+    assert invariant == "True"
+    assert isa == (BATCH_INVARIANT_ISA if has_amx() else "None")
+    assert _fresh_python(code, "off").split()[0] == "None"
