@@ -1,6 +1,7 @@
 """LLMEngine: the synchronous step — schedule(), execute, update_from_output() — plus detokenization."""
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import time
@@ -199,8 +200,11 @@ class LLMEngine:
         if not scheduler_output.scheduled:
             return []
         sampled = self.runner.execute(scheduler_output)
+        for rid, s in sampled.items():
+            if s.prompt_logprobs:
+                self._requests[rid].prompt_logprobs.extend(s.prompt_logprobs)
         updates = self.scheduler.update_from_output(
-            scheduler_output, {rid: s.token_id for rid, s in sampled.items()})
+            scheduler_output, {rid: s.token_id for rid, s in sampled.items() if s.token_id is not None})
         outputs = []
         for request, new_token_ids in updates:
             outputs.append(self._make_output(request, new_token_ids, sampled.get(request.request_id)))
@@ -217,12 +221,24 @@ class LLMEngine:
             (tok, lp), *top = sampled.logprobs
             logprobs = [TokenLogprob(tok, decode_token_text(self.tokenizer, tok), lp,
                                      [(t, decode_token_text(self.tokenizer, t), v) for t, v in top])]
+        prompt_logprobs = self._prompt_logprobs(request) if request.num_output_tokens == len(new_token_ids) else None
         if request.is_finished:
             if not detok.stopped:
                 text += detok.flush()
-            return self._final_output(request, text, new_token_ids, logprobs)
-        return RequestOutput(request.request_id, text, new_token_ids, False, request.num_prompt_tokens,
-                             request.num_output_tokens, logprobs)
+            out = self._final_output(request, text, new_token_ids, logprobs)
+        else:
+            out = RequestOutput(request.request_id, text, new_token_ids, False, request.num_prompt_tokens,
+                                request.num_output_tokens, logprobs)
+        out.prompt_logprobs = prompt_logprobs
+        return out
+
+    def _prompt_logprobs(self, request: Request) -> list[TokenLogprob] | None:
+        """The request's prompt logprobs as output data (its first output carries them)."""
+        if request.prompt_logprobs is None:
+            return None
+        text = functools.partial(decode_token_text, self.tokenizer)
+        return [TokenLogprob(p.token_id, text(p.token_id), p.logprob, [(t, text(t), v) for t, v in p.top], p.rank)
+                for p in request.prompt_logprobs]
 
     def _final_output(self, request: Request, text: str, new_token_ids: list[int], logprobs) -> RequestOutput:
         if self.adapter_hook is not None and request.request_id in self._requests:

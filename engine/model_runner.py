@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -10,16 +10,37 @@ from loraplex.engine.core.config import CacheConfig, ModelConfig
 from loraplex.engine.kernels import cpu_kernels
 from loraplex.engine.layers.attention import allocate_kv_caches, build_forward_batch
 from loraplex.engine.layers.forward_batch import ForwardBatch
-from loraplex.engine.layers.sampler import Sampler, SamplingMetadata
+from loraplex.engine.layers.sampler import Sampler, SamplingMetadata, prompt_token_logprobs
 
 logger = logging.getLogger(__name__)
+
+PROMPT_LOGPROB_ROWS_PER_CALL = 256  # bounds the float32 [rows, vocab] buffer of prompt logprobs (~50 MB at 49k)
+
+
+@dataclass(slots=True)
+class PromptLogprob:
+    """One prompt token's score given the tokens before it."""
+    token_id: int
+    logprob: float
+    rank: int
+    top: list[tuple[int, float]]  # the most likely tokens at its position, best first
 
 
 @dataclass(slots=True)
 class SampledToken:
-    token_id: int
+    token_id: int | None  # None: this step ran a prefill chunk of the request without sampling
     # (token_id, logprob) pairs: the sampled token first, then the top alternatives
     logprobs: list[tuple[int, float]] | None = None
+    # prompt tokens this step scored (a request with SamplingParams.prompt_logprobs), in prompt order
+    prompt_logprobs: list[PromptLogprob] | None = None
+
+
+@dataclass(slots=True)
+class PromptLogprobRows:
+    """Which rows of a step's batch score which prompt tokens: row i's logits give the logprob of target i."""
+    rows: list[int] = field(default_factory=list)
+    targets: list[int] = field(default_factory=list)
+    owners: list[tuple[object, int, int]] = field(default_factory=list)  # (request, first, end) into rows
 
 
 def kv_cache_bytes_per_block(model_config: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
@@ -56,13 +77,16 @@ class ModelRunner:
         self.adapter_hook = None  # AdapterHook: sets each step's per-row adapter metadata
 
     # ---- batch building -------------------------------------------------------------------
-    def build_batch(self, scheduled) -> ForwardBatch:
-        """`scheduled`: the scheduler's list, single-token entries first (the decode group)."""
+    def build_batch(self, scheduled, prompt_rows: PromptLogprobRows | None = None) -> ForwardBatch:
+        """`scheduled`: the scheduler's list, single-token entries first (the decode group). `prompt_rows`, when
+        given, is filled with the rows that score prompt tokens for requests that asked for prompt logprobs."""
         input_ids: list[int] = []
         logits_rows: list[int] = []
         row = 0
         for s in scheduled:
             input_ids.extend(_tokens_between(s.request, s.start_pos, s.start_pos + s.num_new_tokens))
+            if prompt_rows is not None and s.request.wants_prompt_logprobs:
+                _add_prompt_rows(prompt_rows, s, row)
             row += s.num_new_tokens
             if s.sample:
                 logits_rows.append(row - 1)
@@ -77,19 +101,23 @@ class ModelRunner:
         scheduled = scheduler_output.scheduled
         if not scheduled:
             return {}
-        batch = self.build_batch(scheduled)
+        prompt_rows = PromptLogprobRows()
+        batch = self.build_batch(scheduled, prompt_rows)
         if self.adapter_hook is not None:
             self.adapter_hook.prepare(scheduled, batch)
         hidden = self.model(batch, self.kv_caches)  # [num_tokens, hidden]
+        result: dict[str, SampledToken] = {}
+        if prompt_rows.rows:
+            for request, scored in self._score_prompt_rows(hidden, prompt_rows):
+                result[request.request_id] = SampledToken(None, prompt_logprobs=scored)
         sampling = [s for s in scheduled if s.sample]  # same order as logits_indices
         if not sampling:
-            return {}
+            return result
         logits = self.model.compute_logits(hidden[batch.logits_indices])  # [num_sampled, vocab]
         requests = [s.request for s in sampling]
         metadata = SamplingMetadata.build(requests, logits.shape[-1], self.device)
         out = self.sampler(logits, metadata)
         token_ids = out.sampled_token_ids.tolist()  # the step's one host sync
-        result: dict[str, SampledToken] = {}
         if out.logprobs is not None:
             lp_ids, lps = out.logprob_token_ids.tolist(), out.logprobs.tolist()
         for i, req in enumerate(requests):
@@ -97,8 +125,41 @@ class ModelRunner:
             if out.logprobs is not None and req.sampling_params.logprobs is not None:
                 k = req.sampling_params.logprobs + 1
                 lp = list(zip(lp_ids[i][:k], lps[i][:k]))
-            result[req.request_id] = SampledToken(token_ids[i], lp)
+            scored = result[req.request_id].prompt_logprobs if req.request_id in result else None
+            result[req.request_id] = SampledToken(token_ids[i], lp, scored)
         return result
+
+    def _score_prompt_rows(self, hidden: torch.Tensor, prompt_rows: PromptLogprobRows):
+        """(request, [PromptLogprob]) per request with prompt rows in this step: logits for those rows only, in
+        slices of PROMPT_LOGPROB_ROWS_PER_CALL (one more host sync, in steps that have such rows)."""
+        num_top = max(r.sampling_params.prompt_logprobs for r, _, _ in prompt_rows.owners)
+        rows = torch.tensor(prompt_rows.rows, dtype=torch.int64, device=hidden.device)
+        targets = torch.tensor(prompt_rows.targets, dtype=torch.int64, device=hidden.device)
+        parts = []
+        for start in range(0, len(prompt_rows.rows), PROMPT_LOGPROB_ROWS_PER_CALL):
+            sl = slice(start, start + PROMPT_LOGPROB_ROWS_PER_CALL)
+            logits = self.model.compute_logits(hidden[rows[sl]])  # [slice rows, vocab]
+            parts.append(prompt_token_logprobs(logits, targets[sl], min(num_top, logits.shape[-1])))
+        lp, rank, top_ids, top_lps = (torch.cat(p).tolist() for p in zip(*parts))
+        for request, first, end in prompt_rows.owners:
+            k = request.sampling_params.prompt_logprobs
+            yield request, [PromptLogprob(prompt_rows.targets[i], lp[i], rank[i], list(zip(top_ids[i][:k], top_lps[i][:k])))
+                            for i in range(first, end)]
+
+
+def _add_prompt_rows(prompt_rows: PromptLogprobRows, s, first_row: int) -> None:
+    """The rows of scheduled chunk `s` (starting at batch row `first_row`) whose logits score a prompt token not
+    scored yet: position p predicts prompt token p + 1, for p + 1 < num_prompt_tokens."""
+    request = s.request
+    done = len(request.prompt_logprobs)  # prompt tokens 1..done are scored
+    first_pos = max(s.start_pos, done)
+    end_pos = min(s.start_pos + s.num_new_tokens, request.num_prompt_tokens - 1)
+    if first_pos >= end_pos:
+        return
+    start = len(prompt_rows.rows)
+    prompt_rows.rows.extend(first_row + p - s.start_pos for p in range(first_pos, end_pos))
+    prompt_rows.targets.extend(request.prompt_token_ids[first_pos + 1:end_pos + 1])
+    prompt_rows.owners.append((request, start, len(prompt_rows.rows)))
 
 
 def _tokens_between(request, start: int, end: int) -> list[int]:

@@ -20,6 +20,7 @@ from starlette.routing import Route
 from loraplex.engine.core.errors import PromptTooLongError
 from loraplex.engine.core.outputs import RequestOutput, TokenLogprob
 from loraplex.engine.core.sampling_params import SamplingParams
+from loraplex.engine.detokenizer import decode_token_text
 from loraplex.serve.errors import (
     ClientDisconnectedError,
     InvalidRequestError,
@@ -36,6 +37,7 @@ from loraplex.serve.schemas import (
     ChatCompletionResponse,
     ChatResponseMessage,
     CompletionChoice,
+    CompletionLogprobs,
     CompletionRequest,
     CompletionResponse,
     DeltaMessage,
@@ -45,6 +47,8 @@ from loraplex.serve.schemas import (
     chat_logprobs,
     choice_params,
     completion_logprobs,
+    echo_logprobs,
+    prompt_logprobs_field,
 )
 
 logger = logging.getLogger("loraplex.serve")
@@ -102,16 +106,25 @@ class _Choice:
     tracker: RequestTracker
     num_prompt_tokens: int
     prefix: str = ""  # echoed prompt text (completions)
+    prompt_ids: list[int] = field(default_factory=list)  # echoed prompt tokens (completions)
     text_offset: int = 0  # characters emitted so far, for completions' logprobs.text_offset
     num_output_tokens: int = 0
     finish_reason: str | None = None
     stop_reason: int | str | None = None
     texts: list[str] = field(default_factory=list)  # non-streaming only
     logprobs: list[TokenLogprob] = field(default_factory=list)  # non-streaming only
+    prompt_logprobs: list[TokenLogprob] | None = None  # from the first output, when asked for
+    score_only: bool = False  # completions' echo with max_tokens 0: the one generated token is dropped
 
     def on_output(self, out: RequestOutput) -> None:
         self.tracker.on_output(out)
-        self.num_output_tokens = out.num_output_tokens
+        if out.prompt_logprobs is not None:
+            self.prompt_logprobs = out.prompt_logprobs
+        if self.score_only:  # the token generated to get here is not part of the answer
+            out.text, out.token_ids, out.logprobs = "", [], None
+            if out.finished and out.finish_reason == "stop":
+                out.finish_reason, out.stop_reason = "length", None
+        self.num_output_tokens = 0 if self.score_only else out.num_output_tokens
         if out.finished:
             self.finish_reason, self.stop_reason = out.finish_reason, out.stop_reason
             logger.info("request %s finished: prompt_tokens=%d output_tokens=%d finish_reason=%s",
@@ -263,7 +276,9 @@ async def chat_completions(request: Request) -> Response:
             index=c.index, message=ChatResponseMessage(content="".join(c.texts)),
             logprobs=chat_logprobs(c.logprobs, num_top) if req.logprobs else None,
             finish_reason=c.finish_reason, stop_reason=c.stop_reason) for c in choices],
-        usage=UsageInfo.of(len(prompt_ids), sum(c.num_output_tokens for c in choices))))
+        usage=UsageInfo.of(len(prompt_ids), sum(c.num_output_tokens for c in choices)),
+        prompt_logprobs=(prompt_logprobs_field(choices[0].prompt_logprobs or [])
+                         if req.prompt_logprobs is not None else None)))
 
 
 async def _chat_stream(state: Any, req: ChatCompletionRequest, model_name: str, response_id: str,
@@ -326,31 +341,52 @@ async def completions(request: Request) -> Response:
     state = request.app.state
     model = resolve_model(state, req.model)
     engine = state.engine
-    if req.echo and req.logprobs is not None:
-        raise InvalidRequestError("echo with logprobs is not supported (prompt logprobs are not computed)",
-                                  param="echo")
     prompts = _completion_prompts(engine, req.prompt)
-    params = [req.to_sampling_params(_max_tokens(req.max_tokens, len(ids), engine.max_model_len, "prompt"))
+    # max_tokens 0 (echo only) runs as 1: the prompt's last row must be computed; its token is dropped
+    max_tokens = 1 if req.score_only else req.max_tokens
+    params = [req.to_sampling_params(_max_tokens(max_tokens, len(ids), engine.max_model_len, "prompt"))
               for ids, _ in prompts]
     response_id = f"cmpl-{uuid.uuid4().hex}"
     choices = _start_requests(state, response_id, model, [ids for ids, _ in prompts], params, req.n)
-    if req.echo:
-        for c in choices:
+    for c in choices:
+        c.score_only = req.score_only
+        if req.echo:
             ids, text = prompts[c.index // req.n]
             c.prefix = text if text is not None else engine.tokenizer.decode(ids)
             c.text_offset = len(c.prefix)
+            c.prompt_ids = ids
     num_prompt_tokens = sum(len(ids) for ids, _ in prompts)
     if req.stream:
         return _sse(_completion_stream(state, req, model.name, response_id, choices, num_prompt_tokens))
     await _collect(request, state, choices)
-    num_top = req.logprobs or 0
     return _json(CompletionResponse(
         id=response_id, model=model.name,
         choices=[CompletionChoice(
-            index=c.index, text=c.prefix + "".join(c.texts),
-            logprobs=completion_logprobs(c.logprobs, num_top, c.text_offset) if req.logprobs is not None else None,
-            finish_reason=c.finish_reason, stop_reason=c.stop_reason) for c in choices],
+            index=c.index, text=c.prefix + "".join(c.texts), logprobs=_choice_logprobs(engine, req, c, c.logprobs),
+            finish_reason=c.finish_reason, stop_reason=c.stop_reason,
+            prompt_logprobs=(prompt_logprobs_field(c.prompt_logprobs or [])
+                             if req.prompt_logprobs is not None else None)) for c in choices],
         usage=UsageInfo.of(num_prompt_tokens, sum(c.num_output_tokens for c in choices))))
+
+
+def _echo_part(engine: Any, c: _Choice, num_top: int) -> CompletionLogprobs:
+    """Completions' logprobs of the echoed prompt: its first token unscored, then the engine's prompt logprobs."""
+    first = decode_token_text(engine.tokenizer, c.prompt_ids[0])
+    return echo_logprobs(first, c.prompt_logprobs or [], num_top)
+
+
+def _choice_logprobs(engine: Any, req: CompletionRequest, c: _Choice,
+                     logprobs: list[TokenLogprob]) -> CompletionLogprobs | None:
+    """A whole (non-streamed) choice's logprobs: the echoed prompt's, then the completion's."""
+    if req.logprobs is None:
+        return None
+    out = completion_logprobs(logprobs, req.logprobs, c.text_offset)
+    if not req.echo:
+        return out
+    echo = _echo_part(engine, c, req.logprobs)
+    for name in ("tokens", "token_logprobs", "top_logprobs", "text_offset"):
+        getattr(echo, name).extend(getattr(out, name))
+    return echo
 
 
 async def _completion_stream(state: Any, req: CompletionRequest, model_name: str, response_id: str,
@@ -364,10 +400,13 @@ async def _completion_stream(state: Any, req: CompletionRequest, model_name: str
 
     try:
         for c in choices:
-            if c.prefix:
+            if c.prefix and req.logprobs is None:  # with logprobs the prefix waits for the prompt's logprobs
                 yield chunk([CompletionChoice(index=c.index, text=c.prefix)])
         async with aclosing(_outputs(choices)) as outputs:
             async for c, out in outputs:
+                if c.prefix and req.logprobs is not None and out.prompt_logprobs is not None:
+                    yield chunk([CompletionChoice(index=c.index, text=c.prefix,
+                                                  logprobs=_echo_part(state.engine, c, num_top))])
                 if out.text or (req.logprobs is not None and out.logprobs):
                     logprobs = None
                     if req.logprobs is not None:

@@ -6,7 +6,7 @@ import time
 from dataclasses import replace
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_serializer
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_serializer, model_validator
 
 from loraplex.engine.core.outputs import TokenLogprob
 from loraplex.engine.core.sampling_params import MAX_TOP_LOGPROBS, SamplingParams
@@ -49,12 +49,22 @@ class _SamplingRequest(BaseModel):
     stop_token_ids: list[int] | None = None
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
+    # each prompt token's logprob and the k most likely tokens at its position (vLLM's prompt_logprobs)
+    prompt_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+
+    @model_validator(mode="after")
+    def _prompt_logprobs_not_streamed(self):
+        if self.prompt_logprobs is not None and self.stream:
+            raise ValueError("prompt_logprobs is not available with stream: true (completions: echo + logprobs "
+                             "streams the prompt's logprobs)")
+        return self
 
     @property
     def include_usage(self) -> bool:
         return bool(self.stream and self.stream_options and self.stream_options.include_usage)
 
-    def _sampling_params(self, max_tokens: int, logprobs: int | None) -> SamplingParams:
+    def _sampling_params(self, max_tokens: int, logprobs: int | None,
+                         prompt_logprobs: int | None = None) -> SamplingParams:
         stop = [self.stop] if isinstance(self.stop, str) else (self.stop or [])
         return SamplingParams(
             max_tokens=max_tokens,
@@ -71,6 +81,7 @@ class _SamplingRequest(BaseModel):
             stop_token_ids=tuple(self.stop_token_ids or ()),
             ignore_eos=self.ignore_eos,
             logprobs=logprobs,
+            prompt_logprobs=prompt_logprobs,
             include_stop_str_in_output=self.include_stop_str_in_output,
             skip_special_tokens=self.skip_special_tokens,
         )
@@ -115,7 +126,8 @@ class ChatCompletionRequest(_SamplingRequest):
 
     def to_sampling_params(self, max_tokens: int) -> SamplingParams:
         """The one conversion for /v1/chat/completions; SamplingParams raises ValueError (-> 400)."""
-        return self._sampling_params(max_tokens, (self.top_logprobs or 0) if self.logprobs else None)
+        return self._sampling_params(max_tokens, (self.top_logprobs or 0) if self.logprobs else None,
+                                     self.prompt_logprobs)
 
     def conversation(self) -> list[dict[str, str]]:
         return [{"role": m.role, "content": m.text()} for m in self.messages]
@@ -125,6 +137,18 @@ class CompletionRequest(_SamplingRequest):
     prompt: str | list[str] | list[int] | list[list[int]]
     echo: bool = False
     logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+    max_tokens: int | None = Field(None, ge=0)  # 0: score the prompt only (with echo, as lm-eval and vLLM do)
+
+    @model_validator(mode="after")
+    def _zero_max_tokens_needs_echo(self):
+        if self.max_tokens == 0 and not self.echo:
+            raise ValueError("max_tokens 0 needs echo: true (scoring the prompt); otherwise it must be at least 1")
+        return self
+
+    @property
+    def score_only(self) -> bool:
+        """echo with max_tokens 0: the prompt (and its logprobs) alone, no completion."""
+        return self.echo and self.max_tokens == 0
 
     @field_validator("prompt", mode="wrap")
     @classmethod
@@ -140,8 +164,10 @@ class CompletionRequest(_SamplingRequest):
         return self.max_tokens
 
     def to_sampling_params(self, max_tokens: int) -> SamplingParams:
-        """The one conversion for /v1/completions; SamplingParams raises ValueError (-> 400)."""
-        return self._sampling_params(max_tokens, self.logprobs)
+        """The one conversion for /v1/completions; SamplingParams raises ValueError (-> 400). echo + logprobs k
+        needs the prompt's logprobs with k alternatives; max_tokens 0 runs as 1, its token dropped."""
+        wanted = [k for k in (self.prompt_logprobs, self.logprobs if self.echo else None) if k is not None]
+        return self._sampling_params(max(max_tokens, 1), self.logprobs, max(wanted) if wanted else None)
 
 
 def choice_params(params: SamplingParams, choice_index: int) -> SamplingParams:
@@ -204,6 +230,14 @@ class ChatCompletionResponse(BaseModel):
     choices: list[ChatCompletionChoice]
     usage: UsageInfo
     system_fingerprint: str | None = None
+    prompt_logprobs: PromptLogprobs | None = None  # vLLM extra, when asked for
+
+    @model_serializer(mode="wrap")
+    def _omit_unasked_prompt_logprobs(self, handler) -> dict[str, Any]:
+        data = handler(self)
+        if data.get("prompt_logprobs") is None:
+            data.pop("prompt_logprobs", None)
+        return data
 
 
 class DeltaMessage(BaseModel):
@@ -240,12 +274,30 @@ class CompletionLogprobs(BaseModel):
     top_logprobs: list[dict[str, float] | None] = Field(default_factory=list)
 
 
+class PromptTokenLogprob(BaseModel):
+    """vLLM's entry of `prompt_logprobs`, keyed by token id."""
+    logprob: float
+    rank: int | None = None
+    decoded_token: str
+
+
+PromptLogprobs = list[dict[str, PromptTokenLogprob] | None]
+
+
 class CompletionChoice(BaseModel):
     index: int
     text: str
     logprobs: CompletionLogprobs | None = None
     finish_reason: str | None = None
     stop_reason: int | str | None = None
+    prompt_logprobs: PromptLogprobs | None = None  # vLLM extra, when asked for
+
+    @model_serializer(mode="wrap")
+    def _omit_unasked_prompt_logprobs(self, handler) -> dict[str, Any]:
+        data = handler(self)
+        if data.get("prompt_logprobs") is None:
+            data.pop("prompt_logprobs", None)
+        return data
 
 
 class CompletionResponse(BaseModel):
@@ -442,3 +494,26 @@ class CreateFineTuningJobRequest(BaseModel):
         if self.method is not None and self.method.supervised is not None:
             return self.method.supervised.hyperparameters or FineTuningHyperparameters()
         return self.hyperparameters or FineTuningHyperparameters()
+
+
+def prompt_logprobs_field(scored: list[TokenLogprob]) -> PromptLogprobs:
+    """vLLM's `prompt_logprobs`: None for the first prompt token, then {token id: logprob, rank, decoded_token}
+    for the prompt token itself and the k most likely tokens at its position."""
+    out: PromptLogprobs = [None]
+    for lp in scored:
+        entry = {str(t): PromptTokenLogprob(logprob=_finite(v), rank=i + 1, decoded_token=text)
+                 for i, (t, text, v) in enumerate(lp.top_logprobs)}
+        entry[str(lp.token_id)] = PromptTokenLogprob(logprob=_finite(lp.logprob), rank=lp.rank, decoded_token=lp.token)
+        out.append(entry)
+    return out
+
+
+def echo_logprobs(first_token: str, scored: list[TokenLogprob], num_top: int) -> CompletionLogprobs:
+    """The prompt part of completions' logprobs with echo: every prompt token, the first with null logprob and
+    null top_logprobs (as OpenAI and vLLM), offsets from 0."""
+    out = completion_logprobs(scored, num_top, len(first_token))
+    out.tokens.insert(0, first_token)
+    out.token_logprobs.insert(0, None)
+    out.top_logprobs.insert(0, None)
+    out.text_offset.insert(0, 0)
+    return out

@@ -107,8 +107,8 @@ class KVCacheManager:
         """The longest cached prefix of full blocks, as (block_ids, num_computed_tokens). Only the
         first num_tokens - 1 tokens are matched so that the last token is always recomputed (its
         logits are needed). Takes no references: pass the ids to `allocate_slots`."""
-        if not self.enable_prefix_caching:
-            return [], 0
+        if not self.enable_prefix_caching or request.wants_prompt_logprobs:
+            return [], 0  # a cached prefix has no logits: its prompt logprobs could not be computed
         max_blocks = (request.num_tokens - 1) // self.block_size
         computed: list[int] = []
         for block_hash in self._block_hashes(request, max_blocks)[:max_blocks]:

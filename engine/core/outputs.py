@@ -11,6 +11,7 @@ class TokenLogprob:
     logprob: float
     # the most likely alternatives at this position, best first: (token_id, token text, logprob)
     top_logprobs: list[tuple[int, str, float]] = field(default_factory=list)
+    rank: int | None = None  # 1 + how many tokens were more likely (prompt logprobs only)
 
 
 @dataclass(slots=True)
@@ -25,6 +26,8 @@ class RequestOutput:
     logprobs: list[TokenLogprob] | None = None  # one per token in `token_ids`, when asked for
     finish_reason: str | None = None  # "stop" | "length" | "abort"
     stop_reason: int | str | None = None  # the stop string or stop token id that ended it
+    # with SamplingParams.prompt_logprobs, in the request's first output: one per prompt token from the second on
+    prompt_logprobs: list[TokenLogprob] | None = None
 
 
 @dataclass(slots=True)

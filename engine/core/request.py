@@ -31,7 +31,7 @@ class Request:
     __slots__ = ("request_id", "prompt_token_ids", "sampling_params", "eos_token_ids",
                  "arrival_time", "adapter_id", "adapter_version", "output_token_ids",
                  "num_computed_tokens", "status", "stop_reason", "num_preemptions",
-                 "first_token_time")
+                 "first_token_time", "prompt_logprobs")
 
     def __init__(self, request_id: str, prompt_token_ids: list[int], sampling_params: SamplingParams,
                  eos_token_ids: tuple[int, ...] = (), arrival_time: float | None = None,
@@ -52,6 +52,10 @@ class Request:
         self.stop_reason: int | str | None = None
         self.num_preemptions = 0
         self.first_token_time: float | None = None
+        # with sampling_params.prompt_logprobs: one entry per prompt token from the second on, filled as its
+        # prefill chunks run (the runner's PromptLogprob; plain data here). A recompute after preemption
+        # does not add them again.
+        self.prompt_logprobs: list | None = [] if sampling_params.prompt_logprobs is not None else None
 
     @property
     def num_prompt_tokens(self) -> int:
@@ -72,6 +76,11 @@ class Request:
     @property
     def is_finished(self) -> bool:
         return self.status.is_finished
+
+    @property
+    def wants_prompt_logprobs(self) -> bool:
+        """Prompt logprobs still to compute: such a request reads no cached prefix (its rows are needed)."""
+        return self.prompt_logprobs is not None and len(self.prompt_logprobs) < self.num_prompt_tokens - 1
 
     @property
     def cache_salt(self) -> tuple[int, int]:

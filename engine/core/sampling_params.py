@@ -24,6 +24,9 @@ class SamplingParams:
     ignore_eos: bool = False
     # None: no logprobs; k >= 0: the sampled token's logprob plus the k most likely tokens.
     logprobs: int | None = None
+    # None: none; k >= 0: each prompt token's logprob given the tokens before it (the first has none) and
+    # the k most likely tokens there (vLLM's prompt_logprobs; OpenAI's echo + logprobs)
+    prompt_logprobs: int | None = None
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
     extra: dict = field(default_factory=dict, compare=False, hash=False)
@@ -49,6 +52,8 @@ class SamplingParams:
             raise ValueError(f"frequency_penalty must be in [-2, 2], got {self.frequency_penalty}")
         if self.logprobs is not None and not 0 <= self.logprobs <= MAX_TOP_LOGPROBS:
             raise ValueError(f"top_logprobs must be in [0, {MAX_TOP_LOGPROBS}], got {self.logprobs}")
+        if self.prompt_logprobs is not None and not 0 <= self.prompt_logprobs <= MAX_TOP_LOGPROBS:
+            raise ValueError(f"prompt_logprobs must be in [0, {MAX_TOP_LOGPROBS}], got {self.prompt_logprobs}")
         if any(not s for s in self.stop):
             raise ValueError("stop strings must be non-empty")
         if any(t < 0 for t in self.stop_token_ids):

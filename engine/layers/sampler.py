@@ -246,3 +246,15 @@ class Sampler:
         if device not in self._generators:
             self._generators[device] = torch.Generator(device=device)
         return self._generators[device]
+
+
+def prompt_token_logprobs(logits: torch.Tensor, target_ids: torch.Tensor, num_top: int
+                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Scores of given tokens: logits [rows, vocab] (the raw model output), target_ids [rows] int64 ->
+    (logprob [rows], rank [rows] int64: 1 + how many tokens are more likely, top ids and logprobs [rows, num_top]),
+    all from float32 log_softmax; no sampling parameter (temperature, penalties) applies, as in vLLM."""
+    logprobs = torch.log_softmax(logits.float(), dim=-1)  # [rows, vocab]
+    target = logprobs.gather(1, target_ids[:, None])  # [rows, 1]
+    rank = (logprobs > target).sum(dim=1) + 1  # [rows]
+    top_lps, top_ids = logprobs.topk(num_top, dim=-1) if num_top else (logprobs[:, :0], target_ids[:, None][:, :0])
+    return target[:, 0], rank, top_ids, top_lps
