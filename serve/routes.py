@@ -131,6 +131,14 @@ class _Choice:
                         self.request_id, out.num_prompt_tokens, out.num_output_tokens, out.finish_reason)
 
 
+def _check_logit_bias(engine: Any, req: ChatCompletionRequest | CompletionRequest) -> None:
+    vocab_size = engine.model_config.vocab_size
+    bad = [k for k in req.logit_bias or {} if int(k) >= vocab_size]
+    if bad:
+        raise InvalidRequestError(f"logit_bias token ids must be in [0, {vocab_size}): got {', '.join(bad[:5])}",
+                                  param="logit_bias")
+
+
 def _max_tokens(requested: int | None, num_prompt_tokens: int, max_model_len: int, param: str) -> int:
     """vLLM's rule: an omitted max_tokens takes the rest of the context; too much is a 400."""
     if requested is None:
@@ -261,6 +269,7 @@ async def chat_completions(request: Request) -> Response:
     state = request.app.state
     model = resolve_model(state, req.model)
     engine = state.engine
+    _check_logit_bias(engine, req)
     prompt_ids = _chat_prompt_ids(engine.tokenizer, req)
     max_tokens = _max_tokens(req.requested_max_tokens, len(prompt_ids), engine.max_model_len, "messages")
     params = req.to_sampling_params(max_tokens)
@@ -341,6 +350,7 @@ async def completions(request: Request) -> Response:
     state = request.app.state
     model = resolve_model(state, req.model)
     engine = state.engine
+    _check_logit_bias(engine, req)
     prompts = _completion_prompts(engine, req.prompt)
     # max_tokens 0 (echo only) runs as 1: the prompt's last row must be computed; its token is dropped
     max_tokens = 1 if req.score_only else req.max_tokens

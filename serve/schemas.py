@@ -9,7 +9,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_serializer, model_validator
 
 from loraplex.engine.core.outputs import TokenLogprob
-from loraplex.engine.core.sampling_params import MAX_TOP_LOGPROBS, SamplingParams
+from loraplex.engine.core.sampling_params import MAX_LOGIT_BIAS_ENTRIES, MAX_TOP_LOGPROBS, SamplingParams
 
 MAX_N = 8
 _INT64_MIN, _INT64_MAX = -(1 << 63), (1 << 63) - 1
@@ -51,6 +51,21 @@ class _SamplingRequest(BaseModel):
     skip_special_tokens: bool = True
     # each prompt token's logprob and the k most likely tokens at its position (vLLM's prompt_logprobs)
     prompt_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+    logit_bias: dict[str, float] | None = None  # token id (as a string, OpenAI's JSON) -> bias in [-100, 100]
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _logit_bias(cls, value: dict[str, float] | None) -> dict[str, float] | None:
+        if value is None:
+            return None
+        if len(value) > MAX_LOGIT_BIAS_ENTRIES:
+            raise ValueError(f"at most {MAX_LOGIT_BIAS_ENTRIES} tokens, got {len(value)}")
+        for key, bias in value.items():
+            if not key.strip().isdigit():
+                raise ValueError(f"keys are token ids, got {key!r}")
+            if not -100.0 <= bias <= 100.0:
+                raise ValueError(f"values must be in [-100, 100], got {bias} for token {key}")
+        return value
 
     @model_validator(mode="after")
     def _prompt_logprobs_not_streamed(self):
@@ -82,6 +97,7 @@ class _SamplingRequest(BaseModel):
             ignore_eos=self.ignore_eos,
             logprobs=logprobs,
             prompt_logprobs=prompt_logprobs,
+            logit_bias=tuple((int(k), float(v)) for k, v in (self.logit_bias or {}).items()),
             include_stop_str_in_output=self.include_stop_str_in_output,
             skip_special_tokens=self.skip_special_tokens,
         )

@@ -55,6 +55,10 @@ class SamplingMetadata:
     # (row, token id) pairs forced to -inf while a request is below its min_tokens
     suppress_rows: torch.Tensor | None  # [num_suppressed] int64
     suppress_token_ids: torch.Tensor | None  # [num_suppressed] int64
+    # logit_bias entries of every row, flattened; None when no row has any
+    bias_rows: torch.Tensor | None  # [num_biased] int64
+    bias_token_ids: torch.Tensor | None  # [num_biased] int64
+    bias_values: torch.Tensor | None  # [num_biased] float32
     max_num_logprobs: int | None
 
     @property
@@ -88,6 +92,13 @@ class SamplingMetadata:
             suppress_rows = torch.tensor([row for row, _ in suppress], dtype=torch.int64, device=device)
             suppress_ids = torch.tensor([t for _, t in suppress], dtype=torch.int64, device=device)
 
+        biased = [(row, t, b) for row, p in enumerate(params) for t, b in p.logit_bias if t < vocab_size]
+        bias_rows = bias_ids = bias_values = None
+        if biased:
+            bias_rows = torch.tensor([r for r, _, _ in biased], dtype=torch.int64, device=device)
+            bias_ids = torch.tensor([t for _, t, _ in biased], dtype=torch.int64, device=device)
+            bias_values = f32([b for _, _, b in biased])
+
         wanted = [p.logprobs for p in params if p.logprobs is not None]
         return cls(
             temperature=f32([1.0 if g else p.temperature for p, g in zip(params, greedy)]),
@@ -112,6 +123,9 @@ class SamplingMetadata:
                         if p.seed is not None and not g},
             suppress_rows=suppress_rows,
             suppress_token_ids=suppress_ids,
+            bias_rows=bias_rows,
+            bias_token_ids=bias_ids,
+            bias_values=bias_values,
             max_num_logprobs=min(max(wanted), vocab_size) if wanted else None,
         )
 
@@ -195,14 +209,17 @@ class Sampler:
 
     def __call__(self, logits: torch.Tensor, md: SamplingMetadata) -> SamplerOutput:
         # logits: [num_rows, vocab], any float dtype
-        if md.all_greedy and md.no_penalties and md.suppress_rows is None and md.max_num_logprobs is None:
+        if (md.all_greedy and md.no_penalties and md.suppress_rows is None and md.bias_rows is None
+                and md.max_num_logprobs is None):
             # plain greedy needs no float32 copy: the cast is exact, so the argmax is the same
             return SamplerOutput(greedy(logits), None, None)
         raw = logits.to(torch.float32, copy=True)  # work in float32 on a private copy
         x = raw if md.no_penalties else apply_penalties(raw, md)
+        if (md.suppress_rows is not None or md.bias_rows is not None) and x is raw and md.max_num_logprobs is not None:
+            x = raw.clone()  # logprobs read the raw logits
+        if md.bias_rows is not None:  # (row, token) pairs are unique: a plain indexed add
+            x[md.bias_rows, md.bias_token_ids] += md.bias_values
         if md.suppress_rows is not None:
-            if x is raw and md.max_num_logprobs is not None:
-                x = raw.clone()  # logprobs read the raw logits
             x[md.suppress_rows, md.suppress_token_ids] = float("-inf")
 
         greedy_ids = None if md.all_random else greedy(x)  # [num_rows]

@@ -130,3 +130,23 @@ def test_dead_engine_process_gives_503_not_a_hang(default_model_dir):
         assert r.status_code == 503 and r.json()["error"]["code"] == "engine_dead"
     finally:
         srv.stop()
+
+
+
+def test_logit_bias_bans_and_forces_tokens(client, default_model_dir):
+    import transformers
+    tokenizer = transformers.AutoTokenizer.from_pretrained(default_model_dir)
+    kw = dict(model="smol", prompt="The capital of France is", max_tokens=6, temperature=0)
+    plain = client.completions.create(**kw).choices[0].text
+    banned_ids = set(tokenizer(plain, add_special_tokens=False).input_ids)
+    banned = client.completions.create(**kw, logit_bias={str(t): -100 for t in banned_ids}).choices[0].text
+    assert banned != plain and not set(tokenizer(banned, add_special_tokens=False).input_ids) & banned_ids
+    forced = client.completions.create(**kw, logit_bias={"28": 100}).choices[0].text
+    assert forced == tokenizer.decode([28] * 6)
+    chat = client.chat.completions.create(model="smol", messages=[{"role": "user", "content": "Hi"}], max_tokens=3,
+                                          temperature=0, logit_bias={"28": 100})
+    assert chat.choices[0].message.content == tokenizer.decode([28] * 3)
+    with pytest.raises(openai.BadRequestError) as err:
+        client.completions.create(**kw, logit_bias={"9999999": 5})
+    assert err.value.body["param"] == "logit_bias"
+    assert client.completions.create(**kw).choices[0].text == plain  # and it keeps serving

@@ -53,6 +53,11 @@ def test_malformed_json(client):
     ({"temperature": -1.0}, "temperature"),  # rejected by SamplingParams (ValueError)
     ({"top_p": 0.0}, "top_p"),
     ({"model": None, "messages": None}, "messages"),
+    ({"logit_bias": {"abc": 1}}, "logit_bias"),
+    ({"logit_bias": {"5": 101}}, "logit_bias"),
+    ({"logit_bias": {str(i): 1 for i in range(301)}}, "logit_bias"),
+    ({"logit_bias": {"999999": 1}}, "logit_bias"),  # past the vocabulary
+    ({"prompt_logprobs": 21}, "prompt_logprobs"),
 ])
 def test_invalid_fields(client, patch, param):
     body = {"model": MODEL_NAME, "messages": MESSAGES, **patch}

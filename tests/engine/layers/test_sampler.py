@@ -211,3 +211,23 @@ def test_cuda_greedy_matches_cpu_and_seeded_rows_reproduce():
     alone = sample(logits[2:3].cuda(), [reqs[2]]).sampled_token_ids.item()
     shuffled = sample(logits[[5, 2]].cuda(), [reqs[5], reqs[2]]).sampled_token_ids[1].item()
     assert alone == shuffled == gpu.sampled_token_ids[2].item()
+
+
+def test_logit_bias_bans_and_forces_tokens_per_row():
+    logits = torch.tensor([[0.0, 9.0, 8.0, 7.0, 1.0]] * 4)
+    reqs = [make_request(temperature=0.0, logit_bias=((1, -100.0),)),  # ban the argmax: the runner-up wins
+            make_request(temperature=0.0, logit_bias=((4, 100.0),)),  # force a token
+            make_request(temperature=0.0),  # no bias: the row beside is untouched
+            make_request(temperature=0.9, seed=3, logit_bias=((0, 100.0), (1, -100.0)))]  # random rows too
+    out = sample(logits.clone(), reqs)
+    assert out.sampled_token_ids.tolist() == [2, 4, 1, 0]
+    with_lp = sample(logits[:1].clone(), [make_request(temperature=0.0, logprobs=1, logit_bias=((4, 100.0),))])
+    assert with_lp.sampled_token_ids.tolist() == [4]
+    raw = torch.log_softmax(logits[0], dim=0)
+    assert with_lp.logprobs[0, 0].item() == pytest.approx(raw[4].item())  # logprobs stay those of the model
+
+
+@pytest.mark.parametrize("bias", [((1, 100.5),), ((-1, 1.0),), ((2, 1.0), (2, -1.0)), tuple((i, 1.0) for i in range(301))])
+def test_bad_logit_bias(bias):
+    with pytest.raises(ValueError, match="logit_bias"):
+        SamplingParams(logit_bias=bias)
