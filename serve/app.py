@@ -17,6 +17,7 @@ from loraplex.serve.errors import EXCEPTION_HANDLERS, AuthenticationError, opena
 from loraplex.serve.fine_tuning_routes import FINE_TUNING_ROUTES, is_fine_tuning_admin_route
 from loraplex.serve.metrics import ServingMetrics
 from loraplex.serve.routes import ROUTES
+from loraplex.serve.utility_routes import UTILITY_ROUTES
 
 logger = logging.getLogger("loraplex.serve")
 
@@ -32,7 +33,7 @@ class ApiKeyMiddleware:
         self._admin = None if admin_api_key is None else f"Bearer {admin_api_key}".encode()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope["path"].startswith("/v1") and scope["method"] != "OPTIONS":
+        if scope["type"] == "http" and scope["path"].startswith(GUARDED_PREFIXES) and scope["method"] != "OPTIONS":
             given = Headers(scope=scope).get("authorization", "").encode()
             admin_ok = self._admin is not None and secrets.compare_digest(given, self._admin)
             if self._admin is not None and _is_admin(scope["path"], scope["method"]):
@@ -43,6 +44,9 @@ class ApiKeyMiddleware:
                 await openai_error_response(AuthenticationError())(scope, receive, send)
                 return
         await self.app(scope, receive, send)
+
+
+GUARDED_PREFIXES = ("/v1", "/tokenize", "/detokenize")  # /health, /ready, /metrics and /version stay open
 
 
 def _is_admin(path: str, method: str) -> bool:
@@ -80,7 +84,7 @@ def build_app(engine: Any, served_model_names: list[str], api_key: str | None = 
 
     middleware = ([Middleware(ApiKeyMiddleware, api_key=api_key, admin_api_key=admin_api_key)]
                   if api_key or admin_api_key else [])
-    app = Starlette(routes=ROUTES + ADAPTER_ROUTES + FINE_TUNING_ROUTES, middleware=middleware,
+    app = Starlette(routes=ROUTES + ADAPTER_ROUTES + FINE_TUNING_ROUTES + UTILITY_ROUTES, middleware=middleware,
                     exception_handlers=EXCEPTION_HANDLERS, lifespan=lifespan)
     app.state.engine = engine
     app.state.adapters = adapters

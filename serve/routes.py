@@ -256,12 +256,19 @@ async def _collect(request: Request, state: Any, choices: list[_Choice]) -> None
 
 # ---------------------------------------------------------------------------- chat
 
-def _chat_prompt_ids(tokenizer: Any, req: ChatCompletionRequest) -> list[int]:
+def render_chat(tokenizer: Any, conversation: list[dict[str, str]], add_generation_prompt: bool = True,
+                continue_final_message: bool = False) -> list[int]:
+    """The chat template's prompt as token ids (the template writes any special tokens itself)."""
     try:
-        text = tokenizer.apply_chat_template(req.conversation(), add_generation_prompt=True, tokenize=False)
+        text = tokenizer.apply_chat_template(conversation, add_generation_prompt=add_generation_prompt,
+                                             continue_final_message=continue_final_message, tokenize=False)
     except jinja2.TemplateError as exc:
         raise InvalidRequestError(f"The chat template rejected the messages: {exc}", param="messages")
     return tokenizer.encode(text, add_special_tokens=False)
+
+
+def _chat_prompt_ids(tokenizer: Any, req: ChatCompletionRequest) -> list[int]:
+    return render_chat(tokenizer, req.conversation())
 
 
 async def chat_completions(request: Request) -> Response:

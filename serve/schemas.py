@@ -186,6 +186,53 @@ class CompletionRequest(_SamplingRequest):
         return self._sampling_params(max(max_tokens, 1), self.logprobs, max(wanted) if wanted else None)
 
 
+class TokenizeCompletionRequest(BaseModel):
+    """vLLM's POST /tokenize for a prompt."""
+    model_config = ConfigDict(extra="forbid")
+    model: str | None = None
+    prompt: str
+    add_special_tokens: bool = True
+    return_token_strs: bool = False
+
+
+class TokenizeChatRequest(BaseModel):
+    """vLLM's POST /tokenize for chat messages, rendered by the model's chat template."""
+    model_config = ConfigDict(extra="forbid")
+    model: str | None = None
+    messages: list[ChatMessage] = Field(min_length=1)
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    add_special_tokens: bool = False
+    return_token_strs: bool = False
+
+    @model_validator(mode="after")
+    def _one_of_generation_or_continue(self):
+        if self.add_generation_prompt and self.continue_final_message:
+            raise ValueError("add_generation_prompt and continue_final_message exclude each other")
+        return self
+
+
+class TokenizeResponse(BaseModel):
+    count: int
+    max_model_len: int
+    tokens: list[int]
+    token_strs: list[str] | None = None
+
+
+class DetokenizeRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    model: str | None = None
+    tokens: list[int] = Field(max_length=1 << 20)
+
+
+class DetokenizeResponse(BaseModel):
+    prompt: str
+
+
+class VersionResponse(BaseModel):
+    version: str
+
+
 def choice_params(params: SamplingParams, choice_index: int) -> SamplingParams:
     """Seeded n > 1: each choice gets seed + index (as vLLM does), so they differ but reproduce."""
     if params.seed is None or choice_index == 0:

@@ -150,3 +150,20 @@ def test_logit_bias_bans_and_forces_tokens(client, default_model_dir):
         client.completions.create(**kw, logit_bias={"9999999": 5})
     assert err.value.body["param"] == "logit_bias"
     assert client.completions.create(**kw).choices[0].text == plain  # and it keeps serving
+
+
+def test_tokenize_detokenize_version_match_the_model_tokenizer(server, default_model_dir):
+    import transformers
+    tokenizer = transformers.AutoTokenizer.from_pretrained(default_model_dir)
+    url = server.base_url
+    r = httpx.post(url + "/tokenize", json={"model": "smol", "prompt": "The capital of France is"}).json()
+    assert r["tokens"] == tokenizer("The capital of France is").input_ids and r["max_model_len"] == 512
+    messages = [{"role": "user", "content": "What is 2 + 2?"}]
+    chat = httpx.post(url + "/tokenize", json={"model": "smol", "messages": messages}).json()
+    assert chat["tokens"] == tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=False)
+    completion = httpx.post(url + "/v1/chat/completions", json={"model": "smol", "messages": messages,
+                                                                 "max_tokens": 1}).json()
+    assert completion["usage"]["prompt_tokens"] == chat["count"]  # the same prompt the chat endpoint runs
+    assert httpx.post(url + "/detokenize", json={"tokens": chat["tokens"]}).json()["prompt"] == \
+        tokenizer.decode(chat["tokens"])
+    assert httpx.get(url + "/version").json()["version"] == "0.1.0"
