@@ -24,6 +24,31 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
+# Request fields of OpenAI's and vLLM's APIs that loraplex does not implement (yet): sent with a value that would
+# change the answer, they are a 400 naming the field, never silently dropped. Each maps to the values that change
+# nothing (None is always fine). Unknown vendor fields are still ignored.
+UNSUPPORTED_FIELDS: dict[str, tuple] = {
+    "response_format": ({"type": "text"},),  # structured output: not yet
+    "tools": ([],),
+    "tool_choice": ("none",),
+    "parallel_tool_calls": (True, False),  # meaningless without tools
+    "functions": ([],),
+    "function_call": ("none",),
+    "audio": (),
+    "modalities": (["text"],),
+    "prediction": (),
+    "web_search_options": (),
+    "reasoning_effort": (),
+    "verbosity": (),
+    "store": (False,),
+    "service_tier": ("auto", "default"),
+    "best_of": (1,),
+    "suffix": ("",),
+    "guided_json": (), "guided_regex": (), "guided_choice": (), "guided_grammar": (),
+    "guided_decoding_backend": (), "structured_outputs": (), "bad_words": ([],),
+}
+
+
 class _SamplingRequest(BaseModel):
     """Fields both endpoints share; unknown fields are ignored (OpenAI clients send some)."""
     model_config = ConfigDict(extra="ignore")
@@ -52,6 +77,37 @@ class _SamplingRequest(BaseModel):
     # each prompt token's logprob and the k most likely tokens at its position (vLLM's prompt_logprobs)
     prompt_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
     logit_bias: dict[str, float] | None = None  # token id (as a string, OpenAI's JSON) -> bias in [-100, 100]
+    # see UNSUPPORTED_FIELDS: accepted only with a value that changes nothing
+    response_format: Any = None
+    tools: Any = None
+    tool_choice: Any = None
+    parallel_tool_calls: Any = None
+    functions: Any = None
+    function_call: Any = None
+    audio: Any = None
+    modalities: Any = None
+    prediction: Any = None
+    web_search_options: Any = None
+    reasoning_effort: Any = None
+    verbosity: Any = None
+    store: Any = None
+    service_tier: Any = None
+    best_of: Any = None
+    suffix: Any = None
+    guided_json: Any = None
+    guided_regex: Any = None
+    guided_choice: Any = None
+    guided_grammar: Any = None
+    guided_decoding_backend: Any = None
+    structured_outputs: Any = None
+    bad_words: Any = None
+
+    @field_validator(*UNSUPPORTED_FIELDS)
+    @classmethod
+    def _not_implemented(cls, value: Any, info) -> Any:
+        if value is not None and value not in UNSUPPORTED_FIELDS[info.field_name]:
+            raise ValueError("is not supported by this server (see the README's list of request fields)")
+        return value
 
     @field_validator("logit_bias")
     @classmethod

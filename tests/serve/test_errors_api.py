@@ -174,3 +174,38 @@ def test_api_key():
         bad = openai.OpenAI(base_url="http://testserver/v1", api_key="nope", http_client=client, max_retries=0)
         with pytest.raises(openai.AuthenticationError):
             bad.models.list()
+
+
+@pytest.mark.parametrize("field,value", [
+    ("response_format", {"type": "json_object"}),
+    ("tools", [{"type": "function", "function": {"name": "f", "parameters": {}}}]),
+    ("tool_choice", "required"),
+    ("audio", {"voice": "alloy", "format": "wav"}),
+    ("modalities", ["text", "audio"]),
+    ("prediction", {"type": "content", "content": "x"}),
+    ("web_search_options", {}),
+    ("reasoning_effort", "high"),
+    ("store", True),
+    ("service_tier", "flex"),
+    ("guided_json", {"type": "object"}),
+    ("guided_choice", ["a", "b"]),
+    ("bad_words", ["x"]),
+])
+def test_unimplemented_fields_are_refused_not_ignored(client, field, value):
+    err = _error(client.post(CHAT, json={"model": MODEL_NAME, "messages": MESSAGES, field: value}), 400, param=field)
+    assert "not supported" in err["message"]
+    _still_serving(client)
+
+
+@pytest.mark.parametrize("field,value", [("response_format", {"type": "text"}), ("tools", []), ("tool_choice", "none"),
+                                         ("store", False), ("service_tier", "auto"), ("modalities", ["text"]),
+                                         ("metadata", {"k": "v"}), ("some_vendor_field", 1)])
+def test_fields_that_change_nothing_are_accepted(client, field, value):
+    r = client.post(CHAT, json={"model": MODEL_NAME, "messages": MESSAGES, "max_tokens": 2, field: value})
+    assert r.status_code == 200, r.text
+
+
+def test_completions_refuse_suffix_and_best_of(client):
+    for field, value in (("suffix", "tail"), ("best_of", 3)):
+        r = client.post("/v1/completions", json={"model": MODEL_NAME, "prompt": "x", field: value})
+        _error(r, 400, param=field)
