@@ -64,6 +64,15 @@ class LLMEngine:
         self.eos_token_ids = self._eos_token_ids(tokenizer, model_config)
         self._detokenizers: dict[str, IncrementalDetokenizer] = {}
         self._requests: dict[str, Request] = {}
+        self.structured_output = None  # StructuredOutputManager, made when the first request asks for one
+
+    def _structured(self):
+        if self.structured_output is None:
+            from loraplex.engine.structured.manager import StructuredOutputManager
+            self.structured_output = StructuredOutputManager(self.tokenizer, self.model_config.vocab_size,
+                                                             self.eos_token_ids)
+            self.runner.structured_output = self.structured_output
+        return self.structured_output
 
     @staticmethod
     def _eos_token_ids(tokenizer, model_config: ModelConfig) -> tuple[int, ...]:
@@ -150,6 +159,8 @@ class LLMEngine:
             raise ValueError("this engine serves no adapters (start it with LoRA enabled)")
         request = Request(request_id, prompt_token_ids, params, eos_token_ids=self.eos_token_ids,
                           arrival_time=arrival_time, adapter_id=adapter_id, adapter_version=adapter_version)
+        if params.structured_output is not None:
+            self._structured().submit(request)  # compiles off the loop; the scheduler waits for it
         if self.adapter_hook is not None:
             self.adapter_hook.add_request(request)
         try:
@@ -157,6 +168,8 @@ class LLMEngine:
         except ValueError:
             if self.adapter_hook is not None:
                 self.adapter_hook.release(request, finished=True)
+            if self.structured_output is not None:
+                self.structured_output.release(request_id)
             raise
         self._requests[request_id] = request
         self._detokenizers[request_id] = IncrementalDetokenizer(self.tokenizer, prompt_token_ids, params)
@@ -193,21 +206,45 @@ class LLMEngine:
 
     # ---- the step -------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
+        outputs = self._poll_grammars()
         scheduler_output = self.scheduler.schedule()
         if self.adapter_hook is not None:
             for request_id in scheduler_output.preempted_request_ids:
                 self.adapter_hook.release(self._requests[request_id], finished=False)
         if not scheduler_output.scheduled:
-            return []
+            return outputs
         sampled = self.runner.execute(scheduler_output)
+        grammar_done = []
         for rid, s in sampled.items():
             if s.prompt_logprobs:
                 self._requests[rid].prompt_logprobs.extend(s.prompt_logprobs)
+            if s.token_id is not None and self.structured_output is not None:
+                request = self._requests[rid]
+                if not self.structured_output.accept(request, s.token_id):
+                    logger.warning("request %s: the grammar refused sampled token %d; finishing it", rid, s.token_id)
+                    grammar_done.append(rid)
+                elif self.structured_output.is_terminated(request):
+                    grammar_done.append(rid)
         updates = self.scheduler.update_from_output(
             scheduler_output, {rid: s.token_id for rid, s in sampled.items() if s.token_id is not None})
-        outputs = []
+        # a complete structured output ends the request even if its stop token was not sampled (ignore_eos)
+        self.scheduler.finish_requests([rid for rid in grammar_done if not self._requests[rid].is_finished],
+                                       RequestStatus.FINISHED_STOPPED)
         for request, new_token_ids in updates:
             outputs.append(self._make_output(request, new_token_ids, sampled.get(request.request_id)))
+        return outputs
+
+    def _poll_grammars(self) -> list[RequestOutput]:
+        """Admit requests whose grammar compiled since the last step; with nothing else to run, wait a little for
+        one instead of spinning. A grammar that fails to compile aborts its request."""
+        manager = self.structured_output
+        if manager is None or not manager.has_pending:
+            return []
+        idle = not self.scheduler.running and all(r.waiting_for_grammar for r in self.scheduler.waiting)
+        outputs = []
+        for request, error in manager.poll(wait_s=0.05 if idle else 0.0):
+            logger.error("request %s: %s", request.request_id, error)
+            outputs.extend(self.abort_requests([request.request_id]))
         return outputs
 
     def _make_output(self, request: Request, new_token_ids: list[int], sampled) -> RequestOutput:
@@ -243,6 +280,8 @@ class LLMEngine:
     def _final_output(self, request: Request, text: str, new_token_ids: list[int], logprobs) -> RequestOutput:
         if self.adapter_hook is not None and request.request_id in self._requests:
             self.adapter_hook.release(request, finished=True)
+        if self.structured_output is not None:
+            self.structured_output.release(request.request_id)
         self._requests.pop(request.request_id, None)
         self._detokenizers.pop(request.request_id, None)
         return RequestOutput(request.request_id, text, new_token_ids, True, request.num_prompt_tokens,

@@ -75,6 +75,7 @@ class ModelRunner:
         logger.info("attention: %s", "fused CPU kernel" if self.cpu_attention_kernel else "plain torch")
         self.sampler = Sampler()
         self.adapter_hook = None  # AdapterHook: sets each step's per-row adapter metadata
+        self.structured_output = None  # StructuredOutputManager: each step's token bitmask, once a request needs one
 
     # ---- batch building -------------------------------------------------------------------
     def build_batch(self, scheduled, prompt_rows: PromptLogprobRows | None = None) -> ForwardBatch:
@@ -115,7 +116,8 @@ class ModelRunner:
             return result
         logits = self.model.compute_logits(hidden[batch.logits_indices])  # [num_sampled, vocab]
         requests = [s.request for s in sampling]
-        metadata = SamplingMetadata.build(requests, logits.shape[-1], self.device)
+        bitmask = None if self.structured_output is None else self.structured_output.fill_bitmask(requests)
+        metadata = SamplingMetadata.build(requests, logits.shape[-1], self.device, bitmask)
         out = self.sampler(logits, metadata)
         token_ids = out.sampled_token_ids.tolist()  # the step's one host sync
         if out.logprobs is not None:

@@ -5,6 +5,6 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${LORAPLEX_VENV:-.venv}
 [ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"
-"$VENV/bin/pip" install -q torch==2.13.0 -e .
+"$VENV/bin/pip" install -q torch==2.13.0 -e '.[structured]'
 export HF_HUB_OFFLINE=1
 exec "$VENV/bin/loraplex" serve "$@"

@@ -131,6 +131,23 @@ class _Choice:
                         self.request_id, out.num_prompt_tokens, out.num_output_tokens, out.finish_reason)
 
 
+def _check_structured_output(req: ChatCompletionRequest | CompletionRequest) -> None:
+    """A bad schema, regex or grammar is a 400 naming the field before anything is queued (parsed here without the
+    tokenizer; the engine compiles it for the vocabulary)."""
+    try:
+        constraint = req.structured_output()
+    except ValueError as exc:
+        raise InvalidRequestError(str(exc), param="response_format") from None
+    if constraint is None:
+        return
+    spec, field_name = constraint
+    from loraplex.engine.structured.manager import validate
+    try:
+        validate(spec)
+    except ValueError as exc:
+        raise InvalidRequestError(f"{field_name}: {exc}", param=field_name) from None
+
+
 def _check_logit_bias(engine: Any, req: ChatCompletionRequest | CompletionRequest) -> None:
     vocab_size = engine.model_config.vocab_size
     bad = [k for k in req.logit_bias or {} if int(k) >= vocab_size]
@@ -277,6 +294,7 @@ async def chat_completions(request: Request) -> Response:
     model = resolve_model(state, req.model)
     engine = state.engine
     _check_logit_bias(engine, req)
+    _check_structured_output(req)
     prompt_ids = _chat_prompt_ids(engine.tokenizer, req)
     max_tokens = _max_tokens(req.requested_max_tokens, len(prompt_ids), engine.max_model_len, "messages")
     params = req.to_sampling_params(max_tokens)
@@ -358,6 +376,7 @@ async def completions(request: Request) -> Response:
     model = resolve_model(state, req.model)
     engine = state.engine
     _check_logit_bias(engine, req)
+    _check_structured_output(req)
     prompts = _completion_prompts(engine, req.prompt)
     # max_tokens 0 (echo only) runs as 1: the prompt's last row must be computed; its token is dropped
     max_tokens = 1 if req.score_only else req.max_tokens

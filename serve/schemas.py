@@ -1,6 +1,7 @@
 """Pydantic request/response models in OpenAI's shapes (plus vLLM's sampling extras) and their builders."""
 from __future__ import annotations
 
+import json
 import math
 import time
 from dataclasses import replace
@@ -9,7 +10,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_serializer, model_validator
 
 from loraplex.engine.core.outputs import TokenLogprob
-from loraplex.engine.core.sampling_params import MAX_LOGIT_BIAS_ENTRIES, MAX_TOP_LOGPROBS, SamplingParams
+from loraplex.engine.core.sampling_params import MAX_LOGIT_BIAS_ENTRIES, MAX_TOP_LOGPROBS, SamplingParams, StructuredOutput
 
 MAX_N = 8
 _INT64_MIN, _INT64_MAX = -(1 << 63), (1 << 63) - 1
@@ -28,7 +29,6 @@ class StreamOptions(BaseModel):
 # change the answer, they are a 400 naming the field, never silently dropped. Each maps to the values that change
 # nothing (None is always fine). Unknown vendor fields are still ignored.
 UNSUPPORTED_FIELDS: dict[str, tuple] = {
-    "response_format": ({"type": "text"},),  # structured output: not yet
     "tools": ([],),
     "tool_choice": ("none",),
     "parallel_tool_calls": (True, False),  # meaningless without tools
@@ -44,9 +44,53 @@ UNSUPPORTED_FIELDS: dict[str, tuple] = {
     "service_tier": ("auto", "default"),
     "best_of": (1,),
     "suffix": ("",),
-    "guided_json": (), "guided_regex": (), "guided_choice": (), "guided_grammar": (),
-    "guided_decoding_backend": (), "structured_outputs": (), "bad_words": ([],),
+    "guided_decoding_backend": ("xgrammar", "auto"), "bad_words": ([],),
 }
+
+
+class JsonSchemaFormat(BaseModel):
+    model_config = ConfigDict(extra="ignore", populate_by_name=True)
+    name: str = Field("response", max_length=256)
+    description: str | None = None
+    schema_: dict = Field(default_factory=dict, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(BaseModel):
+    """OpenAI's response_format: text (no constraint), json_object (any JSON object) or json_schema."""
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema_given(self):
+        if self.type == "json_schema" and self.json_schema is None:
+            raise ValueError("type json_schema needs json_schema: {name, schema, strict}")
+        return self
+
+
+class StructuredOutputsParams(BaseModel):
+    """vLLM's structured_outputs: one of json, regex, choice, grammar, json_object."""
+    model_config = ConfigDict(extra="forbid")
+    json_: dict | str | None = Field(None, alias="json")
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    json_object: bool | None = None
+
+    def specs(self) -> list[StructuredOutput]:
+        out = []
+        if self.json_ is not None:
+            out.append(StructuredOutput("json_schema", self.json_ if isinstance(self.json_, str) else json.dumps(self.json_)))
+        if self.regex is not None:
+            out.append(StructuredOutput("regex", self.regex))
+        if self.choice is not None:
+            out.append(StructuredOutput("choice", json.dumps(self.choice)))
+        if self.grammar is not None:
+            out.append(StructuredOutput("grammar", self.grammar))
+        if self.json_object:
+            out.append(StructuredOutput("json_object"))
+        return out
 
 
 class _SamplingRequest(BaseModel):
@@ -77,8 +121,14 @@ class _SamplingRequest(BaseModel):
     # each prompt token's logprob and the k most likely tokens at its position (vLLM's prompt_logprobs)
     prompt_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
     logit_bias: dict[str, float] | None = None  # token id (as a string, OpenAI's JSON) -> bias in [-100, 100]
+    # structured output (engine/structured/): at most one of these
+    response_format: ResponseFormat | None = None
+    guided_json: dict | str | None = None  # vLLM
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None  # EBNF
+    structured_outputs: StructuredOutputsParams | None = None  # vLLM's newer spelling of the same
     # see UNSUPPORTED_FIELDS: accepted only with a value that changes nothing
-    response_format: Any = None
     tools: Any = None
     tool_choice: Any = None
     parallel_tool_calls: Any = None
@@ -94,12 +144,7 @@ class _SamplingRequest(BaseModel):
     service_tier: Any = None
     best_of: Any = None
     suffix: Any = None
-    guided_json: Any = None
-    guided_regex: Any = None
-    guided_choice: Any = None
-    guided_grammar: Any = None
     guided_decoding_backend: Any = None
-    structured_outputs: Any = None
     bad_words: Any = None
 
     @field_validator(*UNSUPPORTED_FIELDS)
@@ -130,12 +175,37 @@ class _SamplingRequest(BaseModel):
                              "streams the prompt's logprobs)")
         return self
 
+    def structured_output(self) -> tuple[StructuredOutput, str] | None:
+        """The output constraint and the field that set it, or None. More than one is a ValueError."""
+        found: list[tuple[StructuredOutput, str]] = []
+        rf = self.response_format
+        if rf is not None and rf.type == "json_object":
+            found.append((StructuredOutput("json_object"), "response_format"))
+        elif rf is not None and rf.type == "json_schema":
+            found.append((StructuredOutput("json_schema", json.dumps(rf.json_schema.schema_),
+                                           strict=rf.json_schema.strict is not False), "response_format"))
+        if self.guided_json is not None:
+            value = self.guided_json if isinstance(self.guided_json, str) else json.dumps(self.guided_json)
+            found.append((StructuredOutput("json_schema", value), "guided_json"))
+        if self.guided_regex is not None:
+            found.append((StructuredOutput("regex", self.guided_regex), "guided_regex"))
+        if self.guided_choice is not None:
+            found.append((StructuredOutput("choice", json.dumps(self.guided_choice)), "guided_choice"))
+        if self.guided_grammar is not None:
+            found.append((StructuredOutput("grammar", self.guided_grammar), "guided_grammar"))
+        if self.structured_outputs is not None:
+            found.extend((spec, "structured_outputs") for spec in self.structured_outputs.specs())
+        if len(found) > 1:
+            raise ValueError(f"give one output constraint, not {len(found)} ({', '.join(f for _, f in found)})")
+        return found[0] if found else None
+
     @property
     def include_usage(self) -> bool:
         return bool(self.stream and self.stream_options and self.stream_options.include_usage)
 
     def _sampling_params(self, max_tokens: int, logprobs: int | None,
                          prompt_logprobs: int | None = None) -> SamplingParams:
+        constraint = self.structured_output()
         stop = [self.stop] if isinstance(self.stop, str) else (self.stop or [])
         return SamplingParams(
             max_tokens=max_tokens,
@@ -154,6 +224,7 @@ class _SamplingRequest(BaseModel):
             logprobs=logprobs,
             prompt_logprobs=prompt_logprobs,
             logit_bias=tuple((int(k), float(v)) for k, v in (self.logit_bias or {}).items()),
+            structured_output=None if constraint is None else constraint[0],
             include_stop_str_in_output=self.include_stop_str_in_output,
             skip_special_tokens=self.skip_special_tokens,
         )

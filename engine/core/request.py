@@ -31,7 +31,7 @@ class Request:
     __slots__ = ("request_id", "prompt_token_ids", "sampling_params", "eos_token_ids",
                  "arrival_time", "adapter_id", "adapter_version", "output_token_ids",
                  "num_computed_tokens", "status", "stop_reason", "num_preemptions",
-                 "first_token_time", "prompt_logprobs")
+                 "first_token_time", "prompt_logprobs", "waiting_for_grammar")
 
     def __init__(self, request_id: str, prompt_token_ids: list[int], sampling_params: SamplingParams,
                  eos_token_ids: tuple[int, ...] = (), arrival_time: float | None = None,
@@ -56,6 +56,8 @@ class Request:
         # prefill chunks run (the runner's PromptLogprob; plain data here). A recompute after preemption
         # does not add them again.
         self.prompt_logprobs: list | None = [] if sampling_params.prompt_logprobs is not None else None
+        # structured output whose grammar is still compiling (off the step loop): not admitted until it is ready
+        self.waiting_for_grammar = False
 
     @property
     def num_prompt_tokens(self) -> int:

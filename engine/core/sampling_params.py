@@ -6,6 +6,22 @@ from dataclasses import dataclass, field
 
 MAX_TOP_LOGPROBS = 20
 MAX_LOGIT_BIAS_ENTRIES = 300  # OpenAI's limit
+STRUCTURED_KINDS = ("json_schema", "json_object", "regex", "choice", "grammar")
+
+
+@dataclass(frozen=True, slots=True)
+class StructuredOutput:
+    """A constraint on the whole output, enforced token by token (engine/structured/). `value`: the JSON schema as
+    JSON text (json_schema), the regex (regex), the EBNF grammar (grammar), the choices as a JSON list of strings
+    (choice); empty for json_object (any JSON object). `strict` (json_schema): properties and items the schema does
+    not declare are not generated (OpenAI's strict mode; off, the schema's own additionalProperties rules)."""
+    kind: str
+    value: str = ""
+    strict: bool = True
+
+    def __post_init__(self) -> None:
+        if self.kind not in STRUCTURED_KINDS:
+            raise ValueError(f"structured output kind must be one of {', '.join(STRUCTURED_KINDS)}, got {self.kind!r}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -32,6 +48,7 @@ class SamplingParams:
     skip_special_tokens: bool = True
     # (token_id, bias) pairs added to the logits before sampling (OpenAI's logit_bias: -100 bans, +100 forces)
     logit_bias: tuple[tuple[int, float], ...] = ()
+    structured_output: StructuredOutput | None = None  # JSON schema, regex, choice or grammar the output must match
     extra: dict = field(default_factory=dict, compare=False, hash=False)
 
     def __post_init__(self) -> None:

@@ -193,6 +193,9 @@ class Scheduler:
         adapter_blocked = False
         while self.waiting and token_budget > 0 and len(self.running) < cfg.max_num_seqs:
             request = self.waiting.popleft()
+            if request.waiting_for_grammar:  # skipped, blocking nobody: its turn comes once it compiled
+                skipped.append(request)
+                continue
             adapter_id = request.adapter_id
             if adapter_id and (adapter_blocked or (adapter_id not in active_loras
                                                    and len(active_loras) >= cfg.max_loras)):

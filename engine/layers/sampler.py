@@ -59,6 +59,8 @@ class SamplingMetadata:
     bias_rows: torch.Tensor | None  # [num_biased] int64
     bias_token_ids: torch.Tensor | None  # [num_biased] int64
     bias_values: torch.Tensor | None  # [num_biased] float32
+    # structured output: bit t of row r allows token t (all ones for free rows); None when no row is constrained
+    token_bitmask: torch.Tensor | None  # [num_rows, ceil(vocab / 32)] int32
     max_num_logprobs: int | None
 
     @property
@@ -66,7 +68,8 @@ class SamplingMetadata:
         return self.temperature.shape[0]
 
     @classmethod
-    def build(cls, requests: list[Request], vocab_size: int, device) -> SamplingMetadata:
+    def build(cls, requests: list[Request], vocab_size: int, device,
+              token_bitmask: torch.Tensor | None = None) -> SamplingMetadata:
         params = [r.sampling_params for r in requests]
         greedy = [p.is_greedy for p in params]
 
@@ -126,6 +129,7 @@ class SamplingMetadata:
             bias_rows=bias_rows,
             bias_token_ids=bias_ids,
             bias_values=bias_values,
+            token_bitmask=None if token_bitmask is None else token_bitmask.to(device),
             max_num_logprobs=min(max(wanted), vocab_size) if wanted else None,
         )
 
@@ -210,15 +214,18 @@ class Sampler:
     def __call__(self, logits: torch.Tensor, md: SamplingMetadata) -> SamplerOutput:
         # logits: [num_rows, vocab], any float dtype
         if (md.all_greedy and md.no_penalties and md.suppress_rows is None and md.bias_rows is None
-                and md.max_num_logprobs is None):
+                and md.token_bitmask is None and md.max_num_logprobs is None):
             # plain greedy needs no float32 copy: the cast is exact, so the argmax is the same
             return SamplerOutput(greedy(logits), None, None)
         raw = logits.to(torch.float32, copy=True)  # work in float32 on a private copy
         x = raw if md.no_penalties else apply_penalties(raw, md)
-        if (md.suppress_rows is not None or md.bias_rows is not None) and x is raw and md.max_num_logprobs is not None:
+        edits = md.suppress_rows is not None or md.bias_rows is not None or md.token_bitmask is not None
+        if edits and x is raw and md.max_num_logprobs is not None:
             x = raw.clone()  # logprobs read the raw logits
         if md.bias_rows is not None:  # (row, token) pairs are unique: a plain indexed add
             x[md.bias_rows, md.bias_token_ids] += md.bias_values
+        if md.token_bitmask is not None:
+            x.masked_fill_(~unpack_token_bitmask(md.token_bitmask, x.shape[1]), float("-inf"))
         if md.suppress_rows is not None:
             x[md.suppress_rows, md.suppress_token_ids] = float("-inf")
 
@@ -275,3 +282,10 @@ def prompt_token_logprobs(logits: torch.Tensor, target_ids: torch.Tensor, num_to
     rank = (logprobs > target).sum(dim=1) + 1  # [rows]
     top_lps, top_ids = logprobs.topk(num_top, dim=-1) if num_top else (logprobs[:, :0], target_ids[:, None][:, :0])
     return target[:, 0], rank, top_ids, top_lps
+
+
+def unpack_token_bitmask(bitmask: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """[rows, words] int32, bit j of word w = token 32 w + j (xgrammar's layout) -> [rows, vocab_size] bool allowed."""
+    bits = torch.arange(32, dtype=torch.int32, device=bitmask.device)
+    allowed = (bitmask.unsqueeze(-1) >> bits) & 1  # [rows, words, 32]; arithmetic shift, then masked
+    return allowed.reshape(bitmask.shape[0], -1)[:, :vocab_size].bool()
