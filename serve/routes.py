@@ -29,6 +29,9 @@ from loraplex.serve.errors import (
     error_response,
 )
 from loraplex.serve.metrics import CONTENT_TYPE, RequestTracker
+from loraplex.serve.tools import check_tool_choice, template_supports_tools
+from loraplex.serve.tools import conversation as tools_conversation
+from loraplex.serve.tools import parse as parse_tool_calls
 from loraplex.serve.schemas import (
     ChatChunkChoice,
     ChatCompletionChoice,
@@ -41,6 +44,7 @@ from loraplex.serve.schemas import (
     CompletionRequest,
     CompletionResponse,
     DeltaMessage,
+    DeltaToolCall,
     ModelCard,
     ModelList,
     UsageInfo,
@@ -273,19 +277,45 @@ async def _collect(request: Request, state: Any, choices: list[_Choice]) -> None
 
 # ---------------------------------------------------------------------------- chat
 
-def render_chat(tokenizer: Any, conversation: list[dict[str, str]], add_generation_prompt: bool = True,
-                continue_final_message: bool = False) -> list[int]:
+def render_chat(tokenizer: Any, conversation: list[dict], add_generation_prompt: bool = True,
+                continue_final_message: bool = False, tools: list[dict] | None = None) -> list[int]:
     """The chat template's prompt as token ids (the template writes any special tokens itself)."""
     try:
         text = tokenizer.apply_chat_template(conversation, add_generation_prompt=add_generation_prompt,
-                                             continue_final_message=continue_final_message, tokenize=False)
+                                             continue_final_message=continue_final_message, tokenize=False,
+                                             tools=tools)
     except jinja2.TemplateError as exc:
         raise InvalidRequestError(f"The chat template rejected the messages: {exc}", param="messages")
     return tokenizer.encode(text, add_special_tokens=False)
 
 
 def _chat_prompt_ids(tokenizer: Any, req: ChatCompletionRequest) -> list[int]:
-    return render_chat(tokenizer, req.conversation())
+    """The conversation through the chat template; tools through it too where it knows them (tools.py)."""
+    native = bool(req.tools) and template_supports_tools(tokenizer)
+    conversation = tools_conversation(req.messages, req.tools, native)
+    return render_chat(tokenizer, conversation, tools=[t.model_dump(exclude_none=True) for t in req.tools]
+                       if native else None)
+
+
+def _check_tools(req: ChatCompletionRequest) -> None:
+    try:
+        check_tool_choice(req.tools, req.tool_choice)
+    except ValueError as exc:
+        param = "tools" if "repeat" in str(exc) else "tool_choice"
+        raise InvalidRequestError(f"{param} {exc}", param=param) from None
+
+
+def _chat_message(req: ChatCompletionRequest, c: _Choice, text: str) -> tuple[ChatResponseMessage, str | None]:
+    """The answer as a message, its tool calls parsed out (tools.py); and its finish_reason."""
+    mode = req.tool_mode
+    if mode == "none":
+        return ChatResponseMessage(content=text), c.finish_reason
+    try:
+        content, calls = parse_tool_calls(text, req.tools, mode, req.parallel_tool_calls)
+    except (ValueError, KeyError, TypeError):  # a constrained answer cut short by max_tokens is not JSON yet
+        return ChatResponseMessage(content=text), c.finish_reason
+    finish = "tool_calls" if calls and c.finish_reason == "stop" else c.finish_reason
+    return ChatResponseMessage(content=content, tool_calls=calls or None), finish
 
 
 async def chat_completions(request: Request) -> Response:
@@ -293,6 +323,7 @@ async def chat_completions(request: Request) -> Response:
     state = request.app.state
     model = resolve_model(state, req.model)
     engine = state.engine
+    _check_tools(req)
     _check_logit_bias(engine, req)
     _check_structured_output(req)
     prompt_ids = _chat_prompt_ids(engine.tokenizer, req)
@@ -304,12 +335,12 @@ async def chat_completions(request: Request) -> Response:
         return _sse(_chat_stream(state, req, model.name, response_id, choices))
     await _collect(request, state, choices)
     num_top = req.top_logprobs or 0
+    answers = [_chat_message(req, c, "".join(c.texts)) for c in choices]
     return _json(ChatCompletionResponse(
         id=response_id, model=model.name,
         choices=[ChatCompletionChoice(
-            index=c.index, message=ChatResponseMessage(content="".join(c.texts)),
-            logprobs=chat_logprobs(c.logprobs, num_top) if req.logprobs else None,
-            finish_reason=c.finish_reason, stop_reason=c.stop_reason) for c in choices],
+            index=c.index, message=message, logprobs=chat_logprobs(c.logprobs, num_top) if req.logprobs else None,
+            finish_reason=finish, stop_reason=c.stop_reason) for c, (message, finish) in zip(choices, answers)],
         usage=UsageInfo.of(len(prompt_ids), sum(c.num_output_tokens for c in choices)),
         prompt_logprobs=(prompt_logprobs_field(choices[0].prompt_logprobs or [])
                          if req.prompt_logprobs is not None else None)))
@@ -324,11 +355,25 @@ async def _chat_stream(state: Any, req: ChatCompletionRequest, model_name: str, 
         return ChatCompletionChunk(id=response_id, created=created, model=model_name,
                                    choices=chunk_choices, usage=usage).model_dump_json()
 
+    buffered = req.tool_mode != "none"  # tool calls are known once the answer is: sent whole at its end
     try:
         for c in choices:
             yield chunk([ChatChunkChoice(index=c.index, delta=DeltaMessage(role="assistant", content=""))])
         async with aclosing(_outputs(choices)) as outputs:
             async for c, out in outputs:
+                if buffered:
+                    c.texts.append(out.text)
+                    c.logprobs.extend(out.logprobs or ())
+                    if out.finished:
+                        message, finish = _chat_message(req, c, "".join(c.texts))
+                        calls = [DeltaToolCall(index=i, id=call.id, type="function", function=call.function)
+                                 for i, call in enumerate(message.tool_calls or ())]
+                        yield chunk([ChatChunkChoice(index=c.index, delta=DeltaMessage(
+                            content=message.content, tool_calls=calls or None),
+                            logprobs=chat_logprobs(c.logprobs, num_top) if req.logprobs else None)])
+                        yield chunk([ChatChunkChoice(index=c.index, delta=DeltaMessage(), finish_reason=finish,
+                                                     stop_reason=out.stop_reason)])
+                    continue
                 if out.text or (req.logprobs and out.logprobs):
                     logprobs = chat_logprobs(out.logprobs or [], num_top) if req.logprobs else None
                     yield chunk([ChatChunkChoice(index=c.index, delta=DeltaMessage(content=out.text),

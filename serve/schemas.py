@@ -10,6 +10,14 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_serializer, model_validator
 
 from loraplex.engine.core.outputs import TokenLogprob
+from loraplex.serve.tools import (
+    ToolCall,
+    ToolCallFunction,
+    ToolChoice,
+    ToolDefinition,
+    tool_mode,
+)
+from loraplex.serve.tools import constraint as tool_constraint
 from loraplex.engine.core.sampling_params import MAX_LOGIT_BIAS_ENTRIES, MAX_TOP_LOGPROBS, SamplingParams, StructuredOutput
 
 MAX_N = 8
@@ -29,9 +37,6 @@ class StreamOptions(BaseModel):
 # change the answer, they are a 400 naming the field, never silently dropped. Each maps to the values that change
 # nothing (None is always fine). Unknown vendor fields are still ignored.
 UNSUPPORTED_FIELDS: dict[str, tuple] = {
-    "tools": ([],),
-    "tool_choice": ("none",),
-    "parallel_tool_calls": (True, False),  # meaningless without tools
     "functions": ([],),
     "function_call": ("none",),
     "audio": (),
@@ -129,9 +134,6 @@ class _SamplingRequest(BaseModel):
     guided_grammar: str | None = None  # EBNF
     structured_outputs: StructuredOutputsParams | None = None  # vLLM's newer spelling of the same
     # see UNSUPPORTED_FIELDS: accepted only with a value that changes nothing
-    tools: Any = None
-    tool_choice: Any = None
-    parallel_tool_calls: Any = None
     functions: Any = None
     function_call: Any = None
     audio: Any = None
@@ -241,6 +243,16 @@ class ChatMessage(BaseModel):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextContentPart] | None = None
     name: str | None = None
+    tool_calls: list[ToolCall] | None = None  # an assistant turn that called tools
+    tool_call_id: str | None = None  # a tool turn: the call it answers
+
+    @model_validator(mode="after")
+    def _tool_fields_fit_the_role(self):
+        if self.tool_calls and self.role != "assistant":
+            raise ValueError("only assistant messages carry tool_calls")
+        if self.role == "tool" and not self.tool_call_id:
+            raise ValueError("a tool message needs tool_call_id")
+        return self
 
     def text(self) -> str:
         if self.content is None:
@@ -252,6 +264,23 @@ class ChatMessage(BaseModel):
 
 class ChatCompletionRequest(_SamplingRequest):
     messages: list[ChatMessage] = Field(min_length=1)
+    tools: list[ToolDefinition] | None = Field(None, max_length=128)
+    tool_choice: ToolChoice | None = None
+    parallel_tool_calls: bool = True
+
+    @property
+    def tool_mode(self):
+        return tool_mode(self.tools, self.tool_choice)
+
+    def structured_output(self) -> tuple[StructuredOutput, str] | None:
+        """The output constraint: response_format and friends, or the grammar of tool_choice required / a named
+        function (not both)."""
+        own = super().structured_output()
+        tools = None if self.tool_mode == "none" else tool_constraint(self.tools, self.tool_mode,
+                                                                      self.parallel_tool_calls)
+        if own is not None and tools is not None:
+            raise ValueError(f"tool_choice {self.tool_choice!r} already constrains the output; drop {own[1]}")
+        return own if tools is None else (tools, "tool_choice")
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
@@ -272,12 +301,19 @@ class ChatCompletionRequest(_SamplingRequest):
         return self._sampling_params(max_tokens, (self.top_logprobs or 0) if self.logprobs else None,
                                      self.prompt_logprobs)
 
-    def conversation(self) -> list[dict[str, str]]:
-        return [{"role": m.role, "content": m.text()} for m in self.messages]
-
 
 class CompletionRequest(_SamplingRequest):
     prompt: str | list[str] | list[int] | list[list[int]]
+    tools: Any = None  # chat only: refused here rather than dropped
+    tool_choice: Any = None
+    parallel_tool_calls: Any = None
+
+    @field_validator("tools", "tool_choice", "parallel_tool_calls")
+    @classmethod
+    def _chat_only(cls, value: Any) -> Any:
+        if value is not None:
+            raise ValueError("is a /v1/chat/completions field")
+        return value
     echo: bool = False
     logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
     max_tokens: int | None = Field(None, ge=0)  # 0: score the prompt only (with echo, as lm-eval and vLLM do)
@@ -402,6 +438,14 @@ class ChatChoiceLogprobs(BaseModel):
 class ChatResponseMessage(BaseModel):
     role: str = "assistant"
     content: str | None = None
+    tool_calls: list[ToolCall] | None = None
+
+    @model_serializer(mode="wrap")
+    def _omit_absent_tool_calls(self, handler) -> dict[str, Any]:
+        data = handler(self)
+        if data.get("tool_calls") is None:
+            data.pop("tool_calls", None)
+        return data
 
 
 class ChatCompletionChoice(BaseModel):
@@ -430,9 +474,17 @@ class ChatCompletionResponse(BaseModel):
         return data
 
 
+class DeltaToolCall(BaseModel):
+    index: int
+    id: str | None = None
+    type: Literal["function"] | None = None
+    function: ToolCallFunction | None = None
+
+
 class DeltaMessage(BaseModel):
     role: str | None = None
     content: str | None = None
+    tool_calls: list[DeltaToolCall] | None = None
 
     @model_serializer(mode="wrap")
     def _drop_none(self, handler) -> dict[str, Any]:

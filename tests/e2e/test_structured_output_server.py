@@ -146,3 +146,46 @@ def test_bad_constraints_are_400_and_change_nothing(client):
             client.chat.completions.create(model="smol", messages=MESSAGES, max_tokens=5, extra_body=extra)
         assert err.value.body["param"] in ("response_format", "guided_regex", "guided_grammar", "guided_choice"), extra
     assert client.chat.completions.create(model="smol", messages=MESSAGES, max_tokens=3).choices[0].message.content
+
+
+WEATHER = {"type": "function", "function": {"name": "get_weather", "description": "The weather in a city", "parameters": {
+    "type": "object", "properties": {"city": {"type": "string", "maxLength": 30}, "unit": {"enum": ["C", "F"]}},
+    "required": ["city", "unit"], "additionalProperties": False}}}
+CONVERT = {"type": "function", "function": {"name": "convert", "description": "Convert an amount of money", "parameters": {
+    "type": "object", "properties": {"amount": {"type": "number", "minimum": 0, "maximum": 1e6},
+                                     "to": {"type": "string", "maxLength": 3}},
+    "required": ["amount", "to"], "additionalProperties": False}}}
+ASK = [{"role": "user", "content": "What is the weather in Paris, and what are 20 dollars in euros?"}]
+
+
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize("model", ["smol", "quill"])
+def test_required_and_named_tool_calls_have_valid_arguments(client, model, stream):
+    schemas = {t["function"]["name"]: t["function"]["parameters"] for t in (WEATHER, CONVERT)}
+
+    def calls_of(**kw) -> list:
+        r = client.chat.completions.create(model=model, messages=ASK, tools=[WEATHER, CONVERT], max_tokens=120,
+                                           temperature=0.7, seed=5, stream=stream, **kw)
+        if not stream:
+            assert r.choices[0].finish_reason == "tool_calls"
+            return r.choices[0].message.tool_calls
+        chunks = [c for c in r if c.choices]
+        assert chunks[-1].choices[0].finish_reason == "tool_calls"
+        return [tc for c in chunks for tc in c.choices[0].delta.tool_calls or ()]
+
+    for call in calls_of(tool_choice="required"):
+        jsonschema.validate(json.loads(call.function.arguments), schemas[call.function.name])
+    (call,) = calls_of(tool_choice={"type": "function", "function": {"name": "convert"}})
+    assert call.function.name == "convert"
+    jsonschema.validate(json.loads(call.function.arguments), schemas["convert"])
+
+
+def test_conversation_with_tool_results_continues(client):
+    first = client.chat.completions.create(model="smol", messages=ASK, tools=[WEATHER], tool_choice="required",
+                                           max_tokens=80, temperature=0)
+    call = first.choices[0].message.tool_calls[0]
+    messages = ASK + [first.choices[0].message.model_dump(exclude_none=True),
+                      {"role": "tool", "tool_call_id": call.id, "content": '{"temperature": 21, "sky": "clear"}'}]
+    answer = client.chat.completions.create(model="smol", messages=messages, tools=[WEATHER], max_tokens=30,
+                                            temperature=0)
+    assert answer.choices[0].message.content or answer.choices[0].message.tool_calls
