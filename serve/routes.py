@@ -7,7 +7,7 @@ import logging
 import time
 import uuid
 from contextlib import aclosing
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, AsyncIterator
 
 import jinja2
@@ -158,6 +158,21 @@ def _check_logit_bias(engine: Any, req: ChatCompletionRequest | CompletionReques
     if bad:
         raise InvalidRequestError(f"logit_bias token ids must be in [0, {vocab_size}): got {', '.join(bad[:5])}",
                                   param="logit_bias")
+
+
+def _with_bad_words(tokenizer: Any, req: ChatCompletionRequest | CompletionRequest,
+                    params: SamplingParams) -> SamplingParams:
+    """vLLM's bad_words as token sequences: each word as written and with a leading space (a word inside a text
+    starts with one), both forbidden."""
+    if not req.bad_words:
+        return params
+    sequences = set()
+    for word in req.bad_words:
+        if not word.strip():
+            raise InvalidRequestError("bad_words must not contain empty words", param="bad_words")
+        for text in (word.lstrip(), " " + word.lstrip()):
+            sequences.add(tuple(tokenizer.encode(text, add_special_tokens=False)))
+    return replace(params, bad_words_token_ids=tuple(sorted(s for s in sequences if s)))
 
 
 def _max_tokens(requested: int | None, num_prompt_tokens: int, max_model_len: int, param: str) -> int:
@@ -328,7 +343,7 @@ async def chat_completions(request: Request) -> Response:
     _check_structured_output(req)
     prompt_ids = _chat_prompt_ids(engine.tokenizer, req)
     max_tokens = _max_tokens(req.requested_max_tokens, len(prompt_ids), engine.max_model_len, "messages")
-    params = req.to_sampling_params(max_tokens)
+    params = _with_bad_words(engine.tokenizer, req, req.to_sampling_params(max_tokens))
     response_id = f"chatcmpl-{uuid.uuid4().hex}"
     choices = _start_requests(state, response_id, model, [prompt_ids], [params], req.n)
     if req.stream:
@@ -425,7 +440,8 @@ async def completions(request: Request) -> Response:
     prompts = _completion_prompts(engine, req.prompt)
     # max_tokens 0 (echo only) runs as 1: the prompt's last row must be computed; its token is dropped
     max_tokens = 1 if req.score_only else req.max_tokens
-    params = [req.to_sampling_params(_max_tokens(max_tokens, len(ids), engine.max_model_len, "prompt"))
+    params = [_with_bad_words(engine.tokenizer, req,
+                              req.to_sampling_params(_max_tokens(max_tokens, len(ids), engine.max_model_len, "prompt")))
               for ids, _ in prompts]
     response_id = f"cmpl-{uuid.uuid4().hex}"
     choices = _start_requests(state, response_id, model, [ids for ids, _ in prompts], params, req.n)

@@ -49,7 +49,7 @@ UNSUPPORTED_FIELDS: dict[str, tuple] = {
     "service_tier": ("auto", "default"),
     "best_of": (1,),
     "suffix": ("",),
-    "guided_decoding_backend": ("xgrammar", "auto"), "bad_words": ([],),
+    "guided_decoding_backend": ("xgrammar", "auto"),
 }
 
 
@@ -147,7 +147,7 @@ class _SamplingRequest(BaseModel):
     best_of: Any = None
     suffix: Any = None
     guided_decoding_backend: Any = None
-    bad_words: Any = None
+    bad_words: list[str] | None = Field(None, max_length=256)  # vLLM: words the output never contains
 
     @field_validator(*UNSUPPORTED_FIELDS)
     @classmethod

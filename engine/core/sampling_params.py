@@ -49,6 +49,9 @@ class SamplingParams:
     # (token_id, bias) pairs added to the logits before sampling (OpenAI's logit_bias: -100 bans, +100 forces)
     logit_bias: tuple[tuple[int, float], ...] = ()
     structured_output: StructuredOutput | None = None  # JSON schema, regex, choice or grammar the output must match
+    # token sequences the output never contains (vLLM's bad_words, tokenized by the HTTP layer): a sequence's last
+    # token is banned whenever the output ends with the rest of it
+    bad_words_token_ids: tuple[tuple[int, ...], ...] = ()
     extra: dict = field(default_factory=dict, compare=False, hash=False)
 
     def __post_init__(self) -> None:
@@ -80,6 +83,8 @@ class SamplingParams:
             raise ValueError("logit_bias maps token ids (>= 0) to values in [-100, 100]")
         if len({t for t, _ in self.logit_bias}) != len(self.logit_bias):
             raise ValueError("logit_bias names a token twice")
+        if any(not seq or min(seq) < 0 for seq in self.bad_words_token_ids):
+            raise ValueError("bad_words must be non-empty token sequences")
         if any(not s for s in self.stop):
             raise ValueError("stop strings must be non-empty")
         if any(t < 0 for t in self.stop_token_ids):

@@ -90,6 +90,8 @@ class SamplingMetadata:
             if req.num_output_tokens < p.min_tokens:
                 blocked = set(p.stop_token_ids) | (set() if p.ignore_eos else set(req.eos_token_ids))
                 suppress.extend((row, t) for t in sorted(blocked) if t < vocab_size)
+            suppress.extend((row, t) for t in banned_next_tokens(p.bad_words_token_ids, req.output_token_ids)
+                            if t < vocab_size)
         suppress_rows = suppress_ids = None
         if suppress:
             suppress_rows = torch.tensor([row for row, _ in suppress], dtype=torch.int64, device=device)
@@ -289,3 +291,14 @@ def unpack_token_bitmask(bitmask: torch.Tensor, vocab_size: int) -> torch.Tensor
     bits = torch.arange(32, dtype=torch.int32, device=bitmask.device)
     allowed = (bitmask.unsqueeze(-1) >> bits) & 1  # [rows, words, 32]; arithmetic shift, then masked
     return allowed.reshape(bitmask.shape[0], -1)[:, :vocab_size].bool()
+
+
+def banned_next_tokens(bad_words: tuple[tuple[int, ...], ...], output_token_ids: list[int]) -> list[int]:
+    """The tokens that would complete a bad word now: a one-token word always, a longer one when the output ends
+    with all of it but its last token (vLLM's bad_words semantics)."""
+    banned = []
+    for seq in bad_words:
+        prefix = seq[:-1]
+        if not prefix or (len(output_token_ids) >= len(prefix) and tuple(output_token_ids[-len(prefix):]) == prefix):
+            banned.append(seq[-1])
+    return sorted(set(banned))

@@ -167,3 +167,11 @@ def test_tokenize_detokenize_version_match_the_model_tokenizer(server, default_m
     assert httpx.post(url + "/detokenize", json={"tokens": chat["tokens"]}).json()["prompt"] == \
         tokenizer.decode(chat["tokens"])
     assert httpx.get(url + "/version").json()["version"] == "0.1.0"
+
+
+def test_bad_words_never_appear(client):
+    kw = dict(model="smol", prompt="My favourite fruit is the", max_tokens=12, temperature=0)
+    plain = client.completions.create(**kw).choices[0].text
+    word = plain.split()[0].strip(".,!?")
+    banned = client.completions.create(**kw, extra_body={"bad_words": [word]}).choices[0].text
+    assert word in plain and word not in banned.split() and banned != plain

@@ -58,6 +58,7 @@ def test_malformed_json(client):
     ({"logit_bias": {str(i): 1 for i in range(301)}}, "logit_bias"),
     ({"logit_bias": {"999999": 1}}, "logit_bias"),  # past the vocabulary
     ({"prompt_logprobs": 21}, "prompt_logprobs"),
+    ({"bad_words": [" "]}, "bad_words"),
 ])
 def test_invalid_fields(client, patch, param):
     body = {"model": MODEL_NAME, "messages": MESSAGES, **patch}
@@ -184,7 +185,6 @@ def test_api_key():
     ("reasoning_effort", "high"),
     ("store", True),
     ("service_tier", "flex"),
-    ("bad_words", ["x"]),
     ("guided_decoding_backend", "outlines"),
 ])
 def test_unimplemented_fields_are_refused_not_ignored(client, field, value):

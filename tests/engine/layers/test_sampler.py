@@ -231,3 +231,15 @@ def test_logit_bias_bans_and_forces_tokens_per_row():
 def test_bad_logit_bias(bias):
     with pytest.raises(ValueError, match="logit_bias"):
         SamplingParams(logit_bias=bias)
+
+
+def test_bad_words_ban_single_tokens_and_the_end_of_sequences():
+    from loraplex.engine.layers.sampler import banned_next_tokens
+    words = ((3,), (1, 2), (4, 1, 2))
+    assert banned_next_tokens(words, []) == [3]
+    assert banned_next_tokens(words, [0, 1]) == [2, 3]  # "1 2" would be completed by 2
+    assert banned_next_tokens(words, [4, 1]) == [2, 3]
+    logits = torch.tensor([[0.0, 1.0, 9.0, 8.0, 2.0]] * 2)
+    reqs = [make_request(temperature=0.0, output=[1], bad_words_token_ids=words),  # 2 and 3 banned: 4 wins
+            make_request(temperature=0.0, output=[0], bad_words_token_ids=words)]  # only 3 banned: 2 wins
+    assert sample(logits, reqs).sampled_token_ids.tolist() == [4, 2]
