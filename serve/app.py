@@ -17,6 +17,7 @@ from loraplex.serve.errors import EXCEPTION_HANDLERS, AuthenticationError, opena
 from loraplex.serve.fine_tuning_routes import FINE_TUNING_ROUTES, is_fine_tuning_admin_route
 from loraplex.serve.metrics import ServingMetrics
 from loraplex.serve.routes import ROUTES
+from loraplex.serve.openapi import OPENAPI_ROUTES
 from loraplex.serve.utility_routes import UTILITY_ROUTES
 
 logger = logging.getLogger("loraplex.serve")
@@ -84,7 +85,8 @@ def build_app(engine: Any, served_model_names: list[str], api_key: str | None = 
 
     middleware = ([Middleware(ApiKeyMiddleware, api_key=api_key, admin_api_key=admin_api_key)]
                   if api_key or admin_api_key else [])
-    app = Starlette(routes=ROUTES + ADAPTER_ROUTES + FINE_TUNING_ROUTES + UTILITY_ROUTES, middleware=middleware,
+    app = Starlette(routes=ROUTES + ADAPTER_ROUTES + FINE_TUNING_ROUTES + UTILITY_ROUTES + OPENAPI_ROUTES,
+                    middleware=middleware,
                     exception_handlers=EXCEPTION_HANDLERS, lifespan=lifespan)
     app.state.engine = engine
     app.state.adapters = adapters
