@@ -405,6 +405,14 @@ def choice_params(params: SamplingParams, choice_index: int) -> SamplingParams:
 
 # ---------------------------------------------------------------------------- responses
 
+def _without_none(data: dict[str, Any], *keys: str) -> dict[str, Any]:
+    """Drop vLLM extras and optional parts nobody asked for, so plain answers keep OpenAI's exact shape."""
+    for key in keys:
+        if data.get(key) is None:
+            data.pop(key, None)
+    return data
+
+
 def _now() -> int:
     return int(time.time())
 
@@ -442,10 +450,7 @@ class ChatResponseMessage(BaseModel):
 
     @model_serializer(mode="wrap")
     def _omit_absent_tool_calls(self, handler) -> dict[str, Any]:
-        data = handler(self)
-        if data.get("tool_calls") is None:
-            data.pop("tool_calls", None)
-        return data
+        return _without_none(handler(self), "tool_calls")
 
 
 class ChatCompletionChoice(BaseModel):
@@ -468,10 +473,7 @@ class ChatCompletionResponse(BaseModel):
 
     @model_serializer(mode="wrap")
     def _omit_unasked_prompt_logprobs(self, handler) -> dict[str, Any]:
-        data = handler(self)
-        if data.get("prompt_logprobs") is None:
-            data.pop("prompt_logprobs", None)
-        return data
+        return _without_none(handler(self), "prompt_logprobs")
 
 
 class DeltaToolCall(BaseModel):
@@ -536,10 +538,7 @@ class CompletionChoice(BaseModel):
 
     @model_serializer(mode="wrap")
     def _omit_unasked_prompt_logprobs(self, handler) -> dict[str, Any]:
-        data = handler(self)
-        if data.get("prompt_logprobs") is None:
-            data.pop("prompt_logprobs", None)
-        return data
+        return _without_none(handler(self), "prompt_logprobs")
 
 
 class CompletionResponse(BaseModel):

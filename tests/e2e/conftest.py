@@ -67,3 +67,18 @@ def server(default_model_dir):
                   "--max-num-seqs", "16", "--served-model-name", "smol"])
     yield srv
     srv.stop()
+
+
+def smol_server(default_model_dir, *args: str, dtype: str = "float32") -> Server:
+    """The default model served as "smol", no trainer; `args`: more `loraplex serve` flags."""
+    return Server(["--model", str(default_model_dir), "--dtype", dtype, "--served-model-name", "smol",
+                   "--no-enable-training", *args])
+
+
+@pytest.fixture(scope="session")
+def quill_adapter(default_model_dir, tmp_path_factory):
+    """A random rank-8 q/v PEFT adapter of the default model (tests serve it as "quill")."""
+    from loraplex.engine.llm_engine import _read_model_config
+    from tests.adapters.peft_factory import write_random_peft
+    return write_random_peft(tmp_path_factory.mktemp("peft") / "quill", _read_model_config(str(default_model_dir)),
+                             r=8, seed=3, std=0.04)

@@ -8,7 +8,7 @@ import textwrap
 
 import pytest
 
-from tests.e2e.conftest import Server
+from tests.e2e.conftest import smol_server
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 lm_eval = pytest.importorskip("lm_eval")
@@ -29,8 +29,7 @@ QUESTIONS = [
 
 @pytest.fixture(scope="module")
 def server(default_model_dir):
-    srv = Server(["--model", str(default_model_dir), "--dtype", "float32", "--max-model-len", "512",
-                  "--served-model-name", "smol", "--no-enable-training"])
+    srv = smol_server(default_model_dir, "--max-model-len", "512")
     yield srv
     srv.stop()
 

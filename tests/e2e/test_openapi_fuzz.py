@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.e2e.conftest import Server
+from tests.e2e.conftest import smol_server
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 schemathesis = pytest.importorskip("schemathesis")
@@ -14,9 +14,8 @@ from schemathesis.specs.openapi.checks import response_schema_conformance  # noq
 
 
 @pytest.fixture(scope="module")
-def server(default_model_dir, tmp_path_factory):
-    srv = Server(["--model", str(default_model_dir), "--dtype", "float32", "--max-model-len", "96",
-                  "--max-num-seqs", "16", "--served-model-name", "smol", "--no-enable-training"])
+def server(default_model_dir):
+    srv = smol_server(default_model_dir, "--max-model-len", "96", "--max-num-seqs", "16")
     yield srv
     srv.stop()
 

@@ -12,9 +12,7 @@ import pytest
 import torch
 import transformers
 
-from loraplex.engine.llm_engine import _read_model_config
-from tests.adapters.peft_factory import write_random_peft
-from tests.e2e.conftest import Server
+from tests.e2e.conftest import smol_server
 from tests.engine.test_models import ATOL, DEFAULT_MODEL_ATOL
 
 pytestmark = pytest.mark.e2e
@@ -23,27 +21,20 @@ TEXTS = ["Question: What is the boiling point of water at sea level? Answer: 100
 
 
 @pytest.fixture(scope="module")
-def adapter_dir(default_model_dir, tmp_path_factory):
-    return write_random_peft(tmp_path_factory.mktemp("peft") / "quill", _read_model_config(str(default_model_dir)),
-                             r=8, seed=3, std=0.04)
-
-
-@pytest.fixture(scope="module")
-def server(default_model_dir, adapter_dir):
-    srv = Server(["--model", str(default_model_dir), "--dtype", "float32", "--max-model-len", "512",
-                  "--max-num-seqs", "16", "--served-model-name", "smol", "--lora-modules", f"quill={adapter_dir}",
-                  "--no-enable-training"])
+def server(default_model_dir, quill_adapter):
+    srv = smol_server(default_model_dir, "--max-model-len", "512", "--max-num-seqs", "16",
+                      "--lora-modules", f"quill={quill_adapter}")
     yield srv
     srv.stop()
 
 
 @pytest.fixture(scope="module")
-def reference(default_model_dir, adapter_dir):
+def reference(default_model_dir, quill_adapter):
     """model name -> ids -> [len(ids), vocab] float32 log-softmax (row p scores token p + 1); and the tokenizer."""
     tokenizer = transformers.AutoTokenizer.from_pretrained(default_model_dir)
     base = transformers.AutoModelForCausalLM.from_pretrained(default_model_dir, dtype=torch.float32).eval()
     with_adapter = peft.PeftModel.from_pretrained(
-        transformers.AutoModelForCausalLM.from_pretrained(default_model_dir, dtype=torch.float32), adapter_dir).eval()
+        transformers.AutoModelForCausalLM.from_pretrained(default_model_dir, dtype=torch.float32), quill_adapter).eval()
 
     def logprobs(model: str, ids: list[int]) -> torch.Tensor:
         with torch.no_grad():

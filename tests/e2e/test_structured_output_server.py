@@ -14,9 +14,7 @@ import openai
 import pytest
 from pydantic import BaseModel, Field
 
-from loraplex.engine.llm_engine import _read_model_config
-from tests.adapters.peft_factory import write_random_peft
-from tests.e2e.conftest import Server
+from tests.e2e.conftest import smol_server
 
 pytestmark = pytest.mark.e2e
 jsonschema = pytest.importorskip("jsonschema")
@@ -32,12 +30,9 @@ class City(BaseModel):
 
 
 @pytest.fixture(scope="module")
-def server(default_model_dir, tmp_path_factory):
-    adapter = write_random_peft(tmp_path_factory.mktemp("peft") / "quill", _read_model_config(str(default_model_dir)),
-                                r=8, seed=3, std=0.04)
-    srv = Server(["--model", str(default_model_dir), "--dtype", "bfloat16", "--max-model-len", "1024",
-                  "--max-num-seqs", "32", "--served-model-name", "smol", "--lora-modules", f"quill={adapter}",
-                  "--no-enable-training"])
+def server(default_model_dir, quill_adapter):
+    srv = smol_server(default_model_dir, "--max-model-len", "1024", "--max-num-seqs", "32",
+                      "--lora-modules", f"quill={quill_adapter}", dtype="bfloat16")
     yield srv
     srv.stop()
 
