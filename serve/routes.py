@@ -312,14 +312,6 @@ def _chat_prompt_ids(tokenizer: Any, req: ChatCompletionRequest) -> list[int]:
                        if native else None)
 
 
-def _check_tools(req: ChatCompletionRequest) -> None:
-    try:
-        check_tool_choice(req.tools, req.tool_choice)
-    except ValueError as exc:
-        param = "tools" if "repeat" in str(exc) else "tool_choice"
-        raise InvalidRequestError(f"{param} {exc}", param=param) from None
-
-
 def _chat_message(req: ChatCompletionRequest, c: _Choice, text: str) -> tuple[ChatResponseMessage, str | None]:
     """The answer as a message, its tool calls parsed out (tools.py); and its finish_reason."""
     mode = req.tool_mode
@@ -338,7 +330,7 @@ async def chat_completions(request: Request) -> Response:
     state = request.app.state
     model = resolve_model(state, req.model)
     engine = state.engine
-    _check_tools(req)
+    check_tool_choice(req.tools, req.tool_choice)
     _check_logit_bias(engine, req)
     _check_structured_output(req)
     prompt_ids = _chat_prompt_ids(engine.tokenizer, req)

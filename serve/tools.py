@@ -21,6 +21,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from loraplex.engine.core.sampling_params import StructuredOutput
+from loraplex.serve.errors import InvalidRequestError
 
 TOOL_CALL_BLOCK = re.compile(r"<tool_call>\s*(.*?)\s*(?:</tool_call>|$)", re.DOTALL)
 FALLBACK_PROMPT = (
@@ -75,14 +76,15 @@ def tool_mode(tools: list[ToolDefinition] | None, tool_choice: ToolChoice | None
 
 
 def check_tool_choice(tools: list[ToolDefinition] | None, tool_choice: ToolChoice | None) -> None:
-    """ValueError (-> 400 on tool_choice) for a choice that cannot be honoured."""
+    """InvalidRequestError (400, naming the field) for tools or a choice that cannot be honoured."""
     names = {t.function.name for t in tools or ()}
-    if isinstance(tool_choice, NamedToolChoice) and tool_choice.function.name not in names:
-        raise ValueError(f"names a function that is not in tools: {tool_choice.function.name!r}")
-    if tool_choice == "required" and not names:
-        raise ValueError("is 'required' but no tools are given")
     if len(names) != len(tools or ()):
-        raise ValueError("tools repeat a function name")
+        raise InvalidRequestError("tools repeat a function name", param="tools")
+    if isinstance(tool_choice, NamedToolChoice) and tool_choice.function.name not in names:
+        raise InvalidRequestError(f"tool_choice names a function that is not in tools: "
+                                  f"{tool_choice.function.name!r}", param="tool_choice")
+    if tool_choice == "required" and not names:
+        raise InvalidRequestError("tool_choice is 'required' but no tools are given", param="tool_choice")
 
 
 def template_supports_tools(tokenizer: Any) -> bool:
@@ -99,13 +101,13 @@ def conversation(messages: list[Any], tools: list[ToolDefinition] | None, native
     for m in messages:
         entry: dict[str, Any] = {"role": m.role, "content": m.text()}
         if m.tool_calls:
+            calls = [{"name": c.function.name, "arguments": _json_or_text(c.function.arguments)} for c in m.tool_calls]
             if native:
-                entry["tool_calls"] = [{"type": "function", "id": c.id, "function": {
-                    "name": c.function.name, "arguments": _json_or_text(c.function.arguments)}} for c in m.tool_calls]
+                entry["tool_calls"] = [{"type": "function", "id": c.id, "function": call}
+                                       for c, call in zip(m.tool_calls, calls)]
             else:
-                entry["content"] = (entry["content"] + "\n" if entry["content"] else "") + "\n".join(
-                    f"<tool_call>{json.dumps({'name': c.function.name, 'arguments': _json_or_text(c.function.arguments)})}"
-                    "</tool_call>" for c in m.tool_calls)
+                blocks = "\n".join(f"<tool_call>{json.dumps(call)}</tool_call>" for call in calls)
+                entry["content"] = f"{entry['content']}\n{blocks}" if entry["content"] else blocks
         if m.tool_call_id is not None and native:
             entry["tool_call_id"] = m.tool_call_id
         out.append(entry)
@@ -119,14 +121,17 @@ def constraint(tools: list[ToolDefinition], mode: str | NamedToolChoice, paralle
     """The grammar that enforces `required` or a named function; None for auto and none."""
     by_name = {t.function.name: t.function for t in tools}
     if isinstance(mode, NamedToolChoice):
-        return StructuredOutput("json_schema", json.dumps(by_name[mode.function.name].parameters))
+        chosen = by_name[mode.function.name]
+        return StructuredOutput("json_schema", json.dumps(chosen.parameters), strict=chosen.strict is not False)
     if mode != "required":
         return None
     call = {"anyOf": [{"type": "object", "properties": {"name": {"const": name}, "arguments": f.parameters},
                        "required": ["name", "arguments"], "additionalProperties": False}
                       for name, f in by_name.items()]}
     schema = {"type": "array", "items": call, "minItems": 1, **({} if parallel else {"maxItems": 1})}
-    return StructuredOutput("json_schema", json.dumps(schema))
+    # strict (no undeclared properties) unless every tool opts out; the call objects themselves are always closed
+    strict = any(f.strict is not False for f in by_name.values())
+    return StructuredOutput("json_schema", json.dumps(schema), strict=strict)
 
 
 def parse(text: str, tools: list[ToolDefinition], mode: str | NamedToolChoice,

@@ -32,8 +32,8 @@ def can_prepack(device: torch.device, dtype: torch.dtype) -> bool:
 FUSED_SIBLINGS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 
 # oneDNN's AMX bf16 GEMMs (Sapphire Rapids and later) round some rows differently depending on how many rows
-# share the call (measured: 1 ulp on a few rows of 37, enough to flip greedy tokens in half the prompts of a busy
-# batch); its AVX512_CORE_BF16 kernels do not. oneDNN reads this variable once, at its first CPU-ISA query.
+# share the call (rows_are_batch_invariant below: 1 ulp on a few rows of 37, enough to change greedy tokens); its
+# AVX512_CORE_BF16 kernels do not. oneDNN reads this variable once, at its first CPU-ISA query.
 ONEDNN_ISA_VARIABLE = "ONEDNN_MAX_CPU_ISA"
 BATCH_INVARIANT_ISA = "AVX512_CORE_BF16"
 

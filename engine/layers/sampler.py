@@ -90,8 +90,9 @@ class SamplingMetadata:
             if req.num_output_tokens < p.min_tokens:
                 blocked = set(p.stop_token_ids) | (set() if p.ignore_eos else set(req.eos_token_ids))
                 suppress.extend((row, t) for t in sorted(blocked) if t < vocab_size)
-            suppress.extend((row, t) for t in banned_next_tokens(p.bad_words_token_ids, req.output_token_ids)
-                            if t < vocab_size)
+            if p.bad_words_token_ids:
+                suppress.extend((row, t) for t in banned_next_tokens(p.bad_words_token_ids, req.output_token_ids)
+                                if t < vocab_size)
         suppress_rows = suppress_ids = None
         if suppress:
             suppress_rows = torch.tensor([row for row, _ in suppress], dtype=torch.int64, device=device)

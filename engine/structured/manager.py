@@ -15,6 +15,7 @@ import concurrent.futures
 import json
 import logging
 import re
+from collections import OrderedDict
 from typing import Any
 
 import torch
@@ -26,6 +27,8 @@ logger = logging.getLogger(__name__)
 
 
 JSON_OBJECT_SCHEMA = '{"type": "object"}'  # response_format json_object: any JSON object
+MAX_CACHED_GRAMMARS = 256  # distinct constraints kept compiled (least recently used go first)
+MAX_COMPILER_CACHE_BYTES = 256 << 20  # xgrammar's own cache of compiled grammars
 
 
 def require_xgrammar():
@@ -67,9 +70,10 @@ class StructuredOutputManager:
         self._xgr = xgr
         self.vocab_size = vocab_size
         info = xgr.TokenizerInfo.from_huggingface(tokenizer, vocab_size=vocab_size, stop_token_ids=list(stop_token_ids))
-        self._compiler = xgr.GrammarCompiler(info, max_threads=1)  # compiled grammars are cached by xgrammar too
+        # every client can send a new schema: both caches are bounded
+        self._compiler = xgr.GrammarCompiler(info, max_threads=1, cache_limit_bytes=MAX_COMPILER_CACHE_BYTES)
         self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="loraplex-grammar")
-        self._compiled: dict[StructuredOutput, concurrent.futures.Future] = {}
+        self._compiled: OrderedDict[StructuredOutput, concurrent.futures.Future] = OrderedDict()
         self._pending: dict[str, tuple[Request, concurrent.futures.Future]] = {}
         self._matchers: dict[str, Any] = {}  # request_id -> GrammarMatcher
         self.num_words = (vocab_size + 31) // 32
@@ -80,6 +84,10 @@ class StructuredOutputManager:
         future = self._compiled.get(spec)
         if future is None:
             future = self._compiled[spec] = self._pool.submit(self._compile, spec)
+            if len(self._compiled) > MAX_CACHED_GRAMMARS:
+                self._compiled.popitem(last=False)  # a request waiting on it keeps its future in _pending
+        else:
+            self._compiled.move_to_end(spec)
         if future.done() and future.exception() is None:
             self._matchers[request.request_id] = self._xgr.GrammarMatcher(future.result())
             return

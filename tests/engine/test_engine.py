@@ -33,6 +33,19 @@ def encode(engine, text: str) -> list[int]:
     return engine.tokenizer(text)["input_ids"]
 
 
+def record_preemptions(engine) -> list[str]:
+    """From now on, the ids of the requests each step preempts are appended to the returned list."""
+    preempted: list[str] = []
+    schedule = engine.scheduler.schedule
+
+    def recording_schedule():
+        out = schedule()
+        preempted.extend(out.preempted_request_ids)
+        return out
+    engine.scheduler.schedule = recording_schedule
+    return preempted
+
+
 def test_greedy_alone_equals_greedy_in_busy_mixed_batch(engine):
     greedy = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
     target = encode(engine, PROMPTS[0])
@@ -87,14 +100,7 @@ def test_abort_and_preemption_return_all_blocks(default_model_dir):
     for i, p in enumerate(PROMPTS):
         eng.add_request(f"r{i}", encode(eng, p * 3), greedy)
     eng.add_request("ref2", encode(eng, PROMPTS[3]), greedy)
-    preempted: list[str] = []
-    schedule = eng.scheduler.schedule
-
-    def recording_schedule():
-        out = schedule()
-        preempted.extend(out.preempted_request_ids)
-        return out
-    eng.scheduler.schedule = recording_schedule
+    preempted = record_preemptions(eng)
     got: dict[str, list[int]] = {}
     steps = 0
     while eng.has_unfinished_requests():

@@ -9,7 +9,7 @@ import transformers
 from loraplex.engine.core.sampling_params import SamplingParams
 from loraplex.engine.engine_args import EngineArgs
 from loraplex.engine.llm_engine import LLMEngine
-from tests.engine.test_engine import PROMPTS, encode
+from tests.engine.test_engine import PROMPTS, encode, record_preemptions
 from tests.engine.test_models import ATOL, DEFAULT_MODEL_ATOL
 
 TEXT = ("The history of the bicycle begins in the early nineteenth century, when inventors in Germany and France "
@@ -108,15 +108,7 @@ def test_preemption_does_not_score_a_prompt_twice(default_model_dir):
     prompts = {f"r{i}": encode(engine, TEXT + f" Chapter {i}.") for i in range(4)}
     params = SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True, prompt_logprobs=1)
     alone = {rid: run(engine, {rid: (ids, params)})[rid] for rid, ids in prompts.items()}
-    preempted: list[int] = []
-    real_schedule = engine.scheduler.schedule
-
-    def schedule():
-        out = real_schedule()
-        preempted.extend(out.preempted_request_ids)
-        return out
-
-    engine.scheduler.schedule = schedule
+    preempted = record_preemptions(engine)
     together = run(engine, {rid: (ids, params) for rid, ids in prompts.items()})
     assert preempted, "the cache was meant to be too small"
     for rid, ids in prompts.items():

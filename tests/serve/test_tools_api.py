@@ -70,6 +70,11 @@ def test_required_and_named_are_constrained_and_parsed():
     (call,) = r.choices[0].message.tool_calls
     assert call.function.name == "get_weather" and json.loads(call.function.arguments) == {"city": "Lima"}
     assert json.loads(last(engine).params.structured_output.value) == WEATHER["function"]["parameters"]
+    assert last(engine).params.structured_output.strict  # strict unless the tool says strict: false
+    loose = {"type": "function", "function": {**WEATHER["function"], "strict": False}}
+    oai.chat.completions.create(model=MODEL_NAME, messages=ASK, tools=[loose],
+                                tool_choice={"type": "function", "function": {"name": "get_weather"}})
+    assert not last(engine).params.structured_output.strict
     assert r.choices[0].message.content is None and r.choices[0].finish_reason == "tool_calls"
 
 
