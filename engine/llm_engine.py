@@ -5,10 +5,10 @@ import functools
 import logging
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
-
 from loraplex.engine.adapter_hook import AdapterHook, AdapterHookFactory
 from loraplex.engine.background import BackgroundFactory, BackgroundWork
 from loraplex.engine.core.config import CacheConfig, ModelConfig, SchedulerConfig
@@ -20,11 +20,23 @@ from loraplex.engine.core.sampling_params import SamplingParams
 from loraplex.engine.core.scheduler import Scheduler
 from loraplex.engine.detokenizer import IncrementalDetokenizer, decode_token_text
 from loraplex.engine.engine_args import EngineArgs
-from loraplex.engine.kernels.cpu_linear import (BATCH_INVARIANT_ISA, ONEDNN_ISA_VARIABLE, can_prepack,
-                                                 cap_isa_for_batch_invariance, has_amx, prepack_linears,
-                                                 rows_are_batch_invariant)
+from loraplex.engine.kernels.cpu_linear import (
+    BATCH_INVARIANT_ISA,
+    ONEDNN_ISA_VARIABLE,
+    can_prepack,
+    cap_isa_for_batch_invariance,
+    has_amx,
+    prepack_linears,
+    rows_are_batch_invariant,
+)
 from loraplex.engine.model_runner import ModelRunner
-from loraplex.engine.quant import BNB_METHODS, QuantConfig, module_weight_bytes, quantize_linears, use_quantized_kernels
+from loraplex.engine.quant import (
+    BNB_METHODS,
+    QuantConfig,
+    module_weight_bytes,
+    quantize_linears,
+    use_quantized_kernels,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -65,6 +77,9 @@ class LLMEngine:
         self._detokenizers: dict[str, IncrementalDetokenizer] = {}
         self._requests: dict[str, Request] = {}
         self.structured_output = None  # StructuredOutputManager, made when the first request asks for one
+        # requests of the engine process's own (the trainer's base-model answers): request id -> (text so far,
+        # callback(text, finish_reason)); their outputs go to the callback, never to the server
+        self._internal: dict[str, tuple[list[str], Callable[[str, str | None], None]]] = {}
 
     def _structured(self):
         if self.structured_output is None:
@@ -175,6 +190,13 @@ class LLMEngine:
         self._detokenizers[request_id] = IncrementalDetokenizer(self.tokenizer, prompt_token_ids, params)
         return request
 
+    def add_internal_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
+                             on_finish: Callable[[str, str | None], None]) -> None:
+        """A base-model request of the engine's own (no client): it runs in the same batches as the served
+        requests, and `on_finish(text, finish_reason)` gets its whole output instead of the server."""
+        self.add_request(request_id, prompt_token_ids, params)
+        self._internal[request_id] = ([], on_finish)
+
     def abort_requests(self, request_ids: list[str]) -> list[RequestOutput]:
         ids = [r for r in request_ids if r in self._requests]
         self.scheduler.finish_requests(ids, RequestStatus.FINISHED_ABORTED)
@@ -232,7 +254,20 @@ class LLMEngine:
                                        RequestStatus.FINISHED_STOPPED)
         for request, new_token_ids in updates:
             outputs.append(self._make_output(request, new_token_ids, sampled.get(request.request_id)))
-        return outputs
+        return self._route_internal(outputs) if self._internal else outputs
+
+    def _route_internal(self, outputs: list[RequestOutput]) -> list[RequestOutput]:
+        kept = []
+        for out in outputs:
+            internal = self._internal.get(out.request_id)
+            if internal is None:
+                kept.append(out)
+                continue
+            internal[0].append(out.text)
+            if out.finished:
+                del self._internal[out.request_id]
+                internal[1]("".join(internal[0]), out.finish_reason)
+        return kept
 
     def _poll_grammars(self) -> list[RequestOutput]:
         """Admit requests whose grammar compiled since the last step; with nothing else to run, wait a little for

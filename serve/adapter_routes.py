@@ -10,15 +10,15 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict
-from starlette.datastructures import UploadFile
-from starlette.requests import Request
-from starlette.responses import JSONResponse, PlainTextResponse, Response
-from starlette.routing import Route
-from starlette.types import Message, Receive
-
 from loraplex.adapters.errors import AdapterTooLargeError
 from loraplex.serve.errors import InvalidRequestError
+from pydantic import BaseModel, ConfigDict
+from starlette.background import BackgroundTask
+from starlette.datastructures import UploadFile
+from starlette.requests import Request
+from starlette.responses import FileResponse, JSONResponse, PlainTextResponse, Response
+from starlette.routing import Route
+from starlette.types import Message, Receive
 
 MULTIPART_OVERHEAD_BYTES = 64 << 10  # form fields and part headers around the archive
 
@@ -103,6 +103,19 @@ async def get_adapter(request: Request) -> Response:
     return JSONResponse(await _service(request).describe(request.path_params["name"]))
 
 
+async def download_adapter(request: Request) -> Response:
+    """The PEFT folder of one version (default: the newest) as a .tar.gz: adapter_config.json and
+    adapter_model.safetensors, loadable by peft and vLLM as they are."""
+    raw = request.query_params.get("version")
+    if raw is not None and not raw.isdigit():
+        raise InvalidRequestError(f"version must be a positive integer; got {raw!r}", param="version")
+    name = request.path_params["name"]
+    path = await _service(request).archive(name, None if raw is None else int(raw))
+    filename = f"{name.replace(':', '_')}.tar.gz"
+    return FileResponse(path, media_type="application/gzip", filename=filename,
+                        background=BackgroundTask(os.unlink, path))
+
+
 async def delete_adapter(request: Request) -> Response:
     name = request.path_params["name"]
     removed = await _service(request).remove(name)
@@ -123,12 +136,15 @@ async def unload_lora_adapter(request: Request) -> Response:
 
 
 # (path, method) pairs that change state: with --admin-api-key they need that key
+# (downloads too: an adapter is the product of someone's data and compute)
 ADMIN_ROUTES = {("/v1/adapters", "POST"), ("/v1/adapters/*", "DELETE"), ("/v1/load_lora_adapter", "POST"),
                 ("/v1/unload_lora_adapter", "POST")}
 
 
 def is_admin_route(path: str, method: str) -> bool:
     if (path, method) in ADMIN_ROUTES:
+        return True
+    if path.startswith("/v1/adapters/") and path.rstrip("/").endswith("/content") and method == "GET":
         return True
     return path.startswith("/v1/adapters/") and ("/v1/adapters/*", method) in ADMIN_ROUTES
 
@@ -138,6 +154,7 @@ ADAPTER_ROUTES = [
     Route("/v1/adapters", list_adapters, methods=["GET"]),
     Route("/v1/adapters/{name}", get_adapter, methods=["GET"]),
     Route("/v1/adapters/{name}", delete_adapter, methods=["DELETE"]),
+    Route("/v1/adapters/{name}/content", download_adapter, methods=["GET"]),
     Route("/v1/load_lora_adapter", load_lora_adapter, methods=["POST"]),
     Route("/v1/unload_lora_adapter", unload_lora_adapter, methods=["POST"]),
 ]

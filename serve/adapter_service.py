@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import shutil
+import tarfile
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -90,6 +92,26 @@ class AdapterService:
         v = self.served[name]
         return {"id": name, "object": "adapter", "adapter_id": v.adapter_id, "version": v.version, "rank": v.rank,
                 "target_modules": list(v.target_modules), "bytes": v.num_bytes, "created": int(v.created)}
+
+    async def archive(self, name: str, version: int | None = None) -> Path:
+        """A temporary .tar.gz of `name`'s version (newest when None): the caller deletes it."""
+        if name not in self.served:
+            raise AdapterNotFoundError(name)
+        record = self.served[name] if version is None else await asyncio.to_thread(self.store.get_version, name,
+                                                                                   version)
+        fd, tmp = tempfile.mkstemp(prefix="download-", suffix=".tar.gz", dir=self.settings.adapter_dir / "tmp")
+        os.close(fd)
+
+        def pack() -> None:
+            with tarfile.open(tmp, "w:gz") as tar:
+                for file_name in ("adapter_config.json", "adapter_model.safetensors"):
+                    tar.add(Path(record.path) / file_name, arcname=file_name)
+        try:
+            await asyncio.to_thread(pack)
+        except BaseException:
+            os.unlink(tmp)
+            raise
+        return Path(tmp)
 
     # ---- changes ----------------------------------------------------------------------------
     async def upload(self, name: str, archive: Path) -> AdapterVersion:

@@ -10,7 +10,12 @@ import sys
 from pathlib import Path
 
 from loraplex.engine.default_model import MODEL_NAME, default_served_model_name
-from loraplex.engine.engine_args import add_engine_args, engine_args_from, fine_tuning_dir_from, size_arg
+from loraplex.engine.engine_args import (
+    add_engine_args,
+    engine_args_from,
+    fine_tuning_dir_from,
+    size_arg,
+)
 from loraplex.engine.paths import default_adapter_dir
 
 logger = logging.getLogger("loraplex.serve")
@@ -60,7 +65,6 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
 
 def run_serve(ns: argparse.Namespace) -> int:
     import uvicorn
-
     from loraplex.adapters.archive import UploadLimits
     from loraplex.adapters.peft import parse_lora_modules
     from loraplex.adapters.runtime import create_lora_runtime

@@ -1,17 +1,17 @@
 """Fine-tuning endpoints in OpenAI's shapes: `/v1/files` (multipart upload, list, get, content, delete) and
-`/v1/fine_tuning/jobs` (create, list, get, events, checkpoints, cancel). Parse, call FineTuningService, format."""
+`/v1/fine_tuning/jobs` (create, list with a metadata filter, get, events, checkpoints, cancel, pause, resume). Parse, call FineTuningService, format."""
 from __future__ import annotations
 
 from typing import Any
 
-from starlette.datastructures import UploadFile
-from starlette.requests import Request
-from starlette.responses import FileResponse, JSONResponse, Response
-from starlette.routing import Route
 from loraplex.serve.adapter_routes import limited_receive
 from loraplex.serve.errors import InvalidRequestError
 from loraplex.serve.fine_tuning_service import raise_too_large
 from loraplex.serve.schemas import CreateFineTuningJobRequest
+from starlette.datastructures import UploadFile
+from starlette.requests import Request
+from starlette.responses import FileResponse, JSONResponse, Response
+from starlette.routing import Route
 
 MULTIPART_OVERHEAD_BYTES = 64 << 10  # the purpose field and part headers around the file
 MAX_PAGE_LIMIT = 100
@@ -100,9 +100,20 @@ async def create_job(request: Request) -> Response:
     return JSONResponse(job.to_openai())
 
 
+def _metadata_filter(request: Request) -> dict[str, str] | None:
+    """OpenAI's `metadata[key]=value` query parameters (every pair must match)."""
+    out = {}
+    for key, value in request.query_params.multi_items():
+        if key.startswith("metadata[") and key.endswith("]") and len(key) > len("metadata[]"):
+            out[key[len("metadata["):-1]] = value
+        elif key == "metadata":
+            raise InvalidRequestError("filter by metadata as metadata[key]=value", param="metadata")
+    return out or None
+
+
 async def list_jobs(request: Request) -> Response:
     after, limit = _page(request, 20)
-    jobs, has_more = await _service(request).list_jobs(after, limit)
+    jobs, has_more = await _service(request).list_jobs(after, limit, _metadata_filter(request))
     return _list([job.to_openai() for job in jobs], has_more)
 
 
@@ -126,12 +137,20 @@ async def cancel_job(request: Request) -> Response:
     return JSONResponse((await _service(request).cancel(request.path_params["job_id"])).to_openai())
 
 
+async def pause_job(request: Request) -> Response:
+    return JSONResponse((await _service(request).pause(request.path_params["job_id"])).to_openai())
+
+
+async def resume_job(request: Request) -> Response:
+    return JSONResponse((await _service(request).resume(request.path_params["job_id"])).to_openai())
+
+
 def is_fine_tuning_admin_route(path: str, method: str) -> bool:
     """Endpoints that change files or jobs: with --admin-api-key they need that key."""
     path = path.rstrip("/")
     if method == "POST":
         return path in ("/v1/files", "/v1/fine_tuning/jobs") or (
-            path.startswith("/v1/fine_tuning/jobs/") and path.endswith("/cancel"))
+            path.startswith("/v1/fine_tuning/jobs/") and path.endswith(("/cancel", "/pause", "/resume")))
     return method == "DELETE" and path.startswith("/v1/files/")
 
 
@@ -147,4 +166,6 @@ FINE_TUNING_ROUTES = [
     Route("/v1/fine_tuning/jobs/{job_id}/events", list_events, methods=["GET"]),
     Route("/v1/fine_tuning/jobs/{job_id}/checkpoints", list_checkpoints, methods=["GET"]),
     Route("/v1/fine_tuning/jobs/{job_id}/cancel", cancel_job, methods=["POST"]),
+    Route("/v1/fine_tuning/jobs/{job_id}/pause", pause_job, methods=["POST"]),
+    Route("/v1/fine_tuning/jobs/{job_id}/resume", resume_job, methods=["POST"]),
 ]

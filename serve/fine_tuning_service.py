@@ -16,6 +16,8 @@ job's files cannot be deleted.
 from __future__ import annotations
 
 import asyncio
+import csv
+import io
 import logging
 import random
 import re
@@ -35,7 +37,8 @@ from loraplex.serve.errors import (
 from loraplex.serve.schemas import CreateFineTuningJobRequest
 from loraplex.trainer.data import TEMPLATES, DataError, parse_examples
 from loraplex.trainer.job_store import (
-    AUTO_HYPERPARAMETERS,
+    RESULT_COLUMNS,
+    RESULTS_PURPOSE,
     FileRecord,
     InvalidTransitionError,
     JobRecord,
@@ -49,6 +52,7 @@ FINE_TUNE_PURPOSE = "fine-tune"
 MAX_FILENAME_CHARS = 255
 PUBLISH_INTERVAL_S = 0.5
 _CONTROL_CHARS = re.compile(r"[\x00-\x1f\x7f]")
+CHECKPOINT_MODEL = re.compile(r"(?P<model>ft:.+):ckpt-step-(?P<step>[0-9]{1,9})")
 
 
 @dataclass(frozen=True, slots=True)
@@ -128,19 +132,25 @@ class FineTuningService:
     async def create_job(self, req: CreateFineTuningJobRequest) -> JobRecord:
         if req.model not in self.base_model_names:
             raise ModelNotFoundError(req.model)
+        method = req.method_type
         for param in ("training_file", "validation_file"):
             file_id = getattr(req, param)
             if file_id is not None:
-                await self._check_file(file_id, param)
+                await self._check_file(file_id, param, method)
         lora = self._lora(req)
-        hyperparameters = {k: AUTO_HYPERPARAMETERS[k] if v == "auto" else v
-                           for k, v in req.given_hyperparameters().model_dump().items()}
+        if method == "dpo" and lora.get("self_distillation"):
+            raise InvalidRequestError("lora.self_distillation applies to supervised fine-tuning only (DPO holds the "
+                                      "adapter to the base model through its reference)", param="lora.self_distillation")
+        if method == "dpo" and lora.get("packing"):
+            raise InvalidRequestError("lora.packing does not apply to DPO", param="lora.packing")
+        # "auto" stays "auto" until the engine side has read the data and resolved it (trainer/defaults.py)
+        hyperparameters = req.given_hyperparameters().model_dump()
         job = await asyncio.to_thread(
             self.store.create_job, model=req.model, training_file=req.training_file,
             validation_file=req.validation_file, suffix=req.suffix,
             seed=random.randrange(1 << 31) if req.seed is None else req.seed, hyperparameters=hyperparameters,
-            lora=lora, method={"type": "supervised", "supervised": {"hyperparameters": hyperparameters}},
-            metadata=req.metadata)
+            lora=lora, method={"type": method, method: {"hyperparameters": hyperparameters}},
+            metadata=req.metadata, priority=req.priority)
         await self._event(job.id, "info", f"Created fine-tuning job: {job.id}")
         await self._event(job.id, "info", "Files validated, moving job to queued state")
         job = await asyncio.to_thread(self.store.set_status, job.id, "queued")
@@ -154,7 +164,7 @@ class FineTuningService:
         logger.info("fine-tuning job %s queued (model %s, file %s)", job.id, job.model, job.training_file)
         return await self.get_job(job.id)
 
-    async def _check_file(self, file_id: str, param: str) -> None:
+    async def _check_file(self, file_id: str, param: str, method: str = "supervised") -> None:
         record = await asyncio.to_thread(self.store.get_file, file_id)
         if record is None:
             raise NotFoundError(f"No such File object: {file_id}", param=param, code="file_not_found")
@@ -163,14 +173,22 @@ class FineTuningService:
                                       f"uploaded with purpose {FINE_TUNE_PURPOSE!r}", param=param)
         data = await asyncio.to_thread(self.store.file_path(file_id).read_bytes)
         try:
-            await asyncio.to_thread(parse_examples, data, "auto")
+            examples = await asyncio.to_thread(parse_examples, data, "auto")
         except DataError as e:
             raise InvalidRequestError(f"Invalid {param} {file_id}: {e}", param=param,
                                       code=f"invalid_{param}") from None
+        is_preference = examples[0].kind == "preference"
+        if (method == "dpo") != is_preference:
+            need = ("preference data (JSON lines with input, preferred_output and non_preferred_output)"
+                    if method == "dpo" else "chat, prompt/completion, Alpaca or text data")
+            raise InvalidRequestError(f"Invalid {param} {file_id}: the {method} method needs {need}", param=param,
+                                      code=f"invalid_{param}")
 
     def _lora(self, req: CreateFineTuningJobRequest) -> dict[str, Any]:
         """The job's `lora` column: LoRASpec's fields resolved (LoRASpec validates them) plus given extras."""
-        from loraplex.trainer.lora_layers import LoRASpec  # torch: only when a job is created
+        from loraplex.trainer.lora_layers import (
+            LoRASpec,  # torch: only when a job is created
+        )
         given = req.lora.model_dump(exclude_none=True) if req.lora is not None else {}
         spec_names = [f.name for f in fields(LoRASpec)]
         spec_args = {k: v for k, v in given.items() if k in spec_names}
@@ -203,8 +221,9 @@ class FineTuningService:
                                 code="fine_tuning_job_not_found")
         return job
 
-    async def list_jobs(self, after: str | None, limit: int) -> tuple[list[JobRecord], bool]:
-        return await asyncio.to_thread(self.store.list_jobs, after, limit)
+    async def list_jobs(self, after: str | None, limit: int,
+                        metadata: dict[str, str] | None = None) -> tuple[list[JobRecord], bool]:
+        return await asyncio.to_thread(self.store.list_jobs, after, limit, metadata)
 
     async def list_events(self, job_id: str, after: str | None, limit: int) -> tuple[list[dict], bool]:
         await self.get_job(job_id)
@@ -232,6 +251,53 @@ class FineTuningService:
                 job = await self.get_job(job_id)
         return job
 
+    async def pause(self, job_id: str) -> JobRecord:
+        job = await self.get_job(job_id)
+        if job.status not in ("queued", "running"):
+            raise InvalidRequestError(f"Fine-tuning job {job_id} is {job.status}; only a queued or running job can "
+                                      "be paused", param="fine_tuning_job_id", code="job_not_pausable")
+        if job.output_path:
+            raise InvalidRequestError(f"Fine-tuning job {job_id} has finished training and is being published",
+                                      param="fine_tuning_job_id", code="job_not_pausable")
+        await self._control("train_pause", job_id)
+        return await self.get_job(job_id)
+
+    async def resume(self, job_id: str) -> JobRecord:
+        job = await self.get_job(job_id)
+        if job.status != "paused":
+            raise InvalidRequestError(f"Fine-tuning job {job_id} is {job.status}; only a paused job can be resumed",
+                                      param="fine_tuning_job_id", code="job_not_paused")
+        await self._control("train_resume", job_id)
+        return await self.get_job(job_id)
+
+    async def _control(self, method: str, job_id: str) -> None:
+        try:
+            await self.engine.call(method, job_id)
+        except ValueError as e:  # the job changed state meanwhile
+            raise InvalidRequestError(str(e), param="fine_tuning_job_id") from None
+        except Exception as e:  # noqa: BLE001 - the engine is gone or busy: say so
+            raise ServiceUnavailableError(f"The training engine did not take the call: {e}",
+                                          code="training_unavailable") from None
+
+    # ---- checkpoints as models ------------------------------------------------------------------
+    async def checkpoint_adapter(self, name: str) -> tuple[int, int] | None:
+        """`ft:...:ckpt-step-N` as a model: its checkpoint's adapter, published under that name on first use
+        (later uses find it served). None when `name` is no checkpoint of a job here."""
+        match = CHECKPOINT_MODEL.fullmatch(name)
+        if match is None or self.adapters is None:
+            return None
+        job_id = match["model"].rsplit(":", 1)[-1]
+        job = await asyncio.to_thread(self.store.get_job, job_id)
+        if job is None:
+            return None
+        checkpoint = await asyncio.to_thread(self.store.checkpoint_at, job_id, int(match["step"]))
+        if checkpoint is None or checkpoint["fine_tuned_model_checkpoint"] != name:
+            return None
+        await self.adapters.publish_folder(name, Path(checkpoint["path"]), allow_bin=False, replace=True,
+                                           skip_if_same=True)
+        logger.info("checkpoint %s of fine-tuning job %s is served as %s", checkpoint["id"], job_id, name)
+        return self.adapters.resolve(name)
+
     # ---- publishing -----------------------------------------------------------------------------
     async def publish_pending(self) -> int:
         """Publish every job the engine side has finished training; returns how many succeeded."""
@@ -249,6 +315,7 @@ class FineTuningService:
                 await self._fail(job.id, "publish_failed", f"The trained adapter could not be published: {e}")
                 continue
             try:
+                await asyncio.to_thread(self._write_result_file, job)
                 await asyncio.to_thread(self.store.set_status, job.id, "succeeded", fine_tuned_model=name,
                                         trained_tokens=job.trained_tokens)
             except InvalidTransitionError:  # cancelled while publishing; the adapter stays published
@@ -270,6 +337,19 @@ class FineTuningService:
             except Exception:  # noqa: BLE001 - e.g. the database busy past its timeout: try again next tick
                 logger.exception("fine-tuning publish loop")
             await asyncio.sleep(PUBLISH_INTERVAL_S)
+
+    def _write_result_file(self, job: JobRecord) -> None:
+        """OpenAI's result file: the per-step metrics as CSV (RESULT_COLUMNS, then any extra metric the method
+        reports, e.g. DPO's margins), stored as a file of purpose fine-tune-results."""
+        rows = self.store.metric_rows(job.id)
+        columns = list(RESULT_COLUMNS) + sorted({k for r in rows for k in r} - set(RESULT_COLUMNS))
+        out = io.StringIO()
+        writer = csv.writer(out, lineterminator="\n")
+        writer.writerow(columns)
+        for row in rows:
+            writer.writerow(["" if row.get(c) is None else row[c] for c in columns])
+        record = self.store.add_file(out.getvalue().encode(), "step_metrics.csv", RESULTS_PURPOSE)
+        self.store.set_result_files(job.id, [record.id])
 
     # ---- helpers --------------------------------------------------------------------------------
     async def _event(self, job_id: str, level: str, message: str) -> None:

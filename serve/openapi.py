@@ -7,13 +7,10 @@ from dataclasses import dataclass, field
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
-from pydantic import BaseModel
-from pydantic.json_schema import models_json_schema
-from starlette.requests import Request
-from starlette.responses import JSONResponse
-from starlette.routing import Route
-
-from loraplex.serve.adapter_routes import LoadLoRAAdapterRequest, UnloadLoRAAdapterRequest
+from loraplex.serve.adapter_routes import (
+    LoadLoRAAdapterRequest,
+    UnloadLoRAAdapterRequest,
+)
 from loraplex.serve.schemas import (
     ChatCompletionChunk,
     ChatCompletionRequest,
@@ -30,6 +27,11 @@ from loraplex.serve.schemas import (
     TokenizeResponse,
     VersionResponse,
 )
+from pydantic import BaseModel
+from pydantic.json_schema import models_json_schema
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route
 
 JSON_OBJECT = {"type": "object"}
 ERROR = {"type": "object", "required": ["error"], "properties": {"error": {
@@ -76,6 +78,8 @@ OPERATIONS = [
     Operation("/v1/adapters/{name}", "get", "One adapter's versions and residency", response=JSON_OBJECT,
               tags=("adapters",)),
     Operation("/v1/adapters/{name}", "delete", "Delete an adapter (admin)", response=JSON_OBJECT, tags=("adapters",)),
+    Operation("/v1/adapters/{name}/content", "get", "Download a version's PEFT folder as .tar.gz (admin)",
+              response={"type": "string", "format": "binary"}, media_type="application/gzip", tags=("adapters",)),
     Operation("/v1/load_lora_adapter", "post", "Load an adapter folder from the server's disk (vLLM, admin)",
               LoadLoRAAdapterRequest, {"type": "string"}, media_type="text/plain", tags=("adapters",)),
     Operation("/v1/unload_lora_adapter", "post", "Unload an adapter (vLLM, admin)", UnloadLoRAAdapterRequest,
@@ -97,6 +101,10 @@ OPERATIONS = [
     Operation("/v1/fine_tuning/jobs/{job_id}/checkpoints", "get", "A job's checkpoints", response=JSON_OBJECT,
               tags=("fine-tuning",)),
     Operation("/v1/fine_tuning/jobs/{job_id}/cancel", "post", "Cancel a job", response=JSON_OBJECT,
+              tags=("fine-tuning",)),
+    Operation("/v1/fine_tuning/jobs/{job_id}/pause", "post", "Pause a job (OpenAI)", response=JSON_OBJECT,
+              tags=("fine-tuning",)),
+    Operation("/v1/fine_tuning/jobs/{job_id}/resume", "post", "Resume a paused job (OpenAI)", response=JSON_OBJECT,
               tags=("fine-tuning",)),
     Operation("/openapi.json", "get", "This document", response=JSON_OBJECT, tags=("utility",)),
 ]

@@ -11,12 +11,6 @@ from dataclasses import dataclass, field, replace
 from typing import Any, AsyncIterator
 
 import jinja2
-from pydantic import BaseModel
-from sse_starlette import EventSourceResponse
-from starlette.requests import Request
-from starlette.responses import Response
-from starlette.routing import Route
-
 from loraplex.engine.core.errors import PromptTooLongError
 from loraplex.engine.core.outputs import RequestOutput, TokenLogprob
 from loraplex.engine.core.sampling_params import SamplingParams
@@ -29,9 +23,6 @@ from loraplex.serve.errors import (
     error_response,
 )
 from loraplex.serve.metrics import CONTENT_TYPE, RequestTracker
-from loraplex.serve.tools import check_tool_choice, template_supports_tools
-from loraplex.serve.tools import conversation as tools_conversation
-from loraplex.serve.tools import parse as parse_tool_calls
 from loraplex.serve.schemas import (
     ChatChunkChoice,
     ChatCompletionChoice,
@@ -54,6 +45,14 @@ from loraplex.serve.schemas import (
     echo_logprobs,
     prompt_logprobs_field,
 )
+from loraplex.serve.tools import check_tool_choice, template_supports_tools
+from loraplex.serve.tools import conversation as tools_conversation
+from loraplex.serve.tools import parse as parse_tool_calls
+from pydantic import BaseModel
+from sse_starlette import EventSourceResponse
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
 
 logger = logging.getLogger("loraplex.serve")
 
@@ -66,9 +65,10 @@ class ResolvedModel:
     adapter: tuple[int, int] | None = None  # (adapter_id, version) that serves it; None is the base model
 
 
-def resolve_model(state: Any, name: str | None) -> ResolvedModel:
+async def resolve_model(state: Any, name: str | None) -> ResolvedModel:
     """The single place a request's `model` field is checked: a base model name, or an adapter's,
-    resolved to its newest version now (the request keeps that version to its last token)."""
+    resolved to its newest version now (the request keeps that version to its last token), or a fine-tuning
+    checkpoint's `ft:...:ckpt-step-N` (published from the checkpoint on first use)."""
     served = state.served_model_names
     if name is None:
         return ResolvedModel(served[0])
@@ -77,6 +77,11 @@ def resolve_model(state: Any, name: str | None) -> ResolvedModel:
     adapter = None if state.adapters is None else state.adapters.resolve(name)
     if adapter is not None:
         return ResolvedModel(name, adapter)
+    fine_tuning = getattr(state, "fine_tuning", None)
+    if fine_tuning is not None:
+        adapter = await fine_tuning.checkpoint_adapter(name)
+        if adapter is not None:
+            return ResolvedModel(name, adapter)
     raise ModelNotFoundError(name)
 
 
@@ -96,7 +101,7 @@ async def list_models(request: Request) -> Response:
 
 async def get_model(request: Request) -> Response:
     state = request.app.state
-    return _json(_model_card(state, resolve_model(state, request.path_params["model"]).name))
+    return _json(_model_card(state, (await resolve_model(state, request.path_params["model"])).name))
 
 
 # ---------------------------------------------------------------------------- engine requests
@@ -328,7 +333,7 @@ def _chat_message(req: ChatCompletionRequest, c: _Choice, text: str) -> tuple[Ch
 async def chat_completions(request: Request) -> Response:
     req = ChatCompletionRequest.model_validate_json(await request.body())
     state = request.app.state
-    model = resolve_model(state, req.model)
+    model = await resolve_model(state, req.model)
     engine = state.engine
     check_tool_choice(req.tools, req.tool_choice)
     _check_logit_bias(engine, req)
@@ -425,7 +430,7 @@ def _completion_prompts(engine: Any, prompt: str | list) -> list[tuple[list[int]
 async def completions(request: Request) -> Response:
     req = CompletionRequest.model_validate_json(await request.body())
     state = request.app.state
-    model = resolve_model(state, req.model)
+    model = await resolve_model(state, req.model)
     engine = state.engine
     _check_logit_bias(engine, req)
     _check_structured_output(req)

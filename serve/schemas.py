@@ -7,9 +7,13 @@ import time
 from dataclasses import replace
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_serializer, model_validator
-
 from loraplex.engine.core.outputs import TokenLogprob
+from loraplex.engine.core.sampling_params import (
+    MAX_LOGIT_BIAS_ENTRIES,
+    MAX_TOP_LOGPROBS,
+    SamplingParams,
+    StructuredOutput,
+)
 from loraplex.serve.tools import (
     ToolCall,
     ToolCallFunction,
@@ -18,7 +22,15 @@ from loraplex.serve.tools import (
     tool_mode,
 )
 from loraplex.serve.tools import constraint as tool_constraint
-from loraplex.engine.core.sampling_params import MAX_LOGIT_BIAS_ENTRIES, MAX_TOP_LOGPROBS, SamplingParams, StructuredOutput
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_serializer,
+    model_validator,
+)
 
 MAX_N = 8
 _INT64_MIN, _INT64_MAX = -(1 << 63), (1 << 63) - 1
@@ -603,8 +615,10 @@ MAX_SUFFIX_CHARS = 40
 _SUFFIX_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_-")
 _HYPERPARAMETER_BOUNDS = {"n_epochs": (1, 50), "batch_size": (1, 256)}
 MAX_LEARNING_RATE_MULTIPLIER = 10.0
-SUPPORTED_METHOD = "supervised"
+SUPPORTED_METHODS = ("supervised", "dpo")
 _KNOWN_METHODS = ("supervised", "dpo", "reinforcement")
+MAX_DPO_BETA = 100.0
+MAX_PRIORITY = 10
 
 
 class FineTuningHyperparameters(BaseModel):
@@ -640,30 +654,55 @@ class SupervisedMethod(BaseModel):
     hyperparameters: FineTuningHyperparameters | None = None
 
 
+class DPOHyperparameters(FineTuningHyperparameters):
+    """OpenAI's DPO hyperparameters: the supervised ones and beta (the KL weight, "auto": 0.1)."""
+    beta: Any = "auto"
+
+    @field_validator("beta")
+    @classmethod
+    def _beta_or_auto(cls, value: Any) -> float | str:
+        if value is None or value == "auto":
+            return "auto"
+        if type(value) not in (int, float) or not 0 < value <= MAX_DPO_BETA:
+            raise ValueError(f'must be "auto" or a number above 0 and at most {MAX_DPO_BETA:g}; got {value!r}')
+        return float(value)
+
+
+class DPOMethod(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    hyperparameters: DPOHyperparameters | None = None
+
+
 class FineTuningMethod(BaseModel):
     model_config = ConfigDict(extra="forbid")
     type: str
     supervised: SupervisedMethod | None = None
-    dpo: dict | None = None
+    dpo: DPOMethod | None = None
     reinforcement: dict | None = None
 
     @field_validator("type")
     @classmethod
-    def _supervised_only(cls, value: str) -> str:
-        if value in _KNOWN_METHODS and value != SUPPORTED_METHOD:
+    def _supported(cls, value: str) -> str:
+        if value in _KNOWN_METHODS and value not in SUPPORTED_METHODS:
             raise ValueError(f"the {value!r} fine-tuning method is not supported by this server; "
-                             f"use {SUPPORTED_METHOD!r}")
-        if value != SUPPORTED_METHOD:
-            raise ValueError(f"must be {SUPPORTED_METHOD!r}; got {value!r}")
+                             f"use {' or '.join(map(repr, SUPPORTED_METHODS))}")
+        if value not in SUPPORTED_METHODS:
+            raise ValueError(f"must be {' or '.join(map(repr, SUPPORTED_METHODS))}; got {value!r}")
         return value
 
-    @field_validator("dpo", "reinforcement")
+    @field_validator("reinforcement")
     @classmethod
-    def _no_other_settings(cls, value: dict | None, info) -> None:
+    def _no_reinforcement(cls, value: dict | None) -> None:
         if value is not None:
-            raise ValueError(f"the {info.field_name!r} method is not supported by this server; "
-                             f"use {SUPPORTED_METHOD!r}")
+            raise ValueError("the 'reinforcement' method is not supported by this server; use 'supervised' or 'dpo'")
         return None
+
+    @model_validator(mode="after")
+    def _settings_match_type(self) -> FineTuningMethod:
+        other = "dpo" if self.type == "supervised" else "supervised"
+        if getattr(self, other) is not None:
+            raise ValueError(f"method.{other} is given but method.type is {self.type!r}")
+        return self
 
 
 class LoRAOptions(BaseModel):
@@ -684,6 +723,8 @@ class LoRAOptions(BaseModel):
     eval_every: int | None = Field(None, ge=0)
     checkpoint_every: int | None = Field(None, ge=0)
     early_stopping_patience: int | None = Field(None, ge=0)
+    # share of the training set added as the base model's own answers to general prompts (supervised only)
+    self_distillation: float | None = Field(None, ge=0, le=4)
 
 
 class CreateFineTuningJobRequest(BaseModel):
@@ -699,6 +740,7 @@ class CreateFineTuningJobRequest(BaseModel):
     integrations: list[Any] | None = None
     metadata: dict[str, str] | None = None
     lora: LoRAOptions | None = None
+    priority: int = Field(0, ge=0, le=MAX_PRIORITY, strict=True)  # our extension: a larger share of training steps
 
     @field_validator("suffix")
     @classmethod
@@ -731,7 +773,13 @@ class CreateFineTuningJobRequest(BaseModel):
             raise ValueError("at most 16 pairs, keys of at most 64 and values of at most 512 characters")
         return value
 
+    @property
+    def method_type(self) -> str:
+        return self.method.type if self.method is not None else "supervised"
+
     def given_hyperparameters(self) -> FineTuningHyperparameters:
+        if self.method is not None and self.method.type == "dpo":
+            return (self.method.dpo.hyperparameters if self.method.dpo is not None else None) or DPOHyperparameters()
         if self.method is not None and self.method.supervised is not None:
             return self.method.supervised.hyperparameters or FineTuningHyperparameters()
         return self.hyperparameters or FineTuningHyperparameters()

@@ -5,11 +5,6 @@ from __future__ import annotations
 import json
 from importlib.metadata import PackageNotFoundError, version
 
-from pydantic import BaseModel
-from starlette.requests import Request
-from starlette.responses import Response
-from starlette.routing import Route
-
 from loraplex.serve.errors import InvalidRequestError
 from loraplex.serve.routes import render_chat, resolve_model
 from loraplex.serve.schemas import (
@@ -20,6 +15,10 @@ from loraplex.serve.schemas import (
     TokenizeResponse,
     VersionResponse,
 )
+from pydantic import BaseModel
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
 
 
 async def tokenize(request: Request) -> Response:
@@ -31,7 +30,7 @@ async def tokenize(request: Request) -> Response:
     is_chat = isinstance(parsed, dict) and "messages" in parsed
     req = (TokenizeChatRequest if is_chat else TokenizeCompletionRequest).model_validate_json(body)
     state = request.app.state
-    resolve_model(state, req.model)
+    await resolve_model(state, req.model)
     tokenizer = state.engine.tokenizer
     if isinstance(req, TokenizeChatRequest):
         ids = render_chat(tokenizer, [{"role": m.role, "content": m.text()} for m in req.messages],
@@ -49,7 +48,7 @@ async def tokenize(request: Request) -> Response:
 async def detokenize(request: Request) -> Response:
     req = DetokenizeRequest.model_validate_json(await request.body())
     state = request.app.state
-    resolve_model(state, req.model)
+    await resolve_model(state, req.model)
     vocab_size = state.engine.model_config.vocab_size
     if any(not 0 <= t < vocab_size for t in req.tokens):
         raise InvalidRequestError(f"token ids must be in [0, {vocab_size})", param="tokens")

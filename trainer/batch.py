@@ -11,7 +11,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-
 from loraplex.engine.kernels import cpu_kernels
 from loraplex.engine.layers.attention import build_packed_batch
 from loraplex.engine.layers.forward_batch import ForwardBatch
@@ -45,6 +44,7 @@ class TrainingBatch:
     target_rows: torch.Tensor  # [num_targets] rows whose next token is trained
     targets: torch.Tensor  # [num_targets] the next token ids
     target_job: torch.Tensor  # [num_targets] index of the job each target belongs to
+    target_seq: torch.Tensor  # [num_targets] index of the target's sequence in its job's list
 
     @property
     def num_tokens(self) -> int:
@@ -60,10 +60,11 @@ def build_training_batch(per_job: Sequence[Sequence[PackedSequence]], model_conf
     rows: list[int] = []
     targets: list[int] = []
     target_job: list[int] = []
+    target_seq: list[int] = []
     for j, seqs in enumerate(per_job):
         start = len(input_ids)
         sequence_rows.append([])
-        for seq in seqs:
+        for k, seq in enumerate(seqs):
             seq_start = len(input_ids)
             for ids, labels in sub_sequences(seq):
                 if len(ids) < 2:  # nothing to predict
@@ -74,6 +75,7 @@ def build_training_batch(per_job: Sequence[Sequence[PackedSequence]], model_conf
                         rows.append(base + i)
                         targets.append(labels[i + 1])
                         target_job.append(j)
+                        target_seq.append(k)
                 input_ids += ids
                 query_lens.append(len(ids))
             sequence_rows[j].append((seq_start, len(input_ids)))
@@ -84,30 +86,36 @@ def build_training_batch(per_job: Sequence[Sequence[PackedSequence]], model_conf
     batch = build_packed_batch(input_ids, query_lens, device, model_config.sliding_window, cpu_kernel=kernel)
     kv = [None] * model_config.num_hidden_layers
     as_tensor = lambda v: torch.tensor(v, dtype=torch.int64, device=device)  # noqa: E731
-    return TrainingBatch(batch, kv, segments, sequence_rows, as_tensor(rows), as_tensor(targets), as_tensor(target_job))
+    return TrainingBatch(batch, kv, segments, sequence_rows, as_tensor(rows), as_tensor(targets), as_tensor(target_job),
+                         as_tensor(target_seq))
 
 
 def has_target(seq: PackedSequence) -> bool:
     return any(len(ids) >= 2 for ids, _ in sub_sequences(seq))
 
 
-def plan_chunks(per_job: Sequence[Sequence[PackedSequence]], max_tokens: int) -> list[list[list[tuple[int, PackedSequence]]]]:
+def plan_chunks(per_job: Sequence[Sequence[PackedSequence]], max_tokens: int,
+                groups: Sequence[int] | None = None) -> list[list[list[tuple[int, PackedSequence]]]]:
     """Split one step's micro-batches into chunks of whole sequences of about `max_tokens` tokens (a longer
     sequence is a chunk of its own), each chunk a list per job of (ordinal in the job's micro-batch,
-    sequence); jobs keep their order, so a job's rows stay contiguous in every chunk. Sequences with nothing
-    to predict are left out. Gradients summed over the chunks equal those of the whole step."""
+    sequence); jobs keep their order, so a job's rows stay contiguous in every chunk. `groups[j]`: job j's
+    sequences go in runs of that many that share a chunk (a DPO pair's four). Sequences with nothing to
+    predict are left out. Gradients summed over the chunks equal those of the whole step."""
     chunks: list[list[list[tuple[int, PackedSequence]]]] = []
     current: list[list[tuple[int, PackedSequence]]] = [[] for _ in per_job]
     tokens = 0
     for j, seqs in enumerate(per_job):
-        for k, seq in enumerate(seqs):
-            if not has_target(seq):
+        g = groups[j] if groups is not None else 1
+        for start in range(0, len(seqs), g):
+            unit = [(k, seq) for k, seq in enumerate(seqs[start:start + g], start) if has_target(seq)]
+            size = sum(len(seq.input_ids) for _, seq in unit)
+            if not unit:
                 continue
-            if tokens and tokens + len(seq.input_ids) > max_tokens:
+            if tokens and tokens + size > max_tokens:
                 chunks.append(current)
                 current, tokens = [[] for _ in per_job], 0
-            current[j].append((k, seq))
-            tokens += len(seq.input_ids)
+            current[j] += unit
+            tokens += size
     if tokens:
         chunks.append(current)
     return chunks

@@ -26,8 +26,8 @@ from typing import Any, TypeVar
 
 IGNORE_INDEX = -100
 ROLES = ("system", "user", "assistant", "tool")
-FORMATS = ("chat", "alpaca", "prompt_completion", "text")
-KINDS = ("chat", "prompt_completion", "text")
+FORMATS = ("chat", "alpaca", "prompt_completion", "text", "preference")
+KINDS = ("chat", "prompt_completion", "text", "preference")
 _TOOL_KEYS = ("tools", "functions", "tool_calls", "function_call")
 _JSON_SPACE = re.compile(r"[ \t\n\r]*")
 
@@ -46,6 +46,8 @@ class Example:
     completion: str | None = None
     text: str | None = None
     input: str | None = None  # Alpaca's optional input, kept apart for the alpaca template's with-input prompt
+    preferred: tuple[dict, ...] | None = None  # preference: the preferred output's messages (after `messages`)
+    non_preferred: tuple[dict, ...] | None = None
     line: int | None = field(default=None, compare=False)  # first line in the file, for error messages
 
     def __post_init__(self):
@@ -183,6 +185,8 @@ def _record_format(value: Any) -> str | None:
         return None
     if "messages" in value:
         return "chat"
+    if "input" in value and ("preferred_output" in value or "non_preferred_output" in value):
+        return "preference"
     if "instruction" in value or "output" in value:
         return "alpaca"
     if "prompt" in value or "completion" in value:
@@ -205,7 +209,8 @@ def detect_format(data: bytes | str) -> str:
         fmt = _record_format(value)
         if fmt is None:
             raise DataError(f"line {number}: cannot tell the data format: expected a JSON object with 'messages' "
-                            "(chat), 'instruction' and 'output' (Alpaca), 'prompt' and 'completion', or 'text'")
+                            "(chat), 'input', 'preferred_output' and 'non_preferred_output' (preference), "
+                            "'instruction' and 'output' (Alpaca), 'prompt' and 'completion', or 'text'")
         return fmt
     raise DataError("the file has no examples")
 
@@ -252,12 +257,47 @@ def _chat_example(record: dict, line: int) -> Example:
     for key in _TOOL_KEYS:
         if key in record:
             raise DataError(f"line {line}: '{key}' is not supported; examples may hold text messages only")
-    messages = record.get("messages")
+    out, num_trained = _messages(record.get("messages"), line, "messages")
+    if not num_trained:
+        raise DataError(f"line {line}: no assistant message to train on (an example needs at least one "
+                        "assistant message without \"weight\": 0)")
+    return Example(kind="chat", messages=tuple(out), line=line)
+
+
+def _preference_example(record: dict, line: int) -> Example:
+    """OpenAI's preference format: {"input": {"messages": [...]}, "preferred_output": [assistant message],
+    "non_preferred_output": [assistant message]}."""
+    for key in ("input", "preferred_output", "non_preferred_output"):
+        if key not in record:
+            raise DataError(f"line {line}: missing '{key}' (a preference example has 'input', "
+                            "'preferred_output' and 'non_preferred_output')")
+    source = record["input"]
+    if not isinstance(source, dict):
+        raise DataError(f"line {line}: 'input' must be an object with 'messages', got {_json_type(source)}")
+    for key in _TOOL_KEYS:
+        if source.get(key):
+            raise DataError(f"line {line}: input '{key}' is not supported; examples may hold text messages only")
+    messages, _ = _messages(source.get("messages"), line, "input.messages")
+    if messages[-1]["role"] == "assistant":
+        raise DataError(f"line {line}: input.messages must end with a user (or system/tool) message: the outputs "
+                        "are the assistant's answer to it")
+    outputs = []
+    for key in ("preferred_output", "non_preferred_output"):
+        out, _ = _messages(record[key], line, key)
+        if len(out) != 1 or out[0]["role"] != "assistant" or "weight" in out[0]:
+            raise DataError(f"line {line}: '{key}' must be a list of one assistant message")
+        outputs.append(tuple(out))
+    return Example(kind="preference", messages=tuple({k: v for k, v in m.items() if k != "weight"} for m in messages),
+                   preferred=outputs[0], non_preferred=outputs[1], line=line)
+
+
+def _messages(messages: Any, line: int, name: str) -> tuple[list[dict], int]:
+    """Validated text messages and how many are trained assistant messages."""
     if not isinstance(messages, list) or not messages:
-        raise DataError(f"line {line}: 'messages' must be a non-empty list of messages")
+        raise DataError(f"line {line}: '{name}' must be a non-empty list of messages")
     out, num_trained = [], 0
     for i, message in enumerate(messages, 1):
-        where = f"line {line}: message {i}"
+        where = f"line {line}: {name} message {i}" if name != "messages" else f"line {line}: message {i}"
         if not isinstance(message, dict):
             raise DataError(f"{where} must be an object with 'role' and 'content', got {_json_type(message)}")
         for key in _TOOL_KEYS:
@@ -278,10 +318,7 @@ def _chat_example(record: dict, line: int) -> Example:
             clean["weight"] = weight
         num_trained += role == "assistant" and clean.get("weight", 1) == 1
         out.append(clean)
-    if not num_trained:
-        raise DataError(f"line {line}: no assistant message to train on (an example needs at least one "
-                        "assistant message without \"weight\": 0)")
-    return Example(kind="chat", messages=tuple(out), line=line)
+    return out, num_trained
 
 
 def _alpaca_example(record: dict, line: int) -> Example:
@@ -306,10 +343,11 @@ def _text_example(record: dict, line: int) -> Example:
 
 
 _KEYS = MappingProxyType({"chat": ("messages",), "alpaca": ("instruction", "output"),
-                         "prompt_completion": ("prompt", "completion"), "text": ("text",)})
+                         "prompt_completion": ("prompt", "completion"), "text": ("text",),
+                         "preference": ("input", "preferred_output", "non_preferred_output")})
 _PARSERS: MappingProxyType[str, Callable[[dict, int], Example]] = MappingProxyType({
-    "chat": _chat_example, "alpaca": _alpaca_example,
-    "prompt_completion": _prompt_completion_example, "text": _text_example})
+    "chat": _chat_example, "alpaca": _alpaca_example, "prompt_completion": _prompt_completion_example,
+    "text": _text_example, "preference": _preference_example})
 
 
 def _plain_documents(text: str) -> Iterator[tuple[int, str]]:
@@ -599,6 +637,9 @@ def load_dataset(data: bytes | str, tokenizer, fmt: str = "auto", template: str 
     max_length are dropped and counted."""
     tpl = get_template(template)
     fmt = detect_format(data) if fmt == "auto" else fmt
+    if fmt == "preference":
+        raise DataError("this is preference data (input, preferred_output, non_preferred_output): train it "
+                        "with the DPO method")
     examples = parse_examples(data, fmt, max_examples=max_examples)
     if tpl.name == "chat":
         _renderer(tpl, tokenizer)  # fail once, up front, when there is no chat template
@@ -610,3 +651,44 @@ def load_dataset(data: bytes | str, tokenizer, fmt: str = "auto", template: str 
                          num_sequences=len(sequences), num_tokens=sum(len(s.input_ids) for s in sequences),
                          num_trained_tokens=count_trained_tokens(sequences))
     return sequences, stats
+
+
+def preference_sequences(example: Example, tokenizer, template: str | PromptTemplate = "chat",
+                         max_length: int = 2048) -> tuple[PackedSequence, PackedSequence] | None:
+    """(prompt + preferred output, prompt + non-preferred output), labels on the output turn only; None when
+    either keeps no trained token within max_length."""
+    if example.kind != "preference":
+        raise ValueError(f"expected a preference example, got {example.kind!r}")
+    prompt = tuple({**m, "weight": 0} if m["role"] == "assistant" else m for m in example.messages)
+    out = []
+    for output in (example.preferred, example.non_preferred):
+        tokenized = tokenize_example(Example(kind="chat", messages=prompt + output, line=example.line), tokenizer,
+                                     template, max_length)
+        if tokenized is None:
+            return None
+        out += to_sequences([tokenized])
+    return out[0], out[1]
+
+
+def load_preference_dataset(data: bytes | str, tokenizer, template: str | PromptTemplate = "chat",
+                            max_length: int = 2048, max_examples: int = 1_000_000) -> tuple[list, DatasetStats]:
+    """Parse and tokenize a preference file (OpenAI's DPO format) -> ([(chosen, rejected)], stats)."""
+    from .objectives import PreferencePair
+    tpl = get_template(template)
+    if not tpl.is_conversation:
+        raise DataError(f"preference data needs the 'chat' or 'chatml' template, not {tpl.name!r}")
+    if detect_format(data) != "preference":
+        raise DataError("DPO needs preference data: JSON lines with 'input', 'preferred_output' and "
+                        "'non_preferred_output'")
+    examples = parse_examples(data, "preference", max_examples=max_examples)
+    if tpl.name == "chat":
+        _renderer(tpl, tokenizer)
+    pairs = [PreferencePair(*p) for p in (preference_sequences(e, tokenizer, tpl, max_length) for e in examples)
+             if p is not None]
+    if not pairs:
+        raise DataError(f"no preference example keeps a token to train on within max_length={max_length}")
+    seqs = [s for p in pairs for s in (p.chosen, p.rejected)]
+    stats = DatasetStats(format="preference", num_examples=len(examples), num_dropped=len(examples) - len(pairs),
+                         num_sequences=len(seqs), num_tokens=sum(len(s.input_ids) for s in seqs),
+                         num_trained_tokens=count_trained_tokens(seqs))
+    return pairs, stats

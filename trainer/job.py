@@ -7,9 +7,9 @@ from dataclasses import dataclass
 
 import torch
 
-from .batch import num_targets
 from .data import PackedSequence
 from .lora_layers import JobLoRA, LoRASpec
+from .objectives import SFT, Objective
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,11 +47,14 @@ def cosine_with_warmup(step: int, total_steps: int, warmup_steps: int, min_ratio
 
 
 class TrainingJob:
-    def __init__(self, job_id: str, spec: LoRASpec, hp: Hyperparams, train: list[PackedSequence], model_config,
-                 device: torch.device | str = "cpu") -> None:
+    def __init__(self, job_id: str, spec: LoRASpec, hp: Hyperparams, train: list, model_config,
+                 device: torch.device | str = "cpu", objective: Objective | None = None, priority: int = 0) -> None:
+        """`train`: the objective's units (SFT: PackedSequence; DPO: PreferencePair)."""
         if not train:
             raise ValueError("the training set is empty")
         self.job_id, self.spec, self.hp = job_id, spec, hp
+        self.objective = objective if objective is not None else SFT()
+        self.priority = priority  # a larger number gets a larger share of the batched steps
         self.train = train
         self.lora = JobLoRA(spec, model_config, device, seed=hp.seed)
         self.params = list(self.lora.parameters())
@@ -65,13 +68,21 @@ class TrainingJob:
         self.step = 0  # optimizer steps done
         self.micro_step = 0  # micro-batches trained (seeds dropout)
         self._pending: list[list[PackedSequence]] = []  # the rest of the current optimizer step's micro-batches
-        self._norm = 0  # trained targets in the current optimizer step (the loss normaliser)
+        self._norm = 0  # the objective's normaliser of the current optimizer step (SFT: trained targets)
         self._loss_sum = 0.0
+        self._metric_sums: dict[str, float] = {}
+        self._grad_stash: list[torch.Tensor | None] | None = None
         self.last_train_loss: float | None = None
+        self.last_metrics: dict[str, float] = {}  # the objective's report of the last optimizer step
 
     @property
     def is_finished(self) -> bool:
         return self.step >= self.total_steps
+
+    @property
+    def in_optimizer_step(self) -> bool:
+        """Micro-batches of the current optimizer step remain (gradients are partly accumulated)."""
+        return bool(self._pending)
 
     @property
     def epoch(self) -> int:
@@ -86,24 +97,41 @@ class TrainingJob:
         chosen = order[index * self.hp.batch_size:(index + 1) * self.hp.batch_size]
         return [self.train[i] for i in chosen]
 
-    def next_micro_batch(self) -> tuple[list[PackedSequence], int, int]:
-        """-> (sequences, loss normaliser, dropout seed) for this job's share of the next batched step."""
+    def next_micro_batch(self) -> tuple[list, int, int]:
+        """-> (units, loss normaliser, dropout seed) for this job's share of the next batched step."""
         if self.is_finished:
             raise RuntimeError(f"job {self.job_id} has finished")
         if not self._pending:
-            seqs = self.optimizer_batch(self.step)
+            units = self.optimizer_batch(self.step)
             m = self.hp.micro_batch_size
-            self._pending = [seqs[i:i + m] for i in range(0, len(seqs), m)]
-            self._norm = max(1, num_targets(seqs))
+            self._pending = [units[i:i + m] for i in range(0, len(units), m)]
+            self._norm = self.objective.normaliser(units)
             self._loss_sum = 0.0
+            self._metric_sums = {}
+            self._grad_stash = None
+        else:  # mid-accumulation: what to restore if this micro-batch is dropped (pause)
+            self._grad_stash = [None if p.grad is None else p.grad.clone() for p in self.params]
         return self._pending[0], self._norm, self.hp.seed * 7_919 + self.micro_step
 
-    def after_backward(self, loss_sum: float) -> bool:
+    def drop_micro_batch(self) -> None:
+        """Forget the gradients of a micro-batch whose step went on without this job (it was paused during
+        it): the next step runs the same micro-batch again, as if it had never started."""
+        if self._grad_stash is None:
+            self.optimizer.zero_grad(set_to_none=True)
+        else:
+            for p, g in zip(self.params, self._grad_stash):
+                p.grad = g
+        self._grad_stash = None
+
+    def after_backward(self, loss_sum: float, metrics: dict[str, float] | None = None) -> bool:
         """Account one micro-batch whose gradients are now accumulated; step the optimizer when it closes the
         optimizer step. Returns True when an optimizer step was taken."""
         self._pending.pop(0)
         self.micro_step += 1
         self._loss_sum += loss_sum
+        self._grad_stash = None
+        for k, v in (metrics or {}).items():
+            self._metric_sums[k] = self._metric_sums.get(k, 0.0) + v
         if self._pending:
             return False
         if self.hp.max_grad_norm > 0:
@@ -113,6 +141,7 @@ class TrainingJob:
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
         self.last_train_loss = self._loss_sum / self._norm
+        self.last_metrics = self.objective.report(self._metric_sums, self._norm)
         return True
 
 

@@ -9,9 +9,12 @@ Layout under `root`: `jobs.sqlite3`; uploaded files at `files/<file_id>` (writte
 renamed); checkpoints under `checkpoints/<job_id>/` (written by the engine side; only rows here).
 
 A job's columns the engine side reads:
-- `hyperparameters`: resolved OpenAI values `{"n_epochs": int, "batch_size": int (sequences per optimizer
-  step), "learning_rate_multiplier": float}` ("auto": AUTO_HYPERPARAMETERS, i.e. 3 epochs, batch size 4,
-  multiplier 1.0); the learning rate is BASE_LEARNING_RATE (2e-4) * multiplier.
+- `hyperparameters`: OpenAI's `{"n_epochs", "batch_size" (sequences per optimizer step),
+  "learning_rate_multiplier"}` and, for DPO, `"beta"`: numbers, or "auto" until the engine side has read the
+  data and resolved them (trainer/defaults.py; it writes them back with `set_resolved`); the learning rate is
+  trainer.defaults.BASE_LEARNING_RATE * multiplier.
+- `method`: `{"type": "supervised" | "dpo", <type>: {"hyperparameters": ...}}` (OpenAI's shape).
+- `priority`: our extension (ASPEN's job priority): a larger number gets a larger share of training steps.
 - `lora`: every `trainer.lora_layers.LoRASpec` field, resolved (`r`, `alpha`, `dropout`,
   `target_modules` (a list), `use_rslora`), plus whichever of these trainer extras the client gave
   (absent: the engine side's default):
@@ -25,8 +28,8 @@ A job's columns the engine side reads:
 - `seed`, `training_file`, `validation_file` (file ids: read them with `file_path`).
 
 Status machine (OpenAI's names): validating_files -> queued | failed | cancelled; queued -> running |
-failed | cancelled; running -> succeeded | failed | cancelled | queued (a restart re-queues); succeeded,
-failed and cancelled never change. The engine side records its result with `set_output` (status stays
+paused | failed | cancelled; running -> succeeded | failed | cancelled | paused | queued (a restart
+re-queues); paused -> queued (resume) | failed | cancelled; succeeded, failed and cancelled never change. The engine side records its result with `set_output` (status stays
 running); the HTTP side publishes it as an adapter and sets succeeded.
 
 References: OpenAI's fine-tuning API objects (file, fine_tuning.job, .event, .checkpoint) and its model
@@ -44,24 +47,25 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from types import MappingProxyType
 from typing import Any
 
 from loraplex.adapters.store import MAX_NAME_CHARS
 
-BASE_LEARNING_RATE = 2e-4  # learning_rate_multiplier 1.0 (OpenAI's "auto") trains LoRA at this rate
-# what OpenAI's "auto" becomes (batch_size: sequences per optimizer step)
-AUTO_HYPERPARAMETERS = MappingProxyType({"n_epochs": 3, "batch_size": 4, "learning_rate_multiplier": 1.0})
-STATUSES = ("validating_files", "queued", "running", "succeeded", "failed", "cancelled")
-ACTIVE_STATUSES = ("validating_files", "queued", "running")
+STATUSES = ("validating_files", "queued", "running", "paused", "succeeded", "failed", "cancelled")
+ACTIVE_STATUSES = ("validating_files", "queued", "running", "paused")
 TERMINAL_STATUSES = ("succeeded", "failed", "cancelled")
 _TRANSITIONS = {
     "validating_files": frozenset({"queued", "failed", "cancelled"}),
-    "queued": frozenset({"running", "failed", "cancelled"}),
-    "running": frozenset({"succeeded", "failed", "cancelled", "queued"}),
+    "queued": frozenset({"running", "paused", "failed", "cancelled"}),
+    "running": frozenset({"succeeded", "failed", "cancelled", "paused", "queued"}),
+    "paused": frozenset({"queued", "failed", "cancelled"}),
 }
+RESULTS_PURPOSE = "fine-tune-results"  # OpenAI's purpose of a job's result file (metrics CSV)
 EVENT_LEVELS = ("info", "warn", "error")
 _METRIC_KEYS = ("train_loss", "valid_loss")
+# the result file's columns (OpenAI's), one row per optimizer step; validation ones where it was evaluated
+RESULT_COLUMNS = ("step", "train_loss", "train_accuracy", "valid_loss", "valid_mean_token_accuracy",
+                  "learning_rate")
 _FILE_ID_RE = re.compile(r"file-[0-9a-f]{24}")
 _UNSAFE_NAME_CHARS = re.compile(r"[^A-Za-z0-9._-]+")
 _TMP_PREFIX = ".tmp-"
@@ -95,7 +99,9 @@ CREATE TABLE IF NOT EXISTS jobs (
     fine_tuned_model TEXT,
     trained_tokens INTEGER,
     error TEXT,
-    output_path TEXT
+    output_path TEXT,
+    priority INTEGER NOT NULL DEFAULT 0,
+    result_files TEXT
 );
 CREATE INDEX IF NOT EXISTS jobs_by_status ON jobs (status);
 CREATE TABLE IF NOT EXISTS events (
@@ -121,8 +127,10 @@ CREATE INDEX IF NOT EXISTS checkpoints_by_job ON checkpoints (job_id, seq);
 """
 _JOB_COLUMNS = ("id", "model", "training_file", "validation_file", "suffix", "seed", "hyperparameters", "lora",
                 "method", "metadata", "status", "created_at", "finished_at", "fine_tuned_model", "trained_tokens",
-                "error", "output_path")
-_JSON_JOB_COLUMNS = ("hyperparameters", "lora", "method", "metadata", "error")
+                "error", "output_path", "priority", "result_files")
+_JSON_JOB_COLUMNS = ("hyperparameters", "lora", "method", "metadata", "error", "result_files")
+# columns added after the first release: (name, SQL type and default), added to older databases at open
+_ADDED_JOB_COLUMNS = (("priority", "INTEGER NOT NULL DEFAULT 0"), ("result_files", "TEXT"))
 
 
 class InvalidTransitionError(ValueError):
@@ -164,9 +172,9 @@ class JobRecord:
     validation_file: str | None
     suffix: str | None
     seed: int
-    hyperparameters: dict  # resolved: n_epochs, batch_size, learning_rate_multiplier
+    hyperparameters: dict  # n_epochs, batch_size, learning_rate_multiplier (and beta for DPO): numbers or "auto"
     lora: dict  # LoRASpec fields plus trainer extras (see the module docstring)
-    method: dict  # {"type": "supervised", "supervised": {"hyperparameters": {...}}}
+    method: dict  # {"type": "supervised" | "dpo", <type>: {"hyperparameters": {...}}}
     metadata: dict | None
     status: str
     created_at: int
@@ -175,6 +183,8 @@ class JobRecord:
     trained_tokens: int | None
     error: dict | None  # {"code", "message", "param"} once failed
     output_path: str | None  # the engine side's final PEFT folder, waiting to be published
+    priority: int = 0
+    result_files: list | None = None  # file ids (the metrics CSV), once succeeded
 
     @property
     def is_finished(self) -> bool:
@@ -183,20 +193,24 @@ class JobRecord:
     def to_openai(self) -> dict[str, Any]:
         return {"object": "fine_tuning.job", "id": self.id, "model": self.model, "created_at": self.created_at,
                 "finished_at": self.finished_at, "fine_tuned_model": self.fine_tuned_model,
-                "organization_id": "loraplex", "result_files": [], "status": self.status,
+                "organization_id": "loraplex", "result_files": list(self.result_files or []), "status": self.status,
                 "validation_file": self.validation_file, "training_file": self.training_file,
                 "hyperparameters": dict(self.hyperparameters), "trained_tokens": self.trained_tokens,
                 "error": self.error, "seed": self.seed, "user_provided_suffix": self.suffix,
                 "method": self.method, "estimated_finish": None, "integrations": [], "metadata": self.metadata,
-                "lora": dict(self.lora)}  # our extension
+                "lora": dict(self.lora), "priority": self.priority}  # our extensions
+
+
+CHECKPOINT_SUFFIX_CHARS = len(":ckpt-step-") + 9  # a checkpoint's model name adds this much at most
 
 
 def fine_tuned_model_name(base: str, suffix: str | None, job_id: str) -> str:
     """OpenAI's `ft:{base}:{suffix}:{job_id}` (suffix may be empty), made a valid adapter name: characters
-    outside [A-Za-z0-9._-] become '-', no '..', and `base` is shortened to fit MAX_NAME_CHARS."""
+    outside [A-Za-z0-9._-] become '-', no '..', and `base` is shortened so that the name, and its checkpoints'
+    `...:ckpt-step-N`, fit MAX_NAME_CHARS."""
     tail = f":{_safe_name_part(suffix or '')}:{_safe_name_part(job_id)}"
     clean = _safe_name_part(base).lstrip(".-_") or "model"
-    return "ft:" + clean[:max(1, MAX_NAME_CHARS - 3 - len(tail))] + tail
+    return "ft:" + clean[:max(1, MAX_NAME_CHARS - CHECKPOINT_SUFFIX_CHARS - 3 - len(tail))] + tail
 
 
 def _safe_name_part(text: str) -> str:
@@ -224,6 +238,10 @@ class JobStore:
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=FULL")
             self._db.executescript(_SCHEMA)
+            have = {row[1] for row in self._db.execute("PRAGMA table_info(jobs)")}
+            for name, sql_type in _ADDED_JOB_COLUMNS:
+                if name not in have:  # a database of an older release
+                    self._db.execute(f"ALTER TABLE jobs ADD COLUMN {name} {sql_type}")
         self._sweep_stale_uploads()
 
     def close(self) -> None:
@@ -307,7 +325,7 @@ class JobStore:
 
     def create_job(self, *, model: str, training_file: str, validation_file: str | None, suffix: str | None,
                    seed: int, hyperparameters: dict, lora: dict, method: dict,
-                   metadata: dict | None = None) -> JobRecord:
+                   metadata: dict | None = None, priority: int = 0) -> JobRecord:
         """A new job in validating_files. Its files must exist (checked in the same transaction, so a
         concurrent delete cannot leave the job pointing at nothing): NotFoundError otherwise."""
         job = JobRecord(id=new_id("ftjob"), model=model, training_file=training_file,
@@ -315,7 +333,7 @@ class JobStore:
                         hyperparameters=dict(hyperparameters), lora=dict(lora), method=dict(method),
                         metadata=None if metadata is None else dict(metadata), status="validating_files",
                         created_at=int(time.time()), finished_at=None, fine_tuned_model=None, trained_tokens=None,
-                        error=None, output_path=None)
+                        error=None, output_path=None, priority=int(priority), result_files=None)
         values = [_dumps(getattr(job, c)) if c in _JSON_JOB_COLUMNS else getattr(job, c) for c in _JOB_COLUMNS]
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
@@ -338,9 +356,16 @@ class JobStore:
             row = self._db.execute(f"SELECT {', '.join(_JOB_COLUMNS)} FROM jobs WHERE id = ?", (job_id,)).fetchone()
         return None if row is None else _job(row)
 
-    def list_jobs(self, after: str | None = None, limit: int = 20) -> tuple[list[JobRecord], bool]:
-        """Newest first; `after` is the id of the last job of the previous page (OpenAI's cursor)."""
+    def list_jobs(self, after: str | None = None, limit: int = 20,
+                  metadata: dict[str, str] | None = None) -> tuple[list[JobRecord], bool]:
+        """Newest first; `after` is the id of the last job of the previous page (OpenAI's cursor); `metadata`:
+        only jobs whose metadata has every one of these key-value pairs (OpenAI's `metadata[k]=v` filter)."""
         where, params = self._after("jobs", after, "job")
+        clauses = [where.removeprefix("WHERE ")] if where else []
+        for k, v in (metadata or {}).items():
+            clauses.append("json_extract(metadata, ?) = ?")
+            params = (*params, "$." + json.dumps(str(k)), str(v))
+        where = "WHERE " + " AND ".join(clauses) if clauses else ""
         with self._lock:
             rows = self._db.execute(f"SELECT {', '.join(_JOB_COLUMNS)} FROM jobs {where} ORDER BY seq DESC LIMIT ?",
                                     (*params, limit + 1)).fetchall()
@@ -392,6 +417,34 @@ class JobStore:
             return self._update(job_id, {"output_path": str(path), "trained_tokens": int(trained_tokens)}, check)
         except _Unchanged as unchanged:
             return unchanged.job
+
+    def set_resolved(self, job_id: str, hyperparameters: dict) -> JobRecord:
+        """The engine side's resolution of "auto" hyperparameters (shown on the job from then on, and in its
+        method's hyperparameters, as OpenAI shows them once a job runs)."""
+        def check(current: JobRecord) -> None:
+            pass
+        job = self.get_job(job_id)
+        if job is None:
+            raise NotFoundError(f"No such fine-tuning job: {job_id}", param="fine_tuning_job_id")
+        method = dict(job.method)
+        kind = method.get("type", "supervised")
+        method[kind] = {**(method.get(kind) or {}), "hyperparameters": dict(hyperparameters)}
+        return self._update(job_id, {"hyperparameters": _dumps(hyperparameters), "method": _dumps(method)}, check)
+
+    def set_result_files(self, job_id: str, file_ids: list[str]) -> JobRecord:
+        return self._update(job_id, {"result_files": _dumps(list(file_ids))}, lambda current: None)
+
+    def metric_rows(self, job_id: str) -> list[dict]:
+        """Every metrics event's data, oldest first, as the rows of the job's result file."""
+        with self._lock:
+            rows = self._db.execute("SELECT data FROM events WHERE job_id = ? AND data IS NOT NULL ORDER BY seq",
+                                    (job_id,)).fetchall()
+        out = []
+        for (data,) in rows:
+            value = json.loads(data)
+            if isinstance(value, dict) and "step" in value and any(k in value for k in _METRIC_KEYS):
+                out.append(value)
+        return out
 
     def _update(self, job_id: str, changes: dict[str, Any], check) -> JobRecord:
         columns = ", ".join(f"{c} = ?" for c in changes)
@@ -461,6 +514,16 @@ class JobStore:
             rows = self._db.execute(f"SELECT id, created_at, step, metrics FROM checkpoints {where}"
                                     " ORDER BY seq DESC LIMIT ?", (*params, limit + 1)).fetchall()
         return [_checkpoint(job, *row) for row in rows[:limit]], len(rows) > limit
+
+    def checkpoint_at(self, job_id: str, step: int) -> dict | None:
+        """The newest checkpoint of `job_id` at optimizer step `step`, with its folder under "path"."""
+        job = self.get_job(job_id)
+        with self._lock:
+            row = self._db.execute("SELECT id, created_at, step, metrics, path FROM checkpoints WHERE job_id = ? "
+                                   "AND step = ? ORDER BY seq DESC LIMIT 1", (job_id, int(step))).fetchone()
+        if job is None or row is None:
+            return None
+        return {**_checkpoint(job, *row[:4]), "path": row[4]}
 
     def latest_checkpoint(self, job_id: str) -> dict | None:
         """The newest checkpoint, with its folder under "path" (for resuming)."""

@@ -29,6 +29,7 @@ from .batch import TrainingBatch, build_training_batch, plan_chunks
 from .data import PackedSequence
 from .job import TrainingJob
 from .lora_layers import TrainSegment, TrainStepState, attach_training
+from .objectives import ChunkLoss
 
 logger = logging.getLogger(__name__)
 
@@ -36,7 +37,7 @@ logger = logging.getLogger(__name__)
 @dataclass(frozen=True, slots=True)
 class JobStepReport:
     job_id: str
-    loss: float  # this micro-batch's mean token loss
+    loss: float  # this micro-batch's mean loss (SFT: per token; DPO: per pair)
     num_targets: int
     optimizer_step: bool  # an optimizer step closed with this micro-batch
     step: int  # optimizer steps done
@@ -50,6 +51,27 @@ def run_to_end(slices):
             next(slices)
         except StopIteration as stop:
             return stop.value
+
+
+@dataclass(slots=True)
+class _Share:
+    """One job's part of a batched pass."""
+    job: TrainingJob
+    sequences: list[PackedSequence]
+    policy: list[bool]  # per sequence: runs with the job's adapter (False: a DPO reference row)
+    norm: int
+    dropout_seed: int | None
+    units: int = 0  # what the loss is a mean over: SFT trained targets, DPO pairs
+    loss_sum: float = 0.0
+    num_targets: int = 0
+    metrics: dict[str, float] | None = None
+
+    def add(self, part: ChunkLoss, n: int) -> None:
+        self.loss_sum += part.loss_sum
+        self.num_targets += n
+        self.metrics = dict(self.metrics or {})
+        for k, v in part.metrics.items():
+            self.metrics[k] = self.metrics.get(k, 0.0) + v
 
 
 class MultiJobTrainer:
@@ -66,15 +88,19 @@ class MultiJobTrainer:
         self.chunk_tokens, self.head_rows = chunk_tokens, head_rows
         self.before_slice = before_slice  # e.g. clear the serving LoRA's per-step state
         self.state: TrainStepState = attach_training(model, model_config.num_hidden_layers)
-        self.jobs: dict[str, TrainingJob] = {}  # insertion order = round-robin order
+        self.jobs: dict[str, TrainingJob] = {}
         self.in_step: list[str] = []  # jobs of the step in progress
+        self._pass_value: dict[str, float] = {}  # stride scheduling's virtual time per job
 
     def add_job(self, job: TrainingJob) -> None:
         if job.job_id in self.jobs:
             raise ValueError(f"job {job.job_id} is already training")
         self.jobs[job.job_id] = job
+        # a newcomer starts at the current minimum, so it neither waits for nor overtakes the others' history
+        self._pass_value[job.job_id] = min(self._pass_value.values(), default=0.0)
 
     def remove_job(self, job_id: str) -> TrainingJob | None:
+        self._pass_value.pop(job_id, None)
         return self.jobs.pop(job_id, None)
 
     @property
@@ -85,56 +111,87 @@ class MultiJobTrainer:
         """One batched micro-step over up to max_jobs unfinished jobs, all slices at once."""
         return run_to_end(self.step_slices())
 
+    def pick_jobs(self) -> list[TrainingJob]:
+        """The jobs of the next step: stride scheduling by priority (ASPEN-style). Each job has a virtual time
+        that advances by 1 / (priority + 1) per step it takes part in; the max_jobs unfinished jobs with the
+        least go first (ties: higher priority, then the one added first). With no more unfinished jobs than
+        max_jobs every job is in every step; beyond that a priority-p job gets p + 1 times the steps of a
+        priority-0 one."""
+        order = {job_id: i for i, job_id in enumerate(self.jobs)}
+        waiting = [j for j in self.jobs.values() if not j.is_finished]
+        waiting.sort(key=lambda j: (self._pass_value.get(j.job_id, 0.0), -j.priority, order[j.job_id]))
+        return waiting[:self.max_jobs]
+
     def step_slices(self) -> Generator[None, None, list[JobStepReport]]:
-        """One batched micro-step, yielding between slices; returns the per-job reports."""
-        running = [j for j in self.jobs.values() if not j.is_finished][:self.max_jobs]
+        """One batched micro-step, yielding between slices; returns the per-job reports. A job removed while
+        the step runs (paused, cancelled) gets no report: its share of the step is dropped."""
+        running = self.pick_jobs()
         if not running:
             return []
-        for j in running:  # rotate: these go to the back of the queue
-            self.jobs[j.job_id] = self.jobs.pop(j.job_id)
+        # stride: the order of the step's jobs in the batch is the pick order
+        for j in running:
+            self._pass_value[j.job_id] = self._pass_value.get(j.job_id, 0.0) + 1.0 / (max(0, j.priority) + 1)
         self.in_step = [j.job_id for j in running]  # kept if a slice raises: the caller fails these jobs
-        shares = [j.next_micro_batch() for j in running]  # (sequences, normaliser, dropout seed)
-        norms = torch.tensor([n for _, n, _ in shares], dtype=torch.float32, device=self.device)
-        sums = torch.zeros(len(running), dtype=torch.float32, device=self.device)
-        counts = torch.zeros(len(running), dtype=torch.int64, device=self.device)
-        for chunk in plan_chunks([s for s, _, _ in shares], self.chunk_tokens):
+        shares = []
+        for j in running:
+            units, norm, seed = j.next_micro_batch()
+            seqs, policy = j.objective.expand(units)
+            shares.append(_Share(j, seqs, policy, norm, seed if j.spec.dropout > 0 else None,
+                                 units=j.objective.units(units)))
+        yield from self._run(shares, train=True)
+        self.in_step = []
+        reports = []
+        for share in shares:
+            j = share.job
+            if self.jobs.get(j.job_id) is not j:  # left during the step
+                j.drop_micro_batch()
+                continue
+            stepped = j.after_backward(share.loss_sum, share.metrics)
+            reports.append(JobStepReport(j.job_id, share.loss_sum / max(1, share.units), share.num_targets, stepped,
+                                         j.step, j.is_finished))
+        return reports
+
+    def evaluate(self, jobs_and_data: list[tuple[TrainingJob, list]]) -> list[dict[str, float]]:
+        return run_to_end(self.evaluate_slices(jobs_and_data))
+
+    def evaluate_slices(self, jobs_and_data: list[tuple[TrainingJob, list]]
+                        ) -> Generator[None, None, list[dict[str, float]]]:
+        """Each job's adapter on its validation units (no dropout), batched across jobs -> per job
+        {"loss": mean loss (SFT: per token; DPO: per pair), "accuracy": (SFT: mean token accuracy; DPO: reward
+        accuracy), ...the objective's other metrics}."""
+        shares = []
+        for job, units in jobs_and_data:
+            seqs, policy = job.objective.expand(list(units))
+            shares.append(_Share(job, seqs, policy, job.objective.normaliser(list(units)), None,
+                                 units=job.objective.units(list(units))))
+        yield from self._run(shares, train=False)
+        out = []
+        for share in shares:
+            report = share.job.objective.report(share.metrics or {}, share.norm)
+            out.append({"loss": share.loss_sum / share.units if share.units else float("nan"), **report})
+        return out
+
+    def _run(self, shares: list[_Share], train: bool) -> Generator[None, None, None]:
+        """Forward (and with `train`, backward) every share, chunk by chunk; adds each share's losses, target
+        counts and metrics."""
+        groups = [s.job.objective.group for s in shares]
+        for chunk in plan_chunks([s.sequences for s in shares], self.chunk_tokens, groups):
             tb = build_training_batch([[seq for _, seq in part] for part in chunk], self.model_config,
                                       self.dtype, self.device)
             segments = []
-            for (start, end), rows, part, job, (_, _, seed) in zip(tb.segments, tb.sequence_rows, chunk,
-                                                                 running, shares):
-                if job.spec.dropout > 0:  # a mask per sequence: the same however the step is chunked
-                    segments += [TrainSegment(s, e, job.lora, seed * 1_000_033 + k)
-                                 for (s, e), (k, _) in zip(rows, part)]
+            for (start, end), rows, part, share in zip(tb.segments, tb.sequence_rows, chunk, shares):
+                lora = share.job.lora
+                if share.dropout_seed is not None and train or not all(share.policy[k] for k, _ in part):
+                    # a segment per sequence: a dropout mask each (the same however the step is chunked), and
+                    # no adapter at all on a DPO reference row
+                    seed = share.dropout_seed if train else None
+                    segments += [TrainSegment(s, e, lora, None if seed is None else seed * 1_000_033 + k)
+                                 for (s, e), (k, _) in zip(rows, part) if share.policy[k]]
                 elif end > start:
-                    segments.append(TrainSegment(start, end, job.lora))
-            s, c = yield from self._pass(tb, segments, norms)
-            sums += s
-            counts += c
-        self.in_step = []
-        reports = []
-        for i, j in enumerate(running):
-            loss_sum, n = float(sums[i]), int(counts[i])
-            stepped = j.after_backward(loss_sum)
-            reports.append(JobStepReport(j.job_id, loss_sum / max(1, n), n, stepped, j.step, j.is_finished))
-        return reports
+                    segments.append(TrainSegment(start, end, lora))
+            ordinals = [torch.tensor([k for k, _ in part], dtype=torch.int64, device=self.device) for part in chunk]
+            yield from self._pass(tb, segments, shares, ordinals, train)
 
-    def evaluate(self, jobs_and_data: list[tuple[TrainingJob, list[PackedSequence]]]) -> list[float]:
-        return run_to_end(self.evaluate_slices(jobs_and_data))
-
-    def evaluate_slices(self, jobs_and_data: list[tuple[TrainingJob, list[PackedSequence]]]
-                        ) -> Generator[None, None, list[float]]:
-        """Mean token loss of each job's adapter on its sequences (no dropout), batched across jobs."""
-        sums = torch.zeros(len(jobs_and_data), dtype=torch.float32, device=self.device)
-        counts = torch.zeros(len(jobs_and_data), dtype=torch.int64, device=self.device)
-        for chunk in plan_chunks([data for _, data in jobs_and_data], self.chunk_tokens):
-            tb = build_training_batch([[seq for _, seq in part] for part in chunk], self.model_config,
-                                      self.dtype, self.device)
-            segments = [TrainSegment(s, e, j.lora) for (s, e), (j, _) in zip(tb.segments, jobs_and_data) if e > s]
-            s, c = yield from self._pass(tb, segments, None)
-            sums += s
-            counts += c
-        return [float(s) / int(c) if c else float("nan") for s, c in zip(sums, counts)]
 
     @contextmanager
     def _active(self, segments: list[TrainSegment], grad: bool):
@@ -148,12 +205,11 @@ class MultiJobTrainer:
         finally:
             self.state.segments = []
 
-    def _pass(self, tb: TrainingBatch, segments: list[TrainSegment], norms: torch.Tensor | None
-              ) -> Generator[None, None, tuple[torch.Tensor, torch.Tensor]]:
-        """Forward one chunk layer by layer, the loss by blocks of target rows and (with `norms`, training)
-        backward layer by layer. -> (token cross-entropy sum per job fp32, targets per job)."""
-        train = norms is not None
-        num_jobs = len(tb.segments)
+    def _pass(self, tb: TrainingBatch, segments: list[TrainSegment], shares: list[_Share],
+              ordinals: list[torch.Tensor], train: bool) -> Generator[None, None, None]:
+        """Forward one chunk layer by layer, the head by blocks of target rows and (training) backward layer
+        by layer. The head gives every target's log-probability; each share's objective turns its targets'
+        into its loss and, for DPO, the per-target derivatives that scale the head's gradients."""
         inner = self.model.model
         layers = list(inner.layers)
         keep_graph = train and not self.gradient_checkpointing
@@ -167,25 +223,43 @@ class MultiJobTrainer:
                 x = layer(x_in, cos, sin, tb.kv_caches[i], tb.batch)
             saved.append((x_in, x if keep_graph else None) if train else None)
             yield
-        last = x.detach().requires_grad_(train)
-        sums = torch.zeros(num_jobs, dtype=torch.float32, device=x.device)
-        for start in range(0, tb.targets.numel(), self.head_rows):
+        last = x.detach()
+        n = tb.targets.numel()
+        # d(loss)/d(log p) known before the head (SFT: -1/targets of the step) goes into the head's backward;
+        # the others (DPO) start at 1 and are scaled below, once the chunk's sums are known
+        weights = torch.tensor([1.0 if w is None else w for w in
+                                (s.job.objective.upfront_weight(s.norm) for s in shares)],
+                               dtype=torch.float32, device=last.device)
+        logp = torch.empty(n, dtype=torch.float32, device=last.device)
+        correct = torch.empty(n, dtype=torch.bool, device=last.device)
+        head_grads = torch.empty((n, last.shape[1]), dtype=last.dtype, device=last.device) if train else None
+        for start in range(0, n, self.head_rows):
             part = slice(start, start + self.head_rows)
             with self._active(segments, train):
-                hidden = inner.norm(last.index_select(0, tb.target_rows[part]))  # the norm is per row
-                ce = F.cross_entropy(self.model.compute_logits(hidden).float(), tb.targets[part], reduction="none")
-                part_sums = torch.zeros(num_jobs, dtype=torch.float32, device=ce.device).index_add(
-                    0, tb.target_job[part], ce)
+                hidden = last.index_select(0, tb.target_rows[part]).requires_grad_(train)
+                logits = self.model.compute_logits(inner.norm(hidden)).float()  # the norm is per row
+                lp = -F.cross_entropy(logits, tb.targets[part], reduction="none")
                 if train:
-                    (part_sums / norms).sum().backward()
-            sums += part_sums.detach()
+                    (head_grads[part],) = torch.autograd.grad(lp, hidden, grad_outputs=weights[tb.target_job[part]])
+            logp[part] = lp.detach()
+            correct[part] = logits.detach().argmax(dim=-1) == tb.targets[part]
             yield
-        counts = torch.bincount(tb.target_job, minlength=num_jobs)
-        if not train:
-            return sums, counts
-        grad = last.grad
-        if grad is None:  # no trained target in this chunk (every label masked): nothing to propagate
-            return sums, counts
+        scale = None
+        for jx, share in enumerate(shares):
+            idx = (tb.target_job == jx).nonzero().squeeze(1)
+            if idx.numel() == 0:
+                continue
+            seq = ordinals[jx][tb.target_seq[idx]]  # the target's sequence in the share's list
+            result = share.job.objective.chunk_loss(logp[idx], correct[idx], seq, len(share.sequences), share.norm)
+            share.add(result, int(idx.numel()))
+            if train and result.coefficients is not None:
+                scale = torch.ones(n, dtype=torch.float32, device=last.device) if scale is None else scale
+                scale[idx] = result.coefficients
+        if not train or n == 0:
+            return
+        if scale is not None:
+            head_grads = (head_grads.float() * scale[:, None]).to(last.dtype)
+        grad = torch.zeros_like(last).index_add_(0, tb.target_rows, head_grads)
         for i in reversed(range(len(layers))):
             x_in, out = saved[i]
             saved[i] = None
@@ -195,4 +269,3 @@ class MultiJobTrainer:
                 torch.autograd.backward(out, grad)
             grad = x_in.grad
             yield
-        return sums, counts

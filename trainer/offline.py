@@ -82,7 +82,12 @@ def run_config(config: dict[str, Any], base_dir: Path = Path("."), progress: boo
     """Train every job of a parsed config; returns {job name: summary}."""
     from loraplex.engine.llm_engine import load_tokenizer, resolve_device
     from loraplex.engine.loader import load_model
-    from loraplex.engine.quant import BNB_METHODS, QuantConfig, quantize_linears, use_quantized_kernels
+    from loraplex.engine.quant import (
+        BNB_METHODS,
+        QuantConfig,
+        quantize_linears,
+        use_quantized_kernels,
+    )
 
     unknown = set(config) - TOP_KEYS
     if unknown:
@@ -165,7 +170,7 @@ def run_config(config: dict[str, Any], base_dir: Path = Path("."), progress: boo
 
 
 def _evaluate(trainer: MultiJobTrainer, plan: JobPlan) -> None:
-    loss = trainer.evaluate([(plan.job, plan.valid)])[0]
+    loss = trainer.evaluate([(plan.job, plan.valid)])[0]["loss"]
     logger.info("job %s step %d: train_loss %.4f valid_loss %.4f", plan.job.job_id, plan.job.step,
                 plan.job.last_train_loss, loss)
     if plan.early.update(loss, plan.job):

@@ -9,36 +9,33 @@ are resumed, running ones from their latest checkpoint.
 """
 from __future__ import annotations
 
+import functools
+import json
 import logging
 import math
 import time
-from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
+from loraplex.engine.core.sampling_params import SamplingParams
 from loraplex.engine.paths import default_fine_tuning_dir
 
-from .checkpoint import load_best_weights, load_checkpoint, save_checkpoint, write_adapter
-from .data import DataError, load_dataset, split_validation
-from .job import EarlyStopping, Hyperparams, TrainingJob
-from .job_store import BASE_LEARNING_RATE, JobRecord, JobStore
-from .lora_layers import LoRASpec
+from . import regularization
+from .checkpoint import (
+    load_best_weights,
+    load_checkpoint,
+    save_checkpoint,
+    write_adapter,
+)
+from .data import DataError
+from .defaults import BuiltJob, build_job, resolve_lora, self_distillation_share
+from .job_store import JobRecord, JobStore
 from .multi_job import MultiJobTrainer
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_MICRO_BATCH_SIZE = 4
-DEFAULT_MAX_LENGTH = 1024
-
-
-@dataclass(slots=True)
-class RunningJob:
-    job: TrainingJob
-    valid: list
-    eval_every: int
-    checkpoint_every: int
-    early: EarlyStopping
-    started_s: float = 0.0
+RunningJob = BuiltJob  # a job the runtime trains: TrainingJob, validation data, cadence, early stopping
+SELF_DISTILLATION_ID = "__loraplex-self-distillation-"
 
 
 class TrainingRuntime:
@@ -56,6 +53,12 @@ class TrainingRuntime:
                                        gradient_checkpointing=args.train_gradient_checkpointing,
                                        chunk_tokens=args.train_chunk_tokens, before_slice=self._clear_serving_lora)
         self.running: dict[str, RunningJob] = {}
+        self.paused: dict[str, RunningJob] = {}  # paused in this process: their state kept exactly as it was
+        self.engine = engine
+        self.model_key = json.dumps([str(args.model), str(runner.dtype), getattr(args, "quantization", "none")])
+        self._base_answers: list[dict] | None = None  # the self-distillation pool, once generated or loaded
+        self._generating: dict[int, tuple[str, str | None]] | None = None  # answers arriving, by prompt index
+        self._awaiting_answers: list[str] = []  # jobs waiting for the pool
         self.num_steps = 0
         self.num_slices = 0
         self._work = None  # the step (and its evaluations) in progress: a generator of slices
@@ -67,6 +70,10 @@ class TrainingRuntime:
             return self.submit(*args)
         if method == "train_cancel":
             return self.cancel(*args)
+        if method == "train_pause":
+            return self.pause(*args)
+        if method == "train_resume":
+            return self.resume_job(*args)
         if method == "train_stats":
             return self.stats()
         raise ValueError(f"unknown training call {method!r}")
@@ -82,9 +89,11 @@ class TrainingRuntime:
         record = self.store.get_job(job_id)
         if record is None:
             raise ValueError(f"no fine-tuning job {job_id!r}")
-        if job_id in self.running or record.status not in ("queued", "running"):
+        if job_id in self.running or job_id in self._awaiting_answers or record.status not in ("queued", "running"):
             return record.status
         try:
+            if self._needs_base_answers(record):
+                return self._await_base_answers(record)
             running = self._build(record)
         except (DataError, ValueError, OSError) as e:
             self._fail(job_id, "invalid_training_file" if isinstance(e, DataError) else "invalid_job", str(e))
@@ -99,28 +108,82 @@ class TrainingRuntime:
             self.store.add_event(job_id, "info", f"Resumed from the checkpoint at step {running.job.step}")
         if record.status == "queued":
             self.store.set_status(job_id, "running")
+        if any(v == "auto" for v in record.hyperparameters.values()):
+            self.store.set_resolved(job_id, running.hyperparameters)
         running.started_s = time.monotonic()
         self.running[job_id] = running
         self.trainer.add_job(running.job)
         if not (resumed and checkpoint is not None):
-            self.store.add_event(job_id, "info", f"Fine-tuning job started: {running.job.total_steps} steps, "
-                                 f"{len(running.job.train)} training and {len(running.valid)} validation sequences")
+            hp = running.hyperparameters
+            what = "preference pairs" if running.job.objective.name == "dpo" else "sequences"
+            self.store.add_event(job_id, "info", f"Fine-tuning job started ({running.job.objective.name}): "
+                                 f"{running.job.total_steps} steps, {len(running.job.train)} training and "
+                                 f"{len(running.valid)} validation {what}; n_epochs={hp['n_epochs']}, "
+                                 f"batch_size={hp['batch_size']}, learning_rate_multiplier="
+                                 f"{hp['learning_rate_multiplier']:g}")
         logger.info("fine-tuning job %s %s (%d steps)", job_id, "resumed" if resumed else "started",
                     running.job.total_steps)
         return "running"
 
     def cancel(self, job_id: str) -> str:
         self.running.pop(job_id, None)
+        self.paused.pop(job_id, None)
+        if job_id in self._awaiting_answers:
+            self._awaiting_answers.remove(job_id)
         self.trainer.remove_job(job_id)
         self._drop_orphaned_step()
         record = self.store.get_job(job_id)
-        if record is not None and record.status in ("validating_files", "queued", "running"):
+        if record is not None and record.status in ("validating_files", "queued", "running", "paused"):
             self.store.set_status(job_id, "cancelled")
             self.store.add_event(job_id, "info", "The job was cancelled")
         return "cancelled"
 
+    def pause(self, job_id: str) -> str:
+        """Stop a queued or running job where it is: no step runs for it until it is resumed. Its state stays in
+        memory (a micro-batch of the step in progress is dropped and runs again on resume, so the result is
+        that of an unpaused run); at an optimizer-step boundary a checkpoint is also written, from which a
+        restarted server resumes it exactly."""
+        record = self.store.get_job(job_id)
+        if record is None:
+            raise ValueError(f"no fine-tuning job {job_id!r}")
+        if record.status not in ("queued", "running"):
+            raise ValueError(f"fine-tuning job {job_id} is {record.status}; only a queued or running job can be paused")
+        running = self.running.pop(job_id, None)
+        if job_id in self._awaiting_answers:
+            self._awaiting_answers.remove(job_id)
+        self.trainer.remove_job(job_id)
+        self._drop_orphaned_step()
+        if running is not None:
+            self.paused[job_id] = running
+            if not running.job.in_optimizer_step and job_id not in self.trainer.in_step:
+                self._checkpoint(running, {"step": running.job.step})
+        self.store.set_status(job_id, "paused")
+        step = running.job.step if running is not None else 0
+        self.store.add_event(job_id, "info", f"The job was paused at step {step}")
+        logger.info("fine-tuning job %s paused at step %d", job_id, step)
+        return "paused"
+
+    def resume_job(self, job_id: str) -> str:
+        """A paused job goes on exactly where it stopped (from memory, or after a restart from its checkpoint)."""
+        record = self.store.get_job(job_id)
+        if record is None:
+            raise ValueError(f"no fine-tuning job {job_id!r}")
+        if record.status != "paused":
+            raise ValueError(f"fine-tuning job {job_id} is {record.status}; only a paused job can be resumed")
+        self.store.set_status(job_id, "queued")
+        self.store.add_event(job_id, "info", "The job was resumed")
+        running = self.paused.pop(job_id, None)
+        if running is None:  # paused by an earlier server process: from the checkpoint
+            return self.submit(job_id, resumed=True)
+        self.store.set_status(job_id, "running")
+        self.running[job_id] = running
+        self.trainer.add_job(running.job)
+        logger.info("fine-tuning job %s resumed at step %d", job_id, running.job.step)
+        return "running"
+
     def stats(self) -> dict:
-        return {"running_jobs": len(self.running), "steps": self.num_steps, "slices": self.num_slices}
+        return {"running_jobs": len(self.running), "paused_jobs": len(self.paused), "steps": self.num_steps,
+                "slices": self.num_slices}
 
     # ---- background work -----------------------------------------------------------------------
     def has_work(self) -> bool:
@@ -151,6 +214,9 @@ class TrainingRuntime:
             self._work.close()
             self._work = None
             self.trainer.in_step = []
+            for job_id in in_step:  # a paused job runs this micro-batch again on resume
+                if job_id in self.paused:
+                    self.paused[job_id].job.drop_micro_batch()
 
     def _clear_serving_lora(self) -> None:
         if self.serving_lora_state is not None:
@@ -164,12 +230,13 @@ class TrainingRuntime:
             if running is None or not report.optimizer_step:
                 continue
             job = running.job
-            data = {"step": job.step, "train_loss": job.last_train_loss, "learning_rate": job.scheduler.get_last_lr()[0]}
+            data = step_metrics(job)
             stop_early = False
             if running.valid and (job.step % running.eval_every == 0 or job.is_finished):
-                data["valid_loss"] = (yield from self.trainer.evaluate_slices([(job, running.valid)]))[0]
+                valid = (yield from self.trainer.evaluate_slices([(job, running.valid)]))[0]
                 if self.running.get(job.job_id) is not running:
-                    continue  # cancelled while it was being evaluated
+                    continue  # cancelled or paused while it was being evaluated
+                data.update(valid_metrics(job, valid))
                 stop_early = running.early.update(data["valid_loss"], job)
             self.store.add_event(job.job_id, "info", f"Step {job.step}/{job.total_steps}: training loss="
                                  f"{job.last_train_loss:.4f}" + (f", validation loss={data['valid_loss']:.4f}"
@@ -181,28 +248,67 @@ class TrainingRuntime:
 
     # ---- internals -----------------------------------------------------------------------------
     def _build(self, record: JobRecord) -> RunningJob:
-        lora = dict(record.lora or {})
-        extras = {k: lora.pop(k) for k in list(lora) if k not in {f.name for f in fields(LoRASpec)}}
-        if "target_modules" in lora:
-            lora["target_modules"] = tuple(lora["target_modules"])
-        spec = LoRASpec(**lora)
-        hp_in = record.hyperparameters
-        batch_size = int(hp_in["batch_size"])
-        hp = Hyperparams(n_epochs=int(hp_in["n_epochs"]), batch_size=batch_size,
-                         micro_batch_size=min(batch_size, int(extras.get("micro_batch_size", DEFAULT_MICRO_BATCH_SIZE))),
-                         learning_rate=BASE_LEARNING_RATE * float(hp_in["learning_rate_multiplier"]),
-                         warmup_ratio=float(extras.get("warmup_ratio", 0.0)), seed=int(record.seed))
-        kw = dict(template=extras.get("template", "chat"), max_length=int(extras.get("max_length", DEFAULT_MAX_LENGTH)),
-                  packing=bool(extras.get("packing", False)))
-        train, _ = load_dataset(self.store.file_path(record.training_file).read_bytes(), self.tokenizer, **kw)
-        if record.validation_file:
-            valid, _ = load_dataset(self.store.file_path(record.validation_file).read_bytes(), self.tokenizer, **kw)
-        else:
-            train, valid = split_validation(train, float(extras.get("validation_fraction", 0.1)), seed=hp.seed)
-        job = TrainingJob(record.id, spec, hp, train, self.model_config, self.device)
-        return RunningJob(job, valid, eval_every=int(extras.get("eval_every", 0)) or job.steps_per_epoch,
-                          checkpoint_every=int(extras.get("checkpoint_every", 0)) or job.steps_per_epoch,
-                          early=EarlyStopping(int(extras.get("early_stopping_patience", 0))))
+        method = (record.method or {}).get("type", "supervised")
+        return build_job(record.id, self.store.file_path(record.training_file).read_bytes(),
+                         self.store.file_path(record.validation_file).read_bytes() if record.validation_file else None,
+                         self.tokenizer, self.model_config, lora=record.lora, hyperparameters=record.hyperparameters,
+                         seed=record.seed, device=self.device, base_answers=self._base_answers, method=method,
+                         priority=record.priority)
+
+    # ---- self-distillation: the base model's own answers, generated in the serving batches ----------
+    def _needs_base_answers(self, record: JobRecord) -> bool:
+        if (record.method or {}).get("type", "supervised") != "supervised" or self._base_answers is not None:
+            return False
+        if self_distillation_share(record.lora) <= 0:
+            return False
+        _, extras = resolve_lora(record.lora)
+        if extras.get("template", "chat") != "chat":
+            raise ValueError("self_distillation needs the model's own chat template (lora.template 'chat'); set "
+                             "lora.self_distillation to 0 for other templates")
+        cached = regularization.load_cached(self._answers_path())
+        if cached is not None:
+            self._base_answers = cached
+            return False
+        return True
+
+    def _answers_path(self):
+        return regularization.cache_path(self.store.root, self.model_key)
+
+    def _await_base_answers(self, record: JobRecord) -> str:
+        """Queue the job until the pool exists; start generating it unless that is under way already."""
+        self._awaiting_answers.append(record.id)
+        if record.status == "queued":
+            self.store.set_status(record.id, "running")
+        prompts = regularization.REGULARIZATION_PROMPTS
+        self.store.add_event(record.id, "info", f"Generating the base model's answers to {len(prompts)} general "
+                             "prompts for self-distillation (once per base model)")
+        if self._generating is None:
+            self._generating = {}
+            params = SamplingParams(max_tokens=regularization.DEFAULT_MAX_TOKENS, temperature=0.0)
+            for i, prompt in enumerate(prompts):
+                text = self.tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                                          add_generation_prompt=True)
+                ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+                self.engine.add_internal_request(f"{SELF_DISTILLATION_ID}{i}", list(ids), params,
+                                                 functools.partial(self._base_answer, i))
+            logger.info("generating %d base-model answers for self-distillation", len(prompts))
+        return "running"
+
+    def _base_answer(self, index: int, text: str, finish_reason: str | None) -> None:
+        assert self._generating is not None
+        self._generating[index] = (text, finish_reason)
+        prompts = regularization.REGULARIZATION_PROMPTS
+        if len(self._generating) < len(prompts):
+            return
+        answers = [regularization.complete_sentences(text, reason == "length")
+                   for text, reason in (self._generating[i] for i in range(len(prompts)))]
+        self._base_answers = regularization.as_examples(prompts, answers)
+        regularization.save_cached(self._answers_path(), self._base_answers)
+        self._generating = None
+        logger.info("self-distillation pool ready: %d base-model answers", len(self._base_answers))
+        waiting, self._awaiting_answers = self._awaiting_answers, []
+        for job_id in waiting:
+            self.submit(job_id)
 
     def _job_dir(self, job_id: str) -> Path:
         return self.store.root / "checkpoints" / job_id
@@ -229,7 +335,8 @@ class TrainingRuntime:
         if best is not None:
             self.store.add_event(job.job_id, "info", f"The published adapter is the one of step "
                                  f"{running.early.best_step} (validation loss {running.early.best_loss:.4f})")
-        trained = sum(len(s.input_ids) for s in job.train) * job.hp.n_epochs
+        trained = sum(len(s.input_ids) for u in job.train for s in job.objective.expand([u])[0]
+                      ) * job.hp.n_epochs
         self.store.set_output(job.job_id, str(folder), trained)
         logger.info("fine-tuning job %s finished: %d steps in %.1f s", job.job_id, job.step,
                     time.monotonic() - running.started_s)
@@ -238,11 +345,36 @@ class TrainingRuntime:
         self.running.pop(job_id, None)
         self.trainer.remove_job(job_id)
         self._drop_orphaned_step()
+        self.paused.pop(job_id, None)
+        if job_id in self._awaiting_answers:
+            self._awaiting_answers.remove(job_id)
         record = self.store.get_job(job_id)
-        if record is not None and record.status in ("validating_files", "queued", "running"):
+        if record is not None and record.status in ("validating_files", "queued", "running", "paused"):
             self.store.set_status(job_id, "failed", error={"code": code, "message": message, "param": None})
             self.store.add_event(job_id, "error", f"The job failed: {message}")
         logger.warning("fine-tuning job %s failed: %s", job_id, message)
+
+
+def step_metrics(job) -> dict:
+    """An optimizer step's event data: OpenAI's metric names (train_accuracy: token accuracy; for DPO the
+    reward accuracy, with the mean margin and rewards beside)."""
+    data = {"step": job.step, "train_loss": job.last_train_loss, "learning_rate": job.scheduler.get_last_lr()[0]}
+    metrics = job.last_metrics
+    if "accuracy" in metrics:
+        data["train_accuracy"] = metrics["accuracy"]
+    for k in ("margin", "chosen_reward", "rejected_reward"):
+        if k in metrics:
+            data[f"train_{k}"] = metrics[k]
+    return data
+
+
+def valid_metrics(job, valid: dict) -> dict:
+    data = {"valid_loss": valid["loss"]}
+    if "accuracy" in valid:
+        data["valid_mean_token_accuracy" if job.objective.name == "supervised" else "valid_accuracy"] = valid["accuracy"]
+    if "margin" in valid:
+        data["valid_margin"] = valid["margin"]
+    return data
 
 
 def create_training_runtime(engine: Any, args: Any) -> TrainingRuntime:

@@ -212,15 +212,17 @@ def test_create_with_legacy_hyperparameters_and_auto(ft_oai, ft_client, engine):
     f = _upload(ft_oai)
     job = ft_oai.fine_tuning.jobs.create(model=MODEL_NAME, training_file=f.id, hyperparameters={
         "n_epochs": "auto", "batch_size": 16, "learning_rate_multiplier": "auto"})
-    assert job.hyperparameters.model_dump() == {"n_epochs": 3, "batch_size": 16, "learning_rate_multiplier": 1.0}
+    # "auto" stays until the engine side has read the data (trainer/defaults.py resolves it, then the job shows it)
+    assert job.hyperparameters.model_dump() == {"n_epochs": "auto", "batch_size": 16,
+                                                "learning_rate_multiplier": "auto"}
     plain = ft_client.post(JOBS, json={"model": MODEL_NAME, "training_file": f.id}).json()
-    assert plain["hyperparameters"] == {"n_epochs": 3, "batch_size": 4, "learning_rate_multiplier": 1.0}
+    assert plain["hyperparameters"] == {"n_epochs": "auto", "batch_size": "auto", "learning_rate_multiplier": "auto"}
     assert 0 <= plain["seed"] < 2 ** 31 and plain["user_provided_suffix"] is None
     assert plain["lora"] == {"r": 8, "alpha": 16.0, "dropout": 0.0, "use_rslora": False,
                              "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"]}
     supervised_only = ft_client.post(JOBS, json={"model": MODEL_NAME, "training_file": f.id,
                                                  "method": {"type": "supervised"}}).json()
-    assert supervised_only["hyperparameters"]["n_epochs"] == 3
+    assert supervised_only["hyperparameters"]["n_epochs"] == "auto"
     assert [c[0] for c in engine.calls] == ["train_submit"] * 3
 
 
@@ -262,10 +264,13 @@ def test_bad_model_through_the_client(ft_oai):
     ({"suffix": "a:b"}, "suffix"),
     ({"seed": -1}, "seed"),
     ({"seed": "7"}, "seed"),
-    ({"method": {"type": "dpo", "dpo": {}}}, "method.type"),
+    ({"method": {"type": "dpo", "dpo": {}}}, "training_file"),  # chat data, not preference pairs
     ({"method": {"type": "reinforcement"}}, "method.type"),
     ({"method": {"type": "magic"}}, "method.type"),
-    ({"method": {"type": "supervised", "dpo": {"hyperparameters": {}}}}, "method.dpo"),
+    ({"method": {"type": "supervised", "dpo": {"hyperparameters": {}}}}, "method"),
+    ({"method": {"type": "dpo", "dpo": {"hyperparameters": {"beta": 0}}}}, "method.dpo.hyperparameters.beta"),
+    ({"priority": 11}, "priority"),
+    ({"lora": {"self_distillation": 5}}, "lora.self_distillation"),
     ({"method": {"type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 0}}}},
      "method.supervised.hyperparameters.n_epochs"),
     ({"hyperparameters": {"n_epochs": 51}}, "hyperparameters.n_epochs"),
@@ -304,8 +309,54 @@ def test_bad_job_requests_change_nothing(ft_client, ft_oai, engine, patch, param
 
 def test_unsupported_method_message(ft_oai):
     f = _upload(ft_oai)
-    with pytest.raises(openai.BadRequestError, match="'dpo' fine-tuning method is not supported"):
+    with pytest.raises(openai.BadRequestError, match="'reinforcement' fine-tuning method is not supported"):
+        ft_oai.fine_tuning.jobs.create(model=MODEL_NAME, training_file=f.id, method={"type": "reinforcement"})
+    with pytest.raises(openai.BadRequestError, match="the dpo method needs preference data"):
         ft_oai.fine_tuning.jobs.create(model=MODEL_NAME, training_file=f.id, method={"type": "dpo"})
+
+
+PREFERENCE = b"".join(json.dumps({"input": {"messages": [{"role": "user", "content": f"q{i}"}]},
+                                  "preferred_output": [{"role": "assistant", "content": "good"}],
+                                  "non_preferred_output": [{"role": "assistant", "content": "bad"}]}).encode() + b"\n"
+                      for i in range(4))
+
+
+def test_dpo_jobs_take_preference_files_and_name_a_bad_line(ft_oai, ft_client, engine):
+    f = _upload(ft_oai, PREFERENCE, "prefs.jsonl")
+    job = ft_oai.fine_tuning.jobs.create(model=MODEL_NAME, training_file=f.id,
+                                         method={"type": "dpo", "dpo": {"hyperparameters": {"beta": 0.2}}})
+    assert job.method.type == "dpo" and job.method.dpo.hyperparameters.beta == 0.2
+    assert job.hyperparameters.n_epochs == "auto"
+    with pytest.raises(openai.BadRequestError, match="the supervised method needs chat"):
+        ft_oai.fine_tuning.jobs.create(model=MODEL_NAME, training_file=f.id)
+    broken = PREFERENCE + json.dumps({"input": {"messages": [{"role": "user", "content": "q"}]},
+                                      "preferred_output": [{"role": "assistant", "content": "x"}]}).encode()
+    err = _error(ft_client.post("/v1/files", files={"file": ("p.jsonl", broken)}, data={"purpose": "fine-tune"}), 400,
+                 param="file")
+    assert "line 5: missing 'non_preferred_output'" in err["message"]
+
+
+def test_metadata_filter_and_priority(ft_oai, ft_client, engine):
+    f = _upload(ft_oai)
+    a = ft_client.post(JOBS, json={"model": MODEL_NAME, "training_file": f.id, "metadata": {"team": "red"},
+                                   "priority": 3}).json()
+    b = ft_client.post(JOBS, json={"model": MODEL_NAME, "training_file": f.id, "metadata": {"team": "blue"}}).json()
+    assert a["priority"] == 3 and b["priority"] == 0
+    red = ft_client.get(JOBS, params={"metadata[team]": "red"}).json()["data"]
+    assert [j["id"] for j in red] == [a["id"]]
+    assert ft_client.get(JOBS, params={"metadata[team]": "green"}).json()["data"] == []
+    assert len(ft_client.get(JOBS).json()["data"]) == 2
+    _error(ft_client.get(JOBS, params={"metadata": "team"}), 400, param="metadata")
+
+
+def test_pause_and_resume_need_the_right_status(ft_oai, ft_client, engine):
+    f = _upload(ft_oai)
+    job = ft_oai.fine_tuning.jobs.create(model=MODEL_NAME, training_file=f.id)
+    ft_oai.fine_tuning.jobs.cancel(job.id)
+    err = _error(ft_client.post(f"{JOBS}/{job.id}/pause"), 400, param="fine_tuning_job_id")
+    assert "cancelled" in err["message"] and err["code"] == "job_not_pausable"
+    _error(ft_client.post(f"{JOBS}/{job.id}/resume"), 400, param="fine_tuning_job_id")
+    _error(ft_client.post(f"{JOBS}/ftjob-nope/pause"), 404)
 
 
 def test_malformed_bodies(ft_client, engine):

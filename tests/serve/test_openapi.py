@@ -31,4 +31,4 @@ def test_request_bodies_are_the_route_models(client):
 def test_schemathesis_reads_the_document(client):
     schemathesis = pytest.importorskip("schemathesis")
     schema = schemathesis.openapi.from_dict(client.get("/openapi.json").json())
-    assert len(list(schema.get_all_operations())) == 28
+    assert len(list(schema.get_all_operations())) == 31

@@ -4,7 +4,6 @@ from __future__ import annotations
 import json
 
 import torch
-
 from loraplex.engine.loader import load_model
 from loraplex.trainer.checkpoint import load_checkpoint, save_checkpoint
 from loraplex.trainer.job import Hyperparams, TrainingJob

@@ -8,10 +8,23 @@ from collections import Counter
 
 import pytest
 import transformers
-
-from loraplex.trainer.data import (IGNORE_INDEX, DataError, Example, PackedSequence, TokenizedExample,
-                                   count_trained_tokens, detect_format, get_template, iter_batches, load_dataset,
-                                   pack_examples, parse_examples, split_validation, to_sequences, tokenize_example)
+from loraplex.trainer.data import (
+    IGNORE_INDEX,
+    DataError,
+    Example,
+    PackedSequence,
+    TokenizedExample,
+    count_trained_tokens,
+    detect_format,
+    get_template,
+    iter_batches,
+    load_dataset,
+    pack_examples,
+    parse_examples,
+    split_validation,
+    to_sequences,
+    tokenize_example,
+)
 
 ALPACA_PROMPT = ("Below is an instruction that describes a task. Write a response that appropriately completes "
                  "the request.\n\n### Instruction:\n{instruction}\n\n### Response:\n")

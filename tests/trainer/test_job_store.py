@@ -7,10 +7,14 @@ import re
 import threading
 
 import pytest
-
 from loraplex.adapters.store import validate_adapter_name
-from loraplex.trainer.job_store import (BASE_LEARNING_RATE, FileInUseError, InvalidTransitionError, JobStore,
-                                        NotFoundError, fine_tuned_model_name)
+from loraplex.trainer.job_store import (
+    FileInUseError,
+    InvalidTransitionError,
+    JobStore,
+    NotFoundError,
+    fine_tuned_model_name,
+)
 
 CHAT = b'{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}\n'
 HP = {"n_epochs": 3, "batch_size": 4, "learning_rate_multiplier": 1.0}
@@ -94,9 +98,8 @@ def test_create_job(store):
         "fine_tuned_model": None, "organization_id": "loraplex", "result_files": [], "status": "validating_files",
         "validation_file": None, "training_file": job.training_file, "hyperparameters": HP, "trained_tokens": None,
         "error": None, "seed": 7, "user_provided_suffix": "s", "method": METHOD, "estimated_finish": None,
-        "integrations": [], "metadata": {"team": "a"}, "lora": LORA}
+        "integrations": [], "metadata": {"team": "a"}, "lora": LORA, "priority": 0}
     json.dumps(out)
-    assert BASE_LEARNING_RATE == 2e-4
 
 
 def test_create_job_needs_existing_files(store):

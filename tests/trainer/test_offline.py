@@ -7,7 +7,6 @@ import json
 import pytest
 import torch
 import yaml
-
 from loraplex.trainer.offline import load_config, run_config
 
 from tests.engine.test_cuda import tiny_model_dir  # noqa: F401 - fixture
@@ -36,12 +35,16 @@ def config(tiny_model_dir, tmp_path):  # noqa: F811
 def test_train_config_writes_peft_folders_that_peft_reads_alike(config, tmp_path, tiny_model_dir):  # noqa: F811
     peft = pytest.importorskip("peft")
     import transformers
-
     from loraplex.adapters.peft import load_adapter
     from loraplex.engine.loader import load_model
     from loraplex.trainer.batch import build_training_batch
     from loraplex.trainer.data import PackedSequence
-    from loraplex.trainer.lora_layers import JobLoRA, LoRASpec, TrainSegment, attach_training
+    from loraplex.trainer.lora_layers import (
+        JobLoRA,
+        LoRASpec,
+        TrainSegment,
+        attach_training,
+    )
 
     (tmp_path / "train.yaml").write_text(yaml.safe_dump(config))
     summary = run_config(load_config(tmp_path / "train.yaml"), base_dir=tmp_path, progress=False)
