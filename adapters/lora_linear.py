@@ -6,9 +6,8 @@ from __future__ import annotations
 from typing import Callable
 
 import torch
-from torch import nn
-
 from loraplex.adapters.ops.meta import LoRABatchMeta
+from torch import nn
 
 LoRAApply = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, LoRABatchMeta], None]
 

@@ -12,7 +12,6 @@ from dataclasses import dataclass
 from typing import Callable, Hashable
 
 import torch
-
 from loraplex.adapters.ops.meta import ZERO_PAGE
 
 AdapterKey = Hashable  # (adapter_id, version) in the server

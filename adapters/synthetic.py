@@ -5,9 +5,8 @@ import json
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
-
 from loraplex.adapters.peft import LORA_MODULES, module_shapes
+from safetensors.torch import save_file
 
 PEFT_KEY = "base_model.model.model.layers.{layer}.{parent}.{module}.lora_{ab}.weight"
 

@@ -56,6 +56,9 @@ class EngineArgs:
     max_train_jobs: int = 4  # jobs batched into one training step
     train_gradient_checkpointing: bool = False
     train_chunk_tokens: int = 1024  # tokens per training slice (a layer of a chunk): bounds how long decode waits
+    # memory the trainer's per-job state (LoRA weights, gradients, AdamW moments) may take; None: what the
+    # device has free when a job starts, less a reserve (trainer/service.py's admission)
+    train_memory_bytes: int | None = None
     fine_tuning_dir: str | None = None  # the fine-tuning job store (files, jobs, checkpoints)
 
     def __post_init__(self) -> None:
@@ -146,6 +149,10 @@ def add_engine_args(p: argparse.ArgumentParser) -> dict[str, argparse._ArgumentG
     ft.add_argument("--train-chunk-tokens", type=int, default=1024,
                     help="a training step runs in slices (one decoder layer of a chunk of about this many tokens) "
                          "with inference steps in between: smaller keeps decode latency lower (default: 1024)")
+    ft.add_argument("--train-memory", type=size_arg, default=None, metavar="SIZE",
+                    help="memory for the running jobs' own state (LoRA weights, gradients, AdamW moments); a job "
+                         "that does not fit waits, queued, until one ends (default: the device's free memory "
+                         "less a reserve, when each job starts)")
     return {"lora": lora, "fine_tuning": ft}
 
 
@@ -166,4 +173,5 @@ def engine_args_from(ns: argparse.Namespace) -> EngineArgs:
         # the engine side's TrainingRuntime opens the same job store as the HTTP process's FineTuningService
         enable_training=ns.enable_lora and ns.enable_training, fine_tuning_dir=str(fine_tuning_dir_from(ns)),
         train_share=ns.train_share, max_train_jobs=ns.max_train_jobs,
-        train_gradient_checkpointing=ns.train_gradient_checkpointing, train_chunk_tokens=ns.train_chunk_tokens)
+        train_gradient_checkpointing=ns.train_gradient_checkpointing, train_chunk_tokens=ns.train_chunk_tokens,
+        train_memory_bytes=ns.train_memory)

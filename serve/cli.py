@@ -26,6 +26,7 @@ LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from loraplex.adapters.cli import add_parser as add_export_parser
     from loraplex.bench.cli import add_bench_parser
     from loraplex.engine.cli import add_parsers as add_engine_parsers
     from loraplex.trainer.cli import add_parser as add_train_parser
@@ -37,6 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.set_defaults(run=run_serve)
     add_engine_parsers(sub)
     add_train_parser(sub)
+    add_export_parser(sub)
     add_bench_parser(sub)
     return parser
 

@@ -36,7 +36,7 @@ REGULARIZATION_PROMPTS = (
     "What is the capital of Brazil?", "What are clouds made of?", "Who wrote Pride and Prejudice?",
     "What is the freezing point of water in Celsius?",
 )
-DEFAULT_MAX_TOKENS = 96
+DEFAULT_MAX_TOKENS = 64
 CACHE_FORMAT = 1
 
 

@@ -54,6 +54,8 @@ class TrainingRuntime:
                                        chunk_tokens=args.train_chunk_tokens, before_slice=self._clear_serving_lora)
         self.running: dict[str, RunningJob] = {}
         self.paused: dict[str, RunningJob] = {}  # paused in this process: their state kept exactly as it was
+        self.waiting: list[RunningJob] = []  # built, waiting for memory (admitted by priority, then age)
+        self.memory_limit: int | None = getattr(args, "train_memory_bytes", None)
         self.engine = engine
         self.model_key = json.dumps([str(args.model), str(runner.dtype), getattr(args, "quantization", "none")])
         self._base_answers: list[dict] | None = None  # the self-distillation pool, once generated or loaded
@@ -89,7 +91,8 @@ class TrainingRuntime:
         record = self.store.get_job(job_id)
         if record is None:
             raise ValueError(f"no fine-tuning job {job_id!r}")
-        if job_id in self.running or job_id in self._awaiting_answers or record.status not in ("queued", "running"):
+        if (job_id in self.running or job_id in self._awaiting_answers or record.status not in ("queued", "running")
+                or any(r.job.job_id == job_id for r in self.waiting)):
             return record.status
         try:
             if self._needs_base_answers(record):
@@ -106,14 +109,27 @@ class TrainingRuntime:
             running.early.best_step = int(extra.get("best_step", 0))
             running.early.best_weights = load_best_weights(Path(checkpoint["path"]))
             self.store.add_event(job_id, "info", f"Resumed from the checkpoint at step {running.job.step}")
-        if record.status == "queued":
-            self.store.set_status(job_id, "running")
         if any(v == "auto" for v in record.hyperparameters.values()):
             self.store.set_resolved(job_id, running.hyperparameters)
+        if not self._fits(running):
+            self.waiting.append(running)
+            if record.status == "running":
+                self.store.set_status(job_id, "queued")
+            self.store.add_event(job_id, "info", f"Waiting for memory: the job needs "
+                                 f"{job_state_bytes(running.job) / 2**20:.1f} MiB and "
+                                 f"{self._free_bytes() / 2**20:.1f} MiB are free for training")
+            logger.info("fine-tuning job %s waits for memory", job_id)
+            return "queued"
+        return self._start(running, resumed=resumed, from_checkpoint=checkpoint is not None)
+
+    def _start(self, running: RunningJob, resumed: bool = False, from_checkpoint: bool = False) -> str:
+        job_id = running.job.job_id
+        if self.store.get_job(job_id).status == "queued":
+            self.store.set_status(job_id, "running")
         running.started_s = time.monotonic()
         self.running[job_id] = running
         self.trainer.add_job(running.job)
-        if not (resumed and checkpoint is not None):
+        if not (resumed and from_checkpoint):
             hp = running.hyperparameters
             what = "preference pairs" if running.job.objective.name == "dpo" else "sequences"
             self.store.add_event(job_id, "info", f"Fine-tuning job started ({running.job.objective.name}): "
@@ -128,6 +144,7 @@ class TrainingRuntime:
     def cancel(self, job_id: str) -> str:
         self.running.pop(job_id, None)
         self.paused.pop(job_id, None)
+        self.waiting = [r for r in self.waiting if r.job.job_id != job_id]
         if job_id in self._awaiting_answers:
             self._awaiting_answers.remove(job_id)
         self.trainer.remove_job(job_id)
@@ -136,6 +153,7 @@ class TrainingRuntime:
         if record is not None and record.status in ("validating_files", "queued", "running", "paused"):
             self.store.set_status(job_id, "cancelled")
             self.store.add_event(job_id, "info", "The job was cancelled")
+        self._admit_waiting()
         return "cancelled"
 
     def pause(self, job_id: str) -> str:
@@ -149,12 +167,16 @@ class TrainingRuntime:
         if record.status not in ("queued", "running"):
             raise ValueError(f"fine-tuning job {job_id} is {record.status}; only a queued or running job can be paused")
         running = self.running.pop(job_id, None)
+        if running is None:  # waiting for memory: it keeps its built state
+            running = next((r for r in self.waiting if r.job.job_id == job_id), None)
+            self.waiting = [r for r in self.waiting if r.job.job_id != job_id]
         if job_id in self._awaiting_answers:
             self._awaiting_answers.remove(job_id)
+        if running is not None:
+            self.paused[job_id] = running  # before the step in progress is dropped: its micro-batch is undone
         self.trainer.remove_job(job_id)
         self._drop_orphaned_step()
         if running is not None:
-            self.paused[job_id] = running
             if not running.job.in_optimizer_step and job_id not in self.trainer.in_step:
                 self._checkpoint(running, {"step": running.job.step})
         self.store.set_status(job_id, "paused")
@@ -175,15 +197,46 @@ class TrainingRuntime:
         running = self.paused.pop(job_id, None)
         if running is None:  # paused by an earlier server process: from the checkpoint
             return self.submit(job_id, resumed=True)
-        self.store.set_status(job_id, "running")
-        self.running[job_id] = running
-        self.trainer.add_job(running.job)
+        if not self._fits(running):
+            self.waiting.append(running)
+            return "queued"
+        self._start(running, resumed=True, from_checkpoint=True)
         logger.info("fine-tuning job %s resumed at step %d", job_id, running.job.step)
         return "running"
 
     def stats(self) -> dict:
-        return {"running_jobs": len(self.running), "paused_jobs": len(self.paused), "steps": self.num_steps,
-                "slices": self.num_slices}
+        return {"running_jobs": len(self.running), "paused_jobs": len(self.paused), "waiting_jobs": len(self.waiting),
+                "steps": self.num_steps, "slices": self.num_slices}
+
+    # ---- admission: a job starts when its state fits in memory ----------------------------------
+    def _used_bytes(self) -> int:
+        return sum(job_state_bytes(r.job) for r in (*self.running.values(), *self.paused.values()))
+
+    def _free_bytes(self) -> int:
+        if self.memory_limit is not None:
+            return self.memory_limit - self._used_bytes()
+        return available_memory(self.device) - MEMORY_RESERVE_BYTES  # the running jobs' state is already taken
+
+    def _fits(self, running: RunningJob) -> bool:
+        """A job's own state must fit; with nothing else training it always starts (there is nobody to wait for,
+        and a job that cannot fit alone fails with the device's own error rather than wait forever)."""
+        if not self.running and not self.paused:
+            return True
+        return job_state_bytes(running.job) <= self._free_bytes()
+
+    def _admit_waiting(self) -> None:
+        """After a job leaves: start the waiting ones that fit now, highest priority first, then oldest."""
+        for running in sorted(self.waiting, key=lambda r: -r.job.priority):
+            if running.job.job_id not in {r.job.job_id for r in self.waiting}:
+                continue
+            record = self.store.get_job(running.job.job_id)
+            if record is None or record.status not in ("queued", "running"):
+                self.waiting.remove(running)
+                continue
+            if self._fits(running):
+                self.waiting.remove(running)
+                self.store.add_event(running.job.job_id, "info", "Memory is free: the job starts")
+                self._start(running)
 
     # ---- background work -----------------------------------------------------------------------
     def has_work(self) -> bool:
@@ -338,6 +391,7 @@ class TrainingRuntime:
         trained = sum(len(s.input_ids) for u in job.train for s in job.objective.expand([u])[0]
                       ) * job.hp.n_epochs
         self.store.set_output(job.job_id, str(folder), trained)
+        self._admit_waiting()
         logger.info("fine-tuning job %s finished: %d steps in %.1f s", job.job_id, job.step,
                     time.monotonic() - running.started_s)
 
@@ -352,7 +406,36 @@ class TrainingRuntime:
         if record is not None and record.status in ("validating_files", "queued", "running", "paused"):
             self.store.set_status(job_id, "failed", error={"code": code, "message": message, "param": None})
             self.store.add_event(job_id, "error", f"The job failed: {message}")
+        self.waiting = [r for r in self.waiting if r.job.job_id != job_id]
+        self._admit_waiting()
         logger.warning("fine-tuning job %s failed: %s", job_id, message)
+
+
+MEMORY_RESERVE_BYTES = 1 << 30  # left to serving (KV growth, activations) when no --train-memory is set
+ADAM_STATE_BYTES_PER_PARAM = 4 + 4 + 8  # fp32 weight, its gradient, AdamW's two moments
+
+
+def job_state_bytes(job) -> int:
+    """A job's own memory: its LoRA weights, gradients and AdamW moments (fp32), and early stopping's copy of
+    the best weights. Activations are not per job: a step runs chunk by chunk (--train-chunk-tokens), so their
+    peak is one chunk's whatever the number of jobs."""
+    return sum(p.numel() for p in job.params) * ADAM_STATE_BYTES_PER_PARAM
+
+
+def available_memory(device) -> int:
+    """Free memory of the training device: CUDA's free bytes, or the host's MemAvailable."""
+    import torch
+    if getattr(device, "type", str(device)) == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free)
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 1 << 62  # unknown: no limit
 
 
 def step_metrics(job) -> dict:

@@ -22,7 +22,6 @@ import time
 from pathlib import Path
 
 import torch
-
 from loraplex.engine.paths import cache_dir
 
 logger = logging.getLogger(__name__)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-
 from loraplex.engine.kernels import cpu_kernels
 
 

@@ -153,3 +153,84 @@ def test_early_stopping_publishes_the_adapter_of_the_best_validation_loss(tiny_m
     kept = load_best_weights(store.latest_checkpoint(job_id)["path"])  # step 3's checkpoint keeps step 2's
     assert store.latest_checkpoint(job_id)["step_number"] == 3
     assert all(torch.equal(kept[k], snapshots[2][k]) for k in kept)
+
+
+def run_to_end(engine) -> None:
+    while engine.background.has_work():
+        engine.background.run_step()
+
+
+def test_pause_stops_steps_and_resume_ends_with_the_unpaused_result(tiny_model_dir, tmp_path):  # noqa: F811
+    from safetensors.torch import load_file
+    engine = make_engine(tiny_model_dir, tmp_path / "ft")
+    store = JobStore(tmp_path / "ft")
+    job_id = submit(store)
+    engine.call("train_submit", (job_id,))
+    for _ in range(7):  # into the middle of a batched step: its micro-batch is dropped and runs again
+        engine.background.run_step()
+    assert engine.background.trainer.in_step == [job_id]
+    assert engine.call("train_pause", (job_id,)) == "paused"
+    assert store.get_job(job_id).status == "paused" and not engine.background.has_work()
+    step = engine.background.paused[job_id].job.step
+    with pytest.raises(ValueError, match="only a queued or running job can be paused"):
+        engine.call("train_pause", (job_id,))
+    assert engine.call("train_resume", (job_id,)) == "running"
+    assert engine.background.running[job_id].job.step == step
+    run_to_end(engine)
+    other_engine = make_engine(tiny_model_dir, tmp_path / "ft2")
+    store2 = JobStore(tmp_path / "ft2")
+    other = submit(store2)
+    other_engine.call("train_submit", (other,))
+    run_to_end(other_engine)
+    a = load_file(f"{store.get_job(job_id).output_path}/adapter_model.safetensors")
+    b = load_file(f"{store2.get_job(other).output_path}/adapter_model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    messages = [e["message"] for e in store.list_events(job_id, limit=100)[0]]
+    assert any(m.startswith("The job was paused at step") for m in messages) and "The job was resumed" in messages
+
+
+def test_a_job_that_does_not_fit_waits_for_memory(tiny_model_dir, tmp_path):  # noqa: F811
+    from loraplex.adapters.runtime import create_lora_runtime
+    from loraplex.trainer.service import create_training_runtime, job_state_bytes
+    probe = make_engine(tiny_model_dir, tmp_path / "probe")
+    probe_store = JobStore(tmp_path / "probe")
+    probe.call("train_submit", (submit(probe_store),))
+    one = job_state_bytes(next(iter(probe.background.running.values())).job)
+    args = EngineArgs(model=str(tiny_model_dir), max_num_seqs=4, enable_lora=True, max_lora_rank=16,
+                      lora_pool_pages=40, enable_training=True, fine_tuning_dir=str(tmp_path / "ft"), max_train_jobs=2,
+                      train_memory_bytes=int(1.5 * one))
+    engine = LLMEngine.from_engine_args(args, create_lora_runtime, create_training_runtime)
+    store = JobStore(tmp_path / "ft")
+    first, second = submit(store), submit(store)
+    assert engine.call("train_submit", (first,)) == "running"
+    assert engine.call("train_submit", (second,)) == "queued"
+    assert store.get_job(second).status == "queued"
+    assert any(e["message"].startswith("Waiting for memory") for e in store.list_events(second)[0])
+    assert engine.call("train_stats", ())["waiting_jobs"] == 1
+    while store.get_job(first).output_path is None:
+        engine.background.run_step()
+        # never both at once: the second starts in the step where the first ends
+        assert second not in engine.background.running or store.get_job(first).output_path
+    assert store.get_job(second).status == "running"  # admitted the moment the first finished
+    run_to_end(engine)
+    assert store.get_job(second).output_path
+
+
+def test_priorities_divide_the_steps_when_jobs_outnumber_the_batch():
+    from types import SimpleNamespace
+
+    from loraplex.trainer.multi_job import MultiJobTrainer
+    trainer = MultiJobTrainer.__new__(MultiJobTrainer)  # scheduling only: no model needed
+    trainer.jobs, trainer._pass_value, trainer.max_jobs = {}, {}, 1
+    low = SimpleNamespace(job_id="low", priority=0, is_finished=False)
+    high = SimpleNamespace(job_id="high", priority=3, is_finished=False)
+    trainer.add_job(low)
+    trainer.add_job(high)
+    picks = []
+    for _ in range(20):
+        (job,) = trainer.pick_jobs()
+        picks.append(job.job_id)
+        trainer._pass_value[job.job_id] += 1.0 / (job.priority + 1)
+    assert picks.count("high") == 16 and picks.count("low") == 4  # shares 4:1, as priority + 1
+    trainer.max_jobs = 2
+    assert {j.job_id for j in trainer.pick_jobs()} == {"low", "high"}  # room for both: both in every step
