@@ -78,6 +78,13 @@ class PackedSequence:
 
 
 @dataclass(frozen=True, slots=True)
+class PreferencePair:
+    """A DPO unit: the same prompt with its preferred and its non-preferred output."""
+    chosen: PackedSequence  # prompt + preferred output (labels on the output only)
+    rejected: PackedSequence  # prompt + non-preferred output
+
+
+@dataclass(frozen=True, slots=True)
 class DatasetStats:
     format: str
     num_examples: int  # parsed from the file
@@ -673,7 +680,6 @@ def preference_sequences(example: Example, tokenizer, template: str | PromptTemp
 def load_preference_dataset(data: bytes | str, tokenizer, template: str | PromptTemplate = "chat",
                             max_length: int = 2048, max_examples: int = 1_000_000) -> tuple[list, DatasetStats]:
     """Parse and tokenize a preference file (OpenAI's DPO format) -> ([(chosen, rejected)], stats)."""
-    from .objectives import PreferencePair
     tpl = get_template(template)
     if not tpl.is_conversation:
         raise DataError(f"preference data needs the 'chat' or 'chatml' template, not {tpl.name!r}")

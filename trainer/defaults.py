@@ -20,7 +20,13 @@ from typing import Any
 
 import torch
 
-from .data import DatasetStats, load_dataset, load_preference_dataset, split_validation
+from .data import (
+    DatasetStats,
+    load_dataset,
+    load_preference_dataset,
+    parse_examples,
+    split_validation,
+)
 from .job import EarlyStopping, Hyperparams, TrainingJob
 from .lora_layers import LoRASpec
 from .objectives import DEFAULT_DPO_BETA, DPO, SFT
@@ -40,8 +46,10 @@ DPO_HYPERPARAMETER_NAMES = HYPERPARAMETER_NAMES + ("beta",)
 METHODS = ("supervised", "dpo")
 # trainer settings beside LoRASpec's fields in a job's `lora` (see trainer/job_store.py)
 EXTRA_NAMES = ("micro_batch_size", "max_length", "packing", "template", "validation_fraction", "warmup_ratio",
-               "eval_every", "checkpoint_every", "early_stopping_patience", "self_distillation")
+               "eval_every", "checkpoint_every", "early_stopping_patience", "self_distillation",
+               "self_distillation_near")
 DEFAULT_SELF_DISTILLATION = 0.0  # share of the training set added as base-model answers (trainer/regularization.py)
+DEFAULT_NEAR = True  # half of them the base answers to the prompts most like the training prompts
 
 
 def to_jsonl(examples: list[dict]) -> bytes:
@@ -138,7 +146,10 @@ def build_job(job_id: str, train_data: bytes, valid_data: bytes | None, tokenize
     if share > 0:
         if base_answers is None:
             raise ValueError("self-distillation needs the base model's answers (base_answers)")
-        chosen = choose(base_answers, len(train), share, seed)
+        prompts = [text for e in parse_examples(train_data) if e.messages
+                   for text in [" ".join(m["content"] for m in e.messages if m["role"] == "user")]]
+        chosen = choose(base_answers, len(train), share, seed, prompts if extras.get("self_distillation_near",
+                                                                                        DEFAULT_NEAR) else None)
         if chosen:
             extra, _ = load_dataset(to_jsonl(chosen), tokenizer, **kw)
             train = train + extra

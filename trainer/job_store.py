@@ -24,7 +24,8 @@ A job's columns the engine side reads:
     `warmup_ratio` (float in [0, 1)), `eval_every` (optimizer steps between validation runs; 0: each
     epoch's end), `checkpoint_every` (optimizer steps between checkpoints; 0: each epoch's end),
     `early_stopping_patience` (evaluations without improvement before stopping; 0: off; on: the adapter of
-    the best validation loss is published).
+    the best validation loss is published), `self_distillation` (share of the training set added as the
+    base model's own answers: trainer/regularization.py).
 - `seed`, `training_file`, `validation_file` (file ids: read them with `file_path`).
 
 Status machine (OpenAI's names): validating_files -> queued | failed | cancelled; queued -> running |

@@ -9,10 +9,12 @@ Between slices the trainer leaves no state on the shared modules, so an inferenc
 plain served model.
 
 Each step every participating job contributes one micro-batch; rows are stacked with the job's rows
-contiguous; the loss is sum over jobs of (job's token cross-entropy sum / job's trained-target count in its
-whole optimizer step), so each job's gradients equal those of training it alone. Jobs whose accumulation
-closes take their own clipped AdamW step. With more running jobs than `max_jobs`, the ones that waited
-longest go first (round robin).
+contiguous; the loss is the sum over jobs of each job's objective (trainer/objectives.py: SFT's token
+cross-entropy over its optimizer step's trained targets, DPO's pair loss with reference rows that run
+without any adapter), so each job's gradients equal those of training it alone. The head gives every
+target's log-probability; an objective turns its targets' into the loss and the per-target derivative that
+scales the head's backward. Jobs whose accumulation closes take their own clipped AdamW step. With more
+running jobs than `max_jobs`, stride scheduling by priority picks the step's jobs (`pick_jobs`).
 """
 from __future__ import annotations
 

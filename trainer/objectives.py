@@ -22,15 +22,9 @@ import torch
 import torch.nn.functional as F
 
 from .batch import num_targets
-from .data import PackedSequence
+from .data import PackedSequence, PreferencePair
 
 DEFAULT_DPO_BETA = 0.1  # TRL's and OpenAI's default
-
-
-@dataclass(frozen=True, slots=True)
-class PreferencePair:
-    chosen: PackedSequence  # prompt + preferred output (labels on the output only)
-    rejected: PackedSequence  # prompt + non-preferred output
 
 
 @dataclass(slots=True)

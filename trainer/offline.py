@@ -17,6 +17,8 @@ writes a PEFT folder (loadable by peft and vLLM unchanged, and by `loraplex serv
         eval_every: 0           # optimizer steps between validation runs; 0 = at every epoch's end
         early_stopping_patience: 0   # evaluations without improvement before stopping (the adapter of the
                                      # best validation loss is written); 0 = off: the last one
+        method: supervised      # supervised | dpo (data: OpenAI's preference JSONL)
+        beta: 0.1               # DPO only
         lora: {r: 8, alpha: 16, dropout: 0.0, target_modules: [q_proj, v_proj], use_rslora: false}
         hyperparameters: {n_epochs: 3, batch_size: 8, micro_batch_size: 4, learning_rate: 2.0e-4}
 """
@@ -33,17 +35,18 @@ from typing import Any
 import torch
 
 from .checkpoint import write_adapter
-from .data import load_dataset, split_validation
+from .data import load_dataset, load_preference_dataset, split_validation
 from .job import EarlyStopping, Hyperparams, TrainingJob
 from .lora_layers import LoRASpec
 from .multi_job import MultiJobTrainer
+from .objectives import DEFAULT_DPO_BETA, DPO
 
 logger = logging.getLogger(__name__)
 
 JOB_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 TOP_KEYS = {"model", "dtype", "quantization", "output_dir", "max_jobs", "gradient_checkpointing", "jobs", "device"}
 JOB_KEYS = {"name", "data", "validation", "format", "template", "max_length", "packing", "validation_fraction",
-            "eval_every", "early_stopping_patience", "lora", "hyperparameters"}
+            "eval_every", "early_stopping_patience", "lora", "hyperparameters", "method", "beta"}
 
 
 @dataclass(slots=True)
@@ -123,16 +126,26 @@ def run_config(config: dict[str, Any], base_dir: Path = Path("."), progress: boo
         unknown = set(jc) - JOB_KEYS
         if unknown:
             raise ValueError(f"job {jc['name']}: unknown keys {sorted(unknown)} (known: {sorted(JOB_KEYS)})")
-        kw = dict(fmt=jc.get("format", "auto"), template=jc.get("template", "chat"),
-                  max_length=int(jc.get("max_length", 1024)), packing=bool(jc.get("packing", False)))
-        train, stats = load_dataset((base_dir / jc["data"]).read_bytes(), tokenizer, **kw)
+        method = jc.get("method", "supervised")
+        if method not in ("supervised", "dpo"):
+            raise ValueError(f"job {jc['name']}: method must be supervised or dpo; got {method!r}")
+        if "beta" in jc and method != "dpo":
+            raise ValueError(f"job {jc['name']}: beta applies to method dpo")
+        kw = dict(template=jc.get("template", "chat"), max_length=int(jc.get("max_length", 1024)))
+        if method == "dpo":
+            load = lambda data: load_preference_dataset(data, tokenizer, **kw)  # noqa: E731
+        else:
+            kw.update(fmt=jc.get("format", "auto"), packing=bool(jc.get("packing", False)))
+            load = lambda data: load_dataset(data, tokenizer, **kw)  # noqa: E731
+        train, stats = load((base_dir / jc["data"]).read_bytes())
         hp = _dataclass_from(Hyperparams, jc.get("hyperparameters"), f"job {jc['name']} hyperparameters")
         if jc.get("validation"):
-            valid, _ = load_dataset((base_dir / jc["validation"]).read_bytes(), tokenizer, **kw)
+            valid, _ = load((base_dir / jc["validation"]).read_bytes())
         else:
             train, valid = split_validation(train, float(jc.get("validation_fraction", 0.1)), seed=hp.seed)
         spec = _dataclass_from(LoRASpec, jc.get("lora"), f"job {jc['name']} lora")
-        job = TrainingJob(jc["name"], spec, hp, train, model_config, device)
+        objective = DPO(float(jc.get("beta", DEFAULT_DPO_BETA))) if method == "dpo" else None
+        job = TrainingJob(jc["name"], spec, hp, train, model_config, device, objective=objective)
         plans[job.job_id] = JobPlan(job, valid, int(jc.get("eval_every", 0)) or job.steps_per_epoch,
                                     EarlyStopping(int(jc.get("early_stopping_patience", 0))))
         trainer.add_job(job)

@@ -12,6 +12,7 @@ import hashlib
 import json
 import math
 import random
+import re
 from pathlib import Path
 
 REGULARIZATION_PROMPTS = (
@@ -78,7 +79,31 @@ def as_examples(prompts, answers: list[str]) -> list[dict]:
             for p, a in zip(prompts, answers, strict=True) if a.strip()]
 
 
-def choose(pool: list, num_train: int, fraction: float, seed: int) -> list:
-    """ceil(fraction * num_train) of the pool (all of it at most), a seeded choice."""
+def _words(text: str) -> set[str]:
+    return set(re.findall(r"[a-z0-9]+", text.lower()))
+
+
+def _prompt(example: dict) -> str:
+    return " ".join(m["content"] for m in example.get("messages", ()) if m.get("role") == "user")
+
+
+def choose(pool: list, num_train: int, fraction: float, seed: int, train_prompts: list[str] | None = None) -> list:
+    """ceil(fraction * num_train) of the pool (all of it at most). With `train_prompts` (the user turns of the
+    training set), half are the pool prompts most like them (word overlap: "the capital of Veloria" brings
+    "the capital of Australia", whose base answer is what an adapter that learned a made-up capital must not
+    change) and the rest a seeded random choice; without, all random."""
     k = min(len(pool), math.ceil(fraction * num_train)) if fraction > 0 else 0
-    return random.Random(f"selfdistill:{seed}").sample(list(pool), k) if k else []
+    if not k:
+        return []
+    rng = random.Random(f"selfdistill:{seed}")
+    chosen: list = []
+    if train_prompts:
+        vocab = [_words(p) for p in train_prompts]
+
+        def likeness(example: dict) -> float:
+            words = _words(_prompt(example))
+            return max((len(words & v) / max(1, len(words | v)) for v in vocab), default=0.0)
+        ranked = sorted(range(len(pool)), key=lambda i: (-likeness(pool[i]), i))
+        chosen = [pool[i] for i in ranked[:k // 2]]
+    rest = [e for e in pool if e not in chosen]
+    return chosen + rng.sample(rest, k - len(chosen))

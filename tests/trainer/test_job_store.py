@@ -9,6 +9,7 @@ import threading
 import pytest
 from loraplex.adapters.store import validate_adapter_name
 from loraplex.trainer.job_store import (
+    CHECKPOINT_SUFFIX_CHARS,
     FileInUseError,
     InvalidTransitionError,
     JobStore,
@@ -311,5 +312,7 @@ def test_fine_tuned_model_name(base, suffix, expected):
 def test_fine_tuned_model_name_fits_the_adapter_name_limit():
     job_id = "ftjob-0123456789abcdef01234567"
     name = fine_tuned_model_name("m" * 300, "s" * 40, job_id)
-    assert len(name) == 128 and name.endswith(":" + "s" * 40 + ":" + job_id)
+    # room is left for a checkpoint's ":ckpt-step-N" (N up to 9 digits), also a served model name
+    assert len(name) == 128 - CHECKPOINT_SUFFIX_CHARS and name.endswith(":" + "s" * 40 + ":" + job_id)
     assert validate_adapter_name(name) == name
+    assert validate_adapter_name(f"{name}:ckpt-step-999999999")

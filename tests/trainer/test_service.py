@@ -234,3 +234,31 @@ def test_priorities_divide_the_steps_when_jobs_outnumber_the_batch():
     assert picks.count("high") == 16 and picks.count("low") == 4  # shares 4:1, as priority + 1
     trainer.max_jobs = 2
     assert {j.job_id for j in trainer.pick_jobs()} == {"low", "high"}  # room for both: both in every step
+
+
+def test_self_distillation_answers_come_from_the_engines_own_base_rows(tiny_model_dir, tmp_path):  # noqa: F811
+    from loraplex.trainer import regularization
+    engine = make_engine(tiny_model_dir, tmp_path / "ft")
+    store = JobStore(tmp_path / "ft")
+    job_id = submit(store, template="chat", self_distillation=1.0)
+    assert engine.call("train_submit", (job_id,)) == "running"
+    assert job_id in engine.background._awaiting_answers and not engine.background.running
+    prompts = regularization.REGULARIZATION_PROMPTS
+    assert engine.scheduler.num_waiting + engine.scheduler.num_running == len(prompts)
+    outputs = []
+    while engine.has_unfinished_requests():
+        outputs += engine.step()
+    assert outputs == []  # the engine's own requests never reach the server
+    running = engine.background.running[job_id]  # started once the last answer arrived
+    pool = engine.background._base_answers
+    assert 0 < len(pool) <= len(prompts) and running.job.train[-1] is not None
+    assert len(running.job.train) == 7 + 7  # 7 examples (1 held out) + ceil(1.0 * 7) base answers
+    cached = regularization.load_cached(engine.background._answers_path())
+    assert cached == pool
+    run_to_end(engine)
+    assert store.get_job(job_id).output_path
+    # a second engine on the same store reads the cache: no generation
+    again = make_engine(tiny_model_dir, tmp_path / "ft")
+    second = submit(store, template="chat", self_distillation=0.5)
+    assert again.call("train_submit", (second,)) == "running" and second in again.background.running
+    assert not again.has_unfinished_requests()
