@@ -9,7 +9,8 @@ Auto rules:
   that big ones stop near MAX_TARGET_EXAMPLES.
 - batch_size: about 0.2% of the examples as OpenAI, but at least MIN_AUTO_BATCH (a step of one short
   example wastes a CPU's matrix units) and at most 256.
-- learning_rate_multiplier: 1.0 of BASE_LEARNING_RATE (the sweep's pick for the LoRA defaults below).
+- learning_rate_multiplier: AUTO_LR_MULTIPLIER of BASE_LEARNING_RATE (the sweep's pick for the LoRA defaults).
+- self_distillation: DEFAULT_SELF_DISTILLATION for supervised jobs on the model's chat template.
 """
 from __future__ import annotations
 
@@ -37,7 +38,7 @@ BASE_LEARNING_RATE = 2e-4  # learning_rate_multiplier 1.0 trains LoRA at this ra
 TARGET_EPOCHS = 3
 MIN_TARGET_EXAMPLES = 100
 MAX_TARGET_EXAMPLES = 25_000
-MAX_AUTO_EPOCHS = 25
+MAX_AUTO_EPOCHS = 6  # the sweep: OpenAI's cap of 25 over-trains 10-example sets (12 epochs forget the most)
 MIN_AUTO_BATCH, MAX_AUTO_BATCH = 4, 256
 DEFAULT_MICRO_BATCH_SIZE = 4
 DEFAULT_MAX_LENGTH = 1024
@@ -48,7 +49,8 @@ METHODS = ("supervised", "dpo")
 EXTRA_NAMES = ("micro_batch_size", "max_length", "packing", "template", "validation_fraction", "warmup_ratio",
                "eval_every", "checkpoint_every", "early_stopping_patience", "self_distillation",
                "self_distillation_near")
-DEFAULT_SELF_DISTILLATION = 0.0  # share of the training set added as base-model answers (trainer/regularization.py)
+AUTO_LR_MULTIPLIER = 2.0  # the sweep's pick: 4e-4 with the LoRA defaults (trainer.lora_layers.LoRASpec)
+DEFAULT_SELF_DISTILLATION = 2.0  # the sweep's pick; share of the training set added as base-model answers (trainer/regularization.py)
 DEFAULT_NEAR = True  # half of them the base answers to the prompts most like the training prompts
 
 
@@ -78,7 +80,7 @@ def resolve_hyperparameters(given: dict[str, Any] | None, num_examples: int,
     if unknown:
         raise ValueError(f"unknown hyperparameters {sorted(unknown)} (known: {', '.join(names)})")
     auto = {"n_epochs": auto_n_epochs(num_examples), "batch_size": min(auto_batch_size(num_examples), num_examples),
-            "learning_rate_multiplier": 1.0, "beta": DEFAULT_DPO_BETA}
+            "learning_rate_multiplier": AUTO_LR_MULTIPLIER, "beta": DEFAULT_DPO_BETA}
     return {k: auto[k] if given.get(k, AUTO) == AUTO else given[k] for k in names}
 
 
@@ -108,7 +110,13 @@ class BuiltJob:
 
 
 def self_distillation_share(lora: dict | None) -> float:
-    share = float((lora or {}).get("self_distillation", DEFAULT_SELF_DISTILLATION))
+    """The job's self-distillation share: as given, else the default for jobs on the model's own chat template
+    (the base answers are rendered with it) and 0 for the others."""
+    lora = lora or {}
+    if "self_distillation" in lora:
+        share = float(lora["self_distillation"])
+    else:
+        share = DEFAULT_SELF_DISTILLATION if lora.get("template", "chat") == "chat" else 0.0
     if not 0 <= share <= 4:
         raise ValueError(f"lora.self_distillation must be between 0 and 4; got {share}")
     return share

@@ -23,8 +23,10 @@ MAX_TRAIN_RANK = 256
 
 @dataclass(frozen=True, slots=True)
 class LoRASpec:
-    r: int = 8
-    alpha: float = 16.0
+    # the defaults a job gets when the client leaves them out: the sweep's pick (scripts/bench/
+    # sweep_fine_tune_defaults.py; README "Fine-tuning defaults")
+    r: int = 16
+    alpha: float = 32.0
     dropout: float = 0.0
     target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
     use_rslora: bool = False

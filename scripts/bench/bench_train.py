@@ -170,20 +170,28 @@ def serving_bench(model_dir, args) -> dict:
     idle, training = [], []
     try:
         client = openai.OpenAI(base_url=f"{server.base_url}/v1", api_key="unused", max_retries=0)
-        file_id = client.files.create(file=("bench.jsonl", chat_jsonl(0, SERVE_TRAIN_EXAMPLES).encode()),
-                                      purpose="fine-tune").id
+        if args.default_job:  # the defaults' job: 30 examples of a made-up fact, nothing set
+            from loraplex.bench.fine_tune_quality import FACTS, fact_examples, to_jsonl
+            data = to_jsonl(fact_examples(FACTS[1:2], repeats=3))
+        else:
+            data = chat_jsonl(0, SERVE_TRAIN_EXAMPLES).encode()
+        file_id = client.files.create(file=("bench.jsonl", data), purpose="fine-tune").id
         for round_ in range(args.rounds):
             asyncio.run(serve_load(server.base_url, 1, 4, warm_up=True))
             r = asyncio.run(serve_load(server.base_url, args.serve_requests, args.serve_tokens))
             print(f"round {round_ + 1} idle: {r['tok_s']:.1f} tok/s, p99 TTFT {r['p99_ttft_ms']:.0f} ms")
             idle.append(r)
-            job = client.fine_tuning.jobs.create(
-                model="smol", training_file=file_id, suffix="bench", seed=round_,
-                method={"type": "supervised", "supervised": {"hyperparameters": {
-                    "n_epochs": 50, "batch_size": args.batch_size, "learning_rate_multiplier": 1}}},
-                extra_body={"lora": {"r": args.rank, "alpha": 2 * args.rank, "target_modules": list(ALL_LINEAR),
-                                     "micro_batch_size": args.batch_size, "max_length": 256,
-                                     "validation_fraction": 0.0, "checkpoint_every": 10**6}})
+            if args.default_job:
+                job = client.fine_tuning.jobs.create(model="smol", training_file=file_id, seed=round_)
+            else:
+                job = client.fine_tuning.jobs.create(
+                    model="smol", training_file=file_id, suffix="bench", seed=round_,
+                    method={"type": "supervised", "supervised": {"hyperparameters": {
+                        "n_epochs": 50, "batch_size": args.batch_size, "learning_rate_multiplier": 1}}},
+                    extra_body={"lora": {"r": args.rank, "alpha": 2 * args.rank,
+                                         "target_modules": list(ALL_LINEAR), "micro_batch_size": args.batch_size,
+                                         "max_length": 256, "validation_fraction": 0.0,
+                                         "checkpoint_every": 10**6}})
             wait_status(client, job.id, {"running"})
             asyncio.run(serve_load(server.base_url, 1, 4, warm_up=True))
             step0 = last_step(client, job.id)
@@ -227,6 +235,9 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--rank", type=int, default=8)
     ap.add_argument("--skip-peft", action="store_true")
+    ap.add_argument("--default-job", action="store_true",
+                    help="serving part: the job is the defaults' (30 fact examples, no settings), not 50 epochs of "
+                         "--examples; it may end during the load (then a warning says so)")
     ap.add_argument("--skip-serving", action="store_true")
     ap.add_argument("--skip-training", action="store_true", help="only the serving part")
     ap.add_argument("--rounds", type=int, default=1, help="idle/training serving rounds (medians reported)")

@@ -22,7 +22,7 @@ from tests.e2e.test_fine_tuning_server import DATA, server_args, wait_for
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 HP = {"n_epochs": 2, "batch_size": 4, "learning_rate_multiplier": 10}
 LORA = {"r": 8, "alpha": 16, "target_modules": ["q_proj", "v_proj", "down_proj"], "validation_fraction": 0.2,
-        "checkpoint_every": 2, "eval_every": 2}
+        "checkpoint_every": 2, "eval_every": 2, "self_distillation": 0.0}
 
 
 def create(client, file_id, **kw):

@@ -45,7 +45,7 @@ def create_job(client, file_id: str, **extension):
         method={"type": "supervised", "supervised": {"hyperparameters": {
             "n_epochs": extension.pop("n_epochs", 8), "batch_size": 4, "learning_rate_multiplier": 10}}},
         extra_body={"lora": {"r": 8, "alpha": 16, "target_modules": ALL_LINEAR, "validation_fraction": 0.0,
-                             **extension}})
+                             "self_distillation": 0.0, **extension}})
 
 
 def test_fine_tune_learns_a_made_up_fact_and_serves_it_live(default_model_dir):

@@ -218,7 +218,7 @@ def test_create_with_legacy_hyperparameters_and_auto(ft_oai, ft_client, engine):
     plain = ft_client.post(JOBS, json={"model": MODEL_NAME, "training_file": f.id}).json()
     assert plain["hyperparameters"] == {"n_epochs": "auto", "batch_size": "auto", "learning_rate_multiplier": "auto"}
     assert 0 <= plain["seed"] < 2 ** 31 and plain["user_provided_suffix"] is None
-    assert plain["lora"] == {"r": 8, "alpha": 16.0, "dropout": 0.0, "use_rslora": False,
+    assert plain["lora"] == {"r": 16, "alpha": 32.0, "dropout": 0.0, "use_rslora": False,
                              "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"]}
     supervised_only = ft_client.post(JOBS, json={"model": MODEL_NAME, "training_file": f.id,
                                                  "method": {"type": "supervised"}}).json()
