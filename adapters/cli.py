@@ -29,6 +29,7 @@ def add_parser(sub) -> None:
 
 def run_export(ns: argparse.Namespace) -> int:
     import torch
+
     from loraplex.engine.paths import default_adapter_dir
 
     from .export import (

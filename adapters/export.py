@@ -299,6 +299,7 @@ def export_gguf_lora(base: Path, adapter: Path, output: Path, out_type: str = "f
     blk.N.<linear>.weight.lora_a [r, in] and .lora_b [out, r]); the scale is folded into B (alpha written as r,
     so llama.cpp's alpha/r is 1), and attn_q/attn_k B rows get the same permute as the base's weights."""
     import gguf
+
     from loraplex.engine.core.config import ModelConfig
     if out_type not in ("f32", "bf16"):
         raise ExportError("a GGUF LoRA is written as f32 or bf16")

@@ -6,8 +6,9 @@ from __future__ import annotations
 from typing import Callable
 
 import torch
-from loraplex.adapters.ops.meta import LoRABatchMeta
 from torch import nn
+
+from loraplex.adapters.ops.meta import LoRABatchMeta
 
 LoRAApply = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, LoRABatchMeta], None]
 

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
 from loraplex.adapters.errors import AdapterError, UnsupportedAdapterError
 from loraplex.engine.core.config import ModelConfig
 

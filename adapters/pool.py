@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Callable, Hashable
 
 import torch
+
 from loraplex.adapters.ops.meta import ZERO_PAGE
 
 AdapterKey = Hashable  # (adapter_id, version) in the server

@@ -15,16 +15,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
 from loraplex.adapters.errors import AdapterError
 from loraplex.adapters.lora_linear import LoRALinear, LoRAStepState
 from loraplex.adapters.ops.cpu import lora_apply_cpu
 from loraplex.adapters.ops.meta import build_lora_meta
-from loraplex.adapters.peft import (
-    LORA_MODULES,
-    LoRAWeights,
-    load_adapter,
-    module_shapes,
-)
+from loraplex.adapters.peft import LORA_MODULES, LoRAWeights, load_adapter, module_shapes
 from loraplex.adapters.pool import AdapterPool, LoRAWeightPool
 
 logger = logging.getLogger(__name__)

@@ -5,8 +5,9 @@ import json
 from pathlib import Path
 
 import torch
-from loraplex.adapters.peft import LORA_MODULES, module_shapes
 from safetensors.torch import save_file
+
+from loraplex.adapters.peft import LORA_MODULES, module_shapes
 
 PEFT_KEY = "base_model.model.model.layers.{layer}.{parent}.{module}.lora_{ab}.weight"
 

@@ -85,9 +85,10 @@ def _fetch_gguf(download_dir: Path) -> Path:
 
 def convert_gguf_to_hf(gguf_path: Path, out_dir: Path, progress: Callable[[str], object] = print) -> None:
     """Write config.json, generation_config.json, model.safetensors (float32) and tokenizer files."""
-    from loraplex.engine.weights import read_gguf
     from safetensors.torch import save_file
     from transformers import AutoTokenizer
+
+    from loraplex.engine.weights import read_gguf
 
     progress(f"converting {gguf_path.name} (dequantizing to float32)")
     config, weights = read_gguf(gguf_path)

@@ -9,6 +9,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+
 from loraplex.engine.adapter_hook import AdapterHook, AdapterHookFactory
 from loraplex.engine.background import BackgroundFactory, BackgroundWork
 from loraplex.engine.core.config import CacheConfig, ModelConfig, SchedulerConfig

@@ -8,15 +8,12 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
+from torch import nn
+
 from loraplex.engine.core.config import ModelConfig
 from loraplex.engine.models import get_model_class
-from loraplex.engine.quant import (
-    CHECKPOINT_FORMATS,
-    checkpoint_tensor_suffixes,
-    quantized_linear_builder,
-)
+from loraplex.engine.quant import CHECKPOINT_FORMATS, checkpoint_tensor_suffixes, quantized_linear_builder
 from loraplex.engine.weights import iter_safetensors, read_gguf
-from torch import nn
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 

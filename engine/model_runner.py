@@ -5,15 +5,12 @@ import logging
 from dataclasses import dataclass, field
 
 import torch
+
 from loraplex.engine.core.config import CacheConfig, ModelConfig
 from loraplex.engine.kernels import cpu_kernels
 from loraplex.engine.layers.attention import allocate_kv_caches, build_forward_batch
 from loraplex.engine.layers.forward_batch import ForwardBatch
-from loraplex.engine.layers.sampler import (
-    Sampler,
-    SamplingMetadata,
-    prompt_token_logprobs,
-)
+from loraplex.engine.layers.sampler import Sampler, SamplingMetadata, prompt_token_logprobs
 
 logger = logging.getLogger(__name__)
 

@@ -10,8 +10,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from loraplex.adapters.errors import AdapterTooLargeError
-from loraplex.serve.errors import InvalidRequestError
 from pydantic import BaseModel, ConfigDict
 from starlette.background import BackgroundTask
 from starlette.datastructures import UploadFile
@@ -19,6 +17,9 @@ from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 from starlette.types import Message, Receive
+
+from loraplex.adapters.errors import AdapterTooLargeError
+from loraplex.serve.errors import InvalidRequestError
 
 MULTIPART_OVERHEAD_BYTES = 64 << 10  # form fields and part headers around the archive
 

@@ -7,24 +7,18 @@ import time
 from contextlib import asynccontextmanager
 from typing import Any, AsyncIterator
 
-from loraplex.serve.adapter_routes import ADAPTER_ROUTES, is_admin_route
-from loraplex.serve.errors import (
-    EXCEPTION_HANDLERS,
-    AuthenticationError,
-    openai_error_response,
-)
-from loraplex.serve.fine_tuning_routes import (
-    FINE_TUNING_ROUTES,
-    is_fine_tuning_admin_route,
-)
-from loraplex.serve.metrics import ServingMetrics
-from loraplex.serve.openapi import OPENAPI_ROUTES
-from loraplex.serve.routes import ROUTES
-from loraplex.serve.utility_routes import UTILITY_ROUTES
 from starlette.applications import Starlette
 from starlette.datastructures import Headers
 from starlette.middleware import Middleware
 from starlette.types import ASGIApp, Receive, Scope, Send
+
+from loraplex.serve.adapter_routes import ADAPTER_ROUTES, is_admin_route
+from loraplex.serve.errors import EXCEPTION_HANDLERS, AuthenticationError, openai_error_response
+from loraplex.serve.fine_tuning_routes import FINE_TUNING_ROUTES, is_fine_tuning_admin_route
+from loraplex.serve.metrics import ServingMetrics
+from loraplex.serve.routes import ROUTES
+from loraplex.serve.openapi import OPENAPI_ROUTES
+from loraplex.serve.utility_routes import UTILITY_ROUTES
 
 logger = logging.getLogger("loraplex.serve")
 

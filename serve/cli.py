@@ -67,6 +67,7 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
 
 def run_serve(ns: argparse.Namespace) -> int:
     import uvicorn
+
     from loraplex.adapters.archive import UploadLimits
     from loraplex.adapters.peft import parse_lora_modules
     from loraplex.adapters.runtime import create_lora_runtime

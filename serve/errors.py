@@ -4,18 +4,15 @@ from __future__ import annotations
 import logging
 import re
 
-from loraplex.adapters.errors import AdapterError
-from loraplex.engine.core.errors import (
-    EngineDeadError,
-    PromptTooLongError,
-    QueueFullError,
-)
-from loraplex.trainer.job_store import FileInUseError, InvalidTransitionError
-from loraplex.trainer.job_store import NotFoundError as StoreNotFoundError
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse
+
+from loraplex.adapters.errors import AdapterError
+from loraplex.engine.core.errors import EngineDeadError, PromptTooLongError, QueueFullError
+from loraplex.trainer.job_store import FileInUseError, InvalidTransitionError
+from loraplex.trainer.job_store import NotFoundError as StoreNotFoundError
 
 logger = logging.getLogger("loraplex.serve")
 

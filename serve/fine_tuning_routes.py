@@ -4,14 +4,15 @@ from __future__ import annotations
 
 from typing import Any
 
-from loraplex.serve.adapter_routes import limited_receive
-from loraplex.serve.errors import InvalidRequestError
-from loraplex.serve.fine_tuning_service import raise_too_large
-from loraplex.serve.schemas import CreateFineTuningJobRequest
 from starlette.datastructures import UploadFile
 from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.routing import Route
+
+from loraplex.serve.adapter_routes import limited_receive
+from loraplex.serve.errors import InvalidRequestError
+from loraplex.serve.fine_tuning_service import raise_too_large
+from loraplex.serve.schemas import CreateFineTuningJobRequest
 
 MULTIPART_OVERHEAD_BYTES = 64 << 10  # the purpose field and part headers around the file
 MAX_PAGE_LIMIT = 100

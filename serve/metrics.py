@@ -5,16 +5,11 @@ import logging
 import time
 from typing import Callable, Iterator
 
-from loraplex.engine.core.outputs import EngineStats, RequestOutput
-from prometheus_client import (
-    CONTENT_TYPE_LATEST,
-    CollectorRegistry,
-    Counter,
-    Histogram,
-    generate_latest,
-)
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
+
+from loraplex.engine.core.outputs import EngineStats, RequestOutput
 
 logger = logging.getLogger("loraplex.serve")
 

@@ -7,6 +7,12 @@ from dataclasses import dataclass, field
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
+from pydantic import BaseModel
+from pydantic.json_schema import models_json_schema
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+
 from loraplex.serve.adapter_routes import (
     LoadLoRAAdapterRequest,
     UnloadLoRAAdapterRequest,
@@ -27,11 +33,6 @@ from loraplex.serve.schemas import (
     TokenizeResponse,
     VersionResponse,
 )
-from pydantic import BaseModel
-from pydantic.json_schema import models_json_schema
-from starlette.requests import Request
-from starlette.responses import JSONResponse
-from starlette.routing import Route
 
 JSON_OBJECT = {"type": "object"}
 ERROR = {"type": "object", "required": ["error"], "properties": {"error": {

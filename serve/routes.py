@@ -11,6 +11,12 @@ from dataclasses import dataclass, field, replace
 from typing import Any, AsyncIterator
 
 import jinja2
+from pydantic import BaseModel
+from sse_starlette import EventSourceResponse
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
 from loraplex.engine.core.errors import PromptTooLongError
 from loraplex.engine.core.outputs import RequestOutput, TokenLogprob
 from loraplex.engine.core.sampling_params import SamplingParams
@@ -48,11 +54,6 @@ from loraplex.serve.schemas import (
 from loraplex.serve.tools import check_tool_choice, template_supports_tools
 from loraplex.serve.tools import conversation as tools_conversation
 from loraplex.serve.tools import parse as parse_tool_calls
-from pydantic import BaseModel
-from sse_starlette import EventSourceResponse
-from starlette.requests import Request
-from starlette.responses import Response
-from starlette.routing import Route
 
 logger = logging.getLogger("loraplex.serve")
 

@@ -7,6 +7,16 @@ import time
 from dataclasses import replace
 from typing import Any, Literal
 
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_serializer,
+    model_validator,
+)
+
 from loraplex.engine.core.outputs import TokenLogprob
 from loraplex.engine.core.sampling_params import (
     MAX_LOGIT_BIAS_ENTRIES,
@@ -22,15 +32,6 @@ from loraplex.serve.tools import (
     tool_mode,
 )
 from loraplex.serve.tools import constraint as tool_constraint
-from pydantic import (
-    BaseModel,
-    ConfigDict,
-    Field,
-    ValidationError,
-    field_validator,
-    model_serializer,
-    model_validator,
-)
 
 MAX_N = 8
 _INT64_MIN, _INT64_MAX = -(1 << 63), (1 << 63) - 1

@@ -18,9 +18,10 @@ import re
 import uuid
 from typing import Any, Literal
 
+from pydantic import BaseModel, ConfigDict, Field
+
 from loraplex.engine.core.sampling_params import StructuredOutput
 from loraplex.serve.errors import InvalidRequestError
-from pydantic import BaseModel, ConfigDict, Field
 
 TOOL_CALL_BLOCK = re.compile(r"<tool_call>\s*(.*?)\s*(?:</tool_call>|$)", re.DOTALL)
 FALLBACK_PROMPT = (

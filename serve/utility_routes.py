@@ -5,6 +5,11 @@ from __future__ import annotations
 import json
 from importlib.metadata import PackageNotFoundError, version
 
+from pydantic import BaseModel
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
 from loraplex.serve.errors import InvalidRequestError
 from loraplex.serve.routes import render_chat, resolve_model
 from loraplex.serve.schemas import (
@@ -15,10 +20,6 @@ from loraplex.serve.schemas import (
     TokenizeResponse,
     VersionResponse,
 )
-from pydantic import BaseModel
-from starlette.requests import Request
-from starlette.responses import Response
-from starlette.routing import Route
 
 
 async def tokenize(request: Request) -> Response:

@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+
 from loraplex.engine.kernels import cpu_kernels
 from loraplex.engine.layers.attention import build_packed_batch
 from loraplex.engine.layers.forward_batch import ForwardBatch

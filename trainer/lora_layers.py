@@ -14,8 +14,9 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import torch
-from loraplex.adapters.peft import LORA_MODULES, module_shapes
 from torch import nn
+
+from loraplex.adapters.peft import LORA_MODULES, module_shapes
 
 PEFT_KEY = "base_model.model.model.layers.{layer}.{parent}.{module}.lora_{ab}.weight"
 MAX_TRAIN_RANK = 256

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+
 from loraplex.adapters.ops.meta import ZERO_PAGE, LoRABatchMeta
 from loraplex.engine.kernels import cpu_kernels
 

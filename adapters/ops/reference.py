@@ -3,6 +3,7 @@ Every fast path (ops/cpu.py, ops/triton_ops.py) is tested against this."""
 from __future__ import annotations
 
 import torch
+
 from loraplex.adapters.ops.meta import LoRABatchMeta
 
 

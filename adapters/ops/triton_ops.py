@@ -14,6 +14,7 @@ Imports without triton (HAS_TRITON is then False and the ops raise RuntimeError)
 from __future__ import annotations
 
 import torch
+
 from loraplex.adapters.ops.meta import LoRABatchMeta
 
 try:

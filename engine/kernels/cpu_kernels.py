@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 import torch
+
 from loraplex.engine.paths import cache_dir
 
 logger = logging.getLogger(__name__)

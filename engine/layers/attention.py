@@ -6,14 +6,9 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
+
 from loraplex.engine.kernels import cpu_kernels
-from loraplex.engine.layers.forward_batch import (
-    AttentionMetadata,
-    ForwardBatch,
-    KVCache,
-    PackedSequences,
-    PrefillChunk,
-)
+from loraplex.engine.layers.forward_batch import AttentionMetadata, ForwardBatch, KVCache, PackedSequences, PrefillChunk
 
 
 def write_kv(cache: KVCache, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor) -> None:

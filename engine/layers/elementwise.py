@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
 from loraplex.engine.kernels import cpu_kernels
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+
 from loraplex.engine.core.request import Request
 from loraplex.engine.kernels import cpu_kernels
 

@@ -11,20 +11,12 @@ import math
 import re
 
 import torch
+from torch import nn
+
 from loraplex.engine.core.config import ModelConfig
 from loraplex.engine.layers.attention import attend
-from loraplex.engine.layers.elementwise import (
-    add_rms_norm,
-    apply_rotary,
-    rms_norm,
-    silu_and_mul,
-)
-from loraplex.engine.layers.forward_batch import (
-    AttentionMetadata,
-    ForwardBatch,
-    KVCache,
-)
-from torch import nn
+from loraplex.engine.layers.elementwise import add_rms_norm, apply_rotary, rms_norm, silu_and_mul
+from loraplex.engine.layers.forward_batch import AttentionMetadata, ForwardBatch, KVCache
 
 # Checkpoint (Hugging Face layout) name -> our parameter name; "{i}" is the layer index. Identity
 # today; kept explicit so a renamed checkpoint or a fused layout only changes this table.

@@ -29,9 +29,10 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from loraplex.engine.weights import iter_safetensors
 from safetensors.torch import save_file
 from torch import nn
+
+from loraplex.engine.weights import iter_safetensors
 
 SUPPORTED_BITS = (4, 8)
 TENSOR_SUFFIXES = ("qweight", "qzeros", "scales", "g_idx")  # <prefix>.<suffix> of one quantized linear

@@ -19,6 +19,7 @@ from collections import OrderedDict
 from typing import Any
 
 import torch
+
 from loraplex.engine.core.request import Request
 from loraplex.engine.core.sampling_params import StructuredOutput
 

@@ -17,6 +17,7 @@ import sys
 import time
 
 import torch
+
 from loraplex.bench.fine_tune_quality import GENERAL_QUESTIONS
 
 ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")

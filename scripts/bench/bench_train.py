@@ -105,7 +105,12 @@ def right_pad(pad_id: int):
 def peft_run(model_dir, dtype, datasets, args, pad_id: int) -> float:
     """Seconds of `trainer.train()` summed over the jobs, each on a fresh transformers + peft model."""
     from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM, PrinterCallback, Trainer, TrainingArguments
+    from transformers import (
+        AutoModelForCausalLM,
+        PrinterCallback,
+        Trainer,
+        TrainingArguments,
+    )
     from transformers.utils.logging import disable_progress_bar
     disable_progress_bar()
     seconds, losses = 0.0, []

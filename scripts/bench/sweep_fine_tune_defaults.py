@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 import torch
+
 from loraplex.bench.fine_tune_quality import (
     FACTS,
     GENERAL_MAX_TOKENS,

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 import transformers
+
 from loraplex.adapters.export import (
     ExportError,
     adapter_deltas,
@@ -24,7 +25,6 @@ from loraplex.engine.core.sampling_params import SamplingParams
 from loraplex.engine.loader import load_model
 from loraplex.engine.weights import iter_safetensors, unpermute_qk
 from loraplex.serve.cli import main
-
 from tests.adapters.peft_factory import (
     add_random_adapter,
     make_tiny_model,

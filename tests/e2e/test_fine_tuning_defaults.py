@@ -14,6 +14,7 @@ import tempfile
 
 import openai
 import pytest
+
 from loraplex.bench.fine_tune_quality import (
     FACTS,
     GENERAL_MAX_TOKENS,
@@ -23,7 +24,6 @@ from loraplex.bench.fine_tune_quality import (
     judge,
     to_jsonl,
 )
-
 from tests.e2e.conftest import Server
 from tests.e2e.test_fine_tuning_server import wait_for
 

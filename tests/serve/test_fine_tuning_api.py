@@ -16,7 +16,11 @@ from loraplex.engine.core.errors import EngineDeadError
 from loraplex.serve.adapter_service import AdapterSettings
 from loraplex.serve.app import build_app
 from loraplex.serve.fine_tuning_routes import is_fine_tuning_admin_route
-from loraplex.serve.fine_tuning_service import FineTuningService, FineTuningSettings, sanitize_filename
+from loraplex.serve.fine_tuning_service import (
+    FineTuningService,
+    FineTuningSettings,
+    sanitize_filename,
+)
 from loraplex.trainer.job_store import JobStore
 from tests.serve.fake_engine import MODEL_NAME
 

@@ -4,12 +4,12 @@ from __future__ import annotations
 import json
 
 import torch
+
 from loraplex.engine.loader import load_model
 from loraplex.trainer.checkpoint import load_checkpoint, save_checkpoint
 from loraplex.trainer.job import Hyperparams, TrainingJob
 from loraplex.trainer.lora_layers import LoRASpec
 from loraplex.trainer.multi_job import MultiJobTrainer
-
 from tests.trainer.test_multi_job import random_sequences, tiny_dir  # noqa: F401 - fixture
 
 

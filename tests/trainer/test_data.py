@@ -8,6 +8,7 @@ from collections import Counter
 
 import pytest
 import transformers
+
 from loraplex.trainer.data import (
     IGNORE_INDEX,
     DataError,

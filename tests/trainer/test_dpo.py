@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import transformers
+
 from loraplex.engine.loader import load_model
 from loraplex.trainer.batch import IGNORE_INDEX, plan_chunks
 from loraplex.trainer.data import PackedSequence
@@ -16,7 +17,6 @@ from loraplex.trainer.job import Hyperparams, TrainingJob
 from loraplex.trainer.lora_layers import LoRASpec
 from loraplex.trainer.multi_job import MultiJobTrainer
 from loraplex.trainer.objectives import DPO, PreferencePair
-
 from tests.trainer.test_multi_job import grads, random_sequences, tiny_dir  # noqa: F401 (fixture)
 
 SPEC = LoRASpec(r=4, alpha=8, target_modules=("q_proj", "v_proj", "down_proj"))

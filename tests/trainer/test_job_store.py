@@ -7,6 +7,7 @@ import re
 import threading
 
 import pytest
+
 from loraplex.adapters.store import validate_adapter_name
 from loraplex.trainer.job_store import (
     CHECKPOINT_SUFFIX_CHARS,

@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import transformers
+
 from loraplex.engine.loader import load_model
 from loraplex.trainer.batch import (
     IGNORE_INDEX,

@@ -7,8 +7,8 @@ import json
 import pytest
 import torch
 import yaml
-from loraplex.trainer.offline import load_config, run_config
 
+from loraplex.trainer.offline import load_config, run_config
 from tests.engine.test_cuda import tiny_model_dir  # noqa: F401 - fixture
 
 CHAT = [{"messages": [{"role": "user", "content": f"What is the code word {i}?"},
@@ -35,6 +35,7 @@ def config(tiny_model_dir, tmp_path):  # noqa: F811
 def test_train_config_writes_peft_folders_that_peft_reads_alike(config, tmp_path, tiny_model_dir):  # noqa: F811
     peft = pytest.importorskip("peft")
     import transformers
+
     from loraplex.adapters.peft import load_adapter
     from loraplex.engine.loader import load_model
     from loraplex.trainer.batch import build_training_batch

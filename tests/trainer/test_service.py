@@ -6,11 +6,11 @@ import json
 
 import pytest
 import torch
+
 from loraplex.engine.core.sampling_params import SamplingParams
 from loraplex.engine.engine_args import EngineArgs
 from loraplex.engine.llm_engine import LLMEngine
 from loraplex.trainer.job_store import JobStore
-
 from tests.engine.test_cuda import tiny_model_dir  # noqa: F401 - fixture
 
 CHAT = "\n".join(json.dumps({"messages": [{"role": "user", "content": f"code {i}?"},
@@ -125,8 +125,9 @@ def test_a_restarted_engine_resumes_running_jobs_from_their_checkpoint(tiny_mode
 def test_early_stopping_publishes_the_adapter_of_the_best_validation_loss(tiny_model_dir, tmp_path):  # noqa: F811
     """Validation losses 2.0, 1.0, 1.5, 1.6 with patience 2: the job stops at step 4 and publishes the weights
     of step 2 (kept in memory and in each checkpoint, so a resumed job keeps them too), not its last ones."""
-    from loraplex.trainer.checkpoint import load_best_weights
     from safetensors.torch import load_file
+
+    from loraplex.trainer.checkpoint import load_best_weights
     engine = make_engine(tiny_model_dir, tmp_path / "ft")
     store = JobStore(tmp_path / "ft")
     job_id = submit(store, eval_every=1, early_stopping_patience=2)
