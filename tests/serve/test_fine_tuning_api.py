@@ -529,6 +529,8 @@ def test_admin_key(engine, service):
         assert c.get(f"{JOBS}/{job_id}", headers=user).status_code == 200
         assert c.get(f"{JOBS}/{job_id}/events", headers=user).status_code == 200
         assert c.post(f"{JOBS}/{job_id}/cancel", headers=user).status_code == 401
+        assert c.post(f"{JOBS}/{job_id}/pause", headers=user).status_code == 401
+        assert c.post(f"{JOBS}/{job_id}/resume", headers=user).status_code == 401
         assert c.delete(f"{FILES}/{file_id}", headers=user).status_code == 401
         assert c.post(f"{JOBS}/{job_id}/cancel", headers=admin).json()["status"] == "cancelled"
         assert c.delete(f"{FILES}/{file_id}", headers=admin).json()["deleted"]
@@ -536,8 +538,12 @@ def test_admin_key(engine, service):
 
 def test_admin_routes():
     for path, method in [(FILES, "POST"), (FILES + "/", "POST"), (f"{FILES}/file-1", "DELETE"), (JOBS, "POST"),
-                         (f"{JOBS}/ftjob-1/cancel", "POST")]:
+                         (f"{JOBS}/ftjob-1/cancel", "POST"), (f"{JOBS}/ftjob-1/pause", "POST"),
+                         (f"{JOBS}/ftjob-1/resume", "POST")]:
         assert is_fine_tuning_admin_route(path, method), (path, method)
+    from loraplex.serve.adapter_routes import is_admin_route
+    assert is_admin_route("/v1/adapters/ft:m::ftjob-1/content", "GET")  # downloads take the admin key
+    assert not is_admin_route("/v1/adapters/ft:m::ftjob-1", "GET")
     for path, method in [(FILES, "GET"), (f"{FILES}/file-1", "GET"), (f"{FILES}/file-1/content", "GET"),
                          (JOBS, "GET"), (f"{JOBS}/ftjob-1", "GET"), (f"{JOBS}/ftjob-1/events", "GET")]:
         assert not is_fine_tuning_admin_route(path, method), (path, method)
