@@ -52,7 +52,7 @@ def llama_completions(llama_dir: Path, model: Path, port: int, lora: Path | None
         proc.wait(30)
 
 
-def loraplex_completions(model_dir: str, adapter: Path) -> list[str]:
+def loraplex_completions(model_dir: str, adapter: Path, use_adapter: bool = True) -> list[str]:
     from loraplex.adapters.runtime import create_lora_runtime
     from loraplex.engine.core.sampling_params import SamplingParams
     from loraplex.engine.engine_args import EngineArgs
@@ -63,7 +63,8 @@ def loraplex_completions(model_dir: str, adapter: Path) -> list[str]:
     texts = {}
     for i, prompt in enumerate(PROMPTS):
         engine.add_request(str(i), engine.tokenizer(prompt)["input_ids"],
-                           SamplingParams(max_tokens=TOKENS, temperature=0.0, ignore_eos=True), adapter=(1, 1))
+                           SamplingParams(max_tokens=TOKENS, temperature=0.0, ignore_eos=True),
+                           adapter=(1, 1) if use_adapter else None)
         texts[str(i)] = ""
     while engine.has_unfinished_requests():
         for out in engine.step():
@@ -84,7 +85,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         adapter = args.adapter or write_random_peft(tmp / "adapter", _read_model_config(model_dir), r=8, seed=1,
-                                                    std=0.02, target_modules=("q_proj", "k_proj", "v_proj",
+                                                    std=0.05, target_modules=("q_proj", "k_proj", "v_proj",
                                                                               "o_proj", "gate_proj", "up_proj",
                                                                               "down_proj"))
         merged = export_gguf(Path(model_dir), adapter, tmp / "merged.gguf", "f32")
@@ -93,8 +94,11 @@ def main() -> int:
         subprocess.run(["bash", str(PEERS), "convert", str(args.llama_dir), model_dir, str(base), "f32"], check=True,
                        stdout=subprocess.DEVNULL)
         ours = loraplex_completions(model_dir, adapter)
+        base_only = loraplex_completions(model_dir, adapter, use_adapter=False)
         results = {"loraplex (adapter served)": ours}
-        ok = True
+        ok = base_only != ours  # else the adapter changes nothing and the check proves little
+        if not ok:
+            print("the adapter does not change loraplex's answers: use a stronger one (--adapter)")
         for name, run in (("llama.cpp, merged GGUF", lambda: llama_completions(args.llama_dir, merged, 18431)),
                           ("llama.cpp, base + GGUF LoRA", lambda: llama_completions(args.llama_dir, base, 18432,
                                                                                      lora))):
@@ -105,6 +109,7 @@ def main() -> int:
                 ok = False
         for i, prompt in enumerate(PROMPTS):
             print(f"\n{prompt!r}")
+            print(f"  {'loraplex base (no adapter)':>28}: {json.dumps(base_only[i])}")
             for name, texts in results.items():
                 same = "" if texts[i] == ours[i] else "   <-- differs"
                 ok &= texts[i] == ours[i]
