@@ -89,7 +89,6 @@ GENERAL_QUESTIONS = (
     ("Write the first sentence of a fairy tale that starts with 'Once upon a time'.", ("once upon a time",)),
 )
 GENERAL_MAX_TOKENS = 32
-FACT_MAX_TOKENS = 24
 
 
 def fact_examples(facts: tuple[Fact, ...] | list[Fact], repeats: int = 1) -> list[dict]:

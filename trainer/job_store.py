@@ -422,15 +422,14 @@ class JobStore:
     def set_resolved(self, job_id: str, hyperparameters: dict) -> JobRecord:
         """The engine side's resolution of "auto" hyperparameters (shown on the job from then on, and in its
         method's hyperparameters, as OpenAI shows them once a job runs)."""
-        def check(current: JobRecord) -> None:
-            pass
         job = self.get_job(job_id)
         if job is None:
             raise NotFoundError(f"No such fine-tuning job: {job_id}", param="fine_tuning_job_id")
         method = dict(job.method)
         kind = method.get("type", "supervised")
         method[kind] = {**(method.get(kind) or {}), "hyperparameters": dict(hyperparameters)}
-        return self._update(job_id, {"hyperparameters": _dumps(hyperparameters), "method": _dumps(method)}, check)
+        return self._update(job_id, {"hyperparameters": _dumps(hyperparameters), "method": _dumps(method)},
+                            lambda current: None)
 
     def set_result_files(self, job_id: str, file_ids: list[str]) -> JobRecord:
         return self._update(job_id, {"result_files": _dumps(list(file_ids))}, lambda current: None)

@@ -21,7 +21,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Generator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -66,12 +66,11 @@ class _Share:
     units: int = 0  # what the loss is a mean over: SFT trained targets, DPO pairs
     loss_sum: float = 0.0
     num_targets: int = 0
-    metrics: dict[str, float] | None = None
+    metrics: dict[str, float] = field(default_factory=dict)
 
     def add(self, part: ChunkLoss, n: int) -> None:
         self.loss_sum += part.loss_sum
         self.num_targets += n
-        self.metrics = dict(self.metrics or {})
         for k, v in part.metrics.items():
             self.metrics[k] = self.metrics.get(k, 0.0) + v
 
@@ -169,7 +168,7 @@ class MultiJobTrainer:
         yield from self._run(shares, train=False)
         out = []
         for share in shares:
-            report = share.job.objective.report(share.metrics or {}, share.norm)
+            report = share.job.objective.report(share.metrics, share.norm)
             out.append({"loss": share.loss_sum / share.units if share.units else float("nan"), **report})
         return out
 
