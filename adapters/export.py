@@ -55,7 +55,7 @@ def resolve_adapter_folder(name_or_path: str, adapter_dir: Path | None, version:
             record = store.versions(name_or_path)[-1] if version is None else store.get_version(name_or_path, version)
         except AdapterError as e:
             raise ExportError(f"no adapter {name_or_path!r} in {adapter_dir} and no such folder ({e})") from None
-        return Path(record.path)
+        return store.fetch(record)
 
 
 def base_config(base: Path) -> dict:

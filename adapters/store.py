@@ -1,14 +1,14 @@
-"""Adapter store: names and versions in SQLite (WAL), files on disk, every publish atomic."""
+"""Adapter store: names and versions in a database (SQLite or PostgreSQL), files in a blob store (a folder or
+S3), every publish atomic and every change in a log other processes follow."""
 from __future__ import annotations
 
-import hashlib
 import json
+import logging
 import math
 import os
 import pathlib
 import re
 import shutil
-import sqlite3
 import tempfile
 import threading
 import time
@@ -17,6 +17,15 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from loraplex.adapters.errors import AdapterError, AdapterNotFoundError
+from loraplex.storage.blobs import BlobStore, FileBlobStore, open_blob_store
+from loraplex.storage.database import (
+    Database,
+    Migration,
+    identity_column,
+    open_database,
+)
+
+logger = logging.getLogger(__name__)
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -26,31 +35,70 @@ _PUBLISHED_FILES = (CONFIG_NAME, WEIGHTS_NAME, README_NAME)
 MAX_NAME_CHARS = 128  # fits OpenAI's fine-tuned model names: ft:{base}:{suffix}:{job_id}
 # ':' is allowed for those names; every allowed character is safe in a single path component on Linux.
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,%d}" % (MAX_NAME_CHARS - 1))
-_VERSION_DIR_RE = re.compile(r"v[0-9]+")
-_CHUNK_BYTES = 1 << 20
 
-# AUTOINCREMENT: an adapter_id is never reused, so an id cached anywhere (pool, prefix-cache hash)
-# can never silently point at a different adapter after a delete and re-publish.
-_SCHEMA = """
+STALE_UPLOAD_S = 3600.0  # objects of a version never committed are garbage once this old
+NOTIFY_CHANNEL = "loraplex_adapters"  # PostgreSQL: NOTIFY <channel>, '<name>' on every publish and delete
+
+
+def _schema_v1(dialect: str) -> str:
+    # AUTOINCREMENT / IDENTITY: an adapter_id is never reused, so an id cached anywhere (pool, prefix-cache
+    # hash, another replica) can never silently point at a different adapter after a delete and re-publish.
+    ident = identity_column()[dialect]
+    real = "REAL" if dialect == "sqlite" else "DOUBLE PRECISION"
+    return f"""
 CREATE TABLE IF NOT EXISTS adapters (
-    adapter_id INTEGER PRIMARY KEY AUTOINCREMENT,
+    adapter_id {ident},
     name TEXT NOT NULL UNIQUE,
-    created REAL NOT NULL
+    created {real} NOT NULL
 );
 CREATE TABLE IF NOT EXISTS versions (
     adapter_id INTEGER NOT NULL REFERENCES adapters(adapter_id) ON DELETE CASCADE,
     version INTEGER NOT NULL,
     rank INTEGER NOT NULL,
-    alpha REAL NOT NULL,
+    alpha {real} NOT NULL,
     target_modules TEXT NOT NULL,
     num_bytes INTEGER NOT NULL,
-    created REAL NOT NULL,
+    created {real} NOT NULL,
     sha256 TEXT NOT NULL,
     PRIMARY KEY (adapter_id, version)
-);
-"""
+)"""
+
+
+def _schema_v2(dialect: str) -> str:
+    # v2: a version's objects live under their own blob prefix (the versions of v1 kept their folders
+    # adapters/<name>/v<N>); every publish and delete is a row of the change log, which other processes
+    # poll (or hear of through NOTIFY) to learn about new versions and deletes (tombstones).
+    ident = identity_column()[dialect]
+    real = "REAL" if dialect == "sqlite" else "DOUBLE PRECISION"
+    return f"""
+ALTER TABLE versions ADD COLUMN prefix TEXT;
+UPDATE versions SET prefix = 'adapters/' || (SELECT name FROM adapters a WHERE a.adapter_id = versions.adapter_id)
+    || '/v' || CAST(version AS TEXT) WHERE prefix IS NULL;
+CREATE TABLE IF NOT EXISTS adapter_changes (
+    seq {ident},
+    name TEXT NOT NULL,
+    adapter_id INTEGER NOT NULL,
+    version INTEGER,
+    kind TEXT NOT NULL,
+    created {real} NOT NULL
+)"""
+
+
+MIGRATIONS = (Migration(1, _schema_v1("sqlite"), _schema_v1("postgresql")),
+              Migration(2, _schema_v2("sqlite"), _schema_v2("postgresql")))
 _SELECT = ("SELECT a.name, a.adapter_id, v.version, v.rank, v.alpha, v.target_modules, v.num_bytes, "
-           "v.created, v.sha256 FROM versions v JOIN adapters a USING (adapter_id)")
+           "v.created, v.sha256, v.prefix FROM versions v JOIN adapters a ON a.adapter_id = v.adapter_id")
+
+
+@dataclass(frozen=True, slots=True)
+class AdapterChange:
+    """One row of the change log: a version published, or a name deleted (a tombstone: version None)."""
+    seq: int
+    name: str
+    adapter_id: int
+    version: int | None
+    kind: str  # "publish" | "delete"
+    created: float
 
 
 def validate_adapter_name(name: str) -> str:
@@ -66,39 +114,48 @@ class AdapterVersion:
     name: str
     adapter_id: int
     version: int
-    path: pathlib.Path  # folder holding adapter_config.json and adapter_model.safetensors
+    path: pathlib.Path  # local folder of adapter_config.json and adapter_model.safetensors (after `fetch`)
     rank: int
     alpha: float
     target_modules: tuple[str, ...]
-    num_bytes: int  # all files of this version on disk
+    num_bytes: int  # all files of this version
     created: float  # unix time of the publish
     sha256: str  # of adapter_model.safetensors
+    prefix: str = ""  # blob-store folder of its files
 
 
 class AdapterStore:
-    """Published adapters under `root`. One store per root at a time: opening sweeps leftovers of a
-    crashed publish or delete, which would race another live store on the same root."""
+    """Published adapters: names and versions in a database, their files in a blob store (by default both
+    under `root`: root/store.sqlite3 and folders under root/adapters/).
 
-    def __init__(self, root: pathlib.Path) -> None:
+    A publish writes the version's files once under a fresh blob prefix, then commits it by inserting the
+    version row (with a change-log row, and a PostgreSQL NOTIFY, in the same transaction): until that commit
+    nothing of it is visible, after it every process sees it. A delete removes the rows and writes a tombstone
+    to the change log in one transaction, then removes the files. Objects no row references (a publish that
+    crashed before its commit, a delete that crashed after) are swept once older than `STALE_UPLOAD_S`.
+
+    With a remote blob store, `fetch` copies a version's files into `cache_dir` (checksum verified) and
+    returns that folder; the cache is bounded by `cache_bytes`, evicting the least recently fetched versions
+    not pinned by this process."""
+
+    def __init__(self, root: pathlib.Path, *, database: str | Database | None = None,
+                 blobs: str | BlobStore | None = None, cache_dir: pathlib.Path | None = None,
+                 cache_bytes: int = 20 << 30, sweep_after_s: float = STALE_UPLOAD_S) -> None:
         self.root = pathlib.Path(root).resolve()
-        self._files_dir = self.root / "adapters"
-        self._tmp_dir = self.root / "tmp"
-        self._files_dir.mkdir(parents=True, exist_ok=True)
-        self._tmp_dir.mkdir(exist_ok=True)
-        # One connection shared by all threads, serialised by the lock (reads too: a sqlite3
-        # connection is not safe to use from two threads at once).
-        self._lock = threading.RLock()
-        self._db = sqlite3.connect(self.root / "store.sqlite3", isolation_level=None, check_same_thread=False,
-                                   timeout=30.0)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")  # a publish that returned survives a power cut
-        self._db.execute("PRAGMA foreign_keys=ON")
-        self._db.executescript(_SCHEMA)
-        self._sweep()
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.db = database if isinstance(database, Database) else open_database(
+            database or "", default_sqlite=self.root / "store.sqlite3")
+        self.blobs = blobs if isinstance(blobs, BlobStore) else open_blob_store(blobs or "", default_root=self.root)
+        self.cache_dir = pathlib.Path(cache_dir or self.root / "cache").resolve()
+        self.cache_bytes = int(cache_bytes)
+        self._pinned: dict[str, int] = {}  # cache folder -> fetches not released
+        self._cache_lock = threading.Lock()
+        self.db.migrate("adapters", MIGRATIONS)
+        self.sweep(older_than_s=sweep_after_s)
 
     def close(self) -> None:
-        with self._lock:
-            self._db.close()
+        self.db.close()
+        self.blobs.close()
 
     def __enter__(self) -> AdapterStore:
         return self
@@ -134,17 +191,100 @@ class AdapterStore:
     def __contains__(self, name: object) -> bool:
         if not isinstance(name, str):
             return False
-        with self._lock:
-            return self._db.execute("SELECT 1 FROM adapters WHERE name = ?", (name,)).fetchone() is not None
+        return self.db.one("SELECT 1 FROM adapters WHERE name = ?", (name,)) is not None
+
+    def changes(self, after: int = 0, limit: int = 1000) -> list[AdapterChange]:
+        """The change log after sequence number `after`, oldest first (other processes poll it)."""
+        rows = self.db.execute("SELECT seq, name, adapter_id, version, kind, created FROM adapter_changes"
+                               " WHERE seq > ? ORDER BY seq LIMIT ?", (int(after), int(limit)))
+        return [AdapterChange(*row) for row in rows]
+
+    def last_change(self) -> int:
+        row = self.db.one("SELECT MAX(seq) FROM adapter_changes")
+        return int(row[0] or 0) if row else 0
 
     def _query(self, sql: str, params: tuple[object, ...]) -> list[AdapterVersion]:
-        with self._lock:
-            rows = self._db.execute(sql, params).fetchall()
-        return [AdapterVersion(name=name, adapter_id=adapter_id, version=version,
-                               path=self._files_dir / name / f"v{version}", rank=rank, alpha=alpha,
-                               target_modules=tuple(json.loads(modules)), num_bytes=num_bytes,
-                               created=created, sha256=sha256)
-                for name, adapter_id, version, rank, alpha, modules, num_bytes, created, sha256 in rows]
+        return [self._version(*row) for row in self.db.execute(sql, params)]
+
+    def _version(self, name, adapter_id, version, rank, alpha, modules, num_bytes, created, sha256,
+                 prefix) -> AdapterVersion:
+        return AdapterVersion(name=name, adapter_id=int(adapter_id), version=int(version),
+                              path=self._local_folder(prefix), rank=int(rank), alpha=float(alpha),
+                              target_modules=tuple(json.loads(modules)), num_bytes=int(num_bytes),
+                              created=float(created), sha256=sha256, prefix=prefix)
+
+    def _local_folder(self, prefix: str) -> pathlib.Path:
+        direct = self.blobs.local_path(prefix)
+        return direct if direct is not None else self.cache_dir / prefix
+
+    # --- local copies --------------------------------------------------------------------------
+
+    def fetch(self, version: AdapterVersion, *, pin: bool = False) -> pathlib.Path:
+        """A local folder with `version`'s files: in place for a folder blob store, else copied into the
+        cache (weights checked against the recorded sha256). `pin` keeps it from eviction until `release`."""
+        folder = version.path
+        if self.blobs.local_path(version.prefix) is None:
+            with self._cache_lock:
+                if not (folder / WEIGHTS_NAME).is_file():
+                    self._download(version, folder)
+                os.utime(folder)  # recency for the LRU
+                if pin:
+                    self._pinned[str(folder)] = self._pinned.get(str(folder), 0) + 1
+                self._evict()
+        elif not (folder / WEIGHTS_NAME).is_file():
+            raise AdapterError(f"the files of adapter {version.name} v{version.version} are missing from "
+                               f"{self.blobs.url}")
+        return folder
+
+    def release(self, version: AdapterVersion) -> None:
+        with self._cache_lock:
+            key = str(version.path)
+            if self._pinned.get(key, 0) > 1:
+                self._pinned[key] -= 1
+            else:
+                self._pinned.pop(key, None)
+
+    def _download(self, version: AdapterVersion, folder: pathlib.Path) -> None:
+        staging = pathlib.Path(tempfile.mkdtemp(prefix=".fetch-", dir=self._cache_tmp()))
+        try:
+            infos = self.blobs.list(version.prefix + "/")
+            names = {i.key.rsplit("/", 1)[1] for i in infos}
+            if not set(_REQUIRED_FILES) <= names:
+                raise AdapterError(f"the files of adapter {version.name} v{version.version} are missing from "
+                                   f"{self.blobs.url}")
+            for info in infos:
+                file_name = info.key.rsplit("/", 1)[1]
+                if file_name not in _PUBLISHED_FILES:
+                    continue
+                digest = self.blobs.get_file(info.key, staging / file_name)
+                if file_name == WEIGHTS_NAME and digest != version.sha256:
+                    raise AdapterError(f"adapter {version.name} v{version.version}: the weights fetched from "
+                                       f"{self.blobs.url} do not match their recorded sha256")
+            folder.parent.mkdir(parents=True, exist_ok=True)
+            os.rename(staging, folder)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+
+    def _cache_tmp(self) -> pathlib.Path:
+        tmp = self.cache_dir / ".tmp"
+        tmp.mkdir(parents=True, exist_ok=True)
+        return tmp
+
+    def cached_bytes(self) -> int:
+        return sum(p.stat().st_size for p in self.cache_dir.glob("adapters/*/*/*") if p.is_file())
+
+    def _evict(self) -> None:
+        folders = [p for p in self.cache_dir.glob("adapters/*/*") if p.is_dir()]
+        sizes = {p: sum(f.stat().st_size for f in p.iterdir() if f.is_file()) for p in folders}
+        total = sum(sizes.values())
+        for folder in sorted(folders, key=lambda p: p.stat().st_mtime):
+            if total <= self.cache_bytes:
+                break
+            if str(folder) in self._pinned:
+                continue
+            shutil.rmtree(folder, ignore_errors=True)
+            total -= sizes[folder]
+            logger.info("adapter cache: evicted %s (%d bytes)", folder.relative_to(self.cache_dir), sizes[folder])
 
     # --- writes --------------------------------------------------------------------------------
 
@@ -152,7 +292,7 @@ class AdapterStore:
                 target_modules: Sequence[str]) -> AdapterVersion:
         """Publish the adapter folder `src_dir` as the next version of `name`. Copies the top-level
         regular files adapter_config.json, adapter_model.safetensors and README.md (if present);
-        on any failure nothing of this publish remains."""
+        on any failure nothing of this publish is visible (and its objects are removed)."""
         validate_adapter_name(name)
         if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
             raise AdapterError(f"The adapter rank must be a positive integer, got {rank!r}.", param="rank")
@@ -164,106 +304,97 @@ class AdapterStore:
             raise AdapterError(f"target_modules must be a non-empty list of module names, got {target_modules!r}.",
                                param="target_modules")
         sources = _source_files(pathlib.Path(src_dir))
-        # Copy outside the lock (it may take seconds); only numbering, rename and insert are serialised.
-        staging = pathlib.Path(tempfile.mkdtemp(prefix="publish-", dir=self._tmp_dir))
+        # The files go first, under a prefix no other publish can pick; the version row is the commit.
+        prefix = f"adapters/{name}/{uuid.uuid4().hex[:16]}"
         try:
             num_bytes, sha256 = 0, ""
-            for file_name, src in sources.items():
-                file_bytes, digest = _copy_file(src, staging / file_name)
-                num_bytes += file_bytes
+            for file_name in sorted(sources, key=lambda f: f != WEIGHTS_NAME):
+                digest = self.blobs.put_file(f"{prefix}/{file_name}", sources[file_name])
+                num_bytes += sources[file_name].stat().st_size
                 if file_name == WEIGHTS_NAME:
                     sha256 = digest
-            _fsync_dir(staging)
-            with self._lock:
-                return self._commit(name, staging, rank=rank, alpha=float(alpha),
-                                    target_modules=tuple(target_modules), num_bytes=num_bytes, sha256=sha256)
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)  # gone already when the rename succeeded
+            return self._commit(name, prefix, rank=rank, alpha=float(alpha), target_modules=tuple(target_modules),
+                                num_bytes=num_bytes, sha256=sha256)
+        except BaseException:
+            self._remove_objects(prefix)
+            raise
 
-    def _commit(self, name: str, staging: pathlib.Path, *, rank: int, alpha: float,
-                target_modules: tuple[str, ...], num_bytes: int, sha256: str) -> AdapterVersion:
-        name_dir = self._files_dir / name
-        final: pathlib.Path | None = None
-        created_name_dir = False
-        self._db.execute("BEGIN IMMEDIATE")
-        try:
-            row = self._db.execute("SELECT adapter_id FROM adapters WHERE name = ?", (name,)).fetchone()
+    def _commit(self, name: str, prefix: str, *, rank: int, alpha: float, target_modules: tuple[str, ...],
+                num_bytes: int, sha256: str) -> AdapterVersion:
+        with self.db.transaction(lock=f"adapter:{name}") as tx:
+            row = tx.one("SELECT adapter_id FROM adapters WHERE name = ?", (name,))
             created = time.time()
             if row is None:
-                adapter_id = self._db.execute("INSERT INTO adapters (name, created) VALUES (?, ?)",
-                                              (name, created)).lastrowid
+                (adapter_id,) = tx.one("INSERT INTO adapters (name, created) VALUES (?, ?) RETURNING adapter_id",
+                                       (name, created))
                 version = 1
             else:
                 adapter_id = row[0]
-                (version,) = self._db.execute("SELECT COALESCE(MAX(version), 0) + 1 FROM versions"
-                                              " WHERE adapter_id = ?", (adapter_id,)).fetchone()
-            if not name_dir.exists():
-                name_dir.mkdir()
-                created_name_dir = True
-            final = name_dir / f"v{version}"
-            os.rename(staging, final)
-            _fsync_dir(name_dir)
-            if created_name_dir:
-                _fsync_dir(self._files_dir)
-            self._db.execute(
-                "INSERT INTO versions (adapter_id, version, rank, alpha, target_modules, num_bytes, created,"
-                " sha256) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                (adapter_id, version, rank, alpha, json.dumps(list(target_modules)), num_bytes, created, sha256))
-            self._db.execute("COMMIT")
-        except BaseException:
-            if self._db.in_transaction:
-                self._db.execute("ROLLBACK")
-            if final is not None and final.exists():
-                shutil.rmtree(final, ignore_errors=True)
-            if created_name_dir:
-                shutil.rmtree(name_dir, ignore_errors=True)
-            raise
-        assert adapter_id is not None
-        return AdapterVersion(name=name, adapter_id=adapter_id, version=version, path=final, rank=rank,
-                              alpha=alpha, target_modules=target_modules, num_bytes=num_bytes, created=created,
-                              sha256=sha256)
+                (version,) = tx.one("SELECT COALESCE(MAX(version), 0) + 1 FROM versions WHERE adapter_id = ?",
+                                    (adapter_id,))
+            tx.execute("INSERT INTO versions (adapter_id, version, rank, alpha, target_modules, num_bytes, created,"
+                       " sha256, prefix) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                       (adapter_id, version, rank, alpha, json.dumps(list(target_modules)), num_bytes, created,
+                        sha256, prefix))
+            self._log_change(tx, name, adapter_id, version, "publish", created)
+        return AdapterVersion(name=name, adapter_id=int(adapter_id), version=int(version),
+                              path=self._local_folder(prefix), rank=rank, alpha=alpha, target_modules=target_modules,
+                              num_bytes=num_bytes, created=created, sha256=sha256, prefix=prefix)
 
     def delete(self, name: str) -> list[AdapterVersion]:
-        """Remove every version of `name` (rows and files) and return what was removed. Running
-        requests are unaffected: the pool holds its own copy of the weights."""
-        with self._lock:
-            removed = self.versions(name)
-            name_dir = self._files_dir / name
-            # Move the files aside first so a crash mid-delete leaves only a tmp dir, swept at open.
-            trash = self._tmp_dir / f"delete-{uuid.uuid4().hex}"
-            moved = name_dir.exists()
-            if moved:
-                os.rename(name_dir, trash)
-            self._db.execute("BEGIN IMMEDIATE")
+        """Remove every version of `name` and return what was removed: the rows go (a tombstone goes to the
+        change log) in one transaction, then the files. Running requests are unaffected: the pool holds its
+        own copy of the weights."""
+        with self.db.transaction(lock=f"adapter:{name}") as tx:
+            removed = [self._version(*row) for row in
+                       tx.execute(_SELECT + " WHERE a.name = ? ORDER BY v.version", (name,))]
+            if not removed:
+                raise AdapterNotFoundError(name)
+            adapter_id = removed[0].adapter_id
+            tx.execute("DELETE FROM versions WHERE adapter_id = ?", (adapter_id,))
+            tx.execute("DELETE FROM adapters WHERE adapter_id = ?", (adapter_id,))
+            self._log_change(tx, name, adapter_id, None, "delete", time.time())
+        for version in removed:
             try:
-                self._db.execute("DELETE FROM versions WHERE adapter_id = ?", (removed[0].adapter_id,))
-                self._db.execute("DELETE FROM adapters WHERE adapter_id = ?", (removed[0].adapter_id,))
-                self._db.execute("COMMIT")
-            except BaseException:
-                if self._db.in_transaction:
-                    self._db.execute("ROLLBACK")
-                if moved:
-                    os.rename(trash, name_dir)
-                raise
-        shutil.rmtree(trash, ignore_errors=True)
+                self._remove_objects(version.prefix)
+            except Exception as e:  # noqa: BLE001 - the delete is committed; the sweep removes the rest later
+                logger.warning("adapter %s v%d: its files stay until the next sweep: %s", name, version.version, e)
         return removed
 
-    def _sweep(self) -> None:
-        """Remove what a crash left: staging and trash dirs, and version dirs renamed in but never committed."""
-        for child in self._tmp_dir.iterdir():
-            _remove(child)
-        with self._lock:
-            known = set(self._db.execute("SELECT a.name, v.version FROM versions v"
-                                         " JOIN adapters a USING (adapter_id)"))
-        for name_dir in self._files_dir.iterdir():
-            if not name_dir.is_dir() or name_dir.is_symlink():
-                continue
-            for version_dir in name_dir.iterdir():
-                is_version = _VERSION_DIR_RE.fullmatch(version_dir.name) is not None
-                if is_version and (name_dir.name, int(version_dir.name[1:])) not in known:
-                    _remove(version_dir)
-            if not any(name_dir.iterdir()):
-                name_dir.rmdir()
+    def _log_change(self, tx, name: str, adapter_id: int, version: int | None, kind: str, created: float) -> None:
+        tx.execute("INSERT INTO adapter_changes (name, adapter_id, version, kind, created) VALUES (?, ?, ?, ?, ?)",
+                   (name, adapter_id, version, kind, created))
+        if self.db.dialect == "postgresql":
+            tx.execute("SELECT pg_notify(?, ?)", (NOTIFY_CHANNEL, name))  # delivered at commit
+
+    def _remove_objects(self, prefix: str) -> None:
+        self.blobs.delete_prefix(prefix + "/")
+        local = self.cache_dir / prefix
+        if self.blobs.local_path(prefix) is None and local.is_dir() and str(local) not in self._pinned:
+            shutil.rmtree(local, ignore_errors=True)
+
+    def sweep(self, older_than_s: float = STALE_UPLOAD_S) -> int:
+        """Remove objects under adapters/ that no version references and that are older than `older_than_s`
+        (a publish that crashed before its commit, a delete that crashed before removing its files); -> how
+        many objects went."""
+        if isinstance(self.blobs, FileBlobStore):
+            self.blobs.sweep_staging(older_than_s)
+        live = {prefix for (prefix,) in self.db.execute("SELECT prefix FROM versions")}
+        cutoff = time.time() - older_than_s
+        by_prefix: dict[str, list] = {}
+        for info in self.blobs.list("adapters/"):
+            parts = info.key.split("/")
+            if len(parts) >= 4:
+                by_prefix.setdefault("/".join(parts[:3]), []).append(info)
+        removed = 0
+        for prefix, infos in by_prefix.items():
+            if prefix not in live and max(i.modified for i in infos) <= cutoff:
+                for info in infos:
+                    self.blobs.delete(info.key)
+                    removed += 1
+        if removed:
+            logger.info("adapter store: swept %d object(s) no version references", removed)
+        return removed
 
 
 def _source_files(src_dir: pathlib.Path) -> dict[str, pathlib.Path]:
@@ -279,33 +410,3 @@ def _source_files(src_dir: pathlib.Path) -> dict[str, pathlib.Path]:
     if missing:
         raise AdapterError(f"The adapter folder is missing {', '.join(missing)}.")
     return found
-
-
-def _copy_file(src: pathlib.Path, dst: pathlib.Path) -> tuple[int, str]:
-    """Copy src to the new file dst, fsync it, and return (num_bytes, sha256 hex)."""
-    digest = hashlib.sha256()
-    num_bytes = 0
-    with open(src, "rb") as fin, open(dst, "xb") as fout:
-        while chunk := fin.read(_CHUNK_BYTES):
-            digest.update(chunk)
-            fout.write(chunk)
-            num_bytes += len(chunk)
-        fout.flush()
-        os.fsync(fout.fileno())
-    return num_bytes, digest.hexdigest()
-
-
-def _fsync_dir(path: pathlib.Path) -> None:
-    # A rename or a new file is durable only once its directory entry is.
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _remove(path: pathlib.Path) -> None:
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path, ignore_errors=True)
-    else:
-        path.unlink(missing_ok=True)

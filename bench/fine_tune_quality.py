@@ -148,4 +148,4 @@ def judge(facts, fact_answers: list[str], base_general: list[str], general: list
             kept += 1
         else:
             failures.append(f"changed: {question!r}: base {base!r} -> {answer!r}")
-    return Verdict(learned / len(held), kept / len(GENERAL_QUESTIONS), leaks, tuple(failures))
+    return Verdict(learned / len(held) if held else float("nan"), kept / len(GENERAL_QUESTIONS), leaks, tuple(failures))

@@ -60,6 +60,8 @@ class EngineArgs:
     # device has free when a job starts, less a reserve (trainer/service.py's admission)
     train_memory_bytes: int | None = None
     fine_tuning_dir: str | None = None  # the fine-tuning job store (files, jobs, checkpoints)
+    database: str | None = None  # --database: the stores' metadata (None: SQLite files under their folders)
+    blob_store: str | None = None  # --blob-store: the stores' files (None: their folders)
 
     def __post_init__(self) -> None:
         if self.dtype not in ("auto", "float32", "bfloat16", "float16", "half", "float"):
@@ -133,6 +135,15 @@ def add_engine_args(p: argparse.ArgumentParser) -> dict[str, argparse._ArgumentG
                       help="pool size in pages (one page = one rank-row of every target linear)")
     lora.add_argument("--lora-pool-bytes", type=size_arg, default=256 << 20, metavar="SIZE",
                       help="pool size when --lora-pool-pages is not given (default: 256MiB)")
+    storage = p.add_argument_group("storage (adapters and fine-tuning jobs; storage/)")
+    storage.add_argument("--database", default=None, metavar="URL",
+                         help="where adapter versions, fine-tuning files' records, jobs, events and checkpoints are "
+                              "recorded: sqlite:///path or postgresql://user@host:port/db (several servers share "
+                              "one); default: SQLite files in --adapter-dir and --fine-tuning-dir")
+    storage.add_argument("--blob-store", default=None, metavar="URL",
+                         help="where adapter files and uploaded training files are kept: file:///path or "
+                              "s3://bucket/prefix (AWS_ENDPOINT_URL for MinIO, SeaweedFS...); default: the "
+                              "--adapter-dir and --fine-tuning-dir folders")
     ft = p.add_argument_group("fine-tuning (OpenAI's /v1/files and /v1/fine_tuning/jobs; needs LoRA)")
     ft.add_argument("--fine-tuning-dir", default=None,
                     help="the fine-tuning job store (SQLite + uploaded files + checkpoints; "
@@ -153,7 +164,7 @@ def add_engine_args(p: argparse.ArgumentParser) -> dict[str, argparse._ArgumentG
                     help="memory for the running jobs' own state (LoRA weights, gradients, AdamW moments); a job "
                          "that does not fit waits, queued, until one ends (default: the device's free memory "
                          "less a reserve, when each job starts)")
-    return {"lora": lora, "fine_tuning": ft}
+    return {"lora": lora, "fine_tuning": ft, "storage": storage}
 
 
 def fine_tuning_dir_from(ns: argparse.Namespace) -> Path:
@@ -172,6 +183,7 @@ def engine_args_from(ns: argparse.Namespace) -> EngineArgs:
         max_cpu_loras=ns.max_cpu_loras, lora_pool_pages=ns.lora_pool_pages, lora_pool_bytes=ns.lora_pool_bytes,
         # the engine side's TrainingRuntime opens the same job store as the HTTP process's FineTuningService
         enable_training=ns.enable_lora and ns.enable_training, fine_tuning_dir=str(fine_tuning_dir_from(ns)),
+        database=ns.database, blob_store=ns.blob_store,
         train_share=ns.train_share, max_train_jobs=ns.max_train_jobs,
         train_gradient_checkpointing=ns.train_gradient_checkpointing, train_chunk_tokens=ns.train_chunk_tokens,
         train_memory_bytes=ns.train_memory)

@@ -32,9 +32,11 @@ class AdapterConflictError(AdapterError):
 
 @dataclass(frozen=True, slots=True)
 class AdapterSettings:
-    adapter_dir: Path
+    adapter_dir: Path  # upload staging, and the store's SQLite file, folders and cache unless set below
     max_lora_rank: int = 64
     upload_limits: UploadLimits = UploadLimits()
+    database: str | None = None  # --database: sqlite:///... or postgresql://... (default: under adapter_dir)
+    blob_store: str | None = None  # --blob-store: file:///... or s3://bucket/prefix (default: adapter_dir)
 
 
 class AdapterService:
@@ -42,8 +44,8 @@ class AdapterService:
         self.engine = engine  # AsyncEngine: .call(method, *args), .model_config
         self.settings = settings
         self.base_model_names = set(base_model_names)
-        settings.adapter_dir.mkdir(parents=True, exist_ok=True)
-        self.store = AdapterStore(settings.adapter_dir)
+        (settings.adapter_dir / "tmp").mkdir(parents=True, exist_ok=True)  # upload staging
+        self.store = AdapterStore(settings.adapter_dir, database=settings.database, blobs=settings.blob_store)
         self.served: dict[str, AdapterVersion] = {}  # name -> the version new requests get
         self._lock = asyncio.Lock()  # one publish/unload at a time: versions stay ordered
 
@@ -103,9 +105,10 @@ class AdapterService:
         os.close(fd)
 
         def pack() -> None:
+            folder = self.store.fetch(record)
             with tarfile.open(tmp, "w:gz") as tar:
                 for file_name in ("adapter_config.json", "adapter_model.safetensors"):
-                    tar.add(Path(record.path) / file_name, arcname=file_name)
+                    tar.add(folder / file_name, arcname=file_name)
         try:
             await asyncio.to_thread(pack)
         except BaseException:
@@ -162,8 +165,10 @@ class AdapterService:
             return removed
 
     async def _register(self, version: AdapterVersion) -> None:
-        await self.engine.call("register_adapter", version.name, version.adapter_id, version.version,
-                               str(version.path))
+        # the engine reads the files from this local folder whenever the version is (re)loaded: pinned in the
+        # store's cache (a remote blob store) for as long as it is served
+        folder = await asyncio.to_thread(self.store.fetch, version, pin=True)
+        await self.engine.call("register_adapter", version.name, version.adapter_id, version.version, str(folder))
         self.served[version.name] = version
 
     def _check_name(self, name: str) -> None:

@@ -17,6 +17,7 @@ from loraplex.engine.engine_args import (
     size_arg,
 )
 from loraplex.engine.paths import default_adapter_dir
+from loraplex.storage.database import StorageUnavailableError
 
 logger = logging.getLogger("loraplex.serve")
 
@@ -103,16 +104,22 @@ def run_serve(ns: argparse.Namespace) -> int:
         logger.error("cannot load the model: %s", exc)
         return 1
     adapters = None
-    if ns.enable_lora:
-        settings = AdapterSettings(Path(ns.adapter_dir) if ns.adapter_dir else default_adapter_dir(),
-                                   max_lora_rank=ns.max_lora_rank, upload_limits=upload_limits)
-        adapters = AdapterService(engine, settings, served_names)
-        logger.info("adapter store: %s", settings.adapter_dir)
     fine_tuning = None
-    if adapters is not None and args.enable_training:  # a fine-tuned model is served as an adapter
-        fine_tuning = FineTuningService(engine, adapters, FineTuningSettings(fine_tuning_dir, ns.max_file_bytes),
-                                        served_names)
-        logger.info("fine-tuning job store: %s", fine_tuning_dir)
+    try:
+        if ns.enable_lora:
+            settings = AdapterSettings(Path(ns.adapter_dir) if ns.adapter_dir else default_adapter_dir(),
+                                       max_lora_rank=ns.max_lora_rank, upload_limits=upload_limits,
+                                       database=ns.database, blob_store=ns.blob_store)
+            adapters = AdapterService(engine, settings, served_names)
+            logger.info("adapter store: %s (%s, %s)", settings.adapter_dir, adapters.store.db.url_for_logs(),
+                        adapters.store.blobs.url)
+        if adapters is not None and args.enable_training:  # a fine-tuned model is served as an adapter
+            fine_tuning = FineTuningService(engine, adapters, FineTuningSettings(
+                fine_tuning_dir, ns.max_file_bytes, ns.database, ns.blob_store), served_names)
+            logger.info("fine-tuning job store: %s", fine_tuning_dir)
+    except (ValueError, StorageUnavailableError) as exc:  # the engine process is a daemon: it ends with us
+        logger.error("cannot open the stores: %s", exc)
+        return 1
     app = build_app(engine, served_names, api_key=ns.api_key, admin_api_key=ns.admin_api_key,
                     adapters=adapters, lora_modules=lora_modules, fine_tuning=fine_tuning)
     if ns.api_key:

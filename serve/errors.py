@@ -10,7 +10,12 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 
 from loraplex.adapters.errors import AdapterError
-from loraplex.engine.core.errors import EngineDeadError, PromptTooLongError, QueueFullError
+from loraplex.engine.core.errors import (
+    EngineDeadError,
+    PromptTooLongError,
+    QueueFullError,
+)
+from loraplex.storage.database import StorageUnavailableError
 from loraplex.trainer.job_store import FileInUseError, InvalidTransitionError
 from loraplex.trainer.job_store import NotFoundError as StoreNotFoundError
 
@@ -162,6 +167,12 @@ async def _engine_dead(request: Request, exc: EngineDeadError) -> JSONResponse:
                           type="service_unavailable_error", code="engine_dead")
 
 
+async def _storage_unavailable(request: Request, exc: StorageUnavailableError) -> JSONResponse:
+    logger.error("%s %s: %s", request.method, request.url.path, exc)
+    return error_response(503, f"{exc}; nothing was changed, try again later.", type="service_unavailable_error",
+                          code="storage_unavailable", headers={"Retry-After": "5"})
+
+
 async def _http_error(request: Request, exc: HTTPException) -> JSONResponse:
     type_ = "invalid_request_error" if exc.status_code < 500 else "server_error"
     return error_response(exc.status_code, str(exc.detail), type=type_, headers=exc.headers)
@@ -184,6 +195,7 @@ EXCEPTION_HANDLERS = {
     ValueError: _value_error,
     QueueFullError: _queue_full,
     EngineDeadError: _engine_dead,
+    StorageUnavailableError: _storage_unavailable,
     HTTPException: _http_error,
     Exception: _unhandled,
 }

@@ -59,6 +59,8 @@ CHECKPOINT_MODEL = re.compile(r"(?P<model>ft:.+):ckpt-step-(?P<step>[0-9]{1,9})"
 class FineTuningSettings:
     fine_tuning_dir: Path
     max_file_bytes: int = 64 << 20
+    database: str | None = None  # --database (default: SQLite in fine_tuning_dir)
+    blob_store: str | None = None  # --blob-store (default: fine_tuning_dir)
 
 
 def sanitize_filename(name: str | None) -> str:
@@ -81,7 +83,7 @@ class FineTuningService:
         self.adapters = adapters  # AdapterService: .publish_folder(name, folder, allow_bin=, replace=)
         self.settings = settings
         self.base_model_names = list(base_model_names)
-        self.store = JobStore(settings.fine_tuning_dir)
+        self.store = JobStore(settings.fine_tuning_dir, database=settings.database, blobs=settings.blob_store)
         self._publisher: asyncio.Task | None = None
 
     # ---- lifecycle ------------------------------------------------------------------------------
@@ -171,7 +173,7 @@ class FineTuningService:
         if record.purpose != FINE_TUNE_PURPOSE:
             raise InvalidRequestError(f"File {file_id} has purpose {record.purpose!r}; fine-tuning needs a file "
                                       f"uploaded with purpose {FINE_TUNE_PURPOSE!r}", param=param)
-        data = await asyncio.to_thread(self.store.file_path(file_id).read_bytes)
+        data = await asyncio.to_thread(self.store.read_file, file_id)
         try:
             examples = await asyncio.to_thread(parse_examples, data, "auto")
         except DataError as e:

@@ -726,6 +726,9 @@ class LoRAOptions(BaseModel):
     early_stopping_patience: int | None = Field(None, ge=0)
     # share of the training set added as the base model's own answers to general prompts (supervised only)
     self_distillation: float | None = Field(None, ge=0, le=4)
+    # train those answers towards the base's whole next-token distributions (top 32 + the rest) instead of
+    # their tokens: no gradient while the adapter still is the base (trainer/multi_job.py)
+    self_distillation_kl: bool | None = None
 
 
 class CreateFineTuningJobRequest(BaseModel):

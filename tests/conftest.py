@@ -15,6 +15,8 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 # test_cpu_linear.py runs the AMX path (--no-batch-invariant) in processes of its own.
 cap_isa_for_batch_invariance()
 
+pytest_plugins = ["tests.storage_fixtures"]  # postgres, seaweedfs, backend (the store contract tests)
+
 
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():

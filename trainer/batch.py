@@ -46,6 +46,9 @@ class TrainingBatch:
     targets: torch.Tensor  # [num_targets] the next token ids
     target_job: torch.Tensor  # [num_targets] index of the job each target belongs to
     target_seq: torch.Tensor  # [num_targets] index of the target's sequence in its job's list
+    # distillation targets, when a sequence of the batch has them (SoftTargets): [num_targets, k] token ids and
+    # probabilities, [num_targets] the mass outside them; a plain target is its token with probability 1
+    soft: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
     @property
     def num_tokens(self) -> int:
@@ -88,7 +91,35 @@ def build_training_batch(per_job: Sequence[Sequence[PackedSequence]], model_conf
     kv = [None] * model_config.num_hidden_layers
     as_tensor = lambda v: torch.tensor(v, dtype=torch.int64, device=device)  # noqa: E731
     return TrainingBatch(batch, kv, segments, sequence_rows, as_tensor(rows), as_tensor(targets), as_tensor(target_job),
-                         as_tensor(target_seq))
+                         as_tensor(target_seq), _soft_targets(per_job, targets, device))
+
+
+def _soft_targets(per_job: Sequence[Sequence[PackedSequence]], targets: list[int], device: torch.device):
+    """TrainingBatch.soft: every sequence's SoftTargets (or its labels as one-hot rows), in target order."""
+    softs = [seq.soft for seqs in per_job for seq in seqs if has_target(seq)]
+    if all(s is None for s in softs):
+        return None
+    k = max(s.ids.shape[1] for s in softs if s is not None)
+    ids = torch.tensor(targets, dtype=torch.int64).unsqueeze(1).repeat(1, k)  # [num_targets, k]
+    probs = torch.zeros(len(targets), k, dtype=torch.float32)
+    probs[:, 0] = 1.0
+    tail = torch.zeros(len(targets), dtype=torch.float32)
+    at = 0
+    for seqs in per_job:
+        for seq in seqs:
+            if not has_target(seq):
+                continue
+            n = num_targets([seq])
+            if seq.soft is not None:
+                if seq.soft.ids.shape[0] != n:
+                    raise ValueError(f"a sequence has {n} targets but soft targets for {seq.soft.ids.shape[0]}")
+                kk = seq.soft.ids.shape[1]
+                ids[at:at + n, :kk] = seq.soft.ids
+                probs[at:at + n] = 0.0
+                probs[at:at + n, :kk] = seq.soft.probs
+                tail[at:at + n] = seq.soft.tail
+            at += n
+    return ids.to(device), probs.to(device), tail.to(device)
 
 
 def has_target(seq: PackedSequence) -> bool:

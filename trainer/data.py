@@ -22,7 +22,10 @@ from bisect import bisect_left, insort
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
+
+if TYPE_CHECKING:
+    import torch
 
 IGNORE_INDEX = -100
 ROLES = ("system", "user", "assistant", "tool")
@@ -66,10 +69,21 @@ class TokenizedExample:
 
 
 @dataclass(frozen=True, slots=True)
+class SoftTargets:
+    """A teacher's distribution at each trained position of a sequence (in target order), kept as its top k
+    tokens: `ids` [num_targets, k], `probs` [num_targets, k] (float32) and `tail` [num_targets], the mass
+    outside the top k, so the distillation loss sees the whole distribution as k + 1 outcomes."""
+    ids: torch.Tensor
+    probs: torch.Tensor
+    tail: torch.Tensor
+
+
+@dataclass(frozen=True, slots=True)
 class PackedSequence:
     input_ids: list[int]
     labels: list[int]
     seq_lens: list[int]  # lengths of the examples laid end to end; attention stays inside each
+    soft: SoftTargets | None = None  # trained towards these distributions instead of the labels' tokens
 
     def __post_init__(self):
         if not len(self.input_ids) == len(self.labels) == sum(self.seq_lens):

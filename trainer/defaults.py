@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, fields
 from typing import Any
 
@@ -23,6 +24,7 @@ import torch
 
 from .data import (
     DatasetStats,
+    PackedSequence,
     load_dataset,
     load_preference_dataset,
     parse_examples,
@@ -48,9 +50,10 @@ METHODS = ("supervised", "dpo")
 # trainer settings beside LoRASpec's fields in a job's `lora` (see trainer/job_store.py)
 EXTRA_NAMES = ("micro_batch_size", "max_length", "packing", "template", "validation_fraction", "warmup_ratio",
                "eval_every", "checkpoint_every", "early_stopping_patience", "self_distillation",
-               "self_distillation_near")
+               "self_distillation_near", "self_distillation_kl")
 AUTO_LR_MULTIPLIER = 2.0  # the sweep's pick: 4e-4 with the LoRA defaults (trainer.lora_layers.LoRASpec)
 DEFAULT_SELF_DISTILLATION = 2.0  # the sweep's pick; share of the training set added as base-model answers (trainer/regularization.py)
+DEFAULT_KL = False  # tokens: the sweep measured no gain from the base's whole distributions (README)
 DEFAULT_NEAR = True  # half of them the base answers to the prompts most like the training prompts
 
 
@@ -124,11 +127,14 @@ def self_distillation_share(lora: dict | None) -> float:
 
 def build_job(job_id: str, train_data: bytes, valid_data: bytes | None, tokenizer, model_config, *,
               lora: dict | None, hyperparameters: dict | None, seed: int, device: torch.device | str = "cpu",
-              base_answers: list[dict] | None = None, method: str = "supervised", priority: int = 0) -> BuiltJob:
+              base_answers: list[dict] | None = None, method: str = "supervised", priority: int = 0,
+              teacher: Callable[[list[PackedSequence]], list[PackedSequence]] | None = None) -> BuiltJob:
     """Tokenize the files and make the TrainingJob; DataError for bad data, ValueError for bad settings.
     `base_answers`: the self-distillation pool (chat examples of the base model's own answers), needed when
     the job's self_distillation share is above 0; a seeded choice of them joins the training set (never the
-    validation set: validation measures the user's data). `method`: "supervised" or "dpo" (preference data)."""
+    validation set: validation measures the user's data). `method`: "supervised" or "dpo" (preference data).
+    `teacher` (MultiJobTrainer.with_base_distributions): gives those answers the base model's next-token
+    distributions as targets (self_distillation_kl, the default); without it they train on their tokens."""
     if method not in METHODS:
         raise ValueError(f"unknown fine-tuning method {method!r} (expected {', '.join(METHODS)})")
     spec, extras = resolve_lora(lora)
@@ -160,6 +166,8 @@ def build_job(job_id: str, train_data: bytes, valid_data: bytes | None, tokenize
                                                                                         DEFAULT_NEAR) else None)
         if chosen:
             extra, _ = load_dataset(to_jsonl(chosen), tokenizer, **kw)
+            if teacher is not None and extras.get("self_distillation_kl", DEFAULT_KL):
+                extra = teacher(extra)
             train = train + extra
     batch_size = int(resolved["batch_size"])
     hp = Hyperparams(n_epochs=int(resolved["n_epochs"]), batch_size=batch_size,

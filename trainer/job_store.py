@@ -1,12 +1,16 @@
-"""JobStore: fine-tuning files, jobs, events and checkpoints in SQLite (WAL), shared by two processes.
+"""JobStore: fine-tuning files, jobs, events and checkpoints in a database (SQLite by default, PostgreSQL for
+several machines: storage/database.py) with the uploaded files in a blob store (a folder or S3), shared by
+several processes.
 
 The HTTP process (serve/fine_tuning_service.py) writes files and jobs and publishes finished ones; the
 engine process (trainer/service.py) trains them and writes status changes, events, checkpoints and the
-final output. Both open the same `root` at once, so every read-modify-write runs in `BEGIN IMMEDIATE`
-with a busy timeout, and nothing is swept at open beyond stale upload temp files.
+final output. Both open the same store at once, so every read-modify-write runs in one transaction (SQLite's
+`BEGIN IMMEDIATE`, PostgreSQL's row lock on the job), and nothing is swept at open beyond stale upload temp
+files.
 
-Layout under `root`: `jobs.sqlite3`; uploaded files at `files/<file_id>` (written to a temp name, fsynced,
-renamed); checkpoints under `checkpoints/<job_id>/` (written by the engine side; only rows here).
+Layout by default, under `root`: `jobs.sqlite3`; uploaded files at `files/<file_id>` (written aside,
+fsynced, linked into place; an S3 object under the same key otherwise); checkpoints under
+`checkpoints/<job_id>/` (written by the engine side; only rows here).
 
 A job's columns the engine side reads:
 - `hyperparameters`: OpenAI's `{"n_epochs", "batch_size" (sequences per optimizer step),
@@ -25,8 +29,9 @@ A job's columns the engine side reads:
     epoch's end), `checkpoint_every` (optimizer steps between checkpoints; 0: each epoch's end),
     `early_stopping_patience` (evaluations without improvement before stopping; 0: off; on: the adapter of
     the best validation loss is published), `self_distillation` (share of the training set added as the
-    base model's own answers: trainer/regularization.py).
-- `seed`, `training_file`, `validation_file` (file ids: read them with `file_path`).
+    base model's own answers: trainer/regularization.py), `self_distillation_kl` (bool: train those towards
+    the base's distributions rather than their tokens).
+- `seed`, `training_file`, `validation_file` (file ids: read them with `read_file`).
 
 Status machine (OpenAI's names): validating_files -> queued | failed | cancelled; queued -> running |
 paused | failed | cancelled; running -> succeeded | failed | cancelled | paused | queued (a restart
@@ -40,17 +45,27 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
 import secrets
-import sqlite3
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from loraplex.adapters.store import MAX_NAME_CHARS
+from loraplex.storage.blobs import (
+    BlobNotFoundError,
+    BlobStore,
+    FileBlobStore,
+    open_blob_store,
+)
+from loraplex.storage.database import (
+    Database,
+    Migration,
+    Transaction,
+    identity_column,
+    open_database,
+)
 
 STATUSES = ("validating_files", "queued", "running", "paused", "succeeded", "failed", "cancelled")
 ACTIVE_STATUSES = ("validating_files", "queued", "running", "paused")
@@ -69,13 +84,14 @@ RESULT_COLUMNS = ("step", "train_loss", "train_accuracy", "valid_loss", "valid_m
                   "learning_rate")
 _FILE_ID_RE = re.compile(r"file-[0-9a-f]{24}")
 _UNSAFE_NAME_CHARS = re.compile(r"[^A-Za-z0-9._-]+")
-_TMP_PREFIX = ".tmp-"
 _STALE_TMP_S = 3600.0
-BUSY_TIMEOUT_S = 5.0
 
-_SCHEMA = """
+
+def _schema_v1(dialect: str) -> str:
+    ident = identity_column()[dialect]
+    return f"""
 CREATE TABLE IF NOT EXISTS files (
-    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    seq {ident},
     id TEXT NOT NULL UNIQUE,
     bytes INTEGER NOT NULL,
     created_at INTEGER NOT NULL,
@@ -83,7 +99,7 @@ CREATE TABLE IF NOT EXISTS files (
     purpose TEXT NOT NULL
 );
 CREATE TABLE IF NOT EXISTS jobs (
-    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    seq {ident},
     id TEXT NOT NULL UNIQUE,
     model TEXT NOT NULL,
     training_file TEXT NOT NULL,
@@ -106,7 +122,7 @@ CREATE TABLE IF NOT EXISTS jobs (
 );
 CREATE INDEX IF NOT EXISTS jobs_by_status ON jobs (status);
 CREATE TABLE IF NOT EXISTS events (
-    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    seq {ident},
     id TEXT NOT NULL UNIQUE,
     job_id TEXT NOT NULL,
     created_at INTEGER NOT NULL,
@@ -116,7 +132,7 @@ CREATE TABLE IF NOT EXISTS events (
 );
 CREATE INDEX IF NOT EXISTS events_by_job ON events (job_id, seq);
 CREATE TABLE IF NOT EXISTS checkpoints (
-    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    seq {ident},
     id TEXT NOT NULL UNIQUE,
     job_id TEXT NOT NULL,
     created_at INTEGER NOT NULL,
@@ -124,14 +140,29 @@ CREATE TABLE IF NOT EXISTS checkpoints (
     path TEXT NOT NULL,
     metrics TEXT NOT NULL
 );
-CREATE INDEX IF NOT EXISTS checkpoints_by_job ON checkpoints (job_id, seq);
+CREATE INDEX IF NOT EXISTS checkpoints_by_job ON checkpoints (job_id, seq)
 """
 _JOB_COLUMNS = ("id", "model", "training_file", "validation_file", "suffix", "seed", "hyperparameters", "lora",
                 "method", "metadata", "status", "created_at", "finished_at", "fine_tuned_model", "trained_tokens",
                 "error", "output_path", "priority", "result_files")
 _JSON_JOB_COLUMNS = ("hyperparameters", "lora", "method", "metadata", "error", "result_files")
-# columns added after the first release: (name, SQL type and default), added to older databases at open
+# columns added after the first release, before schemas were versioned: a SQLite store of then lacks them
 _ADDED_JOB_COLUMNS = (("priority", "INTEGER NOT NULL DEFAULT 0"), ("result_files", "TEXT"))
+
+
+def _add_missing_columns(tx: Transaction) -> None:
+    have = {row[1] for row in tx.execute("PRAGMA table_info(jobs)")}
+    for name, sql_type in _ADDED_JOB_COLUMNS:
+        if name not in have:
+            tx.execute(f"ALTER TABLE jobs ADD COLUMN {name} {sql_type}")
+
+
+def _sqlite_v1(tx: Transaction) -> None:
+    tx.script(_schema_v1("sqlite"))
+    _add_missing_columns(tx)
+
+
+MIGRATIONS = (Migration(1, _sqlite_v1, _schema_v1("postgresql")),)
 
 
 class InvalidTransitionError(ValueError):
@@ -223,31 +254,22 @@ def new_id(prefix: str) -> str:
 
 
 class JobStore:
-    def __init__(self, root: Path) -> None:
-        self.root = Path(root).expanduser().resolve()
-        self.files_dir = self.root / "files"
+    def __init__(self, root: Path, *, database: str | Database | None = None,
+                 blobs: str | BlobStore | None = None) -> None:
+        self.root = Path(root).expanduser().resolve()  # local state: the SQLite file, caches, checkpoints
+        self.root.mkdir(parents=True, exist_ok=True)
         self.checkpoints_dir = self.root / "checkpoints"
-        self.files_dir.mkdir(parents=True, exist_ok=True)
         self.checkpoints_dir.mkdir(exist_ok=True)
-        # One connection for all threads of this process, serialised by the lock (a sqlite3 connection
-        # must not be used by two threads at once); the other process has its own.
-        self._lock = threading.RLock()
-        self._db = sqlite3.connect(self.root / "jobs.sqlite3", isolation_level=None, check_same_thread=False,
-                                   timeout=BUSY_TIMEOUT_S)
-        with self._lock:
-            self._db.execute(f"PRAGMA busy_timeout={int(BUSY_TIMEOUT_S * 1000)}")
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=FULL")
-            self._db.executescript(_SCHEMA)
-            have = {row[1] for row in self._db.execute("PRAGMA table_info(jobs)")}
-            for name, sql_type in _ADDED_JOB_COLUMNS:
-                if name not in have:  # a database of an older release
-                    self._db.execute(f"ALTER TABLE jobs ADD COLUMN {name} {sql_type}")
-        self._sweep_stale_uploads()
+        self.db = database if isinstance(database, Database) else open_database(
+            database or "", default_sqlite=self.root / "jobs.sqlite3")
+        self.blobs = blobs if isinstance(blobs, BlobStore) else open_blob_store(blobs or "", default_root=self.root)
+        self.db.migrate("fine_tuning", MIGRATIONS)
+        if isinstance(self.blobs, FileBlobStore):
+            self.blobs.sweep_staging(_STALE_TMP_S)  # only old ones: another process may be writing
 
     def close(self) -> None:
-        with self._lock:
-            self._db.close()
+        self.db.close()
+        self.blobs.close()
 
     def __enter__(self) -> JobStore:
         return self
@@ -260,66 +282,65 @@ class JobStore:
     def add_file(self, data: bytes, filename: str, purpose: str) -> FileRecord:
         """Store `data` durably, then record it; on any failure nothing remains."""
         file_id = new_id("file")
-        final = self.file_path(file_id)
-        tmp = self.files_dir / f"{_TMP_PREFIX}{file_id}"
+        record = FileRecord(id=file_id, bytes=len(data), created_at=int(time.time()), filename=filename,
+                            purpose=purpose)
+        self.blobs.put_bytes(_file_key(file_id), data)
         try:
-            with open(tmp, "xb") as out:
-                out.write(data)
-                out.flush()
-                os.fsync(out.fileno())
-            os.rename(tmp, final)
-            _fsync_dir(self.files_dir)
-            record = FileRecord(id=file_id, bytes=len(data), created_at=int(time.time()), filename=filename,
-                                purpose=purpose)
-            with self._lock:
-                self._db.execute("INSERT INTO files (id, bytes, created_at, filename, purpose) VALUES (?, ?, ?, ?, ?)",
-                                 (record.id, record.bytes, record.created_at, record.filename, record.purpose))
+            self.db.execute("INSERT INTO files (id, bytes, created_at, filename, purpose) VALUES (?, ?, ?, ?, ?)",
+                            (record.id, record.bytes, record.created_at, record.filename, record.purpose))
         except BaseException:
-            tmp.unlink(missing_ok=True)
-            final.unlink(missing_ok=True)
+            self.blobs.delete(_file_key(file_id))
             raise
         return record
 
     def get_file(self, file_id: str) -> FileRecord | None:
-        with self._lock:
-            row = self._db.execute("SELECT id, bytes, created_at, filename, purpose FROM files WHERE id = ?",
-                                   (file_id,)).fetchone()
+        row = self.db.one("SELECT id, bytes, created_at, filename, purpose FROM files WHERE id = ?", (file_id,))
         return None if row is None else FileRecord(*row)
 
     def list_files(self, purpose: str | None = None) -> list[FileRecord]:
         """Newest first."""
         sql = "SELECT id, bytes, created_at, filename, purpose FROM files"
-        with self._lock:
-            rows = (self._db.execute(sql + " ORDER BY seq DESC").fetchall() if purpose is None else
-                    self._db.execute(sql + " WHERE purpose = ? ORDER BY seq DESC", (purpose,)).fetchall())
+        rows = (self.db.execute(sql + " ORDER BY seq DESC") if purpose is None else
+                self.db.execute(sql + " WHERE purpose = ? ORDER BY seq DESC", (purpose,)))
         return [FileRecord(*row) for row in rows]
 
+    def read_file(self, file_id: str) -> bytes:
+        """A stored file's bytes (NotFoundError when it is gone)."""
+        try:
+            return self.blobs.get_bytes(_file_key(file_id))
+        except BlobNotFoundError:
+            raise NotFoundError(f"No such File object: {file_id}", param="file_id") from None
+
     def file_path(self, file_id: str) -> Path:
-        if not _FILE_ID_RE.fullmatch(file_id):  # ids become paths: never let one climb out of files/
-            raise ValueError(f"{file_id!r} is not a file id")
-        return self.files_dir / file_id
+        """A local path of a stored file: in place for a folder blob store, else a copy in root/cache."""
+        key = _file_key(file_id)
+        local = self.blobs.local_path(key)
+        if local is not None:
+            if not local.is_file():
+                raise NotFoundError(f"No such File object: {file_id}", param="file_id")
+            return local
+        cached = self.root / "cache" / key
+        if not cached.is_file():
+            try:
+                self.blobs.get_file(key, cached)
+            except BlobNotFoundError:
+                raise NotFoundError(f"No such File object: {file_id}", param="file_id") from None
+        return cached
 
     def delete_file(self, file_id: str) -> bool:
         """False when there is no such file; FileInUseError while an unfinished job uses it."""
-        with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                if self._db.execute("SELECT 1 FROM files WHERE id = ?", (file_id,)).fetchone() is None:
-                    self._db.execute("ROLLBACK")
-                    return False
-                user = self._db.execute(
-                    f"SELECT id FROM jobs WHERE (training_file = ? OR validation_file = ?) AND status IN "
-                    f"({_marks(ACTIVE_STATUSES)}) LIMIT 1", (file_id, file_id, *ACTIVE_STATUSES)).fetchone()
-                if user is not None:
-                    raise FileInUseError(f"file {file_id} is used by fine-tuning job {user[0]}, which has not "
-                                         "finished; cancel it or wait for it to end")
-                self._db.execute("DELETE FROM files WHERE id = ?", (file_id,))
-                self._db.execute("COMMIT")
-            except BaseException:
-                if self._db.in_transaction:
-                    self._db.execute("ROLLBACK")
-                raise
-        self.file_path(file_id).unlink(missing_ok=True)
+        with self.db.transaction(lock="files") as tx:
+            if tx.one("SELECT 1 FROM files WHERE id = ?", (file_id,)) is None:
+                return False
+            user = tx.one(f"SELECT id FROM jobs WHERE (training_file = ? OR validation_file = ?) AND status IN "
+                          f"({_marks(ACTIVE_STATUSES)}) LIMIT 1", (file_id, file_id, *ACTIVE_STATUSES))
+            if user is not None:
+                raise FileInUseError(f"file {file_id} is used by fine-tuning job {user[0]}, which has not "
+                                     "finished; cancel it or wait for it to end")
+            tx.execute("DELETE FROM files WHERE id = ?", (file_id,))
+        self.blobs.delete(_file_key(file_id))
+        cached = self.root / "cache" / _file_key(file_id)
+        cached.unlink(missing_ok=True)
         return True
 
     # ---- jobs -------------------------------------------------------------------------------------
@@ -336,25 +357,15 @@ class JobStore:
                         created_at=int(time.time()), finished_at=None, fine_tuned_model=None, trained_tokens=None,
                         error=None, output_path=None, priority=int(priority), result_files=None)
         values = [_dumps(getattr(job, c)) if c in _JSON_JOB_COLUMNS else getattr(job, c) for c in _JOB_COLUMNS]
-        with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                for param, file_id in (("training_file", training_file), ("validation_file", validation_file)):
-                    if file_id is not None and self._db.execute("SELECT 1 FROM files WHERE id = ?",
-                                                                (file_id,)).fetchone() is None:
-                        raise NotFoundError(f"No such file: {file_id}", param=param)
-                self._db.execute(f"INSERT INTO jobs ({', '.join(_JOB_COLUMNS)}) VALUES ({_marks(_JOB_COLUMNS)})",
-                                 values)
-                self._db.execute("COMMIT")
-            except BaseException:
-                if self._db.in_transaction:
-                    self._db.execute("ROLLBACK")
-                raise
+        with self.db.transaction(lock="files") as tx:
+            for param, file_id in (("training_file", training_file), ("validation_file", validation_file)):
+                if file_id is not None and tx.one("SELECT 1 FROM files WHERE id = ?", (file_id,)) is None:
+                    raise NotFoundError(f"No such file: {file_id}", param=param)
+            tx.execute(f"INSERT INTO jobs ({', '.join(_JOB_COLUMNS)}) VALUES ({_marks(_JOB_COLUMNS)})", values)
         return job
 
     def get_job(self, job_id: str) -> JobRecord | None:
-        with self._lock:
-            row = self._db.execute(f"SELECT {', '.join(_JOB_COLUMNS)} FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        row = self.db.one(f"SELECT {', '.join(_JOB_COLUMNS)} FROM jobs WHERE id = ?", (job_id,))
         return None if row is None else _job(row)
 
     def list_jobs(self, after: str | None = None, limit: int = 20,
@@ -364,26 +375,23 @@ class JobStore:
         where, params = self._after("jobs", after, "job")
         clauses = [where.removeprefix("WHERE ")] if where else []
         for k, v in (metadata or {}).items():
-            clauses.append("json_extract(metadata, ?) = ?")
-            params = (*params, "$." + json.dumps(str(k)), str(v))
+            clauses.append(f"{self.db.json_text('metadata')} = ?")
+            params = (*params, self.db.json_key(str(k)), str(v))
         where = "WHERE " + " AND ".join(clauses) if clauses else ""
-        with self._lock:
-            rows = self._db.execute(f"SELECT {', '.join(_JOB_COLUMNS)} FROM jobs {where} ORDER BY seq DESC LIMIT ?",
-                                    (*params, limit + 1)).fetchall()
+        rows = self.db.execute(f"SELECT {', '.join(_JOB_COLUMNS)} FROM jobs {where} ORDER BY seq DESC LIMIT ?",
+                               (*params, limit + 1))
         return [_job(row) for row in rows[:limit]], len(rows) > limit
 
     def jobs_in_status(self, *statuses: str) -> list[JobRecord]:
         """Oldest first."""
-        with self._lock:
-            rows = self._db.execute(f"SELECT {', '.join(_JOB_COLUMNS)} FROM jobs WHERE status IN ({_marks(statuses)})"
-                                    " ORDER BY seq", statuses).fetchall()
+        rows = self.db.execute(f"SELECT {', '.join(_JOB_COLUMNS)} FROM jobs WHERE status IN ({_marks(statuses)})"
+                               " ORDER BY seq", statuses)
         return [_job(row) for row in rows]
 
     def jobs_awaiting_publish(self) -> list[JobRecord]:
         """Running jobs whose engine side has recorded its output (oldest first)."""
-        with self._lock:
-            rows = self._db.execute(f"SELECT {', '.join(_JOB_COLUMNS)} FROM jobs WHERE status = 'running'"
-                                    " AND output_path IS NOT NULL ORDER BY seq").fetchall()
+        rows = self.db.execute(f"SELECT {', '.join(_JOB_COLUMNS)} FROM jobs WHERE status = 'running'"
+                               " AND output_path IS NOT NULL ORDER BY seq")
         return [_job(row) for row in rows]
 
     def set_status(self, job_id: str, status: str, *, error: dict | None = None, fine_tuned_model: str | None = None,
@@ -436,9 +444,7 @@ class JobStore:
 
     def metric_rows(self, job_id: str) -> list[dict]:
         """Every metrics event's data, oldest first, as the rows of the job's result file."""
-        with self._lock:
-            rows = self._db.execute("SELECT data FROM events WHERE job_id = ? AND data IS NOT NULL ORDER BY seq",
-                                    (job_id,)).fetchall()
+        rows = self.db.execute("SELECT data FROM events WHERE job_id = ? AND data IS NOT NULL ORDER BY seq", (job_id,))
         out = []
         for (data,) in rows:
             value = json.loads(data)
@@ -448,22 +454,13 @@ class JobStore:
 
     def _update(self, job_id: str, changes: dict[str, Any], check) -> JobRecord:
         columns = ", ".join(f"{c} = ?" for c in changes)
-        with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                row = self._db.execute(f"SELECT {', '.join(_JOB_COLUMNS)} FROM jobs WHERE id = ?",
-                                       (job_id,)).fetchone()
-                if row is None:
-                    raise NotFoundError(f"No such fine-tuning job: {job_id}", param="fine_tuning_job_id")
-                check(_job(row))
-                self._db.execute(f"UPDATE jobs SET {columns} WHERE id = ?", (*changes.values(), job_id))
-                row = self._db.execute(f"SELECT {', '.join(_JOB_COLUMNS)} FROM jobs WHERE id = ?",
-                                       (job_id,)).fetchone()
-                self._db.execute("COMMIT")
-            except BaseException:
-                if self._db.in_transaction:
-                    self._db.execute("ROLLBACK")
-                raise
+        with self.db.transaction(lock=f"job:{job_id}") as tx:
+            row = tx.one(f"SELECT {', '.join(_JOB_COLUMNS)} FROM jobs WHERE id = ?", (job_id,))
+            if row is None:
+                raise NotFoundError(f"No such fine-tuning job: {job_id}", param="fine_tuning_job_id")
+            check(_job(row))
+            tx.execute(f"UPDATE jobs SET {columns} WHERE id = ?", (*changes.values(), job_id))
+            row = tx.one(f"SELECT {', '.join(_JOB_COLUMNS)} FROM jobs WHERE id = ?", (job_id,))
         return _job(row)
 
     # ---- events -----------------------------------------------------------------------------------
@@ -473,16 +470,14 @@ class JobStore:
         if level not in EVENT_LEVELS:
             raise ValueError(f"event level must be one of {', '.join(EVENT_LEVELS)}; got {level!r}")
         row = (new_id("ftevent"), job_id, int(time.time()), level, message, None if data is None else _dumps(data))
-        with self._lock:
-            self._db.execute("INSERT INTO events (id, job_id, created_at, level, message, data)"
-                             " VALUES (?, ?, ?, ?, ?, ?)", row)
+        self.db.execute("INSERT INTO events (id, job_id, created_at, level, message, data) VALUES (?, ?, ?, ?, ?, ?)",
+                        row)
 
     def list_events(self, job_id: str, after: str | None = None, limit: int = 20) -> tuple[list[dict], bool]:
         """Newest first, as OpenAI's fine_tuning.job.event objects; `after` is an event id."""
         where, params = self._after("events", after, "event", job_id)
-        with self._lock:
-            rows = self._db.execute(f"SELECT id, created_at, level, message, data FROM events {where}"
-                                    " ORDER BY seq DESC LIMIT ?", (*params, limit + 1)).fetchall()
+        rows = self.db.execute(f"SELECT id, created_at, level, message, data FROM events {where}"
+                               " ORDER BY seq DESC LIMIT ?", (*params, limit + 1))
         events = []
         for event_id, created_at, level, message, data in rows[:limit]:
             data = None if data is None else json.loads(data)
@@ -499,9 +494,8 @@ class JobStore:
         if job is None:
             raise NotFoundError(f"No such fine-tuning job: {job_id}", param="fine_tuning_job_id")
         row = (new_id("ftckpt"), job_id, int(time.time()), int(step), str(path), _dumps({"step": int(step), **metrics}))
-        with self._lock:
-            self._db.execute("INSERT INTO checkpoints (id, job_id, created_at, step, path, metrics)"
-                             " VALUES (?, ?, ?, ?, ?, ?)", row)
+        self.db.execute("INSERT INTO checkpoints (id, job_id, created_at, step, path, metrics) VALUES (?, ?, ?, ?, ?, ?)",
+                        row)
         return _checkpoint(job, row[0], row[2], row[3], row[5])
 
     def list_checkpoints(self, job_id: str, after: str | None = None, limit: int = 10) -> tuple[list[dict], bool]:
@@ -510,17 +504,15 @@ class JobStore:
         if job is None:
             return [], False
         where, params = self._after("checkpoints", after, "checkpoint", job_id)
-        with self._lock:
-            rows = self._db.execute(f"SELECT id, created_at, step, metrics FROM checkpoints {where}"
-                                    " ORDER BY seq DESC LIMIT ?", (*params, limit + 1)).fetchall()
+        rows = self.db.execute(f"SELECT id, created_at, step, metrics FROM checkpoints {where}"
+                               " ORDER BY seq DESC LIMIT ?", (*params, limit + 1))
         return [_checkpoint(job, *row) for row in rows[:limit]], len(rows) > limit
 
     def checkpoint_at(self, job_id: str, step: int) -> dict | None:
         """The newest checkpoint of `job_id` at optimizer step `step`, with its folder under "path"."""
         job = self.get_job(job_id)
-        with self._lock:
-            row = self._db.execute("SELECT id, created_at, step, metrics, path FROM checkpoints WHERE job_id = ? "
-                                   "AND step = ? ORDER BY seq DESC LIMIT 1", (job_id, int(step))).fetchone()
+        row = self.db.one("SELECT id, created_at, step, metrics, path FROM checkpoints WHERE job_id = ? "
+                          "AND step = ? ORDER BY seq DESC LIMIT 1", (job_id, int(step)))
         if job is None or row is None:
             return None
         return {**_checkpoint(job, *row[:4]), "path": row[4]}
@@ -528,9 +520,8 @@ class JobStore:
     def latest_checkpoint(self, job_id: str) -> dict | None:
         """The newest checkpoint, with its folder under "path" (for resuming)."""
         job = self.get_job(job_id)
-        with self._lock:
-            row = self._db.execute("SELECT id, created_at, step, metrics, path FROM checkpoints WHERE job_id = ?"
-                                   " ORDER BY seq DESC LIMIT 1", (job_id,)).fetchone()
+        row = self.db.one("SELECT id, created_at, step, metrics, path FROM checkpoints WHERE job_id = ?"
+                          " ORDER BY seq DESC LIMIT 1", (job_id,))
         if job is None or row is None:
             return None
         return {**_checkpoint(job, *row[:4]), "path": row[4]}
@@ -547,23 +538,12 @@ class JobStore:
             sql, cursor_params = f"SELECT seq FROM {table} WHERE id = ?", (after,)
             if job_id is not None:
                 sql, cursor_params = sql + " AND job_id = ?", (after, job_id)
-            with self._lock:
-                found = self._db.execute(sql, cursor_params).fetchone()
+            found = self.db.one(sql, cursor_params)
             if found is None:
                 raise ValueError(f"after must be the id of a {what} from a previous page; got {after!r}")
             clauses.append("seq < ?")
             params.append(found[0])
         return ("WHERE " + " AND ".join(clauses) if clauses else ""), tuple(params)
-
-    def _sweep_stale_uploads(self) -> None:
-        """Temp files of uploads that crashed mid-write; only old ones, as the other process may be writing."""
-        cutoff = time.time() - _STALE_TMP_S
-        for path in self.files_dir.glob(f"{_TMP_PREFIX}*"):
-            try:
-                if path.stat().st_mtime < cutoff:
-                    path.unlink()
-            except FileNotFoundError:
-                pass
 
 
 class _Unchanged(Exception):
@@ -608,9 +588,7 @@ def _dumps(value: Any) -> str:
     return json.dumps(_finite(value), allow_nan=False)
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+def _file_key(file_id: str) -> str:
+    if not _FILE_ID_RE.fullmatch(file_id):  # ids become keys and paths: never let one climb out of files/
+        raise ValueError(f"{file_id!r} is not a file id")
+    return f"files/{file_id}"

@@ -18,6 +18,7 @@ running jobs than `max_jobs`, stride scheduling by priority picks the step's job
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Callable, Generator
 from contextlib import contextmanager
@@ -28,12 +29,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from .batch import TrainingBatch, build_training_batch, plan_chunks
-from .data import PackedSequence
+from .data import PackedSequence, SoftTargets
 from .job import TrainingJob
 from .lora_layers import TrainSegment, TrainStepState, attach_training
 from .objectives import ChunkLoss
 
 logger = logging.getLogger(__name__)
+
+DISTILL_TOP_K = 32  # tokens of the base's distribution kept per position for self-distillation
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,6 +47,19 @@ class JobStepReport:
     optimizer_step: bool  # an optimizer step closed with this micro-batch
     step: int  # optimizer steps done
     finished: bool
+
+
+def soft_log_likelihood(logits: torch.Tensor, ids: torch.Tensor, probs: torch.Tensor, tail: torch.Tensor
+                        ) -> torch.Tensor:
+    """Per row, the expected log-probability of the model's next token under a teacher distribution given as
+    its top k (`ids`, `probs` [rows, k]) and the mass outside them (`tail` [rows]): the k + 1 outcomes'
+    sum of p log q. Its negative is the cross-entropy, which differs from KL(teacher || model) by the
+    teacher's entropy (a constant): its gradient is zero where the model already is the teacher. A one-hot
+    row (probability 1 on the label) is the plain token log-likelihood."""
+    logq = torch.log_softmax(logits, dim=-1).gather(1, ids)  # [rows, k]
+    inside = (probs * logq).sum(dim=1)
+    rest = torch.log1p(-logq.exp().sum(dim=1).clamp(max=1 - 1e-6))  # log of the model's mass outside the top k
+    return inside + tail * rest
 
 
 def run_to_end(slices):
@@ -172,6 +188,37 @@ class MultiJobTrainer:
             out.append({"loss": share.loss_sum / share.units if share.units else float("nan"), **report})
         return out
 
+    @torch.no_grad()
+    def with_base_distributions(self, sequences: list[PackedSequence], k: int = DISTILL_TOP_K
+                                ) -> list[PackedSequence]:
+        """`sequences` with SoftTargets: the base model's own next-token distribution (no adapter) at each trained
+        position, as its top k and the mass outside them (self-distillation towards the base, trainer/
+        regularization.py). One forward per chunk of `chunk_tokens`."""
+        out = list(sequences)
+        inner = self.model.model
+        for chunk in plan_chunks([sequences], self.chunk_tokens):
+            part = chunk[0]
+            tb = build_training_batch([[seq for _, seq in part]], self.model_config, self.dtype, self.device)
+            with self._active([], False):  # no segment: every row is the base model
+                x = inner.embed_tokens(tb.batch.input_ids)
+                cos, sin = inner.rotary_emb(tb.batch.positions, x.dtype)
+                for i, layer in enumerate(inner.layers):
+                    x = layer(x, cos, sin, tb.kv_caches[i], tb.batch)
+                probs, ids = [], []
+                for start in range(0, tb.targets.numel(), self.head_rows):
+                    hidden = x.index_select(0, tb.target_rows[start:start + self.head_rows])
+                    p = torch.softmax(self.model.compute_logits(inner.norm(hidden)).float(), dim=-1)
+                    top = p.topk(k, dim=-1)
+                    probs.append(top.values)
+                    ids.append(top.indices)
+            probs_t, ids_t = torch.cat(probs), torch.cat(ids)
+            for local, (ordinal, seq) in enumerate(part):
+                rows = (tb.target_seq == local).nonzero().squeeze(1)
+                p = probs_t[rows].cpu()
+                out[ordinal] = dataclasses.replace(seq, soft=SoftTargets(ids_t[rows].cpu(), p,
+                                                                         (1.0 - p.sum(dim=1)).clamp(min=0.0)))
+        return out
+
     def _run(self, shares: list[_Share], train: bool) -> Generator[None, None, None]:
         """Forward (and with `train`, backward) every share, chunk by chunk; adds each share's losses, target
         counts and metrics."""
@@ -239,7 +286,10 @@ class MultiJobTrainer:
             with self._active(segments, train):
                 hidden = last.index_select(0, tb.target_rows[part]).requires_grad_(train)
                 logits = self.model.compute_logits(inner.norm(hidden)).float()  # the norm is per row
-                lp = -F.cross_entropy(logits, tb.targets[part], reduction="none")
+                if tb.soft is None:
+                    lp = -F.cross_entropy(logits, tb.targets[part], reduction="none")
+                else:
+                    lp = soft_log_likelihood(logits, *(t[part] for t in tb.soft))
                 if train:
                     (head_grads[part],) = torch.autograd.grad(lp, hidden, grad_outputs=weights[tb.target_job[part]])
             logp[part] = lp.detach()

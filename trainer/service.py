@@ -41,7 +41,8 @@ SELF_DISTILLATION_ID = "__loraplex-self-distillation-"
 
 class TrainingRuntime:
     def __init__(self, engine: Any, args: Any) -> None:
-        self.store = JobStore(Path(args.fine_tuning_dir) if args.fine_tuning_dir else default_fine_tuning_dir())
+        self.store = JobStore(Path(args.fine_tuning_dir) if args.fine_tuning_dir else default_fine_tuning_dir(),
+                              database=getattr(args, "database", None), blobs=getattr(args, "blob_store", None))
         self.tokenizer = engine.tokenizer
         self.model_config = engine.model_config
         self.base_model = args.model
@@ -303,11 +304,11 @@ class TrainingRuntime:
     # ---- internals -----------------------------------------------------------------------------
     def _build(self, record: JobRecord) -> RunningJob:
         method = (record.method or {}).get("type", "supervised")
-        return build_job(record.id, self.store.file_path(record.training_file).read_bytes(),
-                         self.store.file_path(record.validation_file).read_bytes() if record.validation_file else None,
+        return build_job(record.id, self.store.read_file(record.training_file),
+                         self.store.read_file(record.validation_file) if record.validation_file else None,
                          self.tokenizer, self.model_config, lora=record.lora, hyperparameters=record.hyperparameters,
                          seed=record.seed, device=self.device, base_answers=self._base_answers, method=method,
-                         priority=record.priority)
+                         priority=record.priority, teacher=self.trainer.with_base_distributions)
 
     # ---- self-distillation: the base model's own answers, generated in the serving batches ----------
     def _needs_base_answers(self, record: JobRecord) -> bool:

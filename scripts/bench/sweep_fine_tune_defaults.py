@@ -2,7 +2,7 @@
 created with no hyperparameters learn small fact sets without the base model forgetting what it knew.
 
     python scripts/bench/sweep_fine_tune_defaults.py [--model DIR] [--dtype auto] [--configs a,b,...]
-        [--datasets 10,30,50,200] [--seeds 0] [--out results.json] [--show-failures]
+        [--datasets 10,30,50,200,own30] [--seeds 0] [--out results.json] [--show-failures]
 
 Datasets (loraplex.bench.fine_tune_quality): made-up facts in TRAIN_TEMPLATES phrasings; "10" = one fact x
 10 phrasings, "30" = one fact x 10 x 3 (the issue's case), "50" = five facts x 10, "200" = ten facts x 10 x 2.
@@ -94,14 +94,21 @@ CONFIGS: dict[str, dict] = {
                      "hyperparameters": {"learning_rate_multiplier": 0.5}},
     "attn-r16-lr2": {"lora": {"r": 16, "alpha": 32, "target_modules": ATTENTION},
                      "hyperparameters": {"learning_rate_multiplier": 2.0}},
+    # self-distillation on the base answers' tokens (the earlier rows) against their whole distributions
+    "auto-sd-tokens": {"lora": {"self_distillation_kl": False}, "hyperparameters": {}},
+    "auto-sd4": {"lora": {"self_distillation": 4.0}, "hyperparameters": {}},
 }
 
 
-def dataset(size: int) -> tuple[list, list[dict]]:
-    """-> (facts taught, chat examples)"""
+def dataset(size: int | str, base_pool: list[dict]) -> tuple[list, list[dict]]:
+    """-> (facts taught, chat examples). "own30" is the control: no fact at all, 30 of the base model's own
+    answers to the self-distillation prompts (none of them a general question of the judge), so whatever a job
+    changes in the general answers is what training as such does to them (the floor of `kept`)."""
+    if size == "own30":
+        return [], [dict(e) for e in base_pool[:30]]
     plans = {10: (1, 1), 30: (1, 3), 50: (5, 1), 100: (5, 2), 200: (10, 2)}
     if size not in plans:
-        raise SystemExit(f"--datasets: sizes are {sorted(plans)}")
+        raise SystemExit(f"--datasets: sizes are {sorted(plans)} and own30")
     num_facts, repeats = plans[size]
     facts = FACTS[:num_facts] if size != 30 else FACTS[1:2]  # 10 and 30 teach different single facts
     return list(facts), fact_examples(facts, repeats)
@@ -173,8 +180,8 @@ def main() -> int:
     rows = []
     next_id = 1
     with tempfile.TemporaryDirectory() as tmp:
-        for size in map(int, args.datasets.split(",")):
-            facts, examples = dataset(size)
+        for size in (int(d) if d.isdigit() else d for d in args.datasets.split(",")):
+            facts, examples = dataset(size, base_pool)
             data = to_jsonl(examples)
             for seed in map(int, args.seeds.split(",")):
                 jobs = {}
@@ -182,7 +189,7 @@ def main() -> int:
                     cfg = CONFIGS[name]
                     built = build_job(f"{name}-{size}-{seed}", data, None, engine.tokenizer, model_config,
                                       lora=cfg["lora"], hyperparameters=cfg["hyperparameters"], seed=seed,
-                                      base_answers=base_pool)
+                                      base_answers=base_pool, teacher=trainer.with_base_distributions)
                     jobs[name] = built
                     trainer.add_job(built.job)
                 t0 = time.perf_counter()
@@ -222,7 +229,7 @@ def main() -> int:
                            "steps": built.job.step, "r": built.job.spec.r, "wall_s": round(wall, 1),
                            "failures": list(verdict.failures)}
                     rows.append(row)
-                    print(f"{name:>16} n={size:<4} seed={seed} learned={verdict.learned:5.2f} kept={verdict.kept:5.2f} "
+                    print(f"{name:>16} n={size!s:<5} seed={seed} learned={verdict.learned:5.2f} kept={verdict.kept:5.2f} "
                           f"leaks={verdict.leaks} {'PASS' if verdict.passed else 'fail'}  epochs={hp.n_epochs} "
                           f"bs={hp.batch_size} lr={hp.learning_rate:.1e} steps={built.job.step} ({wall:.0f}s group)")
                     if args.show_failures:

@@ -82,7 +82,7 @@ def _upload(oai: openai.OpenAI, data: bytes = TRAIN, name: str = "train.jsonl"):
 
 def _nothing_stored(client, service) -> None:
     assert client.get(FILES).json()["data"] == []
-    assert [p.name for p in service.store.files_dir.iterdir()] == []
+    assert service.store.blobs.list("files/") == []
 
 
 def _no_jobs(client, engine) -> None:
@@ -235,7 +235,7 @@ def test_lora_extension(ft_client, ft_oai, service):
     lora = {"r": 16, "alpha": 32, "dropout": 0.05, "target_modules": ["q_proj", "v_proj"], "use_rslora": True,
             "max_length": 256, "micro_batch_size": 2, "eval_every": 5, "checkpoint_every": 10,
             "early_stopping_patience": 2, "packing": True, "template": "chatml", "validation_fraction": 0.2,
-            "warmup_ratio": 0.1}
+            "warmup_ratio": 0.1, "self_distillation": 1.0, "self_distillation_kl": True}
     r = ft_client.post(JOBS, json={"model": MODEL_NAME, "training_file": f.id, "lora": lora})
     assert r.status_code == 200, r.text
     assert r.json()["lora"] == {**lora, "alpha": 32.0}

@@ -1,5 +1,6 @@
 """Tests for trainer/job_store.py: files, jobs and their state machine, pagination, events, checkpoints,
-publishing hand-off, two stores on one root (the HTTP and engine processes), ids and model names."""
+publishing hand-off, two stores on one root (the HTTP and engine processes), ids and model names; on both
+backends (SQLite + a folder, PostgreSQL + S3 on SeaweedFS)."""
 from __future__ import annotations
 
 import json
@@ -26,9 +27,15 @@ METHOD = {"type": "supervised", "supervised": {"hyperparameters": HP}}
 
 
 @pytest.fixture
-def store(tmp_path):
-    with JobStore(tmp_path / "ft") as s:
+def store(tmp_path, backend):
+    with JobStore(tmp_path / "ft", **backend) as s:
         yield s
+
+
+def other_root(tmp_path, backend):
+    """Where a second process keeps its local state: the same root on one machine, another with a shared
+    database and blob store (nothing but those two may carry state between them)."""
+    return tmp_path / ("ft" if not backend else "ft-on-another-machine")
 
 
 def make_job(store: JobStore, training_file: str | None = None, **kw):
@@ -49,10 +56,15 @@ def test_files(store):
     g = store.add_file(b"x", "other.txt", "assistants")
     assert store.list_files() == [g, f]  # newest first
     assert store.list_files("fine-tune") == [f]
-    assert store.delete_file(f.id) and not store.file_path(f.id).exists()
+    assert store.delete_file(f.id)
+    with pytest.raises(NotFoundError):
+        store.file_path(f.id)
     assert not store.delete_file(f.id)
     assert store.list_files() == [g]
-    assert [p.name for p in store.files_dir.iterdir()] == [g.id]  # no temp files left
+    assert [b.key for b in store.blobs.list("files/")] == [f"files/{g.id}"]  # no temp files left
+    assert store.read_file(g.id) == b"x"
+    with pytest.raises(NotFoundError):
+        store.read_file(f.id)
 
 
 def test_file_path_refuses_non_ids(store):
@@ -62,14 +74,17 @@ def test_file_path_refuses_non_ids(store):
 
 
 def test_failed_file_write_leaves_nothing(store, monkeypatch):
-    import loraplex.trainer.job_store as job_store
-
-    def boom(path):
+    def boom(*args):
         raise OSError("disk full (simulated)")
-    monkeypatch.setattr(job_store, "_fsync_dir", boom)
-    with pytest.raises(OSError, match="simulated"):
-        store.add_file(CHAT, "a.jsonl", "fine-tune")
-    assert list(store.files_dir.iterdir()) == [] and store.list_files() == []
+    with monkeypatch.context() as m:  # the object cannot be written
+        m.setattr(store.blobs, "put_bytes", boom)
+        with pytest.raises(OSError, match="simulated"):
+            store.add_file(CHAT, "a.jsonl", "fine-tune")
+    with monkeypatch.context() as m:  # the object is written, its row is not: the object goes too
+        m.setattr(store.db, "execute", boom)
+        with pytest.raises(OSError, match="simulated"):
+            store.add_file(CHAT, "a.jsonl", "fine-tune")
+    assert store.blobs.list("files/") == [] and store.list_files() == []
 
 
 def test_delete_file_refused_while_a_job_uses_it(store):
@@ -245,9 +260,9 @@ def test_checkpoints(store):
         store.add_checkpoint("ftjob-none", 1, "/x", {})
 
 
-def test_two_stores_on_one_root(tmp_path):
+def test_two_stores_on_one_root(tmp_path, backend):
     """The HTTP process and the engine process each open the store; each sees the other's writes."""
-    with JobStore(tmp_path / "ft") as http, JobStore(tmp_path / "ft") as engine:
+    with JobStore(tmp_path / "ft", **backend) as http, JobStore(other_root(tmp_path, backend), **backend) as engine:
         job = make_job(http)
         assert engine.get_job(job.id) == job
         assert engine.file_path(job.training_file).read_bytes() == CHAT
@@ -266,9 +281,9 @@ def test_two_stores_on_one_root(tmp_path):
         assert engine.get_job(job.id).status == "succeeded"
 
 
-def test_concurrent_writers(tmp_path):
+def test_concurrent_writers(tmp_path, backend):
     """Both processes' connections writing at once: every transition is applied exactly once."""
-    with JobStore(tmp_path / "ft") as a, JobStore(tmp_path / "ft") as b:
+    with JobStore(tmp_path / "ft", **backend) as a, JobStore(other_root(tmp_path, backend), **backend) as b:
         jobs = [make_job(a) for _ in range(20)]
         results: dict[str, list[str]] = {"a": [], "b": []}
 
@@ -289,11 +304,11 @@ def test_concurrent_writers(tmp_path):
         assert all(len(a.list_events(j.id)[0]) == 2 for j in jobs)
 
 
-def test_persists_across_reopen(tmp_path):
-    with JobStore(tmp_path / "ft") as s:
+def test_persists_across_reopen(tmp_path, backend):
+    with JobStore(tmp_path / "ft", **backend) as s:
         job = make_job(s)
         s.add_event(job.id, "info", "hello")
-    with JobStore(tmp_path / "ft") as s:
+    with JobStore(other_root(tmp_path, backend), **backend) as s:
         assert s.get_job(job.id) == job and s.list_events(job.id)[0][0]["message"] == "hello"
 
 

@@ -263,3 +263,13 @@ def test_self_distillation_answers_come_from_the_engines_own_base_rows(tiny_mode
     second = submit(store, template="chat", self_distillation=0.5)
     assert again.call("train_submit", (second,)) == "running" and second in again.background.running
     assert not again.has_unfinished_requests()
+    assert all(seq.soft is None for seq in again.background.running[second].job.train)  # tokens by default
+    # self_distillation_kl: the base answers carry the base model's distributions (the trainer's own forward)
+    third = submit(store, template="chat", self_distillation=0.5, self_distillation_kl=True)
+    assert again.call("train_submit", (third,)) == "running"
+    train = again.background.running[third].job.train
+    soft = [seq for seq in train if seq.soft is not None]
+    assert len(soft) == 4 and len(train) == 7 + 4  # ceil(0.5 * 7): only the base answers, never the user's data
+    assert all(torch.allclose(s.soft.probs.sum(dim=1) + s.soft.tail, torch.ones(1)) for s in soft)
+    run_to_end(again)
+    assert store.get_job(third).output_path
