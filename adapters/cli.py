@@ -16,6 +16,10 @@ def add_parser(sub) -> None:
     p.add_argument("--version", type=int, default=None, help="the stored version (default: the newest)")
     p.add_argument("--model", default=None, help="the base model's Hugging Face folder (default: the default model)")
     p.add_argument("--adapter-dir", default=None, help="the adapter store (default: as `loraplex serve`)")
+    p.add_argument("--database", default=None, metavar="URL",
+                   help="the store's database when it is shared (as `loraplex serve --database`)")
+    p.add_argument("--blob-store", default=None, metavar="URL",
+                   help="the store's files when they are shared (as `loraplex serve --blob-store`)")
     p.add_argument("--merge", action="store_true", help="merge into the base weights (without it: a GGUF LoRA)")
     p.add_argument("--format", choices=["hf", "gguf"], default="hf", help="with --merge: a Hugging Face folder "
                    "(safetensors, config, tokenizer, chat template) or one GGUF file")
@@ -41,7 +45,8 @@ def run_export(ns: argparse.Namespace) -> int:
     )
     try:
         adapter_dir = Path(ns.adapter_dir) if ns.adapter_dir else default_adapter_dir()
-        adapter = resolve_adapter_folder(ns.adapter, adapter_dir, ns.version)
+        adapter = resolve_adapter_folder(ns.adapter, adapter_dir, ns.version, database=ns.database,
+                                         blob_store=ns.blob_store)
         if ns.model is None:
             from loraplex.engine.default_model import ensure_default_model
             base = Path(ensure_default_model(progress=logger.info))

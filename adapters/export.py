@@ -40,17 +40,19 @@ class ExportError(ValueError):
     """An export that cannot be done, worded for the person who asked."""
 
 
-def resolve_adapter_folder(name_or_path: str, adapter_dir: Path | None, version: int | None = None) -> Path:
-    """A PEFT folder on disk, or the name of an adapter in loraplex's store (newest version unless given)."""
+def resolve_adapter_folder(name_or_path: str, adapter_dir: Path | None, version: int | None = None, *,
+                           database: str | None = None, blob_store: str | None = None) -> Path:
+    """A PEFT folder on disk, or the name of an adapter in loraplex's store (newest version unless given; a
+    shared store's files are fetched into the local folder's cache)."""
     path = Path(name_or_path)
     if path.is_dir():
         if version is not None:
             raise ExportError("--version applies to adapters named in the store, not to a folder")
         return path
     from .store import AdapterStore
-    if adapter_dir is None or not Path(adapter_dir).is_dir():
+    if database is None and (adapter_dir is None or not Path(adapter_dir).is_dir()):
         raise ExportError(f"{name_or_path!r} is not a folder, and there is no adapter store at {adapter_dir}")
-    with AdapterStore(Path(adapter_dir)) as store:
+    with AdapterStore(Path(adapter_dir), database=database, blobs=blob_store) as store:
         try:
             record = store.versions(name_or_path)[-1] if version is None else store.get_version(name_or_path, version)
         except AdapterError as e:

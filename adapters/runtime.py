@@ -219,11 +219,19 @@ class LoRARuntime:
             raise ValueError(f"unknown adapter call {method!r}")
         return getattr(self, method)(*args)
 
+    def adapter_name(self, key: AdapterKey) -> str | None:
+        entry = self.registry.get(key)
+        return None if entry is None else entry.name
+
     def stats(self) -> dict[str, Any]:
         return {"pages_used": self.pool.num_used_pages, "pages_free": self.pool.num_free_pages,
                 "resident_device": len(self.pool.resident), "resident_host": len(self.host),
                 "registered": len(self.registry), "loads": self.pool.num_loads,
-                "evictions": self.pool.num_evictions, "recent_load_latencies_s": list(self.load_latencies_s)}
+                "evictions": self.pool.num_evictions, "recent_load_latencies_s": list(self.load_latencies_s),
+                # per registered version: its name and tier (llm-d's residency scorer reads these)
+                "residency": [(e.name, key[1], "device" if self.pool.is_resident(key) else
+                               "host" if key in self.host else "store", e.rank)
+                              for key, e in self.registry.items() if not e.retired]}
 
 
 def create_lora_runtime(engine, args) -> LoRARuntime:

@@ -203,6 +203,13 @@ class AdapterStore:
         row = self.db.one("SELECT MAX(seq) FROM adapter_changes")
         return int(row[0] or 0) if row else 0
 
+    def listen(self, on_change) -> _Listener | None:
+        """PostgreSQL: call `on_change()` (from a thread of its own) whenever any process publishes or deletes;
+        None for SQLite, whose readers poll `changes()`."""
+        if self.db.dialect != "postgresql":
+            return None
+        return _Listener(self.db.url, on_change)
+
     def _query(self, sql: str, params: tuple[object, ...]) -> list[AdapterVersion]:
         return [self._version(*row) for row in self.db.execute(sql, params)]
 
@@ -410,3 +417,32 @@ def _source_files(src_dir: pathlib.Path) -> dict[str, pathlib.Path]:
     if missing:
         raise AdapterError(f"The adapter folder is missing {', '.join(missing)}.")
     return found
+
+
+class _Listener:
+    """A connection of its own that LISTENs on NOTIFY_CHANNEL; reconnects (calling on_change, as something may
+    have been missed) after a lost connection."""
+
+    def __init__(self, url: str, on_change) -> None:
+        self.url, self.on_change = url, on_change
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="adapter-store-listen", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        import psycopg
+        while not self._stop.is_set():
+            try:
+                with psycopg.connect(self.url, autocommit=True, connect_timeout=5) as conn:
+                    conn.execute(f"LISTEN {NOTIFY_CHANNEL}")
+                    self.on_change()
+                    while not self._stop.is_set():
+                        for _ in conn.notifies(timeout=1.0):
+                            self.on_change()
+            except Exception as e:  # noqa: BLE001 - the database away: retry; readers poll meanwhile
+                logger.debug("adapter store listener: %s", e)
+                self._stop.wait(2.0)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)

@@ -25,6 +25,10 @@ class BackgroundWork(Protocol):
     def stats(self) -> dict:
         """Counters for logs and metrics."""
 
+    def tick(self) -> None:
+        """Called on every pass of the engine loop, busy or idle (at least every 0.5 s): cheap unless the work
+        has something due (the trainer renews its job leases and claims queued jobs from a shared store)."""
+
 
 BackgroundFactory = Callable[[Any, Any], BackgroundWork]  # (LLMEngine, EngineArgs) -> work
 

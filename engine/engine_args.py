@@ -59,6 +59,7 @@ class EngineArgs:
     # memory the trainer's per-job state (LoRA weights, gradients, AdamW moments) may take; None: what the
     # device has free when a job starts, less a reserve (trainer/service.py's admission)
     train_memory_bytes: int | None = None
+    train_lease_s: float = 30.0  # a trainer holds its jobs for this long past its last renewal (shared stores)
     fine_tuning_dir: str | None = None  # the fine-tuning job store (files, jobs, checkpoints)
     database: str | None = None  # --database: the stores' metadata (None: SQLite files under their folders)
     blob_store: str | None = None  # --blob-store: the stores' files (None: their folders)
@@ -91,6 +92,8 @@ class EngineArgs:
             raise ValueError("--max-train-jobs must be at least 1")
         if self.train_chunk_tokens < 1:
             raise ValueError("--train-chunk-tokens must be at least 1")
+        if not 1.0 <= self.train_lease_s <= 3600.0:
+            raise ValueError(f"--train-lease must be between 1 and 3600 seconds; got {self.train_lease_s}")
 
 
 def size_arg(text: str) -> int:
@@ -164,6 +167,10 @@ def add_engine_args(p: argparse.ArgumentParser) -> dict[str, argparse._ArgumentG
                     help="memory for the running jobs' own state (LoRA weights, gradients, AdamW moments); a job "
                          "that does not fit waits, queued, until one ends (default: the device's free memory "
                          "less a reserve, when each job starts)")
+    ft.add_argument("--train-lease", type=float, default=30.0, metavar="SECONDS",
+                    help="with a store shared by several servers: a server that dies mid-job loses it to another "
+                         "after this long without renewing its lease; the other resumes it from its last "
+                         "checkpoint (default: 30)")
     return {"lora": lora, "fine_tuning": ft, "storage": storage}
 
 
@@ -186,4 +193,4 @@ def engine_args_from(ns: argparse.Namespace) -> EngineArgs:
         database=ns.database, blob_store=ns.blob_store,
         train_share=ns.train_share, max_train_jobs=ns.max_train_jobs,
         train_gradient_checkpointing=ns.train_gradient_checkpointing, train_chunk_tokens=ns.train_chunk_tokens,
-        train_memory_bytes=ns.train_memory)
+        train_memory_bytes=ns.train_memory, train_lease_s=ns.train_lease)

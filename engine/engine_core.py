@@ -137,6 +137,8 @@ class EngineLoop:
             if poll is not None:
                 poll(0.0 if busy else 0.5)
             outputs = self._drain_inbox()
+            if self.engine.background is not None:
+                self.engine.background.tick()
             if self.engine.has_unfinished_requests():
                 t0 = time.perf_counter()
                 step_outputs = self.engine.step()

@@ -208,10 +208,20 @@ class LLMEngine:
 
     def stats(self) -> EngineStats:
         kv = self.scheduler.kv_cache_manager
+        adapters = None
+        if self.adapter_hook is not None:
+            adapters = self.adapter_hook.stats()
+            # the adapters of running and waiting requests, by name (the Gateway API Inference Extension's
+            # LoRA info metric; an endpoint picker routes on it)
+            names = getattr(self.adapter_hook, "adapter_name", lambda key: None)
+            queues = (("running_names", self.scheduler.running), ("waiting_names", self.scheduler.waiting))
+            for kind, requests in queues:
+                keys = {(r.adapter_id, r.adapter_version) for r in requests if r.adapter_id}
+                adapters[kind] = sorted({n for n in map(names, keys) if n})
+            adapters["max_loras"] = self.scheduler.scheduler_config.max_loras
         return EngineStats(num_running=self.scheduler.num_running, num_waiting=self.scheduler.num_waiting,
                            num_free_blocks=kv.num_free_blocks, num_total_blocks=kv.num_total_blocks,
-                           adapters=None if self.adapter_hook is None else self.adapter_hook.stats(),
-                           memory_bytes=self.memory_bytes)
+                           adapters=adapters, memory_bytes=self.memory_bytes)
 
     def call(self, method: str, args: tuple):
         """A control call between steps: train_* go to the background work (the trainer), the rest to the

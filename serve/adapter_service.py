@@ -13,6 +13,7 @@ import os
 import shutil
 import tarfile
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,8 @@ from loraplex.adapters.peft import LORA_MODULES, load_adapter
 from loraplex.adapters.store import AdapterStore, AdapterVersion, validate_adapter_name
 
 logger = logging.getLogger("loraplex.serve")
+
+FOLLOW_POLL_S = 1.0  # the change log is read at least this often (PostgreSQL's NOTIFY wakes it at once)
 
 
 class AdapterConflictError(AdapterError):
@@ -48,27 +51,134 @@ class AdapterService:
         self.store = AdapterStore(settings.adapter_dir, database=settings.database, blobs=settings.blob_store)
         self.served: dict[str, AdapterVersion] = {}  # name -> the version new requests get
         self._lock = asyncio.Lock()  # one publish/unload at a time: versions stay ordered
+        # which versions the engine has (a remote store's are pulled on their first request), and the store's
+        # change log followed: what other servers publish and delete reaches this one
+        self.registered: set[tuple[int, int]] = set()
+        self._pulling: dict[tuple[int, int], asyncio.Future] = {}
+        self._cursor = 0
+        self._follower: asyncio.Task | None = None
+        self._pull_on_miss = self.store.blobs.local_path("adapters") is None
 
     # ---- start-up ---------------------------------------------------------------------------
     async def start(self, lora_modules: dict[str, str] | None = None) -> None:
-        """Serve every adapter already in the store, then publish `--lora-modules` folders."""
-        for version in self.store.list():
+        """Serve every adapter already in the store (a remote store's on their first request), publish
+        `--lora-modules` folders, then follow the store's change log."""
+        self._cursor = await asyncio.to_thread(self.store.last_change)  # before the listing: nothing missed
+        for version in await asyncio.to_thread(self.store.list):
+            self.served[version.name] = version
+            if self._pull_on_miss:
+                continue
             try:
                 await self._register(version)
             except AdapterError as e:
+                self.served.pop(version.name, None)
                 logger.error("adapter %s v%d in the store is not servable: %s", version.name, version.version, e)
         for name, path in (lora_modules or {}).items():
             await self.publish_folder(name, Path(path), allow_bin=True, replace=True, skip_if_same=True)
         if self.served:
             logger.info("serving %d adapter(s): %s", len(self.served), ", ".join(sorted(self.served)))
+        self._follower = asyncio.get_running_loop().create_task(self._follow(), name="adapter-store-follower")
+
+    async def stop_following(self) -> None:
+        if self._follower is not None:
+            self._follower.cancel()
+            try:
+                await self._follower
+            except (asyncio.CancelledError, Exception):  # noqa: BLE001 - stopping
+                pass
+            self._follower = None
 
     def close(self) -> None:
         self.store.close()
 
+    # ---- following other servers ------------------------------------------------------------
+    async def _follow(self) -> None:
+        """Apply the store's change log as it grows: woken by PostgreSQL's NOTIFY at once, polled every
+        FOLLOW_POLL_S otherwise (SQLite, or a lost notification connection)."""
+        wake = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        listener = self.store.listen(lambda: loop.call_soon_threadsafe(wake.set))
+        try:
+            while True:
+                try:
+                    await asyncio.wait_for(wake.wait(), timeout=FOLLOW_POLL_S)
+                except asyncio.TimeoutError:
+                    pass
+                wake.clear()
+                try:
+                    await self.sync()
+                except Exception as e:  # noqa: BLE001 - the database away for a while: try again next time
+                    logger.warning("following the adapter store: %s", e)
+        finally:
+            if listener is not None:
+                listener.stop()
+
+    async def sync(self) -> int:
+        """Apply the change log since the last call: a newer version of a name becomes the one new requests
+        get; a deleted name stops being served (its running requests finish). -> changes applied."""
+        changes = await asyncio.to_thread(self.store.changes, self._cursor)
+        for change in changes:
+            self._cursor = change.seq
+            if change.kind == "delete":
+                current = self.served.get(change.name)
+                if current is not None and current.adapter_id == change.adapter_id:
+                    async with self._lock:
+                        self.served.pop(change.name, None)
+                        await self._unregister(change.adapter_id)
+                    logger.info("adapter %s was deleted (by another server)", change.name)
+                continue
+            current = self.served.get(change.name)
+            if current is not None and (current.adapter_id, current.version) >= (change.adapter_id, change.version):
+                continue  # this server's own publish, or older news
+            try:
+                version = await asyncio.to_thread(self.store.get_version, change.name, change.version)
+            except AdapterNotFoundError:
+                continue  # deleted since: a later change says so
+            self.served[change.name] = version
+            logger.info("adapter %s v%d was published (by another server)", version.name, version.version)
+            if not self._pull_on_miss:
+                try:
+                    await self._register(version)
+                except AdapterError as e:
+                    logger.error("adapter %s v%d is not servable: %s", version.name, version.version, e)
+        return len(changes)
+
     # ---- lookups ----------------------------------------------------------------------------
-    def resolve(self, name: str) -> tuple[int, int] | None:
+    async def resolve(self, name: str) -> tuple[int, int] | None:
+        """(adapter_id, version) new requests for `name` get, registered with the engine first when this
+        server has not served that version yet (pulled from the store on a miss); None: no such adapter."""
         version = self.served.get(name)
-        return None if version is None else (version.adapter_id, version.version)
+        if version is None and self._pull_on_miss:
+            try:  # maybe published elsewhere a moment ago, before the change log reached this server
+                version = await asyncio.to_thread(self.store.latest, name)
+            except AdapterNotFoundError:
+                return None
+            self.served[name] = version
+        if version is None:
+            return None
+        key = (version.adapter_id, version.version)
+        if key not in self.registered:
+            await self._pull(version)
+        return key
+
+    async def _pull(self, version: AdapterVersion) -> None:
+        """Register `version` once, however many requests miss on it at the same time."""
+        key = (version.adapter_id, version.version)
+        pending = self._pulling.get(key)
+        if pending is None:
+            pending = asyncio.get_running_loop().create_future()
+            self._pulling[key] = pending
+            try:
+                await self._register(version)
+                pending.set_result(None)
+            except BaseException as e:
+                pending.set_exception(e)
+                pending.exception()  # retrieved here: the waiters below re-raise it
+                raise
+            finally:
+                self._pulling.pop(key, None)
+        else:
+            await asyncio.shield(pending)
 
     def names(self) -> list[str]:
         return sorted(self.served)
@@ -160,16 +270,27 @@ class AdapterService:
                 raise AdapterNotFoundError(name)
             version = self.served.pop(name)
             removed = await asyncio.to_thread(self.store.delete, name)
-            await self.engine.call("unregister_adapter", version.adapter_id)
+            await self._unregister(version.adapter_id)
             logger.info("removed adapter %s (%d version(s))", name, len(removed))
             return removed
 
     async def _register(self, version: AdapterVersion) -> None:
         # the engine reads the files from this local folder whenever the version is (re)loaded: pinned in the
         # store's cache (a remote blob store) for as long as it is served
+        t0 = time.perf_counter()
         folder = await asyncio.to_thread(self.store.fetch, version, pin=True)
         await self.engine.call("register_adapter", version.name, version.adapter_id, version.version, str(folder))
-        self.served[version.name] = version
+        self.registered.add((version.adapter_id, version.version))
+        current = self.served.get(version.name)
+        if current is None or (current.adapter_id, current.version) <= (version.adapter_id, version.version):
+            self.served[version.name] = version
+        if self._pull_on_miss:
+            logger.info("adapter %s v%d pulled from %s and registered in %.0f ms", version.name, version.version,
+                        self.store.blobs.url, 1000 * (time.perf_counter() - t0))
+
+    async def _unregister(self, adapter_id: int) -> None:
+        await self.engine.call("unregister_adapter", adapter_id)
+        self.registered = {k for k in self.registered if k[0] != adapter_id}
 
     def _check_name(self, name: str) -> None:
         validate_adapter_name(name)

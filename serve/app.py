@@ -79,6 +79,8 @@ def build_app(engine: Any, served_model_names: list[str], api_key: str | None = 
             app.state.ready = False
             if fine_tuning is not None:
                 await fine_tuning.close()
+            if adapters is not None:
+                await adapters.stop_following()
             await engine.shutdown()
             if adapters is not None:
                 adapters.close()

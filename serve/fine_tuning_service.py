@@ -44,6 +44,7 @@ from loraplex.trainer.job_store import (
     JobRecord,
     JobStore,
     fine_tuned_model_name,
+    process_owner_id,
 )
 
 logger = logging.getLogger("loraplex.serve")
@@ -51,6 +52,7 @@ logger = logging.getLogger("loraplex.serve")
 FINE_TUNE_PURPOSE = "fine-tune"
 MAX_FILENAME_CHARS = 255
 PUBLISH_INTERVAL_S = 0.5
+PUBLISH_CLAIM_S = 120.0  # a server that died while publishing: another publishes the job after this
 _CONTROL_CHARS = re.compile(r"[\x00-\x1f\x7f]")
 CHECKPOINT_MODEL = re.compile(r"(?P<model>ft:.+):ckpt-step-(?P<step>[0-9]{1,9})")
 
@@ -84,6 +86,7 @@ class FineTuningService:
         self.settings = settings
         self.base_model_names = list(base_model_names)
         self.store = JobStore(settings.fine_tuning_dir, database=settings.database, blobs=settings.blob_store)
+        self.owner = process_owner_id(self.store.root)  # its claims on publishing (several servers may share a store)
         self._publisher: asyncio.Task | None = None
 
     # ---- lifecycle ------------------------------------------------------------------------------
@@ -295,10 +298,11 @@ class FineTuningService:
         checkpoint = await asyncio.to_thread(self.store.checkpoint_at, job_id, int(match["step"]))
         if checkpoint is None or checkpoint["fine_tuned_model_checkpoint"] != name:
             return None
-        await self.adapters.publish_folder(name, Path(checkpoint["path"]), allow_bin=False, replace=True,
+        folder = await asyncio.to_thread(self.store.local_folder, checkpoint["path"])
+        await self.adapters.publish_folder(name, folder, allow_bin=False, replace=True,
                                            skip_if_same=True)
         logger.info("checkpoint %s of fine-tuning job %s is served as %s", checkpoint["id"], job_id, name)
-        return self.adapters.resolve(name)
+        return await self.adapters.resolve(name)
 
     # ---- publishing -----------------------------------------------------------------------------
     async def publish_pending(self) -> int:
@@ -306,10 +310,13 @@ class FineTuningService:
         published = 0
         for job in await asyncio.to_thread(self.store.jobs_awaiting_publish):
             name = fine_tuned_model_name(job.model, job.suffix, job.id)
+            if not await asyncio.to_thread(self.store.claim_publish, job.id, self.owner, PUBLISH_CLAIM_S):
+                continue  # another server is publishing it
             try:
                 if self.adapters is None:
                     raise ValueError("this server runs without LoRA support, so it cannot serve the adapter")
-                await self.adapters.publish_folder(name, Path(job.output_path), allow_bin=False, replace=True)
+                folder = await asyncio.to_thread(self.store.local_folder, job.output_path)
+                await self.adapters.publish_folder(name, folder, allow_bin=False, replace=True)
             except EngineDeadError:
                 raise  # not the job's fault: it stays trained and is published by the next server
             except Exception as e:  # noqa: BLE001 - a bad adapter folder, a full disk: the job fails, not the loop

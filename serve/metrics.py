@@ -75,6 +75,22 @@ class _EngineStatsCollector(Collector):
             counter = CounterMetricFamily(PREFIX + name, doc, labels=["model_name"])
             counter.add_metric([self._model_name], float(value))
             yield counter
+        if "running_names" in a:
+            # the Gateway API Inference Extension's model-server protocol (vLLM's vllm:lora_requests_info):
+            # one series, its value the scrape time, labels naming the adapters of running and waiting requests
+            info = GaugeMetricFamily(PREFIX + "lora_requests_info", "Adapters of the running and waiting "
+                                     "requests (labels; the value is the time of this reading).",
+                                     labels=["running_lora_adapters", "waiting_lora_adapters", "max_lora"])
+            info.add_metric([",".join(a["running_names"]), ",".join(a["waiting_names"]), str(a["max_loras"])],
+                            time.time())
+            yield info
+        if "residency" in a:
+            loaded = GaugeMetricFamily(PREFIX + "lora_adapter_loaded", "Adapter versions this server can serve, "
+                                       "by where their weights are (device: in the pool; host: in memory; store: "
+                                       "on disk).", labels=["adapter_name", "version", "level", "rank"])
+            for name, version, level, rank in a["residency"]:
+                loaded.add_metric([name, str(version), level, str(rank)], 1.0)
+            yield loaded
 
 
 class ServingMetrics:

@@ -75,7 +75,7 @@ async def resolve_model(state: Any, name: str | None) -> ResolvedModel:
         return ResolvedModel(served[0])
     if name in served:
         return ResolvedModel(name)
-    adapter = None if state.adapters is None else state.adapters.resolve(name)
+    adapter = None if state.adapters is None else await state.adapters.resolve(name)
     if adapter is not None:
         return ResolvedModel(name, adapter)
     fine_tuning = getattr(state, "fine_tuning", None)

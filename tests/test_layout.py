@@ -17,9 +17,13 @@ tomllib = pytest.importorskip("tomllib")
 
 ROOT = Path(__file__).resolve().parents[1]
 # package -> packages it must not import (DESIGN.md: serve -> trainer -> engine, serve -> adapters -> engine,
-# trainer -> adapters; the engine imports none of the others; nothing imports serve)
+# trainer -> adapters, adapters/trainer -> storage; the engine imports none of the others; nothing imports serve;
+# storage (databases and blob stores) imports none of them)
 FORBIDDEN = {
-    "loraplex.engine": ("loraplex.adapters", "loraplex.trainer", "loraplex.serve", "loraplex.bench"),
+    "loraplex.engine": ("loraplex.adapters", "loraplex.trainer", "loraplex.serve", "loraplex.bench",
+                        "loraplex.storage"),
+    "loraplex.storage": ("loraplex.engine", "loraplex.adapters", "loraplex.trainer", "loraplex.serve",
+                         "loraplex.bench"),
     "loraplex.adapters": ("loraplex.trainer", "loraplex.serve", "loraplex.bench"),
     "loraplex.trainer": ("loraplex.serve", "loraplex.bench"),
     "loraplex.bench": ("loraplex.serve",),

@@ -47,7 +47,9 @@ import json
 import math
 import re
 import secrets
+import shutil
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -85,6 +87,7 @@ RESULT_COLUMNS = ("step", "train_loss", "train_accuracy", "valid_loss", "valid_m
 _FILE_ID_RE = re.compile(r"file-[0-9a-f]{24}")
 _UNSAFE_NAME_CHARS = re.compile(r"[^A-Za-z0-9._-]+")
 _STALE_TMP_S = 3600.0
+BLOB_PATH = "blob:"  # a recorded folder kept in the (remote) blob store: blob:<prefix>
 
 
 def _schema_v1(dialect: str) -> str:
@@ -162,7 +165,21 @@ def _sqlite_v1(tx: Transaction) -> None:
     _add_missing_columns(tx)
 
 
-MIGRATIONS = (Migration(1, _sqlite_v1, _schema_v1("postgresql")),)
+def _schema_v2(dialect: str) -> str:
+    # v2: leases. A trainer holds the jobs it trains (lease_owner until lease_expires, renewed while it
+    # trains); a job whose lease expired (its trainer died) is claimed by another. The HTTP side claims the
+    # publishing of a finished job the same way, so two servers never publish one job twice.
+    real = "REAL" if dialect == "sqlite" else "DOUBLE PRECISION"
+    return f"""
+ALTER TABLE jobs ADD COLUMN lease_owner TEXT;
+ALTER TABLE jobs ADD COLUMN lease_expires {real};
+ALTER TABLE jobs ADD COLUMN publisher TEXT;
+ALTER TABLE jobs ADD COLUMN publisher_expires {real}"""
+
+
+MIGRATIONS = (Migration(1, _sqlite_v1, _schema_v1("postgresql")),
+              Migration(2, _schema_v2("sqlite"), _schema_v2("postgresql")))
+CLAIMABLE = ("queued", "running")  # a trainer may take these (running: its trainer died, or restarts)
 
 
 class InvalidTransitionError(ValueError):
@@ -247,6 +264,15 @@ def fine_tuned_model_name(base: str, suffix: str | None, job_id: str) -> str:
 
 def _safe_name_part(text: str) -> str:
     return re.sub(r"\.{2,}", ".", _UNSAFE_NAME_CHARS.sub("-", text))
+
+
+def process_owner_id(local_root: Path) -> str:
+    """Who holds a lease: this host and the store's local folder. Stable across restarts on purpose: a server
+    restarted on its folder takes its jobs back at once instead of waiting for its old leases to expire; two
+    servers sharing a database each have their own local folder (their own checkpoints and caches)."""
+    import hashlib
+    import socket
+    return f"{socket.gethostname()}:{hashlib.sha256(str(Path(local_root).resolve()).encode()).hexdigest()[:12]}"
 
 
 def new_id(prefix: str) -> str:
@@ -462,6 +488,106 @@ class JobStore:
             tx.execute(f"UPDATE jobs SET {columns} WHERE id = ?", (*changes.values(), job_id))
             row = tx.one(f"SELECT {', '.join(_JOB_COLUMNS)} FROM jobs WHERE id = ?", (job_id,))
         return _job(row)
+
+    # ---- folders the engine side writes (checkpoints, the trained adapter) -----------------------
+
+    def keep_folder(self, folder: Path, kind: str, job_id: str) -> str:
+        """Make `folder` (flat files the engine side wrote, e.g. a checkpoint) readable by every process of the
+        store; -> the path to record: the folder itself when the blob store is a folder that holds it, else
+        "blob:<prefix>" after uploading it under `kind`/`job_id`/ (write-once, a fresh prefix each time)."""
+        folder = Path(folder).resolve()
+        if isinstance(self.blobs, FileBlobStore) and self.blobs.root in folder.parents:
+            return str(folder)
+        prefix = f"{kind}/{job_id}/{folder.name}-{secrets.token_hex(4)}"
+        for path in sorted(folder.iterdir()):
+            if path.is_file() and not path.is_symlink():
+                self.blobs.put_file(f"{prefix}/{path.name}", path)
+        return BLOB_PATH + prefix
+
+    def local_folder(self, path: str) -> Path:
+        """A recorded folder (`keep_folder`) on this machine: as it is, or fetched into root/cache once."""
+        if not path.startswith(BLOB_PATH):
+            return Path(path)
+        prefix = path[len(BLOB_PATH):]
+        local = self.root / "cache" / prefix
+        if not local.is_dir():
+            staging = self.root / "cache" / ".tmp" / secrets.token_hex(8)
+            infos = self.blobs.list(prefix + "/")
+            if not infos:
+                raise NotFoundError(f"the folder {path} is gone from {self.blobs.url}")
+            for info in infos:
+                self.blobs.get_file(info.key, staging / info.key.rsplit("/", 1)[1])
+            local.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                staging.rename(local)
+            except OSError:  # another thread fetched it first
+                shutil.rmtree(staging, ignore_errors=True)
+        return local
+
+    # ---- leases: which trainer trains a job, which server publishes it ---------------------------
+
+    def claim(self, job_id: str, owner: str, lease_s: float) -> bool:
+        """Take (or keep) `job_id` for training by `owner` until now + lease_s: False when another live owner
+        holds it, or it is not queued or running, or it is trained already (waiting to be published)."""
+        now = time.time()
+        with self.db.transaction(lock=f"job:{job_id}") as tx:
+            row = tx.one("SELECT status, output_path, lease_owner, lease_expires FROM jobs WHERE id = ?", (job_id,))
+            if row is None or row[0] not in CLAIMABLE or row[1] is not None:
+                return False
+            if row[2] not in (None, owner) and (row[3] or 0) >= now:
+                return False
+            tx.execute("UPDATE jobs SET lease_owner = ?, lease_expires = ? WHERE id = ?",
+                       (owner, now + lease_s, job_id))
+        return True
+
+    def claim_next(self, owner: str, lease_s: float, limit: int, skip: Sequence[str] = ()) -> list[str]:
+        """Claim up to `limit` claimable jobs nobody holds (or whose lease expired, or that `owner` holds: after
+        a restart), highest priority first, then oldest, leaving out `skip` (those the caller trains already);
+        -> their ids. PostgreSQL skips rows another trainer is claiming at this moment (FOR UPDATE SKIP LOCKED)
+        instead of waiting for it."""
+        now = time.time()
+        lock = " FOR UPDATE SKIP LOCKED" if self.db.dialect == "postgresql" else ""
+        skip = list(skip)
+        not_in = f"AND id NOT IN ({_marks(skip)}) " if skip else ""
+        with self.db.transaction() as tx:
+            rows = tx.execute(f"SELECT id FROM jobs WHERE status IN ({_marks(CLAIMABLE)}) AND output_path IS NULL "
+                              f"AND (lease_owner IS NULL OR lease_owner = ? OR lease_expires < ?) {not_in}"
+                              f"ORDER BY priority DESC, seq LIMIT ?{lock}", (*CLAIMABLE, owner, now, *skip, int(limit)))
+            ids = [r[0] for r in rows]
+            if ids:
+                tx.execute(f"UPDATE jobs SET lease_owner = ?, lease_expires = ? WHERE id IN ({_marks(ids)})",
+                           (owner, now + lease_s, *ids))
+        return ids
+
+    def renew(self, owner: str, lease_s: float) -> dict[str, str]:
+        """Extend every lease `owner` holds; -> {job id: status} of those jobs (a job missing here is no longer
+        this owner's: its lease expired and another took it, or it was released)."""
+        now = time.time()
+        with self.db.transaction() as tx:
+            tx.execute("UPDATE jobs SET lease_expires = ? WHERE lease_owner = ?", (now + lease_s, owner))
+            return dict(tx.execute("SELECT id, status FROM jobs WHERE lease_owner = ?", (owner,)))
+
+    def release(self, job_id: str, owner: str) -> None:
+        self.db.execute("UPDATE jobs SET lease_owner = NULL, lease_expires = NULL WHERE id = ? AND lease_owner = ?",
+                        (job_id, owner))
+
+    def lease_of(self, job_id: str) -> tuple[str | None, float | None]:
+        row = self.db.one("SELECT lease_owner, lease_expires FROM jobs WHERE id = ?", (job_id,))
+        return (None, None) if row is None else (row[0], row[1])
+
+    def claim_publish(self, job_id: str, owner: str, lease_s: float) -> bool:
+        """The HTTP side's claim on publishing a trained job (one server publishes it; another takes over when
+        the claim expires)."""
+        now = time.time()
+        with self.db.transaction(lock=f"job:{job_id}") as tx:
+            row = tx.one("SELECT status, output_path, publisher, publisher_expires FROM jobs WHERE id = ?", (job_id,))
+            if row is None or row[0] != "running" or row[1] is None:
+                return False
+            if row[2] not in (None, owner) and (row[3] or 0) >= now:
+                return False
+            tx.execute("UPDATE jobs SET publisher = ?, publisher_expires = ? WHERE id = ?",
+                       (owner, now + lease_s, job_id))
+        return True
 
     # ---- events -----------------------------------------------------------------------------------
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import math
+import re
 import tarfile
 import threading
 import zipfile
@@ -95,6 +96,7 @@ def test_upload_chat_republish_during_stream_unload(lora_server, client, smol_co
         if chunk.choices and chunk.choices[0].delta.content:
             pieces.append(chunk.choices[0].delta.content)
         if i == 3:
+            mid_stream = httpx.get(lora_server.base_url + "/metrics").text  # what an endpoint picker reads
             r = upload(lora_server, "poet", tar_gz(v2))
             assert r.status_code == 201 and r.json()["version"] == 2, r.text
             published.set()
@@ -109,6 +111,9 @@ def test_upload_chat_republish_during_stream_unload(lora_server, client, smol_co
     metrics = httpx.get(lora_server.base_url + "/metrics").text
     assert 'loraplex:generation_tokens_total{model_name="poet"}' in metrics
     assert "loraplex:lora_pool_pages_used" in metrics and "loraplex:lora_adapter_load_seconds_count" in metrics
+    assert 'running_lora_adapters="poet"' in mid_stream and 'max_lora="' in mid_stream
+    assert re.search(r'loraplex:lora_adapter_loaded\{adapter_name="poet",level="(device|host)",rank="16",'
+                     r'version="2"\} 1\.0', metrics)
 
     r = httpx.post(lora_server.base_url + "/v1/unload_lora_adapter", json={"lora_name": "poet"}, headers=ADMIN)
     assert r.status_code == 200, r.text

@@ -77,6 +77,9 @@ class FakeWork:
     def stats(self) -> dict:
         return {}
 
+    def tick(self) -> None:
+        self.ticks = getattr(self, "ticks", 0) + 1
+
 
 def run_loop(engine, seconds: float):
     loop = EngineLoop(engine, reply=lambda *a: None, train_share=0.2)

@@ -56,3 +56,28 @@ def test_scrape_survives_a_dead_engine():
     engine.stats = broken_stats
     text = build_app(engine, [MODEL_NAME]).state.metrics.render().decode()
     assert "loraplex:num_requests_running" not in text and "loraplex:prompt_tokens" in text
+
+
+def test_gateway_inference_extension_lora_metrics():
+    """The model-server protocol an endpoint picker (GIE / llm-d) reads: queue and KV gauges, and the LoRA
+    info gauge naming the adapters of running and waiting requests, plus per-version residency."""
+    import time
+
+    from loraplex.engine.core.outputs import EngineStats
+    engine = FakeEngine()
+    adapters = {"pages_used": 8, "pages_free": 24, "resident_device": 1, "resident_host": 2, "registered": 2,
+                "loads": 3, "evictions": 1, "recent_load_latencies_s": [], "running_names": ["poet", "rose"],
+                "waiting_names": ["iris"], "max_loras": 8,
+                "residency": [("poet", 2, "device", 16), ("rose", 1, "host", 8)]}
+    engine.stats = lambda: EngineStats(num_running=2, num_waiting=1, num_free_blocks=50, num_total_blocks=100,
+                                       adapters=adapters)
+    before = time.time()
+    samples = _samples(build_app(engine, [MODEL_NAME]).state.metrics.render().decode())
+    info = [(k, v) for k, v in samples.items() if k.startswith("loraplex:lora_requests_info{")]
+    assert len(info) == 1
+    assert info[0][0] == ('loraplex:lora_requests_info{max_lora="8",running_lora_adapters="poet,rose",'
+                          'waiting_lora_adapters="iris"}') and info[0][1] >= before
+    assert samples['loraplex:lora_adapter_loaded{adapter_name="poet",level="device",rank="16",version="2"}'] == 1
+    assert samples['loraplex:lora_adapter_loaded{adapter_name="rose",level="host",rank="8",version="1"}'] == 1
+    assert samples['loraplex:num_requests_waiting{model_name="fake-model"}'] == 1
+    assert samples['loraplex:kv_cache_usage_perc{model_name="fake-model"}'] == 0.5

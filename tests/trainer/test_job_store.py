@@ -332,3 +332,73 @@ def test_fine_tuned_model_name_fits_the_adapter_name_limit():
     assert len(name) == 128 - CHECKPOINT_SUFFIX_CHARS and name.endswith(":" + "s" * 40 + ":" + job_id)
     assert validate_adapter_name(name) == name
     assert validate_adapter_name(f"{name}:ckpt-step-999999999")
+
+
+def test_leases_give_each_job_to_one_trainer(tmp_path, backend):
+    with JobStore(tmp_path / "ft", **backend) as a, JobStore(other_root(tmp_path, backend), **backend) as b:
+        jobs = [make_job(a) for _ in range(12)]
+        for job in jobs:
+            a.set_status(job.id, "queued")
+        got: dict[str, list[str]] = {}
+        barrier = threading.Barrier(2)
+
+        def claim(store, owner):
+            barrier.wait()
+            got[owner] = []
+            for _ in range(8):  # two at a time, leaving out those it has
+                got[owner] += store.claim_next(owner, 30.0, limit=2, skip=got[owner])
+        threads = [threading.Thread(target=claim, args=(s, o)) for s, o in ((a, "trainer-a"), (b, "trainer-b"))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert not set(got["trainer-a"]) & set(got["trainer-b"])  # no job claimed by both
+        assert sorted(got["trainer-a"] + got["trainer-b"]) == sorted(j.id for j in jobs)
+        # from here on, sequentially: trainer-a holds everything, then dies
+        for job_id in got["trainer-b"]:
+            b.release(job_id, "trainer-b")
+        assert sorted(a.claim_next("trainer-a", 30.0, limit=100)) == sorted(j.id for j in jobs)
+        first = jobs[0].id
+        assert not b.claim(first, "trainer-b", 30.0) and a.claim(first, "trainer-a", 30.0)  # held; re-claimable
+        assert set(a.renew("trainer-a", 30.0)) == {j.id for j in jobs}
+        assert b.claim_next("trainer-b", 30.0, limit=100) == []
+        # trainer-a dies: once its leases expire, trainer-b takes its jobs, resuming running ones
+        a.set_status(first, "running")
+        a.renew("trainer-a", -1.0)  # (expire them now)
+        assert sorted(b.claim_next("trainer-b", 30.0, limit=100)) == sorted(j.id for j in jobs)
+        assert a.renew("trainer-a", 30.0) == {}  # trainer-a learns it holds nothing any more
+        assert b.lease_of(first)[0] == "trainer-b"
+        # a cancelled, paused or trained job is not claimable
+        b.release(first, "trainer-b")
+        b.set_output(first, "/x", 1)
+        a.set_status(jobs[1].id, "cancelled")
+        a.set_status(jobs[2].id, "paused")
+        for job_id in (first, jobs[1].id, jobs[2].id):
+            assert not a.claim(job_id, "trainer-c", 30.0)
+        assert first not in a.claim_next("trainer-c", 30.0, limit=100)
+
+
+def test_one_server_publishes_a_trained_job(tmp_path, backend):
+    with JobStore(tmp_path / "ft", **backend) as a, JobStore(other_root(tmp_path, backend), **backend) as b:
+        job = make_job(a)
+        a.set_status(job.id, "queued")
+        assert not a.claim_publish(job.id, "http-a", 60.0)  # nothing trained yet
+        a.set_status(job.id, "running")
+        a.set_output(job.id, "/x", 1)
+        assert a.claim_publish(job.id, "http-a", 60.0) and not b.claim_publish(job.id, "http-b", 60.0)
+        assert a.claim_publish(job.id, "http-a", -1.0)  # (http-a dies: its claim expires)
+        assert b.claim_publish(job.id, "http-b", 60.0)
+
+
+def test_folders_the_trainer_keeps_are_readable_elsewhere(tmp_path, backend):
+    with JobStore(tmp_path / "ft", **backend) as trainer, JobStore(other_root(tmp_path, backend), **backend) as http:
+        folder = trainer.checkpoints_dir / "ftjob-x" / "step-3"
+        folder.mkdir(parents=True)
+        (folder / "adapter_model.safetensors").write_bytes(b"weights")
+        (folder / "trainer_state.json").write_text("{}")
+        path = trainer.keep_folder(folder, "checkpoints", "ftjob-x")
+        assert (path == str(folder)) == (not backend)  # a local store records the folder itself
+        local = http.local_folder(path)
+        assert sorted(p.name for p in local.iterdir()) == ["adapter_model.safetensors", "trainer_state.json"]
+        assert (local / "adapter_model.safetensors").read_bytes() == b"weights"
+        assert http.local_folder(path) == local  # fetched once
