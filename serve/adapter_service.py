@@ -278,13 +278,14 @@ class AdapterService:
         # the engine reads the files from this local folder whenever the version is (re)loaded: pinned in the
         # store's cache (a remote blob store) for as long as it is served
         t0 = time.perf_counter()
-        folder = await asyncio.to_thread(self.store.fetch, version, pin=True)
+        pulls = getattr(self.engine, "pulls_adapters", False)  # the cluster's replicas fetch the files themselves
+        folder = "" if pulls else await asyncio.to_thread(self.store.fetch, version, pin=True)
         await self.engine.call("register_adapter", version.name, version.adapter_id, version.version, str(folder))
         self.registered.add((version.adapter_id, version.version))
         current = self.served.get(version.name)
         if current is None or (current.adapter_id, current.version) <= (version.adapter_id, version.version):
             self.served[version.name] = version
-        if self._pull_on_miss:
+        if self._pull_on_miss and not pulls:
             logger.info("adapter %s v%d pulled from %s and registered in %.0f ms", version.name, version.version,
                         self.store.blobs.url, 1000 * (time.perf_counter() - t0))
 

@@ -37,6 +37,11 @@ def build_parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", help="run the OpenAI-compatible server (the default command)")
     add_serve_args(serve)
     serve.set_defaults(run=run_serve)
+    cluster = sub.add_parser("cluster", help="run the server on Ray Serve: an ingress and N engine replicas "
+                             "(shared stores: --database, --blob-store)")
+    from loraplex.serve.cluster import add_cluster_args, run_cluster
+    add_cluster_args(cluster)
+    cluster.set_defaults(run=run_cluster)
     add_engine_parsers(sub)
     add_train_parser(sub)
     add_export_parser(sub)
@@ -66,35 +71,59 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
                                        help="largest training file accepted by POST /v1/files (default: 64MiB)")
 
 
-def run_serve(ns: argparse.Namespace) -> int:
-    import uvicorn
-
+def check_serve_args(ns: argparse.Namespace):
+    """-> (EngineArgs, --lora-modules, upload limits); ValueError with a message for the user."""
     from loraplex.adapters.archive import UploadLimits
     from loraplex.adapters.peft import parse_lora_modules
-    from loraplex.adapters.runtime import create_lora_runtime
-    from loraplex.engine.async_engine import AsyncEngine
+    args = engine_args_from(ns)
+    lora_modules = parse_lora_modules(ns.lora_modules)
+    # weights barely compress: a decompressed size far above the archive's is a bomb
+    upload_limits = UploadLimits(max_archive_bytes=ns.max_upload_bytes, max_total_bytes=2 * ns.max_upload_bytes,
+                                 max_file_bytes=2 * ns.max_upload_bytes)
+    if lora_modules and not ns.enable_lora:
+        raise ValueError("--lora-modules needs LoRA enabled (drop --no-enable-lora)")
+    if ns.max_file_bytes <= 0:
+        raise ValueError("--max-file-bytes must be positive")
+    return args, lora_modules, upload_limits
+
+
+def build_server_app(ns: argparse.Namespace, engine):
+    """The HTTP app over `engine` (an AsyncEngine, or the cluster's RemoteEngine) with the adapter and
+    fine-tuning services the flags ask for; ValueError / StorageUnavailableError when a store cannot open."""
     from loraplex.serve.adapter_service import AdapterService, AdapterSettings
     from loraplex.serve.app import build_app
     from loraplex.serve.fine_tuning_service import FineTuningService, FineTuningSettings
+    args, lora_modules, upload_limits = check_serve_args(ns)
+    served_names = ns.served_model_name or [default_served_model_name(ns.model)]
+    adapters = fine_tuning = None
+    if ns.enable_lora:
+        settings = AdapterSettings(Path(ns.adapter_dir) if ns.adapter_dir else default_adapter_dir(),
+                                   max_lora_rank=ns.max_lora_rank, upload_limits=upload_limits,
+                                   database=ns.database, blob_store=ns.blob_store)
+        adapters = AdapterService(engine, settings, served_names)
+        logger.info("adapter store: %s (%s, %s)", settings.adapter_dir, adapters.store.db.url_for_logs(),
+                    adapters.store.blobs.url)
+    if adapters is not None and args.enable_training:  # a fine-tuned model is served as an adapter
+        fine_tuning_dir = fine_tuning_dir_from(ns)  # the engine side opens the same store (engine_args_from)
+        fine_tuning = FineTuningService(engine, adapters, FineTuningSettings(
+            fine_tuning_dir, ns.max_file_bytes, ns.database, ns.blob_store), served_names)
+        logger.info("fine-tuning job store: %s", fine_tuning_dir)
+    return build_app(engine, served_names, api_key=ns.api_key, admin_api_key=ns.admin_api_key,
+                     adapters=adapters, lora_modules=lora_modules, fine_tuning=fine_tuning)
+
+
+def run_serve(ns: argparse.Namespace) -> int:
+    import uvicorn
+
+    from loraplex.adapters.runtime import create_lora_runtime
+    from loraplex.engine.async_engine import AsyncEngine
     from loraplex.trainer.service import create_training_runtime
 
     try:
-        args = engine_args_from(ns)
-        lora_modules = parse_lora_modules(ns.lora_modules)
-        # weights barely compress: a decompressed size far above the archive's is a bomb
-        upload_limits = UploadLimits(max_archive_bytes=ns.max_upload_bytes, max_total_bytes=2 * ns.max_upload_bytes,
-                                     max_file_bytes=2 * ns.max_upload_bytes)
+        args, _, _ = check_serve_args(ns)
     except ValueError as exc:
         logger.error("%s", exc)
         return 2
-    if lora_modules and not ns.enable_lora:
-        logger.error("--lora-modules needs LoRA enabled (drop --no-enable-lora)")
-        return 2
-    if ns.max_file_bytes <= 0:
-        logger.error("--max-file-bytes must be positive")
-        return 2
-    fine_tuning_dir = fine_tuning_dir_from(ns)  # the engine side needs the same path (see engine_args_from)
-    served_names = ns.served_model_name or [default_served_model_name(ns.model)]
     logger.info("loading %s", ns.model or MODEL_NAME)
     try:
         engine = AsyncEngine.from_engine_args(args, hook_factory=create_lora_runtime if ns.enable_lora else None,
@@ -103,25 +132,11 @@ def run_serve(ns: argparse.Namespace) -> int:
     except (ValueError, FileNotFoundError, RuntimeError) as exc:
         logger.error("cannot load the model: %s", exc)
         return 1
-    adapters = None
-    fine_tuning = None
     try:
-        if ns.enable_lora:
-            settings = AdapterSettings(Path(ns.adapter_dir) if ns.adapter_dir else default_adapter_dir(),
-                                       max_lora_rank=ns.max_lora_rank, upload_limits=upload_limits,
-                                       database=ns.database, blob_store=ns.blob_store)
-            adapters = AdapterService(engine, settings, served_names)
-            logger.info("adapter store: %s (%s, %s)", settings.adapter_dir, adapters.store.db.url_for_logs(),
-                        adapters.store.blobs.url)
-        if adapters is not None and args.enable_training:  # a fine-tuned model is served as an adapter
-            fine_tuning = FineTuningService(engine, adapters, FineTuningSettings(
-                fine_tuning_dir, ns.max_file_bytes, ns.database, ns.blob_store), served_names)
-            logger.info("fine-tuning job store: %s", fine_tuning_dir)
+        app = build_server_app(ns, engine)
     except (ValueError, StorageUnavailableError) as exc:  # the engine process is a daemon: it ends with us
         logger.error("cannot open the stores: %s", exc)
         return 1
-    app = build_app(engine, served_names, api_key=ns.api_key, admin_api_key=ns.admin_api_key,
-                    adapters=adapters, lora_modules=lora_modules, fine_tuning=fine_tuning)
     if ns.api_key:
         logger.info("API key required on /v1/*")
     # log_config=None: uvicorn's loggers propagate to the root handler set up in main().

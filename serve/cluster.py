@@ -1,0 +1,184 @@
+"""loraplex on Ray Serve: an ingress deployment (the same Starlette app as `loraplex serve`, over a RemoteEngine)
+and an engine deployment with N replicas, one engine each (with its LoRA pool and trainer).
+
+    loraplex cluster --num-replicas 2 --database postgresql://... --blob-store s3://bucket/prefix [serve flags]
+
+or, in a Ray Serve config of your own, `loraplex.serve.cluster:build_application(flags)` (a
+`serve.Application`). Adapter requests are routed with the multiplexed id `name@vN` to a replica that holds
+that version (Ray's multiplex-aware router); a replica that gets a version it lacks pulls it from the shared
+store (`pull on a miss`) and keeps up to `--max-cpu-loras` of them. Base requests are balanced. Each replica's
+trainer claims queued fine-tuning jobs from the shared job store (leases: trainer/job_store.py), so a job
+outlives its replica. Replicas need stores every replica reaches: PostgreSQL + S3 across machines (SQLite
+and a folder work on one machine).
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import tempfile
+import uuid
+from pathlib import Path
+from typing import Any
+
+logger = logging.getLogger("loraplex.serve")
+
+ENGINE_DEPLOYMENT = "LoraplexEngine"
+INGRESS_DEPLOYMENT = "LoraplexIngress"
+APP_NAME = "loraplex"
+
+
+class _Loaded:
+    """A multiplexed adapter version on a replica: its key in the engine."""
+
+    def __init__(self, key: tuple[int, int]) -> None:
+        self.key = key
+
+
+class EngineReplica:
+    """One engine (in this process: the replica is its own process already) with the adapter hook and trainer.
+    `ns`: the parsed `loraplex cluster` flags. Each replica keeps its local state (adapter cache, checkpoints)
+    in a folder of its own, so its job leases are its own."""
+
+    def __init__(self, ns: argparse.Namespace) -> None:
+        from loraplex.adapters.runtime import create_lora_runtime
+        from loraplex.adapters.store import AdapterStore
+        from loraplex.engine.async_engine import AsyncEngine
+        from loraplex.engine.engine_args import engine_args_from
+        from loraplex.trainer.service import create_training_runtime
+        self.replica = uuid.uuid4().hex[:8]
+        local = Path(tempfile.mkdtemp(prefix=f"loraplex-replica-{self.replica}-"))
+        ns = argparse.Namespace(**{**vars(ns), "fine_tuning_dir": str(local / "fine_tuning")})
+        args = engine_args_from(ns)
+        self.engine = AsyncEngine.from_engine_args(args, in_process=True,
+                                                   hook_factory=create_lora_runtime if ns.enable_lora else None,
+                                                   background_factory=create_training_runtime
+                                                   if args.enable_training else None)
+        self.store = AdapterStore(local / "adapters", database=ns.database, blobs=ns.blob_store) \
+            if ns.enable_lora else None
+        self._started = asyncio.Lock()
+        logger.info("engine replica %s ready (local state in %s)", self.replica, local)
+
+    async def _start(self) -> None:
+        async with self._started:
+            await self.engine.start()
+
+    async def info(self) -> dict[str, Any]:
+        await self._start()
+        return {"model_config": self.engine.model_config, "max_model_len": self.engine.max_model_len,
+                "max_num_seqs": self.engine.core.max_num_seqs, "stats": self.engine.stats(),
+                "replica": self.replica}
+
+    async def get_adapter(self, model_id: str) -> _Loaded:
+        """`name@vN` -> that version registered with this replica's engine, pulled from the store first
+        (wrapped in serve.multiplexed by build_application: loaded once per replica, least recently used
+        dropped beyond the limit)."""
+        name, _, version = model_id.rpartition("@v")
+        record = await asyncio.to_thread(self.store.get_version, name, int(version))
+        folder = await asyncio.to_thread(self.store.fetch, record, pin=True)
+        await self.engine.call("register_adapter", record.name, record.adapter_id, record.version, str(folder))
+        logger.info("replica %s pulled adapter %s", self.replica, model_id)
+        return _Loaded((record.adapter_id, record.version))
+
+    async def generate(self, request_id: str, prompt_token_ids: list[int], params, adapter):
+        """Stream (replica, RequestOutput, stats or None) for one request; stats with the last output."""
+        from ray import serve
+        await self._start()
+        model_id = serve.get_multiplexed_model_id()
+        key = None
+        if model_id:
+            key = (await self.get_adapter(model_id)).key
+            if adapter is not None and tuple(adapter) != key:
+                raise ValueError(f"adapter {adapter} is not {model_id}")
+        stream = self.engine.add_request(request_id, prompt_token_ids, params, key)
+        try:
+            async for out in stream:
+                yield self.replica, out, (self.engine.stats() if out.finished else None)
+        finally:
+            if not stream.finished:  # the caller went away (a cancelled stream): free the KV blocks now
+                self.engine.abort(request_id)
+
+    async def call(self, method: str, *args):
+        await self._start()
+        return await self.engine.call(method, *args)
+
+    def record_routing_stats(self) -> dict[str, Any]:
+        """What a request router sees of this replica: queue, free KV blocks and LoRA pool pages."""
+        stats = self.engine.stats()
+        adapters = stats.adapters or {}
+        return {"num_running": stats.num_running, "num_waiting": stats.num_waiting,
+                "kv_free_blocks": stats.num_free_blocks, "lora_pages_free": adapters.get("pages_free", 0),
+                "adapters": [f"{name}@v{version}" for name, version, _, _ in adapters.get("residency", [])]}
+
+
+class _Ingress:
+    def __init__(self, engine_handle: Any) -> None:
+        pass  # the app built by _ingress_app reaches the engine deployment by name
+
+
+def _ingress_app(ns: argparse.Namespace):
+    """Built on the ingress replica (the stores' connections never cross processes)."""
+    from ray import serve
+
+    from loraplex.engine.default_model import ensure_default_model
+    from loraplex.serve.cli import build_server_app
+    from loraplex.serve.remote_engine import RemoteEngine
+    handle = serve.get_deployment_handle(ENGINE_DEPLOYMENT, app_name=ns.app_name)
+    model_path = ns.model or str(ensure_default_model(progress=logger.info))
+    local = Path(tempfile.mkdtemp(prefix="loraplex-ingress-"))
+    ns = argparse.Namespace(**{**vars(ns), "adapter_dir": ns.adapter_dir or str(local / "adapters"),
+                               "fine_tuning_dir": str(local / "fine_tuning")})
+    return build_server_app(ns, RemoteEngine(handle, model_path, max_queue_len=ns.max_queue_len))
+
+
+def build_application(ns: argparse.Namespace | list[str]):
+    """The Ray Serve application: `ns` is the parsed `loraplex cluster` flags (or their argv)."""
+    from ray import serve
+    if not isinstance(ns, argparse.Namespace):
+        parser = argparse.ArgumentParser(prog="loraplex cluster")
+        add_cluster_args(parser)
+        ns = parser.parse_args(ns)
+    # multiplexing keeps up to this many adapter versions registered per replica (its host tier holds them)
+    per_replica = max(2, ns.max_cpu_loras or 2 * ns.max_loras)
+    engine_cls = type("EngineReplica", (EngineReplica,), {
+        "get_adapter": serve.multiplexed(max_num_models_per_replica=per_replica)(EngineReplica.get_adapter)})
+    engine = serve.deployment(engine_cls, name=ENGINE_DEPLOYMENT, num_replicas=ns.num_replicas,
+                              max_ongoing_requests=ns.max_num_seqs + ns.max_queue_len,
+                              ray_actor_options={"num_cpus": ns.replica_cpus},
+                              **({"max_replicas_per_node": 1} if ns.one_replica_per_node else {}))
+    ingress = serve.deployment(serve.ingress(lambda: _ingress_app(ns))(_Ingress), name=INGRESS_DEPLOYMENT,
+                               ray_actor_options={"num_cpus": 0})
+    return ingress.bind(engine.bind(ns))  # bound to the engine: one application, deployed together
+
+
+def add_cluster_args(p: argparse.ArgumentParser) -> None:
+    from loraplex.serve.cli import add_serve_args
+    add_serve_args(p)
+    c = p.add_argument_group("cluster (Ray Serve)")
+    c.add_argument("--num-replicas", type=int, default=2, help="engine replicas (default: 2)")
+    c.add_argument("--replica-cpus", type=float, default=1.0, help="CPUs Ray reserves per engine replica")
+    c.add_argument("--one-replica-per-node", action="store_true", help="spread replicas over nodes")
+    c.add_argument("--ray-address", default=None, help="an existing Ray cluster (default: start a local one)")
+    c.add_argument("--app-name", default=APP_NAME)
+
+
+def run_cluster(ns: argparse.Namespace) -> int:
+    try:
+        import ray
+        from ray import serve
+    except ImportError:
+        logger.error("loraplex cluster needs Ray Serve: pip install 'loraplex[cluster]'")
+        return 2
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    ray.init(address=ns.ray_address, include_dashboard=False)
+    serve.start(http_options={"host": ns.host, "port": ns.port})
+    serve.run(build_application(ns), name=ns.app_name, route_prefix="/")
+    logger.info("loraplex cluster: %d engine replicas behind http://%s:%d", ns.num_replicas, ns.host, ns.port)
+    try:
+        while True:
+            import time
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        serve.shutdown()
+    return 0
