@@ -323,7 +323,10 @@ class AdapterStore:
             return self._commit(name, prefix, rank=rank, alpha=float(alpha), target_modules=tuple(target_modules),
                                 num_bytes=num_bytes, sha256=sha256)
         except BaseException:
-            self._remove_objects(prefix)
+            try:
+                self._remove_objects(prefix)
+            except Exception as e:  # noqa: BLE001 - the store away: the sweep removes them later
+                logger.warning("adapter %s: objects of a failed publish stay until the next sweep: %s", name, e)
             raise
 
     def _commit(self, name: str, prefix: str, *, rank: int, alpha: float, target_modules: tuple[str, ...],

@@ -122,8 +122,8 @@ def _ingress_app(ns: argparse.Namespace):
     from ray import serve
 
     from loraplex.engine.default_model import ensure_default_model
-    from loraplex.serve.cli import build_server_app
     from loraplex.serve.remote_engine import RemoteEngine
+    from loraplex.serve.server import build_server_app
     handle = serve.get_deployment_handle(ENGINE_DEPLOYMENT, app_name=ns.app_name)
     model_path = ns.model or str(ensure_default_model(progress=logger.info))
     local = Path(tempfile.mkdtemp(prefix="loraplex-ingress-"))
@@ -153,7 +153,7 @@ def build_application(ns: argparse.Namespace | list[str]):
 
 
 def add_cluster_args(p: argparse.ArgumentParser) -> None:
-    from loraplex.serve.cli import add_serve_args
+    from loraplex.serve.server import add_serve_args
     add_serve_args(p)
     c = p.add_argument_group("cluster (Ray Serve)")
     c.add_argument("--num-replicas", type=int, default=2, help="engine replicas (default: 2)")

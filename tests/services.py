@@ -98,11 +98,34 @@ def start_postgres() -> Postgres:
 @dataclass
 class SeaweedFS:
     endpoint: str
-    process: subprocess.Popen
+    args: list[str]
+    root: Path
     log: Path
+    process: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        """Start (or, after `stop`, restart on the same ports and data) and wait until a bucket answers."""
+        with open(self.log, "ab") as out:
+            self.process = subprocess.Popen(self.args, stdout=out, stderr=subprocess.STDOUT, cwd=self.root,
+                                            start_new_session=True)
+
+        def up() -> bool:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"weed mini exited; its log:\n{self.log.read_text()[-3000:]}")
+            import urllib.request
+            try:
+                urllib.request.urlopen(self.endpoint + "/status", timeout=1)
+                return _bucket_works(self)
+            except Exception:  # noqa: BLE001 - not up yet
+                return False
+        try:
+            _wait(up, 60, "SeaweedFS", self.log)
+        except BaseException:
+            self.stop()
+            raise
 
     def stop(self) -> None:
-        if self.process.poll() is None:
+        if self.process is not None and self.process.poll() is None:
             self.process.terminate()
             try:
                 self.process.wait(timeout=20)
@@ -133,25 +156,8 @@ def start_seaweedfs(root: Path) -> SeaweedFS:
             f"-master.port={ports['master']}", f"-volume.port={ports['volume']}", f"-filer.port={ports['filer']}",
             f"-webdav.port={ports['webdav']}", f"-admin.port={ports['admin']}",
             f"-s3.port.iceberg={ports['iceberg']}", f"-s3.port.lance={ports['lance']}"]
-    log = root / "weed.log"
-    with open(log, "wb") as out:
-        process = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, cwd=root, start_new_session=True)
-    server = SeaweedFS(f"http://127.0.0.1:{ports['s3']}", process, log)
-
-    def up() -> bool:
-        if process.poll() is not None:
-            raise RuntimeError(f"weed mini exited; its log:\n{log.read_text()[-3000:]}")
-        import urllib.request
-        try:
-            urllib.request.urlopen(server.endpoint + "/status", timeout=1)
-            return _bucket_works(server)
-        except Exception:  # noqa: BLE001 - not up yet
-            return False
-    try:
-        _wait(up, 60, "SeaweedFS", log)
-    except BaseException:
-        server.stop()
-        raise
+    server = SeaweedFS(f"http://127.0.0.1:{ports['s3']}", args, root, root / "weed.log")
+    server.start()
     return server
 
 

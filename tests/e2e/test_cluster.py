@@ -1,9 +1,11 @@
 """loraplex on Ray Serve (serve/cluster.py), for real: a local Ray instance, an ingress and two engine replicas
 of the default model on a shared PostgreSQL database and S3 bucket (SeaweedFS). Greedy outputs through the
 cluster equal a single engine's; an adapter uploaded through the ingress is pulled by whichever replica gets
-it, and a republished name serves v2 to new requests."""
+it, a republished name serves v2 to new requests while a v1 stream in flight ends on v1, and a delete is a
+404."""
 from __future__ import annotations
 
+import json
 import os
 import socket
 import time
@@ -105,9 +107,19 @@ def test_adapters_are_pulled_by_the_replica_that_gets_them(cluster, default_mode
     first = complete(cluster, "tulip", PROMPTS[1])
     assert first != base
     assert all(complete(cluster, "tulip", PROMPTS[1]) == first for _ in range(3))
-    r = httpx.post(cluster + "/v1/load_lora_adapter", timeout=120,
-                   json={"lora_name": "tulip", "lora_path": str(v2), "load_inplace": True})
-    assert r.status_code == 200, r.text
+    long = {"model": "tulip", "prompt": PROMPTS[0], "max_tokens": 48, "temperature": 0, "ignore_eos": True}
+    v1_only = httpx.post(cluster + "/v1/completions", json=long, timeout=120).json()["choices"][0]["text"]
+    pieces = []
+    with httpx.stream("POST", cluster + "/v1/completions", json={**long, "stream": True}, timeout=120) as stream:
+        for line in stream.iter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            pieces.append(json.loads(line[6:])["choices"][0]["text"])
+            if len(pieces) == 3:  # v2 published while this v1 stream runs on its replica
+                r = httpx.post(cluster + "/v1/load_lora_adapter", timeout=120,
+                               json={"lora_name": "tulip", "lora_path": str(v2), "load_inplace": True})
+                assert r.status_code == 200, r.text
+    assert "".join(pieces) == v1_only  # the stream kept v1 to its last token
     second = complete(cluster, "tulip", PROMPTS[1])
     assert second not in (first, base)  # v2 (a new multiplexed id: no replica serves v1 for it)
     assert httpx.delete(cluster + "/v1/adapters/tulip").json()["deleted"] is True

@@ -1,5 +1,7 @@
 """Servers on a shared PostgreSQL database and S3 bucket (SeaweedFS), both real: what one server publishes and
-stores, another with empty local folders serves and returns, with the same greedy tokens."""
+stores, another with empty local folders serves and returns, with the same greedy tokens; with the database or
+the bucket down, served adapters keep serving and changes are 503s that leave nothing behind; two live servers
+follow each other's publishes and deletes, and a job whose server dies finishes on the other."""
 from __future__ import annotations
 
 import time
@@ -14,6 +16,7 @@ from tests.storage_fixtures import TEST_BUCKET
 
 pytestmark = pytest.mark.e2e
 
+TRAIN_LINE = b'{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}\n'
 PROMPT = {"prompt": "The quick brown fox", "max_tokens": 12, "temperature": 0, "logprobs": 1}
 
 
@@ -49,21 +52,28 @@ def test_a_second_server_serves_what_the_first_stored(default_model_dir, quill_a
         base, adapted = complete(first, "smol"), complete(first, "quill")
         assert adapted != base
         upload = httpx.post(first.base_url + "/v1/files", data={"purpose": "fine-tune"}, timeout=30,
-                            files={"file": ("train.jsonl", b'{"messages": [{"role": "user", "content": "hi"}, '
-                                                           b'{"role": "assistant", "content": "hello"}]}\n')})
+                            files={"file": ("train.jsonl", TRAIN_LINE)})
         assert upload.status_code == 200, upload.text
         file_id = upload.json()["id"]
-        # the database goes away: what is served keeps working; a change is a 503 and changes nothing
-        postgres.stop()
-        try:
-            assert complete(first, "quill") == adapted
-            r = httpx.post(first.base_url + "/v1/load_lora_adapter", timeout=60,
-                           json={"lora_name": "quill", "lora_path": str(quill_adapter), "load_inplace": True})
-            assert r.status_code == 503 and r.json()["error"]["code"] == "storage_unavailable", r.text
-        finally:
-            postgres.start()
+        # the database, then the bucket, goes away: what is served keeps working; a change is a 503 that
+        # leaves nothing behind (the objects of a publish whose row failed, no row for objects never written)
+        for service in (postgres, seaweedfs):
+            service.stop()
+            try:
+                assert complete(first, "quill") == adapted
+                r = httpx.post(first.base_url + "/v1/load_lora_adapter", timeout=60,
+                               json={"lora_name": "quill", "lora_path": str(quill_adapter), "load_inplace": True})
+                assert r.status_code == 503 and r.json()["error"]["code"] == "storage_unavailable", r.text
+                r = httpx.post(first.base_url + "/v1/files", data={"purpose": "fine-tune"}, timeout=30,
+                               files={"file": ("t.jsonl", TRAIN_LINE)})
+                assert r.status_code == 503, r.text
+            finally:
+                service.start()
         weights = [k for k in list_objects(shared) if k.endswith("safetensors")]
-        assert len(weights) == 1 and weights[0].startswith("adapters/quill/")  # v1's only: the 503 left nothing
+        assert len(weights) == 1 and weights[0].startswith("adapters/quill/")  # v1's only: the 503s left nothing
+        r = httpx.get(first.base_url + "/v1/adapters/quill")
+        assert [v["version"] for v in r.json()["versions"]] == [1]
+        assert [f["id"] for f in httpx.get(first.base_url + "/v1/files").json()["data"]] == [file_id]
     finally:
         first.stop()
     # another machine: fresh --adapter-dir and --fine-tuning-dir (the Server helper makes new temp ones)

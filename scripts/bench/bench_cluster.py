@@ -1,0 +1,149 @@
+"""loraplex cluster on a local Ray instance (issue 17's numbers): adapter routing affinity and loads per version
+per replica for 2 replicas, 32 adapters and power-law popularity, and the cluster path's throughput against one
+`loraplex serve` process on the same machine.
+
+    python scripts/bench/bench_cluster.py [--adapters 32] [--requests 256] [--concurrency 8] [--model DIR]
+
+Starts PostgreSQL and SeaweedFS (tests/services.py), a local Ray instance with the cluster (2 engine replicas,
+fp32, no trainer) and, afterwards, a single server on the same stores. Requests pick adapter i with
+probability proportional to 1 / (i + 1) (Zipf, s = 1), 16 output tokens each, `--concurrency` at a time.
+A replica logs each adapter version it pulls; affinity = 1 - pulls / adapter requests (every request that
+finds its version on its replica is a hit). On 2 cores the replicas share the CPUs, so no speed-up is
+expected: the ratio shows the cluster path's overhead.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import collections
+import glob
+import os
+import random
+import re
+import socket
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+import httpx
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from tests.adapters.peft_factory import write_random_peft  # noqa: E402
+from tests.e2e.conftest import Server  # noqa: E402
+from tests.services import start_postgres, start_seaweedfs  # noqa: E402
+
+PULLED = re.compile(r"replica (\w+) pulled adapter (\S+)")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+async def drive(base_url: str, models: list[str], concurrency: int) -> tuple[float, int]:
+    """-> (seconds, generated tokens) for all requests, `concurrency` at a time."""
+    queue: asyncio.Queue[str] = asyncio.Queue()
+    for m in models:
+        queue.put_nowait(m)
+    tokens = 0
+
+    async def worker(client: httpx.AsyncClient) -> None:
+        nonlocal tokens
+        while not queue.empty():
+            model = queue.get_nowait()
+            r = await client.post(base_url + "/v1/completions", json={
+                "model": model, "prompt": "Tell me a story about", "max_tokens": 16, "temperature": 0,
+                "ignore_eos": True})
+            r.raise_for_status()
+            tokens += r.json()["usage"]["completion_tokens"]
+    t0 = time.perf_counter()
+    async with httpx.AsyncClient(timeout=300) as client:
+        await asyncio.gather(*(worker(client) for _ in range(concurrency)))
+    return time.perf_counter() - t0, tokens
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--adapters", type=int, default=32)
+    p.add_argument("--requests", type=int, default=256)
+    p.add_argument("--concurrency", type=int, default=8)
+    p.add_argument("--model", default=None)
+    ns = p.parse_args()
+    import ray
+    from ray import serve
+
+    from loraplex.engine.default_model import ensure_default_model
+    from loraplex.engine.llm_engine import _read_model_config
+    from loraplex.serve.cluster import build_application
+    model_dir = ns.model or str(ensure_default_model())
+    config = _read_model_config(model_dir)
+    work = Path(tempfile.mkdtemp(prefix="bench-cluster-"))
+    pg, s3 = start_postgres(), start_seaweedfs(work / "seaweedfs")
+    env = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", **s3.env()}
+    os.environ.update(env)
+    shared = ["--database", pg.create_database(f"bench_{uuid.uuid4().hex[:8]}"),
+              "--blob-store", f"s3://bench-cluster/{uuid.uuid4().hex[:8]}"]
+    flags = ["--model", model_dir, "--dtype", "float32", "--max-model-len", "512", "--served-model-name", "smol",
+             "--no-enable-training", *shared]
+    rng = random.Random(0)
+    names = [f"a{i}" for i in range(ns.adapters)]
+    weights = [1 / (i + 1) for i in range(ns.adapters)]
+    models = rng.choices(names, weights, k=ns.requests)
+    port = free_port()
+    ray.init(num_cpus=2, include_dashboard=False, runtime_env={"env_vars": env})
+    try:
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        serve.run(build_application([*flags, "--num-replicas", "2", "--replica-cpus", "0.5"]), name="loraplex",
+                  route_prefix="/")
+        url = f"http://127.0.0.1:{port}"
+        while httpx.get(url + "/ready").status_code != 200:
+            time.sleep(0.5)
+        for i, name in enumerate(names):
+            folder = write_random_peft(work / name, config, r=8, seed=i, std=0.04)
+            r = httpx.post(url + "/v1/load_lora_adapter", json={"lora_name": name, "lora_path": str(folder)},
+                           timeout=120)
+            r.raise_for_status()
+        asyncio.run(drive(url, ["smol"] * 8, 4))  # warm-up
+        cluster_s, cluster_tokens = asyncio.run(drive(url, models, ns.concurrency))
+        time.sleep(2)  # replica logs flushed
+        logs = glob.glob("/tmp/ray/session_latest/logs/serve/replica_loraplex_LoraplexEngine_*.log")
+        pulls = collections.Counter()
+        for path in logs:
+            for line in open(path, errors="replace"):
+                m = PULLED.search(line)
+                if m:
+                    pulls[(m[1], m[2])] += 1
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+    server = Server([*flags])
+    try:
+        for i, name in enumerate(names):
+            httpx.post(server.base_url + "/v1/load_lora_adapter", timeout=120,
+                       json={"lora_name": name, "lora_path": str(work / name)})
+        asyncio.run(drive(server.base_url, ["smol"] * 8, 4))
+        single_s, single_tokens = asyncio.run(drive(server.base_url, models, ns.concurrency))
+    finally:
+        server.stop()
+        s3.stop()
+        pg.remove()
+    total_pulls = sum(pulls.values())
+    per_version = collections.Counter(pulls.values())
+    replicas = {r for r, _ in pulls}
+    print(f"{ns.requests} adapter requests over {ns.adapters} adapters (Zipf), concurrency {ns.concurrency}")
+    print(f"affinity: {1 - total_pulls / ns.requests:.3f} ({total_pulls} pulls on {len(replicas)} replicas for "
+          f"{len(set(models))} distinct versions requested)")
+    print(f"loads per version per replica: {dict(sorted(per_version.items()))} (times loaded: how many)")
+    on_both = sum(1 for name in set(m for _, m in pulls) if sum(1 for _, m in pulls if m == name) > 1)
+    print(f"versions loaded on both replicas: {on_both}")
+    print(f"throughput: cluster {cluster_tokens / cluster_s:.1f} tok/s, one process {single_tokens / single_s:.1f} "
+          f"tok/s, ratio {cluster_tokens / cluster_s / (single_tokens / single_s):.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
