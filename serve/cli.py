@@ -8,14 +8,13 @@ import logging
 import sys
 
 from loraplex.engine.default_model import MODEL_NAME
-from loraplex.serve.server import add_serve_args, build_server_app, check_serve_args
+from loraplex.serve.server import LOG_FORMAT, add_serve_args, build_server_app, check_serve_args
 from loraplex.storage.database import StorageUnavailableError
 
 logger = logging.getLogger("loraplex.serve")
 
 DESCRIPTION = ("One base LLM, many LoRA adapters, behind an OpenAI-compatible API: `loraplex serve` (the default "
                "command) and the tools around it.")
-LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
 def build_parser() -> argparse.ArgumentParser:

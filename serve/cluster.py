@@ -47,6 +47,7 @@ class EngineReplica:
         from loraplex.engine.async_engine import AsyncEngine
         from loraplex.engine.engine_args import engine_args_from
         from loraplex.trainer.service import create_training_runtime
+        _configure_logging(ns)
         self.replica = uuid.uuid4().hex[:8]
         local = Path(tempfile.mkdtemp(prefix=f"loraplex-replica-{self.replica}-"))
         ns = argparse.Namespace(**{**vars(ns), "fine_tuning_dir": str(local / "fine_tuning")})
@@ -117,8 +118,15 @@ class _Ingress:
         pass  # the app built by _ingress_app reaches the engine deployment by name
 
 
+def _configure_logging(ns: argparse.Namespace) -> None:
+    """Our loggers in a Ray worker: to stderr (Ray keeps it in the worker's log and shows it on the driver)."""
+    from loraplex.serve.server import LOG_FORMAT
+    logging.basicConfig(level=ns.log_level.upper(), format=LOG_FORMAT)
+
+
 def _ingress_app(ns: argparse.Namespace):
     """Built on the ingress replica (the stores' connections never cross processes)."""
+    _configure_logging(ns)
     from ray import serve
 
     from loraplex.engine.default_model import ensure_default_model

@@ -18,6 +18,7 @@ from loraplex.engine.engine_args import (
 from loraplex.engine.paths import default_adapter_dir
 
 logger = logging.getLogger("loraplex.serve")
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
 def add_serve_args(p: argparse.ArgumentParser) -> None:

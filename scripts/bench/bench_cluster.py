@@ -110,9 +110,8 @@ def main() -> int:
         asyncio.run(drive(url, ["smol"] * 8, 4))  # warm-up
         cluster_s, cluster_tokens = asyncio.run(drive(url, models, ns.concurrency))
         time.sleep(2)  # replica logs flushed
-        logs = glob.glob("/tmp/ray/session_latest/logs/serve/replica_loraplex_LoraplexEngine_*.log")
-        pulls = collections.Counter()
-        for path in logs:
+        pulls = collections.Counter()  # the replicas' "pulled adapter" lines, from their workers' stderr logs
+        for path in glob.glob("/tmp/ray/session_latest/logs/worker-*.err"):
             for line in open(path, errors="replace"):
                 m = PULLED.search(line)
                 if m:
