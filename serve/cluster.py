@@ -48,6 +48,10 @@ class EngineReplica:
         from loraplex.engine.engine_args import engine_args_from
         from loraplex.trainer.service import create_training_runtime
         _configure_logging(ns)
+        import torch
+        # as many compute threads as the CPUs Ray reserved for this replica: replicas sharing a machine must not
+        # oversubscribe its cores (each would default to all of them)
+        torch.set_num_threads(max(1, round(ns.replica_cpus)))
         self.replica = uuid.uuid4().hex[:8]
         local = Path(tempfile.mkdtemp(prefix=f"loraplex-replica-{self.replica}-"))
         ns = argparse.Namespace(**{**vars(ns), "fine_tuning_dir": str(local / "fine_tuning")})
@@ -165,7 +169,8 @@ def add_cluster_args(p: argparse.ArgumentParser) -> None:
     add_serve_args(p)
     c = p.add_argument_group("cluster (Ray Serve)")
     c.add_argument("--num-replicas", type=int, default=2, help="engine replicas (default: 2)")
-    c.add_argument("--replica-cpus", type=float, default=1.0, help="CPUs Ray reserves per engine replica")
+    c.add_argument("--replica-cpus", type=float, default=1.0,
+                   help="CPUs Ray reserves per engine replica; its torch threads (at least 1) follow it")
     c.add_argument("--one-replica-per-node", action="store_true", help="spread replicas over nodes")
     c.add_argument("--ray-address", default=None, help="an existing Ray cluster (default: start a local one)")
     c.add_argument("--app-name", default=APP_NAME)

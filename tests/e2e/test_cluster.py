@@ -46,6 +46,8 @@ def cluster(default_model_dir, postgres, seaweedfs):
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
     port = free_port()
+    if ray.is_initialized():  # a Ray left by an earlier test in this process
+        ray.shutdown()
     ray.init(num_cpus=2, include_dashboard=False, runtime_env={"env_vars": env})
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
