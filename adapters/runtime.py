@@ -25,6 +25,8 @@ from loraplex.adapters.pool import AdapterPool, LoRAWeightPool
 
 logger = logging.getLogger(__name__)
 
+RESIDENCY_REFRESH_S = 1.0  # how stale the per-adapter residency in stats may be
+
 AdapterKey = tuple[int, int]  # (adapter_id, version)
 
 
@@ -65,6 +67,7 @@ class LoRARuntime:
         self.pool_bytes = num_pages * LoRAWeightPool.bytes_per_page(model_config.num_hidden_layers, shapes, dtype)
         self.pool = AdapterPool(num_pages)
         self.host: OrderedDict[AdapterKey, LoRAWeights] = OrderedDict()  # LRU first
+        self._residency_at, self._residency_list = -RESIDENCY_REFRESH_S, []
         self.registry: dict[AdapterKey, RegisteredAdapter] = {}
         self._pinned: dict[str, AdapterKey] = {}  # request_id -> the adapter it holds pages of
         self.load_latencies_s: collections.deque[float] = collections.deque(maxlen=64)  # the latest loads
@@ -228,10 +231,19 @@ class LoRARuntime:
                 "resident_device": len(self.pool.resident), "resident_host": len(self.host),
                 "registered": len(self.registry), "loads": self.pool.num_loads,
                 "evictions": self.pool.num_evictions, "recent_load_latencies_s": list(self.load_latencies_s),
-                # per registered version: its name and tier (llm-d's residency scorer reads these)
-                "residency": [(e.name, key[1], "device" if self.pool.is_resident(key) else
-                               "host" if key in self.host else "store", e.rank)
-                              for key, e in self.registry.items() if not e.retired]}
+                "residency": self._residency()}
+
+    def _residency(self) -> list[tuple[str, int, str, int]]:
+        """Per registered version: name, version, tier, rank (llm-d's residency scorer reads these). Rebuilt at
+        most once per RESIDENCY_REFRESH_S: stats go out with every step's outputs, and a metrics scrape does not
+        need a per-step picture of hundreds of adapters."""
+        now = time.monotonic()
+        if now - self._residency_at >= RESIDENCY_REFRESH_S:
+            self._residency_at = now
+            self._residency_list = [(e.name, key[1], "device" if self.pool.is_resident(key) else
+                                     "host" if key in self.host else "store", e.rank)
+                                    for key, e in self.registry.items() if not e.retired]
+        return self._residency_list
 
 
 def create_lora_runtime(engine, args) -> LoRARuntime:

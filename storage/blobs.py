@@ -64,9 +64,6 @@ class BlobStore:
     def get_bytes(self, key: str) -> bytes:
         raise NotImplementedError
 
-    def exists(self, key: str) -> bool:
-        raise NotImplementedError
-
     def list(self, prefix: str) -> list[BlobInfo]:
         """Every object whose key starts with `prefix` (a folder: end it with '/')."""
         raise NotImplementedError
@@ -148,9 +145,6 @@ class FileBlobStore(BlobStore):
             return self._path(key).read_bytes()
         except (FileNotFoundError, IsADirectoryError):
             raise BlobNotFoundError(key) from None
-
-    def exists(self, key: str) -> bool:
-        return self._path(key).is_file()
 
     def list(self, prefix: str) -> list[BlobInfo]:
         base = self.root / prefix.rsplit("/", 1)[0] if "/" in prefix else self.root  # the deepest folder named
@@ -266,16 +260,6 @@ class S3BlobStore(BlobStore):
                 return body.read()
             finally:
                 body.close()
-
-    def exists(self, key: str) -> bool:
-        with self._errors():
-            try:
-                self._s3.head_object(Bucket=self.bucket, Key=self._key(key))
-                return True
-            except self._s3.exceptions.ClientError as e:
-                if _code(e) in ("404", "NoSuchKey", "NotFound"):
-                    return False
-                raise
 
     def list(self, prefix: str) -> list[BlobInfo]:
         strip = len(self.prefix) + 1 if self.prefix else 0
