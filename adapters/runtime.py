@@ -105,9 +105,10 @@ class LoRARuntime:
                     ",".join(weights.target_modules), 1000 * (time.perf_counter() - t0))
         return {"rank": weights.rank, "target_modules": list(weights.target_modules), "num_bytes": weights.num_bytes}
 
-    def unregister_adapter(self, adapter_id: int) -> int:
-        """Retire every version of an adapter (deleted): running requests finish on it first."""
-        keys = [k for k in self.registry if k[0] == adapter_id]
+    def unregister_adapter(self, adapter_id: int, version: int | None = None) -> int:
+        """Retire every version of an adapter (deleted), or just `version` (a cluster replica dropping one it
+        has not served lately): running requests finish on it first."""
+        keys = [k for k in self.registry if k[0] == adapter_id and version in (None, k[1])]
         for key in keys:
             self._retire(key)
         return len(keys)

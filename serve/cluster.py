@@ -17,8 +17,8 @@ import argparse
 import asyncio
 import logging
 import os
+import socket
 import tempfile
-import uuid
 from pathlib import Path
 from typing import Any
 
@@ -30,18 +30,29 @@ APP_NAME = "loraplex"
 
 
 class _Loaded:
-    """A multiplexed adapter version on a replica: its key in the engine."""
+    """A multiplexed adapter version on a replica: its key in the engine. Ray drops the least recently used
+    beyond the replica's limit and calls `__del__`: the version retires from the engine (requests running on
+    it finish first) and its cached files become evictable again."""
 
-    def __init__(self, key: tuple[int, int]) -> None:
-        self.key = key
+    def __init__(self, replica: EngineReplica, record) -> None:
+        self.replica, self.record = replica, record
+        self.key = (record.adapter_id, record.version)
+        self._loop = asyncio.get_running_loop()
+
+    def __del__(self) -> None:  # Ray runs it in an executor thread: hand the work to the replica's loop
+        replica, self.replica = getattr(self, "replica", None), None
+        if replica is not None and not self._loop.is_closed():
+            self._loop.call_soon_threadsafe(lambda: self._loop.create_task(replica.drop_adapter(self.record)))
 
 
 class EngineReplica:
     """One engine (in this process: the replica is its own process already) with the adapter hook and trainer.
     `ns`: the parsed `loraplex cluster` flags. Each replica keeps its local state (adapter cache, checkpoints)
-    in a folder of its own, so its job leases are its own."""
+    in a folder of its own, so its job leases are its own. The engine starts with the replica (async
+    constructor: Ray Serve awaits it), not with its first request: its trainer must claim and run jobs (a dead
+    replica's among them) in a replica no request has reached yet."""
 
-    def __init__(self, ns: argparse.Namespace) -> None:
+    async def __init__(self, ns: argparse.Namespace) -> None:
         from loraplex.adapters.runtime import create_lora_runtime
         from loraplex.adapters.store import AdapterStore
         from loraplex.engine.async_engine import AsyncEngine
@@ -52,8 +63,8 @@ class EngineReplica:
         # as many compute threads as the CPUs Ray reserved for this replica: replicas sharing a machine must not
         # oversubscribe its cores (each would default to all of them)
         torch.set_num_threads(max(1, round(ns.replica_cpus)))
-        self.replica = uuid.uuid4().hex[:8]
-        local = Path(tempfile.mkdtemp(prefix=f"loraplex-replica-{self.replica}-"))
+        self.replica = f"{socket.gethostname()}:{os.getpid()}"  # where to find it (its label in /metrics)
+        local = Path(tempfile.mkdtemp(prefix=f"loraplex-replica-{os.getpid()}-"))
         ns = argparse.Namespace(**{**vars(ns), "fine_tuning_dir": str(local / "fine_tuning")})
         args = engine_args_from(ns)
         self.engine = AsyncEngine.from_engine_args(args, in_process=True,
@@ -62,17 +73,13 @@ class EngineReplica:
                                                    if args.enable_training else None)
         self.store = AdapterStore(local / "adapters", database=ns.database, blobs=ns.blob_store) \
             if ns.enable_lora else None
-        self._started = asyncio.Lock()
+        self.loads: dict[str, int] = {}  # multiplexed id -> times this replica pulled it (0 or 1 unless dropped)
+        await self.engine.start()
         logger.info("engine replica %s ready (local state in %s)", self.replica, local)
 
-    async def _start(self) -> None:
-        async with self._started:
-            await self.engine.start()
-
     async def info(self) -> dict[str, Any]:
-        await self._start()
         return {"model_config": self.engine.model_config, "max_model_len": self.engine.max_model_len,
-                "max_num_seqs": self.engine.core.max_num_seqs, "stats": self.engine.stats(),
+                "max_num_seqs": self.engine.core.max_num_seqs, "stats": self.report(),
                 "replica": self.replica}
 
     async def get_adapter(self, model_id: str) -> _Loaded:
@@ -83,13 +90,21 @@ class EngineReplica:
         record = await asyncio.to_thread(self.store.get_version, name, int(version))
         folder = await asyncio.to_thread(self.store.fetch, record, pin=True)
         await self.engine.call("register_adapter", record.name, record.adapter_id, record.version, str(folder))
+        self.loads[model_id] = self.loads.get(model_id, 0) + 1
         logger.info("replica %s pulled adapter %s", self.replica, model_id)
-        return _Loaded((record.adapter_id, record.version))
+        return _Loaded(self, record)
+
+    async def drop_adapter(self, record) -> None:
+        try:
+            await self.engine.call("unregister_adapter", record.adapter_id, record.version)
+        except Exception as e:  # noqa: BLE001 - a replica shutting down: nothing left to retire
+            logger.debug("replica %s: %s@v%d not retired: %s", self.replica, record.name, record.version, e)
+        self.store.release(record)  # a lock and a dict: no thread needed (and none may be left at shutdown)
+        logger.info("replica %s dropped adapter %s@v%d", self.replica, record.name, record.version)
 
     async def generate(self, request_id: str, prompt_token_ids: list[int], params, adapter):
         """Stream (replica, RequestOutput, stats or None) for one request; stats with the last output."""
         from ray import serve
-        await self._start()
         model_id = serve.get_multiplexed_model_id()
         key = None
         if model_id:
@@ -99,13 +114,19 @@ class EngineReplica:
         stream = self.engine.add_request(request_id, prompt_token_ids, params, key)
         try:
             async for out in stream:
-                yield self.replica, out, (self.engine.stats() if out.finished else None)
+                yield self.replica, out, (self.report() if out.finished else None)
         finally:
             if not stream.finished:  # the caller went away (a cancelled stream): free the KV blocks now
                 self.engine.abort(request_id)
 
+    def report(self):
+        """This replica's EngineStats for the ingress's /metrics, with the adapter versions it pulled."""
+        stats = self.engine.stats()
+        if stats.adapters is not None:
+            stats.adapters = {**stats.adapters, "pulls": dict(self.loads)}
+        return stats
+
     async def call(self, method: str, *args):
-        await self._start()
         return await self.engine.call(method, *args)
 
     def record_routing_stats(self) -> dict[str, Any]:
@@ -151,13 +172,21 @@ def build_application(ns: argparse.Namespace | list[str]):
         parser = argparse.ArgumentParser(prog="loraplex cluster")
         add_cluster_args(parser)
         ns = parser.parse_args(ns)
+    from ray.serve.config import RequestRouterConfig
+    check_cluster_args(ns)
     # multiplexing keeps up to this many adapter versions registered per replica (its host tier holds them)
     per_replica = max(2, ns.max_cpu_loras or 2 * ns.max_loras)
     engine_cls = type("EngineReplica", (EngineReplica,), {
         "get_adapter": serve.multiplexed(max_num_models_per_replica=per_replica)(EngineReplica.get_adapter)})
-    engine = serve.deployment(engine_cls, name=ENGINE_DEPLOYMENT, num_replicas=ns.num_replicas,
+    router = RequestRouterConfig(
+        request_router_class="loraplex.serve.cluster_router.AdapterRouter",
+        request_router_kwargs={"spread_at": ns.spread_queue or ns.max_num_seqs},
+        request_routing_stats_period_s=ns.routing_stats_period)
+    scaling = {"autoscaling_config": ns.autoscaling_config} if ns.autoscaling_config else \
+        {"num_replicas": ns.num_replicas}
+    engine = serve.deployment(engine_cls, name=ENGINE_DEPLOYMENT, **scaling,
                               max_ongoing_requests=ns.max_num_seqs + ns.max_queue_len,
-                              ray_actor_options={"num_cpus": ns.replica_cpus},
+                              ray_actor_options={"num_cpus": ns.replica_cpus}, request_router_config=router,
                               **({"max_replicas_per_node": 1} if ns.one_replica_per_node else {}))
     ingress = serve.deployment(serve.ingress(lambda: _ingress_app(ns))(_Ingress), name=INGRESS_DEPLOYMENT,
                                ray_actor_options={"num_cpus": 0})
@@ -171,9 +200,45 @@ def add_cluster_args(p: argparse.ArgumentParser) -> None:
     c.add_argument("--num-replicas", type=int, default=2, help="engine replicas (default: 2)")
     c.add_argument("--replica-cpus", type=float, default=1.0,
                    help="CPUs Ray reserves per engine replica; its torch threads (at least 1) follow it")
+    c.add_argument("--autoscaling-config", type=_json_object, default=None, metavar="JSON",
+                   help="Ray Serve autoscaling for the engine replicas instead of --num-replicas, e.g. "
+                        "'{\"min_replicas\": 1, \"max_replicas\": 4, \"target_ongoing_requests\": 8}' "
+                        "(or @file.json)")
+    c.add_argument("--spread-queue", type=int, default=None, metavar="N",
+                   help="ongoing requests on every replica holding an adapter at which the router lets "
+                        "another replica load it too (default: --max-num-seqs, a full batch)")
+    c.add_argument("--routing-stats-period", type=float, default=2.0, metavar="S",
+                   help="seconds between the replicas' residency reports to the router (default: 2)")
     c.add_argument("--one-replica-per-node", action="store_true", help="spread replicas over nodes")
     c.add_argument("--ray-address", default=None, help="an existing Ray cluster (default: start a local one)")
     c.add_argument("--app-name", default=APP_NAME)
+
+
+def _json_object(text: str) -> dict:
+    import json
+    try:
+        value = json.loads(Path(text[1:]).read_text() if text.startswith("@") else text)
+    except (OSError, ValueError) as e:
+        raise argparse.ArgumentTypeError(f"not a JSON object: {e}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError("not a JSON object")
+    return value
+
+
+def check_cluster_args(ns: argparse.Namespace) -> None:
+    """ValueError with a message for the user (before Ray starts anything)."""
+    from ray.serve.config import AutoscalingConfig
+    if ns.num_replicas < 1:
+        raise ValueError("--num-replicas must be at least 1")
+    if ns.spread_queue is not None and ns.spread_queue < 1:
+        raise ValueError("--spread-queue must be at least 1")
+    if ns.routing_stats_period <= 0:
+        raise ValueError("--routing-stats-period must be positive")
+    if ns.autoscaling_config is not None:
+        try:
+            AutoscalingConfig(**ns.autoscaling_config)
+        except Exception as e:  # noqa: BLE001 - pydantic's error, said in one line
+            raise ValueError("--autoscaling-config: " + " ".join(str(e).split())) from None
 
 
 def run_cluster(ns: argparse.Namespace) -> int:
@@ -183,11 +248,17 @@ def run_cluster(ns: argparse.Namespace) -> int:
     except ImportError:
         logger.error("loraplex cluster needs Ray Serve: pip install 'loraplex[cluster]'")
         return 2
+    try:
+        check_cluster_args(ns)
+    except ValueError as e:
+        logger.error("%s", e)
+        return 2
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     ray.init(address=ns.ray_address, include_dashboard=False)
     serve.start(http_options={"host": ns.host, "port": ns.port})
     serve.run(build_application(ns), name=ns.app_name, route_prefix="/")
-    logger.info("loraplex cluster: %d engine replicas behind http://%s:%d", ns.num_replicas, ns.host, ns.port)
+    scale = f"autoscaling {ns.autoscaling_config}" if ns.autoscaling_config else f"{ns.num_replicas} engine replicas"
+    logger.info("loraplex cluster: %s behind http://%s:%d", scale, ns.host, ns.port)
     try:
         while True:
             import time

@@ -14,6 +14,7 @@ from loraplex.engine.core.errors import (
     EngineDeadError,
     PromptTooLongError,
     QueueFullError,
+    ReplicaFailedError,
 )
 from loraplex.storage.database import StorageUnavailableError
 from loraplex.trainer.job_store import FileInUseError, InvalidTransitionError
@@ -162,6 +163,10 @@ async def _queue_full(request: Request, exc: QueueFullError) -> JSONResponse:
 
 
 async def _engine_dead(request: Request, exc: EngineDeadError) -> JSONResponse:
+    if isinstance(exc, ReplicaFailedError):
+        logger.warning("%s", exc)
+        return error_response(503, ReplicaFailedError.message, type="service_unavailable_error",
+                              code="replica_failed")
     logger.error("engine is dead: %s", exc)
     return error_response(503, "The inference engine has stopped; the server cannot take requests.",
                           type="service_unavailable_error", code="engine_dead")
@@ -205,6 +210,9 @@ def error_json(exc: BaseException) -> dict:
     """The error body for an exception raised after an SSE stream has started (status already sent)."""
     if isinstance(exc, OpenAIError):
         return {"error": {"message": exc.message, "type": exc.type, "param": exc.param, "code": exc.code}}
+    if isinstance(exc, ReplicaFailedError):
+        return {"error": {"message": ReplicaFailedError.message, "type": "service_unavailable_error",
+                          "param": None, "code": "replica_failed"}}
     if isinstance(exc, EngineDeadError):
         return {"error": {"message": "The inference engine has stopped.", "type": "service_unavailable_error",
                           "param": None, "code": "engine_dead"}}

@@ -3,9 +3,15 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Callable, Iterator
+from collections.abc import Callable, Iterator
 
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    generate_latest,
+)
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
@@ -56,6 +62,35 @@ class _EngineStatsCollector(Collector):
             yield memory
         if stats.adapters is not None:
             yield from self._adapter_metrics(stats.adapters)
+        if stats.replicas:
+            yield from self._replica_metrics(stats.replicas)
+
+    def _replica_metrics(self, replicas: dict[str, EngineStats]) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
+        """A cluster ingress: each engine replica's last report (the unlabelled gauges above are their sums)."""
+        families = {name: GaugeMetricFamily(PREFIX + "replica_" + name, doc, labels=["model_name", "replica"])
+                    for name, doc in (("num_requests_running", "Requests in a replica's running batch."),
+                                      ("num_requests_waiting", "Requests waiting on a replica."),
+                                      ("kv_cache_usage_perc", "Fraction of a replica's KV cache blocks in use."),
+                                      ("lora_pool_pages_free", "A replica's LoRA pool pages on the free list."))}
+        loaded = GaugeMetricFamily(PREFIX + "replica_lora_adapter_loaded", "Adapter versions a replica holds, by "
+                                   "where their weights are (device, host, store).",
+                                   labels=["replica", "adapter_name", "version", "level"])
+        pulls = CounterMetricFamily(PREFIX + "replica_adapter_pulls", "Adapter versions a replica pulled from the "
+                                    "shared store (its multiplexed loads).", labels=["replica", "adapter"])
+        for replica, st in sorted(replicas.items()):
+            a = st.adapters or {}
+            for name, value in (("num_requests_running", st.num_running), ("num_requests_waiting", st.num_waiting),
+                                ("kv_cache_usage_perc", st.kv_cache_usage),
+                                ("lora_pool_pages_free", a.get("pages_free"))):
+                if value is not None:
+                    families[name].add_metric([self._model_name, replica], float(value))
+            for name, version, level, _ in a.get("residency", ()):
+                loaded.add_metric([replica, name, str(version), level], 1.0)
+            for adapter, n in a.get("pulls", {}).items():
+                pulls.add_metric([replica, adapter], float(n))
+        yield from families.values()
+        yield loaded
+        yield pulls
 
     def _adapter_metrics(self, a: dict) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
         for name, doc, value in (
@@ -122,7 +157,7 @@ class ServingMetrics:
             PREFIX + "lora_adapter_load_seconds", "Time to load an adapter into the pool (from host or disk).",
             labels, buckets=_LOAD_BUCKETS, registry=self.registry)
 
-    def start_request(self, model_name: str) -> "RequestTracker":
+    def start_request(self, model_name: str) -> RequestTracker:
         return RequestTracker(self, model_name)
 
     def render(self) -> bytes:

@@ -15,7 +15,7 @@ import time
 from typing import Any
 
 from loraplex.engine.async_engine import RequestStream
-from loraplex.engine.core.errors import EngineDeadError
+from loraplex.engine.core.errors import EngineDeadError, ReplicaFailedError
 from loraplex.engine.core.outputs import EngineStats
 from loraplex.engine.llm_engine import validate_prompt
 
@@ -64,14 +64,17 @@ class RemoteEngine:
         return self._started
 
     def stats(self) -> EngineStats:
-        """The replicas' last reported gauges, summed (each reports with its requests' last output)."""
+        """The replicas' last reported gauges, summed, and each replica's own (`replicas`): a replica reports
+        with its requests' last output, and leaves after STATS_STALE_S without one."""
         now = time.monotonic()
         fresh = [s for when, s in self._stats.values() if now - when < STATS_STALE_S]
         if not fresh:
-            return EngineStats(num_running=0, num_waiting=0, num_free_blocks=0, num_total_blocks=0)
+            return EngineStats(num_running=0, num_waiting=0, num_free_blocks=0, num_total_blocks=0, replicas={})
         return EngineStats(num_running=sum(s.num_running for s in fresh), num_waiting=sum(s.num_waiting for s in fresh),
                            num_free_blocks=sum(s.num_free_blocks for s in fresh),
-                           num_total_blocks=sum(s.num_total_blocks for s in fresh))
+                           num_total_blocks=sum(s.num_total_blocks for s in fresh),
+                           replicas={replica: s for replica, (when, s) in self._stats.items()
+                                     if now - when < STATS_STALE_S})
 
     # ---- requests ---------------------------------------------------------------------------
     def add_request(self, request_id: str, prompt_token_ids: list[int], params, adapter: tuple[int, int] | None = None
@@ -94,6 +97,7 @@ class RemoteEngine:
         return stream
 
     async def _pump(self, request_id: str, response, stream: RequestStream) -> None:
+        replica = None
         try:
             async for replica, out, stats in response:
                 if stats is not None:
@@ -101,14 +105,15 @@ class RemoteEngine:
                 stream.put(out)
                 if out.finished:
                     return
-            stream.put(EngineDeadError("the engine replica ended the request without finishing it"))
+            stream.put(ReplicaFailedError(f"request {request_id}: its engine replica ended it unfinished"))
         except asyncio.CancelledError:
             response.cancel()  # aborts the request on its replica
             raise
         except Exception as e:  # noqa: BLE001 - a replica died mid-stream: the client gets an error, not a hang
-            logger.warning("request %s: its engine replica failed: %s", request_id, e)
+            logger.warning("request %s: its engine replica %s failed: %s", request_id, replica or "(unknown)", e)
+            self._stats.pop(replica, None)  # its gauges leave /metrics now, not after STATS_STALE_S
             stream.put(e if isinstance(e, (ValueError, EngineDeadError)) else
-                       EngineDeadError(f"the engine replica serving this request failed: {type(e).__name__}"))
+                       ReplicaFailedError(f"request {request_id}: its engine replica failed ({type(e).__name__})"))
         finally:
             self._tasks.pop(request_id, None)
 

@@ -23,3 +23,10 @@ class QueueFullError(EngineError):
 
 class EngineDeadError(EngineError):
     """The background loop died; the server must report unhealthy."""
+
+
+class ReplicaFailedError(EngineDeadError):
+    """A cluster's engine replica died under a request (serve/remote_engine.py): that request fails, the
+    service stays healthy (other replicas serve, Ray starts a new one), and a retry is worth it."""
+
+    message = "The engine replica serving this request failed; retry it (the other replicas keep serving)."

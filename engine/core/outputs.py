@@ -40,6 +40,8 @@ class EngineStats:
     adapters: dict | None = None
     # bytes held on the device by kind: weights (base model, quantized where it is), kv_cache, lora_pool
     memory_bytes: dict[str, int] | None = None
+    # a cluster's ingress: each engine replica's own last report, by replica id (these fields are their sums)
+    replicas: dict[str, "EngineStats"] | None = None
 
     @property
     def kv_cache_usage(self) -> float:

@@ -81,3 +81,26 @@ def test_gateway_inference_extension_lora_metrics():
     assert samples['loraplex:lora_adapter_loaded{adapter_name="rose",level="host",rank="8",version="1"}'] == 1
     assert samples['loraplex:num_requests_waiting{model_name="fake-model"}'] == 1
     assert samples['loraplex:kv_cache_usage_perc{model_name="fake-model"}'] == 0.5
+
+
+def test_cluster_ingress_reports_each_replica():
+    """A cluster ingress's engine reports each replica's own gauges beside their sums, and the adapter versions
+    each replica pulled (the replica label keeps them apart)."""
+    from loraplex.engine.core.outputs import EngineStats
+    engine = FakeEngine()
+    one = EngineStats(num_running=3, num_waiting=1, num_free_blocks=25, num_total_blocks=100,
+                      adapters={"pages_free": 4, "residency": [("poet", 2, "device", 8)], "pulls": {"poet@v2": 1}})
+    two = EngineStats(num_running=1, num_waiting=0, num_free_blocks=100, num_total_blocks=100,
+                      adapters={"pages_free": 12, "residency": [], "pulls": {}})
+    engine.stats = lambda: EngineStats(num_running=4, num_waiting=1, num_free_blocks=125, num_total_blocks=200,
+                                       replicas={"r1": one, "r2": two})
+    samples = _samples(build_app(engine, [MODEL_NAME]).state.metrics.render().decode())
+    assert samples['loraplex:num_requests_running{model_name="fake-model"}'] == 4
+    assert samples['loraplex:replica_num_requests_running{model_name="fake-model",replica="r1"}'] == 3
+    assert samples['loraplex:replica_num_requests_running{model_name="fake-model",replica="r2"}'] == 1
+    assert samples['loraplex:replica_kv_cache_usage_perc{model_name="fake-model",replica="r1"}'] == 0.75
+    assert samples['loraplex:replica_lora_pool_pages_free{model_name="fake-model",replica="r2"}'] == 12
+    assert samples['loraplex:replica_lora_adapter_loaded{adapter_name="poet",level="device",replica="r1",'
+                   'version="2"}'] == 1
+    assert samples['loraplex:replica_adapter_pulls_total{adapter="poet@v2",replica="r1"}'] == 1
+    assert not any("replica=\"r2\"" in k for k in samples if k.startswith("loraplex:replica_adapter_pulls"))
