@@ -162,7 +162,9 @@ def _ingress_app(ns: argparse.Namespace):
     local = Path(tempfile.mkdtemp(prefix="loraplex-ingress-"))
     ns = argparse.Namespace(**{**vars(ns), "adapter_dir": ns.adapter_dir or str(local / "adapters"),
                                "fine_tuning_dir": str(local / "fine_tuning")})
-    return build_server_app(ns, RemoteEngine(handle, model_path, max_queue_len=ns.max_queue_len))
+    max_replicas = (ns.autoscaling_config or {}).get("max_replicas", ns.num_replicas)
+    return build_server_app(ns, RemoteEngine(handle, model_path, max_queue_len=ns.max_queue_len,
+                                             max_replicas=max_replicas))
 
 
 def build_application(ns: argparse.Namespace | list[str]):
@@ -235,6 +237,10 @@ def check_cluster_args(ns: argparse.Namespace) -> None:
     if ns.routing_stats_period <= 0:
         raise ValueError("--routing-stats-period must be positive")
     if ns.autoscaling_config is not None:
+        unknown = sorted(set(ns.autoscaling_config) - set(AutoscalingConfig.model_fields))
+        if unknown:  # Ray would drop them silently
+            raise ValueError(f"--autoscaling-config: unknown field(s) {', '.join(unknown)}; Ray Serve's "
+                             f"AutoscalingConfig has {', '.join(sorted(AutoscalingConfig.model_fields))}")
         try:
             AutoscalingConfig(**ns.autoscaling_config)
         except Exception as e:  # noqa: BLE001 - pydantic's error, said in one line

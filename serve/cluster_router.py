@@ -24,6 +24,7 @@ from __future__ import annotations
 import functools
 import logging
 import time
+import zlib
 from dataclasses import dataclass
 from typing import Any
 
@@ -50,7 +51,10 @@ def rank_replicas(adapter: str | None, replicas: list[ReplicaView], spread_at: i
         roomy = [r.id for r in replicas if r.kv_free_blocks is None or r.kv_free_blocks > 0]
         return [roomy, [r.id for r in replicas if r.id not in roomy]]
     holders = [r for r in replicas if r.holds]
-    cold = sorted((r for r in replicas if not r.holds), key=lambda r: (r.num_adapters, r.load or 0))
+    # fewer adapters, then less load; ties broken by a hash of (adapter, replica), so equal replicas take
+    # different adapters instead of the first in the list taking them all
+    cold = sorted((r for r in replicas if not r.holds),
+                  key=lambda r: (r.num_adapters, r.load or 0, zlib.crc32(f"{adapter}|{r.id}".encode())))
     paged = [r.id for r in cold if r.lora_pages_free is None or r.lora_pages_free > 0]
     if holders:
         ready = [r.id for r in holders if free_slot(r)]
@@ -60,7 +64,9 @@ def rank_replicas(adapter: str | None, replicas: list[ReplicaView], spread_at: i
         # hot: every holder's batch is full -> cold replicas with a free slot compete with them
         spill = [r.id for r in cold if free_slot(r)]
         return [[r.id for r in holders] + spill, [r.id for r in cold if r.id not in spill]]
-    return [paged, [r.id for r in cold if r.id not in paged]]
+    # nobody holds it: one replica (the caller records it as a holder at once, so a burst of first requests
+    # does not load it everywhere), then the others with room in their pool, then the rest
+    return [paged[:1], paged[1:], [r.id for r in cold if r.id not in paged]]
 
 
 @functools.cache
@@ -101,7 +107,10 @@ def _router_class():
                 by_id[r.replica_id] = r
             if pending_request is not None:
                 pending_request.routing_context.should_backoff = True  # all ranks full: back off, then retry
-            return [[by_id[i] for i in rank] for rank in rank_replicas(adapter, views, self.spread_at) if rank]
+            ranks = rank_replicas(adapter, views, self.spread_at)
+            if adapter and not any(v.holds for v in views) and ranks[0]:
+                self._sent.setdefault(adapter, {})[ranks[0][0]] = time.monotonic()  # its holder from now on
+            return [[by_id[i] for i in rank] for rank in ranks if rank]
 
         def on_request_routed(self, pending_request, replica_id, result) -> None:
             adapter = pending_request.metadata.multiplexed_model_id

@@ -27,10 +27,11 @@ STATS_STALE_S = 30.0  # a replica not heard of for this long leaves the summed g
 class RemoteEngine:
     pulls_adapters = True  # replicas fetch adapter files themselves: the HTTP side registers names only
 
-    def __init__(self, handle: Any, tokenizer_path: str, max_queue_len: int = 256) -> None:
+    def __init__(self, handle: Any, tokenizer_path: str, max_queue_len: int = 256, max_replicas: int = 1) -> None:
         self.handle = handle  # DeploymentHandle of serve.cluster.EngineReplica
         self.tokenizer_path = tokenizer_path
         self.max_queue_len = max_queue_len
+        self.max_replicas = max_replicas  # the ingress admits what this many replicas batch and queue
         self.tokenizer = None
         self.model_config = None
         self.max_model_len = 0
@@ -45,7 +46,7 @@ class RemoteEngine:
             return
         info = await self.handle.info.remote()
         self.model_config, self.max_model_len = info["model_config"], info["max_model_len"]
-        self._max_in_flight = info["max_num_seqs"] + self.max_queue_len
+        self._max_in_flight = (info["max_num_seqs"] + self.max_queue_len) * self.max_replicas
         self._stats[info["replica"]] = (time.monotonic(), info["stats"])
         from loraplex.engine.llm_engine import load_tokenizer
         self.tokenizer = await asyncio.to_thread(load_tokenizer, self.tokenizer_path)

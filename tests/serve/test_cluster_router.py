@@ -41,7 +41,7 @@ def test_a_version_nobody_holds_goes_where_the_pool_has_room():
     replicas = [view("a", pages=0, num_adapters=1), view("b", pages=8, num_adapters=3), view("c", pages=8,
                                                                                           num_adapters=1)]
     ranks = rank_replicas("iris@v2", replicas, SPREAD)
-    assert ranks[0] == ["c", "b"] and ranks[1] == ["a"]  # fewer adapters resident first, a full pool last
+    assert ranks == [["c"], ["b"], ["a"]]  # one replica (fewer adapters resident), then room in the pool, a full one last
 
 
 def test_unknown_loads_and_stats_are_not_penalised():
@@ -54,3 +54,9 @@ def test_unknown_loads_and_stats_are_not_penalised():
 def test_base_requests_prefer_free_kv_blocks():
     replicas = [view("a", kv=0), view("b", kv=10), view("c", kv=3)]
     assert rank_replicas(None, replicas, SPREAD) == [["b", "c"], ["a"]]
+
+
+def test_equal_replicas_take_different_cold_adapters():
+    replicas = [view("a"), view("b"), view("c")]
+    firsts = {rank_replicas(f"bloom{i}@v1", replicas, SPREAD)[0][0] for i in range(12)}
+    assert firsts == {"a", "b", "c"}

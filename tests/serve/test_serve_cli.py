@@ -138,3 +138,33 @@ def test_quantize_writes_an_exl2_folder_that_loads(tmp_path):
                      "--output", str(tmp_path / "g")]) == 2
     assert cli.main(["quantize", "--format", "exl2", "--group-size", "48", "--model", str(tmp_path / "m"),
                      "--output", str(tmp_path / "e")]) == 2
+
+
+def test_cluster_flags_are_checked_before_ray_starts(tmp_path, caplog):
+    """`loraplex cluster`: the autoscaling config is Ray Serve's, validated up front (rc 2 and a message, no Ray
+    started); JSON or @file; routing knobs must be positive."""
+    pytest.importorskip("ray.serve")
+    import ray
+
+    from loraplex.serve.cluster import check_cluster_args
+
+    def parse(*argv: str):
+        return cli.build_parser().parse_args(["cluster", *argv])
+    good = tmp_path / "scale.json"
+    good.write_text('{"min_replicas": 1, "max_replicas": 3, "target_ongoing_requests": 8}')
+    ns = parse("--autoscaling-config", f"@{good}", "--spread-queue", "8")
+    check_cluster_args(ns)
+    assert ns.autoscaling_config["max_replicas"] == 3 and ns.spread_queue == 8
+    with pytest.raises(SystemExit):
+        parse("--autoscaling-config", "[1, 2]")
+    with pytest.raises(SystemExit):
+        parse("--autoscaling-config", "{not json")
+    for argv, message in ((["--autoscaling-config", '{"min_replicas": 4, "max_replicas": 2}'], "min_replicas"),
+                          (["--autoscaling-config", '{"max_replicas": 2, "bogus": 1}'], "bogus"),
+                          (["--spread-queue", "0"], "--spread-queue"),
+                          (["--routing-stats-period", "0"], "--routing-stats-period")):
+        with pytest.raises(ValueError, match=message):
+            check_cluster_args(parse(*argv))
+    assert cli.main(["cluster", "--spread-queue", "0"]) == 2  # said, and nothing started
+    assert "--spread-queue must be at least 1" in caplog.text
+    assert not ray.is_initialized()
