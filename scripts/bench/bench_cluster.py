@@ -103,9 +103,22 @@ def run_cluster(flags: list[str], names: list[str], work: Path, config, env: dic
             r.raise_for_status()
         asyncio.run(drive(url, ["smol"] * 8, 4))  # warm-up
         seconds, tokens = asyncio.run(drive(url, models, concurrency))
+        fresh = work / "fresh"
+        if not fresh.exists():
+            write_random_peft(fresh, config, r=8, seed=999, std=0.04)
+        t0 = time.perf_counter()  # a new adapter: upload through the ingress -> its first token from a replica
+        httpx.post(url + "/v1/load_lora_adapter", json={"lora_name": "fresh", "lora_path": str(fresh)},
+                   timeout=120).raise_for_status()
+        t1 = time.perf_counter()
+        httpx.post(url + "/v1/completions", json={"model": "fresh", "prompt": "Hi", "max_tokens": 1},
+                   timeout=120).raise_for_status()
+        t2 = time.perf_counter()
+        print(f"new adapter: upload {1000 * (t1 - t0):.0f} ms, then first token from a replica (a pull) "
+              f"{1000 * (t2 - t1):.0f} ms; upload to first token {1000 * (t2 - t0):.0f} ms")
         for name in set(models):  # one more request each: every replica reports its pulls with its last output
             asyncio.run(drive(url, [name], 1))
-        return seconds, tokens, pulls_of(url)
+        pulls = pulls_of(url)
+        return seconds, tokens, collections.Counter({k: v for k, v in pulls.items() if k[1] != "fresh@v1"})
     finally:
         serve.shutdown()
         ray.shutdown()

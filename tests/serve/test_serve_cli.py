@@ -168,3 +168,22 @@ def test_cluster_flags_are_checked_before_ray_starts(tmp_path, caplog):
     assert cli.main(["cluster", "--spread-queue", "0"]) == 2  # said, and nothing started
     assert "--spread-queue must be at least 1" in caplog.text
     assert not ray.is_initialized()
+
+
+def test_cluster_flags_reach_the_engine_deployment():
+    """The autoscaling config and the router's settings are on the engine deployment Ray gets, not dropped."""
+    pytest.importorskip("ray.serve")
+    from loraplex.serve.cluster import build_application
+    app = build_application(["--autoscaling-config", '{"min_replicas": 1, "max_replicas": 3}',
+                             "--spread-queue", "5", "--routing-stats-period", "0.5", "--max-num-seqs", "8"])
+    engine = app._bound_deployment.init_args[0]._bound_deployment
+    config = engine._deployment_config
+    assert (config.autoscaling_config.min_replicas, config.autoscaling_config.max_replicas) == (1, 3)
+    router = config.request_router_config
+    assert router.request_router_class == "loraplex.serve.cluster_router.AdapterRouter"
+    assert router.request_router_kwargs == {"spread_at": 5} and router.request_routing_stats_period_s == 0.5
+    assert config.max_ongoing_requests == 8 + 256
+    fixed = build_application(["--num-replicas", "3"])._bound_deployment.init_args[0]._bound_deployment
+    assert fixed._deployment_config.autoscaling_config is None and fixed.num_replicas == 3
+    default = fixed._deployment_config.request_router_config.request_router_kwargs
+    assert default == {"spread_at": 64}  # a full batch (--max-num-seqs)
