@@ -80,6 +80,13 @@ class EngineLoop:
         self._inbox: collections.deque = collections.deque()  # ("add", args) | ("abort", id) | ("call", args)
         self._wakeup = threading.Event()
         self._stop = threading.Event()
+        self.inference_s = self.training_s = 0.0  # totals for the metrics (the step log's reset every line)
+        self._last_emit = 0.0
+
+    def stats(self) -> EngineStats:
+        stats = self.engine.stats()
+        stats.inference_seconds, stats.training_seconds = self.inference_s, self.training_s
+        return stats
 
     def add(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, arrival: float,
             adapter: Adapter = None) -> None:
@@ -143,6 +150,7 @@ class EngineLoop:
                 t0 = time.perf_counter()
                 step_outputs = self.engine.step()
                 step_s = time.perf_counter() - t0
+                self.inference_s += step_s
                 self.policy.record(inference_s=step_s)
                 self.step_log.record(step_s, sum(len(o.token_ids) for o in step_outputs), self.engine.stats)
                 outputs.extend(step_outputs)
@@ -150,12 +158,15 @@ class EngineLoop:
                 under_load = self.engine.has_unfinished_requests()
                 t0 = time.perf_counter()
                 self.engine.background.run_step()
+                slice_s = time.perf_counter() - t0
+                self.training_s += slice_s
                 if under_load:
-                    slice_s = time.perf_counter() - t0
                     self.policy.record(background_s=slice_s)
                     self.step_log.record_background(slice_s, self.policy.background_fraction)
-            if outputs:
-                emit(outputs, self.engine.stats())  # after aborts too, so free-block counts are current
+            if outputs or (self.training_s and time.monotonic() - self._last_emit > 1.0):
+                # after aborts too, so free-block counts are current; while only training, once a second
+                emit(outputs, self.stats())
+                self._last_emit = time.monotonic()
             if poll is None and not self.engine.has_unfinished_requests() and not self._inbox \
                     and not self._background_due():
                 self._wakeup.wait(timeout=0.5)

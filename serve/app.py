@@ -15,7 +15,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from loraplex.serve.adapter_routes import ADAPTER_ROUTES, is_admin_route
 from loraplex.serve.errors import EXCEPTION_HANDLERS, AuthenticationError, openai_error_response
 from loraplex.serve.fine_tuning_routes import FINE_TUNING_ROUTES, is_fine_tuning_admin_route
-from loraplex.serve.metrics import ServingMetrics
+from loraplex.serve.metrics import HttpMetricsMiddleware, ServingMetrics
 from loraplex.serve.routes import ROUTES
 from loraplex.serve.openapi import OPENAPI_ROUTES
 from loraplex.serve.utility_routes import UTILITY_ROUTES
@@ -85,8 +85,9 @@ def build_app(engine: Any, served_model_names: list[str], api_key: str | None = 
             if adapters is not None:
                 adapters.close()
 
-    middleware = ([Middleware(ApiKeyMiddleware, api_key=api_key, admin_api_key=admin_api_key)]
-                  if api_key or admin_api_key else [])
+    middleware = [Middleware(HttpMetricsMiddleware)]
+    if api_key or admin_api_key:
+        middleware.append(Middleware(ApiKeyMiddleware, api_key=api_key, admin_api_key=admin_api_key))
     app = Starlette(routes=ROUTES + ADAPTER_ROUTES + FINE_TUNING_ROUTES + UTILITY_ROUTES + OPENAPI_ROUTES,
                     middleware=middleware,
                     exception_handlers=EXCEPTION_HANDLERS, lifespan=lifespan)
@@ -95,6 +96,8 @@ def build_app(engine: Any, served_model_names: list[str], api_key: str | None = 
     app.state.fine_tuning = fine_tuning
     app.state.served_model_names = list(served_model_names)
     app.state.metrics = ServingMetrics(engine.stats, served_model_names[0])
+    if fine_tuning is not None:
+        app.state.metrics.watch_fine_tuning(fine_tuning.store)
     app.state.created = int(time.time())
     app.state.ready = False
     return app

@@ -54,6 +54,14 @@ class _EngineStatsCollector(Collector):
             gauge = GaugeMetricFamily(PREFIX + name, doc, labels=["model_name"])
             gauge.add_metric([self._model_name], float(value))
             yield gauge
+        for name, doc, value in (
+                ("engine_inference_seconds", "Seconds the engine loop spent in forward steps for requests.",
+                 stats.inference_seconds),
+                ("engine_training_seconds", "Seconds the engine loop spent in training slices.",
+                 stats.training_seconds)):
+            counter = CounterMetricFamily(PREFIX + name, doc, labels=["model_name"])
+            counter.add_metric([self._model_name], float(value))
+            yield counter
         if stats.memory_bytes:
             memory = GaugeMetricFamily(PREFIX + "memory_bytes", "Bytes held on the device: base weights "
                                        "(quantized where they are), KV cache, LoRA pool.", labels=["model_name", "kind"])
@@ -128,6 +136,34 @@ class _EngineStatsCollector(Collector):
             yield loaded
 
 
+class _FineTuningCollector(Collector):
+    """Jobs by status, and the newest train/valid loss of each running or paused job, read from the job store
+    at scrape time (so every server on a shared store reports the same numbers)."""
+
+    def __init__(self, store) -> None:
+        self._store = store
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        try:
+            counts = self._store.count_by_status()
+            active = self._store.jobs_in_status("running", "paused")
+            losses = [(job, self._store.latest_losses(job.id)) for job in active]
+        except Exception:  # an unreachable store must not break /metrics
+            logger.warning("the job store failed during a metrics scrape", exc_info=True)
+            return
+        jobs = GaugeMetricFamily(PREFIX + "fine_tuning_jobs", "Fine-tuning jobs by status.", labels=["status"])
+        for status in ("validating_files", "queued", "running", "paused", "succeeded", "failed", "cancelled"):
+            jobs.add_metric([status], float(counts.get(status, 0)))
+        yield jobs
+        loss = GaugeMetricFamily(PREFIX + "fine_tuning_loss", "The newest loss a running or paused job reported.",
+                                 labels=["job_id", "suffix", "split"])
+        for job, values in losses:
+            for key, split in (("train_loss", "train"), ("valid_loss", "valid")):
+                if key in values:
+                    loss.add_metric([job.id, job.suffix or "", split], values[key])
+        yield loss
+
+
 class ServingMetrics:
     """Counters and histograms the HTTP layer feeds, plus the engine gauges, in a private registry."""
 
@@ -156,6 +192,13 @@ class ServingMetrics:
         self.lora_load_latency = Histogram(
             PREFIX + "lora_adapter_load_seconds", "Time to load an adapter into the pool (from host or disk).",
             labels, buckets=_LOAD_BUCKETS, registry=self.registry)
+        # every HTTP response by route template and status: 429s (queue full), 5xx, 401s for the dashboards
+        self.http_responses = Counter(PREFIX + "http_responses", "HTTP responses by route and status code.",
+                                      ["route", "method", "status"], registry=self.registry)
+
+    def watch_fine_tuning(self, store) -> None:
+        """Export the job store's gauges (a server with fine-tuning on)."""
+        self.registry.register(_FineTuningCollector(store))
 
     def start_request(self, model_name: str) -> RequestTracker:
         return RequestTracker(self, model_name)
@@ -215,3 +258,30 @@ class RequestTracker:
         if self.first_token_time is not None and self.num_output_tokens > 1:
             m.time_per_output_token.labels(name).observe(
                 (now - self.first_token_time) / (self.num_output_tokens - 1))
+
+
+class HttpMetricsMiddleware:
+    """Counts every HTTP response in the app's ServingMetrics by route template (`/v1/adapters/{name}`, never
+    the raw path: bounded labels), method and status; outermost, so auth failures count too."""
+
+    def __init__(self, app) -> None:
+        self.app = app
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        status = 500  # an exception that escapes before a response started
+
+        async def send_status(message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+        try:
+            await self.app(scope, receive, send_status)
+        finally:
+            route = scope.get("route")
+            metrics = getattr(scope["app"].state, "metrics", None) if "app" in scope else None
+            if metrics is not None:
+                metrics.http_responses.labels(getattr(route, "path", "unmatched"), scope["method"],
+                                              str(status)).inc()

@@ -414,6 +414,26 @@ class JobStore:
                                " ORDER BY seq", statuses)
         return [_job(row) for row in rows]
 
+    def count_by_status(self) -> dict[str, int]:
+        """Jobs per status (the metrics' gauge)."""
+        return {status: n for status, n in self.db.execute("SELECT status, COUNT(*) FROM jobs GROUP BY status")}
+
+    def latest_losses(self, job_id: str, look_back: int = 50) -> dict[str, float]:
+        """The newest train_loss and valid_loss a job reported (either may be missing), from its last
+        `look_back` metrics events."""
+        rows = self.db.execute("SELECT data FROM events WHERE job_id = ? AND data IS NOT NULL ORDER BY seq DESC"
+                               " LIMIT ?", (job_id, look_back))
+        out: dict[str, float] = {}
+        for (data,) in rows:
+            value = json.loads(data)
+            if isinstance(value, dict):
+                for key in _METRIC_KEYS:
+                    if key not in out and isinstance(value.get(key), (int, float)):
+                        out[key] = float(value[key])
+            if len(out) == len(_METRIC_KEYS):
+                break
+        return out
+
     def jobs_awaiting_publish(self) -> list[JobRecord]:
         """Running jobs whose engine side has recorded its output (oldest first)."""
         rows = self.db.execute(f"SELECT {', '.join(_JOB_COLUMNS)} FROM jobs WHERE status = 'running'"

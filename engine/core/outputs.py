@@ -40,6 +40,9 @@ class EngineStats:
     adapters: dict | None = None
     # bytes held on the device by kind: weights (base model, quantized where it is), kv_cache, lora_pool
     memory_bytes: dict[str, int] | None = None
+    # seconds the engine loop has spent in forward steps for requests and in training slices, since it started
+    inference_seconds: float = 0.0
+    training_seconds: float = 0.0
     # a cluster's ingress: each engine replica's own last report, by replica id (these fields are their sums)
     replicas: dict[str, "EngineStats"] | None = None
 

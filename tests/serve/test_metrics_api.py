@@ -104,3 +104,16 @@ def test_cluster_ingress_reports_each_replica():
                    'version="2"}'] == 1
     assert samples['loraplex:replica_adapter_pulls_total{adapter="poet@v2",replica="r1"}'] == 1
     assert not any("replica=\"r2\"" in k for k in samples if k.startswith("loraplex:replica_adapter_pulls"))
+
+
+def test_http_responses_by_route_template_and_status(client):
+    client.post("/v1/completions", json={"model": MODEL_NAME, "prompt": "hi", "max_tokens": 2})
+    client.post("/v1/completions", json={"model": MODEL_NAME, "prompt": "hi", "max_tokens": -1})
+    client.get("/v1/models/nope")
+    client.get("/no/such/path")
+    samples = _samples(client.get("/metrics").text)
+    http = {k: v for k, v in samples.items() if k.startswith("loraplex:http_responses_total{")}
+    assert http['loraplex:http_responses_total{method="POST",route="/v1/completions",status="200"}'] == 1
+    assert http['loraplex:http_responses_total{method="POST",route="/v1/completions",status="400"}'] == 1
+    assert http['loraplex:http_responses_total{method="GET",route="/v1/models/{model:path}",status="404"}'] == 1
+    assert http['loraplex:http_responses_total{method="GET",route="unmatched",status="404"}'] == 1

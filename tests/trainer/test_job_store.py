@@ -402,3 +402,24 @@ def test_folders_the_trainer_keeps_are_readable_elsewhere(tmp_path, backend):
         assert sorted(p.name for p in local.iterdir()) == ["adapter_model.safetensors", "trainer_state.json"]
         assert (local / "adapter_model.safetensors").read_bytes() == b"weights"
         assert http.local_folder(path) == local  # fetched once
+
+
+def test_status_counts_and_latest_losses_for_the_metrics(store):
+    """What /metrics reads of the store: jobs per status and a running job's newest train and valid loss."""
+    from loraplex.serve.metrics import _FineTuningCollector
+    running, queued = make_job(store), make_job(store)
+    for job in (running, queued):
+        store.set_status(job.id, "queued")
+    store.set_status(running.id, "running")
+    store.add_event(running.id, "info", "Step 1/4", {"step": 1, "train_loss": 2.5})
+    store.add_event(running.id, "info", "Step 2/4", {"step": 2, "train_loss": 2.0, "valid_loss": 2.2})
+    store.add_event(running.id, "info", "Step 3/4", {"step": 3, "train_loss": 1.5})
+    store.add_event(running.id, "info", "a message without data")
+    assert store.count_by_status() == {"queued": 1, "running": 1}
+    assert store.latest_losses(running.id) == {"train_loss": 1.5, "valid_loss": 2.2}
+    assert store.latest_losses(queued.id) == {}
+    families = {f.name: f for f in _FineTuningCollector(store).collect()}
+    jobs = {s.labels["status"]: s.value for s in families["loraplex:fine_tuning_jobs"].samples}
+    assert jobs["running"] == 1 and jobs["queued"] == 1 and jobs["failed"] == 0
+    loss = {(s.labels["job_id"], s.labels["split"]): s.value for s in families["loraplex:fine_tuning_loss"].samples}
+    assert loss == {(running.id, "train"): 1.5, (running.id, "valid"): 2.2}
