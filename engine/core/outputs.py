@@ -44,7 +44,7 @@ class EngineStats:
     inference_seconds: float = 0.0
     training_seconds: float = 0.0
     # a cluster's ingress: each engine replica's own last report, by replica id (these fields are their sums)
-    replicas: dict[str, "EngineStats"] | None = None
+    replicas: dict[str, EngineStats] | None = None
 
     @property
     def kv_cache_usage(self) -> float:
