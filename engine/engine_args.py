@@ -3,6 +3,7 @@ flags that set them (`add_engine_args`, `engine_args_from`), shared by `loraplex
 from __future__ import annotations
 
 import argparse
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -139,14 +140,16 @@ def add_engine_args(p: argparse.ArgumentParser) -> dict[str, argparse._ArgumentG
     lora.add_argument("--lora-pool-bytes", type=size_arg, default=256 << 20, metavar="SIZE",
                       help="pool size when --lora-pool-pages is not given (default: 256MiB)")
     storage = p.add_argument_group("storage (adapters and fine-tuning jobs; storage/)")
-    storage.add_argument("--database", default=None, metavar="URL",
+    storage.add_argument("--database", default=os.environ.get("LORAPLEX_DATABASE") or None, metavar="URL",
                          help="where adapter versions, fine-tuning files' records, jobs, events and checkpoints are "
                               "recorded: sqlite:///path or postgresql://user@host:port/db (several servers share "
-                              "one); default: SQLite files in --adapter-dir and --fine-tuning-dir")
-    storage.add_argument("--blob-store", default=None, metavar="URL",
+                              "one; the password from PGPASSWORD or ~/.pgpass keeps it off the command line); "
+                              "also env LORAPLEX_DATABASE; default: SQLite files in --adapter-dir and "
+                              "--fine-tuning-dir")
+    storage.add_argument("--blob-store", default=os.environ.get("LORAPLEX_BLOB_STORE") or None, metavar="URL",
                          help="where adapter files and uploaded training files are kept: file:///path or "
-                              "s3://bucket/prefix (AWS_ENDPOINT_URL for MinIO, SeaweedFS...); default: the "
-                              "--adapter-dir and --fine-tuning-dir folders")
+                              "s3://bucket/prefix (AWS_ENDPOINT_URL for MinIO, SeaweedFS...); also env "
+                              "LORAPLEX_BLOB_STORE; default: the --adapter-dir and --fine-tuning-dir folders")
     ft = p.add_argument_group("fine-tuning (OpenAI's /v1/files and /v1/fine_tuning/jobs; needs LoRA)")
     ft.add_argument("--fine-tuning-dir", default=None,
                     help="the fine-tuning job store (SQLite + uploaded files + checkpoints; "

@@ -167,9 +167,16 @@ def _ingress_app(ns: argparse.Namespace):
                                              max_replicas=max_replicas))
 
 
-def build_application(ns: argparse.Namespace | list[str]):
-    """The Ray Serve application: `ns` is the parsed `loraplex cluster` flags (or their argv)."""
+def build_application(ns: argparse.Namespace | list[str] | dict):
+    """The Ray Serve application: `ns` is the parsed `loraplex cluster` flags, their argv, or (an application
+    builder in a Ray Serve config: `import_path: loraplex.serve.cluster:build_application`) the config's
+    `args`, `{"flags": [...]}`."""
     from ray import serve
+    if isinstance(ns, dict):
+        unknown = set(ns) - {"flags"}
+        if unknown or not isinstance(ns.get("flags", []), list):
+            raise ValueError(f"build_application takes args {{'flags': [...]}}; got {sorted(ns)}")
+        ns = [str(f) for f in ns.get("flags", [])]
     if not isinstance(ns, argparse.Namespace):
         parser = argparse.ArgumentParser(prog="loraplex cluster")
         add_cluster_args(parser)

@@ -187,3 +187,14 @@ def test_cluster_flags_reach_the_engine_deployment():
     assert fixed._deployment_config.autoscaling_config is None and fixed.num_replicas == 3
     default = fixed._deployment_config.request_router_config.request_router_kwargs
     assert default == {"spread_at": 64}  # a full batch (--max-num-seqs)
+
+
+def test_cluster_builder_takes_a_ray_serve_config_args_dict():
+    """`import_path: loraplex.serve.cluster:build_application` with `args: {flags: [...]}` (deploy/k8s RayService)."""
+    pytest.importorskip("ray.serve")
+    from loraplex.serve.cluster import build_application
+    app = build_application({"flags": ["--num-replicas", "3", "--max-num-seqs", 8]})
+    engine = app._bound_deployment.init_args[0]._bound_deployment
+    assert engine.num_replicas == 3 and engine._deployment_config.max_ongoing_requests == 8 + 256
+    with pytest.raises(ValueError, match="flags"):
+        build_application({"num_replicas": 3})
