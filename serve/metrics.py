@@ -20,6 +20,7 @@ from loraplex.engine.core.outputs import EngineStats, RequestOutput
 logger = logging.getLogger("loraplex.serve")
 
 PREFIX = "loraplex:"
+LOSS_KEPT_S = 3600.0  # a finished job's last losses stay in /metrics this long
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 _TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0,
                  7.5, 10.0, 20.0, 40.0, 80.0)
@@ -137,8 +138,9 @@ class _EngineStatsCollector(Collector):
 
 
 class _FineTuningCollector(Collector):
-    """Jobs by status, and the newest train/valid loss of each running or paused job, read from the job store
-    at scrape time (so every server on a shared store reports the same numbers)."""
+    """Jobs by status, and the newest train/valid loss of each running or paused job and of those that finished
+    in the last LOSS_KEPT_S (a dashboard shows how a job ended), read from the job store at scrape time (so
+    every server on a shared store reports the same numbers)."""
 
     def __init__(self, store) -> None:
         self._store = store
@@ -146,7 +148,7 @@ class _FineTuningCollector(Collector):
     def collect(self) -> Iterator[GaugeMetricFamily]:
         try:
             counts = self._store.count_by_status()
-            active = self._store.jobs_in_status("running", "paused")
+            active = self._store.recent_jobs(time.time() - LOSS_KEPT_S)
             losses = [(job, self._store.latest_losses(job.id)) for job in active]
         except Exception:  # an unreachable store must not break /metrics
             logger.warning("the job store failed during a metrics scrape", exc_info=True)
@@ -155,12 +157,12 @@ class _FineTuningCollector(Collector):
         for status in ("validating_files", "queued", "running", "paused", "succeeded", "failed", "cancelled"):
             jobs.add_metric([status], float(counts.get(status, 0)))
         yield jobs
-        loss = GaugeMetricFamily(PREFIX + "fine_tuning_loss", "The newest loss a running or paused job reported.",
-                                 labels=["job_id", "suffix", "split"])
+        loss = GaugeMetricFamily(PREFIX + "fine_tuning_loss", "The newest loss of a job running, paused or "
+                                 "finished in the last hour.", labels=["job_id", "suffix", "status", "split"])
         for job, values in losses:
             for key, split in (("train_loss", "train"), ("valid_loss", "valid")):
                 if key in values:
-                    loss.add_metric([job.id, job.suffix or "", split], values[key])
+                    loss.add_metric([job.id, job.suffix or "", job.status, split], values[key])
         yield loss
 
 

@@ -418,6 +418,12 @@ class JobStore:
         """Jobs per status (the metrics' gauge)."""
         return {status: n for status, n in self.db.execute("SELECT status, COUNT(*) FROM jobs GROUP BY status")}
 
+    def recent_jobs(self, finished_after: int) -> list[JobRecord]:
+        """Running and paused jobs, and those that finished after `finished_after` (epoch seconds); oldest first."""
+        rows = self.db.execute(f"SELECT {', '.join(_JOB_COLUMNS)} FROM jobs WHERE status IN ('running', 'paused')"
+                               " OR finished_at >= ? ORDER BY seq", (int(finished_after),))
+        return [_job(row) for row in rows]
+
     def latest_losses(self, job_id: str, look_back: int = 50) -> dict[str, float]:
         """The newest train_loss and valid_loss a job reported (either may be missing), from its last
         `look_back` metrics events."""

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import re
 import threading
+import time
 
 import pytest
 
@@ -423,3 +424,9 @@ def test_status_counts_and_latest_losses_for_the_metrics(store):
     assert jobs["running"] == 1 and jobs["queued"] == 1 and jobs["failed"] == 0
     loss = {(s.labels["job_id"], s.labels["split"]): s.value for s in families["loraplex:fine_tuning_loss"].samples}
     assert loss == {(running.id, "train"): 1.5, (running.id, "valid"): 2.2}
+    store.set_status(running.id, "succeeded", fine_tuned_model="ft:base:s:x")
+    assert [j.id for j in store.recent_jobs(time.time() - 60)] == [running.id]  # finished a moment ago
+    assert store.recent_jobs(time.time() + 60) == []
+    families = {f.name: f for f in _FineTuningCollector(store).collect()}
+    statuses = {s.labels["status"] for s in families["loraplex:fine_tuning_loss"].samples}
+    assert statuses == {"succeeded"}
