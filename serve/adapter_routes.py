@@ -97,7 +97,7 @@ async def upload_adapter(request: Request) -> Response:
 
 async def list_adapters(request: Request) -> Response:
     service = _service(request)
-    return JSONResponse({"object": "list", "data": [service.summary(n) for n in service.names()]})
+    return JSONResponse({"object": "list", "data": await service.summaries()})
 
 
 async def get_adapter(request: Request) -> Response:

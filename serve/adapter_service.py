@@ -200,6 +200,20 @@ class AdapterService:
                 "rank": latest.rank, "target_modules": list(latest.target_modules), "bytes": latest.num_bytes,
                 "created": int(latest.created), "versions": versions}
 
+    async def summaries(self) -> list[dict[str, Any]]:
+        """Every served adapter's summary with where its newest version's weights are now (`resident`: device,
+        host or store; one engine call for all)."""
+        try:
+            state = await self.engine.call("adapter_state")
+        except Exception:  # noqa: BLE001 - an engine without the adapter hook's state (a cluster): no residency
+            state = {}
+        out = []
+        for name in self.names():
+            summary = self.summary(name)
+            resident = state.get(f"{summary['adapter_id']}:{summary['version']}")
+            out.append({**summary, "resident": resident["tier"] if resident else "store"})
+        return out
+
     def summary(self, name: str) -> dict[str, Any]:
         v = self.served[name]
         return {"id": name, "object": "adapter", "adapter_id": v.adapter_id, "version": v.version, "rank": v.rank,

@@ -18,6 +18,7 @@ from loraplex.serve.fine_tuning_routes import FINE_TUNING_ROUTES, is_fine_tuning
 from loraplex.serve.metrics import HttpMetricsMiddleware, ServingMetrics
 from loraplex.serve.routes import ROUTES
 from loraplex.serve.openapi import OPENAPI_ROUTES
+from loraplex.serve.ui_routes import UI_ROUTES
 from loraplex.serve.utility_routes import UTILITY_ROUTES
 
 logger = logging.getLogger("loraplex.serve")
@@ -88,7 +89,7 @@ def build_app(engine: Any, served_model_names: list[str], api_key: str | None = 
     middleware = [Middleware(HttpMetricsMiddleware)]
     if api_key or admin_api_key:
         middleware.append(Middleware(ApiKeyMiddleware, api_key=api_key, admin_api_key=admin_api_key))
-    app = Starlette(routes=ROUTES + ADAPTER_ROUTES + FINE_TUNING_ROUTES + UTILITY_ROUTES + OPENAPI_ROUTES,
+    app = Starlette(routes=ROUTES + ADAPTER_ROUTES + FINE_TUNING_ROUTES + UTILITY_ROUTES + OPENAPI_ROUTES + UI_ROUTES,
                     middleware=middleware,
                     exception_handlers=EXCEPTION_HANDLERS, lifespan=lifespan)
     app.state.engine = engine

@@ -198,6 +198,11 @@ class ServingMetrics:
         self.http_responses = Counter(PREFIX + "http_responses", "HTTP responses by route and status code.",
                                       ["route", "method", "status"], registry=self.registry)
 
+    def total_generation_tokens(self) -> float:
+        """Generation tokens counted so far, all models."""
+        return sum(sample.value for metric in self.generation_tokens.collect() for sample in metric.samples
+                   if sample.name.endswith("_total"))
+
     def watch_fine_tuning(self, store) -> None:
         """Export the job store's gauges (a server with fine-tuning on)."""
         self.registry.register(_FineTuningCollector(store))

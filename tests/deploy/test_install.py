@@ -27,7 +27,7 @@ def test_install_script_leaves_a_working_server(tmp_path, default_model_dir):
     env = {**os.environ, "PYTHON": str(python), "TORCH_INDEX_URL": "", "PIP_DISABLE_PIP_VERSION_CHECK": "1"}
     env.pop("EXTRAS", None)
     done = subprocess.run(["bash", str(ROOT / "deploy" / "docker" / "install.sh"), str(ROOT)], env=env,
-                          capture_output=True, text=True, timeout=900)
+                          capture_output=True, text=True, timeout=900, check=False)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "loraplex ready" in done.stderr
     # installed, not linked to this checkout
@@ -35,7 +35,7 @@ def test_install_script_leaves_a_working_server(tmp_path, default_model_dir):
                            capture_output=True, text=True, check=True).stdout
     assert str(venv) in where and str(ROOT) not in where
     port = free_port()
-    log = open(tmp_path / "server.log", "w")
+    log = open(tmp_path / "server.log", "w")  # noqa: SIM115 - closed in the finally below
     server = subprocess.Popen([str(venv / "bin" / "loraplex"), "serve", "--port", str(port), "--dtype", "float32"],
                               stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     try:
@@ -63,8 +63,8 @@ def test_install_script_leaves_a_working_server(tmp_path, default_model_dir):
 
 def test_install_script_refuses_bad_input(tmp_path):
     script = str(ROOT / "deploy" / "docker" / "install.sh")
-    done = subprocess.run(["bash", script, str(tmp_path)], capture_output=True, text=True)
+    done = subprocess.run(["bash", script, str(tmp_path)], capture_output=True, text=True, check=False)
     assert done.returncode == 2 and "no pyproject.toml" in done.stderr
-    done = subprocess.run(["bash", script, str(ROOT)], capture_output=True, text=True,
+    done = subprocess.run(["bash", script, str(ROOT)], capture_output=True, text=True, check=False,
                           env={**os.environ, "EXTRAS": "cluster; rm -rf /"})
     assert done.returncode == 2 and "EXTRAS must be" in done.stderr

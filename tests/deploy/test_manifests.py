@@ -36,7 +36,7 @@ def _tool(name: str) -> str:
 
 def render(overlay: str) -> list[dict]:
     done = subprocess.run([_tool("kubectl"), "kustomize", str(DEPLOY / "k8s" / "overlays" / overlay)],
-                          capture_output=True, text=True)
+                          capture_output=True, text=True, check=False)
     assert done.returncode == 0, done.stderr
     return [d for d in yaml.safe_load_all(done.stdout) if d]
 
@@ -146,7 +146,7 @@ def test_the_endpoint_picker_reads_loraplex_metric_names():
 
 def test_compose_file_validates_against_the_compose_spec():
     done = subprocess.run([_tool("check-jsonschema"), "--builtin-schema", "vendor.compose-spec",
-                           str(DEPLOY / "compose" / "compose.yaml")], capture_output=True, text=True)
+                           str(DEPLOY / "compose" / "compose.yaml")], capture_output=True, text=True, check=False)
     assert done.returncode == 0, done.stdout + done.stderr
 
 
@@ -155,10 +155,10 @@ def test_compose_variables_are_documented_and_no_secret_is_committed():
     used = set(re.findall(r"(?<!\$)\$\{([A-Z0-9_]+)", text))
     required = set(re.findall(r"\$\{([A-Z0-9_]+):\?", text))
     example = (DEPLOY / "compose" / "env.example").read_text()
-    documented = set(re.findall(r"^#?\s*([A-Z0-9_]+)=", example, re.M))
+    documented = set(re.findall(r"^#?\s*([A-Z0-9_]+)=", example, re.MULTILINE))
     assert used <= documented, used - documented
-    assert required <= {m for m in re.findall(r"^([A-Z0-9_]+)=$", example, re.M)}  # listed, and left empty
-    assert not re.search(r"^[A-Z0-9_]+=\S", example, re.M)  # no value set outside comments
+    assert required <= {m for m in re.findall(r"^([A-Z0-9_]+)=$", example, re.MULTILINE)}  # listed, and left empty
+    assert not re.search(r"^[A-Z0-9_]+=\S", example, re.MULTILINE)  # no value set outside comments
     compose = yaml.safe_load(text)
     for name, service in compose["services"].items():
         for port in service.get("ports", []):
@@ -182,9 +182,9 @@ def test_compose_mounts_the_files_that_exist():
 @pytest.mark.parametrize("name", ["Dockerfile", "Dockerfile.cuda"])
 def test_dockerfile_passes_hadolint(name):
     done = subprocess.run([_tool("hadolint"), "--failure-threshold", "info", str(DEPLOY / "docker" / name)],
-                          capture_output=True, text=True)
+                          capture_output=True, text=True, check=False)
     assert done.returncode == 0, done.stdout + done.stderr
     text = (DEPLOY / "docker" / name).read_text()
     runs = [line for line in text.replace("\\\n", " ").splitlines() if line.startswith("RUN ")]
     assert runs and all("install.sh" in line for line in runs)  # every install step is the tested script
-    assert re.search(r"^USER 10001", text, re.M) and "HEALTHCHECK" in text and 'VOLUME ["/data"]' in text
+    assert re.search(r"^USER 10001", text, re.MULTILINE) and "HEALTHCHECK" in text and 'VOLUME ["/data"]' in text
