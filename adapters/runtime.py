@@ -93,6 +93,11 @@ class LoRARuntime:
         """Make (adapter_id, version) servable: read and validate it into the host tier now, so a bad
         file fails this call instead of a request later. Older versions of the same adapter retire."""
         key = (adapter_id, version)
+        existing = self.registry.get(key)
+        if existing is not None:  # registered already (maybe retired by a newer version): serve it again
+            existing.retired = False
+            return {"rank": existing.rank, "target_modules": list(existing.target_modules),
+                    "num_bytes": existing.num_bytes}
         t0 = time.perf_counter()
         weights = self._read(Path(path))
         self._put_host(key, weights)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import re
 import shutil
 import tarfile
 import tempfile
@@ -24,6 +25,7 @@ from loraplex.adapters.peft import LORA_MODULES, load_adapter
 from loraplex.adapters.store import AdapterStore, AdapterVersion, validate_adapter_name
 
 logger = logging.getLogger("loraplex.serve")
+PINNED_RE = re.compile(r"(.+)@v?([0-9]{1,9})")  # `model: "name@3"`: version 3 of adapter `name`
 
 FOLLOW_POLL_S = 1.0  # the change log is read at least this often (PostgreSQL's NOTIFY wakes it at once)
 
@@ -146,7 +148,11 @@ class AdapterService:
     # ---- lookups ----------------------------------------------------------------------------
     async def resolve(self, name: str) -> tuple[int, int] | None:
         """(adapter_id, version) new requests for `name` get, registered with the engine first when this
-        server has not served that version yet (pulled from the store on a miss); None: no such adapter."""
+        server has not served that version yet (pulled from the store on a miss); None: no such adapter.
+        `name@N` (or `name@vN`) pins version N of `name`, however many versions came after it."""
+        pinned = PINNED_RE.fullmatch(name)
+        if pinned is not None:
+            return await self._resolve_pinned(pinned[1], int(pinned[2]))
         version = self.served.get(name)
         if version is None and self._pull_on_miss:
             try:  # maybe published elsewhere a moment ago, before the change log reached this server
@@ -155,6 +161,18 @@ class AdapterService:
                 return None
             self.served[name] = version
         if version is None:
+            return None
+        key = (version.adapter_id, version.version)
+        if key not in self.registered:
+            await self._pull(version)
+        return key
+
+    async def _resolve_pinned(self, name: str, number: int) -> tuple[int, int] | None:
+        if name not in self.served and not self._pull_on_miss:
+            return None
+        try:
+            version = await asyncio.to_thread(self.store.get_version, name, number)
+        except AdapterNotFoundError:
             return None
         key = (version.adapter_id, version.version)
         if key not in self.registered:
@@ -295,6 +313,9 @@ class AdapterService:
         pulls = getattr(self.engine, "pulls_adapters", False)  # the cluster's replicas fetch the files themselves
         folder = "" if pulls else await asyncio.to_thread(self.store.fetch, version, pin=True)
         await self.engine.call("register_adapter", version.name, version.adapter_id, version.version, str(folder))
+        # as the engine does: a version retires the older ones of its adapter (a pinned request registers
+        # an older one again)
+        self.registered = {k for k in self.registered if k[0] != version.adapter_id or k[1] >= version.version}
         self.registered.add((version.adapter_id, version.version))
         current = self.served.get(version.name)
         if current is None or (current.adapter_id, current.version) <= (version.adapter_id, version.version):

@@ -96,6 +96,11 @@ function useModels(refresh) {
     (async () => {
       try {
         const names = (await api("/v1/models")).data.map((m) => m.id);
+        let pinned = []; // every version of a republished adapter, as `name@N` (the server pins it)
+        try {
+          for (const a of (await api("/v1/adapters")).data)
+            if (a.version > 1) for (let n = 1; n <= a.version; n++) pinned.push(`${a.id}@${n}`);
+        } catch { pinned = []; }
         let checkpoints = [];
         try {
           const jobs = (await api("/v1/fine_tuning/jobs?limit=10")).data;
@@ -104,7 +109,7 @@ function useModels(refresh) {
             checkpoints.push(...page.data.map((c) => c.fine_tuned_model_checkpoint));
           }
         } catch { checkpoints = []; } // fine-tuning off on this server
-        if (live) { setModels([...names, ...checkpoints.filter((c) => !names.includes(c))]); setError(null); }
+        if (live) { setModels([...names, ...pinned, ...checkpoints.filter((c) => !names.includes(c))]); setError(null); }
       } catch (e) { if (live) setError(e.message); }
     })();
     return () => { live = false; };

@@ -223,3 +223,28 @@ def test_nf4_server_with_an_adapter(default_model_dir, smol_config, tmp_path):
         assert weights and float(weights[0].split()[-1]) < 0.6 * 651306368  # well under the fp32 weights
     finally:
         srv.stop()
+
+
+def test_a_pinned_version_serves_its_own_weights(lora_server, client, smol_config, tmp_path):
+    """`model: "name@N"` (or `name@vN`) serves version N however many versions were published after it; the
+    name alone serves the newest; a version that does not exist is a 404."""
+    folders = [write_random_peft(tmp_path / f"v{i}", smol_config, r=8, seed=70 + i, std=0.05) for i in (1, 2, 3)]
+    answers = []
+    for folder in folders[:2]:
+        assert upload(lora_server, "fern", tar_gz(folder)).status_code == 201
+        answers.append(chat(client, "fern"))
+    assert answers[0] != answers[1]
+    assert chat(client, "fern@1") == answers[0] and chat(client, "fern@v1") == answers[0]
+    assert chat(client, "fern@2") == answers[1] == chat(client, "fern")
+    assert upload(lora_server, "fern", tar_gz(folders[2])).status_code == 201  # v3 retires v1 and v2 as current
+    v3 = chat(client, "fern")
+    assert v3 not in answers
+    assert [chat(client, f"fern@{n}") for n in (1, 2, 3, 1)] == [*answers, v3, answers[0]]
+    r = client.chat.completions.with_raw_response.create(model="fern@1", messages=PROMPT, max_tokens=2)
+    assert json.loads(r.text)["model"] == "fern@1"
+    for missing in ("fern@9", "nope@1"):
+        with pytest.raises(openai.NotFoundError):
+            chat(client, missing)
+    assert httpx.delete(lora_server.base_url + "/v1/adapters/fern", headers=ADMIN).status_code == 200
+    with pytest.raises(openai.NotFoundError):
+        chat(client, "fern@1")
