@@ -84,8 +84,41 @@ CREATE TABLE IF NOT EXISTS adapter_changes (
 )"""
 
 
+# v3: an adapter's metadata (description, example prompts), JSON; one per name, editable, kept across versions
+_SCHEMA_V3 = "ALTER TABLE adapters ADD COLUMN metadata TEXT"
 MIGRATIONS = (Migration(1, _schema_v1("sqlite"), _schema_v1("postgresql")),
-              Migration(2, _schema_v2("sqlite"), _schema_v2("postgresql")))
+              Migration(2, _schema_v2("sqlite"), _schema_v2("postgresql")),
+              Migration(3, _SCHEMA_V3, _SCHEMA_V3))
+MAX_DESCRIPTION_CHARS = 2000
+MAX_EXAMPLES = 20
+MAX_EXAMPLE_CHARS = 4000
+
+
+def validate_metadata(metadata: object) -> dict:
+    """An adapter's metadata: {"description": str, "examples": [str, ...]} (both optional, bounded); -> the
+    normalised dict, or AdapterError."""
+    if not isinstance(metadata, dict):
+        raise AdapterError("adapter metadata must be a JSON object with `description` and `examples`",
+                           param="metadata")
+    unknown = sorted(set(metadata) - {"description", "examples"})
+    if unknown:
+        raise AdapterError(f"unknown adapter metadata field(s): {', '.join(unknown)} (allowed: description, "
+                           "examples)", param=unknown[0])
+    out: dict = {}
+    description = metadata.get("description")
+    if description is not None:
+        if not isinstance(description, str) or len(description) > MAX_DESCRIPTION_CHARS:
+            raise AdapterError(f"`description` must be text of at most {MAX_DESCRIPTION_CHARS} characters",
+                               param="description")
+        out["description"] = description
+    examples = metadata.get("examples")
+    if examples is not None:
+        if not isinstance(examples, list) or len(examples) > MAX_EXAMPLES or not all(
+                isinstance(e, str) and 0 < len(e) <= MAX_EXAMPLE_CHARS for e in examples):
+            raise AdapterError(f"`examples` must be a list of at most {MAX_EXAMPLES} prompts of 1 to "
+                               f"{MAX_EXAMPLE_CHARS} characters", param="examples")
+        out["examples"] = list(examples)
+    return out
 _SELECT = ("SELECT a.name, a.adapter_id, v.version, v.rank, v.alpha, v.target_modules, v.num_bytes, "
            "v.created, v.sha256, v.prefix FROM versions v JOIN adapters a ON a.adapter_id = v.adapter_id")
 
@@ -182,6 +215,31 @@ class AdapterStore:
         if not rows:
             raise AdapterNotFoundError(name)
         return rows
+
+    def metadata(self, name: str) -> dict:
+        rows = self.db.execute("SELECT metadata FROM adapters WHERE name = ?", (name,))
+        if not rows:
+            raise AdapterNotFoundError(name)
+        return json.loads(rows[0][0]) if rows[0][0] else {}
+
+    def all_metadata(self) -> dict[str, dict]:
+        """name -> metadata of every adapter that has some."""
+        return {name: json.loads(text) for name, text in
+                self.db.execute("SELECT name, metadata FROM adapters WHERE metadata IS NOT NULL", ())}
+
+    def set_metadata(self, name: str, changes: dict) -> dict:
+        """Merge `changes` (validate_metadata's fields; a field set to null is removed) into `name`'s
+        metadata; -> the new metadata."""
+        if not isinstance(changes, dict):
+            raise AdapterError("adapter metadata must be a JSON object", param="metadata")
+        with self.db.transaction(lock=f"adapter:{name}") as tx:
+            row = tx.one("SELECT metadata FROM adapters WHERE name = ?", (name,))
+            if row is None:
+                raise AdapterNotFoundError(name)
+            merged = {**(json.loads(row[0]) if row[0] else {}), **changes}
+            merged = validate_metadata({k: v for k, v in merged.items() if v is not None})
+            tx.execute("UPDATE adapters SET metadata = ? WHERE name = ?", (json.dumps(merged), name))
+        return merged
 
     def list(self) -> list[AdapterVersion]:
         """The latest version of every adapter, sorted by name."""
@@ -296,11 +354,14 @@ class AdapterStore:
     # --- writes --------------------------------------------------------------------------------
 
     def publish(self, name: str, src_dir: pathlib.Path, *, rank: int, alpha: float,
-                target_modules: Sequence[str]) -> AdapterVersion:
+                target_modules: Sequence[str], metadata: dict | None = None) -> AdapterVersion:
         """Publish the adapter folder `src_dir` as the next version of `name`. Copies the top-level
         regular files adapter_config.json, adapter_model.safetensors and README.md (if present);
-        on any failure nothing of this publish is visible (and its objects are removed)."""
+        on any failure nothing of this publish is visible (and its objects are removed). `metadata`
+        (validate_metadata) replaces the name's metadata in the same commit; None keeps what it had."""
         validate_adapter_name(name)
+        if metadata is not None:
+            metadata = validate_metadata(metadata)
         if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
             raise AdapterError(f"The adapter rank must be a positive integer, got {rank!r}.", param="rank")
         if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
@@ -321,7 +382,7 @@ class AdapterStore:
                 if file_name == WEIGHTS_NAME:
                     sha256 = digest
             return self._commit(name, prefix, rank=rank, alpha=float(alpha), target_modules=tuple(target_modules),
-                                num_bytes=num_bytes, sha256=sha256)
+                                num_bytes=num_bytes, sha256=sha256, metadata=metadata)
         except BaseException:
             try:
                 self._remove_objects(prefix)
@@ -330,7 +391,7 @@ class AdapterStore:
             raise
 
     def _commit(self, name: str, prefix: str, *, rank: int, alpha: float, target_modules: tuple[str, ...],
-                num_bytes: int, sha256: str) -> AdapterVersion:
+                num_bytes: int, sha256: str, metadata: dict | None = None) -> AdapterVersion:
         with self.db.transaction(lock=f"adapter:{name}") as tx:
             row = tx.one("SELECT adapter_id FROM adapters WHERE name = ?", (name,))
             created = time.time()
@@ -346,6 +407,8 @@ class AdapterStore:
                        " sha256, prefix) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                        (adapter_id, version, rank, alpha, json.dumps(list(target_modules)), num_bytes, created,
                         sha256, prefix))
+            if metadata is not None:
+                tx.execute("UPDATE adapters SET metadata = ? WHERE adapter_id = ?", (json.dumps(metadata), adapter_id))
             self._log_change(tx, name, adapter_id, version, "publish", created)
         return AdapterVersion(name=name, adapter_id=int(adapter_id), version=int(version),
                               path=self._local_folder(prefix), rank=rank, alpha=alpha, target_modules=target_modules,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import shutil
 import tempfile
@@ -64,6 +65,43 @@ def _raise_adapter_too_large(max_bytes: int) -> None:
     raise AdapterTooLargeError(f"the upload is larger than the {max_bytes >> 20} MiB limit", param="file")
 
 
+def _form_metadata(form) -> dict | None:
+    """The upload's optional metadata fields: `description` (text) and `examples` (a JSON array of prompts)."""
+    description, examples = form.get("description"), form.get("examples")
+    if description is None and examples is None:
+        return None
+    metadata: dict = {}
+    if description is not None:
+        if not isinstance(description, str):
+            raise InvalidRequestError("the form field `description` must be text", param="description")
+        metadata["description"] = description
+    if examples is not None:
+        try:
+            metadata["examples"] = json.loads(examples) if isinstance(examples, str) else None
+        except json.JSONDecodeError:
+            metadata["examples"] = None
+        if not isinstance(metadata["examples"], list):
+            raise InvalidRequestError("the form field `examples` must be a JSON array of prompts", param="examples")
+    return metadata
+
+
+async def update_adapter(request: Request) -> Response:
+    """PATCH /v1/adapters/{name}: {"metadata": {"description": ..., "examples": [...]}} merged into the adapter's
+    metadata (a field set to null is removed); -> the adapter as GET shows it."""
+    service = _service(request)
+    try:
+        body = json.loads(await request.body())
+    except json.JSONDecodeError:
+        raise InvalidRequestError("the body must be JSON: {\"metadata\": {\"description\": ..., "
+                                  "\"examples\": [...]}}") from None
+    if not isinstance(body, dict) or set(body) != {"metadata"}:
+        raise InvalidRequestError("the body must be {\"metadata\": {...}} (only metadata can change; publish a new "
+                                  "version for new weights)", param="metadata")
+    name = request.path_params["name"]
+    await service.update_metadata(name, body["metadata"])
+    return JSONResponse(await service.describe(name))
+
+
 async def upload_adapter(request: Request) -> Response:
     service = _service(request)
     if not request.headers.get("content-type", "").startswith("multipart/form-data"):
@@ -78,6 +116,7 @@ async def upload_adapter(request: Request) -> Response:
     form = await limited.form(max_files=1, max_fields=8)
     try:
         name, upload = form.get("name"), form.get("file")
+        metadata = _form_metadata(form)
         if not isinstance(name, str) or not name:
             raise InvalidRequestError("the form field `name` (the adapter's name) is required", param="name")
         if not isinstance(upload, UploadFile):
@@ -87,12 +126,13 @@ async def upload_adapter(request: Request) -> Response:
         try:
             with os.fdopen(fd, "wb") as out:
                 await asyncio.to_thread(shutil.copyfileobj, upload.file, out, 1 << 20)
-            version = await service.upload(name, Path(tmp))
+            version = await service.upload(name, Path(tmp), metadata)
         finally:
             os.unlink(tmp)
     finally:
         await form.close()
-    return JSONResponse(service.summary(version.name), status_code=201)
+    return JSONResponse({**service.summary(version.name),
+                         "metadata": await asyncio.to_thread(service.store.metadata, version.name)}, status_code=201)
 
 
 async def list_adapters(request: Request) -> Response:
@@ -138,7 +178,8 @@ async def unload_lora_adapter(request: Request) -> Response:
 
 # (path, method) pairs that change state: with --admin-api-key they need that key
 # (downloads too: an adapter is the product of someone's data and compute)
-ADMIN_ROUTES = {("/v1/adapters", "POST"), ("/v1/adapters/*", "DELETE"), ("/v1/load_lora_adapter", "POST"),
+ADMIN_ROUTES = {("/v1/adapters", "POST"), ("/v1/adapters/*", "DELETE"), ("/v1/adapters/*", "PATCH"),
+                ("/v1/load_lora_adapter", "POST"),
                 ("/v1/unload_lora_adapter", "POST")}
 
 
@@ -155,6 +196,7 @@ ADAPTER_ROUTES = [
     Route("/v1/adapters", list_adapters, methods=["GET"]),
     Route("/v1/adapters/{name}", get_adapter, methods=["GET"]),
     Route("/v1/adapters/{name}", delete_adapter, methods=["DELETE"]),
+    Route("/v1/adapters/{name}", update_adapter, methods=["PATCH"]),
     Route("/v1/adapters/{name}/content", download_adapter, methods=["GET"]),
     Route("/v1/load_lora_adapter", load_lora_adapter, methods=["POST"]),
     Route("/v1/unload_lora_adapter", unload_lora_adapter, methods=["POST"]),

@@ -22,7 +22,7 @@ from typing import Any
 from loraplex.adapters.archive import UploadLimits, extract_adapter_archive
 from loraplex.adapters.errors import AdapterError, AdapterNotFoundError
 from loraplex.adapters.peft import LORA_MODULES, load_adapter
-from loraplex.adapters.store import AdapterStore, AdapterVersion, validate_adapter_name
+from loraplex.adapters.store import AdapterStore, AdapterVersion, validate_adapter_name, validate_metadata
 
 logger = logging.getLogger("loraplex.serve")
 PINNED_RE = re.compile(r"(.+)@v?([0-9]{1,9})")  # `model: "name@3"`: version 3 of adapter `name`
@@ -216,7 +216,8 @@ class AdapterService:
         latest = self.served[name]
         return {"id": name, "object": "adapter", "adapter_id": latest.adapter_id, "version": latest.version,
                 "rank": latest.rank, "target_modules": list(latest.target_modules), "bytes": latest.num_bytes,
-                "created": int(latest.created), "versions": versions}
+                "created": int(latest.created), "versions": versions,
+                "metadata": await asyncio.to_thread(self.store.metadata, name)}
 
     async def summaries(self) -> list[dict[str, Any]]:
         """Every served adapter's summary with where its newest version's weights are now (`resident`: device,
@@ -225,11 +226,13 @@ class AdapterService:
             state = await self.engine.call("adapter_state")
         except Exception:  # noqa: BLE001 - an engine without the adapter hook's state (a cluster): no residency
             state = {}
+        metadata = await asyncio.to_thread(self.store.all_metadata)
         out = []
         for name in self.names():
             summary = self.summary(name)
             resident = state.get(f"{summary['adapter_id']}:{summary['version']}")
-            out.append({**summary, "resident": resident["tier"] if resident else "store"})
+            out.append({**summary, "resident": resident["tier"] if resident else "store",
+                        "metadata": metadata.get(name, {})})
         return out
 
     def summary(self, name: str) -> dict[str, Any]:
@@ -259,16 +262,24 @@ class AdapterService:
         return Path(tmp)
 
     # ---- changes ----------------------------------------------------------------------------
-    async def upload(self, name: str, archive: Path) -> AdapterVersion:
-        """Publish an uploaded archive (zip or tar.gz of a PEFT folder) as `name`'s next version."""
+    async def upload(self, name: str, archive: Path, metadata: dict | None = None) -> AdapterVersion:
+        """Publish an uploaded archive (zip or tar.gz of a PEFT folder) as `name`'s next version, with its
+        metadata (description, example prompts) when given."""
         self._check_name(name)
+        if metadata is not None:
+            metadata = validate_metadata(metadata)  # before any work: a bad field changes nothing
         with tempfile.TemporaryDirectory(prefix="upload-", dir=self.settings.adapter_dir / "tmp") as tmp:
             folder = await asyncio.to_thread(extract_adapter_archive, archive, Path(tmp),
                                              self.settings.upload_limits)
-            return await self.publish_folder(name, folder, allow_bin=False, replace=True)
+            return await self.publish_folder(name, folder, allow_bin=False, replace=True, metadata=metadata)
+
+    async def update_metadata(self, name: str, changes: dict) -> dict:
+        if name not in self.served and not self._pull_on_miss:
+            raise AdapterNotFoundError(name)
+        return await asyncio.to_thread(self.store.set_metadata, name, changes)
 
     async def publish_folder(self, name: str, folder: Path, *, allow_bin: bool, replace: bool,
-                             skip_if_same: bool = False) -> AdapterVersion:
+                             skip_if_same: bool = False, metadata: dict | None = None) -> AdapterVersion:
         """Validate `folder` against the base model and publish it. `replace=False` refuses an existing
         name (vLLM's load_lora_adapter without load_inplace)."""
         self._check_name(name)
@@ -285,7 +296,7 @@ class AdapterService:
                     return self.served[name]
                 version = await asyncio.to_thread(
                     self.store.publish, name, src, rank=weights.rank, alpha=weights.config.lora_alpha,
-                    target_modules=weights.target_modules)
+                    target_modules=weights.target_modules, metadata=metadata)
             try:
                 await self._register(version)
             except BaseException:

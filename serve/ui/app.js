@@ -90,6 +90,7 @@ function wordDiff(a, b) { // -> [[word, same?]] for b against a (longest common 
 
 function useModels(refresh) {
   const [models, setModels] = useState([]);
+  const [examples, setExamples] = useState({});
   const [error, setError] = useState(null);
   useEffect(() => {
     let live = true;
@@ -97,10 +98,14 @@ function useModels(refresh) {
       try {
         const names = (await api("/v1/models")).data.map((m) => m.id);
         let pinned = []; // every version of a republished adapter, as `name@N` (the server pins it)
+        const byAdapter = {};
         try {
-          for (const a of (await api("/v1/adapters")).data)
+          for (const a of (await api("/v1/adapters")).data) {
             if (a.version > 1) for (let n = 1; n <= a.version; n++) pinned.push(`${a.id}@${n}`);
+            if (a.metadata && a.metadata.examples) byAdapter[a.id] = a.metadata.examples;
+          }
         } catch { pinned = []; }
+        if (live) setExamples(byAdapter);
         let checkpoints = [];
         try {
           const jobs = (await api("/v1/fine_tuning/jobs?limit=10")).data;
@@ -114,7 +119,7 @@ function useModels(refresh) {
     })();
     return () => { live = false; };
   }, [refresh]);
-  return [models, error];
+  return [models, error, examples];
 }
 
 function ModelSelect({ models, value, onChange, label, id }) {
@@ -212,7 +217,7 @@ function Column({ index, models, column, setColumn, diffWith, showDiff, settings
 
 const EMPTY = { text: "", ttft: null, rate: null, tokens: null, finish: null, error: null };
 
-function Compare({ models, preset }) {
+function Compare({ models, preset, examples }) {
   const [settings, setSettings] = useState({ mode: "chat", prompt: "Write a haiku about the sea.", system: "",
     temperature: 0, top_p: 1, max_tokens: 64, seed: 0, sameSeed: true, stop: "", schema: "" });
   const [columns, setColumns] = useState([]);
@@ -295,6 +300,14 @@ function Compare({ models, preset }) {
     </div>
     ${settings.mode === "chat" ? html`<label class="grow" for="system">System prompt
       <input id="system" value=${settings.system} onInput=${set("system")} /></label>` : null}
+    ${(() => {
+      const offered = columns.flatMap((c) => (examples[c.model.split("@")[0]] || []).map((p) => [c.model, p]));
+      return offered.length ? html`<label for="examples">Example prompts of the chosen adapters
+        <select id="examples" onChange=${(e) => e.target.value && setSettings({ ...settings, prompt: e.target.value })}>
+          <option value="">choose…</option>
+          ${offered.map(([m, p]) => html`<option value=${p}>${m}: ${p.slice(0, 80)}</option>`)}
+        </select></label>` : null;
+    })()}
     <label for="prompt">Prompt<textarea id="prompt" value=${settings.prompt} onInput=${set("prompt")}></textarea></label>
     ${settings.mode === "chat" ? html`<details><summary>Structured output (JSON schema)</summary>
       <label for="schema">JSON schema the answer must follow (empty: free text)
@@ -384,6 +397,9 @@ function Adapters({ onChanged, refreshKey }) {
   const [file, setFile] = useState(null);
   const [over, setOver] = useState(false);
   const [busy, setBusy] = useState(false);
+  const [description, setDescription] = useState("");
+  const [examples, setExamples] = useState("");
+  const [editing, setEditing] = useState(null); // {id, description, examples}
   const load = useCallback(async () => {
     try { setAdapters((await api("/v1/adapters")).data); setError(null); } catch (e) { setError(e.message); }
   }, []);
@@ -394,11 +410,14 @@ function Adapters({ onChanged, refreshKey }) {
     const form = new FormData();
     form.append("name", name);
     form.append("file", file);
+    if (description) form.append("description", description);
+    const lines = examples.split("\n").map((x) => x.trim()).filter(Boolean);
+    if (lines.length) form.append("examples", JSON.stringify(lines));
     setBusy(true); setError(null); setNotice(null);
     try {
       const v = await api("/v1/adapters", { method: "POST", form });
       setNotice(`${v.id} v${v.version} published`);
-      setName(""); setFile(null);
+      setName(""); setFile(null); setDescription(""); setExamples("");
       await load(); onChanged();
     } catch (err) { setError(err.message); }
     setBusy(false);
@@ -408,6 +427,15 @@ function Adapters({ onChanged, refreshKey }) {
     try { await api(`/v1/adapters/${encodeURIComponent(id)}`, { method: "DELETE" }); await load(); onChanged(); }
     catch (err) { setError(err.message); }
   };
+  const saveEdit = async (e) => {
+    e.preventDefault();
+    try {
+      await api(`/v1/adapters/${encodeURIComponent(editing.id)}`, { method: "PATCH", body: { metadata: {
+        description: editing.description || null,
+        examples: editing.examples.split("\n").map((x) => x.trim()).filter(Boolean) } } });
+      setEditing(null); setNotice("metadata saved"); await load(); onChanged();
+    } catch (err) { setError(err.message); }
+  };
   const drop = (e) => {
     e.preventDefault(); setOver(false);
     const f = e.dataTransfer.files[0];
@@ -416,14 +444,27 @@ function Adapters({ onChanged, refreshKey }) {
   return html`<section class="panel" aria-labelledby="adapters-title">
     <h2 id="adapters-title">Adapters</h2>
     <table>
-      <thead><tr><th>Name</th><th>Version</th><th>Rank</th><th>Targets</th><th>Size</th><th>Where</th><th>Created</th>
-        <th><span class="visually-hidden">Actions</span></th></tr></thead>
+      <thead><tr><th>Name</th><th>Description</th><th>Version</th><th>Rank</th><th>Targets</th><th>Size</th><th>Where</th>
+        <th>Created</th><th><span class="visually-hidden">Actions</span></th></tr></thead>
       <tbody>${adapters.map((a) => html`<tr data-adapter=${a.id}>
-        <td>${a.id}</td><td>v${a.version}</td><td>${a.rank}</td><td>${a.target_modules.join(", ")}</td>
+        <td>${a.id}</td><td>${(a.metadata || {}).description || ""}
+          ${((a.metadata || {}).examples || []).length ? html`<div class="muted">${a.metadata.examples.length} example prompt(s)</div>` : null}</td>
+        <td>v${a.version}</td><td>${a.rank}</td><td>${a.target_modules.join(", ")}</td>
         <td>${fmtBytes(a.bytes)}</td><td>${a.resident || "–"}</td><td>${fmtTime(a.created)}</td>
-        <td><button type="button" class="danger" onClick=${() => remove(a.id)} aria-label=${`Delete ${a.id}`}>Delete</button></td>
+        <td><button type="button" onClick=${() => setEditing({ id: a.id, description: (a.metadata || {}).description || "",
+              examples: ((a.metadata || {}).examples || []).join("\n") })} aria-label=${`Edit ${a.id}`}>Edit</button>
+          <button type="button" class="danger" onClick=${() => remove(a.id)} aria-label=${`Delete ${a.id}`}>Delete</button></td>
       </tr>`)}</tbody>
     </table>
+    ${editing ? html`<form class="panel" onSubmit=${saveEdit} aria-label=${`Edit ${editing.id}`}>
+      <h2>Edit ${editing.id}</h2>
+      <label for="edit-description">Description<input id="edit-description" value=${editing.description}
+        onInput=${(e) => setEditing({ ...editing, description: e.target.value })} /></label>
+      <label for="edit-examples">Example prompts (one per line)<textarea id="edit-examples" value=${editing.examples}
+        onInput=${(e) => setEditing({ ...editing, examples: e.target.value })}></textarea></label>
+      <div class="row"><button class="primary" type="submit">Save</button>
+        <button type="button" onClick=${() => setEditing(null)}>Cancel</button></div>
+    </form>` : null}
     ${adapters.length ? null : html`<p class="muted">No adapters yet.</p>`}
     <h2>Upload an adapter</h2>
     <form onSubmit=${upload}>
@@ -438,8 +479,12 @@ function Adapters({ onChanged, refreshKey }) {
       </div>
       <div class="row">
         <label for="adapter-name">Name<input id="adapter-name" value=${name} onInput=${(e) => setName(e.target.value)} /></label>
+        <label class="grow" for="adapter-description">Description (optional)<input id="adapter-description"
+          value=${description} onInput=${(e) => setDescription(e.target.value)} /></label>
         <button class="primary" type="submit" disabled=${busy}>Upload</button>
       </div>
+      <label for="adapter-examples">Example prompts (optional, one per line)<textarea id="adapter-examples"
+        value=${examples} onInput=${(e) => setExamples(e.target.value)}></textarea></label>
     </form>
     ${error ? html`<div class="error" role="alert">${error}</div>` : null}
     ${notice ? html`<div class="notice" role="status">${notice}</div>` : null}
@@ -635,7 +680,7 @@ function App() {
   const [key, setKey] = useState(localStorage.getItem(KEY_STORAGE) || "");
   const [refresh, setRefresh] = useState(0);
   const [preset, setPreset] = useState(null);
-  const [models, modelsError] = useModels(`${refresh}:${key}`);
+  const [models, modelsError, examples] = useModels(`${refresh}:${key}`);
   const changed = () => setRefresh((n) => n + 1);
   const go = (id) => { setTab(id); history.replaceState(null, "", `#${id}`); };
   const saveKey = (e) => {
@@ -664,7 +709,7 @@ function App() {
     <main>
       ${modelsError ? html`<div class="error" role="alert">${modelsError}</div>` : null}
       <div role="tabpanel" id="view-compare" aria-labelledby="tab-compare" hidden=${tab !== "compare"}>
-        <${Compare} models=${models} preset=${preset} /></div>
+        <${Compare} models=${models} preset=${preset} examples=${examples} /></div>
       <div role="tabpanel" id="view-chat" aria-labelledby="tab-chat" hidden=${tab !== "chat"}>
         <${Chat} models=${models} /></div>
       <div role="tabpanel" id="view-adapters" aria-labelledby="tab-adapters" hidden=${tab !== "adapters"}>

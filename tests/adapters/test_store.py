@@ -312,3 +312,30 @@ def test_postgres_notifies_every_publish_and_delete(tmp_path, backend):
         s.delete("a")
         heard = [n.payload for n in listener.notifies(timeout=5, stop_after=2)]
     assert heard == ["a", "a"]
+
+
+def test_metadata_is_kept_per_name_across_versions_and_edits(store, tmp_path):
+    from loraplex.adapters.store import AdapterError, AdapterNotFoundError
+    src = make_adapter_dir(tmp_path / "src")
+    store.publish("quill", src, rank=4, alpha=8, target_modules=["q_proj"],
+                  metadata={"description": "Writes in rhyme.", "examples": ["A poem about rain"]})
+    assert store.metadata("quill") == {"description": "Writes in rhyme.", "examples": ["A poem about rain"]}
+    store.publish("quill", make_adapter_dir(tmp_path / "src2", seed=1), rank=4, alpha=8, target_modules=["q_proj"])
+    assert store.metadata("quill")["description"] == "Writes in rhyme."  # a new version keeps it
+    assert store.set_metadata("quill", {"examples": ["A limerick", "An ode"]}) == {
+        "description": "Writes in rhyme.", "examples": ["A limerick", "An ode"]}
+    assert store.set_metadata("quill", {"description": None}) == {"examples": ["A limerick", "An ode"]}
+    for bad in ({"examples": "one"}, {"examples": [""]}, {"examples": ["x"] * 21}, {"description": "x" * 2001},
+                {"colour": "red"}, ["not", "an", "object"]):
+        with pytest.raises(AdapterError):
+            store.set_metadata("quill", bad)
+    with pytest.raises(AdapterError):  # refused before anything is written
+        store.publish("quill", src, rank=4, alpha=8, target_modules=["q_proj"], metadata={"examples": 3})
+    assert [v.version for v in store.versions("quill")] == [1, 2]
+    assert store.metadata("quill") == {"examples": ["A limerick", "An ode"]}  # nothing changed
+    assert store.all_metadata() == {"quill": {"examples": ["A limerick", "An ode"]}}
+    with pytest.raises(AdapterNotFoundError):
+        store.set_metadata("nope", {"description": "x"})
+    store.delete("quill")
+    with pytest.raises(AdapterNotFoundError):
+        store.metadata("quill")

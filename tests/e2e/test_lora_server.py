@@ -248,3 +248,27 @@ def test_a_pinned_version_serves_its_own_weights(lora_server, client, smol_confi
     assert httpx.delete(lora_server.base_url + "/v1/adapters/fern", headers=ADMIN).status_code == 200
     with pytest.raises(openai.NotFoundError):
         chat(client, "fern@1")
+
+
+def test_adapter_metadata_with_the_upload_and_edited_later(lora_server, smol_config, tmp_path):
+    folder = write_random_peft(tmp_path / "a", smol_config, r=8, seed=81, std=0.05)
+    base = lora_server.base_url
+    r = httpx.post(base + "/v1/adapters", headers=ADMIN, timeout=60, files={"file": ("a.tar.gz", tar_gz(folder))},
+                   data={"name": "sage", "description": "Answers like a sage.", "examples": '["What is time?"]'})
+    assert r.status_code == 201 and r.json()["metadata"] == {"description": "Answers like a sage.",
+                                                             "examples": ["What is time?"]}
+    listed = {a["id"]: a for a in httpx.get(base + "/v1/adapters").json()["data"]}
+    assert listed["sage"]["metadata"]["examples"] == ["What is time?"] and listed["sage"]["resident"]
+    r = httpx.patch(base + "/v1/adapters/sage", headers=ADMIN, json={"metadata": {"examples": ["Why?", "How?"]}})
+    assert r.status_code == 200 and r.json()["metadata"] == {"description": "Answers like a sage.",
+                                                             "examples": ["Why?", "How?"]}
+    for bad in ({"metadata": {"examples": "Why?"}}, {"metadata": {"colour": 1}}, {"rank": 4}, [1]):
+        r = httpx.patch(base + "/v1/adapters/sage", headers=ADMIN, json=bad)
+        assert r.status_code == 400, r.text
+    assert httpx.patch(base + "/v1/adapters/sage", json={"metadata": {}}).status_code == 401  # admin only
+    assert httpx.patch(base + "/v1/adapters/nope", headers=ADMIN, json={"metadata": {}}).status_code == 404
+    r = httpx.post(base + "/v1/adapters", headers=ADMIN, timeout=60, files={"file": ("a.tar.gz", tar_gz(folder))},
+                   data={"name": "sage", "examples": "not json"})
+    assert r.status_code == 400
+    got = httpx.get(base + "/v1/adapters/sage").json()
+    assert got["metadata"]["examples"] == ["Why?", "How?"] and [v["version"] for v in got["versions"]] == [1]

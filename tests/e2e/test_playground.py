@@ -120,10 +120,16 @@ def test_the_key_gates_the_api_and_an_uploaded_adapter_is_listed(page, server, s
     page.click("#tab-adapters")
     page.set_input_files("#adapter-file", str(_adapter_archive(tmp_path, default_model_dir)))
     page.fill("#adapter-name", "tulip")
-    page.click("#view-adapters button[type=submit]")
+    page.fill("#adapter-description", "Speaks in flowers")
+    page.fill("#adapter-examples", "Describe a tulip")
+    page.click("#view-adapters form >> text=Upload")
     page.wait_for_selector("tr[data-adapter=tulip]")
     row = page.inner_text("tr[data-adapter=tulip]")
-    assert "v1" in row and "8" in row
+    assert "v1" in row and "8" in row and "Speaks in flowers" in row and "1 example prompt" in row
+    page.click("[aria-label='Edit tulip']")  # metadata stays editable
+    page.fill("#edit-examples", "Describe a tulip\nName a red flower")
+    page.click("form[aria-label='Edit tulip'] >> text=Save")
+    page.wait_for_selector("tr[data-adapter=tulip] >> text=2 example prompt(s)")
     page.screenshot(path=str(shots / "adapters.png"), full_page=True)
     page.click("#tab-compare")
     page.wait_for_selector("#column-model-1 option[value=tulip]", state="attached")
@@ -133,6 +139,8 @@ def test_compare_streams_two_models_side_by_side(page, shots):
     page.click("#tab-compare")
     page.select_option("#column-model-0", "smol")
     page.select_option("#column-model-1", "tulip")
+    page.select_option("#examples", "Name a red flower")  # the adapter's example prompts fill the prompt
+    assert page.input_value("#prompt") == "Name a red flower"
     page.fill("#prompt", "Name three colours of the rainbow.")
     page.fill("#max-tokens", "24")
     page.click("#view-compare button.primary")

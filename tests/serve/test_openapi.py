@@ -14,7 +14,7 @@ def test_every_route_is_described(client):
     assert doc["openapi"].startswith("3.1") and doc["info"]["version"]
     described = {(path, method) for path, ops in doc["paths"].items() for method in ops}
     routes = {(re.sub(r"\{(\w+)(:\w+)?\}", r"{\1}", r.path), m.lower()) for r in client.app.routes
-              for m in r.methods if m != "HEAD"}
+              if hasattr(r, "methods") for m in r.methods if m != "HEAD"}  # (the playground's static files: a Mount)
     assert routes == described
 
 
@@ -31,4 +31,4 @@ def test_request_bodies_are_the_route_models(client):
 def test_schemathesis_reads_the_document(client):
     schemathesis = pytest.importorskip("schemathesis")
     schema = schemathesis.openapi.from_dict(client.get("/openapi.json").json())
-    assert len(list(schema.get_all_operations())) == 31
+    assert len(list(schema.get_all_operations())) == 35
