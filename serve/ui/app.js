@@ -68,6 +68,10 @@ async function listAll(path) { // every page of a list endpoint with OpenAI's `a
 
 // ---- small helpers --------------------------------------------------------------------------------------------
 
+function copy(text) { // the clipboard where the browser allows it (a secure context); the text stays selectable
+  if (navigator.clipboard && window.isSecureContext) navigator.clipboard.writeText(text).catch(() => {});
+}
+
 const fmtBytes = (n) => n >= 1 << 20 ? `${(n / (1 << 20)).toFixed(1)} MiB` : `${(n / 1024).toFixed(0)} KiB`;
 const fmtTime = (s) => new Date(s * 1000).toLocaleString();
 
@@ -211,7 +215,9 @@ function Column({ index, models, column, setColumn, diffWith, showDiff, settings
     <div class="row"><button type="button" onClick=${() => setShowCode(!showCode)} aria-expanded=${showCode}>
       ${showCode ? "Hide code" : "Copy as curl / Python"}</button></div>
     ${snippets ? html`<pre class="code" aria-label="curl">${snippets.curl}</pre>
-      <pre class="code" aria-label="Python">${snippets.python}</pre>` : null}
+      <button type="button" onClick=${() => copy(snippets.curl)}>Copy curl</button>
+      <pre class="code" aria-label="Python">${snippets.python}</pre>
+      <button type="button" onClick=${() => copy(snippets.python)}>Copy Python</button>` : null}
   </div>`;
 }
 
@@ -298,19 +304,19 @@ function Compare({ models, preset, examples }) {
         Same seed in every column</label>
       <label for="stop">Stop (comma-separated)<input id="stop" value=${settings.stop} onInput=${set("stop")} /></label>
     </div>
-    ${settings.mode === "chat" ? html`<label class="grow" for="system">System prompt
+    ${settings.mode === "chat" ? html`<label class="wide" for="system">System prompt
       <input id="system" value=${settings.system} onInput=${set("system")} /></label>` : null}
     ${(() => {
       const offered = columns.flatMap((c) => (examples[c.model.split("@")[0]] || []).map((p) => [c.model, p]));
-      return offered.length ? html`<label for="examples">Example prompts of the chosen adapters
+      return offered.length ? html`<label class="wide" for="examples">Example prompts of the chosen adapters
         <select id="examples" onChange=${(e) => e.target.value && setSettings({ ...settings, prompt: e.target.value })}>
           <option value="">choose…</option>
           ${offered.map(([m, p]) => html`<option value=${p}>${m}: ${p.slice(0, 80)}</option>`)}
         </select></label>` : null;
     })()}
-    <label for="prompt">Prompt<textarea id="prompt" value=${settings.prompt} onInput=${set("prompt")}></textarea></label>
+    <label class="wide" for="prompt">Prompt<textarea id="prompt" value=${settings.prompt} onInput=${set("prompt")}></textarea></label>
     ${settings.mode === "chat" ? html`<details><summary>Structured output (JSON schema)</summary>
-      <label for="schema">JSON schema the answer must follow (empty: free text)
+      <label class="wide" for="schema">JSON schema the answer must follow (empty: free text)
         <textarea id="schema" value=${settings.schema} onInput=${set("schema")}></textarea></label></details>` : null}
     <div class="row">
       <button class="primary" type="button" onClick=${run} disabled=${running || !columns.length}>Run</button>
@@ -458,9 +464,9 @@ function Adapters({ onChanged, refreshKey }) {
     </table>
     ${editing ? html`<form class="panel" onSubmit=${saveEdit} aria-label=${`Edit ${editing.id}`}>
       <h2>Edit ${editing.id}</h2>
-      <label for="edit-description">Description<input id="edit-description" value=${editing.description}
+      <label class="wide" for="edit-description">Description<input id="edit-description" value=${editing.description}
         onInput=${(e) => setEditing({ ...editing, description: e.target.value })} /></label>
-      <label for="edit-examples">Example prompts (one per line)<textarea id="edit-examples" value=${editing.examples}
+      <label class="wide" for="edit-examples">Example prompts (one per line)<textarea id="edit-examples" value=${editing.examples}
         onInput=${(e) => setEditing({ ...editing, examples: e.target.value })}></textarea></label>
       <div class="row"><button class="primary" type="submit">Save</button>
         <button type="button" onClick=${() => setEditing(null)}>Cancel</button></div>
@@ -483,7 +489,7 @@ function Adapters({ onChanged, refreshKey }) {
           value=${description} onInput=${(e) => setDescription(e.target.value)} /></label>
         <button class="primary" type="submit" disabled=${busy}>Upload</button>
       </div>
-      <label for="adapter-examples">Example prompts (optional, one per line)<textarea id="adapter-examples"
+      <label class="wide" for="adapter-examples">Example prompts (optional, one per line)<textarea id="adapter-examples"
         value=${examples} onInput=${(e) => setExamples(e.target.value)}></textarea></label>
     </form>
     ${error ? html`<div class="error" role="alert">${error}</div>` : null}
