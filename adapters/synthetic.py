@@ -33,3 +33,42 @@ def write_random_peft(folder: Path, model_config, *, r: int, alpha: float = 16.0
               "modules_to_save": None, "lora_dropout": 0.0, **(extra_config or {})}
     (folder / "adapter_config.json").write_text(json.dumps(config))
     return folder
+
+
+def random_mixlora_state(model_config, config, *, seed: int = 0, std: float = 0.05) -> dict:
+    """Unscaled random MixLoRA tensors under today's MoE-PEFT key names (every layer has experts)."""
+    from loraplex.adapters.mixlora import ATTENTION
+    shapes = module_shapes(model_config)
+    gen = torch.Generator().manual_seed(seed)
+    state = {}
+    for layer in range(model_config.num_hidden_layers):
+        for module in config.attention_targets:
+            in_f, out_f = shapes[module]
+            state[f"mixlora.layers.{layer}.self_attn.{module}.lora_A.weight"] = torch.randn(config.r, in_f, generator=gen) * std
+            state[f"mixlora.layers.{layer}.self_attn.{module}.lora_B.weight"] = torch.randn(out_f, config.r, generator=gen) * std
+        state[f"mixlora.layers.{layer}.mlp.moe_gate.weight"] = torch.randn(
+            config.num_experts, model_config.hidden_size, generator=gen)
+        for module in config.ffn_targets:
+            in_f, out_f = shapes[module]
+            r = config.rank(True)
+            for e in range(config.num_experts):
+                key = f"mixlora.layers.{layer}.mlp.{module}.experts.{e}"
+                state[f"{key}.lora_A.weight"] = torch.randn(r, in_f, generator=gen) * std
+                state[f"{key}.lora_B.weight"] = torch.randn(out_f, r, generator=gen) * std
+    assert set(config.attention_targets) <= set(ATTENTION)
+    return state
+
+
+def write_random_mixlora(folder: Path, model_config, *, r: int = 8, alpha: float = 16.0, num_experts: int = 4,
+                         top_k: int = 2, routing_strategy: str = "mixlora",
+                         target_modules=("q_proj", "v_proj", "gate_proj", "up_proj", "down_proj"), seed: int = 0,
+                         std: float = 0.05, extra_config: dict | None = None, write_bin: bool = False) -> Path:
+    """A MixLoRA folder (MoE-PEFT's layout, safetensors; the .bin too with write_bin) with random weights."""
+    from loraplex.adapters.mixlora import parse_mixlora_config, write_mixlora
+    raw = {"peft_type": "MIXLORA", "r": r, "lora_alpha": alpha, "lora_dropout": 0.05,
+           "target_modules": list(target_modules), "routing_strategy": routing_strategy,
+           "num_experts": num_experts, "act_fn": "silu", **({"top_k": top_k} if routing_strategy == "mixlora" else {}),
+           **(extra_config or {})}
+    config = parse_mixlora_config(raw, max_lora_rank=256)
+    return write_mixlora(folder, config, random_mixlora_state(model_config, config, seed=seed, std=std),
+                         write_bin=write_bin)
