@@ -184,3 +184,34 @@ def test_aux_loss_is_coef_times_k_when_balanced():
     logits.requires_grad_(True)
     aux_loss_reference(config, logits * 3, 0.01).backward()
     assert logits.grad is not None and torch.isfinite(logits.grad).all()
+
+
+@pytest.mark.parametrize("rslora", [False, True])
+def test_reference_block_matches_the_mixlora_package(tmp_path, rslora):
+    """Our float64 reference of the block against the `mixlora` package's MixLoraSparseMoe (its own loader and
+    injection into a tiny transformers Llama, LoRA dropout switched off by hand: the package leaves it on)."""
+    pytest.importorskip("mixlora")
+    import transformers
+    from mixlora.model import inject_adapter_in_model, load_adapter_weights
+    folder = write_random_mixlora(tmp_path / "a", CONFIG, r=4, alpha=8, num_experts=4, top_k=2, std=0.3,
+                                  write_bin=True, target_modules=("q_proj", "v_proj", "gate_proj", "up_proj", "down_proj"),
+                                  extra_config={"use_rslora": rslora})
+    raw = _raw(folder)
+    (folder / "adapter_config.json").write_text(json.dumps({**raw, "base_model_name_or_path": "unused"}))
+    torch.manual_seed(0)
+    hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=128, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=8)).double().eval()
+    config, weights = load_adapter_weights(str(folder), device="cpu", dtype=torch.float64)
+    inject_adapter_in_model(hf, config, weights)
+    ours = load_mixlora(folder, CONFIG, max_lora_rank=64, dtype=torch.float64)
+    x = torch.randn(1, 7, 32, dtype=torch.float64)
+    for layer, decoder in enumerate(hf.model.layers):
+        moe = decoder.mlp.mixlora_moes["default"]
+        for lora in moe.experts_.values():
+            lora.eval()
+        got = decoder.mlp(x.clone())
+        got = got[0] if isinstance(got, tuple) else got
+        mlp = decoder.mlp
+        want, _ = ffn_reference(ours, layer, x[0], mlp.gate_proj.weight, mlp.up_proj.weight, mlp.down_proj.weight)
+        torch.testing.assert_close(got.reshape(7, 32), want, rtol=1e-10, atol=1e-10)
