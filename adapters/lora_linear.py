@@ -21,6 +21,7 @@ class LoRAStepState:
     def __init__(self, apply: LoRAApply) -> None:
         self.apply = apply
         self.metas: dict[str, LoRABatchMeta] = {}
+        self.mix = None  # the step's MixLoRA rows (adapters/mixlora_mlp.py's MixLoRAStep), None without any
 
 
 class LoRALinear(nn.Module):

@@ -47,6 +47,7 @@ STRATEGIES = ("mixlora", "mixlora-dynamic")
 LEGACY_STRATEGY = "mixtral"
 LEGACY_PROJ = {"w1_proj": "gate_proj", "w2_proj": "down_proj", "w3_proj": "up_proj"}
 MAX_EXPERTS = 64
+BASE_ACT_FN = "silu"  # every architecture the engine runs (Llama, Mistral, Qwen2) has a SiLU-gated FFN
 ACT_FNS = ("silu", "gelu", "gelu_new", "gelu_pytorch_tanh", "relu")
 
 _ATTN_KEY = re.compile(r"^mixlora\.layers\.(\d+)\.self_attn\.([a-z]_proj)\.lora_([AB])\.weight$")
@@ -200,6 +201,46 @@ class MixLoRAWeights:
                                              for t in pair]
         return sum(t.numel() * t.element_size() for t in tensors)
 
+    @property
+    def rank(self) -> int:
+        return self.config.r
+
+    @property
+    def target_modules(self) -> tuple[str, ...]:
+        present = {m for _, m in self.attention} | {m for _, m in self.experts}
+        return tuple(m for m in ATTENTION + FFN if m in present)
+
+    # ---- the paged pool's layout: the attention LoRA shares its pages with expert 0 ----------------------------
+    @property
+    def expert_offsets(self) -> list[int]:
+        """First page (index into the adapter's page list) of each expert; expert e spans `rank(True)` pages."""
+        r_e = self.config.rank(True)
+        first = max(self.config.r if self.attention else 0, r_e)
+        return [0] + [first + (e - 1) * r_e for e in range(1, self.config.num_experts)]
+
+    @property
+    def num_pages(self) -> int:
+        r_e = self.config.rank(True)
+        return max(self.config.r if self.attention else 0, r_e) + (self.config.num_experts - 1) * r_e
+
+    def pool_tensors(self) -> dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]]:
+        """Per (layer, module) the A rows [num_pages, in] and B columns [out, num_pages] to write into the
+        adapter's pages (LoRAWeightPool.write): attention in the first r pages, each expert's A/B at its offset."""
+        n, offsets, r_e = self.num_pages, self.expert_offsets, self.config.rank(True)
+        out = {}
+        for (layer, module), (a, b) in self.attention.items():
+            a_full = a.new_zeros(n, a.shape[1])
+            b_full = b.new_zeros(b.shape[0], n)
+            a_full[:a.shape[0]], b_full[:, :b.shape[1]] = a, b
+            out[layer, module] = (a_full, b_full)
+        for (layer, module), (a, b) in self.experts.items():  # a [E, r_e, in], b [E, out, r_e]
+            a_full = a.new_zeros(n, a.shape[2])
+            b_full = b.new_zeros(b.shape[1], n)
+            for e, start in enumerate(offsets):
+                a_full[start:start + r_e], b_full[:, start:start + r_e] = a[e], b[e]
+            out[layer, module] = (a_full, b_full)
+        return out
+
 
 def read_mixlora_config(folder: Path, max_lora_rank: int) -> MixLoRAConfig:
     path = Path(folder) / CONFIG_NAME
@@ -272,14 +313,20 @@ def load_mixlora(folder: Path | str, model_config: ModelConfig, max_lora_rank: i
                                           "mlp.moe_gate or mlp.*_proj.experts.N)")
         if int(m[1]) >= num_layers:
             raise AdapterError(f"weight {key!r} is for layer {m[1]}; the base model has {num_layers} layers")
+    if config.act_fn != BASE_ACT_FN:
+        raise UnsupportedAdapterError(f"MixLoRA act_fn {config.act_fn!r} differs from the base model's FFN "
+                                      f"activation ({BASE_ACT_FN}): the experts share that FFN", param="act_fn")
     expert_layers = {layer for layer, _ in experts}
+    if expert_layers and expert_layers != set(range(num_layers)):
+        raise AdapterError(f"a MixLoRA adapter has experts and a router in every layer; layers "
+                           f"{sorted(set(range(num_layers)) - expert_layers)} have none")
     if set(router) != expert_layers or not router:
         missing = sorted(expert_layers - set(router))
         extra = sorted(set(router) - expert_layers)
         raise AdapterError(f"every layer with experts needs its router (mlp.moe_gate) and only those: "
                            f"routers missing for layers {missing}, routers without experts in layers {extra}"
                            if missing or extra else "the adapter holds no experts")
-    out_router = {layer: _checked(f"layer {layer} router", w, (num_experts, hidden)).to(dtype).contiguous()
+    out_router = {layer: _checked(f"layer {layer} router", w, (num_experts, hidden)).contiguous()  # float32 always
                   for layer, w in sorted(router.items())}
     out_attention = {}
     for (layer, module), ab in sorted(attention.items()):

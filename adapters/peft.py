@@ -151,6 +151,10 @@ class LoRAWeights:
     def num_bytes(self) -> int:
         return sum(a.numel() * a.element_size() + b.numel() * b.element_size() for a, b in self.tensors.values())
 
+    @property
+    def num_pages(self) -> int:
+        return self.rank
+
 
 def read_adapter_config(folder: Path, max_lora_rank: int) -> LoRAAdapterConfig:
     path = Path(folder) / CONFIG_NAME

@@ -54,16 +54,24 @@ class ResidentAdapter:
     pages: list[int]
     pin_count: int = 0
     retired: bool = False  # superseded or deleted: evict as soon as the last pin goes
+    slot: int | None = None  # its router slot (MixLoRA adapters), see LoRARuntime
 
 
 class AdapterPool:
     """Which adapters hold pages. `acquire` pins an adapter (writing it into fresh pages via `load`
     when it is not resident, evicting unpinned adapters least recently used first); `release` unpins.
-    `on_evict(key)` is told about every eviction (the host tier keeps a copy)."""
+    `on_evict(key)` is told about every eviction (the host tier keeps a copy).
 
-    def __init__(self, num_pages: int, on_evict: Callable[[AdapterKey], None] | None = None) -> None:
+    Adapters that also need one of `num_slots` router slots (MixLoRA: its per-layer routers live in a
+    small separate pool) ask for it with `slot=True`; a slot is then a second resource that can force
+    evictions, of unpinned slot holders only."""
+
+    def __init__(self, num_pages: int, on_evict: Callable[[AdapterKey], None] | None = None,
+                 num_slots: int = 0) -> None:
         self.allocator = PageAllocator(num_pages)
         self.on_evict = on_evict
+        self.num_slots = num_slots
+        self._free_slots: list[int] = list(range(num_slots - 1, -1, -1))
         self.resident: OrderedDict[AdapterKey, ResidentAdapter] = OrderedDict()  # LRU first
         self.num_loads = 0
         self.num_evictions = 0
@@ -86,14 +94,24 @@ class AdapterPool:
         entry = self.resident.get(key)
         return 0 if entry is None else entry.pin_count
 
-    def can_acquire(self, key: AdapterKey, rank: int) -> bool:
+    @property
+    def num_free_slots(self) -> int:
+        return len(self._free_slots)
+
+    def slot(self, key: AdapterKey) -> int | None:
+        return self.resident[key].slot
+
+    def can_acquire(self, key: AdapterKey, rank: int, slot: bool = False) -> bool:
         if key in self.resident:
             return True
-        evictable = sum(len(e.pages) for e in self.resident.values() if e.pin_count == 0)
-        return self.allocator.num_free + evictable >= rank
+        unpinned = [e for e in self.resident.values() if e.pin_count == 0]
+        if slot and len(self._free_slots) + sum(e.slot is not None for e in unpinned) < 1:
+            return False
+        return self.allocator.num_free + sum(len(e.pages) for e in unpinned) >= rank
 
-    def acquire(self, key: AdapterKey, rank: int, load: Callable[[list[int]], None]) -> list[int] | None:
-        """Pin `key`, loading it into `rank` pages if needed. None when pinned adapters leave no room."""
+    def acquire(self, key: AdapterKey, rank: int, load: Callable[..., None], slot: bool = False) -> list[int] | None:
+        """Pin `key`, loading it into `rank` pages (and a router slot, with `slot`) if needed: `load(pages)`, or
+        `load(pages, slot)`. None when pinned adapters leave no room."""
         entry = self.resident.get(key)
         if entry is not None:
             entry.pin_count += 1
@@ -101,19 +119,28 @@ class AdapterPool:
             return entry.pages
         if rank > self.allocator.num_usable:
             raise ValueError(f"rank {rank} exceeds the pool's {self.allocator.num_usable} pages")
-        if not self.can_acquire(key, rank):
+        if slot and self.num_slots == 0:
+            raise ValueError("this pool has no router slots")
+        if not self.can_acquire(key, rank, slot):
             return None
+        while slot and not self._free_slots:
+            self.evict(next(k for k, e in self.resident.items() if e.pin_count == 0 and e.slot is not None))
         while self.allocator.num_free < rank:
-            victim = next(k for k, e in self.resident.items() if e.pin_count == 0)
-            self.evict(victim)
+            self.evict(next(k for k, e in self.resident.items() if e.pin_count == 0))
         pages = self.allocator.allocate(rank)
         assert pages is not None
+        slot_id = self._free_slots.pop() if slot else None
         try:
-            load(pages)
+            if slot:
+                load(pages, slot_id)
+            else:
+                load(pages)
         except BaseException:
             self.allocator.free(pages)
+            if slot_id is not None:
+                self._free_slots.append(slot_id)
             raise
-        self.resident[key] = ResidentAdapter(key, pages, pin_count=1)
+        self.resident[key] = ResidentAdapter(key, pages, pin_count=1, slot=slot_id)
         self.num_loads += 1
         return pages
 
@@ -142,6 +169,8 @@ class AdapterPool:
             self.resident[key] = entry
             raise ValueError(f"adapter {key!r} is pinned by {entry.pin_count} running request(s)")
         self.allocator.free(entry.pages)
+        if entry.slot is not None:
+            self._free_slots.append(entry.slot)
         self.num_evictions += 1
         if self.on_evict is not None:
             self.on_evict(key)

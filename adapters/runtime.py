@@ -17,10 +17,14 @@ from typing import Any
 import torch
 
 from loraplex.adapters.errors import AdapterError
+from loraplex.adapters.kinds import ServedWeights, load_served_adapter
 from loraplex.adapters.lora_linear import LoRALinear, LoRAStepState
+from loraplex.adapters.mixlora import ATTENTION, FFN, MixLoRAConfig, MixLoRAWeights
+from loraplex.adapters.mixlora_mlp import MixLoRAMLP, MixLoRAStep, MixLoRATables
 from loraplex.adapters.ops.cpu import lora_apply_cpu
 from loraplex.adapters.ops.meta import build_lora_meta
-from loraplex.adapters.peft import LORA_MODULES, LoRAWeights, load_adapter, module_shapes
+from loraplex.adapters.ops.mixlora import RoutingGroup
+from loraplex.adapters.peft import LORA_MODULES, module_shapes
 from loraplex.adapters.pool import AdapterPool, LoRAWeightPool
 
 logger = logging.getLogger(__name__)
@@ -38,8 +42,21 @@ class RegisteredAdapter:
     rank: int
     target_modules: tuple[str, ...]
     num_bytes: int
+    num_pages: int  # pool pages it takes (a LoRA: its rank; a MixLoRA: attention and every expert)
+    mixlora: MixLoRAConfig | None = None
     num_requests: int = 0  # added and not finished: the version stays servable while > 0
     retired: bool = False
+
+    @property
+    def kind(self) -> str:
+        return "lora" if self.mixlora is None else "mixlora"
+
+    def modules_of_rows(self) -> tuple[str, ...]:
+        """The linears whose plain segmented LoRA op serves this adapter's rows (a MixLoRA's FFN goes through
+        its experts instead)."""
+        if self.mixlora is None:
+            return self.target_modules
+        return tuple(m for m in self.target_modules if m in ATTENTION)
 
 
 def pick_lora_backend(device: torch.device, name: str = "auto"):
@@ -54,19 +71,23 @@ def pick_lora_backend(device: torch.device, name: str = "auto"):
 
 class LoRARuntime:
     def __init__(self, model: torch.nn.Module, model_config, dtype: torch.dtype, device: torch.device, *,
-                 max_lora_rank: int, num_pages: int, max_cpu_loras: int, backend: str = "auto") -> None:
+                 max_lora_rank: int, num_pages: int, max_cpu_loras: int, backend: str = "auto",
+                 max_mixlora_adapters: int = 16, max_mixlora_experts: int = 16) -> None:
         self.model_config = model_config
         self.dtype, self.device = dtype, device
         self.max_lora_rank = max_lora_rank
         self.max_cpu_loras = max_cpu_loras
+        self.max_mixlora_experts = max_mixlora_experts
         shapes = module_shapes(model_config)
         if num_pages - 1 < max_lora_rank:
             raise ValueError(f"the LoRA pool ({num_pages - 1} pages) cannot hold one adapter of "
                              f"--max-lora-rank {max_lora_rank}")
         self.weights = LoRAWeightPool(num_pages, model_config.num_hidden_layers, shapes, dtype, device)
         self.pool_bytes = num_pages * LoRAWeightPool.bytes_per_page(model_config.num_hidden_layers, shapes, dtype)
-        self.pool = AdapterPool(num_pages)
-        self.host: OrderedDict[AdapterKey, LoRAWeights] = OrderedDict()  # LRU first
+        self.pool = AdapterPool(num_pages, num_slots=max_mixlora_adapters)
+        self.mix_tables = MixLoRATables(model_config.num_hidden_layers, model_config.hidden_size,
+                                        max_mixlora_adapters, max_mixlora_experts, max_lora_rank, device)
+        self.host: OrderedDict[AdapterKey, ServedWeights] = OrderedDict()  # LRU first
         self._residency_at, self._residency_list = -RESIDENCY_REFRESH_S, []
         self.registry: dict[AdapterKey, RegisteredAdapter] = {}
         self._pinned: dict[str, AdapterKey] = {}  # request_id -> the adapter it holds pages of
@@ -86,7 +107,11 @@ class LoRARuntime:
                 setattr(parent, module, LoRALinear(base, module, self.weights.a[layer][module],
                                                    self.weights.b[layer][module], self.state))
                 num += 1
-        logger.info("wrapped %d linear layers for LoRA", num)
+            decoder = model.get_submodule(f"model.layers.{layer}")
+            pools = {m: (self.weights.a[layer][m], self.weights.b[layer][m]) for m in FFN}
+            decoder.mlp = MixLoRAMLP(decoder.mlp, layer, pools, self.state)
+        logger.info("wrapped %d linear layers for LoRA and %d FFNs for MixLoRA", num,
+                    self.model_config.num_hidden_layers)
 
     # ---- registry (control calls from the HTTP process) -----------------------------------------
     def register_adapter(self, name: str, adapter_id: int, version: int, path: str) -> dict[str, Any]:
@@ -97,18 +122,30 @@ class LoRARuntime:
         if existing is not None:  # registered already (maybe retired by a newer version): serve it again
             existing.retired = False
             return {"rank": existing.rank, "target_modules": list(existing.target_modules),
-                    "num_bytes": existing.num_bytes}
+                    "num_bytes": existing.num_bytes, "kind": existing.kind}
         t0 = time.perf_counter()
         weights = self._read(Path(path))
+        self.check_servable(weights)
         self._put_host(key, weights)
+        mix = weights.config if isinstance(weights, MixLoRAWeights) else None
         self.registry[key] = RegisteredAdapter(name, key, Path(path), weights.rank, weights.target_modules,
-                                               weights.num_bytes)
+                                               weights.num_bytes, weights.num_pages, mix)
         for other in list(self.registry):
             if other[0] == adapter_id and other[1] < version:
                 self._retire(other)
-        logger.info("adapter %s v%d registered (rank %d, %s) in %.1f ms", name, version, weights.rank,
-                    ",".join(weights.target_modules), 1000 * (time.perf_counter() - t0))
-        return {"rank": weights.rank, "target_modules": list(weights.target_modules), "num_bytes": weights.num_bytes}
+        what = "" if mix is None else f", MixLoRA {mix.num_experts} experts {mix.routing_strategy}"
+        logger.info("adapter %s v%d registered (rank %d, %s%s) in %.1f ms", name, version, weights.rank,
+                    ",".join(weights.target_modules), what, 1000 * (time.perf_counter() - t0))
+        return {"rank": weights.rank, "target_modules": list(weights.target_modules), "num_bytes": weights.num_bytes,
+                "kind": self.registry[key].kind}
+
+    def limits(self) -> dict[str, int]:
+        """What this engine can hold: checked by the HTTP process before it publishes an adapter."""
+        return {"pool_pages": self.pool.allocator.num_usable, "max_lora_rank": self.max_lora_rank,
+                "max_mixlora_experts": self.max_mixlora_experts, "max_mixlora_adapters": self.pool.num_slots}
+
+    def check_servable(self, weights: ServedWeights) -> None:
+        check_limits(weights, self.limits())
 
     def unregister_adapter(self, adapter_id: int, version: int | None = None) -> int:
         """Retire every version of an adapter (deleted), or just `version` (a cluster replica dropping one it
@@ -140,22 +177,27 @@ class LoRARuntime:
         self.host.pop(key, None)
         self.pool.retire(key)
 
-    def _read(self, path: Path) -> LoRAWeights:
-        return load_adapter(path, self.model_config, self.max_lora_rank, dtype=self.dtype)
+    def _read(self, path: Path) -> ServedWeights:
+        return load_served_adapter(path, self.model_config, self.max_lora_rank, dtype=self.dtype)
 
-    def _put_host(self, key: AdapterKey, weights: LoRAWeights) -> None:
+    def _put_host(self, key: AdapterKey, weights: ServedWeights) -> None:
         self.host[key] = weights
         self.host.move_to_end(key)
         while len(self.host) > self.max_cpu_loras:
             self.host.popitem(last=False)
 
-    def _load_into(self, key: AdapterKey, pages: list[int]) -> None:
+    def _load_into(self, key: AdapterKey, pages: list[int], slot: int | None = None) -> None:
         t0 = time.perf_counter()
         weights = self.host.get(key)
         if weights is None:  # evicted from the host tier too: back from the store
             weights = self._read(self.registry[key].path)
         self._put_host(key, weights)
-        self.weights.write(pages, weights.tensors)
+        if isinstance(weights, MixLoRAWeights):
+            assert slot is not None
+            self.weights.write(pages, weights.pool_tensors())
+            self.mix_tables.write(slot, weights.router, pages, weights.expert_offsets, weights.config.rank(True))
+        else:
+            self.weights.write(pages, weights.tensors)
         self.load_latencies_s.append(time.perf_counter() - t0)
 
     # ---- the engine's hook -------------------------------------------------------------------
@@ -174,7 +216,9 @@ class LoRARuntime:
         key = request.cache_salt
         if request.request_id in self._pinned:
             return True
-        pages = self.pool.acquire(key, self.registry[key].rank, lambda p: self._load_into(key, p))
+        entry = self.registry[key]
+        pages = self.pool.acquire(key, entry.num_pages, lambda p, slot=None: self._load_into(key, p, slot),
+                                  slot=entry.mixlora is not None)
         if pages is None:
             return False
         self._pinned[request.request_id] = key
@@ -213,18 +257,55 @@ class LoRARuntime:
         by_selection: dict[tuple[int, ...], object] = {}  # modules with the same segments share a meta
         for module in LORA_MODULES:
             selection = tuple(i for i, (key, _) in enumerate(segments)
-                              if module in self.registry[key].target_modules)
+                              if module in self.registry[key].modules_of_rows())
             if not selection:
                 continue
             if selection not in by_selection:
                 by_selection[selection] = build_lora_meta(
-                    row, [(segments[i][1], self.pool.pages(segments[i][0])) for i in selection], self.device)
+                    row, [(segments[i][1], self._pages_of(segments[i][0])) for i in selection], self.device)
             metas[module] = by_selection[selection]
         self.state.metas = metas
-        batch.adapter_metadata = metas or None
+        self.state.mix = self._mix_step(segments)
+        batch.adapter_metadata = metas or self.state.mix or None
+
+    def _pages_of(self, key: AdapterKey) -> list[int]:
+        """The pages the plain LoRA op reads for this adapter: all of a LoRA's; a MixLoRA's attention rank-rows."""
+        pages, mix = self.pool.pages(key), self.registry[key].mixlora
+        return pages if mix is None else pages[:mix.r]
+
+    def _mix_step(self, segments: list[tuple[AdapterKey, list[int]]]) -> MixLoRAStep | None:
+        rows: list[int] = []
+        slots: list[int] = []
+        num_experts: list[int] = []
+        groups: list[RoutingGroup] = []
+        modules: set[str] = set()
+        for key, seg_rows in segments:
+            entry = self.registry[key]
+            mix = entry.mixlora
+            if mix is None:
+                continue
+            modules.update(m for m in entry.target_modules if m in FFN)
+            start = len(rows)
+            rows.extend(seg_rows)
+            slots.extend([self.pool.slot(key)] * len(seg_rows))
+            num_experts.extend([mix.num_experts] * len(seg_rows))
+            params = (mix.routing_strategy, mix.top_k, mix.top_p, mix.temperature)
+            last = groups[-1] if groups else None
+            if last is not None and (last.strategy, last.top_k, last.top_p, last.temperature) == params:
+                groups[-1] = RoutingGroup(last.start, len(rows), *params)
+            else:
+                groups.append(RoutingGroup(start, len(rows), *params))
+        if not rows:
+            return None
+
+        def as_tensor(data) -> torch.Tensor:
+            return torch.tensor(data, dtype=torch.int64, device=self.device)
+        counts = as_tensor(num_experts)
+        mask = torch.arange(self.mix_tables.max_experts, device=self.device).unsqueeze(0) < counts.unsqueeze(1)
+        return MixLoRAStep(self.mix_tables, as_tensor(rows), as_tensor(slots), mask, groups, frozenset(modules))
 
     def call(self, method: str, args: tuple) -> Any:
-        if method not in ("register_adapter", "unregister_adapter", "adapter_state"):
+        if method not in ("register_adapter", "unregister_adapter", "adapter_state", "limits"):
             raise ValueError(f"unknown adapter call {method!r}")
         return getattr(self, method)(*args)
 
@@ -252,6 +333,16 @@ class LoRARuntime:
         return self._residency_list
 
 
+def check_limits(weights: ServedWeights, limits: dict[str, int]) -> None:
+    """AdapterError (400) for an adapter this engine could never hold."""
+    if weights.num_pages > limits["pool_pages"]:
+        raise AdapterError(f"the adapter needs {weights.num_pages} pool pages (rank-rows); this server's LoRA pool "
+                           f"has {limits['pool_pages']} (--lora-pool-pages / --lora-pool-bytes)")
+    if isinstance(weights, MixLoRAWeights) and weights.config.num_experts > limits["max_mixlora_experts"]:
+        raise AdapterError(f"num_experts {weights.config.num_experts} exceeds this server's "
+                           f"--max-mixlora-experts {limits['max_mixlora_experts']}", param="num_experts")
+
+
 def create_lora_runtime(engine, args) -> LoRARuntime:
     """The engine's hook factory (picklable: the engine process calls it after loading the model)."""
     runner = engine.runner
@@ -260,4 +351,5 @@ def create_lora_runtime(engine, args) -> LoRARuntime:
     num_pages = args.lora_pool_pages or max(args.max_lora_rank, args.lora_pool_bytes // per_page) + 1
     return LoRARuntime(runner.model, engine.model_config, runner.dtype, runner.device,
                        max_lora_rank=args.max_lora_rank, num_pages=num_pages,
-                       max_cpu_loras=args.max_cpu_loras or max(args.max_loras, 2 * num_pages // args.max_lora_rank))
+                       max_cpu_loras=args.max_cpu_loras or max(args.max_loras, 2 * num_pages // args.max_lora_rank),
+                       max_mixlora_adapters=args.max_mixlora_adapters, max_mixlora_experts=args.max_mixlora_experts)

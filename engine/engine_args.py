@@ -51,6 +51,8 @@ class EngineArgs:
     max_cpu_loras: int | None = None  # adapters kept in the host-memory tier; None: sized from the pool
     lora_pool_pages: int | None = None  # pool size in pages (one rank-row of every target linear)
     lora_pool_bytes: int = 256 << 20  # pool size in bytes when lora_pool_pages is None
+    max_mixlora_adapters: int = 16  # MixLoRA adapters resident at once (router slots)
+    max_mixlora_experts: int = 16  # experts per MixLoRA adapter
     # training beside serving (used by the background work the server wires in: loraplex.trainer.service)
     enable_training: bool = False  # the base linears keep what a backward pass needs (CPU prepack: dense weights)
     train_share: float = 0.25  # largest share of the loop's busy time training takes while requests wait
@@ -85,6 +87,8 @@ class EngineArgs:
         if self.lora_pool_pages is not None and self.lora_pool_pages <= self.max_lora_rank:
             raise ValueError(f"--lora-pool-pages must exceed --max-lora-rank ({self.max_lora_rank}): "
                              "the pool must hold at least one adapter of the largest rank")
+        if not 1 <= self.max_mixlora_adapters <= 4096 or not 1 <= self.max_mixlora_experts <= 64:
+            raise ValueError("--max-mixlora-adapters must be in [1, 4096] and --max-mixlora-experts in [1, 64]")
         if self.lora_pool_bytes <= 0:
             raise ValueError("--lora-pool-bytes must be positive")
         if not 0.0 <= self.train_share <= 1.0:
@@ -139,6 +143,11 @@ def add_engine_args(p: argparse.ArgumentParser) -> dict[str, argparse._ArgumentG
                       help="pool size in pages (one page = one rank-row of every target linear)")
     lora.add_argument("--lora-pool-bytes", type=size_arg, default=256 << 20, metavar="SIZE",
                       help="pool size when --lora-pool-pages is not given (default: 256MiB)")
+    lora.add_argument("--max-mixlora-adapters", type=int, default=16,
+                      help="MixLoRA adapters resident in the pool at once: each takes a router slot of "
+                           "layers x experts x hidden float32 weights, allocated on the first MixLoRA (default: 16)")
+    lora.add_argument("--max-mixlora-experts", type=int, default=16,
+                      help="largest num_experts of a MixLoRA adapter this server takes (default: 16)")
     storage = p.add_argument_group("storage (adapters and fine-tuning jobs; storage/)")
     storage.add_argument("--database", default=os.environ.get("LORAPLEX_DATABASE") or None, metavar="URL",
                          help="where adapter versions, fine-tuning files' records, jobs, events and checkpoints are "
@@ -191,6 +200,7 @@ def engine_args_from(ns: argparse.Namespace) -> EngineArgs:
         enable_prefix_caching=ns.enable_prefix_caching, max_queue_len=ns.max_queue_len, seed=ns.seed,
         batch_invariant=ns.batch_invariant, enable_lora=ns.enable_lora, max_loras=ns.max_loras, max_lora_rank=ns.max_lora_rank,
         max_cpu_loras=ns.max_cpu_loras, lora_pool_pages=ns.lora_pool_pages, lora_pool_bytes=ns.lora_pool_bytes,
+        max_mixlora_adapters=ns.max_mixlora_adapters, max_mixlora_experts=ns.max_mixlora_experts,
         # the engine side's TrainingRuntime opens the same job store as the HTTP process's FineTuningService
         enable_training=ns.enable_lora and ns.enable_training, fine_tuning_dir=str(fine_tuning_dir_from(ns)),
         database=ns.database, blob_store=ns.blob_store,

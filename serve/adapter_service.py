@@ -21,8 +21,16 @@ from typing import Any
 
 from loraplex.adapters.archive import UploadLimits, extract_adapter_archive
 from loraplex.adapters.errors import AdapterError, AdapterNotFoundError
-from loraplex.adapters.peft import LORA_MODULES, load_adapter
-from loraplex.adapters.store import AdapterStore, AdapterVersion, validate_adapter_name, validate_metadata
+from loraplex.adapters.kinds import load_served_adapter
+from loraplex.adapters.mixlora import MixLoRAWeights, convert_legacy, write_mixlora
+from loraplex.adapters.peft import LORA_MODULES, _read_state_dict
+from loraplex.adapters.runtime import check_limits
+from loraplex.adapters.store import (
+    AdapterStore,
+    AdapterVersion,
+    validate_adapter_name,
+    validate_metadata,
+)
 
 logger = logging.getLogger("loraplex.serve")
 PINNED_RE = re.compile(r"(.+)@v?([0-9]{1,9})")  # `model: "name@3"`: version 3 of adapter `name`
@@ -57,6 +65,7 @@ class AdapterService:
         # change log followed: what other servers publish and delete reaches this one
         self.registered: set[tuple[int, int]] = set()
         self._pulling: dict[tuple[int, int], asyncio.Future] = {}
+        self._limits: dict[str, int] | None = None  # the engine's pool size and MixLoRA limits, asked once
         self._cursor = 0
         self._follower: asyncio.Task | None = None
         self._pull_on_miss = self.store.blobs.local_path("adapters") is None
@@ -288,8 +297,9 @@ class AdapterService:
         async with self._lock:
             if name in self.served and not replace:
                 raise AdapterConflictError(f"The lora adapter '{name}' has already been loaded.", param="lora_name")
-            weights = await asyncio.to_thread(load_adapter, folder, self.engine.model_config,
+            weights = await asyncio.to_thread(load_served_adapter, folder, self.engine.model_config,
                                               self.settings.max_lora_rank, allow_bin=allow_bin)
+            check_limits(weights, await self._engine_limits())  # what the engine could never load is a 400 now
             with tempfile.TemporaryDirectory(prefix="stage-", dir=self.settings.adapter_dir / "tmp") as stage:
                 src = await asyncio.to_thread(_as_safetensors_folder, folder, weights, Path(stage))
                 if skip_if_same and name in self.served and _sha256(src) == self.served[name].sha256:
@@ -339,6 +349,11 @@ class AdapterService:
         await self.engine.call("unregister_adapter", adapter_id)
         self.registered = {k for k in self.registered if k[0] != adapter_id}
 
+    async def _engine_limits(self) -> dict[str, int]:
+        if self._limits is None:
+            self._limits = await self.engine.call("limits")
+        return self._limits
+
     def _check_name(self, name: str) -> None:
         validate_adapter_name(name)
         if name in self.base_model_names:
@@ -347,8 +362,11 @@ class AdapterService:
 
 
 def _as_safetensors_folder(folder: Path, weights, stage: Path) -> Path:
-    """The folder to publish: as given when it already has adapter_model.safetensors; a legacy .bin
-    adapter (local paths only) is converted so the store only ever holds safetensors."""
+    """The folder to publish: a LoRA as given when it already has adapter_model.safetensors (a legacy .bin
+    adapter, local paths only, is converted so the store only ever holds safetensors); a MixLoRA rewritten."""
+    if isinstance(weights, MixLoRAWeights):  # stored in today's names and safetensors (MoE-PEFT writes a .bin,
+        # older adapters the legacy layout), the config as MoE-PEFT exports it: byte-identical for equal input
+        return write_mixlora(stage, weights.config, convert_legacy(_read_state_dict(folder, allow_bin=True)))
     if (folder / "adapter_model.safetensors").is_file():
         return folder
     from safetensors.torch import save_file

@@ -339,6 +339,7 @@ class TrainingRuntime:
     def _clear_serving_lora(self) -> None:
         if self.serving_lora_state is not None:
             self.serving_lora_state.metas = {}
+            self.serving_lora_state.mix = None
 
     def _step_and_report(self):
         reports = yield from self.trainer.step_slices()

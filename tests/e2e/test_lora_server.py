@@ -272,3 +272,67 @@ def test_adapter_metadata_with_the_upload_and_edited_later(lora_server, smol_con
     assert r.status_code == 400
     got = httpx.get(base + "/v1/adapters/sage").json()
     assert got["metadata"]["examples"] == ["Why?", "How?"] and [v["version"] for v in got["versions"]] == [1]
+
+
+def test_mixlora_upload_serves_beside_lora_and_hostile_mixlora_is_refused(lora_server, client, smol_config, tmp_path):
+    """A MixLoRA adapter (MoE-PEFT format, uploaded as MoE-PEFT writes it: adapter_model.bin, which an upload
+    refuses, then safetensors) is served under its name beside a LoRA and the base; answers equal alone and
+    concurrently; malformed MixLoRA uploads are 400/422 and leave the store as it was."""
+    from loraplex.adapters.synthetic import write_random_mixlora
+    mix = write_random_mixlora(tmp_path / "mix", smol_config, r=2, alpha=4, num_experts=4, top_k=2, seed=11, std=0.05,
+                               target_modules=("q_proj", "v_proj", "up_proj", "down_proj"), write_bin=True)
+    bin_only = {"adapter_config.json": (mix / "adapter_config.json").read_bytes(),
+                "adapter_model.bin": (mix / "adapter_model.bin").read_bytes()}
+    r = upload(lora_server, "moe", zipped(bin_only))
+    assert r.status_code == 400 and "pickle" in r.json()["error"]["message"]  # never unpickled from uploads
+    (mix / "adapter_model.bin").unlink()
+    r = upload(lora_server, "moe", tar_gz(mix))
+    assert r.status_code == 201, r.text
+    assert upload(lora_server, "plain", tar_gz(write_random_peft(tmp_path / "p", smol_config, r=8, seed=12,
+                                                                 std=0.05))).status_code == 201
+    alone = {m: chat(client, m) for m in ("smol", "moe", "plain")}
+    assert len(set(alone.values())) == 3
+    results: dict[str, str] = {}
+    threads = [threading.Thread(target=lambda m=m, i=i: results.__setitem__(f"{m}{i}", chat(client, m)))
+               for m in alone for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert results == {f"{m}{i}": alone[m] for m in alone for i in range(2)}
+
+    config = json.loads((mix / "adapter_config.json").read_text())
+    tensors = load_file(str(mix / "adapter_model.safetensors"))
+
+    def case(config_changes=None, change=None) -> bytes:
+        t = {k: v.clone() for k, v in tensors.items()}
+        if change:
+            change(t)
+        save_file(t, str(tmp_path / "w.safetensors"))
+        return zipped({"adapter_config.json": json.dumps({**config, **(config_changes or {})}).encode(),
+                       "adapter_model.safetensors": (tmp_path / "w.safetensors").read_bytes()})
+    expert = "mixlora.layers.3.mlp.up_proj.experts.{e}.lora_A.weight"
+    cases = {
+        "fewer experts than num_experts": (case({"num_experts": 5}), 400),
+        "an expert beyond num_experts": (case(change=lambda t: t.update({expert.format(e=4): t[expert.format(e=0)].clone()})),
+                                         400),
+        "expert shape": (case(change=lambda t: t.update({expert.format(e=1): torch.zeros(2, 100)})), 400),
+        "router for a missing layer": (case(change=lambda t: t.update(
+            {"mixlora.layers.30.mlp.moe_gate.weight": torch.zeros(4, 576)})), 400),
+        "router shape": (case(change=lambda t: t.update({"mixlora.layers.0.mlp.moe_gate.weight": torch.zeros(3, 576)})),
+                         400),
+        "NaN router": (case(change=lambda t: t["mixlora.layers.2.mlp.moe_gate.weight"].fill_(math.nan)), 400),
+        "top_k > num_experts": (case({"top_k": 5}), 400),
+        "more experts than the server takes": (case({"num_experts": 17}), 400),
+        "switch routing": (case({"routing_strategy": "mixlora-switch"}), 422),
+        "gelu experts on a silu model": (case({"act_fn": "gelu"}), 422),
+    }
+    before = _store_listing(lora_server)
+    for what, (data, status) in cases.items():
+        r = upload(lora_server, "evil-moe", data)
+        assert r.status_code == status, (what, r.status_code, r.text)
+        assert r.json()["error"]["message"], what
+    assert _store_listing(lora_server) == before
+    assert chat(client, "moe") == alone["moe"]
+    for name in ("moe", "plain"):
+        assert httpx.delete(lora_server.base_url + f"/v1/adapters/{name}", headers=ADMIN).status_code == 200

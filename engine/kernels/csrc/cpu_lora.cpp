@@ -17,8 +17,8 @@ namespace {
 
 constexpr int64_t ROWS_PER_ITEM = 8;  // rows of one segment handled together (its A/B pages stay in L1/L2)
 
-template <typename T>
-float dot(const T* a, const T* b, int64_t n) {
+template <typename T, typename U = T>
+float dot(const T* a, const U* b, int64_t n) {
 #if defined(LORAPLEX_AVX512)
   __m512 acc = _mm512_setzero_ps();
   for (int64_t d = 0; d < n; d += 16) {
@@ -116,9 +116,52 @@ void lora_apply_(at::Tensor y, const at::Tensor& x, const at::Tensor& a_pool, co
   }
 }
 
+// MixLoRA router logits, batch-invariant: out[i, e] = <x[rows[i]], w[slots[i] * E + e]> in float32, one row at a
+// time with a fixed summation order (a float32 GEMM's blocking, hence its last bits, depends on how many rows it
+// is given, and a 1-ulp change can flip a top-k choice). x in the engine's dtype, w and out in float32.
+template <typename T>
+void mixlora_router_impl(float* out, const T* x, int64_t x_stride, const float* w, int64_t hidden,
+                         const int64_t* rows, const int64_t* slots, int64_t n, int64_t experts) {
+  at::parallel_for(0, n, 4, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const T* xr = x + rows[i] * x_stride;
+      const float* wr = w + slots[i] * experts * hidden;
+      for (int64_t e = 0; e < experts; ++e) out[i * experts + e] = dot(xr, wr + e * hidden, hidden);
+    }
+  });
+}
+
+at::Tensor mixlora_router(const at::Tensor& x, const at::Tensor& w, const at::Tensor& rows, const at::Tensor& slots,
+                          int64_t experts) {
+  TORCH_CHECK(x.device().is_cpu() && w.device().is_cpu() && x.dim() == 2 && x.stride(1) == 1,
+              "mixlora_router: x [N, hidden] with contiguous rows expected");
+  TORCH_CHECK(w.scalar_type() == at::kFloat && w.is_contiguous() && w.dim() == 2 && w.size(1) == x.size(1) &&
+                  experts > 0 && w.size(0) % experts == 0, "mixlora_router: w [slots * experts, hidden] float32");
+  TORCH_CHECK(rows.scalar_type() == at::kLong && slots.scalar_type() == at::kLong && rows.is_contiguous() &&
+                  slots.is_contiguous() && rows.numel() == slots.numel(), "mixlora_router: int64 rows and slots");
+  const int64_t n = rows.numel(), N = x.size(0), S = w.size(0) / experts;
+  const int64_t* r = rows.data_ptr<int64_t>();
+  const int64_t* s = slots.data_ptr<int64_t>();
+  for (int64_t i = 0; i < n; ++i)
+    TORCH_CHECK(r[i] >= 0 && r[i] < N && s[i] >= 0 && s[i] < S, "mixlora_router: row or slot out of range");
+  at::Tensor out = at::empty({n, experts}, x.options().dtype(at::kFloat));
+  if (x.scalar_type() == at::kFloat) {
+    mixlora_router_impl<float>(out.data_ptr<float>(), x.data_ptr<float>(), x.stride(0), w.data_ptr<float>(),
+                               x.size(1), r, s, n, experts);
+  } else {
+    TORCH_CHECK(x.scalar_type() == at::kBFloat16, "mixlora_router: x float32 or bfloat16");
+    using B = c10::BFloat16;
+    mixlora_router_impl<B>(out.data_ptr<float>(), x.data_ptr<B>(), x.stride(0), w.data_ptr<float>(), x.size(1), r,
+                           s, n, experts);
+  }
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(loraplex_cpu, m) {
+  m.def("mixlora_router(Tensor x, Tensor w, Tensor rows, Tensor slots, int experts) -> Tensor");
+  m.impl("mixlora_router", c10::DispatchKey::CPU, &mixlora_router);
   m.def("lora_apply_(Tensor(a!) y, Tensor x, Tensor a_pool, Tensor b_pool, Tensor token_rows, Tensor seg_starts, "
         "Tensor seg_pages, Tensor seg_ranks) -> ()");
   m.impl("lora_apply_", c10::DispatchKey::CPU, &lora_apply_);

@@ -1,0 +1,133 @@
+"""MixLoRA's per-layer ops for a mixed batch: routing of the MixLoRA rows on their own adapters' routers, and the
+expert LoRA deltas over the paged pool, keyed by (adapter, expert).
+
+The block is computed in the factorised form of shared/research/mixlora-and-mlora.md §2.1, so that every base
+GEMM stays one dense call for the whole batch (base, LoRA and MixLoRA rows alike):
+
+    G = W1 X, U = W3 X                                  (dense, every row; plain LoRA rows get their deltas)
+    for each chosen (row, expert e) pair p with weight w_p:
+        g_p = G[row] + B1_e A1_e x,  u_p = U[row] + B3_e A3_e x,  h_p = w_p · φ(g_p) ⊙ u_p
+    H[row] = Σ_p h_p for MixLoRA rows (φ(G) ⊙ U for the others)
+    Y = W2 H                                            (dense, every row)
+    Y[row] += Σ_p B2_e A2_e h_p
+
+Pairs are sorted by virtual expert id `slot * max_experts + e` (stable, so a row's pairs keep expert order
+whatever else is in the batch), which makes each (adapter, expert) one segment of the existing segmented LoRA op
+(engine/kernels/csrc/cpu_lora.cpp) over the pair rows. Router logits are computed one row at a time in float32
+(a GEMM's last bits depend on its row count, and one ulp can flip a top-k choice); everything here is torch ops
+on device tensors, with no host sync on a GPU except in the dynamic (top-p) routing's compaction.
+`route_pairs_ref` and the plain-torch paths are the references the kernels are tested against.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from loraplex.engine.kernels import cpu_kernels
+
+
+@dataclass(frozen=True, slots=True)
+class RoutingGroup:
+    """Consecutive compact MixLoRA rows [start, end) routed alike (one or more adapters with equal settings)."""
+    start: int
+    end: int
+    strategy: str  # "mixlora" (top-k) or "mixlora-dynamic" (top-p)
+    top_k: int
+    top_p: float
+    temperature: float
+
+
+@dataclass(slots=True)
+class ExpertPairs:
+    """One layer's chosen (row, expert) pairs, sorted by virtual expert id."""
+    rows: torch.Tensor  # [P] int64 batch rows
+    weights: torch.Tensor  # [P] float32 routing weights
+    pages: torch.Tensor  # [P, max_rank] int64 each pair's expert pages (ZERO_PAGE padded)
+    seg_starts: torch.Tensor  # [S + 1] int64: pairs of one virtual expert are one segment (CPU kernel layout)
+    seg_pages: torch.Tensor  # [S, max_rank]
+    seg_ranks: torch.Tensor  # [S]
+    logits: torch.Tensor  # [n_mix, max_experts] float32 router logits (masked experts -inf)
+
+
+def _kernel_ok(*tensors: torch.Tensor) -> bool:
+    return (all(t.device.type == "cpu" for t in tensors) and not torch.is_grad_enabled() and cpu_kernels.loaded())
+
+
+def router_logits(x: torch.Tensor, router: torch.Tensor, rows: torch.Tensor, slots: torch.Tensor,
+                  max_experts: int) -> torch.Tensor:
+    """x [N, hidden] (engine dtype), router [num_slots * max_experts, hidden] float32, rows/slots [n] ->
+    [n, max_experts] float32 logits of each row against its own slot's router, row by row."""
+    if _kernel_ok(x, router) and x.dtype in (torch.float32, torch.bfloat16) and x.stride(-1) == 1:
+        return torch.ops.loraplex_cpu.mixlora_router(x, router, rows, slots, max_experts)
+    return router_logits_ref(x, router, rows, slots, max_experts)
+
+
+def router_logits_ref(x: torch.Tensor, router: torch.Tensor, rows: torch.Tensor, slots: torch.Tensor,
+                      max_experts: int) -> torch.Tensor:
+    w = router.view(-1, max_experts, router.shape[-1]).index_select(0, slots)  # [n, E, hidden]
+    return torch.bmm(w, x.index_select(0, rows).float().unsqueeze(-1)).squeeze(-1)
+
+
+def _route_group(logits: torch.Tensor, g: RoutingGroup) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """-> (local row, expert, weight) of every chosen pair of the group's rows."""
+    p = torch.softmax(logits, dim=-1)
+    n = p.shape[0]
+    if g.strategy == "mixlora":
+        top, idx = torch.topk(p, g.top_k, dim=-1)
+        w = top / top.sum(-1, keepdim=True)
+        local = torch.arange(n, device=p.device).repeat_interleave(g.top_k)
+        return local, idx.reshape(-1), w.reshape(-1)
+    if g.temperature > 0:
+        p = p / g.temperature  # MoE-PEFT divides the probabilities, not the logits (a quirk kept as is)
+    sorted_p, idx = torch.sort(p, dim=-1, descending=True, stable=True)
+    before = sorted_p.cumsum(-1) - sorted_p  # mass of the experts ranked above each one
+    keep = (before < g.top_p) & (sorted_p > 0)  # the smallest prefix reaching top_p; masked experts never
+    local, pos = keep.nonzero(as_tuple=True)
+    return local, idx[local, pos], sorted_p[local, pos]
+
+
+def route_pairs(x: torch.Tensor, router: torch.Tensor, mix_rows: torch.Tensor, row_slots: torch.Tensor,
+                expert_mask: torch.Tensor, groups: list[RoutingGroup], max_experts: int,
+                vid_pages: torch.Tensor, vid_ranks: torch.Tensor) -> ExpertPairs:
+    """Route the step's MixLoRA rows (`mix_rows`, grouped by adapter; `row_slots` their router slots,
+    `expert_mask` [n_mix, max_experts] which experts exist) and lay out the pairs for the expert ops.
+    `vid_pages` [num_slots * max_experts, max_rank] / `vid_ranks` are the pool pages of every virtual expert."""
+    logits = router_logits(x, router, mix_rows, row_slots, max_experts).masked_fill(~expert_mask, float("-inf"))
+    parts = [_route_group(logits[g.start:g.end], g) for g in groups]
+    local = torch.cat([loc + g.start for (loc, _, _), g in zip(parts, groups)]) if len(parts) > 1 else \
+        parts[0][0] + groups[0].start
+    experts = torch.cat([e for _, e, _ in parts]) if len(parts) > 1 else parts[0][1]
+    weights = torch.cat([w for _, _, w in parts]) if len(parts) > 1 else parts[0][2]
+    vid = row_slots.index_select(0, local) * max_experts + experts
+    order = torch.argsort(vid, stable=True)
+    vid, local, weights = vid[order], local[order], weights[order]
+    uniq, counts = torch.unique_consecutive(vid, return_counts=True)
+    seg_starts = torch.zeros(uniq.numel() + 1, dtype=torch.int64, device=vid.device)
+    torch.cumsum(counts, 0, out=seg_starts[1:])
+    return ExpertPairs(rows=mix_rows.index_select(0, local), weights=weights, pages=vid_pages.index_select(0, vid),
+                       seg_starts=seg_starts, seg_pages=vid_pages.index_select(0, uniq).contiguous(),
+                       seg_ranks=vid_ranks.index_select(0, uniq).contiguous(), logits=logits)
+
+
+def expert_apply(y: torch.Tensor, x: torch.Tensor, a_pool: torch.Tensor, b_pool: torch.Tensor,
+                 pairs: ExpertPairs) -> None:
+    """y [P, out] += B_e · (A_e · x) for every pair row (both in pair order), in place; scale is in b_pool."""
+    if pairs.rows.numel() == 0:
+        return
+    if (_kernel_ok(y, x, a_pool) and y.dtype in (torch.float32, torch.bfloat16)
+            and x.dtype == a_pool.dtype == b_pool.dtype == y.dtype and y.is_contiguous() and x.is_contiguous()):
+        rows = torch.arange(y.shape[0], dtype=torch.int64)
+        torch.ops.loraplex_cpu.lora_apply_(y, x, a_pool, b_pool, rows, pairs.seg_starts, pairs.seg_pages,
+                                           pairs.seg_ranks)
+        return
+    expert_apply_ref(y, x, a_pool, b_pool, pairs.pages)
+
+
+def expert_apply_ref(y: torch.Tensor, x: torch.Tensor, a_pool: torch.Tensor, b_pool: torch.Tensor,
+                     pages: torch.Tensor) -> None:
+    """Each pair row gathers its own expert's pages (Punica's BGMV); padding pages are the all-zero page."""
+    a = a_pool.index_select(0, pages.reshape(-1)).view(*pages.shape, a_pool.shape[1])  # [P, R, in]
+    h = torch.bmm(a, x.to(a.dtype).unsqueeze(-1)).squeeze(-1)  # [P, R]
+    y += F.embedding_bag(pages, b_pool, per_sample_weights=h.to(b_pool.dtype), mode="sum").to(y.dtype)
