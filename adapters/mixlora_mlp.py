@@ -78,16 +78,23 @@ class MixLoRAMLP(nn.Module):
     """Takes the place of a decoder layer's FFN: the same gate/up/down children (whoever wraps them, LoRA or the
     trainer, wraps them here), LlamaMLP's forward for steps without MixLoRA rows."""
 
-    def __init__(self, mlp: nn.Module, layer: int, pools: dict[str, tuple[torch.Tensor, torch.Tensor]],
-                 state) -> None:
+    def __init__(self, mlp: nn.Module, layer: int, pools: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
+                 state=None) -> None:
         super().__init__()
         self.gate_proj, self.up_proj, self.down_proj = mlp.gate_proj, mlp.up_proj, mlp.down_proj
         self.layer = layer
         self.pools = pools  # module -> (a_pool, b_pool) of this layer (views shared with LoRAWeightPool)
-        self.state = state  # LoRAStepState: .mix is this step's MixLoRAStep or None
+        self.state = state  # LoRAStepState: .mix is this step's MixLoRAStep or None (None: no serving runtime)
+        # the trainer's path for MixLoRA jobs' rows (trainer/mixlora_train.py): (self, x) -> output, or None
+        # when its step has no MixLoRA job (or no step is running)
+        self.train_forward = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [num_tokens, hidden]
-        step: MixLoRAStep | None = self.state.mix
+        if self.train_forward is not None:
+            out = self.train_forward(self, x)
+            if out is not None:
+                return out
+        step: MixLoRAStep | None = None if self.state is None else self.state.mix
         g, u = self.gate_proj(x), self.up_proj(x)  # [n, inter], base rows and plain LoRA rows complete
         h = silu_and_mul(g, u)
         if step is None:

@@ -109,7 +109,10 @@ class LoRARuntime:
                 num += 1
             decoder = model.get_submodule(f"model.layers.{layer}")
             pools = {m: (self.weights.a[layer][m], self.weights.b[layer][m]) for m in FFN}
-            decoder.mlp = MixLoRAMLP(decoder.mlp, layer, pools, self.state)
+            if isinstance(decoder.mlp, MixLoRAMLP):  # the trainer attached first
+                decoder.mlp.pools, decoder.mlp.state = pools, self.state
+            else:
+                decoder.mlp = MixLoRAMLP(decoder.mlp, layer, pools, self.state)
         logger.info("wrapped %d linear layers for LoRA and %d FFNs for MixLoRA", num,
                     self.model_config.num_hidden_layers)
 

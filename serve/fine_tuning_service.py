@@ -21,7 +21,7 @@ import io
 import logging
 import random
 import re
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -142,7 +142,7 @@ class FineTuningService:
             file_id = getattr(req, param)
             if file_id is not None:
                 await self._check_file(file_id, param, method)
-        lora = self._lora(req)
+        lora = await self._lora(req)
         if method == "dpo" and lora.get("self_distillation"):
             raise InvalidRequestError("lora.self_distillation applies to supervised fine-tuning only (DPO holds the "
                                       "adapter to the base model through its reference)", param="lora.self_distillation")
@@ -189,25 +189,31 @@ class FineTuningService:
             raise InvalidRequestError(f"Invalid {param} {file_id}: the {method} method needs {need}", param=param,
                                       code=f"invalid_{param}")
 
-    def _lora(self, req: CreateFineTuningJobRequest) -> dict[str, Any]:
+    async def _lora(self, req: CreateFineTuningJobRequest) -> dict[str, Any]:
         """The job's `lora` column: LoRASpec's fields resolved (LoRASpec validates them) plus given extras."""
-        from loraplex.trainer.lora_layers import (
-            LoRASpec,  # torch: only when a job is created
+        from loraplex.trainer.lora_layers import (  # torch: only when a job is created
+            MixLoRASpec,
+            make_spec,
+            spec_field_names,
         )
         given = req.lora.model_dump(exclude_none=True) if req.lora is not None else {}
-        spec_names = [f.name for f in fields(LoRASpec)]
-        spec_args = {k: v for k, v in given.items() if k in spec_names}
-        if "target_modules" in spec_args:
-            spec_args["target_modules"] = tuple(spec_args["target_modules"])
         try:
-            spec = LoRASpec(**spec_args)
-        except ValueError as e:
+            spec_names = spec_field_names(given)
+            spec = make_spec(given)
+        except (ValueError, TypeError) as e:
             raise InvalidRequestError(f"lora: {e}", param="lora") from None
         max_rank = getattr(getattr(self.adapters, "settings", None), "max_lora_rank", None)
-        if max_rank is not None and spec.r > max_rank:
+        ranks = [spec.r] + ([spec.expert_rank] if isinstance(spec, MixLoRASpec) else [])
+        if max_rank is not None and max(ranks) > max_rank:
             raise InvalidRequestError(f"lora.r must be at most the server's --max-lora-rank ({max_rank}) so the "
-                                      f"fine-tuned model can be served; got {spec.r}", param="lora.r")
-        extras = {k: v for k, v in given.items() if k not in spec_names}
+                                      f"fine-tuned model can be served; got {max(ranks)}", param="lora.r")
+        if isinstance(spec, MixLoRASpec):
+            limits = await self.adapters._engine_limits() if hasattr(self.adapters, "_engine_limits") else {}
+            if spec.num_experts > limits.get("max_mixlora_experts", spec.num_experts):
+                raise InvalidRequestError(f"lora.num_experts must be at most the server's --max-mixlora-experts "
+                                          f"({limits['max_mixlora_experts']}) so the fine-tuned model can be served",
+                                          param="lora.num_experts")
+        extras = {k: v for k, v in given.items() if k not in [*spec_names, "type", "expert_lora"]}
         if "template" in extras and extras["template"] not in TEMPLATES:
             raise InvalidRequestError(f"lora.template must be one of {', '.join(TEMPLATES)}; "
                                       f"got {extras['template']!r}", param="lora.template")
@@ -217,6 +223,8 @@ class FineTuningService:
                                       f"({max_model_len}); got {extras['max_length']}", param="lora.max_length")
         resolved = {f: getattr(spec, f) for f in spec_names}
         resolved["target_modules"] = list(spec.target_modules)
+        if isinstance(spec, MixLoRASpec):
+            resolved["type"] = "mixlora"
         return {**resolved, **extras}
 
     async def get_job(self, job_id: str) -> JobRecord:

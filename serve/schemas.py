@@ -706,6 +706,13 @@ class FineTuningMethod(BaseModel):
         return self
 
 
+class ExpertLoRAOptions(BaseModel):
+    """MixLoRA's expert overrides, as MoE-PEFT's `expert_lora`."""
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
+    r: int | None = None
+    lora_alpha: float | None = None
+
+
 class LoRAOptions(BaseModel):
     """Our extension field `lora`: LoRASpec's fields and trainer extras (see trainer/job_store.py);
     a field left out takes the trainer's default. LoRASpec itself checks the LoRA fields."""
@@ -729,6 +736,17 @@ class LoRAOptions(BaseModel):
     # train those answers towards the base's whole next-token distributions (top 32 + the rest) instead of
     # their tokens: no gradient while the adapter still is the base (trainer/multi_job.py)
     self_distillation_kl: bool | None = None
+    # "mixlora": a MixLoRA adapter (LoRA experts in every FFN, trainer.lora_layers.MixLoRASpec checks these)
+    type: Literal["lora", "mixlora"] | None = None
+    num_experts: int | None = None
+    top_k: int | None = None
+    routing_strategy: str | None = None
+    top_p: float | None = None
+    temperature: float | None = None
+    router_aux_loss_coef: float | None = None
+    router_init_range: float | None = None
+    jitter_noise: float | None = None
+    expert_lora: ExpertLoRAOptions | None = None
 
 
 class CreateFineTuningJobRequest(BaseModel):

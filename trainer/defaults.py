@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -31,7 +31,7 @@ from .data import (
     split_validation,
 )
 from .job import EarlyStopping, Hyperparams, TrainingJob
-from .lora_layers import LoRASpec
+from .lora_layers import LoRASpec, make_spec, spec_field_names
 from .objectives import DEFAULT_DPO_BETA, DPO, SFT
 from .regularization import choose
 
@@ -88,16 +88,14 @@ def resolve_hyperparameters(given: dict[str, Any] | None, num_examples: int,
 
 
 def resolve_lora(given: dict[str, Any] | None) -> tuple[LoRASpec, dict[str, Any]]:
-    """(LoRASpec from the given fields, LoRASpec's defaults for the rest; the given trainer extras)."""
+    """(LoRASpec, or MixLoRASpec with `type: "mixlora"`, from the given fields, the spec's defaults for the
+    rest; the given trainer extras)."""
     given = dict(given or {})
-    spec_names = {f.name for f in fields(LoRASpec)}
+    spec_names = set(spec_field_names(given)) | {"type", "expert_lora"}
     unknown = set(given) - spec_names - set(EXTRA_NAMES)
     if unknown:
         raise ValueError(f"unknown lora settings {sorted(unknown)}")
-    spec_args = {k: v for k, v in given.items() if k in spec_names}
-    if "target_modules" in spec_args:
-        spec_args["target_modules"] = tuple(spec_args["target_modules"])
-    return LoRASpec(**spec_args), {k: v for k, v in given.items() if k not in spec_names}
+    return make_spec(given), {k: v for k, v in given.items() if k not in spec_names}
 
 
 @dataclass(slots=True)

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from .data import PackedSequence
-from .lora_layers import JobLoRA, LoRASpec
+from .lora_layers import LoRASpec, make_job_lora
 from .objectives import SFT, Objective
 
 
@@ -56,7 +56,7 @@ class TrainingJob:
         self.objective = objective if objective is not None else SFT()
         self.priority = priority  # a larger number gets a larger share of the batched steps
         self.train = train
-        self.lora = JobLoRA(spec, model_config, device, seed=hp.seed)
+        self.lora = make_job_lora(spec, model_config, device, seed=hp.seed)  # JobLoRA or JobMixLoRA
         self.params = list(self.lora.parameters())
         self.optimizer = torch.optim.AdamW(self.params, lr=hp.learning_rate, betas=(0.9, 0.999), eps=1e-8,
                                            weight_decay=hp.weight_decay)
@@ -68,6 +68,7 @@ class TrainingJob:
         self.step = 0  # optimizer steps done
         self.micro_step = 0  # micro-batches trained (seeds dropout)
         self._pending: list[list[PackedSequence]] = []  # the rest of the current optimizer step's micro-batches
+        self.micro_batches_per_step = 1
         self._norm = 0  # the objective's normaliser of the current optimizer step (SFT: trained targets)
         self._loss_sum = 0.0
         self._metric_sums: dict[str, float] = {}
@@ -105,6 +106,7 @@ class TrainingJob:
             units = self.optimizer_batch(self.step)
             m = self.hp.micro_batch_size
             self._pending = [units[i:i + m] for i in range(0, len(units), m)]
+            self.micro_batches_per_step = len(self._pending)
             self._norm = self.objective.normaliser(units)
             self._loss_sum = 0.0
             self._metric_sums = {}
@@ -141,7 +143,10 @@ class TrainingJob:
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
         self.last_train_loss = self._loss_sum / self._norm
+        aux = self._metric_sums.pop("router_aux_loss", None)  # MixLoRA: the step's load-balance loss, reported apart
         self.last_metrics = self.objective.report(self._metric_sums, self._norm)
+        if aux is not None:
+            self.last_metrics["router_aux_loss"] = aux
         return True
 
 

@@ -20,6 +20,7 @@ from loraplex.adapters.peft import LORA_MODULES, module_shapes
 
 PEFT_KEY = "base_model.model.model.layers.{layer}.{parent}.{module}.lora_{ab}.weight"
 MAX_TRAIN_RANK = 256
+ALL_LINEAR = tuple(LORA_MODULES)
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,6 +107,191 @@ def key(layer: int, module: str) -> str:
     return f"L{layer}_{module}"  # ParameterDict keys cannot contain dots
 
 
+@dataclass(frozen=True, slots=True)
+class MixLoRASpec(LoRASpec):
+    """A MixLoRA job (MoE-PEFT's MixLoRA): LoRA on the attention targets, and in every FFN `num_experts` LoRA
+    experts over the frozen FFN on the FFN targets, a router per layer and the load-balance loss
+    (shared/research/mixlora-and-mlora.md §1). Defaults are MoE-PEFT's template (r 16, alpha 32, every linear,
+    8 experts, top-2) except `router_aux_loss_coef`: 0.01 as the paper and the MixLoRA README (MoE-PEFT's code
+    falls back to 0.001 when a config leaves it out)."""
+    target_modules: tuple[str, ...] = ALL_LINEAR
+    num_experts: int = 8
+    top_k: int = 2
+    routing_strategy: str = "mixlora"  # or "mixlora-dynamic" (top-p)
+    top_p: float = 0.8
+    temperature: float = 0.0
+    router_aux_loss_coef: float = 0.01
+    router_init_range: float = 0.02
+    jitter_noise: float = 0.0
+    expert_r: int = 0  # 0: r
+    expert_alpha: float = 0.0  # 0: alpha
+
+    def __post_init__(self) -> None:
+        LoRASpec.__post_init__(self)
+        from loraplex.adapters.mixlora import FFN, MAX_EXPERTS, STRATEGIES
+        checks = [(self.routing_strategy in STRATEGIES, (f"routing_strategy must be one of {', '.join(STRATEGIES)}"
+                                                          " (mixlora-switch is not trained: its reference inference "
+                                                          "skips the experts)")),
+                  (1 <= self.num_experts <= MAX_EXPERTS, f"num_experts must be between 1 and {MAX_EXPERTS}"),
+                  (self.routing_strategy != "mixlora" or 1 <= self.top_k <= self.num_experts,
+                   "top_k must be between 1 and num_experts"),
+                  (0 < self.top_p <= 1, "top_p must be in (0, 1]"),
+                  (0 <= self.temperature <= 100, "temperature must be in [0, 100]"),
+                  (0 <= self.router_aux_loss_coef <= 10, "router_aux_loss_coef must be in [0, 10]"),
+                  (0 < self.router_init_range <= 10, "router_init_range must be in (0, 10]"),
+                  (0 <= self.jitter_noise < 1, "jitter_noise must be in [0, 1)"),
+                  (0 <= self.expert_r <= MAX_TRAIN_RANK, f"expert r must be between 1 and {MAX_TRAIN_RANK}"),
+                  (self.expert_alpha >= 0 and math.isfinite(self.expert_alpha), "expert lora_alpha must be positive"),
+                  (bool(set(self.target_modules) & set(FFN)),
+                   "a MixLoRA needs experts: target_modules must include gate_proj, up_proj or down_proj")]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
+
+    @property
+    def expert_rank(self) -> int:
+        return self.expert_r or self.r
+
+    @property
+    def expert_scale(self) -> float:
+        alpha = self.expert_alpha or self.alpha
+        return alpha / (math.sqrt(self.expert_rank) if self.use_rslora else self.expert_rank)
+
+    def mixlora_config(self, base_model_name: str | None = None):
+        from loraplex.adapters.mixlora import MixLoRAConfig
+        # MoE-PEFT's and the mixlora package's loaders assert lora_dropout > 0; inference never applies it
+        return MixLoRAConfig(r=self.r, lora_alpha=self.alpha, target_modules=self.target_modules,
+                             routing_strategy=self.routing_strategy, num_experts=self.num_experts, act_fn="silu",
+                             top_k=self.top_k, top_p=self.top_p, temperature=self.temperature,
+                             use_rslora=self.use_rslora, expert_r=self.expert_r, expert_alpha=self.expert_alpha,
+                             base_model_name_or_path=base_model_name,
+                             extra={"lora_dropout": self.dropout if self.dropout > 0 else 0.05})
+
+    def peft_config(self, base_model_name: str | None = None) -> dict:
+        """adapter_config.json as MoE-PEFT exports it (loadable by MoE-PEFT, the mixlora package and loraplex)."""
+        return self.mixlora_config(base_model_name).to_json()
+
+
+LORA_TYPES = ("lora", "mixlora")
+
+
+def spec_type(given: dict) -> type[LoRASpec]:
+    """The spec class a job's `lora` settings name with `type` ("lora", the default, or "mixlora")."""
+    kind = given.get("type", "lora")
+    if kind not in LORA_TYPES:
+        raise ValueError(f"lora.type must be one of {', '.join(LORA_TYPES)}; got {kind!r}")
+    return MixLoRASpec if kind == "mixlora" else LoRASpec
+
+
+def spec_field_names(given: dict) -> list[str]:
+    from dataclasses import fields
+    return [f.name for f in fields(spec_type(given))]
+
+
+def make_spec(given: dict) -> LoRASpec:
+    """A LoRASpec or MixLoRASpec from a job's `lora` settings (its spec fields; `type`, and MixLoRA's
+    `expert_lora` {r, lora_alpha} as MoE-PEFT spells the expert overrides)."""
+    cls = spec_type(given)
+    args = {k: v for k, v in given.items() if k in spec_field_names(given)}
+    if "target_modules" in args:
+        args["target_modules"] = tuple(args["target_modules"])
+    expert = given.get("expert_lora")
+    if expert is not None:
+        if cls is not MixLoRASpec or not isinstance(expert, dict) or set(expert) - {"r", "lora_alpha"}:
+            raise ValueError("expert_lora takes {r, lora_alpha} and applies to type mixlora")
+        args.setdefault("expert_r", int(expert.get("r", 0)))
+        args.setdefault("expert_alpha", float(expert.get("lora_alpha", 0.0)))
+    return cls(**args)
+
+
+class JobMixLoRA(nn.Module):
+    """One MixLoRA job's trainable weights, fp32 masters: attention A/B as JobLoRA (`pair` serves them to the
+    linear wrappers, and nothing for the FFN linears: the experts run in the FFN wrapper), per layer the router
+    W_g [E, hidden] ~ N(0, router_init_range²), and per (layer, FFN target) experts A [E, r_e, in]
+    (kaiming-uniform each) and B [E, out, r_e] (zeros): at step 0 every expert is the base FFN."""
+
+    def __init__(self, spec: MixLoRASpec, model_config, device: torch.device | str = "cpu", seed: int = 0) -> None:
+        super().__init__()
+        from loraplex.adapters.mixlora import ATTENTION, FFN
+        self.spec = spec
+        self.scale, self.expert_scale = spec.scale, spec.expert_scale
+        self.attention_targets = tuple(m for m in spec.target_modules if m in ATTENTION)
+        self.ffn_targets = tuple(m for m in spec.target_modules if m in FFN)
+        shapes = module_shapes(model_config)
+        gen = torch.Generator().manual_seed(seed)
+        self.a, self.b = nn.ParameterDict(), nn.ParameterDict()
+        self.router = nn.ParameterDict()
+        self.ea, self.eb = nn.ParameterDict(), nn.ParameterDict()
+        num_experts, r_e = spec.num_experts, spec.expert_rank
+        for layer in range(model_config.num_hidden_layers):
+            for module in self.attention_targets:
+                in_f, out_f = shapes[module]
+                bound = 1.0 / math.sqrt(in_f)
+                self.a[key(layer, module)] = nn.Parameter(torch.empty(spec.r, in_f).uniform_(
+                    -bound, bound, generator=gen).to(device))
+                self.b[key(layer, module)] = nn.Parameter(torch.zeros(out_f, spec.r, device=device))
+            self.router[f"L{layer}"] = nn.Parameter(torch.empty(num_experts, model_config.hidden_size).normal_(
+                0, spec.router_init_range, generator=gen).to(device))
+            for module in self.ffn_targets:
+                in_f, out_f = shapes[module]
+                bound = 1.0 / math.sqrt(in_f)
+                self.ea[key(layer, module)] = nn.Parameter(torch.empty(num_experts, r_e, in_f).uniform_(
+                    -bound, bound, generator=gen).to(device))
+                self.eb[key(layer, module)] = nn.Parameter(torch.zeros(num_experts, out_f, r_e, device=device))
+
+    def pair(self, layer: int, module: str) -> tuple[nn.Parameter, nn.Parameter] | None:
+        k = key(layer, module)
+        return (self.a[k], self.b[k]) if k in self.a else None
+
+    def experts(self, layer: int, module: str) -> tuple[nn.Parameter, nn.Parameter] | None:
+        k = key(layer, module)
+        return (self.ea[k], self.eb[k]) if k in self.ea else None
+
+    def peft_state_dict(self) -> dict[str, torch.Tensor]:
+        """Tensors under MoE-PEFT's MixLoRA names: fp32 CPU copies."""
+        def copy(t: torch.Tensor) -> torch.Tensor:
+            return t.detach().to("cpu", torch.float32, copy=True)
+        out = {}
+        for k, a in self.a.items():
+            layer, module = k.split("_", 1)
+            prefix = f"mixlora.layers.{layer[1:]}.self_attn.{module}"
+            out[f"{prefix}.lora_A.weight"], out[f"{prefix}.lora_B.weight"] = copy(a), copy(self.b[k])
+        for k, w in self.router.items():
+            out[f"mixlora.layers.{k[1:]}.mlp.moe_gate.weight"] = copy(w)
+        for k, a in self.ea.items():
+            layer, module = k.split("_", 1)
+            for e in range(a.shape[0]):
+                prefix = f"mixlora.layers.{layer[1:]}.mlp.{module}.experts.{e}"
+                out[f"{prefix}.lora_A.weight"], out[f"{prefix}.lora_B.weight"] = copy(a[e]), copy(self.eb[k][e])
+        return out
+
+    def load_peft_state_dict(self, tensors: dict[str, torch.Tensor]) -> None:
+        mine = self.peft_state_dict()
+        for name, t in mine.items():
+            if name not in tensors or tensors[name].shape != t.shape:
+                raise ValueError(f"checkpoint lacks {name} of shape {tuple(t.shape)}")
+        with torch.no_grad():
+            for k, a in self.a.items():
+                layer, module = k.split("_", 1)
+                prefix = f"mixlora.layers.{layer[1:]}.self_attn.{module}"
+                a.copy_(tensors[f"{prefix}.lora_A.weight"])
+                self.b[k].copy_(tensors[f"{prefix}.lora_B.weight"])
+            for k, w in self.router.items():
+                w.copy_(tensors[f"mixlora.layers.{k[1:]}.mlp.moe_gate.weight"])
+            for k, a in self.ea.items():
+                layer, module = k.split("_", 1)
+                for e in range(a.shape[0]):
+                    prefix = f"mixlora.layers.{layer[1:]}.mlp.{module}.experts.{e}"
+                    a[e].copy_(tensors[f"{prefix}.lora_A.weight"])
+                    self.eb[k][e].copy_(tensors[f"{prefix}.lora_B.weight"])
+
+
+def make_job_lora(spec: LoRASpec, model_config, device: torch.device | str = "cpu", seed: int = 0) -> nn.Module:
+    if isinstance(spec, MixLoRASpec):
+        return JobMixLoRA(spec, model_config, device, seed)
+    return JobLoRA(spec, model_config, device, seed)
+
+
 @dataclass(slots=True)
 class TrainSegment:
     """Rows [start, end) of the flattened training batch belong to one job."""
@@ -119,8 +305,13 @@ class TrainSegment:
 
 @dataclass(slots=True)
 class TrainStepState:
-    """Shared by every wrapper of one model; set by the trainer around a training forward, empty otherwise."""
+    """Shared by every wrapper of one model; set by the trainer around a training forward, empty otherwise.
+    `router_stats[(id(job lora), layer)]` = (job lora, probability sums [E] (with their graph), choices per
+    expert [E], tokens): what the MixLoRA FFN wrapper saw in the last forward of that layer, for the
+    load-balance loss (trainer/mixlora_train.py)."""
     segments: list[TrainSegment] = field(default_factory=list)
+    router_stats: dict = field(default_factory=dict)
+    jitter: bool = False  # training forward: MixLoRA jobs' jitter noise applies (never in evaluation)
 
 
 class SegmentLoRA(torch.autograd.Function):
@@ -216,10 +407,18 @@ class MultiLoRATrainLinear(nn.Module):
 
 
 def attach_training(model: nn.Module, num_layers: int, modules: Iterable[str] = LORA_MODULES) -> TrainStepState:
-    """Wrap every targetable linear of `model` (whatever module is there now) and return the shared state."""
+    """Wrap every targetable linear of `model` (whatever module is there now), give every FFN the MixLoRA jobs'
+    expert path (the serving MixLoRAMLP, put in place here when the model has none), return the shared state."""
+    from loraplex.adapters.mixlora_mlp import MixLoRAMLP
+
+    from .mixlora_train import moe_train_forward
     state = TrainStepState()
     for layer in range(num_layers):
         for module in modules:
             parent = model.get_submodule(f"model.layers.{layer}.{LORA_MODULES[module]}")
             setattr(parent, module, MultiLoRATrainLinear(getattr(parent, module), layer, module, state))
+        decoder = model.get_submodule(f"model.layers.{layer}")
+        if not isinstance(decoder.mlp, MixLoRAMLP):
+            decoder.mlp = MixLoRAMLP(decoder.mlp, layer)
+        decoder.mlp.train_forward = lambda mlp, x, state=state: moe_train_forward(state, mlp, x)
     return state

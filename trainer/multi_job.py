@@ -32,6 +32,7 @@ from .batch import TrainingBatch, build_training_batch, plan_chunks
 from .data import PackedSequence, SoftTargets
 from .job import TrainingJob
 from .lora_layers import TrainSegment, TrainStepState, attach_training
+from .mixlora_train import aux_coefficients, aux_term
 from .objectives import ChunkLoss
 
 logger = logging.getLogger(__name__)
@@ -153,8 +154,8 @@ class MultiJobTrainer:
         for j in running:
             units, norm, seed = j.next_micro_batch()
             seqs, policy = j.objective.expand(units)
-            shares.append(_Share(j, seqs, policy, norm, seed if j.spec.dropout > 0 else None,
-                                 units=j.objective.units(units)))
+            random = j.spec.dropout > 0 or getattr(j.spec, "jitter_noise", 0) > 0  # seeded masks or noise
+            shares.append(_Share(j, seqs, policy, norm, seed if random else None, units=j.objective.units(units)))
         yield from self._run(shares, train=True)
         self.in_step = []
         reports = []
@@ -241,6 +242,14 @@ class MultiJobTrainer:
             yield from self._pass(tb, segments, shares, ordinals, train)
 
 
+    @staticmethod
+    def _aux_weight(shares: list[_Share]):
+        """A MixLoRA job's multiplier of a chunk's load-balance loss: the chunk's share of its micro-batch's
+        tokens, over the micro-batches of its optimizer step (MoE-PEFT adds aux / accumulation steps)."""
+        tokens = {id(s.job.lora): sum(len(q.input_ids) for q, p in zip(s.sequences, s.policy) if p) for s in shares}
+        micro = {id(s.job.lora): s.job.micro_batches_per_step for s in shares}
+        return lambda lora, n: n / max(1, tokens.get(id(lora), n)) / max(1, micro.get(id(lora), 1))
+
     @contextmanager
     def _active(self, segments: list[TrainSegment], grad: bool):
         """One slice: the wrappers see this step's segments only inside it."""
@@ -261,6 +270,8 @@ class MultiJobTrainer:
         inner = self.model.model
         layers = list(inner.layers)
         keep_graph = train and not self.gradient_checkpointing
+        self.state.router_stats.clear()
+        self.state.jitter = train
         with self._active(segments, False):
             x = inner.embed_tokens(tb.batch.input_ids)  # [num_tokens, hidden]; the base is frozen
             cos, sin = inner.rotary_emb(tb.batch.positions, x.dtype)
@@ -271,6 +282,13 @@ class MultiJobTrainer:
                 x = layer(x_in, cos, sin, tb.kv_caches[i], tb.batch)
             saved.append((x_in, x if keep_graph else None) if train else None)
             yield
+        aux = {}
+        if train and self.state.router_stats:  # MixLoRA jobs: the load-balance loss, now that f is known
+            aux, values = aux_coefficients(self.state, self._aux_weight(shares))
+            for share in shares:
+                if id(share.job.lora) in values:
+                    share.metrics["router_aux_loss"] = share.metrics.get("router_aux_loss", 0.0) + \
+                        values[id(share.job.lora)]
         last = x.detach()
         n = tb.targets.numel()
         # d(loss)/d(log p) known before the head (SFT: -1/targets of the step) goes into the head's backward;
@@ -317,6 +335,10 @@ class MultiJobTrainer:
             with self._active(segments, True):
                 if out is None:  # gradient checkpointing: recompute this layer (same dropout masks)
                     out = layers[i](x_in, cos, sin, tb.kv_caches[i], tb.batch)
-                torch.autograd.backward(out, grad)
+                term = aux_term(self.state, i, aux) if aux else None
+                if term is None:
+                    torch.autograd.backward(out, grad)
+                else:
+                    torch.autograd.backward([out, term], [grad, torch.ones_like(term)])
             grad = x_in.grad
             yield

@@ -133,6 +133,7 @@ def _build_and_load() -> None:
     cpp_extension.load(name=name, sources=[str(s) for s in SOURCES], build_directory=str(build_dir),
                        extra_cflags=["-O3", f"-march={target_arch()}", "-fopenmp", "-DNDEBUG"],
                        extra_ldflags=["-fopenmp"], is_python_module=False, verbose=False)
+    os.utime(build_dir)  # last loaded now: other builds are pruned by age, not removed under a running checkout
     if not cached:
         logger.info("CPU kernels built in %.1f s (%s code paths)", time.perf_counter() - t0,
                     torch.ops.loraplex_cpu.vector_isa())
@@ -140,11 +141,22 @@ def _build_and_load() -> None:
             _prune_other_builds(build_dir)
 
 
-def _prune_other_builds(keep: Path) -> None:
-    """Builds of older sources (an upgrade) are never loaded again: remove them."""
+PRUNE_AFTER_S = 7 * 86400
+
+
+def _prune_other_builds(keep: Path, older_than_s: float = PRUNE_AFTER_S) -> None:
+    """Builds of older sources (an upgrade) not loaded for a week are removed. Not at once: two checkouts of
+    different versions on one machine (a test run beside a development tree) would otherwise delete each other's
+    build at every start and rebuild for ever."""
+    now = time.time()
     for other in keep.parent.iterdir():
         if other != keep and other.is_dir() and re.fullmatch(r"[0-9a-f]{16}", other.name):
-            shutil.rmtree(other, ignore_errors=True)
+            try:
+                stale = now - other.stat().st_mtime > older_than_s
+            except OSError:
+                continue
+            if stale:
+                shutil.rmtree(other, ignore_errors=True)
 
 
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_table: torch.Tensor,
