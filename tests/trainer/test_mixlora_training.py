@@ -11,7 +11,12 @@ import torch
 import torch.nn.functional as F
 import transformers
 
-from loraplex.adapters.mixlora import MixLoRAWeights, aux_loss_reference, ffn_reference, write_mixlora
+from loraplex.adapters.mixlora import (
+    MixLoRAWeights,
+    aux_loss_reference,
+    ffn_reference,
+    write_mixlora,
+)
 from loraplex.adapters.runtime import LoRARuntime
 from loraplex.engine.core.request import Request
 from loraplex.engine.core.sampling_params import SamplingParams
@@ -68,8 +73,8 @@ class Reference:
     """transformers' Llama with a MixLoRA's attention LoRA hooked in and ffn_reference as every FFN; collects
     each call's router logits (for aux_loss_reference)."""
 
-    def __init__(self, tiny_dir, dtype=torch.float64):
-        self.hf = transformers.LlamaForCausalLM.from_pretrained(tiny_dir, dtype=dtype).eval()
+    def __init__(self, folder, dtype=torch.float64):
+        self.hf = transformers.LlamaForCausalLM.from_pretrained(folder, dtype=dtype).eval()
         self.weights: MixLoRAWeights | None = None
         self.router_logits: list[torch.Tensor] = []
         for layer, decoder in enumerate(self.hf.model.layers):
