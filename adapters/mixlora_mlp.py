@@ -96,10 +96,10 @@ class MixLoRAMLP(nn.Module):
                 return out
         step: MixLoRAStep | None = None if self.state is None else self.state.mix
         g, u = self.gate_proj(x), self.up_proj(x)  # [n, inter], base rows and plain LoRA rows complete
-        h = silu_and_mul(g, u)
         if step is None:
-            return self.down_proj(h)
+            return self.down_proj(silu_and_mul(g, u))
         tables = step.tables
+        n_mix = step.rows.shape[0]
         pairs = route_pairs(x, tables.routers[self.layer], step.rows, step.row_slots, step.expert_mask, step.groups,
                             tables.max_experts, tables.vid_pages, tables.vid_ranks)
         xp = x.index_select(0, pairs.rows)  # [P, hidden], one row per chosen (row, expert)
@@ -107,12 +107,16 @@ class MixLoRAMLP(nn.Module):
         for module, target in (("gate_proj", gp), ("up_proj", up)):
             if module in step.modules:
                 expert_apply(target, xp, *self.pools[module], pairs)
-        hp = silu_and_mul(gp, up) * pairs.weights.to(h.dtype).unsqueeze(1)  # w_p φ(g_p) ⊙ u_p
-        h.index_fill_(0, step.rows, 0)
-        h.index_add_(0, pairs.rows, hp)  # H[row] = Σ_p h_p
+        up.mul_(pairs.weights.to(up.dtype).unsqueeze(1))
+        hp = silu_and_mul(gp, up)  # w_p φ(g_p) ⊙ u_p
+        if n_mix == x.shape[0]:  # every row is a MixLoRA row: the plain φ(G) ⊙ U is never needed
+            h = torch.empty_like(g)
+        else:
+            h = silu_and_mul(g, u)
+        h.index_copy_(0, step.rows, pairs.per_row_sum(hp, n_mix))  # H[row] = Σ_p h_p
         y = self.down_proj(h)
         if "down_proj" in step.modules:
             yp = torch.zeros(hp.shape[0], y.shape[1], dtype=y.dtype, device=y.device)
             expert_apply(yp, hp, *self.pools["down_proj"], pairs)
-            y.index_add_(0, pairs.rows, yp)
+            y.index_add_(0, step.rows, pairs.per_row_sum(yp, n_mix))
         return y

@@ -299,7 +299,7 @@ class AdapterService:
                 raise AdapterConflictError(f"The lora adapter '{name}' has already been loaded.", param="lora_name")
             weights = await asyncio.to_thread(load_served_adapter, folder, self.engine.model_config,
                                               self.settings.max_lora_rank, allow_bin=allow_bin)
-            check_limits(weights, await self._engine_limits())  # what the engine could never load is a 400 now
+            check_limits(weights, await self.engine_limits())  # what the engine could never load is a 400 now
             with tempfile.TemporaryDirectory(prefix="stage-", dir=self.settings.adapter_dir / "tmp") as stage:
                 src = await asyncio.to_thread(_as_safetensors_folder, folder, weights, Path(stage))
                 if skip_if_same and name in self.served and _sha256(src) == self.served[name].sha256:
@@ -349,7 +349,8 @@ class AdapterService:
         await self.engine.call("unregister_adapter", adapter_id)
         self.registered = {k for k in self.registered if k[0] != adapter_id}
 
-    async def _engine_limits(self) -> dict[str, int]:
+    async def engine_limits(self) -> dict[str, int]:
+        """The engine's pool pages, --max-lora-rank and MixLoRA limits (asked once)."""
         if self._limits is None:
             self._limits = await self.engine.call("limits")
         return self._limits

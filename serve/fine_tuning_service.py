@@ -208,7 +208,7 @@ class FineTuningService:
             raise InvalidRequestError(f"lora.r must be at most the server's --max-lora-rank ({max_rank}) so the "
                                       f"fine-tuned model can be served; got {max(ranks)}", param="lora.r")
         if isinstance(spec, MixLoRASpec):
-            limits = await self.adapters._engine_limits() if hasattr(self.adapters, "_engine_limits") else {}
+            limits = await self.adapters.engine_limits()
             if spec.num_experts > limits.get("max_mixlora_experts", spec.num_experts):
                 raise InvalidRequestError(f"lora.num_experts must be at most the server's --max-mixlora-experts "
                                           f"({limits['max_mixlora_experts']}) so the fine-tuned model can be served",

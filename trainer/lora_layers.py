@@ -173,6 +173,8 @@ class MixLoRASpec(LoRASpec):
 
 
 LORA_TYPES = ("lora", "mixlora")
+MIXLORA_ONLY = {"num_experts", "top_k", "routing_strategy", "top_p", "temperature", "router_aux_loss_coef",
+                "router_init_range", "jitter_noise", "expert_r", "expert_alpha"}
 
 
 def spec_type(given: dict) -> type[LoRASpec]:
@@ -192,6 +194,9 @@ def make_spec(given: dict) -> LoRASpec:
     """A LoRASpec or MixLoRASpec from a job's `lora` settings (its spec fields; `type`, and MixLoRA's
     `expert_lora` {r, lora_alpha} as MoE-PEFT spells the expert overrides)."""
     cls = spec_type(given)
+    misplaced = sorted(set(given) & (MIXLORA_ONLY | {"expert_lora"})) if cls is LoRASpec else []
+    if misplaced:
+        raise ValueError(f"{', '.join(misplaced)} apply to type mixlora (this job's lora.type is lora)")
     args = {k: v for k, v in given.items() if k in spec_field_names(given)}
     if "target_modules" in args:
         args["target_modules"] = tuple(args["target_modules"])

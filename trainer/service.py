@@ -515,7 +515,7 @@ def step_metrics(job) -> dict:
     metrics = job.last_metrics
     if "accuracy" in metrics:
         data["train_accuracy"] = metrics["accuracy"]
-    for k in ("margin", "chosen_reward", "rejected_reward"):
+    for k in ("margin", "chosen_reward", "rejected_reward", "router_aux_loss"):  # the last: MixLoRA jobs
         if k in metrics:
             data[f"train_{k}"] = metrics[k]
     return data

@@ -11,9 +11,10 @@ GEMM stays one dense call for the whole batch (base, LoRA and MixLoRA rows alike
     Y = W2 H                                            (dense, every row)
     Y[row] += Σ_p B2_e A2_e h_p
 
-Pairs are sorted by virtual expert id `slot * max_experts + e` (stable, so a row's pairs keep expert order
-whatever else is in the batch), which makes each (adapter, expert) one segment of the existing segmented LoRA op
-(engine/kernels/csrc/cpu_lora.cpp) over the pair rows. Router logits are computed one row at a time in float32
+Each pair names its virtual expert `slot * max_experts + e` (the (adapter, expert) key of its pool pages); pairs
+stay row by row, a row's in its routing order, so a row's sums never depend on the rest of the batch, and with
+top-k routing a row's pairs are a fixed [k] block (sums are a reshape, not a scatter). The existing segmented LoRA
+op (engine/kernels/csrc/cpu_lora.cpp) runs them with a segment per pair, reading each pair's pages in place. Router logits are computed one row at a time in float32
 (a GEMM's last bits depend on its row count, and one ulp can flip a top-k choice); everything here is torch ops
 on device tensors, with no host sync on a GPU except in the dynamic (top-p) routing's compaction.
 `route_pairs_ref` and the plain-torch paths are the references the kernels are tested against.
@@ -41,14 +42,21 @@ class RoutingGroup:
 
 @dataclass(slots=True)
 class ExpertPairs:
-    """One layer's chosen (row, expert) pairs, sorted by virtual expert id."""
+    """One layer's chosen (row, expert) pairs, row by row (a row's pairs in its routing order)."""
+    local: torch.Tensor  # [P] int64 index into the step's MixLoRA rows
     rows: torch.Tensor  # [P] int64 batch rows
     weights: torch.Tensor  # [P] float32 routing weights
     pages: torch.Tensor  # [P, max_rank] int64 each pair's expert pages (ZERO_PAGE padded)
-    seg_starts: torch.Tensor  # [S + 1] int64: pairs of one virtual expert are one segment (CPU kernel layout)
-    seg_pages: torch.Tensor  # [S, max_rank]
-    seg_ranks: torch.Tensor  # [S]
+    ranks: torch.Tensor  # [P] int64
+    top_k: int | None  # every MixLoRA row has exactly top_k pairs (top-k routing throughout): pairs are [n_mix, k]
     logits: torch.Tensor  # [n_mix, max_experts] float32 router logits (masked experts -inf)
+
+    def per_row_sum(self, values: torch.Tensor, num_rows: int) -> torch.Tensor:
+        """[P, d] -> [n_mix, d]: each MixLoRA row's sum over its pairs, in routing order."""
+        if self.top_k is not None:
+            return values.view(num_rows, self.top_k, values.shape[1]).sum(1)
+        return torch.zeros(num_rows, values.shape[1], dtype=values.dtype, device=values.device).index_add_(
+            0, self.local, values)
 
 
 def _kernel_ok(*tensors: torch.Tensor) -> bool:
@@ -93,22 +101,23 @@ def route_pairs(x: torch.Tensor, router: torch.Tensor, mix_rows: torch.Tensor, r
                 vid_pages: torch.Tensor, vid_ranks: torch.Tensor) -> ExpertPairs:
     """Route the step's MixLoRA rows (`mix_rows`, grouped by adapter; `row_slots` their router slots,
     `expert_mask` [n_mix, max_experts] which experts exist) and lay out the pairs for the expert ops.
-    `vid_pages` [num_slots * max_experts, max_rank] / `vid_ranks` are the pool pages of every virtual expert."""
+    `vid_pages` [num_slots * max_experts, max_rank] / `vid_ranks` are the pool pages of every virtual expert
+    (adapter slot * max_experts + expert)."""
     logits = router_logits(x, router, mix_rows, row_slots, max_experts).masked_fill(~expert_mask, float("-inf"))
     parts = [_route_group(logits[g.start:g.end], g) for g in groups]
-    local = torch.cat([loc + g.start for (loc, _, _), g in zip(parts, groups)]) if len(parts) > 1 else \
-        parts[0][0] + groups[0].start
-    experts = torch.cat([e for _, e, _ in parts]) if len(parts) > 1 else parts[0][1]
-    weights = torch.cat([w for _, _, w in parts]) if len(parts) > 1 else parts[0][2]
+    if len(parts) == 1:
+        local, experts, weights = parts[0]
+        local = local + groups[0].start
+    else:
+        local = torch.cat([loc + g.start for (loc, _, _), g in zip(parts, groups)])
+        experts = torch.cat([e for _, e, _ in parts])
+        weights = torch.cat([w for _, _, w in parts])
+    ks = {g.top_k if g.strategy == "mixlora" else None for g in groups}
+    top_k = ks.pop() if len(ks) == 1 else None
     vid = row_slots.index_select(0, local) * max_experts + experts
-    order = torch.argsort(vid, stable=True)
-    vid, local, weights = vid[order], local[order], weights[order]
-    uniq, counts = torch.unique_consecutive(vid, return_counts=True)
-    seg_starts = torch.zeros(uniq.numel() + 1, dtype=torch.int64, device=vid.device)
-    torch.cumsum(counts, 0, out=seg_starts[1:])
-    return ExpertPairs(rows=mix_rows.index_select(0, local), weights=weights, pages=vid_pages.index_select(0, vid),
-                       seg_starts=seg_starts, seg_pages=vid_pages.index_select(0, uniq).contiguous(),
-                       seg_ranks=vid_ranks.index_select(0, uniq).contiguous(), logits=logits)
+    return ExpertPairs(local=local, rows=mix_rows.index_select(0, local), weights=weights,
+                       pages=vid_pages.index_select(0, vid), ranks=vid_ranks.index_select(0, vid), top_k=top_k,
+                       logits=logits)
 
 
 def expert_apply(y: torch.Tensor, x: torch.Tensor, a_pool: torch.Tensor, b_pool: torch.Tensor,
@@ -118,9 +127,10 @@ def expert_apply(y: torch.Tensor, x: torch.Tensor, a_pool: torch.Tensor, b_pool:
         return
     if (_kernel_ok(y, x, a_pool) and y.dtype in (torch.float32, torch.bfloat16)
             and x.dtype == a_pool.dtype == b_pool.dtype == y.dtype and y.is_contiguous() and x.is_contiguous()):
-        rows = torch.arange(y.shape[0], dtype=torch.int64)
-        torch.ops.loraplex_cpu.lora_apply_(y, x, a_pool, b_pool, rows, pairs.seg_starts, pairs.seg_pages,
-                                           pairs.seg_ranks)
+        num = y.shape[0]  # a segment per pair: the kernel reads each pair's pages in place
+        rows = torch.arange(num, dtype=torch.int64)
+        torch.ops.loraplex_cpu.lora_apply_(y, x, a_pool, b_pool, rows, torch.arange(num + 1, dtype=torch.int64),
+                                           pairs.pages, pairs.ranks)
         return
     expert_apply_ref(y, x, a_pool, b_pool, pairs.pages)
 

@@ -94,3 +94,25 @@ def test_weight_pool_write_zeroes_untargeted_modules_and_rank_padding():
     assert not w.a[0]["q_proj"][8].any() and not w.b[0]["q_proj"][8].any()
     assert not w.a[0]["down_proj"][[3, 5, 8]].any() and not w.a[1]["q_proj"][[3, 5, 8]].any()
     assert (w.a[0]["down_proj"][0] == 7).all()  # pages not written are untouched
+
+
+def test_router_slots_are_a_second_resource():
+    """MixLoRA adapters also take one of the pool's router slots: a full slot table evicts the least recently used
+    unpinned slot holder (never a plain LoRA for it), and with every slot pinned nothing is changed."""
+    evicted = []
+    pool = AdapterPool(1 + 100, on_evict=evicted.append, num_slots=2)
+    loads = []
+    assert pool.acquire("lora", 8, lambda p: loads.append(("lora", None))) is not None
+    assert pool.acquire("m1", 16, lambda p, s: loads.append(("m1", s)), slot=True) is not None
+    assert pool.acquire("m2", 16, lambda p, s: loads.append(("m2", s)), slot=True) is not None
+    assert {s for _, s in loads if s is not None} == {0, 1} and pool.num_free_slots == 0
+    assert pool.acquire("m3", 16, lambda p, s: None, slot=True) is None  # m1, m2 pinned: no slot, nothing changed
+    assert not evicted and pool.num_free_slots == 0
+    for key in ("lora", "m1", "m2"):
+        pool.release(key)
+    assert pool.acquire("m3", 16, lambda p, s: loads.append(("m3", s)), slot=True) is not None
+    assert evicted == ["m1"] and loads[-1] == ("m3", 0)  # the LRU slot holder went, the older plain LoRA stayed
+    pool.release("m3")
+    for key in list(pool.resident):
+        pool.evict(key)
+    assert pool.num_free_slots == 2 and pool.num_free_pages == 100

@@ -44,6 +44,9 @@ class FakeAdapters:
         if self.error is not None:
             raise self.error
 
+    async def engine_limits(self) -> dict[str, int]:
+        return {"pool_pages": 1024, "max_lora_rank": 32, "max_mixlora_experts": 16, "max_mixlora_adapters": 16}
+
 
 @pytest.fixture
 def adapters() -> FakeAdapters:
@@ -241,6 +244,46 @@ def test_lora_extension(ft_client, ft_oai, service):
     assert r.json()["lora"] == {**lora, "alpha": 32.0}
     record = service.store.get_job(r.json()["id"])  # what the engine side reads
     assert record.lora == {**lora, "alpha": 32.0}
+
+
+def test_mixlora_lora_extension(ft_client, ft_oai, service):
+    f = _upload(ft_oai)
+    lora = {"type": "mixlora", "r": 8, "alpha": 16, "num_experts": 4, "top_k": 1, "router_aux_loss_coef": 0.001,
+            "jitter_noise": 0.01, "expert_lora": {"r": 4, "lora_alpha": 8}, "target_modules": ["q_proj", "up_proj"]}
+    r = ft_client.post(JOBS, json={"model": MODEL_NAME, "training_file": f.id, "lora": lora})
+    assert r.status_code == 200, r.text
+    stored = service.store.get_job(r.json()["id"]).lora
+    assert stored == r.json()["lora"]
+    assert stored | {"alpha": 16} == {"type": "mixlora", "r": 8, "alpha": 16, "dropout": 0.0, "use_rslora": False,
+                                      "target_modules": ["q_proj", "up_proj"], "num_experts": 4, "top_k": 1,
+                                      "routing_strategy": "mixlora", "top_p": 0.8, "temperature": 0.0,
+                                      "router_aux_loss_coef": 0.001, "router_init_range": 0.02, "jitter_noise": 0.01,
+                                      "expert_r": 4, "expert_alpha": 8.0}
+    from loraplex.trainer.defaults import resolve_lora  # what the engine side builds from it
+    spec, extras = resolve_lora(stored)
+    assert spec.expert_rank == 4 and spec.num_experts == 4 and not extras
+    defaults = ft_client.post(JOBS, json={"model": MODEL_NAME, "training_file": f.id, "lora": {"type": "mixlora"}})
+    assert defaults.json()["lora"]["num_experts"] == 8 and defaults.json()["lora"]["top_k"] == 2
+    assert len(defaults.json()["lora"]["target_modules"]) == 7
+
+
+@pytest.mark.parametrize("patch,param", [
+    ({"lora": {"type": "moe"}}, "lora.type"),
+    ({"lora": {"num_experts": 4}}, "lora"),  # a MixLoRA setting on a plain LoRA job: refused, not ignored
+    ({"lora": {"type": "mixlora", "num_experts": 0}}, "lora"),
+    ({"lora": {"type": "mixlora", "num_experts": 4, "top_k": 5}}, "lora"),
+    ({"lora": {"type": "mixlora", "routing_strategy": "mixlora-switch"}}, "lora"),
+    ({"lora": {"type": "mixlora", "target_modules": ["q_proj", "v_proj"]}}, "lora"),  # no experts
+    ({"lora": {"type": "mixlora", "num_experts": 17}}, "lora.num_experts"),  # above --max-mixlora-experts
+    ({"lora": {"type": "mixlora", "expert_lora": {"r": 64}}}, "lora.r"),  # above --max-lora-rank
+    ({"lora": {"type": "mixlora", "expert_lora": {"alpha": 3}}}, "lora.expert_lora.alpha"),
+    ({"lora": {"type": "mixlora", "jitter_noise": 1.5}}, "lora"),
+])
+def test_bad_mixlora_job_requests_change_nothing(ft_client, ft_oai, engine, patch, param):
+    f = _upload(ft_oai)
+    err = _error(ft_client.post(JOBS, json={"model": MODEL_NAME, "training_file": f.id, **patch}), 400, param=param)
+    assert err["type"] == "invalid_request_error"
+    _no_jobs(ft_client, engine)
 
 
 @pytest.mark.parametrize("patch,param", [
