@@ -259,7 +259,9 @@ def test_mixlora_lora_extension(ft_client, ft_oai, service):
                                       "routing_strategy": "mixlora", "top_p": 0.8, "temperature": 0.0,
                                       "router_aux_loss_coef": 0.001, "router_init_range": 0.02, "jitter_noise": 0.01,
                                       "expert_r": 4, "expert_alpha": 8.0}
-    from loraplex.trainer.defaults import resolve_lora  # what the engine side builds from it
+    from loraplex.trainer.defaults import (
+        resolve_lora,  # what the engine side builds from it
+    )
     spec, extras = resolve_lora(stored)
     assert spec.expert_rank == 4 and spec.num_experts == 4 and not extras
     defaults = ft_client.post(JOBS, json={"model": MODEL_NAME, "training_file": f.id, "lora": {"type": "mixlora"}})
