@@ -376,6 +376,14 @@ _ACT = {"silu": torch.nn.functional.silu, "relu": torch.relu, "gelu": torch.nn.f
         "gelu_pytorch_tanh": lambda x: torch.nn.functional.gelu(x, approximate="tanh")}
 
 
+def mass_before(sorted_p: torch.Tensor) -> torch.Tensor:
+    """[.., E] probabilities sorted descending -> each one's mass of the experts ranked above it (an exclusive
+    cumulative sum). MoE-PEFT keeps every expert whose cumulative mass is at most top_p and the first one past it:
+    exactly those whose mass before is at most top_p (all of them when the total stays below top_p)."""
+    total = sorted_p.cumsum(-1)
+    return torch.cat([torch.zeros_like(total[..., :1]), total[..., :-1]], dim=-1)
+
+
 def route(config: MixLoRAConfig, logits: torch.Tensor) -> torch.Tensor:
     """Router logits [T, E] -> per-token expert weights [T, E] (zero for experts not chosen)."""
     p = torch.softmax(logits, dim=-1)
@@ -385,8 +393,7 @@ def route(config: MixLoRAConfig, logits: torch.Tensor) -> torch.Tensor:
     if config.temperature > 0:
         p = p / config.temperature
     sorted_p, idx = torch.sort(p, dim=-1, descending=True)
-    before = sorted_p.cumsum(-1) - sorted_p  # mass of the experts ranked above each one
-    keep = before < config.top_p  # the smallest prefix whose sum reaches top_p
+    keep = mass_before(sorted_p) <= config.top_p  # MoE-PEFT's _dynamic_top_p: up to the first past top_p
     return torch.zeros_like(p).scatter(-1, idx, torch.where(keep, sorted_p, torch.zeros_like(sorted_p)))
 
 

@@ -70,6 +70,7 @@ class MixLoRAStep:
     rows: torch.Tensor  # [n_mix] int64
     row_slots: torch.Tensor  # [n_mix] int64
     expert_mask: torch.Tensor  # [n_mix, max_experts] bool
+    expert_counts: torch.Tensor  # [n_mix] int64
     groups: list[RoutingGroup]
     modules: frozenset[str]
 
@@ -101,7 +102,7 @@ class MixLoRAMLP(nn.Module):
         tables = step.tables
         n_mix = step.rows.shape[0]
         pairs = route_pairs(x, tables.routers[self.layer], step.rows, step.row_slots, step.expert_mask, step.groups,
-                            tables.max_experts, tables.vid_pages, tables.vid_ranks)
+                            tables.max_experts, tables.vid_pages, tables.vid_ranks, step.expert_counts)
         xp = x.index_select(0, pairs.rows)  # [P, hidden], one row per chosen (row, expert)
         gp, up = g.index_select(0, pairs.rows), u.index_select(0, pairs.rows)
         for module, target in (("gate_proj", gp), ("up_proj", up)):

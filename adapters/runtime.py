@@ -305,7 +305,8 @@ class LoRARuntime:
             return torch.tensor(data, dtype=torch.int64, device=self.device)
         counts = as_tensor(num_experts)
         mask = torch.arange(self.mix_tables.max_experts, device=self.device).unsqueeze(0) < counts.unsqueeze(1)
-        return MixLoRAStep(self.mix_tables, as_tensor(rows), as_tensor(slots), mask, groups, frozenset(modules))
+        return MixLoRAStep(self.mix_tables, as_tensor(rows), as_tensor(slots), mask, counts, groups,
+                           frozenset(modules))
 
     def call(self, method: str, args: tuple) -> Any:
         if method not in ("register_adapter", "unregister_adapter", "adapter_state", "limits"):

@@ -22,6 +22,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from loraplex.adapters.mixlora import mass_before
+
 from .lora_layers import JobMixLoRA, TrainSegment, TrainStepState
 
 
@@ -34,7 +36,7 @@ def route_with_grad(spec, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Ten
         return w, torch.zeros_like(p, dtype=torch.bool).scatter(-1, idx, True)
     q = p / spec.temperature if spec.temperature > 0 else p
     sorted_q, idx = torch.sort(q, dim=-1, descending=True, stable=True)
-    keep = (sorted_q.cumsum(-1) - sorted_q).detach() < spec.top_p
+    keep = mass_before(sorted_q.detach()) <= spec.top_p
     chosen = torch.zeros_like(p, dtype=torch.bool).scatter(-1, idx, keep)
     return torch.where(chosen, q, torch.zeros_like(q)), chosen
 

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from loraplex.adapters.mixlora import mass_before
 from loraplex.engine.kernels import cpu_kernels
 
 
@@ -43,13 +44,21 @@ class RoutingGroup:
 @dataclass(slots=True)
 class ExpertPairs:
     """One layer's chosen (row, expert) pairs, row by row (a row's pairs in its routing order)."""
-    local: torch.Tensor  # [P] int64 index into the step's MixLoRA rows
+    local: torch.Tensor | None  # [P] int64 index into the step's MixLoRA rows (None with top_k: pairs are [n, k])
     rows: torch.Tensor  # [P] int64 batch rows
     weights: torch.Tensor  # [P] float32 routing weights
     pages: torch.Tensor  # [P, max_rank] int64 each pair's expert pages (ZERO_PAGE padded)
     ranks: torch.Tensor  # [P] int64
     top_k: int | None  # every MixLoRA row has exactly top_k pairs (top-k routing throughout): pairs are [n_mix, k]
     logits: torch.Tensor  # [n_mix, max_experts] float32 router logits (masked experts -inf)
+    _segments: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def kernel_segments(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(rows, starts) of the segmented op with a segment per pair, built once per layer."""
+        if self._segments is None:
+            num = self.rows.shape[0]
+            self._segments = (torch.arange(num, dtype=torch.int64), torch.arange(num + 1, dtype=torch.int64))
+        return self._segments
 
     def per_row_sum(self, values: torch.Tensor, num_rows: int) -> torch.Tensor:
         """[P, d] -> [n_mix, d]: each MixLoRA row's sum over its pairs, in routing order."""
@@ -90,19 +99,27 @@ def _route_group(logits: torch.Tensor, g: RoutingGroup) -> tuple[torch.Tensor, t
     if g.temperature > 0:
         p = p / g.temperature  # MoE-PEFT divides the probabilities, not the logits (a quirk kept as is)
     sorted_p, idx = torch.sort(p, dim=-1, descending=True, stable=True)
-    before = sorted_p.cumsum(-1) - sorted_p  # mass of the experts ranked above each one
-    keep = (before < g.top_p) & (sorted_p > 0)  # the smallest prefix reaching top_p; masked experts never
+    keep = (mass_before(sorted_p) <= g.top_p) & (sorted_p > 0)  # up to the first past top_p; masked experts never
     local, pos = keep.nonzero(as_tuple=True)
     return local, idx[local, pos], sorted_p[local, pos]
 
 
 def route_pairs(x: torch.Tensor, router: torch.Tensor, mix_rows: torch.Tensor, row_slots: torch.Tensor,
                 expert_mask: torch.Tensor, groups: list[RoutingGroup], max_experts: int,
-                vid_pages: torch.Tensor, vid_ranks: torch.Tensor) -> ExpertPairs:
+                vid_pages: torch.Tensor, vid_ranks: torch.Tensor,
+                expert_counts: torch.Tensor | None = None) -> ExpertPairs:
     """Route the step's MixLoRA rows (`mix_rows`, grouped by adapter; `row_slots` their router slots,
-    `expert_mask` [n_mix, max_experts] which experts exist) and lay out the pairs for the expert ops.
-    `vid_pages` [num_slots * max_experts, max_rank] / `vid_ranks` are the pool pages of every virtual expert
-    (adapter slot * max_experts + expert)."""
+    `expert_mask` [n_mix, max_experts] which experts exist, `expert_counts` how many) and lay out the pairs for
+    the expert ops. `vid_pages` [num_slots * max_experts, max_rank] / `vid_ranks` are the pool pages of every
+    virtual expert (adapter slot * max_experts + expert). Top-k throughout, on CPU with the kernels: one call."""
+    ks = {g.top_k if g.strategy == "mixlora" else None for g in groups}
+    top_k = ks.pop() if len(ks) == 1 else None
+    if (top_k is not None and expert_counts is not None and _kernel_ok(x, router)
+            and x.dtype in (torch.float32, torch.bfloat16) and x.stride(-1) == 1):
+        logits, weights, pages, ranks, rows = torch.ops.loraplex_cpu.mixlora_route_topk(
+            x, router, mix_rows, row_slots, expert_counts, max_experts, top_k, vid_pages, vid_ranks)
+        return ExpertPairs(local=None, rows=rows, weights=weights, pages=pages, ranks=ranks, top_k=top_k,
+                           logits=logits)
     logits = router_logits(x, router, mix_rows, row_slots, max_experts).masked_fill(~expert_mask, float("-inf"))
     parts = [_route_group(logits[g.start:g.end], g) for g in groups]
     if len(parts) == 1:
@@ -112,8 +129,6 @@ def route_pairs(x: torch.Tensor, router: torch.Tensor, mix_rows: torch.Tensor, r
         local = torch.cat([loc + g.start for (loc, _, _), g in zip(parts, groups)])
         experts = torch.cat([e for _, e, _ in parts])
         weights = torch.cat([w for _, _, w in parts])
-    ks = {g.top_k if g.strategy == "mixlora" else None for g in groups}
-    top_k = ks.pop() if len(ks) == 1 else None
     vid = row_slots.index_select(0, local) * max_experts + experts
     return ExpertPairs(local=local, rows=mix_rows.index_select(0, local), weights=weights,
                        pages=vid_pages.index_select(0, vid), ranks=vid_ranks.index_select(0, vid), top_k=top_k,
@@ -127,10 +142,8 @@ def expert_apply(y: torch.Tensor, x: torch.Tensor, a_pool: torch.Tensor, b_pool:
         return
     if (_kernel_ok(y, x, a_pool) and y.dtype in (torch.float32, torch.bfloat16)
             and x.dtype == a_pool.dtype == b_pool.dtype == y.dtype and y.is_contiguous() and x.is_contiguous()):
-        num = y.shape[0]  # a segment per pair: the kernel reads each pair's pages in place
-        rows = torch.arange(num, dtype=torch.int64)
-        torch.ops.loraplex_cpu.lora_apply_(y, x, a_pool, b_pool, rows, torch.arange(num + 1, dtype=torch.int64),
-                                           pairs.pages, pairs.ranks)
+        rows, starts = pairs.kernel_segments()  # a segment per pair: the kernel reads each pair's pages in place
+        torch.ops.loraplex_cpu.lora_apply_(y, x, a_pool, b_pool, rows, starts, pairs.pages, pairs.ranks)
         return
     expert_apply_ref(y, x, a_pool, b_pool, pairs.pages)
 

@@ -215,3 +215,24 @@ def test_reference_block_matches_the_mixlora_package(tmp_path, rslora):
         mlp = decoder.mlp
         want, _ = ffn_reference(ours, layer, x[0], mlp.gate_proj.weight, mlp.up_proj.weight, mlp.down_proj.weight)
         torch.testing.assert_close(got.reshape(7, 32), want, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.5, 2.0])
+def test_dynamic_routing_is_moe_peft_top_p(temperature):
+    """`route` for mixlora-dynamic against MoE-PEFT's rule as its _dynamic_top_p states it: sort the (temperature-
+    divided) probabilities, drop every expert whose running sum passes top_p except the first one to pass it;
+    with T = 2 the sum never reaches top_p and every expert stays."""
+    config = parse_mixlora_config({"peft_type": "MIXLORA", "r": 4, "lora_alpha": 8, "target_modules": ["up_proj"],
+                                   "routing_strategy": "mixlora-dynamic", "num_experts": 6, "act_fn": "silu",
+                                   "top_p": 0.55, "temperature": temperature}, max_lora_rank=64)
+    logits = torch.randn(500, 6, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * 2
+    q = torch.softmax(logits, dim=-1)
+    q = q / temperature if temperature > 0 else q
+    sorted_q, order = torch.sort(q, dim=-1, descending=True)
+    past = sorted_q.cumsum(-1) > 0.55
+    first_past = torch.nn.functional.one_hot(past.long().argmax(-1), 6).bool()
+    dropped = past & ~first_past
+    want = torch.zeros_like(q).scatter(-1, order, sorted_q.masked_fill(dropped, 0.0))
+    torch.testing.assert_close(route(config, logits), want, rtol=0, atol=0)
+    if temperature == 2.0:
+        assert (want > 0).all()

@@ -180,6 +180,7 @@ def test_pages_and_router_slots_come_back(tiny, tmp_path):
     assert (98, 1) not in runtime.registry
 
 
+@torch.inference_mode()  # the kernels serve inference only (autograd takes the torch ops)
 def test_routing_and_expert_ops_match_their_references():
     if not cpu_kernels.available():
         pytest.skip("CPU kernels unavailable")
@@ -192,6 +193,7 @@ def test_routing_and_expert_ops_match_their_references():
         row_slots = torch.tensor([2, 2, 0, 0, 0, 1, 1, 1])
         got = mixops.router_logits(x, router, rows, row_slots, experts)
         want = mixops.router_logits_ref(x, router, rows, row_slots, experts)
+        assert mixops._kernel_ok(x, router)  # the kernel ran, not the reference again
         torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-5)
         # row by row: a row's logits are bit-identical alone and in the batch
         for i in range(len(rows)):
@@ -214,6 +216,18 @@ def test_routing_and_expert_ops_match_their_references():
     got = y.clone()
     mixops.expert_apply(got, xp, a_pool, b_pool, pairs)
     torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-5)
+    # top-k routing in one kernel call equals the torch ops (rows with fewer experts than the slot holds too)
+    counts = torch.tensor([4, 4, 3, 3, 3, 2, 2, 2])
+    fewer = torch.arange(experts).unsqueeze(0) < counts.unsqueeze(1)
+    topk = [RoutingGroup(0, 8, "mixlora", 2, 0.8, 0.0)]
+    fused = route_pairs(x, router, rows, row_slots, fewer, topk, experts, vid_pages, vid_ranks, counts)
+    with cpu_kernels.suspended():
+        plain = route_pairs(x, router, rows, row_slots, fewer, topk, experts, vid_pages, vid_ranks, counts)
+    assert fused.local is None and plain.local is not None and fused.top_k == plain.top_k == 2
+    for field in ("rows", "pages", "ranks"):
+        assert torch.equal(getattr(fused, field), getattr(plain, field)), field
+    torch.testing.assert_close(fused.weights, plain.weights, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(fused.logits, plain.logits, atol=1e-5, rtol=1e-6)
     # the pairs: top-k rows have 2 each, weights summing to 1; dynamic rows keep a prefix reaching 0.7
     per_row = torch.bincount(pairs.rows, minlength=20)
     assert per_row[rows[:5]].tolist() == [2] * 5

@@ -10,6 +10,8 @@
 #include "cpu_vec.h"
 
 #include <algorithm>
+#include <cmath>
+#include <limits>
 #include <cstdint>
 #include <vector>
 
@@ -157,9 +159,76 @@ at::Tensor mixlora_router(const at::Tensor& x, const at::Tensor& w, const at::Te
   return out;
 }
 
+// MixLoRA top-k routing in one call, row by row: each row's logits against its own slot's router (float32), a
+// softmax over the row's adapter's experts (the others masked), the k largest (ties: the lower expert first),
+// weights renormalised over the k, and each (row, choice) pair's virtual-expert pages. What adapters/ops/
+// mixlora.py's route_pairs computes with a dozen torch ops per layer (its reference, and the fallback).
+std::vector<at::Tensor> mixlora_route_topk(const at::Tensor& x, const at::Tensor& w, const at::Tensor& rows,
+                                           const at::Tensor& slots, const at::Tensor& counts, int64_t experts,
+                                           int64_t k, const at::Tensor& vid_pages, const at::Tensor& vid_ranks) {
+  at::Tensor logits = mixlora_router(x, w, rows, slots, experts);
+  const int64_t n = rows.numel(), R = vid_pages.size(1);
+  TORCH_CHECK(k >= 1 && k <= experts && counts.scalar_type() == at::kLong && counts.numel() == n &&
+                  counts.is_contiguous() && vid_pages.scalar_type() == at::kLong && vid_pages.is_contiguous() &&
+                  vid_ranks.scalar_type() == at::kLong && vid_ranks.is_contiguous() &&
+                  vid_pages.size(0) == vid_ranks.numel() && vid_pages.size(0) % experts == 0,
+              "mixlora_route_topk: bad arguments");
+  const int64_t* cnt = counts.data_ptr<int64_t>();
+  for (int64_t i = 0; i < n; ++i) TORCH_CHECK(cnt[i] >= k && cnt[i] <= experts, "mixlora_route_topk: expert count");
+  at::Tensor weights = at::empty({n * k}, logits.options());
+  at::Tensor pages = at::empty({n * k, R}, vid_pages.options());
+  at::Tensor ranks = at::empty({n * k}, vid_ranks.options());
+  at::Tensor pair_rows = at::empty({n * k}, rows.options());
+  float* lg = logits.data_ptr<float>();
+  float* wt = weights.data_ptr<float>();
+  int64_t* pg = pages.data_ptr<int64_t>();
+  int64_t* rk = ranks.data_ptr<int64_t>();
+  int64_t* pr = pair_rows.data_ptr<int64_t>();
+  const int64_t* vp = vid_pages.data_ptr<int64_t>();
+  const int64_t* vr = vid_ranks.data_ptr<int64_t>();
+  const int64_t* rw = rows.data_ptr<int64_t>();
+  const int64_t* sl = slots.data_ptr<int64_t>();
+  const int64_t V = vid_ranks.numel();
+  at::parallel_for(0, n, 16, [&](int64_t begin, int64_t end) {
+    std::vector<float> p(experts);
+    std::vector<char> taken(experts);
+    for (int64_t i = begin; i < end; ++i) {
+      float* l = lg + i * experts;
+      float m = -std::numeric_limits<float>::infinity();
+      for (int64_t e = 0; e < experts; ++e) {
+        if (e >= cnt[i]) l[e] = -std::numeric_limits<float>::infinity();
+        m = std::max(m, l[e]);
+      }
+      float sum = 0.f;
+      for (int64_t e = 0; e < experts; ++e) sum += (p[e] = e < cnt[i] ? std::exp(l[e] - m) : 0.f);
+      for (int64_t e = 0; e < experts; ++e) p[e] /= sum;
+      std::fill(taken.begin(), taken.end(), 0);
+      float top = 0.f;
+      for (int64_t j = 0; j < k; ++j) {
+        int64_t best = -1;
+        for (int64_t e = 0; e < cnt[i]; ++e)
+          if (!taken[e] && (best < 0 || p[e] > p[best])) best = e;
+        taken[best] = 1;
+        top += p[best];
+        const int64_t q = i * k + j, vid = sl[i] * experts + best;
+        TORCH_CHECK(vid < V, "mixlora_route_topk: slot out of range");
+        wt[q] = p[best];
+        std::copy(vp + vid * R, vp + (vid + 1) * R, pg + q * R);
+        rk[q] = vr[vid];
+        pr[q] = rw[i];
+      }
+      for (int64_t j = 0; j < k; ++j) wt[i * k + j] /= top;
+    }
+  });
+  return {logits, weights, pages, ranks, pair_rows};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(loraplex_cpu, m) {
+  m.def("mixlora_route_topk(Tensor x, Tensor w, Tensor rows, Tensor slots, Tensor counts, int experts, int k, "
+        "Tensor vid_pages, Tensor vid_ranks) -> Tensor[]");
+  m.impl("mixlora_route_topk", c10::DispatchKey::CPU, &mixlora_route_topk);
   m.def("mixlora_router(Tensor x, Tensor w, Tensor rows, Tensor slots, int experts) -> Tensor");
   m.impl("mixlora_router", c10::DispatchKey::CPU, &mixlora_router);
   m.def("lora_apply_(Tensor(a!) y, Tensor x, Tensor a_pool, Tensor b_pool, Tensor token_rows, Tensor seg_starts, "
