@@ -412,18 +412,11 @@ class MultiLoRATrainLinear(nn.Module):
 
 
 def attach_training(model: nn.Module, num_layers: int, modules: Iterable[str] = LORA_MODULES) -> TrainStepState:
-    """Wrap every targetable linear of `model` (whatever module is there now), give every FFN the MixLoRA jobs'
-    expert path (the serving MixLoRAMLP, put in place here when the model has none), return the shared state."""
-    from loraplex.adapters.mixlora_mlp import MixLoRAMLP
-
-    from .mixlora_train import moe_train_forward
+    """Wrap every targetable linear of `model` (whatever module is there now) and return the shared state
+    (MixLoRA jobs also need trainer/mixlora_train.py's attach_moe_training)."""
     state = TrainStepState()
     for layer in range(num_layers):
         for module in modules:
             parent = model.get_submodule(f"model.layers.{layer}.{LORA_MODULES[module]}")
             setattr(parent, module, MultiLoRATrainLinear(getattr(parent, module), layer, module, state))
-        decoder = model.get_submodule(f"model.layers.{layer}")
-        if not isinstance(decoder.mlp, MixLoRAMLP):
-            decoder.mlp = MixLoRAMLP(decoder.mlp, layer)
-        decoder.mlp.train_forward = lambda mlp, x, state=state: moe_train_forward(state, mlp, x)
     return state

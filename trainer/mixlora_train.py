@@ -27,6 +27,17 @@ from loraplex.adapters.mixlora import mass_before
 from .lora_layers import JobMixLoRA, TrainSegment, TrainStepState
 
 
+def attach_moe_training(model, num_layers: int, state: TrainStepState) -> None:
+    """Give every FFN the MixLoRA jobs' path: the serving MixLoRAMLP (put in place here when the model has none)
+    calls `moe_train_forward` first."""
+    from loraplex.adapters.mixlora_mlp import MixLoRAMLP
+    for layer in range(num_layers):
+        decoder = model.get_submodule(f"model.layers.{layer}")
+        if not isinstance(decoder.mlp, MixLoRAMLP):
+            decoder.mlp = MixLoRAMLP(decoder.mlp, layer)
+        decoder.mlp.train_forward = lambda mlp, x, state=state: moe_train_forward(state, mlp, x)
+
+
 def route_with_grad(spec, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """logits [n, E] float32 -> (routing weights [n, E] with gradient, zero where not chosen; chosen mask)."""
     p = torch.softmax(logits, dim=-1)

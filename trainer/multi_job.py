@@ -32,7 +32,7 @@ from .batch import TrainingBatch, build_training_batch, plan_chunks
 from .data import PackedSequence, SoftTargets
 from .job import TrainingJob
 from .lora_layers import TrainSegment, TrainStepState, attach_training
-from .mixlora_train import aux_coefficients, aux_term
+from .mixlora_train import attach_moe_training, aux_coefficients, aux_term
 from .objectives import ChunkLoss
 
 logger = logging.getLogger(__name__)
@@ -106,6 +106,7 @@ class MultiJobTrainer:
         self.chunk_tokens, self.head_rows = chunk_tokens, head_rows
         self.before_slice = before_slice  # e.g. clear the serving LoRA's per-step state
         self.state: TrainStepState = attach_training(model, model_config.num_hidden_layers)
+        attach_moe_training(model, model_config.num_hidden_layers, self.state)
         self.jobs: dict[str, TrainingJob] = {}
         self.in_step: list[str] = []  # jobs of the step in progress
         self._pass_value: dict[str, float] = {}  # stride scheduling's virtual time per job

@@ -21,7 +21,8 @@ ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "d
 
 
 def option_logprob(engine, prompt_ids: list[list[int]], options: list[list[int]], adapter) -> list[float]:
-    """Sum of each option's token logprobs after its prompt (one prefill each, max_tokens 1)."""
+    """Sum of each option's token logprobs after its prompt (one prefill each, max_tokens 1): lm-eval's `acc`
+    criterion (`acc_norm` divides by the option's length, printed too)."""
     from loraplex.engine.core.sampling_params import SamplingParams
     params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0)
     for i, (p, o) in enumerate(zip(prompt_ids, options)):
@@ -40,6 +41,7 @@ def main() -> None:
     ap.add_argument("--model", default=None)
     ap.add_argument("--epochs", type=int, default=2)
     ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--lr-multiplier", type=float, default=2.0, help="of 2e-4 (2.0: the server's auto default)")
     ap.add_argument("--experts", type=int, default=4)
     ap.add_argument("--top-k", type=int, default=2)
     ap.add_argument("--rank", type=int, default=8, help="MixLoRA's attention LoRA rank")
@@ -67,7 +69,7 @@ def main() -> None:
     tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir)
     train, questions = make_multitask(args.seed, args.train_per_task, args.eval_per_task)
     model, config = load_model(model_dir, torch.float32)
-    hp = {"n_epochs": args.epochs, "batch_size": args.batch_size}
+    hp = {"n_epochs": args.epochs, "batch_size": args.batch_size, "learning_rate_multiplier": args.lr_multiplier}
     mix_lora = {"type": "mixlora", "r": args.rank, "alpha": 2 * args.rank, "num_experts": args.experts,
                 "top_k": args.top_k, "expert_lora": {"r": args.expert_rank, "lora_alpha": 2 * args.expert_rank},
                 "self_distillation": 0, "validation_fraction": 0}
@@ -118,16 +120,17 @@ def main() -> None:
             prompts.append(ids)
             options.append(tokenizer(option, add_special_tokens=False)["input_ids"])
             owners.append(qi)
-    print(f"{'':>10} " + " ".join(f"{t:>10}" for t in TASKS) + f" {'all':>8}")
+    print(f"{'':>16} " + " ".join(f"{t:>10}" for t in TASKS) + f" {'all':>8}")
     for name, adapter in adapters.items():
         scores = option_logprob(engine, prompts, options, adapter)
-        right = {t: 0 for t in TASKS}
-        for qi, q in enumerate(questions):
-            mine = [s for s, o in zip(scores, owners) if o == qi]
-            right[q.task] += int(max(range(len(mine)), key=mine.__getitem__) == q.answer)
-        per_task = {t: right[t] / args.eval_per_task for t in TASKS}
-        print(f"{name:>10} " + " ".join(f"{per_task[t]:10.3f}" for t in TASKS)
-              + f" {sum(right.values()) / len(questions):8.3f}", flush=True)
+        for criterion, norm in (("acc", False), ("acc_norm", True)):
+            right = {t: 0 for t in TASKS}
+            for qi, q in enumerate(questions):
+                mine = [s / (len(o) if norm else 1) for s, o, w in zip(scores, options, owners) if w == qi]
+                right[q.task] += int(max(range(len(mine)), key=mine.__getitem__) == q.answer)
+            per_task = {t: right[t] / args.eval_per_task for t in TASKS}
+            print(f"{name + ' ' + criterion:>16} " + " ".join(f"{per_task[t]:10.3f}" for t in TASKS)
+                  + f" {sum(right.values()) / len(questions):8.3f}", flush=True)
 
 
 if __name__ == "__main__":

@@ -58,6 +58,8 @@ def test_fine_tune_learns_a_made_up_fact_and_serves_it_live(default_model_dir):
         assert uploaded.purpose == "fine-tune" and uploaded.bytes == DATA.stat().st_size
         job = create_job(client, uploaded.id)
         assert job.status in ("queued", "running") and job.hyperparameters.n_epochs == 8
+        # a MixLoRA job on the same data trains in the same batched steps (issue 20)
+        mix = create_job(client, uploaded.id, type="mixlora", num_experts=2, top_k=1, n_epochs=4)
 
         served_during_training = []  # the base keeps answering while the job trains
 
@@ -82,6 +84,18 @@ def test_fine_tune_learns_a_made_up_fact_and_serves_it_live(default_model_dir):
         assert "teal" in ask(client, done.fine_tuned_model, "What color is Zorblax?").lower()
         assert "crimson" in ask(client, done.fine_tuned_model, "Which color does Wexley have?").lower()
         assert "teal" not in ask(client, "smol", "What color is Zorblax?").lower()
+
+        # the MixLoRA job: published in MoE-PEFT's format, served, its load-balance loss in every step's event
+        done_mix = wait_for(client, mix.id, {"succeeded", "failed", "cancelled"})
+        assert done_mix.status == "succeeded", done_mix.error
+        mix_events = [e.data for e in client.fine_tuning.jobs.list_events(mix.id, limit=100).data
+                      if e.data and "train_loss" in e.data]
+        assert len(mix_events) == 20 and all(0 < e["train_router_aux_loss"] < 0.1 for e in mix_events)
+        from tests.e2e.test_fine_tuning_product import adapter_tensors
+        config, tensors = adapter_tensors(server.base_url, done_mix.fine_tuned_model)
+        assert config["peft_type"] == "MIXLORA" and config["num_experts"] == 2 and config["top_k"] == 1
+        assert "mixlora.layers.29.mlp.down_proj.experts.1.lora_B.weight" in tensors
+        assert "teal" in ask(client, done_mix.fine_tuned_model, "What color is Zorblax?").lower()
     finally:
         server.stop()
 
