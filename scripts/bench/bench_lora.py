@@ -39,6 +39,19 @@ def run_engine(engine, prompts, adapters, max_tokens: int) -> float:
     return generated / (time.perf_counter() - t0)
 
 
+def run_rounds(engine, prompts, workloads: dict[str, list], rounds: int, max_tokens: int) -> dict[str, list[float]]:
+    """Each workload (name -> adapters its requests cycle through) once to warm up (oneDNN primitives, pool loads),
+    then `rounds` rounds of all of them in turn (the machine is noisy): name -> tok/s per round."""
+    for adapters in workloads.values():
+        run_engine(engine, prompts, adapters, 4)
+    results: dict[str, list[float]] = {name: [] for name in workloads}
+    for r in range(rounds):
+        for name, adapters in workloads.items():
+            results[name].append(run_engine(engine, prompts, adapters, max_tokens))
+        print(f"round {r + 1}: " + ", ".join(f"{n} {v[-1]:.1f}" for n, v in results.items()), flush=True)
+    return results
+
+
 def peft_baselines(model_dir, folders, counts, prompts, tokenizer, max_tokens, dtype, subset: int) -> dict:
     """{(baseline, number of adapters): tok/s} for the two ways users serve several adapters with peft."""
     from peft import PeftModel
@@ -140,13 +153,7 @@ def main() -> None:
           f"weights={engine.memory_bytes['weights'] / 2**20:.0f}MiB")
 
     workloads = {"base only": [None]} | {f"{c} adapters": [(i + 1, 1) for i in range(c)] for c in counts}
-    for adapters in workloads.values():  # warm-up: oneDNN primitives, pool loads
-        run_engine(engine, prompts, adapters, 4)
-    results: dict[str, list[float]] = {name: [] for name in workloads}
-    for r in range(args.rounds):
-        for name, adapters in workloads.items():
-            results[name].append(run_engine(engine, prompts, adapters, args.max_tokens))
-        print(f"round {r + 1}: " + ", ".join(f"{n} {v[-1]:.0f}" for n, v in results.items()))
+    results = run_rounds(engine, prompts, workloads, args.rounds, args.max_tokens)
     base = statistics.median(results["base only"])
     for name, values in results.items():
         tps = statistics.median(values)

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 from bench_engine import make_prompts
-from bench_lora import ALL_LINEAR, run_engine
+from bench_lora import ALL_LINEAR, run_rounds
 
 
 def serving(args) -> None:
@@ -49,13 +49,7 @@ def serving(args) -> None:
           f"max_tokens={args.max_tokens} threads={torch.get_num_threads()} adapters={n} of each kind")
     workloads = {"base only": [None], f"{n} LoRA r16": [(i + 1, 1) for i in range(n)],
                  f"{n} MixLoRA 8x top-2 r8": [(100 + i, 1) for i in range(n)]}
-    for adapters in workloads.values():  # warm-up: oneDNN primitives, pool loads
-        run_engine(engine, prompts, adapters, 4)
-    results: dict[str, list[float]] = {name: [] for name in workloads}
-    for r in range(args.rounds):
-        for name, adapters in workloads.items():
-            results[name].append(run_engine(engine, prompts, adapters, args.max_tokens))
-        print(f"round {r + 1}: " + ", ".join(f"{k} {v[-1]:.1f}" for k, v in results.items()), flush=True)
+    results = run_rounds(engine, prompts, workloads, args.rounds, args.max_tokens)
     base = statistics.median(results["base only"])
     lora = statistics.median(results[f"{n} LoRA r16"])
     for name, values in results.items():

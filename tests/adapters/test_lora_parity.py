@@ -56,10 +56,12 @@ def lora_runner(model, config, runtime, requests, **kw):
     return PagedRunner(model, config, before_forward=before_forward, **kw)
 
 
-def make_requests(runtime, seqs, which):
+def make_requests(runtime, seqs, which, adapters=None):
+    """{name: admitted Request}; which[name] names its adapter in `adapters` (default ADAPTERS), or None."""
+    adapters = ADAPTERS if adapters is None else adapters
     requests = {}
     for name, ids in seqs.items():
-        adapter_id = ADAPTERS[which[name]][0] if which[name] else 0
+        adapter_id = adapters[which[name]][0] if which[name] else 0
         req = Request(name, ids, SamplingParams(), adapter_id=adapter_id, adapter_version=1 if adapter_id else 0)
         runtime.add_request(req)
         assert runtime.admit(req)

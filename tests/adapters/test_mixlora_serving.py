@@ -21,7 +21,7 @@ from loraplex.engine.core.sampling_params import SamplingParams
 from loraplex.engine.kernels import cpu_kernels
 from loraplex.engine.loader import load_model
 from tests.adapters.peft_factory import write_random_peft
-from tests.adapters.test_lora_parity import lora_runner
+from tests.adapters.test_lora_parity import lora_runner, make_requests
 from tests.engine.test_models import TINY_CONFIGS, randomize
 
 ATOL = 1e-4
@@ -123,13 +123,7 @@ def test_mixed_batch_matches_the_float64_reference(tiny, kernels):
     which = {"b": None, "k1": "topk", "k2": "topk", "rs": "topk-rslora-experts", "d": "dynamic", "dt": "dynamic-t",
              "l": "lora", "b2": None}
     seqs = {k: torch.randint(0, config.vocab_size, (9,), generator=gen).tolist() for k in which}
-    requests = {}
-    for name, ids in seqs.items():
-        adapter_id = ADAPTERS[which[name]][0] if which[name] else 0
-        req = Request(name, ids, SamplingParams(), adapter_id=adapter_id, adapter_version=1 if adapter_id else 0)
-        runtime.add_request(req)
-        assert runtime.admit(req)
-        requests[name] = req
+    requests = make_requests(runtime, seqs, which, ADAPTERS)
     schedule = [  # prefills of several kinds together, then decodes beside a chunked prefill, then decodes
         [("b", 6), ("k1", 5), ("rs", 7), ("l", 4)],
         [("b", 1), ("k1", 1), ("rs", 1), ("l", 1), ("k2", 6), ("d", 5), ("dt", 8), ("b2", 3)],
