@@ -86,9 +86,12 @@ CREATE TABLE IF NOT EXISTS adapter_changes (
 
 # v3: an adapter's metadata (description, example prompts), JSON; one per name, editable, kept across versions
 _SCHEMA_V3 = "ALTER TABLE adapters ADD COLUMN metadata TEXT"
+_SCHEMA_V4 = "ALTER TABLE versions ADD COLUMN adapter_type TEXT NOT NULL DEFAULT 'lora'"  # or 'mixlora'
 MIGRATIONS = (Migration(1, _schema_v1("sqlite"), _schema_v1("postgresql")),
               Migration(2, _schema_v2("sqlite"), _schema_v2("postgresql")),
-              Migration(3, _SCHEMA_V3, _SCHEMA_V3))
+              Migration(3, _SCHEMA_V3, _SCHEMA_V3),
+              Migration(4, _SCHEMA_V4, _SCHEMA_V4))
+ADAPTER_TYPES = ("lora", "mixlora")
 MAX_DESCRIPTION_CHARS = 2000
 MAX_EXAMPLES = 20
 MAX_EXAMPLE_CHARS = 4000
@@ -120,7 +123,7 @@ def validate_metadata(metadata: object) -> dict:
         out["examples"] = list(examples)
     return out
 _SELECT = ("SELECT a.name, a.adapter_id, v.version, v.rank, v.alpha, v.target_modules, v.num_bytes, "
-           "v.created, v.sha256, v.prefix FROM versions v JOIN adapters a ON a.adapter_id = v.adapter_id")
+           "v.created, v.sha256, v.prefix, v.adapter_type FROM versions v JOIN adapters a ON a.adapter_id = v.adapter_id")
 
 
 @dataclass(frozen=True, slots=True)
@@ -155,6 +158,7 @@ class AdapterVersion:
     created: float  # unix time of the publish
     sha256: str  # of adapter_model.safetensors
     prefix: str = ""  # blob-store folder of its files
+    adapter_type: str = "lora"  # "lora" (PEFT) or "mixlora" (MoE-PEFT's MixLoRA)
 
 
 class AdapterStore:
@@ -272,11 +276,11 @@ class AdapterStore:
         return [self._version(*row) for row in self.db.execute(sql, params)]
 
     def _version(self, name, adapter_id, version, rank, alpha, modules, num_bytes, created, sha256,
-                 prefix) -> AdapterVersion:
+                 prefix, adapter_type) -> AdapterVersion:
         return AdapterVersion(name=name, adapter_id=int(adapter_id), version=int(version),
                               path=self._local_folder(prefix), rank=int(rank), alpha=float(alpha),
                               target_modules=tuple(json.loads(modules)), num_bytes=int(num_bytes),
-                              created=float(created), sha256=sha256, prefix=prefix)
+                              created=float(created), sha256=sha256, prefix=prefix, adapter_type=adapter_type)
 
     def _local_folder(self, prefix: str) -> pathlib.Path:
         direct = self.blobs.local_path(prefix)
@@ -354,7 +358,8 @@ class AdapterStore:
     # --- writes --------------------------------------------------------------------------------
 
     def publish(self, name: str, src_dir: pathlib.Path, *, rank: int, alpha: float,
-                target_modules: Sequence[str], metadata: dict | None = None) -> AdapterVersion:
+                target_modules: Sequence[str], metadata: dict | None = None,
+                adapter_type: str = "lora") -> AdapterVersion:
         """Publish the adapter folder `src_dir` as the next version of `name`. Copies the top-level
         regular files adapter_config.json, adapter_model.safetensors and README.md (if present);
         on any failure nothing of this publish is visible (and its objects are removed). `metadata`
@@ -362,6 +367,9 @@ class AdapterStore:
         validate_adapter_name(name)
         if metadata is not None:
             metadata = validate_metadata(metadata)
+        if adapter_type not in ADAPTER_TYPES:
+            raise AdapterError(f"adapter_type must be one of {', '.join(ADAPTER_TYPES)}, got {adapter_type!r}.",
+                               param="adapter_type")
         if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
             raise AdapterError(f"The adapter rank must be a positive integer, got {rank!r}.", param="rank")
         if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
@@ -382,7 +390,7 @@ class AdapterStore:
                 if file_name == WEIGHTS_NAME:
                     sha256 = digest
             return self._commit(name, prefix, rank=rank, alpha=float(alpha), target_modules=tuple(target_modules),
-                                num_bytes=num_bytes, sha256=sha256, metadata=metadata)
+                                num_bytes=num_bytes, sha256=sha256, metadata=metadata, adapter_type=adapter_type)
         except BaseException:
             try:
                 self._remove_objects(prefix)
@@ -391,7 +399,8 @@ class AdapterStore:
             raise
 
     def _commit(self, name: str, prefix: str, *, rank: int, alpha: float, target_modules: tuple[str, ...],
-                num_bytes: int, sha256: str, metadata: dict | None = None) -> AdapterVersion:
+                num_bytes: int, sha256: str, metadata: dict | None = None, adapter_type: str = "lora"
+                ) -> AdapterVersion:
         with self.db.transaction(lock=f"adapter:{name}") as tx:
             row = tx.one("SELECT adapter_id FROM adapters WHERE name = ?", (name,))
             created = time.time()
@@ -404,15 +413,16 @@ class AdapterStore:
                 (version,) = tx.one("SELECT COALESCE(MAX(version), 0) + 1 FROM versions WHERE adapter_id = ?",
                                     (adapter_id,))
             tx.execute("INSERT INTO versions (adapter_id, version, rank, alpha, target_modules, num_bytes, created,"
-                       " sha256, prefix) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                       " sha256, prefix, adapter_type) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                        (adapter_id, version, rank, alpha, json.dumps(list(target_modules)), num_bytes, created,
-                        sha256, prefix))
+                        sha256, prefix, adapter_type))
             if metadata is not None:
                 tx.execute("UPDATE adapters SET metadata = ? WHERE adapter_id = ?", (json.dumps(metadata), adapter_id))
             self._log_change(tx, name, adapter_id, version, "publish", created)
         return AdapterVersion(name=name, adapter_id=int(adapter_id), version=int(version),
                               path=self._local_folder(prefix), rank=rank, alpha=alpha, target_modules=target_modules,
-                              num_bytes=num_bytes, created=created, sha256=sha256, prefix=prefix)
+                              num_bytes=num_bytes, created=created, sha256=sha256, prefix=prefix,
+                              adapter_type=adapter_type)
 
     def delete(self, name: str) -> list[AdapterVersion]:
         """Remove every version of `name` and return what was removed: the rows go (a tombstone goes to the

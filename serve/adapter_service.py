@@ -217,14 +217,14 @@ class AdapterService:
         versions = []
         for v in await asyncio.to_thread(self.store.versions, name):
             resident = state.get(f"{v.adapter_id}:{v.version}")
-            versions.append({"version": v.version, "rank": v.rank, "lora_alpha": v.alpha,
+            versions.append({"version": v.version, "type": v.adapter_type, "rank": v.rank, "lora_alpha": v.alpha,
                              "target_modules": list(v.target_modules), "bytes": v.num_bytes,
                              "sha256": v.sha256, "created": int(v.created),
                              "resident": resident["tier"] if resident else "store",
                              "running_requests": resident["running"] if resident else 0})
         latest = self.served[name]
         return {"id": name, "object": "adapter", "adapter_id": latest.adapter_id, "version": latest.version,
-                "rank": latest.rank, "target_modules": list(latest.target_modules), "bytes": latest.num_bytes,
+                "type": latest.adapter_type, "rank": latest.rank, "target_modules": list(latest.target_modules), "bytes": latest.num_bytes,
                 "created": int(latest.created), "versions": versions,
                 "metadata": await asyncio.to_thread(self.store.metadata, name)}
 
@@ -246,8 +246,9 @@ class AdapterService:
 
     def summary(self, name: str) -> dict[str, Any]:
         v = self.served[name]
-        return {"id": name, "object": "adapter", "adapter_id": v.adapter_id, "version": v.version, "rank": v.rank,
-                "target_modules": list(v.target_modules), "bytes": v.num_bytes, "created": int(v.created)}
+        return {"id": name, "object": "adapter", "adapter_id": v.adapter_id, "version": v.version,
+                "type": v.adapter_type, "rank": v.rank, "target_modules": list(v.target_modules), "bytes": v.num_bytes,
+                "created": int(v.created)}
 
     async def archive(self, name: str, version: int | None = None) -> Path:
         """A temporary .tar.gz of `name`'s version (newest when None): the caller deletes it."""
@@ -306,7 +307,8 @@ class AdapterService:
                     return self.served[name]
                 version = await asyncio.to_thread(
                     self.store.publish, name, src, rank=weights.rank, alpha=weights.config.lora_alpha,
-                    target_modules=weights.target_modules, metadata=metadata)
+                    target_modules=weights.target_modules, metadata=metadata,
+                    adapter_type="mixlora" if isinstance(weights, MixLoRAWeights) else "lora")
             try:
                 await self._register(version)
             except BaseException:

@@ -455,7 +455,7 @@ function Adapters({ onChanged, refreshKey }) {
       <tbody>${adapters.map((a) => html`<tr data-adapter=${a.id}>
         <td>${a.id}</td><td>${(a.metadata || {}).description || ""}
           ${((a.metadata || {}).examples || []).length ? html`<div class="muted">${a.metadata.examples.length} example prompt(s)</div>` : null}</td>
-        <td>v${a.version}</td><td>${a.rank}</td><td>${a.target_modules.join(", ")}</td>
+        <td>v${a.version}</td><td>${a.rank}${a.type === "mixlora" ? " · MixLoRA" : ""}</td><td>${a.target_modules.join(", ")}</td>
         <td>${fmtBytes(a.bytes)}</td><td>${a.resident || "–"}</td><td>${fmtTime(a.created)}</td>
         <td><button type="button" onClick=${() => setEditing({ id: a.id, description: (a.metadata || {}).description || "",
               examples: ((a.metadata || {}).examples || []).join("\n") })} aria-label=${`Edit ${a.id}`}>Edit</button>

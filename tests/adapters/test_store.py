@@ -339,3 +339,14 @@ def test_metadata_is_kept_per_name_across_versions_and_edits(store, tmp_path):
     store.delete("quill")
     with pytest.raises(AdapterNotFoundError):
         store.metadata("quill")
+
+
+def test_adapter_type_is_kept_per_version(tmp_path, store):
+    src = make_adapter_dir(tmp_path / "src")
+    plain = store.publish("m", src, **PUBLISH_ARGS)
+    mix = store.publish("m", src, **PUBLISH_ARGS, adapter_type="mixlora")
+    assert (plain.adapter_type, mix.adapter_type) == ("lora", "mixlora")
+    assert [v.adapter_type for v in store.versions("m")] == ["lora", "mixlora"] and store.latest("m") == mix
+    with pytest.raises(AdapterError, match="adapter_type"):
+        store.publish("m", src, **PUBLISH_ARGS, adapter_type="dora")
+    assert len(store.versions("m")) == 2

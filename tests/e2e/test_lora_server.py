@@ -288,6 +288,8 @@ def test_mixlora_upload_serves_beside_lora_and_hostile_mixlora_is_refused(lora_s
     (mix / "adapter_model.bin").unlink()
     r = upload(lora_server, "moe", tar_gz(mix))
     assert r.status_code == 201, r.text
+    assert r.json()["type"] == "mixlora" and httpx.get(lora_server.base_url + "/v1/adapters/moe").json()["type"] == \
+        "mixlora"
     assert upload(lora_server, "plain", tar_gz(write_random_peft(tmp_path / "p", smol_config, r=8, seed=12,
                                                                  std=0.05))).status_code == 201
     alone = {m: chat(client, m) for m in ("smol", "moe", "plain")}
