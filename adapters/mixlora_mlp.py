@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from loraplex.adapters.ops.meta import ZERO_PAGE
-from loraplex.adapters.ops.mixlora import RoutingGroup, expert_apply, route_pairs
+from loraplex.adapters.ops.mixlora import RoutingGroup, ffn_pairs, route_pairs
 from loraplex.engine.layers.elementwise import silu_and_mul
 
 
@@ -100,24 +100,15 @@ class MixLoRAMLP(nn.Module):
         if step is None:
             return self.down_proj(silu_and_mul(g, u))
         tables = step.tables
-        n_mix = step.rows.shape[0]
         pairs = route_pairs(x, tables.routers[self.layer], step.rows, step.row_slots, step.expert_mask, step.groups,
                             tables.max_experts, tables.vid_pages, tables.vid_ranks, step.expert_counts)
-        xp = x.index_select(0, pairs.rows)  # [P, hidden], one row per chosen (row, expert)
-        gp, up = g.index_select(0, pairs.rows), u.index_select(0, pairs.rows)
-        for module, target in (("gate_proj", gp), ("up_proj", up)):
-            if module in step.modules:
-                expert_apply(target, xp, *self.pools[module], pairs)
-        up.mul_(pairs.weights.to(up.dtype).unsqueeze(1))
-        hp = silu_and_mul(gp, up)  # w_p φ(g_p) ⊙ u_p
-        if n_mix == x.shape[0]:  # every row is a MixLoRA row: the plain φ(G) ⊙ U is never needed
+        h_mix, y_delta = ffn_pairs(g, u, x, step.rows, pairs, self.pools, step.modules)
+        if step.rows.shape[0] == x.shape[0]:  # every row is a MixLoRA row: the plain φ(G) ⊙ U is never needed
             h = torch.empty_like(g)
         else:
             h = silu_and_mul(g, u)
-        h.index_copy_(0, step.rows, pairs.per_row_sum(hp, n_mix))  # H[row] = Σ_p h_p
+        h.index_copy_(0, step.rows, h_mix)  # H[row] = Σ_p h_p
         y = self.down_proj(h)
-        if "down_proj" in step.modules:
-            yp = torch.zeros(hp.shape[0], y.shape[1], dtype=y.dtype, device=y.device)
-            expert_apply(yp, hp, *self.pools["down_proj"], pairs)
-            y.index_add_(0, step.rows, pairs.per_row_sum(yp, n_mix))
+        if y_delta is not None:
+            y.index_add_(0, step.rows, y_delta)
         return y

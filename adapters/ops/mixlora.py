@@ -28,6 +28,7 @@ import torch.nn.functional as F
 
 from loraplex.adapters.mixlora import mass_before
 from loraplex.engine.kernels import cpu_kernels
+from loraplex.engine.layers.elementwise import silu_and_mul
 
 
 @dataclass(frozen=True, slots=True)
@@ -154,3 +155,44 @@ def expert_apply_ref(y: torch.Tensor, x: torch.Tensor, a_pool: torch.Tensor, b_p
     a = a_pool.index_select(0, pages.reshape(-1)).view(*pages.shape, a_pool.shape[1])  # [P, R, in]
     h = torch.bmm(a, x.to(a.dtype).unsqueeze(-1)).squeeze(-1)  # [P, R]
     y += F.embedding_bag(pages, b_pool, per_sample_weights=h.to(b_pool.dtype), mode="sum").to(y.dtype)
+
+
+FFN_MODULES = ("gate_proj", "up_proj", "down_proj")
+
+
+def ffn_pairs(g: torch.Tensor, u: torch.Tensor, x: torch.Tensor, mix_rows: torch.Tensor, pairs: ExpertPairs,
+              pools: dict[str, tuple[torch.Tensor, torch.Tensor]], modules: frozenset[str]
+              ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The MixLoRA rows' FFN around the dense GEMMs: -> (H rows [n_mix, inter] = Σ_p w_p φ(g_p) ⊙ u_p, the down
+    deltas [n_mix, hidden] = Σ_p B2_e A2_e h_p, or None when no adapter of the step has down experts). `g`, `u`
+    [N, inter] are W1 X and W3 X of the whole batch, `pools[module]` the (A, B) pools of this layer. Top-k pairs on
+    CPU: one C++ call, row by row, nothing materialised per pair; otherwise `ffn_pairs_ref`."""
+    down = "down_proj" in modules
+    if (pairs.top_k is not None and _kernel_ok(x, g, u) and x.dtype in (torch.float32, torch.bfloat16)
+            and g.dtype == u.dtype == x.dtype and all(pools[m][0].dtype == x.dtype for m in modules)
+            and x.stride(-1) == g.stride(-1) == u.stride(-1) == 1):
+        args = [t for m in FFN_MODULES for t in (pools[m] if m in modules else (None, None))]
+        h_mix, y_delta = torch.ops.loraplex_cpu.mixlora_ffn(g, u, x, mix_rows, pairs.top_k, pairs.weights, pairs.pages,
+                                                            pairs.ranks, *args)
+        return h_mix, (y_delta if down else None)
+    return ffn_pairs_ref(g, u, x, mix_rows, pairs, pools, modules)
+
+
+def ffn_pairs_ref(g: torch.Tensor, u: torch.Tensor, x: torch.Tensor, mix_rows: torch.Tensor, pairs: ExpertPairs,
+                  pools: dict[str, tuple[torch.Tensor, torch.Tensor]], modules: frozenset[str]
+                  ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """`ffn_pairs` in torch ops: each pair's gate/up rows gathered, its expert deltas added (`expert_apply`)."""
+    n_mix = mix_rows.shape[0]
+    xp = x.index_select(0, pairs.rows)  # [P, hidden], one row per chosen (row, expert)
+    gp, up = g.index_select(0, pairs.rows), u.index_select(0, pairs.rows)
+    for module, target in (("gate_proj", gp), ("up_proj", up)):
+        if module in modules:
+            expert_apply(target, xp, *pools[module], pairs)
+    up.mul_(pairs.weights.to(up.dtype).unsqueeze(1))
+    hp = silu_and_mul(gp, up)  # w_p φ(g_p) ⊙ u_p
+    h_mix = pairs.per_row_sum(hp, n_mix)
+    if "down_proj" not in modules:
+        return h_mix, None
+    yp = torch.zeros(hp.shape[0], x.shape[1], dtype=x.dtype, device=x.device)
+    expert_apply(yp, hp, *pools["down_proj"], pairs)
+    return h_mix, pairs.per_row_sum(yp, n_mix)

@@ -222,6 +222,26 @@ def test_routing_and_expert_ops_match_their_references():
         assert torch.equal(getattr(fused, field), getattr(plain, field)), field
     torch.testing.assert_close(fused.weights, plain.weights, atol=1e-6, rtol=1e-6)
     torch.testing.assert_close(fused.logits, plain.logits, atol=1e-5, rtol=1e-6)
+    # the whole pair FFN in one kernel call against the torch ops: float32 and bfloat16, gate/up as views of one
+    # fused output (strided rows), some modules without experts
+    pools = {m: (torch.randn(num_pages, i, generator=gen), torch.randn(num_pages, o, generator=gen) * 0.1)
+             for m, (i, o) in {"gate_proj": (hidden, inter), "up_proj": (hidden, inter),
+                               "down_proj": (inter, hidden)}.items()}
+    for a, b in pools.values():
+        a[0], b[0] = 0, 0
+    gate_up = torch.randn(20, 2 * inter, generator=gen)
+    for dtype, modules in ((torch.float32, {"gate_proj", "up_proj", "down_proj"}), (torch.bfloat16, {"up_proj"}),
+                           (torch.float32, {"gate_proj", "down_proj"})):
+        cast = {m: (a.to(dtype), b.to(dtype)) for m, (a, b) in pools.items()}
+        gu, xd = gate_up.to(dtype), x.to(dtype)
+        g, u = gu[:, :inter], gu[:, inter:]
+        got = mixops.ffn_pairs(g, u, xd, rows, fused, cast, frozenset(modules))
+        want = mixops.ffn_pairs_ref(g, u, xd, rows, fused, cast, frozenset(modules))
+        tol = 1e-4 if dtype == torch.float32 else 5e-2
+        torch.testing.assert_close(got[0].float(), want[0].float(), atol=tol, rtol=tol)
+        assert (got[1] is None) == (want[1] is None) == ("down_proj" not in modules)
+        if got[1] is not None:
+            torch.testing.assert_close(got[1].float(), want[1].float(), atol=tol, rtol=tol)
     # the pairs: top-k rows have 2 each, weights summing to 1; dynamic rows keep a prefix reaching 0.7
     per_row = torch.bincount(pairs.rows, minlength=20)
     assert per_row[rows[:5]].tolist() == [2] * 5

@@ -223,9 +223,135 @@ std::vector<at::Tensor> mixlora_route_topk(const at::Tensor& x, const at::Tensor
   return {logits, weights, pages, ranks, pair_rows};
 }
 
+// The MixLoRA FFN of top-k rows, one row at a time with nothing materialised per pair: for MixLoRA row i (batch row
+// rows[i]) and each of its k pairs q = i*k + j (expert pages pages[q], routing weight w[q]):
+//   g_q = g[row] + B_gate A_gate x,  u_q = u[row] + B_up A_up x,  h_q = w_q * silu(g_q) * u_q
+//   h_mix[i] = sum_j h_q,  y_delta[i] = sum_j B_down A_down h_q
+// in float32 (pages read in place; scales are in the B pools). The dense W2 h and the row's own h are the caller's.
+// Undefined pools: that module has no experts in this step. adapters/mixlora_mlp.py's torch path is the reference.
+template <typename T>
+void mixlora_ffn_impl(const T* g, int64_t gs, const T* u, int64_t us, const T* x, int64_t xs, const int64_t* rows,
+                      int64_t n, int64_t k, const float* w, const int64_t* pages, const int64_t* ranks, int64_t R,
+                      const T* ag, const T* bg, const T* au, const T* bu, const T* ad, const T* bd, int64_t H,
+                      int64_t I, T* h_out, T* y_out) {
+  at::parallel_for(0, n, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> acc(I), hq(I), yd(H), hg(R), hu(R), hdn(R);
+    for (int64_t i = begin; i < end; ++i) {
+      const T* xr = x + rows[i] * xs;
+      const T* gr = g + rows[i] * gs;
+      const T* ur = u + rows[i] * us;
+      std::fill(acc.begin(), acc.end(), 0.f);
+      std::fill(yd.begin(), yd.end(), 0.f);
+      for (int64_t j = 0; j < k; ++j) {
+        const int64_t q = i * k + j, rank = ranks[q];
+        const int64_t* pg = pages + q * R;
+        const float wq = w[q];
+        for (int64_t r = 0; r < rank; ++r) {
+          hg[r] = ag ? dot(xr, ag + pg[r] * H, H) : 0.f;
+          hu[r] = au ? dot(xr, au + pg[r] * H, H) : 0.f;
+        }
+#if defined(LORAPLEX_AVX512)
+        const __m512 one = _mm512_set1_ps(1.f);
+        for (int64_t d = 0; d < I; d += 16) {
+          const __mmask16 m = lpx::tail_mask(I - d);
+          __m512 gv = lpx::load(gr + d, m), uv = lpx::load(ur + d, m);
+          for (int64_t r = 0; r < rank; ++r) {
+            if (bg) gv = _mm512_fmadd_ps(_mm512_set1_ps(hg[r]), lpx::load(bg + pg[r] * I + d, m), gv);
+            if (bu) uv = _mm512_fmadd_ps(_mm512_set1_ps(hu[r]), lpx::load(bu + pg[r] * I + d, m), uv);
+          }
+          const __m512 act = _mm512_div_ps(gv, _mm512_add_ps(one, lpx::exp(_mm512_sub_ps(_mm512_setzero_ps(), gv))));
+          const __m512 hv = _mm512_mul_ps(_mm512_mul_ps(_mm512_set1_ps(wq), act), uv);
+          _mm512_mask_storeu_ps(hq.data() + d, m, hv);
+          _mm512_mask_storeu_ps(acc.data() + d, m, _mm512_add_ps(_mm512_maskz_loadu_ps(m, acc.data() + d), hv));
+        }
+#else
+        for (int64_t d = 0; d < I; ++d) {
+          float gv = lpx::f32(gr[d]), uv = lpx::f32(ur[d]);
+          for (int64_t r = 0; r < rank; ++r) {
+            if (bg) gv += hg[r] * lpx::f32(bg[pg[r] * I + d]);
+            if (bu) uv += hu[r] * lpx::f32(bu[pg[r] * I + d]);
+          }
+          hq[d] = wq * (gv / (1.f + std::exp(-gv))) * uv;
+          acc[d] += hq[d];
+        }
+#endif
+        if (ad) {
+          for (int64_t r = 0; r < rank; ++r) hdn[r] = dot(hq.data(), ad + pg[r] * I, I);
+          for (int64_t e = 0; e < H; ++e) {
+            float s = 0.f;
+            for (int64_t r = 0; r < rank; ++r) s += hdn[r] * lpx::f32(bd[pg[r] * H + e]);
+            yd[e] += s;
+          }
+        }
+      }
+      for (int64_t d = 0; d < I; ++d) h_out[i * I + d] = lpx::cast<T>(acc[d]);
+      for (int64_t e = 0; e < H; ++e) y_out[i * H + e] = lpx::cast<T>(yd[e]);
+    }
+  });
+}
+
+std::vector<at::Tensor> mixlora_ffn(const at::Tensor& g, const at::Tensor& u, const at::Tensor& x,
+                                    const at::Tensor& rows, int64_t k, const at::Tensor& weights,
+                                    const at::Tensor& pages, const at::Tensor& ranks,
+                                    const c10::optional<at::Tensor>& a_gate, const c10::optional<at::Tensor>& b_gate,
+                                    const c10::optional<at::Tensor>& a_up, const c10::optional<at::Tensor>& b_up,
+                                    const c10::optional<at::Tensor>& a_down, const c10::optional<at::Tensor>& b_down) {
+  const auto dt = x.scalar_type();
+  TORCH_CHECK(dt == at::kFloat || dt == at::kBFloat16, "mixlora_ffn: float32 or bfloat16");
+  TORCH_CHECK(g.scalar_type() == dt && u.scalar_type() == dt && g.dim() == 2 && u.dim() == 2 && x.dim() == 2 &&
+                  g.stride(1) == 1 && u.stride(1) == 1 && x.stride(1) == 1 && g.size(0) == x.size(0) &&
+                  u.sizes() == g.sizes(), "mixlora_ffn: g, u [N, I] and x [N, H] with contiguous rows");
+  const int64_t N = x.size(0), H = x.size(1), I = g.size(1), n = rows.numel();
+  TORCH_CHECK(k >= 1 && rows.scalar_type() == at::kLong && rows.is_contiguous() &&
+                  weights.scalar_type() == at::kFloat && weights.is_contiguous() && weights.numel() == n * k &&
+                  pages.scalar_type() == at::kLong && pages.is_contiguous() && pages.dim() == 2 &&
+                  pages.size(0) == n * k && ranks.scalar_type() == at::kLong && ranks.is_contiguous() &&
+                  ranks.numel() == n * k, "mixlora_ffn: pairs");
+  const int64_t R = pages.size(1);
+  const int64_t* rw = rows.data_ptr<int64_t>();
+  const int64_t* pg = pages.data_ptr<int64_t>();
+  const int64_t* rk = ranks.data_ptr<int64_t>();
+  for (int64_t i = 0; i < n; ++i) TORCH_CHECK(rw[i] >= 0 && rw[i] < N, "mixlora_ffn: row out of range");
+  auto pool = [&](const c10::optional<at::Tensor>& t, int64_t width, const char* what) -> const at::Tensor* {
+    if (!t.has_value() || !t->defined()) return nullptr;
+    TORCH_CHECK(t->scalar_type() == dt && t->is_contiguous() && t->dim() == 2 && t->size(1) == width, "mixlora_ffn: ",
+                what, " pool");
+    return &t.value();
+  };
+  const at::Tensor* pools[6] = {pool(a_gate, H, "a_gate"), pool(b_gate, I, "b_gate"), pool(a_up, H, "a_up"),
+                                pool(b_up, I, "b_up"), pool(a_down, I, "a_down"), pool(b_down, H, "b_down")};
+  for (int m = 0; m < 3; ++m)
+    TORCH_CHECK((pools[2 * m] == nullptr) == (pools[2 * m + 1] == nullptr), "mixlora_ffn: A and B pools go together");
+  int64_t P = -1;
+  for (const at::Tensor* t : pools) {
+    if (t == nullptr) continue;
+    TORCH_CHECK(P < 0 || t->size(0) == P, "mixlora_ffn: pools of one size");
+    P = t->size(0);
+  }
+  for (int64_t q = 0; q < n * k; ++q) {
+    TORCH_CHECK(rk[q] >= 0 && rk[q] <= R, "mixlora_ffn: bad rank");
+    for (int64_t r = 0; r < R; ++r) TORCH_CHECK(pg[q * R + r] >= 0 && (P < 0 || pg[q * R + r] < P), "mixlora_ffn: page");
+  }
+  at::Tensor h_out = at::empty({n, I}, x.options());
+  at::Tensor y_out = at::empty({n, H}, x.options());
+  auto run = [&](auto tag) {
+    using S = decltype(tag);
+    auto ptr = [&](int i) -> const S* { return pools[i] ? pools[i]->template data_ptr<S>() : nullptr; };
+    mixlora_ffn_impl<S>(g.data_ptr<S>(), g.stride(0), u.data_ptr<S>(), u.stride(0), x.data_ptr<S>(), x.stride(0), rw,
+                        n, k, weights.data_ptr<float>(), pg, rk, R, ptr(0), ptr(1), ptr(2), ptr(3), ptr(4), ptr(5), H,
+                        I, h_out.data_ptr<S>(), y_out.data_ptr<S>());
+  };
+  if (dt == at::kFloat) run(float{});
+  else run(c10::BFloat16{});
+  return {h_out, y_out};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(loraplex_cpu, m) {
+  m.def("mixlora_ffn(Tensor g, Tensor u, Tensor x, Tensor rows, int k, Tensor weights, Tensor pages, Tensor ranks, "
+        "Tensor? a_gate, Tensor? b_gate, Tensor? a_up, Tensor? b_up, Tensor? a_down, Tensor? b_down) -> Tensor[]");
+  m.impl("mixlora_ffn", c10::DispatchKey::CPU, &mixlora_ffn);
   m.def("mixlora_route_topk(Tensor x, Tensor w, Tensor rows, Tensor slots, Tensor counts, int experts, int k, "
         "Tensor vid_pages, Tensor vid_ranks) -> Tensor[]");
   m.impl("mixlora_route_topk", c10::DispatchKey::CPU, &mixlora_route_topk);
