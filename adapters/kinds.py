@@ -3,18 +3,13 @@ and MixLoRA (adapters/mixlora.py, MoE-PEFT's format). Everything that reads an a
 publish it comes through `load_served_adapter`."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 
+from loraplex.adapters.errors import AdapterError
 from loraplex.adapters.mixlora import MixLoRAWeights, is_mixlora_config, load_mixlora
-from loraplex.adapters.peft import (
-    CONFIG_NAME,
-    MAX_CONFIG_BYTES,
-    LoRAWeights,
-    load_adapter,
-)
+from loraplex.adapters.peft import LoRAWeights, load_adapter, read_config_json
 from loraplex.engine.core.config import ModelConfig
 
 ServedWeights = LoRAWeights | MixLoRAWeights
@@ -22,12 +17,9 @@ ServedWeights = LoRAWeights | MixLoRAWeights
 
 def adapter_kind(folder: Path | str) -> str:
     """"mixlora" or "lora" (anything unreadable is left to the loader, which explains what is wrong)."""
-    path = Path(folder) / CONFIG_NAME
     try:
-        if path.stat().st_size > MAX_CONFIG_BYTES:
-            return "lora"
-        raw = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        raw = read_config_json(Path(folder))
+    except AdapterError:
         return "lora"
     return "mixlora" if isinstance(raw, dict) and is_mixlora_config(raw) else "lora"
 

@@ -33,10 +33,10 @@ from loraplex.adapters.errors import AdapterError, UnsupportedAdapterError
 from loraplex.adapters.peft import (
     BIN_NAME,
     CONFIG_NAME,
-    MAX_CONFIG_BYTES,
     SAFETENSORS_NAME,
     _read_state_dict,
     module_shapes,
+    read_config_json,
 )
 from loraplex.engine.core.config import ModelConfig
 
@@ -243,16 +243,7 @@ class MixLoRAWeights:
 
 
 def read_mixlora_config(folder: Path, max_lora_rank: int) -> MixLoRAConfig:
-    path = Path(folder) / CONFIG_NAME
-    if not path.is_file():
-        raise AdapterError(f"{CONFIG_NAME} is missing from the adapter folder")
-    if path.stat().st_size > MAX_CONFIG_BYTES:
-        raise AdapterError(f"{CONFIG_NAME} is larger than {MAX_CONFIG_BYTES} bytes")
-    try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise AdapterError(f"{CONFIG_NAME} is not valid JSON: {e}") from None
-    return parse_mixlora_config(raw, max_lora_rank)
+    return parse_mixlora_config(read_config_json(folder), max_lora_rank)
 
 
 def convert_legacy(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

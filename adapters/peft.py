@@ -157,6 +157,11 @@ class LoRAWeights:
 
 
 def read_adapter_config(folder: Path, max_lora_rank: int) -> LoRAAdapterConfig:
+    return parse_adapter_config(read_config_json(folder), max_lora_rank)
+
+
+def read_config_json(folder: Path):
+    """adapter_config.json parsed, bounded in size; AdapterError when missing, too large or not JSON."""
     path = Path(folder) / CONFIG_NAME
     if not path.is_file():
         raise AdapterError(f"{CONFIG_NAME} is missing from the adapter folder")
@@ -166,7 +171,7 @@ def read_adapter_config(folder: Path, max_lora_rank: int) -> LoRAAdapterConfig:
         raw = json.loads(path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise AdapterError(f"{CONFIG_NAME} is not valid JSON: {e}") from None
-    return parse_adapter_config(raw, max_lora_rank)
+    return raw
 
 
 def _read_state_dict(folder: Path, allow_bin: bool) -> dict[str, torch.Tensor]:
