@@ -7,6 +7,7 @@ registers them here by (adapter_id, version) and path (see serve/adapter_routes.
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import logging
 import time
 from collections import OrderedDict
@@ -16,6 +17,7 @@ from typing import Any
 
 import torch
 
+from loraplex.adapters.composition import Composition, merge_lora
 from loraplex.adapters.errors import AdapterError
 from loraplex.adapters.kinds import ServedWeights, load_served_adapter
 from loraplex.adapters.lora_linear import LoRALinear, LoRAStepState
@@ -30,15 +32,17 @@ from loraplex.adapters.pool import AdapterPool, LoRAWeightPool
 logger = logging.getLogger(__name__)
 
 RESIDENCY_REFRESH_S = 1.0  # how stale the per-adapter residency in stats may be
+MAX_IDLE_MERGED = 64  # merged virtual adapters remembered while no request uses them (their weights: host LRU)
 
-AdapterKey = tuple[int, int]  # (adapter_id, version)
+AdapterKey = tuple  # (adapter_id, version) of a registered adapter, or ("merged", Composition) of a virtual one
+Source = tuple[AdapterKey, float]  # pages a request's rows read, and the weight of their terms
 
 
 @dataclass(slots=True)
 class RegisteredAdapter:
     name: str
     key: AdapterKey
-    path: Path
+    path: Path | None  # None: a merged virtual adapter (built from its parts, never read from a file)
     rank: int
     target_modules: tuple[str, ...]
     num_bytes: int
@@ -90,7 +94,12 @@ class LoRARuntime:
         self.host: OrderedDict[AdapterKey, ServedWeights] = OrderedDict()  # LRU first
         self._residency_at, self._residency_list = -RESIDENCY_REFRESH_S, []
         self.registry: dict[AdapterKey, RegisteredAdapter] = {}
-        self._pinned: dict[str, AdapterKey] = {}  # request_id -> the adapter it holds pages of
+        self._pinned: dict[str, tuple[AdapterKey, ...]] = {}  # request_id -> the adapters it holds pages of
+        # merged virtual adapters (adapters/composition.py): entries by key, builds in flight and who waits on them
+        self.merged: OrderedDict[AdapterKey, RegisteredAdapter] = OrderedDict()
+        self._merging: dict[AdapterKey, concurrent.futures.Future] = {}
+        self._merge_waiters: dict[AdapterKey, list] = {}
+        self._merge_pool: concurrent.futures.ThreadPoolExecutor | None = None
         self.load_latencies_s: collections.deque[float] = collections.deque(maxlen=64)  # the latest loads
         self.state = LoRAStepState(pick_lora_backend(device, backend))
         self._attach(model)
@@ -179,6 +188,8 @@ class LoRARuntime:
         self.registry.pop(key, None)
         self.host.pop(key, None)
         self.pool.retire(key)
+        for merged in [k for k in self.merged if key in k[1].adapter_keys()]:  # unused: their parts have no request
+            self._drop_merged(merged)
 
     def _read(self, path: Path) -> ServedWeights:
         return load_served_adapter(path, self.model_config, self.max_lora_rank, dtype=self.dtype)
@@ -192,7 +203,7 @@ class LoRARuntime:
     def _load_into(self, key: AdapterKey, pages: list[int], slot: int | None = None) -> None:
         t0 = time.perf_counter()
         weights = self.host.get(key)
-        if weights is None:  # evicted from the host tier too: back from the store
+        if weights is None:  # evicted from the host tier too: back from the store (admit rebuilds a merged one first)
             weights = self._read(self.registry[key].path)
         self._put_host(key, weights)
         if isinstance(weights, MixLoRAWeights):
@@ -207,73 +218,201 @@ class LoRARuntime:
     def add_request(self, request) -> None:
         if not request.adapter_id:
             return
-        entry = self.registry.get(request.cache_salt)
-        if entry is None or entry.retired:
-            raise AdapterError(f"adapter {request.adapter_id} v{request.adapter_version} is not loaded")
-        entry.num_requests += 1
+        parts = self._parts(request)
+        entries = []
+        for key in parts:
+            entry = self.registry.get(key)
+            if entry is None or entry.retired:
+                raise AdapterError(f"adapter {key[0]} v{key[1]} is not loaded")
+            entries.append(entry)
+        mix = request.adapter_mix
+        if mix is not None:
+            check_composition(mix, entries, self.limits())
+        for entry in entries:
+            entry.num_requests += 1
+        if mix is not None and mix.materialised:
+            self._ensure_merged(request)
+
+    @staticmethod
+    def _parts(request) -> tuple[AdapterKey, ...]:
+        """The registered adapters a request uses (each stays servable until it finishes)."""
+        mix = request.adapter_mix
+        return ((request.adapter_id, request.adapter_version),) if mix is None else mix.adapter_keys()
+
+    @staticmethod
+    def _sources(request) -> tuple[Source, ...]:
+        """What the request's rows read from the pool: its adapter; the parts of a linear combination, each with
+        its weight; or the merged virtual adapter of any other method."""
+        mix = request.adapter_mix
+        if mix is None:
+            return (((request.adapter_id, request.adapter_version), 1.0),)
+        if mix.materialised:
+            return ((merged_key(mix), 1.0),)
+        return tuple(((a, v), w) for a, v, w in mix.parts)
+
+    def _entry(self, key: AdapterKey) -> RegisteredAdapter:
+        entry = self.registry.get(key)
+        return self.merged[key] if entry is None else entry
 
     def admit(self, request) -> bool:
-        """Waiting -> running: pin the adapter's pages, loading it (and evicting unpinned adapters)."""
+        """Waiting -> running: pin the pages of every adapter its rows read, loading them (and evicting unpinned
+        adapters); all or none."""
         if not request.adapter_id:
             return True
-        key = request.cache_salt
         if request.request_id in self._pinned:
             return True
-        entry = self.registry[key]
-        pages = self.pool.acquire(key, entry.num_pages, lambda p, slot=None: self._load_into(key, p, slot),
-                                  slot=entry.mixlora is not None)
-        if pages is None:
+        sources = self._sources(request)
+        if request.adapter_mix is not None and request.adapter_mix.materialised and not self._merged_ready(
+                sources[0][0]):
+            self._ensure_merged(request)  # evicted from the host tier since: built again, off the loop
             return False
-        self._pinned[request.request_id] = key
+        pinned: list[AdapterKey] = []
+        for key, _ in sources:
+            entry = self._entry(key)
+            pages = self.pool.acquire(key, entry.num_pages, lambda p, slot=None, key=key: self._load_into(key, p, slot),
+                                      slot=entry.mixlora is not None)
+            if pages is None:
+                for k in pinned:
+                    self.pool.release(k)
+                return False
+            pinned.append(key)
+        self._pinned[request.request_id] = tuple(pinned)
         return True
 
     def release(self, request, finished: bool) -> None:
         """Running -> preempted (finished=False) or finished/aborted (finished=True)."""
-        key = self._pinned.pop(request.request_id, None)
-        if key is not None:
+        for key in self._pinned.pop(request.request_id, ()):
             self.pool.release(key)
         if finished and request.adapter_id:
-            entry = self.registry.get(request.cache_salt)
-            if entry is not None:
-                entry.num_requests -= 1
-                if entry.retired and entry.num_requests == 0:
-                    self._drop(entry.key)
+            if request.waiting_for_adapter:
+                self._merge_waiters.get(merged_key(request.adapter_mix), []).remove(request)
+                request.waiting_for_adapter = False
+            for key in self._parts(request):
+                entry = self.registry.get(key)
+                if entry is not None:
+                    entry.num_requests -= 1
+                    if entry.retired and entry.num_requests == 0:
+                        self._drop(entry.key)
+
+    # ---- merged virtual adapters (built off the step loop) ------------------------------------
+    def _merged_ready(self, key: AdapterKey) -> bool:
+        return key in self.merged and (self.pool.is_resident(key) or key in self.host)
+
+    def _ensure_merged(self, request) -> None:
+        """Make the request wait (Request.waiting_for_adapter) until its merged adapter is built; start that build
+        unless one is running. The parts' weights are taken from the host tier here, on the loop's thread."""
+        mix = request.adapter_mix
+        key = merged_key(mix)
+        if self._merged_ready(key):
+            self.merged.move_to_end(key)
+            return
+        if key not in self._merging:
+            parts = [(self.host.get((a, v)) or self.registry[a, v].path, w) for a, v, w in mix.parts]
+            if self._merge_pool is None:
+                self._merge_pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="lora-merge")
+            self._merging[key] = self._merge_pool.submit(self._build_merged, parts, mix.without_scale())
+        self._merge_waiters.setdefault(key, []).append(request)
+        request.waiting_for_adapter = True
+
+    def _build_merged(self, parts: list[tuple[ServedWeights | Path, float]], mix: Composition) -> ServedWeights:
+        t0 = time.perf_counter()
+        loaded = [(self._read(w) if isinstance(w, Path) else w, weight) for w, weight in parts]
+        merged = merge_lora(loaded, mix)
+        logger.info("merged adapter %s built (rank %d, %s) in %.1f ms", mix.describe(), merged.rank,
+                    ",".join(merged.target_modules), 1000 * (time.perf_counter() - t0))
+        return merged
+
+    @property
+    def has_pending(self) -> bool:
+        return bool(self._merging)
+
+    def poll(self, wait_s: float = 0.0) -> list[tuple[str, str]]:
+        """Merged adapters built since the last step: into the host tier, their requests admissible. Returns
+        (request_id, error) for the requests of a build that failed."""
+        if wait_s > 0 and self._merging:
+            concurrent.futures.wait(list(self._merging.values()), timeout=wait_s,
+                                    return_when=concurrent.futures.FIRST_COMPLETED)
+        failed = []
+        for key, future in list(self._merging.items()):
+            if not future.done():
+                continue
+            del self._merging[key]
+            waiters = self._merge_waiters.pop(key, [])
+            for request in waiters:
+                request.waiting_for_adapter = False
+            if future.exception() is not None:
+                failed.extend((r.request_id, f"merging adapters failed: {future.exception()}") for r in waiters)
+                continue
+            weights = future.result()
+            self._put_host(key, weights)
+            self.merged[key] = RegisteredAdapter(key[1].describe(), key, None, weights.rank, weights.target_modules,
+                                                 weights.num_bytes, weights.num_pages)
+            self.merged.move_to_end(key)
+            self._forget_idle_merged()
+        return failed
+
+    def _forget_idle_merged(self) -> None:
+        idle = [k for k in self.merged if self.pool.pin_count(k) == 0 and k not in self._merge_waiters]
+        for key in idle[:max(0, len(self.merged) - MAX_IDLE_MERGED)]:
+            self._drop_merged(key)
+
+    def _drop_merged(self, key: AdapterKey) -> None:
+        self.merged.pop(key, None)
+        self.host.pop(key, None)
+        self.pool.retire(key)
 
     def prepare(self, scheduled, batch) -> None:
-        """Group the step's rows by adapter: decodes of one adapter form one segment, each prefill
-        chunk its own (contiguous rows). Each target module gets the segments of the adapters that
-        target it; modules no adapter of the step targets are skipped (PEFT's default q_proj/v_proj
-        adapters cost nothing on the other five linears)."""
-        segments: list[tuple[AdapterKey, list[int]]] = []
-        decode_rows: dict[AdapterKey, list[int]] = {}
+        """Group the step's rows by what they read: decodes reading the same pages with the same weights form one
+        segment (each row with its own lora_scale), each prefill chunk its own (contiguous rows). Each target module
+        gets the segments' pages of the adapters that target it; modules no adapter of the step targets are skipped
+        (PEFT's default q_proj/v_proj adapters cost nothing on the other five linears)."""
+        segments: list[tuple[tuple[Source, ...], list[int], list[float]]] = []
+        decodes: dict[tuple[Source, ...], tuple[list[int], list[float]]] = {}
         row = 0
         for s in scheduled:
-            key = s.request.cache_salt
-            if s.request.adapter_id:
+            request = s.request
+            if request.adapter_id:
+                sources = self._sources(request)
+                scale = 1.0 if request.adapter_mix is None else request.adapter_mix.scale
                 if s.num_new_tokens == 1:
-                    decode_rows.setdefault(key, []).append(row)
+                    rows, scales = decodes.setdefault(sources, ([], []))
+                    rows.append(row)
+                    scales.append(scale)
                 else:
-                    segments.append((key, list(range(row, row + s.num_new_tokens))))
+                    segments.append((sources, list(range(row, row + s.num_new_tokens)), [scale] * s.num_new_tokens))
             row += s.num_new_tokens
-        segments.extend(decode_rows.items())
+        segments.extend((sources, rows, scales) for sources, (rows, scales) in decodes.items())
         metas: dict[str, object] = {}
-        by_selection: dict[tuple[int, ...], object] = {}  # modules with the same segments share a meta
+        by_selection: dict[tuple, object] = {}  # modules reading the same pages share a meta
         for module in LORA_MODULES:
-            selection = tuple(i for i, (key, _) in enumerate(segments)
-                              if module in self.registry[key].modules_of_rows())
-            if not selection:
+            selection, specs = [], []
+            for i, (sources, rows, scales) in enumerate(segments):
+                used = tuple(j for j, (key, _) in enumerate(sources) if module in self._entry(key).modules_of_rows())
+                if not used:
+                    continue
+                pages, weights = [], []
+                for j in used:
+                    key, weight = sources[j]
+                    key_pages = self._pages_of(key)
+                    pages.extend(key_pages)
+                    weights.extend([weight] * len(key_pages))
+                selection.append((i, used))
+                specs.append((rows, pages, None if all(w == 1.0 for w in weights) else weights,
+                              None if all(v == 1.0 for v in scales) else scales))
+            if not specs:
                 continue
-            if selection not in by_selection:
-                by_selection[selection] = build_lora_meta(
-                    row, [(segments[i][1], self._pages_of(segments[i][0])) for i in selection], self.device)
-            metas[module] = by_selection[selection]
+            key = tuple(selection)
+            if key not in by_selection:
+                by_selection[key] = build_lora_meta(row, specs, self.device)
+            metas[module] = by_selection[key]
         self.state.metas = metas
-        self.state.mix = self._mix_step(segments)
+        self.state.mix = self._mix_step([(sources[0][0], rows) for sources, rows, _ in segments
+                                         if len(sources) == 1])
         batch.adapter_metadata = metas or self.state.mix or None
 
     def _pages_of(self, key: AdapterKey) -> list[int]:
         """The pages the plain LoRA op reads for this adapter: all of a LoRA's; a MixLoRA's attention rank-rows."""
-        pages, mix = self.pool.pages(key), self.registry[key].mixlora
+        pages, mix = self.pool.pages(key), self._entry(key).mixlora
         return pages if mix is None else pages[:mix.r]
 
     def _mix_step(self, segments: list[tuple[AdapterKey, list[int]]]) -> MixLoRAStep | None:
@@ -283,7 +422,7 @@ class LoRARuntime:
         groups: list[RoutingGroup] = []
         modules: set[str] = set()
         for key, seg_rows in segments:
-            entry = self.registry[key]
+            entry = self._entry(key)
             mix = entry.mixlora
             if mix is None:
                 continue
@@ -335,6 +474,27 @@ class LoRARuntime:
                                      "host" if key in self.host else "store", e.rank)
                                     for key, e in self.registry.items() if not e.retired]
         return self._residency_list
+
+
+def merged_key(mix: Composition) -> AdapterKey:
+    """The pool / host-tier key of a composition's merged virtual adapter (its lora_scale applies per row)."""
+    return ("merged", mix.without_scale())
+
+
+def check_composition(mix: Composition, entries: list[RegisteredAdapter], limits: dict[str, int]) -> None:
+    """AdapterError (400) for a strength or combination this engine cannot serve exactly."""
+    mixlora = [e.name for e in entries if e.mixlora is not None]
+    if mixlora and (len(entries) > 1 or mix.scale != 1.0):
+        raise AdapterError(f"MixLoRA adapter {mixlora[0]} cannot take a lora_scale or be combined with other "
+                           "adapters (its experts' router decides their weights)", param="adapters")
+    if mix.materialised and len({e.rank for e in entries}) > 1:
+        raise AdapterError(f"merge method {mix.method} needs adapters of one rank (PEFT's rule); got ranks "
+                           f"{sorted({e.rank for e in entries})}: use linear, which sums adapters of any ranks",
+                           param="merge.method")
+    pages = entries[0].num_pages if mix.materialised else sum(e.num_pages for e in entries)
+    if pages > limits["pool_pages"]:
+        raise AdapterError(f"these adapters need {pages} pool pages at once; this server's LoRA pool has "
+                           f"{limits['pool_pages']} (--lora-pool-pages / --lora-pool-bytes)", param="adapters")
 
 
 def check_limits(weights: ServedWeights, limits: dict[str, int]) -> None:

@@ -21,6 +21,12 @@ class AdapterHook(Protocol):
     def prepare(self, scheduled: list, batch: ForwardBatch) -> None:
         """Before the forward: set the step's per-row adapter metadata (batch.adapter_metadata)."""
 
+    has_pending: bool  # adapters are being prepared off the step loop for waiting requests
+
+    def poll(self, wait_s: float = 0.0) -> list[tuple[str, str]]:
+        """Let requests whose adapter is ready be admitted (clears Request.waiting_for_adapter); returns
+        (request_id, error) for those whose preparation failed. `wait_s`: block up to that long for one."""
+
     def call(self, method: str, args: tuple) -> Any:
         """A control call from the server (register/unregister adapters, report residency)."""
 

@@ -104,7 +104,7 @@ class AsyncEngine:
 
     # ---- requests (event-loop thread) -----------------------------------------------------
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
-                    adapter: tuple[int, int] | None = None) -> RequestStream:
+                    adapter: tuple | None = None) -> RequestStream:
         """`adapter`: (adapter_id, version) registered with `call("register_adapter", ...)`; None: base."""
         if self._error is not None or (self._loop is not None and not self.core.is_alive()):
             raise EngineDeadError(f"the engine loop died: {self._error or 'its process is gone'}")

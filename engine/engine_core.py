@@ -29,7 +29,7 @@ logger = logging.getLogger(__name__)
 
 Emit = Callable[[list[RequestOutput], EngineStats], None]
 Reply = Callable[[int, bool, Any], None]  # (call id, ok, result or exception)
-Adapter = tuple[int, int] | None  # (adapter_id, version); None is the base model
+Adapter = tuple | None  # (adapter_id, version) or (adapter_id, version, mix); None is the base model
 
 
 class StepLog:

@@ -167,14 +167,16 @@ class LLMEngine:
         validate_prompt(prompt_token_ids, params, self.max_model_len, self.model_config.vocab_size)
 
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
-                    arrival_time: float | None = None, adapter: tuple[int, int] | None = None) -> Request:
-        """`adapter`: (adapter_id, version) of a registered adapter; None is the base model."""
+                    arrival_time: float | None = None, adapter: tuple | None = None) -> Request:
+        """`adapter`: (adapter_id, version) of a registered adapter, or (adapter_id, version, mix) where `mix` is what
+        the adapter hook makes of it (adapters/composition.py); None is the base model."""
         self.validate_prompt(prompt_token_ids, params)
-        adapter_id, adapter_version = adapter or (0, 0)
+        adapter_id, adapter_version, *mix = adapter or (0, 0)
         if adapter_id and self.adapter_hook is None:
             raise ValueError("this engine serves no adapters (start it with LoRA enabled)")
         request = Request(request_id, prompt_token_ids, params, eos_token_ids=self.eos_token_ids,
-                          arrival_time=arrival_time, adapter_id=adapter_id, adapter_version=adapter_version)
+                          arrival_time=arrival_time, adapter_id=adapter_id, adapter_version=adapter_version,
+                          adapter_mix=mix[0] if mix else None)
         if params.structured_output is not None:
             self._structured().submit(request)  # compiles off the loop; the scheduler waits for it
         if self.adapter_hook is not None:
@@ -239,7 +241,7 @@ class LLMEngine:
 
     # ---- the step -------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
-        outputs = self._poll_grammars()
+        outputs = self._poll_grammars() + self._poll_adapters()
         scheduler_output = self.scheduler.schedule()
         if self.adapter_hook is not None:
             for request_id in scheduler_output.preempted_request_ids:
@@ -286,11 +288,23 @@ class LLMEngine:
         manager = self.structured_output
         if manager is None or not manager.has_pending:
             return []
-        idle = not self.scheduler.running and all(r.waiting_for_grammar for r in self.scheduler.waiting)
+        idle = not self.scheduler.running and all(r.is_waiting_off_loop for r in self.scheduler.waiting)
         outputs = []
         for request, error in manager.poll(wait_s=0.05 if idle else 0.0):
             logger.error("request %s: %s", request.request_id, error)
             outputs.extend(self.abort_requests([request.request_id]))
+        return outputs
+
+    def _poll_adapters(self) -> list[RequestOutput]:
+        """Admit requests whose adapter got ready off the loop (a merged adapter); one that failed aborts."""
+        hook = self.adapter_hook
+        if hook is None or not hook.has_pending:
+            return []
+        idle = not self.scheduler.running and all(r.is_waiting_off_loop for r in self.scheduler.waiting)
+        outputs = []
+        for request_id, error in hook.poll(wait_s=0.05 if idle else 0.0):
+            logger.error("request %s: %s", request_id, error)
+            outputs.extend(self.abort_requests([request_id]))
         return outputs
 
     def _make_output(self, request: Request, new_token_ids: list[int], sampled) -> RequestOutput:

@@ -102,16 +102,16 @@ class EngineReplica:
         self.store.release(record)  # a lock and a dict: no thread needed (and none may be left at shutdown)
         logger.info("replica %s dropped adapter %s@v%d", self.replica, record.name, record.version)
 
-    async def generate(self, request_id: str, prompt_token_ids: list[int], params, adapter):
-        """Stream (replica, RequestOutput, stats or None) for one request; stats with the last output."""
+    async def generate(self, request_id: str, prompt_token_ids: list[int], params, adapter, parts=()):
+        """Stream (replica, RequestOutput, stats or None) for one request; stats with the last output. `parts`: the
+        `name@vN` of a composition's other adapters (adapters/composition.py), pulled here too."""
         from ray import serve
         model_id = serve.get_multiplexed_model_id()
-        key = None
         if model_id:
-            key = (await self.get_adapter(model_id)).key
-            if adapter is not None and tuple(adapter) != key:
+            loaded = [await self.get_adapter(model_id)] + [await self.get_adapter(p) for p in parts]
+            if adapter is None or tuple(adapter[:2]) != loaded[0].key:
                 raise ValueError(f"adapter {adapter} is not {model_id}")
-        stream = self.engine.add_request(request_id, prompt_token_ids, params, key)
+        stream = self.engine.add_request(request_id, prompt_token_ids, params, adapter if model_id else None)
         try:
             async for out in stream:
                 yield self.replica, out, (self.report() if out.finished else None)

@@ -78,8 +78,10 @@ class RemoteEngine:
                                      if now - when < STATS_STALE_S})
 
     # ---- requests ---------------------------------------------------------------------------
-    def add_request(self, request_id: str, prompt_token_ids: list[int], params, adapter: tuple[int, int] | None = None
+    def add_request(self, request_id: str, prompt_token_ids: list[int], params, adapter: tuple | None = None
                     ) -> RequestStream:
+        """`adapter`: (adapter_id, version), or (adapter_id, version, Composition): the replica chosen for the first
+        adapter pulls the composition's other parts too (their `name@vN` travel with the request)."""
         from loraplex.engine.core.errors import QueueFullError
         if not self._started:
             raise EngineDeadError("the engine replicas are not reachable yet")
@@ -89,13 +91,19 @@ class RemoteEngine:
         if len(self._tasks) >= self._max_in_flight:
             raise QueueFullError(self.max_queue_len)
         options: dict[str, Any] = {"stream": True}
+        parts: list[str] = []
         if adapter is not None:
-            options["multiplexed_model_id"] = f"{self._names[adapter]}@v{adapter[1]}"
+            options["multiplexed_model_id"] = self._model_id(tuple(adapter[:2]))
+            mix = adapter[2] if len(adapter) > 2 else None
+            parts = [] if mix is None else [self._model_id(key) for key in mix.adapter_keys()[1:]]
         stream = RequestStream(request_id)
         response = self.handle.options(**options).generate.remote(request_id, list(prompt_token_ids), params,
-                                                                  adapter)
+                                                                  adapter, parts)
         self._tasks[request_id] = asyncio.get_running_loop().create_task(self._pump(request_id, response, stream))
         return stream
+
+    def _model_id(self, key: tuple[int, int]) -> str:
+        return f"{self._names[key]}@v{key[1]}"
 
     async def _pump(self, request_id: str, response, stream: RequestStream) -> None:
         replica = None

@@ -144,7 +144,9 @@ def expert_apply(y: torch.Tensor, x: torch.Tensor, a_pool: torch.Tensor, b_pool:
     if (_kernel_ok(y, x, a_pool) and y.dtype in (torch.float32, torch.bfloat16)
             and x.dtype == a_pool.dtype == b_pool.dtype == y.dtype and y.is_contiguous() and x.is_contiguous()):
         rows, starts = pairs.kernel_segments()  # a segment per pair: the kernel reads each pair's pages in place
-        torch.ops.loraplex_cpu.lora_apply_(y, x, a_pool, b_pool, rows, starts, pairs.pages, pairs.ranks)
+        no_scales = torch.empty(0, dtype=torch.float32)
+        torch.ops.loraplex_cpu.lora_apply_(y, x, a_pool, b_pool, rows, starts, pairs.pages, pairs.ranks, no_scales,
+                                           no_scales)
         return
     expert_apply_ref(y, x, a_pool, b_pool, pairs.pages)
 

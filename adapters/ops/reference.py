@@ -24,5 +24,8 @@ def lora_expand_ref(y: torch.Tensor, h: torch.Tensor, b_pool: torch.Tensor, meta
 
 def lora_apply_ref(y: torch.Tensor, x: torch.Tensor, a_pool: torch.Tensor, b_pool: torch.Tensor,
                    meta: LoRABatchMeta) -> None:
-    """y += scale · B[a] · (A[a] · x) for every row's adapter a (the scale is folded into b_pool)."""
-    lora_expand_ref(y, lora_shrink_ref(x, a_pool, meta), b_pool, meta)
+    """y += scale · B[a] · (A[a] · x) for every row's adapter a (the scale is folded into b_pool), each page's
+    term multiplied by the meta's page and row scales where it has them."""
+    h = lora_shrink_ref(x, a_pool, meta)
+    scales = meta.h_scales()
+    lora_expand_ref(y, h if scales is None else h * scales, b_pool, meta)

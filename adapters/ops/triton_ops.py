@@ -207,5 +207,8 @@ def lora_expand_triton(y: torch.Tensor, h: torch.Tensor, b_pool: torch.Tensor, m
 
 def lora_apply_triton(y: torch.Tensor, x: torch.Tensor, a_pool: torch.Tensor, b_pool: torch.Tensor,
                       meta: LoRABatchMeta) -> None:
-    """y += scale · B[a] · (A[a] · x) for every row's adapter a (the scale is folded into b_pool)."""
-    lora_expand_triton(y, lora_shrink_triton(x, a_pool, meta), b_pool, meta)
+    """y += scale · B[a] · (A[a] · x) for every row's adapter a (the scale is folded into b_pool); page and row
+    scales (meta.h_scales) multiply h between the two kernels."""
+    h = lora_shrink_triton(x, a_pool, meta)
+    scales = meta.h_scales()
+    lora_expand_triton(y, h if scales is None else h.mul_(scales), b_pool, meta)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import enum
 import time
+from collections.abc import Hashable
 
 from loraplex.engine.core.sampling_params import SamplingParams
 
@@ -31,11 +32,11 @@ class Request:
     __slots__ = ("request_id", "prompt_token_ids", "sampling_params", "eos_token_ids",
                  "arrival_time", "adapter_id", "adapter_version", "output_token_ids",
                  "num_computed_tokens", "status", "stop_reason", "num_preemptions",
-                 "first_token_time", "prompt_logprobs", "waiting_for_grammar")
+                 "first_token_time", "prompt_logprobs", "waiting_for_grammar", "adapter_mix", "waiting_for_adapter")
 
     def __init__(self, request_id: str, prompt_token_ids: list[int], sampling_params: SamplingParams,
                  eos_token_ids: tuple[int, ...] = (), arrival_time: float | None = None,
-                 adapter_id: int = 0, adapter_version: int = 0) -> None:
+                 adapter_id: int = 0, adapter_version: int = 0, adapter_mix: Hashable | None = None) -> None:
         if not prompt_token_ids:
             raise ValueError("prompt must contain at least one token")
         self.request_id = request_id
@@ -46,6 +47,9 @@ class Request:
         # LoRA seam: 0 is the base model. Salts the prefix-cache hash together with the version.
         self.adapter_id = adapter_id
         self.adapter_version = adapter_version
+        # anything more the adapter hook needs to know (a strength, several adapters merged): opaque here, part of
+        # the cache salt. adapter_id/version then name its first adapter (scheduling and stats count by it).
+        self.adapter_mix = adapter_mix
         self.output_token_ids: list[int] = []
         self.num_computed_tokens = 0
         self.status = RequestStatus.WAITING
@@ -58,6 +62,8 @@ class Request:
         self.prompt_logprobs: list | None = [] if sampling_params.prompt_logprobs is not None else None
         # structured output whose grammar is still compiling (off the step loop): not admitted until it is ready
         self.waiting_for_grammar = False
+        # its adapter is still being prepared off the step loop (a merged adapter): not admitted until it is ready
+        self.waiting_for_adapter = False
 
     @property
     def num_prompt_tokens(self) -> int:
@@ -85,9 +91,16 @@ class Request:
         return self.prompt_logprobs is not None and len(self.prompt_logprobs) < self.num_prompt_tokens - 1
 
     @property
-    def cache_salt(self) -> tuple[int, int]:
+    def cache_salt(self) -> tuple:
         """Prefix-cache salt: LoRA on k/v projections changes cached keys and values."""
-        return (self.adapter_id, self.adapter_version)
+        if self.adapter_mix is None:
+            return (self.adapter_id, self.adapter_version)
+        return (self.adapter_id, self.adapter_version, self.adapter_mix)
+
+    @property
+    def is_waiting_off_loop(self) -> bool:
+        """A grammar or an adapter is being prepared for it: the scheduler passes it over, blocking nobody."""
+        return self.waiting_for_grammar or self.waiting_for_adapter
 
     def __repr__(self) -> str:
         return (f"Request({self.request_id!r}, status={self.status.name}, prompt={self.num_prompt_tokens}, "

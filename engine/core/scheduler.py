@@ -193,7 +193,7 @@ class Scheduler:
         adapter_blocked = False
         while self.waiting and token_budget > 0 and len(self.running) < cfg.max_num_seqs:
             request = self.waiting.popleft()
-            if request.waiting_for_grammar:  # skipped, blocking nobody: its turn comes once it compiled
+            if request.is_waiting_off_loop:  # skipped, blocking nobody: its turn comes once it is ready
                 skipped.append(request)
                 continue
             adapter_id = request.adapter_id

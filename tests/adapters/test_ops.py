@@ -95,11 +95,61 @@ def test_kernel_writes_into_strided_outputs_and_refuses_bad_pages():
         lora_apply_cpu(view, x, a_pool, b_pool, meta)
     torch.testing.assert_close(view.double(), loop_reference(x, y, a_pool, b_pool, segments), atol=1e-3, rtol=1e-4)
     assert not fused[:, :3].any() and not fused[:, 3 + y.shape[1]:].any()
-    rows, starts, pages, ranks = cpu_layout(meta).kernel
+    rows, starts, pages, ranks, page_scales, row_scales = cpu_layout(meta).kernel
     before = view.clone()
     with pytest.raises(RuntimeError, match="page out of range"):
-        torch.ops.loraplex_cpu.lora_apply_(view, x, a_pool, b_pool, rows, starts, pages + a_pool.shape[0], ranks)
+        torch.ops.loraplex_cpu.lora_apply_(view, x, a_pool, b_pool, rows, starts, pages + a_pool.shape[0], ranks,
+                                           page_scales, row_scales)
+    with pytest.raises(RuntimeError, match="row_scales"):
+        torch.ops.loraplex_cpu.lora_apply_(view, x, a_pool, b_pool, rows, starts, pages, ranks, page_scales,
+                                           torch.ones(rows.numel() + 1))
     assert torch.equal(view, before)
+
+
+def scaled_segments(segments, seed):
+    """The same segments with a weight per page (several adapters summed) on some and a scale per row (each
+    request's lora_scale) on others: (rows, pages, page_scales, row_scales)."""
+    rng = random.Random(seed)
+    out = []
+    for i, (rows, pages) in enumerate(segments):
+        page_scales = [rng.choice([0.5, -1.0, 2.0, 0.0]) for _ in pages] if i % 2 == 0 else None
+        row_scales = [rng.choice([0.25, 1.0, 1.5, -0.5]) for _ in rows] if i % 3 != 1 else None
+        out.append((rows, pages, page_scales, row_scales))
+    return out
+
+
+def scaled_loop_reference(x, y, a_pool, b_pool, segments):
+    out = y.clone().double()
+    for rows, pages, page_scales, row_scales in segments:
+        a, b = a_pool[pages].double(), b_pool[pages].double()
+        ps = torch.tensor(page_scales or [1.0] * len(pages), dtype=torch.float64)
+        for j, row in enumerate(rows):
+            out[row] += ((a @ x[row].double()) * ps * (row_scales[j] if row_scales else 1.0)) @ b
+    return out
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_page_and_row_scales_match_definition(case):
+    """y[row] += Σ_p row_scale · page_scale[p] · B[p] (A[p] x[row]) on every path, decodes and long prefills."""
+    x, y, a_pool, b_pool, plain = random_case(7, **CASES[case])
+    segments = scaled_segments(plain, 7)
+    meta = build_lora_meta(x.shape[0], segments)
+    assert meta.scaled
+    want = scaled_loop_reference(x, y, a_pool, b_pool, segments)
+    got = y.clone()
+    lora_apply_ref(got, x, a_pool, b_pool, meta)
+    torch.testing.assert_close(got.double(), want, atol=1e-3, rtol=1e-4)
+    for name, path in cpu_paths():
+        got = y.clone()
+        with path, torch.inference_mode():
+            lora_apply_cpu(got, x, a_pool, b_pool, build_lora_meta(x.shape[0], segments))
+        torch.testing.assert_close(got.double(), want, atol=1e-3, rtol=1e-4, msg=name)
+    # all-ones scales are the unscaled op
+    ones = [(r, p, [1.0] * len(p), [1.0] * len(r)) for r, p in plain]
+    got, want = y.clone(), y.clone()
+    lora_apply_ref(got, x, a_pool, b_pool, build_lora_meta(x.shape[0], ones))
+    lora_apply_ref(want, x, a_pool, b_pool, build_lora_meta(x.shape[0], plain))
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-6)
 
 
 def test_long_contiguous_segments_take_the_dense_path():
@@ -137,6 +187,13 @@ def test_meta_validation():
     meta = build_lora_meta(6, [([1, 3], [5, 6, 7]), ([4], [9])])
     assert meta.max_rank == 3 and meta.seg_pages.tolist() == [[5, 6, 7], [9, ZERO_PAGE, ZERO_PAGE]]
     assert meta.token_pages().tolist() == [[5, 6, 7], [5, 6, 7], [9, 0, 0]]
+    assert not meta.scaled and meta.h_scales() is None
+    meta = build_lora_meta(6, [([1, 3], [5, 6, 7], [1.0, 0.5, 2.0], None), ([4], [9], None, [3.0])])
+    assert meta.h_scales().tolist() == [[1.0, 0.5, 2.0], [1.0, 0.5, 2.0], [3.0, 0.0, 0.0]]
+    with pytest.raises(ValueError, match="one value per page"):
+        build_lora_meta(6, [([1], [5, 6], [1.0], None)])
+    with pytest.raises(ValueError, match="one value per row"):
+        build_lora_meta(6, [([1, 2], [5], None, [1.0])])
 
 
 @pytest.mark.skipif(not cpu_kernels.available(), reason="CPU kernels not built (no C++ compiler)")

@@ -43,10 +43,11 @@ def _assert_close(actual: torch.Tensor, expected: torch.Tensor, tol: float, what
 
 def _check(device: str, *, in_features: int, out_features: int, num_tokens: int,
            segments: list[tuple[int, int]], dtype: torch.dtype, seed: int,
-           contiguous_rows: bool = False, strided: bool = False, slack: float = 1.0) -> None:
+           contiguous_rows: bool = False, strided: bool = False, slack: float = 1.0, scaled: bool = False) -> None:
     """`segments`: (number of rows, rank) per adapter. Rows are scattered over the batch (or consecutive
     ranges with `contiguous_rows`), the rest of the batch are base rows; pages are scattered over a pool
-    whose page 0 is zero; `strided` makes x, y and the pools column slices of wider tensors."""
+    whose page 0 is zero; `strided` makes x, y and the pools column slices of wider tensors; `scaled` gives
+    segments page weights and rows scales (several adapters in one request, per-request lora_scale)."""
     gen = torch.Generator().manual_seed(seed)
     num_pages = 1 + sum(rank for _, rank in segments) + 7
     num_rows = sum(n for n, _ in segments)
@@ -57,6 +58,9 @@ def _check(device: str, *, in_features: int, out_features: int, num_tokens: int,
     spec, row_at, page_at = [], 0, 0
     for n, rank in segments:
         spec.append((rows[row_at:row_at + n], pages[page_at:page_at + rank]))
+        if scaled:
+            spec[-1] += ((torch.rand(rank, generator=gen) * 2 - 0.5).tolist(),
+                         (torch.rand(n, generator=gen) * 2).tolist() if len(spec) % 2 else None)
         row_at, page_at = row_at + n, page_at + rank
     meta = build_lora_meta(num_tokens, spec, device=device)
     meta_ref = build_lora_meta(num_tokens, spec)
@@ -116,6 +120,10 @@ CASES = {
                                 dtype=torch.float32, seed=6, contiguous_rows=True),
     "rank_one_tiny_features_fp32": dict(in_features=5, out_features=3, num_tokens=6, segments=[(2, 1), (3, 1)],
                                         dtype=torch.float32, seed=7),
+    "scaled_mixed_ranks_fp32": dict(in_features=100, out_features=37, num_tokens=24, segments=MIXED_RANKS,
+                                    dtype=torch.float32, seed=9, scaled=True),
+    "scaled_prefill_bf16": dict(in_features=48, out_features=20, num_tokens=100, segments=[(70, 4), (20, 8)],
+                                dtype=torch.bfloat16, seed=10, contiguous_rows=True, scaled=True),
     "strided_fp16": dict(in_features=33, out_features=65, num_tokens=12, segments=[(4, 8), (3, 32)],
                          dtype=torch.float16, seed=8, strided=True),
 }

@@ -57,7 +57,8 @@ void expand_row(T* y, const T* const* b_rows, const float* h, int64_t rank, int6
 template <typename T>
 void lora_apply_impl(T* y, int64_t y_stride, const T* x, int64_t x_stride, const T* a_pool, const T* b_pool,
                      int64_t in, int64_t out, const int64_t* rows, const int64_t* starts, const int64_t* pages,
-                     const int64_t* ranks, int64_t num_segments, int64_t max_rank) {
+                     const int64_t* ranks, int64_t num_segments, int64_t max_rank, const float* page_scales,
+                     const float* row_scales) {
   std::vector<std::pair<int64_t, int64_t>> items;  // (segment, first index into rows)
   for (int64_t s = 0; s < num_segments; ++s)
     for (int64_t i = starts[s]; i < starts[s + 1]; i += ROWS_PER_ITEM) items.emplace_back(s, i);
@@ -73,7 +74,12 @@ void lora_apply_impl(T* y, int64_t y_stride, const T* x, int64_t x_stride, const
       const int64_t last = std::min(items[it].second + ROWS_PER_ITEM, starts[s + 1]);
       for (int64_t i = items[it].second; i < last; ++i) {
         const T* xr = x + rows[i] * x_stride;
-        for (int64_t r = 0; r < rank; ++r) h[r] = dot(xr, a_rows[r], in);
+        const float row_scale = row_scales ? row_scales[i] : 1.f;
+        for (int64_t r = 0; r < rank; ++r) {
+          h[r] = dot(xr, a_rows[r], in);
+          if (page_scales) h[r] *= page_scales[s * max_rank + r];
+          if (row_scales) h[r] *= row_scale;
+        }
         expand_row(y + rows[i] * y_stride, b_rows.data(), h.data(), rank, out);
       }
     }
@@ -82,7 +88,7 @@ void lora_apply_impl(T* y, int64_t y_stride, const T* x, int64_t x_stride, const
 
 void lora_apply_(at::Tensor y, const at::Tensor& x, const at::Tensor& a_pool, const at::Tensor& b_pool,
                  const at::Tensor& token_rows, const at::Tensor& seg_starts, const at::Tensor& seg_pages,
-                 const at::Tensor& seg_ranks) {
+                 const at::Tensor& seg_ranks, const at::Tensor& page_scales, const at::Tensor& row_scales) {
   TORCH_CHECK(y.device().is_cpu() && x.device().is_cpu() && a_pool.device().is_cpu(), "lora_apply_: CPU tensors");
   TORCH_CHECK(y.dim() == 2 && x.dim() == 2 && y.size(0) == x.size(0) && y.stride(1) == 1 && x.stride(1) == 1,
               "lora_apply_: y [N, out] and x [N, in] with contiguous rows expected");
@@ -108,13 +114,21 @@ void lora_apply_(at::Tensor y, const at::Tensor& x, const at::Tensor& a_pool, co
       TORCH_CHECK(pages[s * R + r] >= 0 && pages[s * R + r] < P, "lora_apply_: page out of range");
   }
   for (int64_t i = 0; i < n_rows; ++i) TORCH_CHECK(rows[i] >= 0 && rows[i] < N, "lora_apply_: row out of range");
+  // optional multipliers of h (float32; empty: all 1): one per (segment, page) and one per row
+  for (const at::Tensor* t : {&page_scales, &row_scales})
+    TORCH_CHECK(t->numel() == 0 || (t->scalar_type() == at::kFloat && t->is_contiguous() && t->device().is_cpu()),
+                "lora_apply_: scales must be contiguous float32");
+  TORCH_CHECK(page_scales.numel() == 0 || page_scales.numel() == S * R, "lora_apply_: page_scales [S, R] expected");
+  TORCH_CHECK(row_scales.numel() == 0 || row_scales.numel() == n_rows, "lora_apply_: row_scales [rows] expected");
+  const float* ps = page_scales.numel() ? page_scales.data_ptr<float>() : nullptr;
+  const float* rs = row_scales.numel() ? row_scales.data_ptr<float>() : nullptr;
   if (dt == at::kFloat) {
     lora_apply_impl<float>(y.data_ptr<float>(), y.stride(0), x.data_ptr<float>(), x.stride(0), a_pool.data_ptr<float>(),
-                           b_pool.data_ptr<float>(), x.size(1), y.size(1), rows, starts, pages, ranks, S, R);
+                           b_pool.data_ptr<float>(), x.size(1), y.size(1), rows, starts, pages, ranks, S, R, ps, rs);
   } else {
     using B = c10::BFloat16;
     lora_apply_impl<B>(y.data_ptr<B>(), y.stride(0), x.data_ptr<B>(), x.stride(0), a_pool.data_ptr<B>(),
-                       b_pool.data_ptr<B>(), x.size(1), y.size(1), rows, starts, pages, ranks, S, R);
+                       b_pool.data_ptr<B>(), x.size(1), y.size(1), rows, starts, pages, ranks, S, R, ps, rs);
   }
 }
 
@@ -358,6 +372,6 @@ TORCH_LIBRARY_FRAGMENT(loraplex_cpu, m) {
   m.def("mixlora_router(Tensor x, Tensor w, Tensor rows, Tensor slots, int experts) -> Tensor");
   m.impl("mixlora_router", c10::DispatchKey::CPU, &mixlora_router);
   m.def("lora_apply_(Tensor(a!) y, Tensor x, Tensor a_pool, Tensor b_pool, Tensor token_rows, Tensor seg_starts, "
-        "Tensor seg_pages, Tensor seg_ranks) -> ()");
+        "Tensor seg_pages, Tensor seg_ranks, Tensor page_scales, Tensor row_scales) -> ()");
   m.impl("lora_apply_", c10::DispatchKey::CPU, &lora_apply_);
 }
