@@ -79,6 +79,32 @@ class Composition:
         return f"{self.method}({names}){extra}" + ("" if self.scale == 1.0 else f" x{self.scale:g}")
 
 
+@dataclass(frozen=True, slots=True)
+class PartInfo:
+    """What the checks need of one part: the HTTP side has it from the store, the engine from its registry."""
+    name: str
+    kind: str  # "lora" or "mixlora"
+    rank: int
+    num_pages: int | None = None  # pool pages it takes (known to the engine)
+
+
+def check_parts(mix: Composition, parts: list[PartInfo], pool_pages: int | None = None) -> None:
+    """AdapterError (400) for a strength or combination that cannot be served exactly."""
+    mixlora = [p.name for p in parts if p.kind == "mixlora"]
+    if mixlora and (len(parts) > 1 or mix.scale != 1.0):
+        raise AdapterError(f"MixLoRA adapter {mixlora[0]} cannot take a lora_scale or be combined with other "
+                           "adapters (its experts' router decides their weights)", param="adapters")
+    ranks = sorted({p.rank for p in parts if p.rank})
+    if mix.materialised and len(ranks) > 1:
+        raise AdapterError(f"merge method {mix.method} needs adapters of one rank (PEFT's rule); got ranks "
+                           f"{ranks}: use linear, which sums adapters of any ranks", param="merge.method")
+    if pool_pages is not None:
+        pages = parts[0].num_pages if mix.materialised else sum(p.num_pages for p in parts)
+        if pages > pool_pages:
+            raise AdapterError(f"these adapters need {pages} pool pages at once; this server's LoRA pool has "
+                               f"{pool_pages} (--lora-pool-pages / --lora-pool-bytes)", param="adapters")
+
+
 def merge_lora(parts: list[tuple[LoRAWeights, float]], composition: Composition) -> LoRAWeights:
     """PEFT's add_weighted_adapter(combination_type=method) for ties / dare_* / magnitude_prune: the merged
     adapter's A and B per (layer, module), rank r (the parts' common rank) and scale 1 (lora_alpha = r)."""

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from loraplex.adapters.composition import Composition, merge_lora
+from loraplex.adapters.composition import Composition, PartInfo, check_parts, merge_lora
 from loraplex.adapters.errors import AdapterError
 from loraplex.adapters.kinds import ServedWeights, load_served_adapter
 from loraplex.adapters.lora_linear import LoRALinear, LoRAStepState
@@ -227,7 +227,8 @@ class LoRARuntime:
             entries.append(entry)
         mix = request.adapter_mix
         if mix is not None:
-            check_composition(mix, entries, self.limits())
+            check_parts(mix, [PartInfo(e.name, e.kind, e.rank, e.num_pages) for e in entries],
+                        self.pool.allocator.num_usable)
         for entry in entries:
             entry.num_requests += 1
         if mix is not None and mix.materialised:
@@ -479,22 +480,6 @@ class LoRARuntime:
 def merged_key(mix: Composition) -> AdapterKey:
     """The pool / host-tier key of a composition's merged virtual adapter (its lora_scale applies per row)."""
     return ("merged", mix.without_scale())
-
-
-def check_composition(mix: Composition, entries: list[RegisteredAdapter], limits: dict[str, int]) -> None:
-    """AdapterError (400) for a strength or combination this engine cannot serve exactly."""
-    mixlora = [e.name for e in entries if e.mixlora is not None]
-    if mixlora and (len(entries) > 1 or mix.scale != 1.0):
-        raise AdapterError(f"MixLoRA adapter {mixlora[0]} cannot take a lora_scale or be combined with other "
-                           "adapters (its experts' router decides their weights)", param="adapters")
-    if mix.materialised and len({e.rank for e in entries}) > 1:
-        raise AdapterError(f"merge method {mix.method} needs adapters of one rank (PEFT's rule); got ranks "
-                           f"{sorted({e.rank for e in entries})}: use linear, which sums adapters of any ranks",
-                           param="merge.method")
-    pages = entries[0].num_pages if mix.materialised else sum(e.num_pages for e in entries)
-    if pages > limits["pool_pages"]:
-        raise AdapterError(f"these adapters need {pages} pool pages at once; this server's LoRA pool has "
-                           f"{limits['pool_pages']} (--lora-pool-pages / --lora-pool-bytes)", param="adapters")
 
 
 def check_limits(weights: ServedWeights, limits: dict[str, int]) -> None:

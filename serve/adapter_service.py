@@ -47,6 +47,7 @@ class AdapterConflictError(AdapterError):
 class AdapterSettings:
     adapter_dir: Path  # upload staging, and the store's SQLite file, folders and cache unless set below
     max_lora_rank: int = 64
+    max_adapters_per_request: int = 8  # --max-adapters-per-request: the length of a request's `adapters`
     upload_limits: UploadLimits = UploadLimits()
     database: str | None = None  # --database: sqlite:///... or postgresql://... (default: under adapter_dir)
     blob_store: str | None = None  # --blob-store: file:///... or s3://bucket/prefix (default: adapter_dir)
@@ -64,6 +65,7 @@ class AdapterService:
         # which versions the engine has (a remote store's are pulled on their first request), and the store's
         # change log followed: what other servers publish and delete reaches this one
         self.registered: set[tuple[int, int]] = set()
+        self.versions: dict[tuple[int, int], AdapterVersion] = {}  # what each registered key is (rank, type)
         self._pulling: dict[tuple[int, int], asyncio.Future] = {}
         self._limits: dict[str, int] | None = None  # the engine's pool size and MixLoRA limits, asked once
         self._cursor = 0
@@ -340,6 +342,8 @@ class AdapterService:
         # an older one again)
         self.registered = {k for k in self.registered if k[0] != version.adapter_id or k[1] >= version.version}
         self.registered.add((version.adapter_id, version.version))
+        self.versions = {k: v for k, v in self.versions.items() if k in self.registered}
+        self.versions[version.adapter_id, version.version] = version
         current = self.served.get(version.name)
         if current is None or (current.adapter_id, current.version) <= (version.adapter_id, version.version):
             self.served[version.name] = version
@@ -350,6 +354,7 @@ class AdapterService:
     async def _unregister(self, adapter_id: int) -> None:
         await self.engine.call("unregister_adapter", adapter_id)
         self.registered = {k for k in self.registered if k[0] != adapter_id}
+        self.versions = {k: v for k, v in self.versions.items() if k in self.registered}
 
     async def engine_limits(self) -> dict[str, int]:
         """The engine's pool pages, --max-lora-rank and MixLoRA limits (asked once)."""

@@ -17,6 +17,8 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from loraplex.adapters.composition import Composition, PartInfo, check_parts
+from loraplex.adapters.errors import AdapterError
 from loraplex.engine.core.errors import PromptTooLongError
 from loraplex.engine.core.outputs import RequestOutput, TokenLogprob
 from loraplex.engine.core.sampling_params import SamplingParams
@@ -42,6 +44,7 @@ from loraplex.serve.schemas import (
     CompletionResponse,
     DeltaMessage,
     DeltaToolCall,
+    MergeParams,
     ModelCard,
     ModelList,
     UsageInfo,
@@ -63,7 +66,9 @@ logger = logging.getLogger("loraplex.serve")
 @dataclass(frozen=True, slots=True)
 class ResolvedModel:
     name: str  # the name the client asked for, echoed back in responses
-    adapter: tuple[int, int] | None = None  # (adapter_id, version) that serves it; None is the base model
+    # (adapter_id, version) that serves it, or (adapter_id, version, Composition) with a lora_scale or several
+    # adapters (adapters/composition.py); None is the base model
+    adapter: tuple | None = None
 
 
 async def resolve_model(state: Any, name: str | None) -> ResolvedModel:
@@ -84,6 +89,56 @@ async def resolve_model(state: Any, name: str | None) -> ResolvedModel:
         if adapter is not None:
             return ResolvedModel(name, adapter)
     raise ModelNotFoundError(name)
+
+
+async def resolve_composition(state: Any, req: ChatCompletionRequest | CompletionRequest,
+                              model: ResolvedModel) -> ResolvedModel:
+    """The request's `lora_scale`, `adapters` and `merge` (extensions) applied to its resolved `model`: a strength
+    for its adapter, or several adapters combined (then `model` names the base model). 400 for what cannot be
+    served, 404 for an unknown adapter name; nothing is registered or changed by a refused request."""
+    if req.adapters is None and req.lora_scale is None and req.merge is None:
+        return model
+    if state.adapters is None:
+        raise InvalidRequestError("this server serves no adapters (LoRA is disabled)", param="adapters")
+    if req.adapters is not None:
+        if model.adapter is not None:
+            raise InvalidRequestError(f"with `adapters`, `model` names the base model ({state.served_model_names[0]}),"
+                                      f" not the adapter {model.name!r}", param="model")
+        limit = state.adapters.settings.max_adapters_per_request
+        if not req.adapters or len(req.adapters) > limit:
+            raise InvalidRequestError(f"`adapters` must list 1 to {limit} adapters (--max-adapters-per-request), "
+                                      f"got {len(req.adapters)}", param="adapters")
+        parts = []
+        for i, item in enumerate(req.adapters):
+            part = await resolve_model(state, item.name)
+            if part.adapter is None:
+                raise InvalidRequestError(f"adapters[{i}]: {item.name!r} is a base model, not an adapter",
+                                          param="adapters")
+            parts.append((*part.adapter[:2], item.weight))
+    else:
+        if req.merge is not None:
+            raise InvalidRequestError("`merge` combines the adapters listed in `adapters`", param="merge")
+        if model.adapter is None:
+            raise InvalidRequestError("lora_scale needs an adapter: name one in `model` or list them in `adapters`",
+                                      param="lora_scale")
+        parts = [(*model.adapter[:2], 1.0)]
+    merge = req.merge or MergeParams()
+    try:
+        mix = Composition(tuple(parts), merge.method, merge.density, merge.majority_sign_method, merge.seed,
+                          1.0 if req.lora_scale is None else req.lora_scale)
+        check_parts(mix, [_part_info(state, (a, v)) for a, v, _ in parts])
+    except AdapterError as e:
+        raise InvalidRequestError(str(e), param=e.param or "adapters") from None
+    if len(parts) == 1 and parts[0][2] == 1.0 and mix.scale == 1.0:
+        return ResolvedModel(model.name, parts[0][:2])  # the adapter itself
+    return ResolvedModel(model.name, (*parts[0][:2], mix))
+
+
+def _part_info(state: Any, key: tuple[int, int]) -> PartInfo:
+    version = state.adapters.versions.get(key)
+    if version is None:  # retired between its resolution and now: the engine refuses it in turn
+        return PartInfo(f"{key[0]}v{key[1]}", "lora", 0)
+    return PartInfo(version.name, version.adapter_type, version.rank)
 
 
 def _model_card(state: Any, name: str) -> ModelCard:
@@ -334,7 +389,7 @@ def _chat_message(req: ChatCompletionRequest, c: _Choice, text: str) -> tuple[Ch
 async def chat_completions(request: Request) -> Response:
     req = ChatCompletionRequest.model_validate_json(await request.body())
     state = request.app.state
-    model = await resolve_model(state, req.model)
+    model = await resolve_composition(state, req, await resolve_model(state, req.model))
     engine = state.engine
     check_tool_choice(req.tools, req.tool_choice)
     _check_logit_bias(engine, req)
@@ -431,7 +486,7 @@ def _completion_prompts(engine: Any, prompt: str | list) -> list[tuple[list[int]
 async def completions(request: Request) -> Response:
     req = CompletionRequest.model_validate_json(await request.body())
     state = request.app.state
-    model = await resolve_model(state, req.model)
+    model = await resolve_composition(state, req, await resolve_model(state, req.model))
     engine = state.engine
     _check_logit_bias(engine, req)
     _check_structured_output(req)

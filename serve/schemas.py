@@ -111,6 +111,25 @@ class StructuredOutputsParams(BaseModel):
         return out
 
 
+class AdapterWeight(BaseModel):
+    """One adapter of a request's `adapters` (extension): a served name (or `name@N`) and its weight."""
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(min_length=1, max_length=256)
+    weight: float = 1.0
+
+
+class MergeParams(BaseModel):
+    """How a request's `adapters` combine (extension; PEFT's add_weighted_adapter and LoRAX's merged_adapters):
+    linear is Σ weight·ΔW; ties / dare_linear / dare_ties / magnitude_prune merge A and B as PEFT does."""
+    model_config = ConfigDict(extra="forbid")
+
+    method: str = "linear"
+    density: float = 1.0  # the fraction of each adapter's entries kept (ties, dare_*, magnitude_prune)
+    majority_sign_method: str = "total"  # ties, dare_ties: "total" or "frequency"
+    seed: int = Field(0, ge=0, le=_INT64_MAX)  # DARE's random masks
+
+
 class _SamplingRequest(BaseModel):
     """Fields both endpoints share; unknown fields are ignored (OpenAI clients send some)."""
     model_config = ConfigDict(extra="ignore")
@@ -161,6 +180,11 @@ class _SamplingRequest(BaseModel):
     suffix: Any = None
     guided_decoding_backend: Any = None
     bad_words: list[str] | None = Field(None, max_length=256)  # vLLM: words the output never contains
+    # adapters (extensions, README "Adapter strength and combinations"): the adapter's strength for this request,
+    # and several adapters at once (with `model` naming the base model) combined by `merge`
+    lora_scale: float | None = None
+    adapters: list[AdapterWeight] | None = Field(None, max_length=64)
+    merge: MergeParams | None = None
 
     @field_validator(*UNSUPPORTED_FIELDS)
     @classmethod

@@ -37,6 +37,8 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
                       help="PEFT folders to publish and serve at start-up")
     lora.add_argument("--adapter-dir", default=None,
                       help="the adapter store (SQLite + files; default: ~/.cache/loraplex/adapters)")
+    lora.add_argument("--max-adapters-per-request", type=int, default=8, metavar="N",
+                      help="most adapters one request may combine in its `adapters` list (default: 8)")
     lora.add_argument("--max-upload-bytes", type=size_arg, default=512 << 20, metavar="SIZE",
                       help="largest adapter archive accepted by POST /v1/adapters (default: 512MiB)")
     groups["fine_tuning"].add_argument("--max-file-bytes", type=size_arg, default=64 << 20, metavar="SIZE",
@@ -54,6 +56,8 @@ def check_serve_args(ns: argparse.Namespace):
                                  max_file_bytes=2 * ns.max_upload_bytes)
     if lora_modules and not ns.enable_lora:
         raise ValueError("--lora-modules needs LoRA enabled (drop --no-enable-lora)")
+    if ns.max_adapters_per_request < 1:
+        raise ValueError("--max-adapters-per-request must be at least 1")
     if ns.max_file_bytes <= 0:
         raise ValueError("--max-file-bytes must be positive")
     return args, lora_modules, upload_limits
@@ -71,6 +75,7 @@ def build_server_app(ns: argparse.Namespace, engine):
     if ns.enable_lora:
         settings = AdapterSettings(Path(ns.adapter_dir) if ns.adapter_dir else default_adapter_dir(),
                                    max_lora_rank=ns.max_lora_rank, upload_limits=upload_limits,
+                                   max_adapters_per_request=ns.max_adapters_per_request,
                                    database=ns.database, blob_store=ns.blob_store)
         adapters = AdapterService(engine, settings, served_names)
         logger.info("adapter store: %s (%s, %s)", settings.adapter_dir, adapters.store.db.url_for_logs(),

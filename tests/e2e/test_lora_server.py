@@ -338,3 +338,62 @@ def test_mixlora_upload_serves_beside_lora_and_hostile_mixlora_is_refused(lora_s
     assert chat(client, "moe") == alone["moe"]
     for name in ("moe", "plain"):
         assert httpx.delete(lora_server.base_url + f"/v1/adapters/{name}", headers=ADMIN).status_code == 200
+
+
+def test_lora_scale_and_adapter_combinations(lora_server, client, smol_config, tmp_path):
+    """lora_scale 0 is the base model and 1 the adapter; `adapters` with weights (0 drops one) and merge methods;
+    requests at different strengths and combinations running together answer as they do alone; bad
+    combinations are 4xx and change nothing."""
+    for name, r, seed in (("sharp", 8, 11), ("soft", 8, 12), ("thin", 4, 13)):
+        folder = write_random_peft(tmp_path / name, smol_config, r=r, seed=seed, std=0.04)
+        assert upload(lora_server, name, tar_gz(folder)).status_code == 201
+
+    def ask(model="smol", **extra) -> str:
+        r = client.chat.completions.create(model=model, messages=PROMPT, max_tokens=24, temperature=0,
+                                           extra_body={"ignore_eos": True, **extra})
+        return r.choices[0].message.content
+
+    base, sharp = ask(), ask("sharp")
+    assert sharp != base
+    assert ask("sharp", lora_scale=0.0) == base and ask("sharp", lora_scale=1.0) == sharp
+    half = ask("sharp", lora_scale=0.5)
+    assert half not in (base, sharp)
+    assert ask(adapters=[{"name": "sharp"}]) == sharp
+    assert ask(adapters=[{"name": "sharp", "weight": 1.0}, {"name": "soft", "weight": 0.0}]) == sharp
+    assert ask(adapters=[{"name": "sharp@1", "weight": 0.5}]) == half
+    mixed = {"half": dict(model="sharp", lora_scale=0.5), "sharp": dict(model="sharp"), "base": {},
+             "linear": dict(adapters=[{"name": "sharp", "weight": 0.7}, {"name": "thin", "weight": 0.6}]),
+             "ties": dict(adapters=[{"name": "sharp"}, {"name": "soft", "weight": 0.8}],
+                          merge={"method": "ties", "density": 0.5}),
+             "dare": dict(adapters=[{"name": "sharp"}, {"name": "soft"}],
+                          merge={"method": "dare_ties", "density": 0.6, "seed": 3})}
+    alone = {k: ask(**kw) for k, kw in mixed.items()}
+    assert len(set(alone.values())) == len(alone)
+    together: dict[str, str] = {}
+    threads = [threading.Thread(target=lambda k=k, kw=kw: together.__setitem__(k, ask(**kw))) for k, kw in
+               mixed.items() for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert together == alone
+
+    models = sorted(m.id for m in client.models.list().data)
+    bad = [
+        (dict(adapters=[{"name": "sharp"}, {"name": "nope"}]), 404, "nope"),
+        (dict(adapters=[{"name": "sharp"}, {"name": "soft"}], merge={"method": "ties", "density": -0.5}), 400,
+         "density"),
+        (dict(adapters=[{"name": "sharp"}, {"name": "thin"}], merge={"method": "ties", "density": 0.5}), 400,
+         "one rank"),
+        (dict(adapters=[{"name": "sharp", "weight": 0.1 * i} for i in range(9)]), 400, "1 to 8"),
+        (dict(model="sharp", adapters=[{"name": "soft"}]), 400, "base model"),
+        (dict(merge={"method": "ties"}), 400, "merge"),
+        (dict(lora_scale=0.5), 400, "lora_scale needs an adapter"),
+        (dict(adapters=[{"name": "smol"}]), 400, "base model"),
+        (dict(adapters=[{"name": "sharp"}, {"name": "soft"}], merge={"method": "svd"}), 400, "merge method"),
+    ]
+    for body, status, message in bad:
+        body = {"model": "smol", "messages": PROMPT, "max_tokens": 4, **body}
+        r = httpx.post(lora_server.base_url + "/v1/chat/completions", json=body, timeout=60)
+        assert r.status_code == status and message in r.json()["error"]["message"], (body, r.text)
+    assert sorted(m.id for m in client.models.list().data) == models
