@@ -94,6 +94,11 @@ def check_parts(mix: Composition, parts: list[PartInfo], pool_pages: int | None 
     if mixlora and (len(parts) > 1 or mix.scale != 1.0):
         raise AdapterError(f"MixLoRA adapter {mixlora[0]} cannot take a lora_scale or be combined with other "
                            "adapters (its experts' router decides their weights)", param="adapters")
+    dora = [p.name for p in parts if p.kind == "dora"]
+    if dora and (len(parts) > 1 or mix.scale != 1.0):
+        raise AdapterError(f"DoRA adapter {dora[0]} cannot take a lora_scale or be combined with other adapters "
+                           "(its magnitudes are normalised by the norm of its own full-strength weights)",
+                           param="adapters")
     ranks = sorted({p.rank for p in parts if p.rank})
     if mix.materialised and len(ranks) > 1:
         raise AdapterError(f"merge method {mix.method} needs adapters of one rank (PEFT's rule); got ranks "

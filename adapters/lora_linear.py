@@ -8,6 +8,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from loraplex.adapters.dora import apply_dora
 from loraplex.adapters.ops.meta import LoRABatchMeta
 
 LoRAApply = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, LoRABatchMeta], None]
@@ -22,6 +23,8 @@ class LoRAStepState:
         self.apply = apply
         self.metas: dict[str, LoRABatchMeta] = {}
         self.mix = None  # the step's MixLoRA rows (adapters/mixlora_mlp.py's MixLoRAStep), None without any
+        # per target module, the step's DoRA rows and each one's scale page (adapters/dora.py); absent: none
+        self.dora: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
 
 class LoRALinear(nn.Module):
@@ -39,6 +42,10 @@ class LoRALinear(nn.Module):
         meta = self.state.metas.get(self.module_name)
         if meta is not None:
             self.state.apply(y, x, self.a_pool, self.b_pool, meta)
+        dora = self.state.dora.get(self.module_name)
+        if dora is not None:
+            rows, pages = dora
+            apply_dora(y, rows, self.b_pool.index_select(0, pages), getattr(self.base, "bias", None))
         return y
 
     def extra_repr(self) -> str:

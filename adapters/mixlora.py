@@ -223,6 +223,10 @@ class MixLoRAWeights:
         r_e = self.config.rank(True)
         return max(self.config.r if self.attention else 0, r_e) + (self.config.num_experts - 1) * r_e
 
+    @property
+    def kind(self) -> str:
+        return "mixlora"
+
     def pool_tensors(self) -> dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]]:
         """Per (layer, module) the A rows [num_pages, in] and B columns [out, num_pages] to write into the
         adapter's pages (LoRAWeightPool.write): attention in the first r pages, each expert's A/B at its offset."""

@@ -30,7 +30,9 @@ LORA_MODULES: dict[str, str] = {"q_proj": "self_attn", "k_proj": "self_attn", "v
 _KEY = re.compile(r"^(?:base_model\.model\.)?model\.layers\.(\d+)\.(self_attn|mlp)\.(\w+)\.lora_([AB])"
                   r"(?:\.[A-Za-z0-9_-]+)?\.weight$")
 # config fields that change what is computed and that we do not serve: name -> value meaning "off"
-_UNSUPPORTED_FIELDS = {"use_dora": False, "modules_to_save": None, "lora_bias": False, "layer_replication": None,
+_MAGNITUDE_KEY = re.compile(r"^(?:base_model\.model\.)?model\.layers\.(\d+)\.(self_attn|mlp)\.(\w+)"
+                            r"\.lora_magnitude_vector(?:\.[A-Za-z0-9_-]+)?(?:\.weight)?$")
+_UNSUPPORTED_FIELDS = {"modules_to_save": None, "lora_bias": False, "layer_replication": None,
                        "target_parameters": None, "trainable_token_indices": None,
                        "alora_invocation_tokens": None, "use_qalora": False, "use_bdlora": None,
                        "megatron_config": None}
@@ -56,6 +58,7 @@ class LoRAAdapterConfig:
     layers_to_transform: tuple[int, ...] | None = None
     exclude_modules: str | tuple[str, ...] | None = None
     base_model_name_or_path: str | None = None
+    use_dora: bool = False  # DoRA: each targeted linear also carries a magnitude vector (adapters/dora.py)
 
     def targets(self, module_name: str, layer: int) -> bool:
         """PEFT's check_target_module_exists for `model.layers.{layer}.{parent}.{module}` names."""
@@ -133,15 +136,24 @@ def parse_adapter_config(raw: dict, max_lora_rank: int) -> LoRAAdapterConfig:
     return LoRAAdapterConfig(r=r, lora_alpha=float(alpha), target_modules=targets,
                              use_rslora=bool(raw.get("use_rslora", False)), rank_pattern=rank_pattern,
                              alpha_pattern=alpha_pattern, layers_to_transform=layers,
-                             exclude_modules=excluded, base_model_name_or_path=raw.get("base_model_name_or_path"))
+                             exclude_modules=excluded, base_model_name_or_path=raw.get("base_model_name_or_path"),
+                             use_dora=bool(raw.get("use_dora", False)))
 
 
 @dataclass(slots=True)
 class LoRAWeights:
-    """One adapter's weights for the pool: per (layer, module) A [r_m, in] and B·scale [out, r_m]."""
+    """One adapter's weights for the pool: per (layer, module) A [r_m, in] and B·scale [out, r_m]; a DoRA adapter
+    also its magnitude vectors [out] (float32) and, once the runtime computed them against the base weights, the
+    per-output-channel scales magnitude / ‖W + B·scale·A‖ (adapters/dora.py) it serves with."""
     config: LoRAAdapterConfig
-    rank: int  # pages it needs: the largest r_m
+    rank: int  # rank-rows of A it needs: the largest r_m
     tensors: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]]
+    magnitudes: dict[tuple[int, str], torch.Tensor] | None = None
+    dora_scales: dict[tuple[int, str], torch.Tensor] | None = None
+
+    @property
+    def kind(self) -> str:
+        return "lora" if self.magnitudes is None else "dora"
 
     @property
     def target_modules(self) -> tuple[str, ...]:
@@ -153,7 +165,22 @@ class LoRAWeights:
 
     @property
     def num_pages(self) -> int:
-        return self.rank
+        """Pool pages: its rank-rows, and for DoRA one more page whose B row holds each module's scales."""
+        return self.rank + (self.magnitudes is not None)
+
+    def pool_tensors(self) -> dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]]:
+        """What LoRAWeightPool.write takes for its `num_pages` pages: DoRA's scales as a last rank-row whose A row is
+        zero (so the LoRA op, which never reads that page anyway, would add nothing) and whose B column is them."""
+        if self.magnitudes is None:
+            return self.tensors
+        assert self.dora_scales is not None, "DoRA scales are computed against the base model before serving"
+        out = {}
+        for k, (a, b) in self.tensors.items():
+            pad = self.rank - a.shape[0]
+            a = torch.cat([a, a.new_zeros(pad + 1, a.shape[1])])
+            b = torch.cat([b, b.new_zeros(b.shape[0], pad), self.dora_scales[k].to(b.dtype).unsqueeze(1)], dim=1)
+            out[k] = (a, b)
+        return out
 
 
 def read_adapter_config(folder: Path, max_lora_rank: int) -> LoRAAdapterConfig:
@@ -206,10 +233,18 @@ def load_adapter(folder: Path | str, model_config: ModelConfig, max_lora_rank: i
     state = _read_state_dict(folder, allow_bin)
     shapes = module_shapes(model_config)
     pairs: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
+    magnitudes: dict[tuple[int, str], torch.Tensor] = {}
     for key, tensor in state.items():
         m = _KEY.match(key)
+        mag = _MAGNITUDE_KEY.match(key) if m is None and config.use_dora else None
+        if mag is not None:
+            layer, parent, module = int(mag.group(1)), mag.group(2), mag.group(3)
+            if LORA_MODULES.get(module) != parent or layer >= model_config.num_hidden_layers:
+                raise AdapterError(f"weight {key!r} targets a module the base model does not have")
+            magnitudes[layer, module] = tensor
+            continue
         if m is None:
-            what = ("DoRA magnitudes" if "lora_magnitude_vector" in key else
+            what = ("DoRA magnitudes of an adapter without use_dora" if "lora_magnitude_vector" in key else
                     "modules_to_save" if "modules_to_save" in key else
                     "LoRA biases" if key.endswith(".bias") else "an unknown tensor")
             raise UnsupportedAdapterError(f"weight {key!r} ({what}) is not served; only lora_A/lora_B weights "
@@ -244,7 +279,34 @@ def load_adapter(folder: Path | str, model_config: ModelConfig, max_lora_rank: i
             raise AdapterError(f"{name}: LoRA weights contain NaN or Inf")
         tensors[layer, module] = (a.to(dtype).contiguous(), (b * config.scale_of(name)).to(dtype).contiguous())
     rank = max(a.shape[0] for a, _ in tensors.values())
-    return LoRAWeights(config, rank, tensors)
+    if not config.use_dora:
+        return LoRAWeights(config, rank, tensors)
+    return LoRAWeights(config, rank, tensors, _check_magnitudes(magnitudes, tensors, shapes))
+
+
+def _check_magnitudes(magnitudes: dict[tuple[int, str], torch.Tensor],
+                      tensors: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]],
+                      shapes: dict[str, tuple[int, int]]) -> dict[tuple[int, str], torch.Tensor]:
+    """A DoRA adapter carries one magnitude per output channel of every linear it adapts, and nothing else."""
+    for (layer, module) in tensors:
+        name = f"model.layers.{layer}.{LORA_MODULES[module]}.{module}"
+        m = magnitudes.get((layer, module))
+        if m is None:
+            raise AdapterError(f"{name}: use_dora is set but its lora_magnitude_vector is missing",
+                               param="lora_magnitude_vector")
+        out_f = shapes[module][1]
+        if tuple(m.shape) != (out_f,) or not m.is_floating_point():
+            raise AdapterError(f"{name}: lora_magnitude_vector is {tuple(m.shape)} {m.dtype}; the base model needs "
+                               f"({out_f},) floating point (one magnitude per output channel)",
+                               param="lora_magnitude_vector")
+        if not torch.isfinite(m).all():
+            raise AdapterError(f"{name}: lora_magnitude_vector contains NaN or Inf", param="lora_magnitude_vector")
+    extra = sorted(set(magnitudes) - set(tensors))
+    if extra:
+        layer, module = extra[0]
+        raise AdapterError(f"model.layers.{layer}.{LORA_MODULES[module]}.{module} has a lora_magnitude_vector but "
+                           "no lora_A/lora_B", param="lora_magnitude_vector")
+    return {k: magnitudes[k].float().contiguous() for k in tensors}
 
 
 def _check_targets_exist(config: LoRAAdapterConfig, model_config: ModelConfig) -> None:

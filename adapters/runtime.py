@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from loraplex.adapters.composition import Composition, PartInfo, check_parts, merge_lora
+from loraplex.adapters.dora import dora_scales
 from loraplex.adapters.errors import AdapterError
 from loraplex.adapters.kinds import ServedWeights, load_served_adapter
 from loraplex.adapters.lora_linear import LoRALinear, LoRAStepState
@@ -48,12 +49,13 @@ class RegisteredAdapter:
     num_bytes: int
     num_pages: int  # pool pages it takes (a LoRA: its rank; a MixLoRA: attention and every expert)
     mixlora: MixLoRAConfig | None = None
+    dora: bool = False  # its last page holds DoRA's per-output-channel scales (adapters/dora.py)
     num_requests: int = 0  # added and not finished: the version stays servable while > 0
     retired: bool = False
 
     @property
     def kind(self) -> str:
-        return "lora" if self.mixlora is None else "mixlora"
+        return "mixlora" if self.mixlora is not None else "dora" if self.dora else "lora"
 
     def modules_of_rows(self) -> tuple[str, ...]:
         """The linears whose plain segmented LoRA op serves this adapter's rows (a MixLoRA's FFN goes through
@@ -102,6 +104,7 @@ class LoRARuntime:
         self._merge_pool: concurrent.futures.ThreadPoolExecutor | None = None
         self.load_latencies_s: collections.deque[float] = collections.deque(maxlen=64)  # the latest loads
         self.state = LoRAStepState(pick_lora_backend(device, backend))
+        self._linears: dict[tuple[int, str], LoRALinear] = {}
         self._attach(model)
         logger.info("LoRA pool: %d pages of %.2f MiB (%s), max rank %d, host tier %d adapters",
                     num_pages - 1, LoRAWeightPool.bytes_per_page(model_config.num_hidden_layers, shapes, dtype)
@@ -113,8 +116,10 @@ class LoRARuntime:
             for module, parent_name in LORA_MODULES.items():
                 parent = model.get_submodule(f"model.layers.{layer}.{parent_name}")
                 base = getattr(parent, module)
-                setattr(parent, module, LoRALinear(base, module, self.weights.a[layer][module],
-                                                   self.weights.b[layer][module], self.state))
+                wrapper = LoRALinear(base, module, self.weights.a[layer][module], self.weights.b[layer][module],
+                                     self.state)
+                setattr(parent, module, wrapper)
+                self._linears[layer, module] = wrapper
                 num += 1
             decoder = model.get_submodule(f"model.layers.{layer}")
             pools = {m: (self.weights.a[layer][m], self.weights.b[layer][m]) for m in FFN}
@@ -141,7 +146,7 @@ class LoRARuntime:
         self._put_host(key, weights)
         mix = weights.config if isinstance(weights, MixLoRAWeights) else None
         self.registry[key] = RegisteredAdapter(name, key, Path(path), weights.rank, weights.target_modules,
-                                               weights.num_bytes, weights.num_pages, mix)
+                                               weights.num_bytes, weights.num_pages, mix, weights.kind == "dora")
         for other in list(self.registry):
             if other[0] == adapter_id and other[1] < version:
                 self._retire(other)
@@ -192,7 +197,11 @@ class LoRARuntime:
             self._drop_merged(merged)
 
     def _read(self, path: Path) -> ServedWeights:
-        return load_served_adapter(path, self.model_config, self.max_lora_rank, dtype=self.dtype)
+        weights = load_served_adapter(path, self.model_config, self.max_lora_rank, dtype=self.dtype)
+        if weights.kind == "dora":  # its norms against the weights served here, once per read
+            weights.dora_scales = dora_scales(weights, lambda layer, module: self._linears[layer, module].base,
+                                              self.dtype, self.device)
+        return weights
 
     def _put_host(self, key: AdapterKey, weights: ServedWeights) -> None:
         self.host[key] = weights
@@ -211,7 +220,7 @@ class LoRARuntime:
             self.weights.write(pages, weights.pool_tensors())
             self.mix_tables.write(slot, weights.router, pages, weights.expert_offsets, weights.config.rank(True))
         else:
-            self.weights.write(pages, weights.tensors)
+            self.weights.write(pages, weights.pool_tensors())
         self.load_latencies_s.append(time.perf_counter() - t0)
 
     # ---- the engine's hook -------------------------------------------------------------------
@@ -407,14 +416,40 @@ class LoRARuntime:
                 by_selection[key] = build_lora_meta(row, specs, self.device)
             metas[module] = by_selection[key]
         self.state.metas = metas
+        self.state.dora = self._dora_step(segments)
         self.state.mix = self._mix_step([(sources[0][0], rows) for sources, rows, _ in segments
                                          if len(sources) == 1])
         batch.adapter_metadata = metas or self.state.mix or None
 
     def _pages_of(self, key: AdapterKey) -> list[int]:
-        """The pages the plain LoRA op reads for this adapter: all of a LoRA's; a MixLoRA's attention rank-rows."""
-        pages, mix = self.pool.pages(key), self._entry(key).mixlora
-        return pages if mix is None else pages[:mix.r]
+        """The pages the plain LoRA op reads for this adapter: a LoRA's rank-rows (a DoRA's scale page is the one
+        after them); a MixLoRA's attention rank-rows."""
+        entry = self._entry(key)
+        pages, mix = self.pool.pages(key), entry.mixlora
+        return pages[:entry.rank] if mix is None else pages[:mix.r]
+
+    def _dora_step(self, segments: list[tuple[tuple[Source, ...], list[int], list[float]]]
+                   ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """Per module, the rows of DoRA adapters targeting it and each row's scale page."""
+        by_module: dict[str, tuple[list[int], list[int]]] = {}
+        for sources, rows, _ in segments:
+            entry = self._entry(sources[0][0])
+            if not entry.dora:
+                continue
+            page = self.pool.pages(entry.key)[entry.rank]
+            for module in entry.target_modules:
+                module_rows, pages = by_module.setdefault(module, ([], []))
+                module_rows.extend(rows)
+                pages.extend([page] * len(rows))
+        shared: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+        out = {}
+        for module, (rows, pages) in by_module.items():
+            sig = (tuple(rows), tuple(pages))
+            if sig not in shared:
+                shared[sig] = (torch.tensor(rows, dtype=torch.int64, device=self.device),
+                               torch.tensor(pages, dtype=torch.int64, device=self.device))
+            out[module] = shared[sig]
+        return out
 
     def _mix_step(self, segments: list[tuple[AdapterKey, list[int]]]) -> MixLoRAStep | None:
         rows: list[int] = []

@@ -91,7 +91,7 @@ MIGRATIONS = (Migration(1, _schema_v1("sqlite"), _schema_v1("postgresql")),
               Migration(2, _schema_v2("sqlite"), _schema_v2("postgresql")),
               Migration(3, _SCHEMA_V3, _SCHEMA_V3),
               Migration(4, _SCHEMA_V4, _SCHEMA_V4))
-ADAPTER_TYPES = ("lora", "mixlora")
+ADAPTER_TYPES = ("lora", "dora", "mixlora")  # dora: a PEFT LoRA with use_dora
 MAX_DESCRIPTION_CHARS = 2000
 MAX_EXAMPLES = 20
 MAX_EXAMPLE_CHARS = 4000

@@ -14,8 +14,9 @@ PEFT_KEY = "base_model.model.model.layers.{layer}.{parent}.{module}.lora_{ab}.we
 
 def write_random_peft(folder: Path, model_config, *, r: int, alpha: float = 16.0,
                       target_modules=("q_proj", "v_proj"), seed: int = 0, std: float = 0.05,
-                      extra_config: dict | None = None, dtype=torch.float32) -> Path:
-    """A PEFT folder written directly (same layout save_pretrained writes), fast enough for hundreds."""
+                      extra_config: dict | None = None, dtype=torch.float32, use_dora: bool = False) -> Path:
+    """A PEFT folder written directly (same layout save_pretrained writes), fast enough for hundreds. `use_dora`:
+    with random positive DoRA magnitudes (scale about 1 against a base whose rows have norm about 1)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     shapes = module_shapes(model_config)
@@ -27,9 +28,12 @@ def write_random_peft(folder: Path, model_config, *, r: int, alpha: float = 16.0
             kw = dict(layer=layer, parent=LORA_MODULES[module], module=module)
             tensors[PEFT_KEY.format(ab="A", **kw)] = (torch.randn(r, in_f, generator=gen) * std).to(dtype)
             tensors[PEFT_KEY.format(ab="B", **kw)] = (torch.randn(out_f, r, generator=gen) * std).to(dtype)
+            if use_dora:
+                magnitude = PEFT_KEY.format(ab="A", **kw).replace("lora_A.weight", "lora_magnitude_vector")
+                tensors[magnitude] = (0.5 + torch.rand(out_f, generator=gen)).to(dtype)
     save_file(tensors, str(folder / "adapter_model.safetensors"))
     config = {"peft_type": "LORA", "r": r, "lora_alpha": alpha, "target_modules": list(target_modules),
-              "bias": "none", "task_type": "CAUSAL_LM", "use_rslora": False, "use_dora": False,
+              "bias": "none", "task_type": "CAUSAL_LM", "use_rslora": False, "use_dora": use_dora,
               "modules_to_save": None, "lora_dropout": 0.0, **(extra_config or {})}
     (folder / "adapter_config.json").write_text(json.dumps(config))
     return folder

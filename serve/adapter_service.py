@@ -310,7 +310,7 @@ class AdapterService:
                 version = await asyncio.to_thread(
                     self.store.publish, name, src, rank=weights.rank, alpha=weights.config.lora_alpha,
                     target_modules=weights.target_modules, metadata=metadata,
-                    adapter_type="mixlora" if isinstance(weights, MixLoRAWeights) else "lora")
+                    adapter_type=weights.kind)
             try:
                 await self._register(version)
             except BaseException:
@@ -386,6 +386,8 @@ def _as_safetensors_folder(folder: Path, weights, stage: Path) -> Path:
         name = f"model.layers.{layer}.{parent}.{module}"
         state[f"{prefix}.lora_A.weight"] = a.float().contiguous()
         state[f"{prefix}.lora_B.weight"] = (b.float() / weights.config.scale_of(name)).contiguous()
+        if weights.magnitudes is not None:
+            state[f"{prefix}.lora_magnitude_vector"] = weights.magnitudes[layer, module]
     save_file(state, str(stage / "adapter_model.safetensors"))
     return stage
 

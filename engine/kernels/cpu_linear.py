@@ -139,6 +139,18 @@ class PackedLinear(nn.Module):
             return self.group.output(x, self.index)
         return _linear(x, self.packed_weight, self.bias, self.pad_single_rows)
 
+    @torch.no_grad()
+    def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:  # [out, in]
+        """W read back from the packed weight: the identity through it, without the bias (exact: each output is
+        one weight times 1 plus zeros). What an adapter's DoRA norms are computed against."""
+        if self.dense_weight is not None:
+            return self.dense_weight.to(dtype)
+        packed = self.packed_weight if self.group is None else self.group.packed_weight
+        out = _linear(torch.eye(self.in_features, dtype=packed.dtype, device=packed.device), packed, None)
+        if self.group is not None:
+            out = out.split(self.group.sizes, dim=-1)[self.index]
+        return out.t().to(dtype)
+
     def extra_repr(self) -> str:
         fused = f", fused={self.index + 1}/{len(self.group.sizes)}" if self.group is not None else ""
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}{fused}"

@@ -47,7 +47,7 @@ def test_scale_is_folded_into_b(folder):
                                raw[f"{key}.lora_B.weight"] * 4.0)  # alpha / sqrt(r)
 
 
-@pytest.mark.parametrize("field,value", [("use_dora", True), ("modules_to_save", ["lm_head"]), ("bias", "all"),
+@pytest.mark.parametrize("field,value", [("modules_to_save", ["lm_head"]), ("bias", "all"),
                                          ("lora_bias", True), ("peft_type", "IA3"), ("layer_replication", [[0, 1]])])
 def test_unsupported_features_are_422(folder, field, value):
     edit_config(folder, **{field: value})

@@ -348,5 +348,5 @@ def test_adapter_type_is_kept_per_version(tmp_path, store):
     assert (plain.adapter_type, mix.adapter_type) == ("lora", "mixlora")
     assert [v.adapter_type for v in store.versions("m")] == ["lora", "mixlora"] and store.latest("m") == mix
     with pytest.raises(AdapterError, match="adapter_type"):
-        store.publish("m", src, **PUBLISH_ARGS, adapter_type="dora")
+        store.publish("m", src, **PUBLISH_ARGS, adapter_type="ia3")
     assert len(store.versions("m")) == 2

@@ -186,7 +186,12 @@ def test_hostile_uploads_are_refused_and_change_nothing(lora_server, smol_config
         "wrong shapes": (zipped({"adapter_config.json": config, "adapter_model.safetensors":
                                  with_tensors(lambda t: t.update({key: torch.zeros(8, 100)}))}), 400),
         "rank too high": (zipped({"adapter_config.json": with_config(r=32), "adapter_model.safetensors": weights}), 422),
-        "DoRA": (zipped({"adapter_config.json": with_config(use_dora=True), "adapter_model.safetensors": weights}), 422),
+        "DoRA without magnitudes": (zipped({"adapter_config.json": with_config(use_dora=True),
+                                            "adapter_model.safetensors": weights}), 400),
+        "DoRA magnitude shape": (zipped({"adapter_config.json": with_config(use_dora=True), "adapter_model.safetensors":
+                                         with_tensors(lambda t: t.update({k.replace("lora_A.weight",
+                                                      "lora_magnitude_vector"): torch.ones(7) for k in list(t)
+                                                      if "lora_A" in k}))}), 400),
         "unknown module": (zipped({"adapter_config.json": config, "adapter_model.safetensors": with_tensors(
             lambda t: t.update({"base_model.model.model.layers.0.mlp.fc9.lora_A.weight": torch.zeros(8, 4)}))}), 400),
         "modules_to_save": (zipped({"adapter_config.json": with_config(modules_to_save=["lm_head"]),
@@ -397,3 +402,33 @@ def test_lora_scale_and_adapter_combinations(lora_server, client, smol_config, t
         r = httpx.post(lora_server.base_url + "/v1/chat/completions", json=body, timeout=60)
         assert r.status_code == status and message in r.json()["error"]["message"], (body, r.text)
     assert sorted(m.id for m in client.models.list().data) == models
+
+
+def test_dora_upload_serves_and_refuses_strength(lora_server, client, smol_config, tmp_path):
+    """A DoRA adapter (PEFT use_dora) uploads as type dora, answers unlike its plain-LoRA twin, runs beside other
+    requests, and refuses lora_scale and combinations with a 400."""
+    dora = write_random_peft(tmp_path / "dora", smol_config, r=8, seed=21, std=0.04, use_dora=True)
+    r = upload(lora_server, "dora-poet", tar_gz(dora))
+    assert r.status_code == 201, r.text
+    assert r.json()["type"] == "dora"
+    twin = tmp_path / "twin"
+    twin.mkdir()
+    state = {k: v for k, v in load_file(str(dora / "adapter_model.safetensors")).items() if "magnitude" not in k}
+    save_file(state, str(twin / "adapter_model.safetensors"))
+    (twin / "adapter_config.json").write_text(json.dumps({**json.loads((dora / "adapter_config.json").read_text()),
+                                                          "use_dora": False}))
+    assert upload(lora_server, "dora-twin", tar_gz(twin)).status_code == 201
+    answers = {m: chat(client, m) for m in ("smol", "dora-poet", "dora-twin")}
+    assert len(set(answers.values())) == 3
+    together: dict[str, str] = {}
+    threads = [threading.Thread(target=lambda m=m: together.__setitem__(m, chat(client, m))) for m in answers]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert together == answers
+    for extra in ({"lora_scale": 0.5}, {"adapters": [{"name": "dora-poet"}, {"name": "dora-twin"}]}):
+        body = {"model": "dora-poet" if "lora_scale" in extra else "smol", "messages": PROMPT, "max_tokens": 4,
+                **extra}
+        r = httpx.post(lora_server.base_url + "/v1/chat/completions", json=body, timeout=60)
+        assert r.status_code == 400 and "DoRA" in r.json()["error"]["message"], r.text
