@@ -83,7 +83,6 @@ def test_dora_rows_match_peft_in_a_mixed_batch(dora_setup):
         ref = peft_logits(peft_model, which[name], seqs[name][:logits.shape[0]])
         torch.testing.assert_close(logits, ref, atol=ATOL, rtol=0, msg=lambda m, name=name: f"{name}: {m}")
     # DoRA's normalisation really acts: the same A and B served as plain LoRA would be far off
-    dora_step = runtime._dora_step
     runtime._dora_step = lambda segments: {}
     try:
         again = lora_runner(model, config, runtime, requests, block_size=4, num_blocks=96).run(
