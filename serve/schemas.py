@@ -746,6 +746,7 @@ class LoRAOptions(BaseModel):
     dropout: float | None = None
     target_modules: list[str] | None = None
     use_rslora: bool | None = None
+    use_dora: bool | None = None  # DoRA (PEFT's use_dora): served as a dora adapter, loadable by peft
     micro_batch_size: int | None = Field(None, ge=1, le=256)
     max_length: int | None = Field(None, ge=8)  # and at most the engine's max_model_len (checked by the service)
     packing: bool | None = None

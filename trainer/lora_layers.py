@@ -32,6 +32,7 @@ class LoRASpec:
     dropout: float = 0.0
     target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
     use_rslora: bool = False
+    use_dora: bool = False  # DoRA (PEFT's use_dora): a trained magnitude per output channel beside A and B
 
     def __post_init__(self) -> None:
         if not 1 <= self.r <= MAX_TRAIN_RANK:
@@ -53,12 +54,14 @@ class LoRASpec:
         """adapter_config.json as PEFT writes it (loadable by peft and vLLM unchanged)."""
         return {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": self.r, "lora_alpha": self.alpha,
                 "lora_dropout": self.dropout, "target_modules": list(self.target_modules), "bias": "none",
-                "use_rslora": self.use_rslora, "use_dora": False, "modules_to_save": None,
+                "use_rslora": self.use_rslora, "use_dora": self.use_dora, "modules_to_save": None,
                 "fan_in_fan_out": False, "init_lora_weights": True, "base_model_name_or_path": base_model_name}
 
 
 class JobLoRA(nn.Module):
-    """One job's trainable A [r, in] and B [out, r] for every (layer, target module), fp32 master weights."""
+    """One job's trainable A [r, in] and B [out, r] for every (layer, target module), fp32 master weights; with
+    DoRA also the magnitude m [out], set to the row norms of the base weight (PEFT's init: ‖W + s·B·A‖ with B = 0)
+    by the first forward through each linear, which has the weight at hand."""
 
     def __init__(self, spec: LoRASpec, model_config, device: torch.device | str = "cpu", seed: int = 0) -> None:
         super().__init__()
@@ -75,10 +78,23 @@ class JobLoRA(nn.Module):
                 a.uniform_(-bound, bound, generator=gen)
                 self.a[key(layer, module)] = nn.Parameter(a.to(device))
                 self.b[key(layer, module)] = nn.Parameter(torch.zeros(out_f, spec.r, device=device))
+        self.m = nn.ParameterDict({k: nn.Parameter(torch.zeros(self.b[k].shape[0], device=device))
+                                   for k in self.a} if spec.use_dora else {})
+        self.magnitude_ready: set[str] = set()
 
     def pair(self, layer: int, module: str) -> tuple[nn.Parameter, nn.Parameter] | None:
         k = key(layer, module)
         return (self.a[k], self.b[k]) if k in self.a else None
+
+    def magnitude(self, layer: int, module: str, base_weight) -> nn.Parameter | None:
+        """DoRA's magnitude of this linear (None without DoRA); `base_weight()` gives W [out, in] for its init."""
+        k = key(layer, module)
+        m = self.m[k] if k in self.m else None
+        if m is not None and k not in self.magnitude_ready:
+            with torch.no_grad():
+                m.copy_(torch.linalg.vector_norm(base_weight(), dim=1))
+            self.magnitude_ready.add(k)
+        return m
 
     def peft_state_dict(self) -> dict[str, torch.Tensor]:
         """Tensors under PEFT's names (adapter_model.safetensors): fp32 copies on the CPU that later training
@@ -89,6 +105,8 @@ class JobLoRA(nn.Module):
             names = dict(layer=int(layer[1:]), parent=LORA_MODULES[module], module=module)
             out[PEFT_KEY.format(ab="A", **names)] = a.detach().to("cpu", torch.float32, copy=True)
             out[PEFT_KEY.format(ab="B", **names)] = self.b[k].detach().to("cpu", torch.float32, copy=True)
+            if k in self.m:
+                out[magnitude_key(**names)] = self.m[k].detach().to("cpu", torch.float32, copy=True)
         return out
 
     def load_peft_state_dict(self, tensors: dict[str, torch.Tensor]) -> None:
@@ -101,6 +119,15 @@ class JobLoRA(nn.Module):
                 names = dict(layer=int(layer[1:]), parent=LORA_MODULES[module], module=module)
                 a.copy_(tensors[PEFT_KEY.format(ab="A", **names)])
                 self.b[k].copy_(tensors[PEFT_KEY.format(ab="B", **names)])
+                if k in self.m:
+                    self.m[k].copy_(tensors[magnitude_key(**names)])
+                    self.magnitude_ready.add(k)
+
+
+def magnitude_key(layer: int, parent: str, module: str) -> str:
+    """PEFT's saved name of a DoRA magnitude (its state dict drops the module's `.weight`)."""
+    return PEFT_KEY.format(layer=layer, parent=parent, module=module, ab="A").replace("lora_A.weight",
+                                                                                   "lora_magnitude_vector")
 
 
 def key(layer: int, module: str) -> str:
@@ -142,6 +169,7 @@ class MixLoRASpec(LoRASpec):
                   (0 <= self.jitter_noise < 1, "jitter_noise must be in [0, 1)"),
                   (0 <= self.expert_r <= MAX_TRAIN_RANK, f"expert r must be between 1 and {MAX_TRAIN_RANK}"),
                   (self.expert_alpha >= 0 and math.isfinite(self.expert_alpha), "expert lora_alpha must be positive"),
+                  (not self.use_dora, "use_dora applies to type lora (a MixLoRA with DoRA experts is not served)"),
                   (bool(set(self.target_modules) & set(FFN)),
                    "a MixLoRA needs experts: target_modules must include gate_proj, up_proj or down_proj")]
         for ok, message in checks:
@@ -388,7 +416,7 @@ class MultiLoRATrainLinear(nn.Module):
         y = self.inner(x)
         if not self.state.segments:
             return y
-        plan, params = [], []
+        plan, params, dora = [], [], []
         for seg in self.state.segments:
             pair = seg.lora.pair(self.layer, self.module_name)
             if pair is None:
@@ -399,13 +427,51 @@ class MultiLoRATrainLinear(nn.Module):
                     (seg.dropout_seed * 1_000_003 + self.layer * 16 + self.module_index) % 2**63)
                 keep = torch.empty((seg.end - seg.start, x.shape[1]), dtype=torch.float32, device=x.device)
                 keep = (keep.bernoulli_(1 - p, generator=gen) / (1 - p)).to(x.dtype)
+            if seg.lora.spec.use_dora:
+                dora.append((seg, pair, keep))
+                continue
             plan.append((seg.start, seg.end, seg.lora.scale, keep))
             params += pair
-        if not plan:
+        if not plan and not dora:
             return y
         if y._base is not None or y.requires_grad and y.grad_fn is None:
             y = y.clone()  # a view of a sibling's fused output, or a leaf: take the deltas on a copy
-        return SegmentLoRA.apply(y, x, plan, *params)
+        if plan:
+            y = SegmentLoRA.apply(y, x, plan, *params)
+        return self._dora(y, x, dora) if dora else y
+
+    def _dora(self, y: torch.Tensor, x: torch.Tensor, segments: list) -> torch.Tensor:
+        """DoRA jobs' rows, as PEFT's DoraLinearLayer computes them in training: with W the base weight, b its bias
+        and the norm detached, y + (m / ‖W + s·B·A‖ - 1) · W·x' + (m / ‖W + s·B·A‖) · s·B·A·x' where x' is the
+        dropped-out input (W·x' is y - b without dropout). Plain autograd ops, rows reassembled out of place."""
+        from loraplex.adapters.dora import dense_weight
+        base = getattr(self.inner, "base", self.inner)  # the serving LoRALinear's base, or the base itself
+        bias = getattr(base, "bias", None)
+        weight: list[torch.Tensor] = []
+
+        def base_weight() -> torch.Tensor:  # W [out, in] float32, read once per call
+            if not weight:
+                weight.append(dense_weight(base, x.dtype, x.device))
+            return weight[0]
+
+        pieces, at = [], 0
+        for seg, (a, b), keep in sorted(segments, key=lambda item: item[0].start):
+            m = seg.lora.magnitude(self.layer, self.module_name, base_weight)
+            s = seg.lora.scale
+            with torch.no_grad():
+                norm = torch.linalg.vector_norm(base_weight() + s * (b.float() @ a.float()), dim=1)
+            mns = (m / norm).to(x.dtype)
+            rows = y[seg.start:seg.end]
+            xs = x[seg.start:seg.end] if keep is None else x[seg.start:seg.end] * keep
+            if keep is None:
+                base_rows = rows if bias is None else rows - bias
+            else:
+                base_rows = xs @ base_weight().to(x.dtype).t()
+            lora = (xs @ a.to(x.dtype).t()) @ b.to(x.dtype).t() * s
+            pieces += [y[at:seg.start], rows + (mns - 1) * base_rows + mns * lora]
+            at = seg.end
+        pieces.append(y[at:])
+        return torch.cat(pieces)
 
     def extra_repr(self) -> str:
         return f"layer={self.layer}, module={self.module_name}"

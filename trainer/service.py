@@ -340,6 +340,7 @@ class TrainingRuntime:
         if self.serving_lora_state is not None:
             self.serving_lora_state.metas = {}
             self.serving_lora_state.mix = None
+            self.serving_lora_state.dora = {}
 
     def _step_and_report(self):
         reports = yield from self.trainer.step_slices()

@@ -225,7 +225,7 @@ def test_create_with_legacy_hyperparameters_and_auto(ft_oai, ft_client, engine):
     plain = ft_client.post(JOBS, json={"model": MODEL_NAME, "training_file": f.id}).json()
     assert plain["hyperparameters"] == {"n_epochs": "auto", "batch_size": "auto", "learning_rate_multiplier": "auto"}
     assert 0 <= plain["seed"] < 2 ** 31 and plain["user_provided_suffix"] is None
-    assert plain["lora"] == {"r": 16, "alpha": 32.0, "dropout": 0.0, "use_rslora": False,
+    assert plain["lora"] == {"r": 16, "alpha": 32.0, "dropout": 0.0, "use_rslora": False, "use_dora": False,
                              "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"]}
     supervised_only = ft_client.post(JOBS, json={"model": MODEL_NAME, "training_file": f.id,
                                                  "method": {"type": "supervised"}}).json()
@@ -236,7 +236,7 @@ def test_create_with_legacy_hyperparameters_and_auto(ft_oai, ft_client, engine):
 def test_lora_extension(ft_client, ft_oai, service):
     f = _upload(ft_oai)
     lora = {"r": 16, "alpha": 32, "dropout": 0.05, "target_modules": ["q_proj", "v_proj"], "use_rslora": True,
-            "max_length": 256, "micro_batch_size": 2, "eval_every": 5, "checkpoint_every": 10,
+            "use_dora": True, "max_length": 256, "micro_batch_size": 2, "eval_every": 5, "checkpoint_every": 10,
             "early_stopping_patience": 2, "packing": True, "template": "chatml", "validation_fraction": 0.2,
             "warmup_ratio": 0.1, "self_distillation": 1.0, "self_distillation_kl": True}
     r = ft_client.post(JOBS, json={"model": MODEL_NAME, "training_file": f.id, "lora": lora})
@@ -255,6 +255,7 @@ def test_mixlora_lora_extension(ft_client, ft_oai, service):
     stored = service.store.get_job(r.json()["id"]).lora
     assert stored == r.json()["lora"]
     assert stored | {"alpha": 16} == {"type": "mixlora", "r": 8, "alpha": 16, "dropout": 0.0, "use_rslora": False,
+                                      "use_dora": False,
                                       "target_modules": ["q_proj", "up_proj"], "num_experts": 4, "top_k": 1,
                                       "routing_strategy": "mixlora", "top_p": 0.8, "temperature": 0.0,
                                       "router_aux_loss_coef": 0.001, "router_init_range": 0.02, "jitter_noise": 0.01,
@@ -280,6 +281,7 @@ def test_mixlora_lora_extension(ft_client, ft_oai, service):
     ({"lora": {"type": "mixlora", "expert_lora": {"r": 64}}}, "lora.r"),  # above --max-lora-rank
     ({"lora": {"type": "mixlora", "expert_lora": {"alpha": 3}}}, "lora.expert_lora.alpha"),
     ({"lora": {"type": "mixlora", "jitter_noise": 1.5}}, "lora"),
+    ({"lora": {"type": "mixlora", "use_dora": True}}, "lora"),
 ])
 def test_bad_mixlora_job_requests_change_nothing(ft_client, ft_oai, engine, patch, param):
     f = _upload(ft_oai)
