@@ -86,6 +86,7 @@ class PartInfo:
     kind: str  # "lora" or "mixlora"
     rank: int
     num_pages: int | None = None  # pool pages it takes (known to the engine)
+    full_modules: bool = False  # has its own embed_tokens / lm_head
 
 
 def check_parts(mix: Composition, parts: list[PartInfo], pool_pages: int | None = None) -> None:
@@ -99,6 +100,10 @@ def check_parts(mix: Composition, parts: list[PartInfo], pool_pages: int | None 
         raise AdapterError(f"DoRA adapter {dora[0]} cannot take a lora_scale or be combined with other adapters "
                            "(its magnitudes are normalised by the norm of its own full-strength weights)",
                            param="adapters")
+    full = [p.name for p in parts if p.full_modules]
+    if full and (len(parts) > 1 or mix.scale != 1.0):
+        raise AdapterError(f"adapter {full[0]} has its own embed_tokens / lm_head (modules_to_save or LoRA on them): "
+                           "it cannot take a lora_scale or be combined with other adapters", param="adapters")
     ranks = sorted({p.rank for p in parts if p.rank})
     if mix.materialised and len(ranks) > 1:
         raise AdapterError(f"merge method {mix.method} needs adapters of one rank (PEFT's rule); got ranks "

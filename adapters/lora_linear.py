@@ -25,6 +25,11 @@ class LoRAStepState:
         self.mix = None  # the step's MixLoRA rows (adapters/mixlora_mlp.py's MixLoRAStep), None without any
         # per target module, the step's DoRA rows and each one's scale page (adapters/dora.py); absent: none
         self.dora: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.full = None  # rows with their adapter's own embedding / head (adapters/full_modules.py's FullModuleStep)
+
+    def clear(self) -> None:
+        """No serving rows: every wrapper passes through (a training forward, which has its own rows)."""
+        self.metas, self.mix, self.dora, self.full = {}, None, {}, None
 
 
 class LoRALinear(nn.Module):

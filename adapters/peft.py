@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -32,7 +32,12 @@ _KEY = re.compile(r"^(?:base_model\.model\.)?model\.layers\.(\d+)\.(self_attn|ml
 # config fields that change what is computed and that we do not serve: name -> value meaning "off"
 _MAGNITUDE_KEY = re.compile(r"^(?:base_model\.model\.)?model\.layers\.(\d+)\.(self_attn|mlp)\.(\w+)"
                             r"\.lora_magnitude_vector(?:\.[A-Za-z0-9_-]+)?(?:\.weight)?$")
-_UNSUPPORTED_FIELDS = {"modules_to_save": None, "lora_bias": False, "layer_replication": None,
+# the model's input embedding and output head: an adapter may carry its own (PEFT's modules_to_save) or LoRA on them
+FULL_MODULES: dict[str, str] = {"embed_tokens": "model.embed_tokens", "lm_head": "lm_head"}
+_FULL_KEY = re.compile(r"^(?:base_model\.model\.)?(model\.embed_tokens|lm_head)\.(?:modules_to_save\.[A-Za-z0-9_-]+\.)?"
+                       r"(weight|base_layer\.weight|lora_A(?:\.[A-Za-z0-9_-]+)?\.weight|lora_B(?:\.[A-Za-z0-9_-]+)?\.weight"
+                       r"|lora_embedding_A(?:\.[A-Za-z0-9_-]+)?|lora_embedding_B(?:\.[A-Za-z0-9_-]+)?)$")
+_UNSUPPORTED_FIELDS = {"lora_bias": False, "layer_replication": None,
                        "target_parameters": None, "trainable_token_indices": None,
                        "alora_invocation_tokens": None, "use_qalora": False, "use_bdlora": None,
                        "megatron_config": None}
@@ -59,6 +64,7 @@ class LoRAAdapterConfig:
     exclude_modules: str | tuple[str, ...] | None = None
     base_model_name_or_path: str | None = None
     use_dora: bool = False  # DoRA: each targeted linear also carries a magnitude vector (adapters/dora.py)
+    modules_to_save: tuple[str, ...] = ()  # of FULL_MODULES: trained whole, saved in full
 
     def targets(self, module_name: str, layer: int) -> bool:
         """PEFT's check_target_module_exists for `model.layers.{layer}.{parent}.{module}` names."""
@@ -69,6 +75,12 @@ class LoRAAdapterConfig:
         else:
             hit = _matches(self.target_modules, module_name)
         return hit and (self.layers_to_transform is None or layer in self.layers_to_transform)
+
+    def targets_full(self, name: str) -> bool:
+        """Whether LoRA targets FULL_MODULES' `name` (all-linear leaves the output head out, as PEFT does)."""
+        if self.exclude_modules is not None and _matches(self.exclude_modules, name):
+            return False
+        return self.target_modules != "all-linear" and _matches(self.target_modules, name)
 
     def rank_of(self, module_name: str) -> int:
         return _pattern_value(self.rank_pattern, module_name, self.r)
@@ -137,7 +149,24 @@ def parse_adapter_config(raw: dict, max_lora_rank: int) -> LoRAAdapterConfig:
                              use_rslora=bool(raw.get("use_rslora", False)), rank_pattern=rank_pattern,
                              alpha_pattern=alpha_pattern, layers_to_transform=layers,
                              exclude_modules=excluded, base_model_name_or_path=raw.get("base_model_name_or_path"),
-                             use_dora=bool(raw.get("use_dora", False)))
+                             use_dora=bool(raw.get("use_dora", False)),
+                             modules_to_save=_modules_to_save(raw.get("modules_to_save")))
+
+
+def _modules_to_save(value) -> tuple[str, ...]:
+    """PEFT's modules_to_save, of which we serve the input embedding and the output head."""
+    if value in (None, [], ()):
+        return ()
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise AdapterError("modules_to_save must be a list of module names", param="modules_to_save")
+    out = []
+    for name in value:
+        short = name.rsplit(".", 1)[-1]
+        if short not in FULL_MODULES:
+            raise UnsupportedAdapterError(f"modules_to_save {name!r} is not served: only the input embedding "
+                                          f"(embed_tokens) and the output head (lm_head) are", param="modules_to_save")
+        out.append(short)
+    return tuple(sorted(set(out)))
 
 
 @dataclass(slots=True)
@@ -150,6 +179,15 @@ class LoRAWeights:
     tensors: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]]
     magnitudes: dict[tuple[int, str], torch.Tensor] | None = None
     dora_scales: dict[tuple[int, str], torch.Tensor] | None = None
+    # its own embed_tokens / lm_head (adapters/full_modules.py): per module a full [vocab, hidden] weight (saved
+    # with modules_to_save, or the base copy PEFT saves beside LoRA on it; None: the base model's) and LoRA on it
+    # as (left [vocab, r], right [r, hidden]), scale folded in: the module's weight is full + left @ right
+    full: dict[str, tuple[torch.Tensor | None, tuple[torch.Tensor, torch.Tensor] | None]] = field(default_factory=dict)
+    full_weights: dict[str, torch.Tensor] | None = None  # those, materialised by the runtime against the base
+
+    @property
+    def full_modules(self) -> tuple[str, ...]:
+        return tuple(sorted(self.full))
 
     @property
     def kind(self) -> str:
@@ -161,7 +199,9 @@ class LoRAWeights:
 
     @property
     def num_bytes(self) -> int:
-        return sum(a.numel() * a.element_size() + b.numel() * b.element_size() for a, b in self.tensors.values())
+        full = [t for w, lora in self.full.values() for t in ([w] if w is not None else []) + list(lora or ())]
+        return (sum(a.numel() * a.element_size() + b.numel() * b.element_size() for a, b in self.tensors.values())
+                + sum(t.numel() * t.element_size() for t in full))
 
     @property
     def num_pages(self) -> int:
@@ -234,7 +274,15 @@ def load_adapter(folder: Path | str, model_config: ModelConfig, max_lora_rank: i
     shapes = module_shapes(model_config)
     pairs: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
     magnitudes: dict[tuple[int, str], torch.Tensor] = {}
+    full_parts: dict[str, dict[str, torch.Tensor]] = {}
     for key, tensor in state.items():
+        full = _FULL_KEY.match(key)
+        if full is not None:
+            module, part = full.group(1).rsplit(".", 1)[-1], full.group(2).split(".")[0]
+            if part in full_parts.get(module, {}):
+                raise AdapterError(f"weight {key!r} appears twice")
+            full_parts.setdefault(module, {})[part] = tensor
+            continue
         m = _KEY.match(key)
         mag = _MAGNITUDE_KEY.match(key) if m is None and config.use_dora else None
         if mag is not None:
@@ -256,7 +304,8 @@ def load_adapter(folder: Path | str, model_config: ModelConfig, max_lora_rank: i
         if (layer, module) in pairs and which in pairs[layer, module]:
             raise AdapterError(f"weight {key!r} appears twice")
         pairs.setdefault((layer, module), {})[which] = tensor
-    if not pairs:
+    full = _full_modules(config, full_parts, model_config)
+    if not pairs and not full:
         raise AdapterError("the adapter holds no lora_A/lora_B weights")
 
     tensors: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]] = {}
@@ -278,10 +327,67 @@ def load_adapter(folder: Path | str, model_config: ModelConfig, max_lora_rank: i
         if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
             raise AdapterError(f"{name}: LoRA weights contain NaN or Inf")
         tensors[layer, module] = (a.to(dtype).contiguous(), (b * config.scale_of(name)).to(dtype).contiguous())
-    rank = max(a.shape[0] for a, _ in tensors.values())
+    rank = max((a.shape[0] for a, _ in tensors.values()), default=1)  # an adapter of full modules only: one page
+    full = {m: (None if w is None else w.to(dtype), None if lora is None else (lora[0].to(dtype), lora[1].to(dtype)))
+            for m, (w, lora) in full.items()}
     if not config.use_dora:
-        return LoRAWeights(config, rank, tensors)
-    return LoRAWeights(config, rank, tensors, _check_magnitudes(magnitudes, tensors, shapes))
+        return LoRAWeights(config, rank, tensors, full=full)
+    return LoRAWeights(config, rank, tensors, _check_magnitudes(magnitudes, tensors, shapes), full=full)
+
+
+def _full_modules(config: LoRAAdapterConfig, parts: dict[str, dict[str, torch.Tensor]], model_config: ModelConfig
+                  ) -> dict[str, tuple[torch.Tensor | None, tuple[torch.Tensor, torch.Tensor] | None]]:
+    """The adapter's own embed_tokens / lm_head: checked against the config and the base model's shapes."""
+    vocab, hidden = model_config.vocab_size, model_config.hidden_size
+    out = {}
+    for module in sorted(set(parts) | set(config.modules_to_save)):
+        name = FULL_MODULES[module]
+        got = parts.get(module, {})
+        saved = module in config.modules_to_save
+        lora_targeted = config.targets_full(name)
+        a_name, b_name = ("lora_embedding_A", "lora_embedding_B") if module == "embed_tokens" else ("lora_A", "lora_B")
+        lora_parts = {k for k in got if k.startswith("lora_")}
+        if saved and "weight" not in got:
+            raise AdapterError(f"modules_to_save lists {module} but the adapter has no {name}.weight",
+                               param="modules_to_save")
+        if "weight" in got and not saved:
+            raise AdapterError(f"{name}.weight is in the file but modules_to_save does not list {module}",
+                               param="modules_to_save")
+        if lora_parts and not lora_targeted:
+            raise AdapterError(f"{name} has LoRA weights but target_modules does not select it", param="target_modules")
+        if lora_parts and lora_parts != {a_name, b_name}:
+            raise AdapterError(f"{name}: LoRA on it needs {a_name} and {b_name}, got {sorted(lora_parts)}")
+        for part in ("weight", "base_layer"):
+            w = got.get(part)
+            if w is None:
+                continue
+            if w.dim() == 2 and w.shape[1] == hidden and w.shape[0] > vocab:
+                raise UnsupportedAdapterError(f"{name} has {w.shape[0]} rows, {w.shape[0] - vocab} beyond the base "
+                                              f"vocabulary of {vocab}: added tokens are not served", param=module)
+            if tuple(w.shape) != (vocab, hidden) or not w.is_floating_point() or not torch.isfinite(w).all():
+                raise AdapterError(f"{name}: {part} is {tuple(w.shape)} {w.dtype}; the base model needs finite "
+                                   f"({vocab}, {hidden}) floating point", param=module)
+        lora = None
+        if lora_parts:
+            r = config.rank_of(name)
+            a, b = got[a_name].float(), got[b_name].float()
+            scale = config.scale_of(name)
+            if module == "embed_tokens":  # A [r, vocab], B [hidden, r]: the delta of row t is (B · A[:, t])ᵀ
+                want = ((r, vocab), (hidden, r))
+                lora = (a.t().contiguous(), (b * scale).t().contiguous())
+            else:  # A [r, hidden], B [vocab, r]
+                want = ((r, hidden), (vocab, r))
+                lora = ((b * scale).contiguous(), a.contiguous())
+            if (tuple(a.shape), tuple(b.shape)) != want:
+                raise AdapterError(f"{name}: {a_name} {tuple(a.shape)} / {b_name} {tuple(b.shape)} do not fit the base "
+                                   f"model (expected {want[0]} / {want[1]})")
+            if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
+                raise AdapterError(f"{name}: LoRA weights contain NaN or Inf")
+        full_weight = got.get("weight", got.get("base_layer"))
+        if full_weight is None and lora is None:
+            continue
+        out[module] = (None if full_weight is None else full_weight.float().contiguous(), lora)
+    return out
 
 
 def _check_magnitudes(magnitudes: dict[tuple[int, str], torch.Tensor],
@@ -316,6 +422,8 @@ def _check_targets_exist(config: LoRAAdapterConfig, model_config: ModelConfig) -
         for module, parent in LORA_MODULES.items():
             if config.targets(f"model.layers.{layer}.{parent}.{module}", layer):
                 return
+    if config.modules_to_save or any(config.targets_full(name) for name in FULL_MODULES.values()):
+        return
     raise AdapterError(f"target_modules {config.target_modules!r} match no linear layer of the base model "
                        f"(targetable: {', '.join(LORA_MODULES)})", param="target_modules")
 

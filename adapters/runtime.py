@@ -18,8 +18,9 @@ from typing import Any
 import torch
 
 from loraplex.adapters.composition import Composition, PartInfo, check_parts, merge_lora
-from loraplex.adapters.dora import dora_scales
+from loraplex.adapters.dora import dense_weight, dora_scales
 from loraplex.adapters.errors import AdapterError
+from loraplex.adapters.full_modules import AdapterEmbedding, AdapterHead, FullModuleStep, ModuleSlots, materialise
 from loraplex.adapters.kinds import ServedWeights, load_served_adapter
 from loraplex.adapters.lora_linear import LoRALinear, LoRAStepState
 from loraplex.adapters.mixlora import ATTENTION, FFN, MixLoRAConfig, MixLoRAWeights
@@ -50,6 +51,7 @@ class RegisteredAdapter:
     num_pages: int  # pool pages it takes (a LoRA: its rank; a MixLoRA: attention and every expert)
     mixlora: MixLoRAConfig | None = None
     dora: bool = False  # its last page holds DoRA's per-output-channel scales (adapters/dora.py)
+    full_modules: tuple[str, ...] = ()  # its own embed_tokens / lm_head, held in a ModuleSlots slot
     num_requests: int = 0  # added and not finished: the version stays servable while > 0
     retired: bool = False
 
@@ -78,7 +80,8 @@ def pick_lora_backend(device: torch.device, name: str = "auto"):
 class LoRARuntime:
     def __init__(self, model: torch.nn.Module, model_config, dtype: torch.dtype, device: torch.device, *,
                  max_lora_rank: int, num_pages: int, max_cpu_loras: int, backend: str = "auto",
-                 max_mixlora_adapters: int = 16, max_mixlora_experts: int = 16) -> None:
+                 max_mixlora_adapters: int = 16, max_mixlora_experts: int = 16,
+                 max_full_module_adapters: int = 2) -> None:
         self.model_config = model_config
         self.dtype, self.device = dtype, device
         self.max_lora_rank = max_lora_rank
@@ -105,6 +108,9 @@ class LoRARuntime:
         self.load_latencies_s: collections.deque[float] = collections.deque(maxlen=64)  # the latest loads
         self.state = LoRAStepState(pick_lora_backend(device, backend))
         self._linears: dict[tuple[int, str], LoRALinear] = {}
+        self.module_slots = ModuleSlots(max_full_module_adapters, model_config.vocab_size, model_config.hidden_size,
+                                        dtype, device)
+        self._slot_pinned: dict[str, AdapterKey] = {}  # request_id -> the adapter whose module slot it pins
         self._attach(model)
         logger.info("LoRA pool: %d pages of %.2f MiB (%s), max rank %d, host tier %d adapters",
                     num_pages - 1, LoRAWeightPool.bytes_per_page(model_config.num_hidden_layers, shapes, dtype)
@@ -127,6 +133,9 @@ class LoRARuntime:
                 decoder.mlp.pools, decoder.mlp.state = pools, self.state
             else:
                 decoder.mlp = MixLoRAMLP(decoder.mlp, layer, pools, self.state)
+        self._embed = AdapterEmbedding(model.model.embed_tokens, self.module_slots, self.state)
+        self._head = AdapterHead(model.lm_head, self.module_slots, self.state)
+        model.model.embed_tokens, model.lm_head = self._embed, self._head
         logger.info("wrapped %d linear layers for LoRA and %d FFNs for MixLoRA", num,
                     self.model_config.num_hidden_layers)
 
@@ -146,7 +155,8 @@ class LoRARuntime:
         self._put_host(key, weights)
         mix = weights.config if isinstance(weights, MixLoRAWeights) else None
         self.registry[key] = RegisteredAdapter(name, key, Path(path), weights.rank, weights.target_modules,
-                                               weights.num_bytes, weights.num_pages, mix, weights.kind == "dora")
+                                               weights.num_bytes, weights.num_pages, mix, weights.kind == "dora",
+                                               getattr(weights, "full_modules", ()))
         for other in list(self.registry):
             if other[0] == adapter_id and other[1] < version:
                 self._retire(other)
@@ -159,7 +169,8 @@ class LoRARuntime:
     def limits(self) -> dict[str, int]:
         """What this engine can hold: checked by the HTTP process before it publishes an adapter."""
         return {"pool_pages": self.pool.allocator.num_usable, "max_lora_rank": self.max_lora_rank,
-                "max_mixlora_experts": self.max_mixlora_experts, "max_mixlora_adapters": self.pool.num_slots}
+                "max_mixlora_experts": self.max_mixlora_experts, "max_mixlora_adapters": self.pool.num_slots,
+                "max_full_module_adapters": self.module_slots.num_slots}
 
     def check_servable(self, weights: ServedWeights) -> None:
         check_limits(weights, self.limits())
@@ -193,6 +204,7 @@ class LoRARuntime:
         self.registry.pop(key, None)
         self.host.pop(key, None)
         self.pool.retire(key)
+        self.module_slots.retire(key)
         for merged in [k for k in self.merged if key in k[1].adapter_keys()]:  # unused: their parts have no request
             self._drop_merged(merged)
 
@@ -201,7 +213,14 @@ class LoRARuntime:
         if weights.kind == "dora":  # its norms against the weights served here, once per read
             weights.dora_scales = dora_scales(weights, lambda layer, module: self._linears[layer, module].base,
                                               self.dtype, self.device)
+        if getattr(weights, "full", None):  # its own embedding / head, whole, once per read
+            weights.full_weights = materialise(weights, self._base_full_weight, self.dtype)
         return weights
+
+    def _base_full_weight(self, module: str) -> torch.Tensor:
+        if module == "embed_tokens":
+            return self._embed.base.weight.float()
+        return dense_weight(self._head.base, self.dtype, self.device)
 
     def _put_host(self, key: AdapterKey, weights: ServedWeights) -> None:
         self.host[key] = weights
@@ -236,7 +255,7 @@ class LoRARuntime:
             entries.append(entry)
         mix = request.adapter_mix
         if mix is not None:
-            check_parts(mix, [PartInfo(e.name, e.kind, e.rank, e.num_pages) for e in entries],
+            check_parts(mix, [PartInfo(e.name, e.kind, e.rank, e.num_pages, bool(e.full_modules)) for e in entries],
                         self.pool.allocator.num_usable)
         for entry in entries:
             entry.num_requests += 1
@@ -286,13 +305,31 @@ class LoRARuntime:
                     self.pool.release(k)
                 return False
             pinned.append(key)
+        full = [key for key, _ in sources if self._entry(key).full_modules]
+        if full:  # one adapter (check_parts): its embedding / head into a module slot, all or nothing with its pages
+            key = full[0]
+            if self.module_slots.acquire(key, lambda: self._full_weights(key)) is None:
+                for k in pinned:
+                    self.pool.release(k)
+                return False
+            self._slot_pinned[request.request_id] = key
         self._pinned[request.request_id] = tuple(pinned)
         return True
+
+    def _full_weights(self, key: AdapterKey) -> dict[str, torch.Tensor]:
+        weights = self.host.get(key)
+        if weights is None:  # evicted from the host tier too: back from the store
+            weights = self._read(self.registry[key].path)
+            self._put_host(key, weights)
+        return weights.full_weights
 
     def release(self, request, finished: bool) -> None:
         """Running -> preempted (finished=False) or finished/aborted (finished=True)."""
         for key in self._pinned.pop(request.request_id, ()):
             self.pool.release(key)
+        slot_key = self._slot_pinned.pop(request.request_id, None)
+        if slot_key is not None:
+            self.module_slots.release(slot_key)
         if finished and request.adapter_id:
             if request.waiting_for_adapter:
                 self._merge_waiters.get(merged_key(request.adapter_mix), []).remove(request)
@@ -417,6 +454,7 @@ class LoRARuntime:
             metas[module] = by_selection[key]
         self.state.metas = metas
         self.state.dora = self._dora_step(segments)
+        self.state.full = self._full_step(segments, row)
         self.state.mix = self._mix_step([(sources[0][0], rows) for sources, rows, _ in segments
                                          if len(sources) == 1])
         batch.adapter_metadata = metas or self.state.mix or None
@@ -427,6 +465,37 @@ class LoRARuntime:
         entry = self._entry(key)
         pages, mix = self.pool.pages(key), entry.mixlora
         return pages[:entry.rank] if mix is None else pages[:mix.r]
+
+    def _full_step(self, segments: list[tuple[tuple[Source, ...], list[int], list[float]]], num_tokens: int
+                   ) -> FullModuleStep | None:
+        """The rows of adapters with their own embedding / head, and the slot each reads."""
+        embed_rows: list[int] = []
+        embed_slots: list[int] = []
+        head: list[tuple[list[int], int]] = []
+        for sources, rows, _ in segments:
+            entry = self._entry(sources[0][0])
+            if not entry.full_modules:
+                continue
+            slot = self.module_slots.slot(entry.key)
+            if "embed_tokens" in entry.full_modules:
+                embed_rows.extend(rows)
+                embed_slots.extend([slot] * len(rows))
+            if "lm_head" in entry.full_modules:
+                head.append((rows, slot))
+        if not embed_rows and not head:
+            return None
+
+        def as_tensor(data) -> torch.Tensor:
+            return torch.tensor(data, dtype=torch.int64, device=self.device)
+        row_slot = None
+        if head:
+            slots = [-1] * num_tokens
+            for rows, slot in head:
+                for r in rows:
+                    slots[r] = slot
+            row_slot = as_tensor(slots)
+        return FullModuleStep((as_tensor(embed_rows), as_tensor(embed_slots)) if embed_rows else None, row_slot,
+                              tuple(sorted({slot for _, slot in head})))
 
     def _dora_step(self, segments: list[tuple[tuple[Source, ...], list[int], list[float]]]
                    ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
@@ -522,6 +591,9 @@ def check_limits(weights: ServedWeights, limits: dict[str, int]) -> None:
     if weights.num_pages > limits["pool_pages"]:
         raise AdapterError(f"the adapter needs {weights.num_pages} pool pages (rank-rows); this server's LoRA pool "
                            f"has {limits['pool_pages']} (--lora-pool-pages / --lora-pool-bytes)")
+    if getattr(weights, "full", None) and not limits.get("max_full_module_adapters", 0):
+        raise AdapterError(f"the adapter has its own {' and '.join(weights.full_modules)}; this server holds none "
+                           "(--max-full-module-adapters 0)", param="modules_to_save")
     if isinstance(weights, MixLoRAWeights) and weights.config.num_experts > limits["max_mixlora_experts"]:
         raise AdapterError(f"num_experts {weights.config.num_experts} exceeds this server's "
                            f"--max-mixlora-experts {limits['max_mixlora_experts']}", param="num_experts")
@@ -536,4 +608,5 @@ def create_lora_runtime(engine, args) -> LoRARuntime:
     return LoRARuntime(runner.model, engine.model_config, runner.dtype, runner.device,
                        max_lora_rank=args.max_lora_rank, num_pages=num_pages,
                        max_cpu_loras=args.max_cpu_loras or max(args.max_loras, 2 * num_pages // args.max_lora_rank),
-                       max_mixlora_adapters=args.max_mixlora_adapters, max_mixlora_experts=args.max_mixlora_experts)
+                       max_mixlora_adapters=args.max_mixlora_adapters, max_mixlora_experts=args.max_mixlora_experts,
+                       max_full_module_adapters=args.max_full_module_adapters)

@@ -52,6 +52,7 @@ class EngineArgs:
     lora_pool_pages: int | None = None  # pool size in pages (one rank-row of every target linear)
     lora_pool_bytes: int = 256 << 20  # pool size in bytes when lora_pool_pages is None
     max_mixlora_adapters: int = 16  # MixLoRA adapters resident at once (router slots)
+    max_full_module_adapters: int = 2  # adapters with their own embed_tokens / lm_head resident at once
     max_mixlora_experts: int = 16  # experts per MixLoRA adapter
     # training beside serving (used by the background work the server wires in: loraplex.trainer.service)
     enable_training: bool = False  # the base linears keep what a backward pass needs (CPU prepack: dense weights)
@@ -87,6 +88,8 @@ class EngineArgs:
         if self.lora_pool_pages is not None and self.lora_pool_pages <= self.max_lora_rank:
             raise ValueError(f"--lora-pool-pages must exceed --max-lora-rank ({self.max_lora_rank}): "
                              "the pool must hold at least one adapter of the largest rank")
+        if not 0 <= self.max_full_module_adapters <= 256:
+            raise ValueError("--max-full-module-adapters must be in [0, 256]")
         if not 1 <= self.max_mixlora_adapters <= 4096 or not 1 <= self.max_mixlora_experts <= 64:
             raise ValueError("--max-mixlora-adapters must be in [1, 4096] and --max-mixlora-experts in [1, 64]")
         if self.lora_pool_bytes <= 0:
@@ -143,6 +146,9 @@ def add_engine_args(p: argparse.ArgumentParser) -> dict[str, argparse._ArgumentG
                       help="pool size in pages (one page = one rank-row of every target linear)")
     lora.add_argument("--lora-pool-bytes", type=size_arg, default=256 << 20, metavar="SIZE",
                       help="pool size when --lora-pool-pages is not given (default: 256MiB)")
+    lora.add_argument("--max-full-module-adapters", type=int, default=2, metavar="N",
+                      help="adapters with their own embed_tokens / lm_head (modules_to_save, LoRA on them) held on the "
+                           "device at once: whole [vocab, hidden] matrices, allocated on first use (default: 2)")
     lora.add_argument("--max-mixlora-adapters", type=int, default=16,
                       help="MixLoRA adapters resident in the pool at once: each takes a router slot of "
                            "layers x experts x hidden float32 weights, allocated on the first MixLoRA (default: 16)")
@@ -201,6 +207,7 @@ def engine_args_from(ns: argparse.Namespace) -> EngineArgs:
         batch_invariant=ns.batch_invariant, enable_lora=ns.enable_lora, max_loras=ns.max_loras, max_lora_rank=ns.max_lora_rank,
         max_cpu_loras=ns.max_cpu_loras, lora_pool_pages=ns.lora_pool_pages, lora_pool_bytes=ns.lora_pool_bytes,
         max_mixlora_adapters=ns.max_mixlora_adapters, max_mixlora_experts=ns.max_mixlora_experts,
+        max_full_module_adapters=ns.max_full_module_adapters,
         # the engine side's TrainingRuntime opens the same job store as the HTTP process's FineTuningService
         enable_training=ns.enable_lora and ns.enable_training, fine_tuning_dir=str(fine_tuning_dir_from(ns)),
         database=ns.database, blob_store=ns.blob_store,

@@ -114,7 +114,7 @@ class ModelRunner:
         sampling = [s for s in scheduled if s.sample]  # same order as logits_indices
         if not sampling:
             return result
-        logits = self.model.compute_logits(hidden[batch.logits_indices])  # [num_sampled, vocab]
+        logits = self.model.compute_logits(hidden[batch.logits_indices], batch.logits_indices)  # [num_sampled, vocab]
         requests = [s.request for s in sampling]
         bitmask = None if self.structured_output is None else self.structured_output.fill_bitmask(requests)
         metadata = SamplingMetadata.build(requests, logits.shape[-1], self.device, bitmask)
@@ -140,7 +140,7 @@ class ModelRunner:
         parts = []
         for start in range(0, len(prompt_rows.rows), PROMPT_LOGPROB_ROWS_PER_CALL):
             sl = slice(start, start + PROMPT_LOGPROB_ROWS_PER_CALL)
-            logits = self.model.compute_logits(hidden[rows[sl]])  # [slice rows, vocab]
+            logits = self.model.compute_logits(hidden[rows[sl]], rows[sl])  # [slice rows, vocab]
             parts.append(prompt_token_logprobs(logits, targets[sl], min(num_top, logits.shape[-1])))
         lp, rank, top_ids, top_lps = (torch.cat(p).tolist() for p in zip(*parts))
         for request, first, end in prompt_rows.owners:

@@ -21,7 +21,7 @@ from typing import Any
 
 from loraplex.adapters.archive import UploadLimits, extract_adapter_archive
 from loraplex.adapters.errors import AdapterError, AdapterNotFoundError
-from loraplex.adapters.kinds import load_served_adapter
+from loraplex.adapters.kinds import adapter_traits, load_served_adapter
 from loraplex.adapters.mixlora import MixLoRAWeights, convert_legacy, write_mixlora
 from loraplex.adapters.peft import LORA_MODULES, _read_state_dict
 from loraplex.adapters.runtime import check_limits
@@ -66,6 +66,7 @@ class AdapterService:
         # change log followed: what other servers publish and delete reaches this one
         self.registered: set[tuple[int, int]] = set()
         self.versions: dict[tuple[int, int], AdapterVersion] = {}  # what each registered key is (rank, type)
+        self.full_modules: set[tuple[int, int]] = set()  # registered keys with their own embed_tokens / lm_head
         self._pulling: dict[tuple[int, int], asyncio.Future] = {}
         self._limits: dict[str, int] | None = None  # the engine's pool size and MixLoRA limits, asked once
         self._cursor = 0
@@ -344,6 +345,9 @@ class AdapterService:
         self.registered.add((version.adapter_id, version.version))
         self.versions = {k: v for k, v in self.versions.items() if k in self.registered}
         self.versions[version.adapter_id, version.version] = version
+        self.full_modules &= self.registered
+        if folder and adapter_traits(folder)[1]:
+            self.full_modules.add((version.adapter_id, version.version))
         current = self.served.get(version.name)
         if current is None or (current.adapter_id, current.version) <= (version.adapter_id, version.version):
             self.served[version.name] = version

@@ -138,7 +138,7 @@ def _part_info(state: Any, key: tuple[int, int]) -> PartInfo:
     version = state.adapters.versions.get(key)
     if version is None:  # retired between its resolution and now: the engine refuses it in turn
         return PartInfo(f"{key[0]}v{key[1]}", "lora", 0)
-    return PartInfo(version.name, version.adapter_type, version.rank)
+    return PartInfo(version.name, version.adapter_type, version.rank, None, key in state.adapters.full_modules)
 
 
 def _model_card(state: Any, name: str) -> ModelCard:

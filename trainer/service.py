@@ -338,9 +338,7 @@ class TrainingRuntime:
 
     def _clear_serving_lora(self) -> None:
         if self.serving_lora_state is not None:
-            self.serving_lora_state.metas = {}
-            self.serving_lora_state.mix = None
-            self.serving_lora_state.dora = {}
+            self.serving_lora_state.clear()
 
     def _step_and_report(self):
         reports = yield from self.trainer.step_slices()

@@ -193,5 +193,9 @@ class LlamaForCausalLM(nn.Module):
         """-> final hidden states [num_tokens, hidden]; select rows before compute_logits."""
         return self.model(batch, kv_caches)
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:  # [n, hidden] -> [n, vocab]
+    def compute_logits(self, hidden: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """[n, hidden] -> [n, vocab]. `rows`: the batch rows `hidden` holds, for an output head that differs per row
+        (the adapter layer swaps in one with `takes_rows`: adapters with a head of their own)."""
+        if rows is not None and getattr(self.lm_head, "takes_rows", False):
+            return self.lm_head(hidden, rows)
         return self.lm_head(hidden)

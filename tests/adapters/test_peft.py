@@ -47,7 +47,7 @@ def test_scale_is_folded_into_b(folder):
                                raw[f"{key}.lora_B.weight"] * 4.0)  # alpha / sqrt(r)
 
 
-@pytest.mark.parametrize("field,value", [("modules_to_save", ["lm_head"]), ("bias", "all"),
+@pytest.mark.parametrize("field,value", [("modules_to_save", ["model.norm"]), ("bias", "all"),
                                          ("lora_bias", True), ("peft_type", "IA3"), ("layer_replication", [[0, 1]])])
 def test_unsupported_features_are_422(folder, field, value):
     edit_config(folder, **{field: value})
@@ -71,7 +71,8 @@ def test_rank_above_the_server_limit_is_refused(folder):
     (lambda t: t.update({"base_model.model.model.layers.0.self_attn.k_proj.lora_A.weight": torch.zeros(4, 16),
                          "base_model.model.model.layers.0.self_attn.k_proj.lora_B.weight": torch.zeros(8, 4)}),
      "target_modules does not select"),
-    (lambda t: t.__setitem__("base_model.model.lm_head.lora_A.weight", torch.zeros(4, 16)), "not served"),
+    (lambda t: t.__setitem__("base_model.model.lm_head.lora_A.weight", torch.zeros(4, 16)), "does not select it"),
+    (lambda t: t.__setitem__("base_model.model.lm_head.weight", torch.zeros(4, 16)), "modules_to_save does not list"),
     (lambda t: t.__setitem__("base_model.model.model.layers.0.self_attn.q_proj.lora_magnitude_vector",
                              torch.zeros(16)), "DoRA"),
     (lambda t: t.clear() or t.__setitem__("x", torch.zeros(1)), "not served"),

@@ -71,7 +71,8 @@ class PagedRunner:
         if self.before_forward is not None:
             self.before_forward(items, computed, batch)
         with torch.no_grad():
-            logits = self.model.compute_logits(self.model(batch, self.kv_caches)[batch.logits_indices])
+            logits = self.model.compute_logits(self.model(batch, self.kv_caches)[batch.logits_indices],
+                                               batch.logits_indices)
         out, row = {}, 0
         for (name, n), c in zip(items, computed):
             out[name] = logits[row:row + n]
