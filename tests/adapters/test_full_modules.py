@@ -133,8 +133,9 @@ def test_refused_full_module_files(setup, tmp_path):
 def test_greedy_alone_equals_busy_batch_with_few_module_slots(tmp_path, default_model_dir):
     """Three adapters with their own modules share 2 slots beside plain and base rows: the third waits for a slot,
     every output equals the request alone, and slots and pins come back."""
-    from tests.adapters.test_lora_engine import GREEDY, lora_engine, prompt, run
     import shutil
+
+    from tests.adapters.test_lora_engine import GREEDY, lora_engine, prompt, run
     _, _, config, folders = build(tmp_path, tied=True)
     for f in default_model_dir.iterdir():  # a tokenizer for the engine (its first 128 tokens are this model's)
         if f.name.startswith(("tokenizer", "special_tokens", "vocab", "merges")):
