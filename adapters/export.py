@@ -76,22 +76,42 @@ def base_config(base: Path) -> dict:
     return config
 
 
-def adapter_deltas(adapter: Path, base: Path) -> dict[str, torch.Tensor]:
-    """{HF weight name: B·A·scale in float32} of every module the adapter targets."""
-    from loraplex.engine.core.config import ModelConfig
-    model_config = ModelConfig.from_hf_dict(base_config(base))
+def _load(adapter: Path, model_config):
     try:
         weights = load_adapter(adapter, model_config, max_lora_rank=1 << 16, allow_bin=False)
     except AdapterError as e:
         raise ExportError(f"the adapter does not fit the base model: {e}") from None
-    return {f"model.layers.{layer}.{LORA_MODULES[module]}.{module}.weight": b.float() @ a.float()
+    if weights.full:
+        raise ExportError(f"the adapter has its own {' and '.join(weights.full_modules)} (modules_to_save or LoRA "
+                          "on them): exporting those is not supported yet; serve it instead")
+    return weights
+
+
+def adapter_deltas(adapter: Path, base: Path) -> dict[str, torch.Tensor]:
+    """{HF weight name: B·A·scale in float32} of every module the adapter targets."""
+    from loraplex.engine.core.config import ModelConfig
+    weights = _load(adapter, ModelConfig.from_hf_dict(base_config(base)))
+    return {_hf_name(layer, module): b.float() @ a.float()
             for (layer, module), (a, b) in weights.tensors.items()}  # B comes scaled already
 
 
+def _hf_name(layer: int, module: str) -> str:
+    return f"model.layers.{layer}.{LORA_MODULES[module]}.{module}.weight"
+
+
+def adapter_magnitudes(adapter: Path, base: Path) -> dict[str, torch.Tensor]:
+    """{HF weight name: DoRA magnitude [out]} of a DoRA adapter (empty for plain LoRA)."""
+    from loraplex.engine.core.config import ModelConfig
+    weights = _load(adapter, ModelConfig.from_hf_dict(base_config(base)))
+    return {_hf_name(layer, module): m for (layer, module), m in (weights.magnitudes or {}).items()}
+
+
 def merged_tensors(base: Path, adapter: Path, dtype: torch.dtype | None) -> Iterator[tuple[str, torch.Tensor]]:
-    """The base's checkpoint tensors with the adapter merged in (dtype None: each tensor's own)."""
+    """The base's checkpoint tensors with the adapter merged in (dtype None: each tensor's own). DoRA merges as PEFT
+    does: W' = (m / ‖W + ΔW‖) · (W + ΔW), the norm over each output row."""
     from loraplex.engine.weights import iter_safetensors
     deltas = adapter_deltas(adapter, base)
+    magnitudes = adapter_magnitudes(adapter, base)
     seen = set()
     for name, tensor in iter_safetensors(Path(base)):
         out_dtype = dtype or tensor.dtype
@@ -100,6 +120,8 @@ def merged_tensors(base: Path, adapter: Path, dtype: torch.dtype | None) -> Iter
                 raise ExportError(f"{name}: base {tuple(tensor.shape)} but the adapter's delta is "
                                   f"{tuple(deltas[name].shape)}")
             tensor = tensor.float() + deltas[name]
+            if name in magnitudes:
+                tensor = tensor * (magnitudes[name] / torch.linalg.vector_norm(tensor, dim=1)).unsqueeze(1)
             seen.add(name)
         yield name, tensor.to(out_dtype).contiguous()
     missing = set(deltas) - seen
@@ -308,10 +330,9 @@ def export_gguf_lora(base: Path, adapter: Path, output: Path, out_type: str = "f
     base, output = Path(base), Path(output)
     config = base_config(base)
     _check_llama(config)
-    try:
-        weights = load_adapter(adapter, ModelConfig.from_hf_dict(config), max_lora_rank=1 << 16, allow_bin=False)
-    except AdapterError as e:
-        raise ExportError(f"the adapter does not fit the base model: {e}") from None
+    weights = _load(adapter, ModelConfig.from_hf_dict(config))
+    if weights.magnitudes is not None:
+        raise ExportError("llama.cpp's GGUF LoRA has no DoRA magnitudes: merge this DoRA adapter instead (--merge)")
     ranks = {a.shape[0] for a, _ in weights.tensors.values()}
     if len(ranks) != 1:
         raise ExportError("llama.cpp's GGUF LoRA has one alpha for all modules; this adapter mixes ranks "

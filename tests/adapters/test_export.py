@@ -156,3 +156,28 @@ def test_refusals(tiny, tmp_path, caplog):
     assert main(["export", "--adapter", str(adapter), "--model", str(base), "--merge", "--output",
                  str(tmp_path / "ok")]) == 0
     assert (tmp_path / "ok" / "model.safetensors").is_file()
+
+
+def test_merged_dora_adapter_gives_peft_and_served_logits(tiny, tmp_path):
+    """A DoRA adapter merges as PEFT's merge_and_unload does: (m / ‖W + ΔW‖)·(W + ΔW); the GGUF LoRA format has no
+    magnitudes and refuses it; an adapter with its own head is refused."""
+    base, _, root = tiny
+    hf = transformers.AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32).eval()
+    peft_model = add_random_adapter(hf, "dora", r=8, alpha=16, target_modules=ALL, seed=4, std=0.2, use_dora=True)
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_magnitude_vector" in name:
+                p.mul_(1.2)
+    adapter = save_adapter(peft_model, "dora", root / "peft-dora")
+    out = export_hf(base, adapter, tmp_path / "merged", torch.float32)
+    merged = hf_logits(out)
+    torch.testing.assert_close(merged, serving_logits(base, adapter), atol=1e-4, rtol=0)
+    with torch.no_grad():
+        torch.testing.assert_close(merged, peft_model(torch.tensor([IDS])).logits[0], atol=1e-4, rtol=0)
+    with pytest.raises(ExportError, match="DoRA"):
+        export_gguf_lora(base, adapter, tmp_path / "dora.gguf")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32).eval()
+    headed = save_adapter(add_random_adapter(hf, "headed", r=4, alpha=8, target_modules=["q_proj"], seed=5,
+                                             modules_to_save=["lm_head"]), "headed", root / "peft-headed")
+    with pytest.raises(ExportError, match="lm_head"):
+        export_hf(base, headed, tmp_path / "headed")

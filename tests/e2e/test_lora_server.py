@@ -432,3 +432,39 @@ def test_dora_upload_serves_and_refuses_strength(lora_server, client, smol_confi
                 **extra}
         r = httpx.post(lora_server.base_url + "/v1/chat/completions", json=body, timeout=60)
         assert r.status_code == 400 and "DoRA" in r.json()["error"]["message"], r.text
+
+
+def test_adapter_with_its_own_output_head(lora_server, client, smol_config, default_model_dir, tmp_path):
+    """modules_to_save=["lm_head"] (a head trained whole, PEFT's layout), loaded from a path: it answers unlike its
+    LoRA-only twin, beside other requests, and refuses lora_scale with a 400."""
+    base = load_file(str(default_model_dir / "model.safetensors"))
+    embed = base.get("model.embed_tokens.weight")
+    head = base.get("lm_head.weight", embed)  # tied: the head is the embedding
+    folder = write_random_peft(tmp_path / "headed", smol_config, r=4, seed=31, std=0.04,
+                               extra_config={"modules_to_save": ["lm_head"]})
+    state = load_file(str(folder / "adapter_model.safetensors"))
+    gen = torch.Generator().manual_seed(0)
+    state["base_model.model.lm_head.weight"] = (head.float() + 0.05 * torch.randn(head.shape, generator=gen)).to(
+        torch.bfloat16)
+    save_file(state, str(folder / "adapter_model.safetensors"))
+    twin = write_random_peft(tmp_path / "twin", smol_config, r=4, seed=31, std=0.04)
+    url = lora_server.base_url
+    for name, path in (("headed", folder), ("headless", twin)):
+        r = httpx.post(url + "/v1/load_lora_adapter", json={"lora_name": name, "lora_path": str(path)},
+                       headers=ADMIN, timeout=120)
+        assert r.status_code == 200, r.text
+    answers = {m: chat(client, m) for m in ("smol", "headed", "headless")}
+    assert len(set(answers.values())) == 3
+    together: dict[str, str] = {}
+    threads = [threading.Thread(target=lambda m=m: together.__setitem__(m, chat(client, m))) for m in answers for _ in
+               range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert together == answers
+    r = httpx.post(url + "/v1/chat/completions", json={"model": "headed", "messages": PROMPT, "max_tokens": 4,
+                                                        "lora_scale": 0.5}, timeout=60)
+    assert r.status_code == 400 and "lm_head" in r.json()["error"]["message"], r.text
+    for name in ("headed", "headless"):
+        assert httpx.delete(url + f"/v1/adapters/{name}", headers=ADMIN).status_code == 200
