@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -12,7 +13,11 @@ from torch import nn
 
 from loraplex.engine.core.config import ModelConfig
 from loraplex.engine.models import get_model_class
-from loraplex.engine.quant import CHECKPOINT_FORMATS, checkpoint_tensor_suffixes, quantized_linear_builder
+from loraplex.engine.quant import (
+    CHECKPOINT_FORMATS,
+    checkpoint_tensor_suffixes,
+    quantized_linear_builder,
+)
 from loraplex.engine.weights import iter_safetensors, read_gguf
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -29,9 +34,29 @@ def resolve_dtype(dtype: torch.dtype | str, config: ModelConfig | None = None) -
     return DTYPES[dtype]
 
 
+@dataclass(frozen=True, slots=True)
+class ModelParts:
+    """The part of a model one pipeline stage holds: its decoder layers, and the embedding (the first stage) or
+    the final norm and head (the last). The rest is never read from the checkpoint (engine/models Dropped)."""
+    layers: range
+    embedding: bool
+    head: bool
+
+    def keeps(self, name: str, tied: bool) -> bool:
+        """Whether model parameter / module `name` belongs to this part (a tied head needs the embedding)."""
+        if name.startswith("model.layers."):
+            return int(name.split(".")[2]) in self.layers
+        if name.startswith("model.embed_tokens"):
+            return self.embedding or (self.head and tied)
+        if name.startswith(("model.norm", "lm_head")):
+            return self.head
+        return True
+
+
 def load_model(path: str | Path, dtype: torch.dtype | str = "auto",
-               device: torch.device | str = "cpu") -> tuple[nn.Module, ModelConfig]:
-    """A model folder (config.json + *.safetensors) or a .gguf file -> (model in eval mode, config)."""
+               device: torch.device | str = "cpu", parts: ModelParts | None = None) -> tuple[nn.Module, ModelConfig]:
+    """A model folder (config.json + *.safetensors) or a .gguf file -> (model in eval mode, config). With `parts`,
+    only that part is built and read (a pipeline stage)."""
     path = Path(path)
     if path.is_file():
         hf_config, weights = read_gguf(path)
@@ -47,6 +72,8 @@ def load_model(path: str | Path, dtype: torch.dtype | str = "auto",
                          f"({' and '.join(CHECKPOINT_FORMATS)} are)")
     with torch.device("meta"):
         model = get_model_class(config.architecture)(config)
+    if parts is not None:
+        _drop_others(model, parts, config.tie_word_embeddings)
     # linear's checkpoint prefix -> its quantized tensors; EXL2's names are unambiguous, so they are also
     # recognised in a folder without quantization_config
     quantized: dict[str, dict[str, dict[str, torch.Tensor]]] = {"gptq": {}, "exl2": {}}
@@ -54,6 +81,9 @@ def load_model(path: str | Path, dtype: torch.dtype | str = "auto",
 
     def dense(weights: Iterator[tuple[str, torch.Tensor]]) -> Iterator[tuple[str, torch.Tensor]]:
         for name, tensor in weights:
+            mapped = model.map_checkpoint_name(name) if parts is not None else None
+            if mapped is not None and not parts.keeps(mapped, config.tie_word_embeddings):
+                continue  # another stage's
             prefix, _, suffix = name.rpartition(".")
             if method == "gptq" and suffix in gptq_suffixes:
                 quantized["gptq"].setdefault(prefix, {})[suffix] = tensor
@@ -75,6 +105,17 @@ def load_model(path: str | Path, dtype: torch.dtype | str = "auto",
         _swap_in_quantized(model, quantized[method], device, quantized_linear_builder(method, quant))
     model.quant_method = method or "none"
     return model.eval(), config
+
+
+def _drop_others(model: nn.Module, parts: ModelParts, tied: bool) -> None:
+    from loraplex.engine.models.llama import Dropped
+    for i in range(len(model.model.layers)):
+        if i not in parts.layers:
+            model.model.layers[i] = Dropped(f"model.layers.{i}")
+    for name in ("model.embed_tokens", "model.norm", "lm_head"):
+        if not parts.keeps(name, tied):
+            parent, _, attr = name.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, attr, Dropped(name))
 
 
 def _swap_in_quantized(model: nn.Module, tensors: dict[str, dict[str, torch.Tensor]], device: torch.device,

@@ -1,8 +1,11 @@
-"""`loraplex train CONFIG.yaml`: fine-tune several LoRA adapters together, no server (trainer/offline.py)."""
+"""`loraplex train CONFIG.yaml`: fine-tune several LoRA adapters together, no server (trainer/offline.py); with
+--nproc-per-node N, across N processes (trainer/distributed.py: the config's parallel section), through torchrun."""
 from __future__ import annotations
 
 import argparse
 import logging
+import subprocess
+import sys
 from pathlib import Path
 
 logger = logging.getLogger("loraplex.trainer")
@@ -13,6 +16,12 @@ def add_parser(sub) -> None:
                            "(see trainer/offline.py for the keys); writes PEFT folders")
     train.add_argument("config", help="the YAML file; data paths in it are relative to its folder")
     train.add_argument("--no-progress", action="store_true", help="log lines only, no progress bars")
+    train.add_argument("--nproc-per-node", type=int, default=None,
+                       help="train across this many processes on this machine (torchrun), as the config's parallel "
+                            "section says (mode pipeline: one per stage, the default; mode data: required)")
+    train.add_argument("--max-restarts", type=int, default=3,
+                       help="with --nproc-per-node: times torchrun restarts the ranks after one fails; each restart "
+                            "resumes every job from its last checkpoint")
     train.set_defaults(run=run_train)
 
 
@@ -21,7 +30,10 @@ def run_train(ns: argparse.Namespace) -> int:
     from loraplex.trainer.offline import load_config, run_config
     path = Path(ns.config)
     try:
-        summary = run_config(load_config(path), base_dir=path.parent, progress=not ns.no_progress)
+        config = load_config(path)
+        if config.get("parallel") or ns.nproc_per_node:
+            return _launch(path, config, ns)
+        summary = run_config(config, base_dir=path.parent, progress=not ns.no_progress)
     except (ValueError, DataError, OSError) as exc:
         logger.error("%s", exc)
         return 2
@@ -29,3 +41,27 @@ def run_train(ns: argparse.Namespace) -> int:
         print(f"{name}: {result['path']} (steps {result['steps']}, train_loss {result['train_loss']:.4f}, "
               f"valid_loss {result['valid_loss'] if result['valid_loss'] is None else round(result['valid_loss'], 4)})")
     return 0
+
+
+def _launch(path: Path, config: dict, ns: argparse.Namespace) -> int:
+    """Check the parallel section against the model, then run torchrun with one rank per process."""
+    from loraplex.trainer.distributed import check_parallel, parse_parallel
+    if not config.get("parallel"):
+        raise ValueError("--nproc-per-node needs a parallel section in the config: {mode: pipeline | data, ...}")
+    par = parse_parallel(config["parallel"])
+    nproc = ns.nproc_per_node or (par.stages if par.mode == "pipeline" else None)
+    if nproc is None:
+        raise ValueError("parallel.mode data: say how many processes with --nproc-per-node N")
+    if nproc < 1:
+        raise ValueError("--nproc-per-node must be at least 1")
+    check_parallel(config, nproc)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+           f"--max-restarts={ns.max_restarts}", "-m", "loraplex.trainer.distributed", str(path)]
+    if ns.no_progress:
+        cmd.append("--no-progress")
+    logger.info("launching %d ranks (%s): %s", nproc, par.mode, " ".join(cmd))
+    rc = subprocess.call(cmd)
+    if rc != 0:
+        logger.error("training failed (exit status %d; torchrun's log above names the rank); run the same command "
+                     "again to resume every job from its last checkpoint", rc)
+    return rc

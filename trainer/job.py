@@ -75,6 +75,12 @@ class TrainingJob:
         self._grad_stash: list[torch.Tensor | None] | None = None
         self.last_train_loss: float | None = None
         self.last_metrics: dict[str, float] = {}  # the objective's report of the last optimizer step
+        # data parallelism (trainer/distributed.py): this rank's share of every optimizer step's units, as
+        # (rank, world size), and what sums the step's gradients and loss over the ranks before it closes
+        self.shard: tuple[int, int] | None = None
+        self.all_reduce = None  # Callable[[torch.Tensor], None]: in-place sum over the ranks
+        # pipeline parallelism: what gives the gradient norm of the whole adapter from this rank's part of it
+        self.global_norm = None  # Callable[[list[torch.Tensor]], torch.Tensor]
 
     @property
     def is_finished(self) -> bool:
@@ -104,9 +110,8 @@ class TrainingJob:
             raise RuntimeError(f"job {self.job_id} has finished")
         if not self._pending:
             units = self.optimizer_batch(self.step)
-            m = self.hp.micro_batch_size
-            self._pending = [units[i:i + m] for i in range(0, len(units), m)]
-            self.micro_batches_per_step = len(self._pending)
+            self._pending = self.micro_batches(units)
+            self.micro_batches_per_step = len(self._pending) * (1 if self.shard is None else self.shard[1])
             self._norm = self.objective.normaliser(units)
             self._loss_sum = 0.0
             self._metric_sums = {}
@@ -114,6 +119,18 @@ class TrainingJob:
         else:  # mid-accumulation: what to restore if this micro-batch is dropped (pause)
             self._grad_stash = [None if p.grad is None else p.grad.clone() for p in self.params]
         return self._pending[0], self._norm, self.hp.seed * 7_919 + self.micro_step
+
+    def micro_batches(self, units: list) -> list[list]:
+        """An optimizer step's units as this job's micro-batches. Sharded over data-parallel ranks, each rank
+        takes every world-th unit and splits its share into as many micro-batches as the largest share needs
+        (some possibly empty), so every rank closes the step in the same batched step."""
+        m = self.hp.micro_batch_size
+        if self.shard is None:
+            return [units[i:i + m] for i in range(0, len(units), m)]
+        rank, world = self.shard
+        mine = units[rank::world]
+        count = math.ceil(math.ceil(len(units) / world) / m)
+        return [mine[i * m:(i + 1) * m] for i in range(count)]
 
     def drop_micro_batch(self) -> None:
         """Forget the gradients of a micro-batch whose step went on without this job (it was paused during
@@ -136,8 +153,48 @@ class TrainingJob:
             self._metric_sums[k] = self._metric_sums.get(k, 0.0) + v
         if self._pending:
             return False
+        if self.all_reduce is not None:
+            self._reduce_step()
+        self._close_step()
+        return True
+
+    def _reduce_step(self) -> None:
+        """Data parallelism: the step's gradients, loss and metric sums added up over the ranks (one buffer)."""
+        # the same keys on every rank, whatever its share held: the objective's, and a MixLoRA's load-balance loss
+        keys = list(self.objective.metric_keys) + (["router_aux_loss"] if hasattr(self.spec, "num_experts") else [])
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
+        flat = torch.cat([g.reshape(-1).float() for g in grads] + [
+            torch.tensor([self._loss_sum] + [self._metric_sums.get(k, 0.0) for k in keys], dtype=torch.float32,
+                         device=self.params[0].device)])
+        self.all_reduce(flat)
+        at = 0
+        for p, g in zip(self.params, grads):
+            p.grad = flat[at:at + g.numel()].view_as(g).to(p.dtype)
+            at += g.numel()
+        tail = flat[at:].tolist()
+        self._loss_sum = tail[0]
+        self._metric_sums = dict(zip(keys, tail[1:]))
+
+    def close_step(self, loss_sum: float, metric_sums: dict[str, float], num_micro_batches: int, norm: int) -> None:
+        """Close an optimizer step whose micro-batches' gradients were accumulated outside next_micro_batch /
+        after_backward (a pipeline stage runs several of them at once): `loss_sum` and `metric_sums` over the
+        step's micro-batches, `norm` the objective's normaliser of its units."""
+        self.micro_step += num_micro_batches
+        self._loss_sum, self._metric_sums, self._norm = loss_sum, dict(metric_sums), norm
+        self._pending, self._grad_stash = [], None
+        self._close_step()
+
+    def _close_step(self) -> None:
+        """Clip, step the optimizer and the schedule, account the step."""
         if self.hp.max_grad_norm > 0:
-            torch.nn.utils.clip_grad_norm_(self.params, self.hp.max_grad_norm)
+            if self.global_norm is None:
+                torch.nn.utils.clip_grad_norm_(self.params, self.hp.max_grad_norm)
+            else:  # as clip_grad_norm_, with the norm of the whole adapter (other ranks hold the rest)
+                grads = [p.grad for p in self.params if p.grad is not None]
+                total = self.global_norm(grads)
+                coef = torch.clamp(self.hp.max_grad_norm / (total + 1e-6), max=1.0)
+                for g in grads:
+                    g.mul_(coef.to(g.dtype))
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -147,7 +204,20 @@ class TrainingJob:
         self.last_metrics = self.objective.report(self._metric_sums, self._norm)
         if aux is not None:
             self.last_metrics["router_aux_loss"] = aux
-        return True
+
+    def keep_layers(self, layers: range) -> None:
+        """Drop the parameters of every other decoder layer (a pipeline stage trains its layers only) and start
+        the optimizer and the schedule over the rest; call before the first step."""
+        if self.step or self.micro_step:
+            raise RuntimeError("keep_layers must come before training")
+        self.lora.keep_layers(layers)
+        self.params = list(self.lora.parameters())
+        hp = self.hp
+        self.optimizer = torch.optim.AdamW(self.params, lr=hp.learning_rate, betas=(0.9, 0.999), eps=1e-8,
+                                           weight_decay=hp.weight_decay)
+        warmup = int(hp.warmup_ratio * self.total_steps)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda s: cosine_with_warmup(s, self.total_steps, warmup, hp.min_lr_ratio))
 
 
 @dataclass(slots=True)

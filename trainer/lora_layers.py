@@ -86,6 +86,9 @@ class JobLoRA(nn.Module):
         k = key(layer, module)
         return (self.a[k], self.b[k]) if k in self.a else None
 
+    def keep_layers(self, layers: range) -> None:
+        keep_layers(self, layers)
+
     def magnitude(self, layer: int, module: str, base_weight) -> nn.Parameter | None:
         """DoRA's magnitude of this linear (None without DoRA); `base_weight()` gives W [out, in] for its init."""
         k = key(layer, module)
@@ -122,6 +125,15 @@ class JobLoRA(nn.Module):
                 if k in self.m:
                     self.m[k].copy_(tensors[magnitude_key(**names)])
                     self.magnitude_ready.add(k)
+
+
+def keep_layers(lora: nn.Module, layers: range) -> None:
+    """Drop a job's parameters of the decoder layers outside `layers` (a pipeline stage holds its own only): every
+    ParameterDict of a JobLoRA / JobMixLoRA is keyed L{layer}[_{module}]."""
+    for params in lora.children():
+        if isinstance(params, nn.ParameterDict):
+            for k in [k for k in params if int(k.split("_", 1)[0][1:]) not in layers]:
+                del params[k]
 
 
 def magnitude_key(layer: int, parent: str, module: str) -> str:
@@ -279,6 +291,9 @@ class JobMixLoRA(nn.Module):
     def experts(self, layer: int, module: str) -> tuple[nn.Parameter, nn.Parameter] | None:
         k = key(layer, module)
         return (self.ea[k], self.eb[k]) if k in self.ea else None
+
+    def keep_layers(self, layers: range) -> None:
+        keep_layers(self, layers)
 
     def peft_state_dict(self) -> dict[str, torch.Tensor]:
         """Tensors under MoE-PEFT's MixLoRA names: fp32 CPU copies."""
@@ -477,11 +492,13 @@ class MultiLoRATrainLinear(nn.Module):
         return f"layer={self.layer}, module={self.module_name}"
 
 
-def attach_training(model: nn.Module, num_layers: int, modules: Iterable[str] = LORA_MODULES) -> TrainStepState:
-    """Wrap every targetable linear of `model` (whatever module is there now) and return the shared state
-    (MixLoRA jobs also need trainer/mixlora_train.py's attach_moe_training)."""
+def attach_training(model: nn.Module, layers: int | Iterable[int], modules: Iterable[str] = LORA_MODULES
+                    ) -> TrainStepState:
+    """Wrap every targetable linear of `model`'s decoder layers (all `layers` of them, or those listed: a
+    pipeline stage's), whatever module is there now, and return the shared state (MixLoRA jobs also need
+    trainer/mixlora_train.py's attach_moe_training)."""
     state = TrainStepState()
-    for layer in range(num_layers):
+    for layer in range(layers) if isinstance(layers, int) else layers:
         for module in modules:
             parent = model.get_submodule(f"model.layers.{layer}.{LORA_MODULES[module]}")
             setattr(parent, module, MultiLoRATrainLinear(getattr(parent, module), layer, module, state))

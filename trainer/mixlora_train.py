@@ -19,6 +19,8 @@ chunks gets the chunk-weighted sum of per-chunk losses (exact when it fits one c
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
@@ -27,11 +29,11 @@ from loraplex.adapters.mixlora import mass_before
 from .lora_layers import JobMixLoRA, TrainSegment, TrainStepState
 
 
-def attach_moe_training(model, num_layers: int, state: TrainStepState) -> None:
+def attach_moe_training(model, layers: int | range, state: TrainStepState) -> None:
     """Give every FFN the MixLoRA jobs' path: the serving MixLoRAMLP (put in place here when the model has none)
     calls `moe_train_forward` first."""
     from loraplex.adapters.mixlora_mlp import MixLoRAMLP
-    for layer in range(num_layers):
+    for layer in range(layers) if isinstance(layers, int) else layers:
         decoder = model.get_submodule(f"model.layers.{layer}")
         if not isinstance(decoder.mlp, MixLoRAMLP):
             decoder.mlp = MixLoRAMLP(decoder.mlp, layer)
@@ -132,35 +134,69 @@ def moe_train_forward(state: TrainStepState, mlp, x: torch.Tensor) -> torch.Tens
     return y
 
 
-def aux_coefficients(state: TrainStepState, weight_of) -> tuple[dict[int, torch.Tensor], dict[int, float]]:
-    """After a chunk's forward (every layer recorded): per job (id of its lora), the vector c_e with
-    d(aux)/d(probability sum of expert e in any layer) = c_e, and the loss value. `weight_of(lora, tokens)` is
-    the job's multiplier of this chunk's loss (its share of the micro-batch's tokens over the micro-batches of
-    its optimizer step)."""
-    by_job: dict[int, list] = {}
-    for (job, _), entry in state.router_stats.items():
-        by_job.setdefault(job, []).append(entry)
+def router_totals(router_stats: dict) -> dict[int, RouterTotals]:
+    """Per job (id of its lora), what the load-balance loss needs from the layers in `router_stats`
+    (TrainStepState.router_stats): their choices per expert and probability sums added up, without graph."""
+    out: dict[int, RouterTotals] = {}
+    for (job, _), (lora, p_sum, counts, n) in router_stats.items():
+        t = out.get(job)
+        if t is None:
+            out[job] = RouterTotals(lora, counts.detach().double().clone(), p_sum.detach().double().clone(), n, 1)
+        else:
+            t.counts += counts.detach().double()
+            t.p_sum += p_sum.detach().double()
+            t.entries += 1
+    return out
+
+
+@dataclass(slots=True)
+class RouterTotals:
+    """One MixLoRA job's router records summed over layers: choices per expert [E], probability sums [E], the
+    job's tokens in a layer and how many layers were added (a pipeline stage adds the ones before it)."""
+    lora: object
+    counts: torch.Tensor
+    p_sum: torch.Tensor
+    tokens: int
+    entries: int
+
+    def pack(self) -> torch.Tensor:
+        """As one float64 tensor [2E + 2] (a pipeline stage passes it on with the activations)."""
+        extra = torch.tensor([self.tokens, self.entries], dtype=torch.float64, device=self.counts.device)
+        return torch.cat([self.counts, self.p_sum, extra])
+
+    def add_packed(self, packed: torch.Tensor) -> None:
+        e = self.counts.numel()
+        packed = packed.to(self.counts.device)
+        self.counts += packed[:e]
+        self.p_sum += packed[e:2 * e]
+        self.entries += int(packed[2 * e + 1])
+
+
+def aux_coefficients(totals: dict[int, RouterTotals], weight_of) -> tuple[dict[int, torch.Tensor], dict[int, float]]:
+    """After a chunk's forward (every layer recorded, router_totals): per job (id of its lora), the vector c_e
+    with d(aux)/d(probability sum of expert e in any layer) = c_e, and the loss value. `weight_of(lora, tokens)`
+    is the job's multiplier of this chunk's loss (its share of the micro-batch's tokens over the micro-batches
+    of its optimizer step)."""
     coefficients: dict[int, torch.Tensor] = {}
     values: dict[int, float] = {}
-    for job, entries in by_job.items():
-        lora, _, _, n = entries[0]
-        spec = lora.spec
+    for job, t in totals.items():
+        spec = t.lora.spec
         if spec.router_aux_loss_coef == 0:
             continue
-        tokens = n * len(entries)  # N: the job's tokens, counted in every layer
-        f = torch.stack([counts for _, _, counts, _ in entries]).sum(0) / tokens  # [E]: no gradient
-        p = torch.stack([p_sum.detach() for _, p_sum, _, _ in entries]).sum(0) / tokens
-        scale = weight_of(lora, n) * spec.router_aux_loss_coef * spec.num_experts
-        coefficients[job] = (scale * f / tokens).detach()
+        tokens = t.tokens * t.entries  # N: the job's tokens, counted in every layer
+        f = t.counts / tokens  # [E]: no gradient
+        p = t.p_sum / tokens
+        scale = weight_of(t.lora, t.tokens) * spec.router_aux_loss_coef * spec.num_experts
+        coefficients[job] = (scale * f / tokens).float()
         values[job] = float(scale * (f * p).sum())
     return coefficients, values
 
 
-def aux_term(state: TrainStepState, layer: int, coefficients: dict[int, torch.Tensor]) -> torch.Tensor | None:
+def aux_term(router_stats: dict, layer: int, coefficients: dict[int, torch.Tensor]) -> torch.Tensor | None:
     """The scalar to add to `layer`'s backward: Σ_jobs c · (probability sums this layer recorded, with graph)."""
     term = None
-    for (job, at), (_, p_sum, _, _) in state.router_stats.items():
+    for (job, at), (_, p_sum, _, _) in router_stats.items():
         if at == layer and job in coefficients and p_sum.requires_grad:
-            part = (coefficients[job] * p_sum).sum()
+            part = (coefficients[job].to(p_sum.dtype) * p_sum).sum()
             term = part if term is None else term + part
     return term

@@ -32,7 +32,12 @@ from .batch import TrainingBatch, build_training_batch, plan_chunks
 from .data import PackedSequence, SoftTargets
 from .job import TrainingJob
 from .lora_layers import TrainSegment, TrainStepState, attach_training
-from .mixlora_train import attach_moe_training, aux_coefficients, aux_term
+from .mixlora_train import (
+    attach_moe_training,
+    aux_coefficients,
+    aux_term,
+    router_totals,
+)
 from .objectives import ChunkLoss
 
 logger = logging.getLogger(__name__)
@@ -92,10 +97,23 @@ class _Share:
             self.metrics[k] = self.metrics.get(k, 0.0) + v
 
 
+@dataclass(slots=True)
+class LayerRun:
+    """A chunk's forward through a range of decoder layers, kept for its backward."""
+    layers: range
+    cos: torch.Tensor
+    sin: torch.Tensor
+    saved: list  # per layer: (its input, its output with graph, or None with gradient checkpointing), or None
+    router_stats: dict  # the MixLoRA FFNs' records of these layers (TrainStepState.router_stats)
+    out: torch.Tensor  # the last layer's output, detached
+
+
 class MultiJobTrainer:
     def __init__(self, model: nn.Module, model_config, dtype: torch.dtype, device: torch.device, *,
                  max_jobs: int = 4, gradient_checkpointing: bool = False, chunk_tokens: int = 2048,
-                 head_rows: int = 256, before_slice: Callable[[], None] | None = None) -> None:
+                 head_rows: int = 256, before_slice: Callable[[], None] | None = None,
+                 layers: range | None = None) -> None:
+        """`layers`: the decoder layers this process holds (a pipeline stage's; default all)."""
         if max_jobs < 1:
             raise ValueError("max_jobs must be at least 1")
         if chunk_tokens < 1 or head_rows < 1:
@@ -105,8 +123,9 @@ class MultiJobTrainer:
         self.gradient_checkpointing = gradient_checkpointing
         self.chunk_tokens, self.head_rows = chunk_tokens, head_rows
         self.before_slice = before_slice  # e.g. clear the serving LoRA's per-step state
-        self.state: TrainStepState = attach_training(model, model_config.num_hidden_layers)
-        attach_moe_training(model, model_config.num_hidden_layers, self.state)
+        layers = range(model_config.num_hidden_layers) if layers is None else layers
+        self.state: TrainStepState = attach_training(model, layers)
+        attach_moe_training(model, layers, self.state)
         self.jobs: dict[str, TrainingJob] = {}
         self.in_step: list[str] = []  # jobs of the step in progress
         self._pass_value: dict[str, float] = {}  # stride scheduling's virtual time per job
@@ -178,17 +197,28 @@ class MultiJobTrainer:
         """Each job's adapter on its validation units (no dropout), batched across jobs -> per job
         {"loss": mean loss (SFT: per token; DPO: per pair), "accuracy": (SFT: mean token accuracy; DPO: reward
         accuracy), ...the objective's other metrics}."""
+        sums = yield from self.evaluate_sums_slices(jobs_and_data)
+        out = []
+        for (job, units), (loss_sum, count, metrics) in zip(jobs_and_data, sums):
+            report = job.objective.report(metrics, job.objective.normaliser(list(units)))
+            out.append({"loss": loss_sum / count if count else float("nan"), **report})
+        return out
+
+    def evaluate_sums(self, jobs_and_data: list[tuple[TrainingJob, list]]
+                      ) -> list[tuple[float, int, dict[str, float]]]:
+        return run_to_end(self.evaluate_sums_slices(jobs_and_data))
+
+    def evaluate_sums_slices(self, jobs_and_data: list[tuple[TrainingJob, list]]
+                             ) -> Generator[None, None, list[tuple[float, int, dict[str, float]]]]:
+        """Per job, its validation (loss sum, units the loss is a mean over, metric sums): what data-parallel
+        ranks add up."""
         shares = []
         for job, units in jobs_and_data:
             seqs, policy = job.objective.expand(list(units))
             shares.append(_Share(job, seqs, policy, job.objective.normaliser(list(units)), None,
                                  units=job.objective.units(list(units))))
         yield from self._run(shares, train=False)
-        out = []
-        for share in shares:
-            report = share.job.objective.report(share.metrics, share.norm)
-            out.append({"loss": share.loss_sum / share.units if share.units else float("nan"), **report})
-        return out
+        return [(share.loss_sum, share.units, share.metrics) for share in shares]
 
     @torch.no_grad()
     def with_base_distributions(self, sequences: list[PackedSequence], k: int = DISTILL_TOP_K
@@ -228,20 +258,26 @@ class MultiJobTrainer:
         for chunk in plan_chunks([s.sequences for s in shares], self.chunk_tokens, groups):
             tb = build_training_batch([[seq for _, seq in part] for part in chunk], self.model_config,
                                       self.dtype, self.device)
-            segments = []
-            for (start, end), rows, part, share in zip(tb.segments, tb.sequence_rows, chunk, shares):
-                lora = share.job.lora
-                if share.dropout_seed is not None and train or not all(share.policy[k] for k, _ in part):
-                    # a segment per sequence: a dropout mask each (the same however the step is chunked), and
-                    # no adapter at all on a DPO reference row
-                    seed = share.dropout_seed if train else None
-                    segments += [TrainSegment(s, e, lora, None if seed is None else seed * 1_000_033 + k)
-                                 for (s, e), (k, _) in zip(rows, part) if share.policy[k]]
-                elif end > start:
-                    segments.append(TrainSegment(start, end, lora))
+            segments = self.segments(tb, chunk, shares, train)
             ordinals = [torch.tensor([k for k, _ in part], dtype=torch.int64, device=self.device) for part in chunk]
             yield from self._pass(tb, segments, shares, ordinals, train)
 
+
+    @staticmethod
+    def segments(tb: TrainingBatch, chunk: list, shares: list[_Share], train: bool) -> list[TrainSegment]:
+        """The LoRA segments of a chunk's rows (`chunk`: per share, its (ordinal, sequence) pairs)."""
+        segments = []
+        for (start, end), rows, part, share in zip(tb.segments, tb.sequence_rows, chunk, shares):
+            lora = share.job.lora
+            if share.dropout_seed is not None and train or not all(share.policy[k] for k, _ in part):
+                # a segment per sequence: a dropout mask each (the same however the step is chunked), and
+                # no adapter at all on a DPO reference row
+                seed = share.dropout_seed if train else None
+                segments += [TrainSegment(s, e, lora, None if seed is None else seed * 1_000_033 + k)
+                             for (s, e), (k, _) in zip(rows, part) if share.policy[k]]
+            elif end > start:
+                segments.append(TrainSegment(start, end, lora))
+        return segments
 
     @staticmethod
     def _aux_weight(shares: list[_Share]):
@@ -267,30 +303,58 @@ class MultiJobTrainer:
               ordinals: list[torch.Tensor], train: bool) -> Generator[None, None, None]:
         """Forward one chunk layer by layer, the head by blocks of target rows and (training) backward layer
         by layer. The head gives every target's log-probability; each share's objective turns its targets'
-        into its loss and, for DPO, the per-target derivatives that scale the head's gradients."""
-        inner = self.model.model
-        layers = list(inner.layers)
-        keep_graph = train and not self.gradient_checkpointing
+        into its loss and, for DPO, the per-target derivatives that scale the head's gradients. The pieces are
+        the pipeline stages' too (trainer/pipeline.py), each of which runs a range of the layers."""
+        layers = range(len(self.model.model.layers))
         self.state.router_stats.clear()
-        self.state.jitter = train
-        with self._active(segments, False):
-            x = inner.embed_tokens(tb.batch.input_ids)  # [num_tokens, hidden]; the base is frozen
-            cos, sin = inner.rotary_emb(tb.batch.positions, x.dtype)
-        saved: list[tuple[torch.Tensor, torch.Tensor | None] | None] = []
-        for i, layer in enumerate(layers):
-            with self._active(segments, keep_graph):
-                x_in = x.detach().requires_grad_(i > 0 and train)
-                x = layer(x_in, cos, sin, tb.kv_caches[i], tb.batch)
-            saved.append((x_in, x if keep_graph else None) if train else None)
-            yield
+        x, cos, sin = self.embed(tb, segments)
+        run = yield from self.forward_layers(tb, segments, x, cos, sin, layers, train)
         aux = {}
-        if train and self.state.router_stats:  # MixLoRA jobs: the load-balance loss, now that f is known
-            aux, values = aux_coefficients(self.state, self._aux_weight(shares))
+        if train and run.router_stats:  # MixLoRA jobs: the load-balance loss, now that f is known
+            aux, values = aux_coefficients(router_totals(run.router_stats), self._aux_weight(shares))
             for share in shares:
                 if id(share.job.lora) in values:
                     share.metrics["router_aux_loss"] = share.metrics.get("router_aux_loss", 0.0) + \
                         values[id(share.job.lora)]
-        last = x.detach()
+        grad = yield from self.head(tb, segments, run.out, shares, ordinals, train)
+        if grad is not None:
+            yield from self.backward_layers(tb, segments, run, grad, aux)
+
+    def embed(self, tb: TrainingBatch, segments: list[TrainSegment]
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The chunk's input embeddings (the base is frozen: no graph) and its rotary tables."""
+        inner = self.model.model
+        with self._active(segments, False):
+            x = inner.embed_tokens(tb.batch.input_ids)  # [num_tokens, hidden]
+        return (x, *self.rotary(tb, x.dtype))
+
+    def rotary(self, tb: TrainingBatch, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.model.model.rotary_emb(tb.batch.positions, dtype)
+
+    def forward_layers(self, tb: TrainingBatch, segments: list[TrainSegment], x: torch.Tensor, cos: torch.Tensor,
+                       sin: torch.Tensor, layers: range, train: bool, grad_input: bool = False
+                       ) -> Generator[None, None, LayerRun]:
+        """`x` through decoder layers `layers`, one per slice. Training keeps each layer's input (and, without
+        gradient checkpointing, its graph) for backward_layers; `grad_input`: the first layer's input gets a
+        gradient too (a pipeline stage sends it to the one before)."""
+        inner = self.model.model
+        keep_graph = train and not self.gradient_checkpointing
+        saved: list[tuple[torch.Tensor, torch.Tensor | None] | None] = []
+        for i in layers:
+            with self._active(segments, keep_graph):
+                x_in = x.detach().requires_grad_(train and (i > layers.start or grad_input))
+                x = inner.layers[i](x_in, cos, sin, tb.kv_caches[i], tb.batch)
+            saved.append((x_in, x if keep_graph else None) if train else None)
+            yield
+        stats = {k: v for k, v in self.state.router_stats.items() if k[1] in layers}
+        return LayerRun(layers, cos, sin, saved, stats, x.detach())
+
+    def head(self, tb: TrainingBatch, segments: list[TrainSegment], last: torch.Tensor, shares: list[_Share],
+             ordinals: list[torch.Tensor], train: bool) -> Generator[None, None, torch.Tensor | None]:
+        """The final norm and head over the target rows of the last layer's output `last`, by blocks of
+        `head_rows`: adds each share's loss, target count and metrics; training returns d(loss)/d(last)
+        (None when the chunk has no target)."""
+        inner = self.model.model
         n = tb.targets.numel()
         # d(loss)/d(log p) known before the head (SFT: -1/targets of the step) goes into the head's backward;
         # the others (DPO) start at 1 and are scaled below, once the chunk's sums are known
@@ -326,20 +390,31 @@ class MultiJobTrainer:
                 scale = torch.ones(n, dtype=torch.float32, device=last.device) if scale is None else scale
                 scale[idx] = result.coefficients
         if not train or n == 0:
-            return
+            return None
         if scale is not None:
             head_grads = (head_grads.float() * scale[:, None]).to(last.dtype)
-        grad = torch.zeros_like(last).index_add_(0, tb.target_rows, head_grads)
-        for i in reversed(range(len(layers))):
-            x_in, out = saved[i]
-            saved[i] = None
+        return torch.zeros_like(last).index_add_(0, tb.target_rows, head_grads)
+
+    def backward_layers(self, tb: TrainingBatch, segments: list[TrainSegment], run: LayerRun, grad: torch.Tensor,
+                        aux: dict) -> Generator[None, None, torch.Tensor | None]:
+        """Backward through `run`'s layers, last first, one per slice (recomputing each first with gradient
+        checkpointing: the same dropout masks), with the MixLoRA load-balance terms `aux`; returns the gradient
+        of the first layer's input (None unless it was run with grad_input)."""
+        inner = self.model.model
+        for at in reversed(range(len(run.layers))):
+            i = run.layers[at]
+            x_in, out = run.saved[at]
+            run.saved[at] = None
+            stats = run.router_stats
             with self._active(segments, True):
                 if out is None:  # gradient checkpointing: recompute this layer (same dropout masks)
-                    out = layers[i](x_in, cos, sin, tb.kv_caches[i], tb.batch)
-                term = aux_term(self.state, i, aux) if aux else None
+                    out = inner.layers[i](x_in, run.cos, run.sin, tb.kv_caches[i], tb.batch)
+                    stats = self.state.router_stats  # the recomputed router probabilities, with their graph
+                term = aux_term(stats, i, aux) if aux else None
                 if term is None:
                     torch.autograd.backward(out, grad)
                 else:
                     torch.autograd.backward([out, term], [grad, torch.ones_like(term)])
             grad = x_in.grad
             yield
+        return grad

@@ -40,6 +40,7 @@ class ChunkLoss:
 class SFT:
     name = "supervised"
     group = 1  # sequences that must share a chunk
+    metric_keys = ("correct", "count")  # of its ChunkLoss
 
     def expand(self, units: list[PackedSequence]) -> tuple[list[PackedSequence], list[bool]]:
         """-> (sequences in forward order, whether each runs with the job's adapter)."""
@@ -68,6 +69,7 @@ class SFT:
 class DPO:
     name = "dpo"
     group = 4  # chosen and rejected, with the adapter and without
+    metric_keys = ("pairs", "reward_accuracy_sum", "margin_sum", "chosen_reward_sum", "rejected_reward_sum")
 
     def __init__(self, beta: float = DEFAULT_DPO_BETA) -> None:
         if not 0 < beta <= 100:

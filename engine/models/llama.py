@@ -57,6 +57,20 @@ def map_checkpoint_name(name: str) -> str | None:
     return target if m is None else target.replace("{i}", m.group(1))
 
 
+class Dropped(nn.Module):
+    """In place of a part of the model this process does not hold (a pipeline stage: engine/loader.py ModelParts)."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__()
+        self.name = name
+
+    def forward(self, *args, **kwargs):
+        raise RuntimeError(f"{self.name} is held by another pipeline stage")
+
+    def extra_repr(self) -> str:
+        return self.name
+
+
 class RMSNorm(nn.Module):
     def __init__(self, hidden_size: int, eps: float) -> None:
         super().__init__()
@@ -182,7 +196,7 @@ class LlamaForCausalLM(nn.Module):
 
     def tie_weights(self) -> None:
         """Share lm_head.weight with the embedding when the config says so (call again after loading)."""
-        if self.config.tie_word_embeddings:
+        if self.config.tie_word_embeddings and not isinstance(self.lm_head, Dropped):
             self.lm_head.weight = self.model.embed_tokens.weight
 
     @staticmethod
