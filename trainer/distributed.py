@@ -371,6 +371,7 @@ class DistributedRun:
         self.stats = {"mode": self.par.mode, "world": self.world, "elapsed_s": elapsed, "trained_tokens": tokens}
         if self.stage is not None:
             self.stats["stages"] = self._log_bubble()
+            self.stats["balance"] = [len(b) for b in self.bounds]
         dist.barrier()
         return summary
 

@@ -20,7 +20,10 @@ writes a PEFT folder (loadable by peft and vLLM unchanged, and by `loraplex serv
         method: supervised      # supervised | dpo (data: OpenAI's preference JSONL)
         beta: 0.1               # DPO only
         lora: {r: 8, alpha: 16, dropout: 0.0, target_modules: [q_proj, v_proj], use_rslora: false}
+                                # use_dora: true for DoRA; type: mixlora (num_experts, top_k, ...) for a MixLoRA
         hyperparameters: {n_epochs: 3, batch_size: 8, micro_batch_size: 4, learning_rate: 2.0e-4}
+    parallel: null              # across processes (trainer/distributed.py): {mode: pipeline | data, stages: N,
+                                # balance: auto | [layers per stage], checkpoint_every: 0}
 """
 from __future__ import annotations
 

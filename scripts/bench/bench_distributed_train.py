@@ -73,14 +73,10 @@ def main() -> None:
     args = p.parse_args()
 
     from loraplex.engine.default_model import ensure_default_model
-    from loraplex.engine.llm_engine import _read_model_config
-    from loraplex.trainer.distributed import auto_balance
     from loraplex.trainer.pipeline_schedule import build_schedule, mlora_bubble
 
     model = args.model or str(ensure_default_model())
-    balance = auto_balance(_read_model_config(model), 2)
-    print(f"distributed training: {args.jobs} jobs x {args.examples} examples, model {Path(model).name}, "
-          f"pipeline balance {list(balance)} (auto)", flush=True)
+    print(f"distributed training: {args.jobs} jobs x {args.examples} examples, model {Path(model).name}", flush=True)
     with tempfile.TemporaryDirectory(prefix="bench-dist-") as tmp:
         tmp = Path(tmp)
         results = {}
@@ -92,8 +88,9 @@ def main() -> None:
             tps = stats["trained_tokens"] / stats["elapsed_s"]
             base = results["single process x 2 threads"]
             ratio = tps / (base["trained_tokens"] / base["elapsed_s"])
+            layers = f", layers per stage {stats['balance']} (auto)" if "balance" in stats else ""
             print(f"  {name:30s} {stats['trained_tokens']:6d} tokens in {stats['elapsed_s']:6.1f} s: {tps:6.1f} "
-                  f"tokens/s ({ratio:.2f}x single)", flush=True)
+                  f"tokens/s ({ratio:.2f}x single){layers}", flush=True)
         print("pipeline bubble (2 stages): measured idle fraction per stage vs mLoRA's formula and the schedule",
               flush=True)
         for jobs in (1, 2, 4):

@@ -56,9 +56,11 @@ def main() -> None:
             return step()
         job.optimizer.step = record
 
+    times = None
     if bounds:
         stage = PipelineStage(trainer, rank, bounds, torch.device("cpu"))
-        stage.train(jobs, {job.job_id: spec["steps"] for job in jobs})
+        schedule = stage.train(jobs, {job.job_id: spec["steps"] for job in jobs})
+        times = {"busy_s": stage.busy_s, "wall_s": stage.wall_s, "schedule_bubble": schedule.bubble(rank)}
     else:
         for job in jobs:
             trainer.add_job(job)
@@ -69,7 +71,7 @@ def main() -> None:
                     trainer.remove_job(job.job_id)
     result = {"grads": grads, "params": {job.job_id: {n: p.detach().clone() for n, p in job.lora.named_parameters()}
                                          for job in jobs},
-              "losses": {job.job_id: job.last_train_loss for job in jobs}}
+              "losses": {job.job_id: job.last_train_loss for job in jobs}, "times": times}
     torch.save(result, out / f"rank-{rank}.pt")
     dist.barrier()
     dist.destroy_process_group()

@@ -176,7 +176,11 @@ def test_pipeline_mixlora_beside_lora_on_a_quantized_base(tiny4, tmp_path, quant
 
 
 def test_data_parallel_matches_the_same_global_batch(tiny4, tmp_path):
-    spec = {"model": str(tiny4), "mode": "data", "steps": 3, "jobs": THREE_JOBS}
+    """Three LoRA jobs and a MixLoRA one (its load-balance loss off: with it, each rank's loss is over its own
+    share, averaged as DDP does, which one process does not compute)."""
+    moe = {"name": "moe", "lora": {"type": "mixlora", "r": 4, "alpha": 8, "num_experts": 4, "router_aux_loss_coef": 0},
+           "hp": {"batch_size": 4, "micro_batch_size": 2}, "n": 8}
+    spec = {"model": str(tiny4), "mode": "data", "steps": 3, "jobs": [*THREE_JOBS, moe]}
     results = run_workers(spec, tmp_path)
     ref_grads, ref_params = single_process(spec, tiny4)
     for r in results:  # every rank ends with the whole, identical adapters
@@ -188,6 +192,29 @@ def test_data_parallel_matches_the_same_global_batch(tiny4, tmp_path):
         for name, t in results[0]["params"][job].items():
             assert torch.equal(t, results[1]["params"][job][name])
         assert results[0]["losses"][job] == pytest.approx(results[1]["losses"][job], rel=1e-6)
+
+
+@pytest.mark.slow
+def test_measured_bubble_with_1_2_and_4_jobs(tiny4, tmp_path):
+    """Each stage's compute time over the wall time of the run, with 1, 2 and 4 concurrent jobs of one
+    micro-batch per step, beside mLoRA's formula (0.5, 0, 0 for 2 stages): printed, and the 1-job pipeline idles
+    far more than the 4-job one (the schedule itself is checked slot by slot below)."""
+    job = {"lora": {"r": 8, "alpha": 16, "target_modules": ALL}, "hp": {"batch_size": 4, "micro_batch_size": 4},
+           "n": 32}
+    measured = {}
+    for jobs in (1, 2, 4):
+        spec = {"model": str(tiny4), "mode": "pipeline", "steps": 6,
+                "jobs": [job | {"name": f"j{i}"} for i in range(jobs)]}
+        (tmp_path / str(jobs)).mkdir()
+        results = run_workers(spec, tmp_path / str(jobs))
+        times = [r["times"] for r in results]
+        measured[jobs] = [1 - t["busy_s"] / t["wall_s"] for t in times]
+        for t in times:
+            assert 0 < t["busy_s"] <= t["wall_s"]
+            assert t["schedule_bubble"] == pytest.approx(mlora_bubble(2, jobs), abs=0.1)
+        print(f"{jobs} job(s): measured bubble {[round(m, 2) for m in measured[jobs]]}, "
+              f"formula {mlora_bubble(2, jobs):.2f}")
+    assert min(measured[1]) > max(measured[4]) + 0.1
 
 
 # ---- the schedule ---------------------------------------------------------------------------------------
@@ -368,3 +395,41 @@ def _workers_of(pid: int) -> list[int]:
                 continue
             children.setdefault(ppid, []).append(int(d.name))
     return [w for t in children.get(pid, []) for w in children.get(t, [])]
+
+
+@pytest.mark.slow
+def test_ray_train_torch_trainer_runs_data_mode_like_one_process(train_config, tmp_path):
+    """Under Ray Train's TorchTrainer (2 gloo workers) run_distributed uses the process group Ray set up; data mode
+    writes the adapters one process writes with the same global batch."""
+    ray = pytest.importorskip("ray")
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+    from safetensors.torch import load_file
+
+    from loraplex.trainer.offline import run_config
+
+    config = train_config | {"parallel": {"mode": "data"}}
+    config["jobs"] = [j | {"data": str(tmp_path / "chat.jsonl"), "validation_fraction": 0.0} for j in config["jobs"]]
+    ray_config = config | {"output_dir": str(tmp_path / "ray-out")}
+
+    def loop(cfg):
+        from loraplex.trainer.distributed import run_distributed
+        run_distributed(cfg["config"], Path(cfg["base_dir"]), progress=False)
+
+    ray.init(num_cpus=2, include_dashboard=False,
+             runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}})
+    try:
+        TorchTrainer(loop, train_loop_config={"config": ray_config, "base_dir": str(tmp_path)},
+                     torch_config=TorchConfig(backend="gloo"),
+                     scaling_config=ScalingConfig(num_workers=2, use_gpu=False, resources_per_worker={"CPU": 1}),
+                     run_config=RunConfig(storage_path=str(tmp_path / "ray"), name="lora")).fit()
+    finally:
+        ray.shutdown()
+    single = {k: v for k, v in config.items() if k != "parallel"} | {"output_dir": str(tmp_path / "one-out")}
+    run_config(single, tmp_path, progress=False)
+    for name in ("job0", "job1"):
+        a = load_file(str(tmp_path / "ray-out" / name / "adapter_model.safetensors"))
+        b = load_file(str(tmp_path / "one-out" / name / "adapter_model.safetensors"))
+        assert set(a) == set(b)
+        for k in a:
+            torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=0)
