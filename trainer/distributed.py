@@ -487,7 +487,7 @@ class DistributedRun:
         if self.rank != 0:
             return None
         for r, (b, w) in enumerate(times):
-            logger.info("stage %d: busy %.1f s of %.1f s in training windows (bubble %.0f%%)", r, b, w,
+            logger.info("stage %d: busy %.1f s of %.1f s in training windows, the rest waiting for another stage (bubble %.0f%%)", r, b, w,
                         100 * (1 - b / w) if w else 0.0)
         return [{"busy_s": b, "wall_s": w} for b, w in times]
 

@@ -73,8 +73,11 @@ class PipelineStage:
         self.device = device
         self.hidden = trainer.model_config.hidden_size
         self._sends: list = []
-        self.busy_s = 0.0  # time in forward and backward compute, this window
+        # the last run's wall time and the part of it this rank was not waiting for another (a message or a step's
+        # all-reduce): busy = wall - waiting, so 1 - busy / wall is the stage's bubble
+        self.busy_s = 0.0
         self.wall_s = 0.0
+        self._wait_s = 0.0
         self.trained_tokens = 0  # trained targets of the micro-batches planned so far (every rank counts them all)
 
     # ---- planning (the same on every rank) ----------------------------------------------------------
@@ -149,7 +152,7 @@ class PipelineStage:
     def _execute(self, schedule: Schedule, items: list[Item], groups: dict[int, GroupPlan], train: bool,
                  on_step) -> None:
         t0 = time.perf_counter()
-        self.busy_s = 0.0
+        self._wait_s = 0.0
         flight: dict[int, InFlight] = {}
         done_in_group = {g: 0 for g in groups}
         for op in schedule.stages[self.stage]:
@@ -164,14 +167,20 @@ class PipelineStage:
                 done_in_group[items[op.index].group] += 1
             else:  # STEP
                 plan = groups[op.index]
+                t_step = time.perf_counter()
                 plan.job.close_step(plan.loss_sum, plan.metrics, plan.num_micro_batches, plan.norm)
+                if plan.job.global_norm is not None and plan.job.hp.max_grad_norm > 0:
+                    self._wait_s += time.perf_counter() - t_step  # mostly the all-reduce's wait for the other stages
                 if on_step is not None:
                     on_step(plan.job)
         if not train and self.first:
             for i, item in enumerate(items):
                 self._take_stats(i, item, groups)
+        t_end = time.perf_counter()
         self._wait_sends()
+        self._wait_s += time.perf_counter() - t_end
         self.wall_s = time.perf_counter() - t0
+        self.busy_s = self.wall_s - self._wait_s
 
     def _forward(self, index: int, item: Item, train: bool) -> InFlight:
         trainer = self.trainer
@@ -186,7 +195,6 @@ class PipelineStage:
             cos, sin = trainer.rotary(tb, x.dtype)
             carried = self._recv((2 * item.job.spec.num_experts + 2,), torch.float64, self.stage - 1, index,
                                  ROUTER_FWD) if mix and train else None
-        t0 = time.perf_counter()
         trainer.state.router_stats.clear()
         trainer.state.jitter = train
         run = run_to_end(trainer.forward_layers(tb, segments, x, cos, sin, self.layers, train,
@@ -204,12 +212,10 @@ class PipelineStage:
                 aux_value = values.get(id(item.job.lora), 0.0)
             ordinals = [torch.tensor([k for k, _ in item.part], dtype=torch.int64, device=self.device)]
             state.grad = run_to_end(trainer.head(tb, segments, run.out, shares, ordinals, train))
-            self.busy_s += time.perf_counter() - t0
             if state.grad is None and train:  # no target in this chunk: nothing flows back
                 state.grad = torch.zeros_like(run.out)
             self._send(self._stats(item, aux_value), 0, index, STATS)
         else:
-            self.busy_s += time.perf_counter() - t0
             self._send(run.out, self.stage + 1, index, ACT)
             if state.totals is not None:
                 self._send(state.totals.pack(), self.stage + 1, index, ROUTER_FWD)
@@ -228,9 +234,7 @@ class PipelineStage:
                 state.totals.counts, state.totals.p_sum = totals[:e].clone(), totals[e:2 * e].clone()
                 state.totals.entries = int(totals[2 * e + 1])
                 aux, _ = aux_coefficients({id(item.job.lora): state.totals}, self._aux_weight(item))
-        t0 = time.perf_counter()
         g_in = run_to_end(self.trainer.backward_layers(state.tb, state.segments, state.run, grad, aux or {}))
-        self.busy_s += time.perf_counter() - t0
         if not self.first:
             self._send(g_in, self.stage - 1, index, GRAD)
             if state.totals is not None:
@@ -266,7 +270,9 @@ class PipelineStage:
 
     def _recv(self, shape: tuple, dtype: torch.dtype, src: int, index: int, kind: int) -> torch.Tensor:
         buf = torch.empty(shape, dtype=dtype, device=self.device)
+        t0 = time.perf_counter()
         dist.recv(buf, src, tag=index * 8 + kind)
+        self._wait_s += time.perf_counter() - t0
         return buf
 
     def _wait_sends(self) -> None:

@@ -4,8 +4,9 @@
 
 - trained tokens/s of `--jobs` jobs in one process (2 threads), in mLoRA's pipeline mode (2 ranks x 1 thread,
   one stage each) and in data mode (2 ranks x 1 thread), with the ratio of each to the single process;
-- the pipeline bubble with 1, 2 and 4 concurrent jobs: each stage's measured idle fraction (1 - compute time /
-  wall time of the training windows) beside mLoRA's formula max((D - L) / D, 0) and the simulated schedule's.
+- the pipeline bubble with 1, 2 and 4 concurrent jobs: each stage's measured idle fraction (the time it waits for
+  another stage, for a message or a step's all-reduce, over the wall time) beside mLoRA's formula max((D - L) / D, 0)
+  and the simulated schedule's.
 
 On one 2-core machine no speed-up is expected (two ranks share the cores a single process already uses, and
 ranks talk over gloo on loopback); the point is the measured bubble. The default model (SmolLM2-135M, 30 layers,

@@ -195,15 +195,22 @@ def test_data_parallel_matches_the_same_global_batch(tiny4, tmp_path):
 
 
 @pytest.mark.slow
-def test_measured_bubble_with_1_2_and_4_jobs(tiny4, tmp_path):
-    """Each stage's compute time over the wall time of the run, with 1, 2 and 4 concurrent jobs of one
-    micro-batch per step, beside mLoRA's formula (0.5, 0, 0 for 2 stages): printed, and the 1-job pipeline idles
-    far more than the 4-job one (the schedule itself is checked slot by slot below)."""
-    job = {"lora": {"r": 8, "alpha": 16, "target_modules": ALL}, "hp": {"batch_size": 4, "micro_batch_size": 4},
+def test_measured_bubble_with_1_2_and_4_jobs(tmp_path):
+    """Each stage's time waiting for the other (messages, a step's all-reduce) over its wall time, with 1, 2 and 4
+    concurrent jobs of one micro-batch per step, beside mLoRA's formula (0.5, 0, 0 for 2 stages): printed, and the
+    1-job pipeline idles far more than the 4-job one (the schedule itself is checked slot by slot below). A model
+    wide enough that compute, not Python, fills a stage's time."""
+    model_dir = tmp_path / "wide"
+    config = transformers.LlamaConfig(vocab_size=97, hidden_size=512, intermediate_size=1536, num_hidden_layers=4,
+                                      num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=256,
+                                      tie_word_embeddings=False)
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(config).save_pretrained(model_dir)
+    job = {"lora": {"r": 8, "alpha": 16, "target_modules": ALL}, "hp": {"batch_size": 8, "micro_batch_size": 8},
            "n": 32}
     measured = {}
     for jobs in (1, 2, 4):
-        spec = {"model": str(tiny4), "mode": "pipeline", "steps": 6,
+        spec = {"model": str(model_dir), "mode": "pipeline", "steps": 4,
                 "jobs": [job | {"name": f"j{i}"} for i in range(jobs)]}
         (tmp_path / str(jobs)).mkdir()
         results = run_workers(spec, tmp_path / str(jobs))
@@ -211,10 +218,10 @@ def test_measured_bubble_with_1_2_and_4_jobs(tiny4, tmp_path):
         measured[jobs] = [1 - t["busy_s"] / t["wall_s"] for t in times]
         for t in times:
             assert 0 < t["busy_s"] <= t["wall_s"]
-            assert t["schedule_bubble"] == pytest.approx(mlora_bubble(2, jobs), abs=0.1)
-        print(f"{jobs} job(s): measured bubble {[round(m, 2) for m in measured[jobs]]}, "
-              f"formula {mlora_bubble(2, jobs):.2f}")
-    assert min(measured[1]) > max(measured[4]) + 0.1
+            assert t["schedule_bubble"] == pytest.approx(mlora_bubble(2, jobs), abs=0.15)
+        print(f"{jobs} job(s): measured bubble per stage {[round(m, 2) for m in measured[jobs]]}, "
+              f"formula {mlora_bubble(2, jobs):.2f}, schedule {times[0]['schedule_bubble']:.2f}")
+    assert sum(measured[1]) / 2 > sum(measured[4]) / 2 + 0.15
 
 
 # ---- the schedule ---------------------------------------------------------------------------------------
