@@ -314,10 +314,25 @@ def loraplex_train(tmp_path: Path, config: dict, *extra: str, timeout: float = 3
     ({"mode": "data"}, None, "say how many processes with --nproc-per-node"),
     ({"mode": "data", "shards": 2}, "2", "parallel: unknown keys ['shards']"),
 ])
-def test_bad_parallel_config_fails_before_anything_starts(train_config, tmp_path, parallel, nproc, message):
-    proc = loraplex_train(tmp_path, train_config | {"parallel": parallel}, *(["--nproc-per-node", nproc] if nproc else []))
+def test_bad_parallel_config_fails_before_anything_starts(train_config, tmp_path, parallel, nproc, message, caplog,
+                                                         monkeypatch):
+    import argparse
+    import subprocess as sp
+
+    from loraplex.trainer.cli import run_train
+    monkeypatch.setattr(sp, "call", lambda *a, **k: pytest.fail("torchrun was started"))
+    (tmp_path / "train.yaml").write_text(yaml.safe_dump(train_config | {"parallel": parallel}))
+    ns = argparse.Namespace(config=str(tmp_path / "train.yaml"), no_progress=True, max_restarts=0,
+                            nproc_per_node=int(nproc) if nproc else None)
+    assert run_train(ns) == 2
+    assert message in caplog.text
+    assert not (tmp_path / "out").exists()
+
+
+def test_bad_parallel_config_from_the_command_line(train_config, tmp_path):
+    proc = loraplex_train(tmp_path, train_config | {"parallel": {"mode": "pipeline", "stages": 2, "balance": [3, 3]}})
     assert proc.returncode == 2
-    assert message in proc.stderr
+    assert "parallel.balance [3, 3] sums to 6; the model has 4 decoder layers" in proc.stderr
     assert "launching" not in proc.stderr and not (tmp_path / "out").exists()
 
 
