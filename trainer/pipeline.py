@@ -201,7 +201,7 @@ class PipelineStage:
                                                 grad_input=not self.first))
         state.run = run
         if mix and train:
-            state.totals = router_totals(run.router_stats).get(id(item.job.lora)) or _no_routing(item.job)
+            state.totals = router_totals(run.router_stats).get(id(item.job.lora)) or _no_routing(item.job, self.device)
             if not self.first:
                 state.totals.add_packed(carried)
         if self.last:
@@ -281,7 +281,8 @@ class PipelineStage:
         self._sends = []
 
 
-def _no_routing(job: TrainingJob) -> RouterTotals:
+def _no_routing(job: TrainingJob, device: torch.device) -> RouterTotals:
+    """A MixLoRA job's router totals before any of its layers ran (nothing recorded yet)."""
     e = job.spec.num_experts
-    z = torch.zeros(e, dtype=torch.float64)
+    z = torch.zeros(e, dtype=torch.float64, device=device)
     return RouterTotals(job.lora, z, z.clone(), 0, 0)

@@ -13,11 +13,9 @@ from safetensors.torch import load_file, save_file
 from loraplex.adapters.errors import AdapterError
 from loraplex.adapters.peft import load_adapter
 from loraplex.adapters.runtime import LoRARuntime
-from loraplex.engine.core.request import Request
-from loraplex.engine.core.sampling_params import SamplingParams
 from loraplex.engine.loader import load_model
 from tests.adapters.peft_factory import add_random_adapter, save_adapter
-from tests.adapters.test_lora_parity import lora_runner, peft_logits
+from tests.adapters.test_lora_parity import lora_runner, peft_logits, run_mixed_batch
 from tests.engine.test_models import TINY_CONFIGS, randomize
 
 ATOL = 1e-4
@@ -62,23 +60,8 @@ def dora_setup(request, tmp_path_factory):
 
 def test_dora_rows_match_peft_in_a_mixed_batch(dora_setup):
     peft_model, model, config, runtime, _ = dora_setup
-    gen = torch.Generator().manual_seed(1)
     which = {"base": None, **{f"r-{n}": n for n in ADAPTERS}, "again": "dora8-all"}
-    seqs = {k: torch.randint(0, config.vocab_size, (5 + i % 4,), generator=gen).tolist()
-            for i, k in enumerate(which)}
-    requests = {}
-    for name, adapter in which.items():
-        adapter_id = ADAPTERS[adapter][0] if adapter else 0
-        requests[name] = Request(name, seqs[name], SamplingParams(), adapter_id=adapter_id,
-                                 adapter_version=1 if adapter_id else 0)
-        runtime.add_request(requests[name])
-        assert runtime.admit(requests[name])
-    names = list(which)
-    first = names[::2]
-    schedule = [[(n, len(seqs[n]) - 1) for n in first],
-                [(n, 1) for n in first] + [(n, len(seqs[n]) - 1) for n in names if n not in first],
-                [(n, 1) for n in names if n not in first]]
-    ours = lora_runner(model, config, runtime, requests, block_size=4, num_blocks=96).run(seqs, schedule)
+    ours, seqs, requests = run_mixed_batch(model, config, runtime, which, ADAPTERS, seed=1, first=0)
     for name, logits in ours.items():
         ref = peft_logits(peft_model, which[name], seqs[name][:logits.shape[0]])
         torch.testing.assert_close(logits, ref, atol=ATOL, rtol=0, msg=lambda m, name=name: f"{name}: {m}")

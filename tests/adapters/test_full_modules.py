@@ -13,11 +13,9 @@ from safetensors.torch import load_file, save_file
 from loraplex.adapters.errors import AdapterError, UnsupportedAdapterError
 from loraplex.adapters.peft import load_adapter
 from loraplex.adapters.runtime import LoRARuntime
-from loraplex.engine.core.request import Request
-from loraplex.engine.core.sampling_params import SamplingParams
 from loraplex.engine.loader import load_model
 from tests.adapters.peft_factory import add_random_adapter, save_adapter
-from tests.adapters.test_lora_parity import lora_runner
+from tests.adapters.test_lora_parity import run_mixed_batch
 from tests.engine.test_models import TINY_CONFIGS, randomize
 
 ATOL = 1e-4
@@ -74,23 +72,8 @@ def setup(request, tmp_path_factory):
 
 def test_every_kind_matches_peft_in_one_batch(setup):
     peft_model, model, config, runtime, _ = setup
-    gen = torch.Generator().manual_seed(3)
     which = {"base": None, **{f"r-{n}": n for n in ADAPTERS}, "again": "saved-both"}
-    seqs = {k: torch.randint(0, config.vocab_size, (5 + i % 4,), generator=gen).tolist()
-            for i, k in enumerate(which)}
-    requests = {}
-    for name, adapter in which.items():
-        adapter_id = ADAPTERS[adapter][0] if adapter else 0
-        requests[name] = Request(name, seqs[name], SamplingParams(), adapter_id=adapter_id,
-                                 adapter_version=1 if adapter_id else 0)
-        runtime.add_request(requests[name])
-        assert runtime.admit(requests[name])
-    names = list(which)
-    first = names[1::2]
-    schedule = [[(n, len(seqs[n]) - 1) for n in first],
-                [(n, 1) for n in first] + [(n, len(seqs[n]) - 1) for n in names if n not in first],
-                [(n, 1) for n in names if n not in first]]
-    ours = lora_runner(model, config, runtime, requests, block_size=4, num_blocks=96).run(seqs, schedule)
+    ours, seqs, requests = run_mixed_batch(model, config, runtime, which, ADAPTERS, seed=3, first=1)
     for name, logits in ours.items():
         ref = reference_logits(peft_model, which[name], seqs[name][:logits.shape[0]])
         torch.testing.assert_close(logits, ref, atol=ATOL, rtol=0, msg=lambda m, name=name: f"{name}: {m}")

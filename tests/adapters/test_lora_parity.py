@@ -56,6 +56,22 @@ def lora_runner(model, config, runtime, requests, **kw):
     return PagedRunner(model, config, before_forward=before_forward, **kw)
 
 
+def run_mixed_batch(model, config, runtime, which, adapters, seed: int, first: int = 0):
+    """Every request of `which` (name -> its adapter in `adapters`, or None) with a few random tokens, admitted and
+    run in one paged batch: half of them prefill, then decode beside the other half's prefill, then the rest
+    decode. -> (logits per request, token ids per request, requests)."""
+    gen = torch.Generator().manual_seed(seed)
+    seqs = {k: torch.randint(0, config.vocab_size, (5 + i % 4,), generator=gen).tolist() for i, k in enumerate(which)}
+    requests = make_requests(runtime, seqs, which, adapters)
+    names = list(which)
+    early = names[first::2]
+    schedule = [[(n, len(seqs[n]) - 1) for n in early],
+                [(n, 1) for n in early] + [(n, len(seqs[n]) - 1) for n in names if n not in early],
+                [(n, 1) for n in names if n not in early]]
+    ours = lora_runner(model, config, runtime, requests, block_size=4, num_blocks=96).run(seqs, schedule)
+    return ours, seqs, requests
+
+
 def make_requests(runtime, seqs, which, adapters=None):
     """{name: admitted Request}; which[name] names its adapter in `adapters` (default ADAPTERS), or None."""
     adapters = ADAPTERS if adapters is None else adapters

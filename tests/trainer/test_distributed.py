@@ -50,11 +50,16 @@ def tiny4(tmp_path_factory):
 
 def make_jobs(spec: dict, model_config) -> list[TrainingJob]:
     """The spec's jobs, B given values (so A's gradients are not trivially zero), the same on every rank."""
+    from loraplex.trainer.objectives import DPO
+    from tests.trainer.test_dpo import random_pairs
     from tests.trainer.test_multi_job import random_sequences
     jobs = []
     for i, j in enumerate(spec["jobs"]):
         hp = Hyperparams(**({"seed": i + 1, "learning_rate": 1e-2} | j["hp"]))
-        job = TrainingJob(j["name"], make_spec(j["lora"]), hp, random_sequences(j["n"], seed=10 + i), model_config)
+        dpo = j.get("method") == "dpo"
+        data = random_pairs(j["n"], seed=10 + i) if dpo else random_sequences(j["n"], seed=10 + i)
+        job = TrainingJob(j["name"], make_spec(j["lora"]), hp, data, model_config,
+                          objective=DPO(0.3) if dpo else None)
         with torch.no_grad():
             for b in job.lora.b.values():
                 b.normal_(0, 0.05, generator=torch.Generator().manual_seed(i + 1))
@@ -63,7 +68,8 @@ def make_jobs(spec: dict, model_config) -> list[TrainingJob]:
 
 
 def single_process(spec: dict, model_dir: Path):
-    """The reference: the same jobs in one process, one batched step at a time."""
+    """The reference: the same jobs in one process, one batched step at a time -> per job its gradients at each
+    optimizer step, its parameters and its last step's loss."""
     from loraplex.trainer.multi_job import MultiJobTrainer
     from loraplex.trainer.offline import load_base
     model, config, _ = load_base({"quantization": spec.get("quantization", "none")}, str(model_dir),
@@ -84,7 +90,8 @@ def single_process(spec: dict, model_dir: Path):
         for job in jobs:  # each job stops after its `steps` optimizer steps
             if job.step >= spec["steps"]:
                 trainer.remove_job(job.job_id)
-    return grads, {job.job_id: dict(job.lora.named_parameters()) for job in jobs}
+    return (grads, {job.job_id: dict(job.lora.named_parameters()) for job in jobs},
+            {job.job_id: job.last_train_loss for job in jobs})
 
 
 def torchrun(args: list[str], nproc: int = 2, timeout: float = 300, **kw) -> subprocess.CompletedProcess:
@@ -135,13 +142,14 @@ def test_pipeline_two_stages_three_jobs_match_single_process(tiny4, tmp_path, gr
     # each stage holds only its layers' parameters
     assert {layer_of(k) for k in results[0]["params"]["all-r8"]} == {0, 1}
     assert {layer_of(k) for k in results[1]["params"]["all-r8"]} == {2, 3}
-    ref_grads, ref_params = single_process(spec, tiny4)
+    ref_grads, ref_params, ref_loss = single_process(spec, tiny4)
     grads, params = merged(results, "grads"), merged(results, "params")
     for job in ref_grads:
         assert len(grads[job]) == len(ref_grads[job]) == 3
         for step in range(3):
             assert_close_dicts(grads[job][step], ref_grads[job][step], atol=1e-5)
         assert_close_dicts(params[job], ref_params[job], atol=1e-5)
+        assert results[0]["losses"][job] == pytest.approx(ref_loss[job], rel=1e-5)  # rank 0 reports each job's loss
 
 
 def test_pipeline_one_job_two_micro_batches(tiny4, tmp_path):
@@ -149,11 +157,12 @@ def test_pipeline_one_job_two_micro_batches(tiny4, tmp_path):
         {"name": "one", "lora": {"r": 8, "alpha": 16, "dropout": 0.1, "target_modules": ALL},
          "hp": {"batch_size": 4, "micro_batch_size": 2}, "n": 8}]}
     results = run_workers(spec, tmp_path)
-    ref_grads, ref_params = single_process(spec, tiny4)
+    ref_grads, ref_params, ref_loss = single_process(spec, tiny4)
     grads, params = merged(results, "grads"), merged(results, "params")
     for step in range(2):
         assert_close_dicts(grads["one"][step], ref_grads["one"][step], atol=1e-5)
     assert_close_dicts(params["one"], ref_params["one"], atol=1e-5)
+    assert results[0]["losses"]["one"] == pytest.approx(ref_loss["one"], rel=1e-5)
 
 
 @pytest.mark.parametrize("quantization", ["none", "nf4"])
@@ -166,13 +175,30 @@ def test_pipeline_mixlora_beside_lora_on_a_quantized_base(tiny4, tmp_path, quant
          "hp": {"batch_size": 4, "micro_batch_size": 2}, "n": 8},
         THREE_JOBS[0]]}
     results = run_workers(spec, tmp_path)
-    ref_grads, ref_params = single_process(spec, tiny4)
+    ref_grads, ref_params, ref_loss = single_process(spec, tiny4)
     grads, params = merged(results, "grads"), merged(results, "params")
     assert {k.split(".")[0] for k in grads["moe"][0] if layer_of(k) == 3} == {"a", "b", "router", "ea", "eb"}
     for job in ref_grads:
         for step in range(2):
             assert_close_dicts(grads[job][step], ref_grads[job][step], atol=1e-5)
         assert_close_dicts(params[job], ref_params[job], atol=1e-5)
+        assert results[0]["losses"][job] == pytest.approx(ref_loss[job], rel=1e-5)
+
+
+def test_pipeline_dpo_job_beside_sft(tiny4, tmp_path):
+    """DPO's loss needs a pair's four sequences (with and without the adapter) in one micro-batch: the last stage
+    scales the head's gradients once the chunk's sums are known, as one process does."""
+    spec = {"model": str(tiny4), "mode": "pipeline", "steps": 2, "jobs": [
+        {"name": "dpo", "method": "dpo", "lora": {"r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"]},
+         "hp": {"batch_size": 4, "micro_batch_size": 2}, "n": 8}, THREE_JOBS[2]]}
+    results = run_workers(spec, tmp_path)
+    ref_grads, ref_params, ref_loss = single_process(spec, tiny4)
+    grads, params = merged(results, "grads"), merged(results, "params")
+    for job in ref_grads:
+        for step in range(2):
+            assert_close_dicts(grads[job][step], ref_grads[job][step], atol=1e-5)
+        assert_close_dicts(params[job], ref_params[job], atol=1e-5)
+    assert results[0]["losses"]["dpo"] == pytest.approx(ref_loss["dpo"], rel=1e-5)  # rank 0 reports the loss
 
 
 def test_data_parallel_matches_the_same_global_batch(tiny4, tmp_path):
@@ -182,12 +208,13 @@ def test_data_parallel_matches_the_same_global_batch(tiny4, tmp_path):
            "hp": {"batch_size": 4, "micro_batch_size": 2}, "n": 8}
     spec = {"model": str(tiny4), "mode": "data", "steps": 3, "jobs": [*THREE_JOBS, moe]}
     results = run_workers(spec, tmp_path)
-    ref_grads, ref_params = single_process(spec, tiny4)
+    ref_grads, ref_params, ref_loss = single_process(spec, tiny4)
     for r in results:  # every rank ends with the whole, identical adapters
         for job in ref_params:
             for step in range(3):
                 assert_close_dicts(r["grads"][job][step], ref_grads[job][step], atol=1e-5)
             assert_close_dicts(r["params"][job], ref_params[job], atol=1e-5)
+            assert r["losses"][job] == pytest.approx(ref_loss[job], rel=1e-5)
     for job in ref_params:
         for name, t in results[0]["params"][job].items():
             assert torch.equal(t, results[1]["params"][job][name])
