@@ -371,26 +371,39 @@ def test_single_process_train_refuses_a_parallel_config(train_config, tmp_path):
 
 @pytest.mark.slow
 def test_launcher_trains_in_pipeline_and_data_mode_and_peft_reads_the_adapters(train_config, tmp_path):
+    from safetensors.torch import load_file
     for mode in ("pipeline", "data"):
         out = tmp_path / mode
         out.mkdir()
         config = train_config | {"output_dir": str(out), "parallel": {"mode": mode, **(
             {"stages": 2} if mode == "pipeline" else {})}}
-        config["jobs"] = [j | {"data": str(tmp_path / "chat.jsonl")} for j in config["jobs"]]
+        wild = config["jobs"][0] | {"name": "wild", "early_stopping_patience": 1, "eval_every": 1,
+                                    "hyperparameters": config["jobs"][0]["hyperparameters"] | {"learning_rate": 0.5}}
+        jobs = [*config["jobs"], wild] if mode == "pipeline" else config["jobs"]  # early stopping across stages
+        config["jobs"] = [j | {"data": str(tmp_path / "chat.jsonl")} for j in jobs]
         proc = loraplex_train(tmp_path, config, "--nproc-per-node", "2")
         assert proc.returncode == 0, proc.stderr[-4000:]
         assert "launching 2 ranks" in proc.stderr
+        assert "valid_loss" in proc.stderr
+        if mode == "pipeline":
+            assert "job wild: early stop at step" in proc.stderr
+            best = load_file(str(out / "wild" / "adapter_model.safetensors"))  # the best step's, from every stage
+            assert {int(k.split(".layers.")[1].split(".")[0]) for k in best} == {0, 1, 2, 3}
         for i in range(2):
             folder = out / f"job{i}"
             cfg = json.loads((folder / "adapter_config.json").read_text())
             assert cfg["r"] == 2 + 2 * i
-            from safetensors.torch import load_file
             tensors = load_file(str(folder / "adapter_model.safetensors"))
             layers = {int(k.split(".layers.")[1].split(".")[0]) for k in tensors}
             assert layers == {0, 1, 2, 3}  # every stage's part gathered into one folder
         assert not (out / ".checkpoints").exists()
         if mode == "pipeline":
             assert "bubble" in proc.stderr
+    peft = pytest.importorskip("peft")
+    base = transformers.AutoModelForCausalLM.from_pretrained(train_config["model"])
+    model = peft.PeftModel.from_pretrained(base, str(tmp_path / "pipeline" / "job0"))
+    trained = {k: v for k, v in model.state_dict().items() if "lora_B" in k}
+    assert len(trained) == 4 * 7 and all(v.abs().sum() > 0 for v in trained.values())  # every layer's, trained
 
 
 @pytest.mark.slow
