@@ -194,8 +194,10 @@ def test_hostile_uploads_are_refused_and_change_nothing(lora_server, smol_config
                                                       if "lora_A" in k}))}), 400),
         "unknown module": (zipped({"adapter_config.json": config, "adapter_model.safetensors": with_tensors(
             lambda t: t.update({"base_model.model.model.layers.0.mlp.fc9.lora_A.weight": torch.zeros(8, 4)}))}), 400),
-        "modules_to_save": (zipped({"adapter_config.json": with_config(modules_to_save=["lm_head"]),
-                                    "adapter_model.safetensors": weights}), 422),
+        "modules_to_save without its weights": (zipped({"adapter_config.json": with_config(modules_to_save=["lm_head"]),
+                                                        "adapter_model.safetensors": weights}), 400),
+        "modules_to_save we do not serve": (zipped({"adapter_config.json": with_config(modules_to_save=["norm"]),
+                                                    "adapter_model.safetensors": weights}), 422),
     }
     before = _store_listing(lora_server)
     for what, (data, status) in cases.items():

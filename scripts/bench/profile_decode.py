@@ -1,0 +1,126 @@
+"""Where a decode step goes (issue 23): one engine decode step at batch 1, 4 and 16, per dtype, split into the time
+its weights take to stream from memory at this machine's measured bandwidth and everything else.
+
+    python scripts/bench/profile_decode.py [--dtype bfloat16 float32] [--batch 1 4 16] [--steps 24] [--top 12]
+
+For each (dtype, batch): the median wall time of `--steps` decode steps (no profiler), the bytes of weights a step
+reads (every linear and the head; the embedding only by rows), that over the bandwidth measured here (a streaming
+read of a 1 GiB buffer with the engine's threads) = the bandwidth bound, and the share of the step it is; then a
+torch.profiler pass over the same steps: operator calls per step, the time inside operators, the rest (Python,
+dispatch, scheduling, sampling outside ops) and the operators that cost most.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+from bench_engine import make_prompts
+
+
+def read_bandwidth_gbs(gib: float = 1.0, repeats: int = 5) -> float:
+    """The best of `repeats` streaming reads (a sum) of a `gib` GiB float32 buffer, in GB/s."""
+    x = torch.ones(int(gib * 2**30) // 4, dtype=torch.float32)
+    x.sum()
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        x.sum()
+        best = min(best, time.perf_counter() - t0)
+    return x.numel() * 4 / best / 1e9
+
+
+def weight_bytes(model: torch.nn.Module) -> int:
+    """Bytes a decode step reads: every parameter and buffer of the decoder layers, the final norm and the head (a
+    tied head reads the embedding matrix once); the embedding lookup itself only touches a row per token."""
+    seen, total = set(), 0
+    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+        if id(t) in seen or "rotary" in name or (name.startswith("model.embed_tokens") and not _tied(model)):
+            continue
+        seen.add(id(t))
+        total += t.numel() * t.element_size()
+    return total
+
+
+def _tied(model) -> bool:
+    return getattr(model.config, "tie_word_embeddings", False)
+
+
+def decode_steps(engine, batch: int, prompts, steps: int) -> list[float]:
+    """Start `batch` requests, run until every one is decoding, then time `steps` decode steps."""
+    from loraplex.engine.core.sampling_params import SamplingParams
+    params = SamplingParams(max_tokens=steps + 64, temperature=0.0, ignore_eos=True)
+    for i in range(batch):
+        engine.add_request(f"prof-{time.monotonic_ns()}-{i}", prompts[i % len(prompts)], params)
+    for _ in range(64):  # prefills (chunked) then a few decodes
+        engine.step()
+        if all(r.num_computed_tokens >= len(r.prompt_token_ids) for r in engine.scheduler.running) and \
+                len(engine.scheduler.running) == batch:
+            break
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        engine.step()
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+def finish(engine) -> None:
+    engine.abort_requests([r.request_id for r in list(engine.scheduler.running) + list(engine.scheduler.waiting)])
+    while engine.has_unfinished_requests():
+        engine.step()
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default=None)
+    p.add_argument("--dtype", nargs="+", default=["bfloat16", "float32"])
+    p.add_argument("--batch", nargs="+", type=int, default=[1, 4, 16])
+    p.add_argument("--steps", type=int, default=24)
+    p.add_argument("--top", type=int, default=12)
+    args = p.parse_args()
+
+    from loraplex.engine.default_model import ensure_default_model
+    from loraplex.engine.engine_args import EngineArgs
+    from loraplex.engine.llm_engine import LLMEngine
+
+    model = args.model or str(ensure_default_model())
+    bandwidth = read_bandwidth_gbs()
+    print(f"decode step profile: {model}, threads={torch.get_num_threads()}, measured read bandwidth "
+          f"{bandwidth:.1f} GB/s", flush=True)
+    for dtype in args.dtype:
+        engine = LLMEngine.from_engine_args(EngineArgs(model=model, dtype=dtype, max_num_seqs=max(args.batch),
+                                                       enable_prefix_caching=False))
+        prompts = make_prompts(engine.tokenizer, max(args.batch))
+        nbytes = weight_bytes(engine.runner.model)
+        bound_ms = nbytes / (bandwidth * 1e9) * 1e3
+        for batch in args.batch:
+            times = decode_steps(engine, batch, prompts, args.steps)
+            step_ms = statistics.median(times) * 1e3
+            finish(engine)
+            decode_steps(engine, batch, prompts, 2)  # same state again, under the profiler
+            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+                t0 = time.perf_counter()
+                for _ in range(args.steps):
+                    engine.step()
+                profiled_ms = (time.perf_counter() - t0) / args.steps * 1e3
+            finish(engine)
+            events = prof.key_averages()
+            calls = sum(e.count for e in events if "::" in e.key) / args.steps
+            op_ms = sum(e.self_cpu_time_total for e in events) / 1e3 / args.steps
+            print(f"\n{dtype} batch {batch}: step {step_ms:.2f} ms ({batch / step_ms * 1e3:.1f} tok/s); weights "
+                  f"{nbytes / 1e6:.0f} MB -> bandwidth bound {bound_ms:.2f} ms ({100 * bound_ms / step_ms:.0f}% of the "
+                  f"step; {nbytes / (step_ms / 1e3) / 1e9:.1f} GB/s achieved)", flush=True)
+            print(f"  profiled ({profiled_ms:.2f} ms a step under the profiler): {calls:.0f} operator calls per step, "
+                  f"{op_ms:.2f} ms inside operators, {profiled_ms - op_ms:.2f} ms outside them (Python, dispatch, "
+                  f"the step loop)", flush=True)
+            ranked = sorted(events, key=lambda e: e.self_cpu_time_total, reverse=True)[:args.top]
+            for e in ranked:
+                print(f"    {e.key:42s} {e.count / args.steps:7.1f} calls/step {e.self_cpu_time_total / 1e3 / args.steps:7.3f} "
+                      f"ms/step", flush=True)
+        del engine
+
+
+if __name__ == "__main__":
+    main()
