@@ -20,7 +20,7 @@ def add_parser(sub) -> None:
                        help="train across this many processes on this machine (torchrun), as the config's parallel "
                             "section says (mode pipeline: one per stage, the default; mode data: required)")
     train.add_argument("--max-restarts", type=int, default=3,
-                       help="with --nproc-per-node: times torchrun restarts the ranks after one fails; each restart "
+                       help="across processes: times the ranks are started again after one fails; each restart "
                             "resumes every job from its last checkpoint")
     train.set_defaults(run=run_train)
 
@@ -55,13 +55,23 @@ def _launch(path: Path, config: dict, ns: argparse.Namespace) -> int:
     if nproc < 1:
         raise ValueError("--nproc-per-node must be at least 1")
     check_parallel(config, nproc)
+    if ns.max_restarts < 0:
+        raise ValueError("--max-restarts must be at least 0")
+    # each attempt is a fresh torchrun (a new rendezvous): torchrun's own in-place restarts were seen to hang here
+    # in the new ranks' process-group set-up after a rank was killed
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-           f"--max-restarts={ns.max_restarts}", "-m", "loraplex.trainer.distributed", str(path)]
+           "--max-restarts=0", "-m", "loraplex.trainer.distributed", str(path)]
     if ns.no_progress:
         cmd.append("--no-progress")
     logger.info("launching %d ranks (%s): %s", nproc, par.mode, " ".join(cmd))
-    rc = subprocess.call(cmd)
-    if rc != 0:
-        logger.error("training failed (exit status %d; torchrun's log above names the rank); run the same command "
-                     "again to resume every job from its last checkpoint", rc)
+    for attempt in range(ns.max_restarts + 1):
+        rc = subprocess.call(cmd)
+        if rc == 0:
+            return 0
+        if attempt < ns.max_restarts:
+            logger.warning("a rank failed (exit status %d; torchrun's log above names it): starting the ranks again "
+                           "(restart %d of %d), every job resumes from its last checkpoint", rc, attempt + 1,
+                           ns.max_restarts)
+    logger.error("training failed (exit status %d; torchrun's log above names the rank); run the same command "
+                 "again to resume every job from its last checkpoint", rc)
     return rc

@@ -221,34 +221,24 @@ def test_data_parallel_matches_the_same_global_batch(tiny4, tmp_path):
         assert results[0]["losses"][job] == pytest.approx(results[1]["losses"][job], rel=1e-6)
 
 
-@pytest.mark.slow
-def test_measured_bubble_with_1_2_and_4_jobs(tmp_path):
+def test_measured_bubble_with_1_2_and_4_jobs(tiny4, tmp_path):
     """Each stage's time waiting for the other (messages, a step's all-reduce) over its wall time, with 1, 2 and 4
-    concurrent jobs of one micro-batch per step, beside mLoRA's formula (0.5, 0, 0 for 2 stages): printed, and the
-    1-job pipeline idles far more than the 4-job one (the schedule itself is checked slot by slot below). A model
-    wide enough that compute, not Python, fills a stage's time."""
-    model_dir = tmp_path / "wide"
-    config = transformers.LlamaConfig(vocab_size=97, hidden_size=512, intermediate_size=1536, num_hidden_layers=4,
-                                      num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=256,
-                                      tie_word_embeddings=False)
-    torch.manual_seed(0)
-    transformers.LlamaForCausalLM(config).save_pretrained(model_dir)
-    job = {"lora": {"r": 8, "alpha": 16, "target_modules": ALL}, "hp": {"batch_size": 8, "micro_batch_size": 8},
-           "n": 32}
-    measured = {}
+    concurrent jobs of one micro-batch per step, beside mLoRA's formula (0.5, 0, 0 for 2 stages) and the schedule's
+    own bubble (fill and drain included), printed. What is asserted is what timing cannot shake: the measured
+    fractions are fractions, and the executed schedule's bubble is the formula's (its numbers on the real model:
+    scripts/bench/bench_distributed_train.py, README)."""
+    job = {"lora": {"r": 8, "alpha": 16, "target_modules": ALL}, "hp": {"batch_size": 4, "micro_batch_size": 4},
+           "n": 16}
     for jobs in (1, 2, 4):
-        spec = {"model": str(model_dir), "mode": "pipeline", "steps": 4,
+        spec = {"model": str(tiny4), "mode": "pipeline", "steps": 4,
                 "jobs": [job | {"name": f"j{i}"} for i in range(jobs)]}
         (tmp_path / str(jobs)).mkdir()
-        results = run_workers(spec, tmp_path / str(jobs))
-        times = [r["times"] for r in results]
-        measured[jobs] = [1 - t["busy_s"] / t["wall_s"] for t in times]
+        times = [r["times"] for r in run_workers(spec, tmp_path / str(jobs))]
         for t in times:
             assert 0 < t["busy_s"] <= t["wall_s"]
             assert t["schedule_bubble"] == pytest.approx(mlora_bubble(2, jobs), abs=0.15)
-        print(f"{jobs} job(s): measured bubble per stage {[round(m, 2) for m in measured[jobs]]}, "
+        print(f"{jobs} job(s): measured bubble per stage {[round(1 - t['busy_s'] / t['wall_s'], 2) for t in times]}, "
               f"formula {mlora_bubble(2, jobs):.2f}, schedule {times[0]['schedule_bubble']:.2f}")
-    assert sum(measured[1]) / 2 > sum(measured[4]) / 2 + 0.15
 
 
 # ---- the schedule ---------------------------------------------------------------------------------------
@@ -414,19 +404,24 @@ def test_killed_rank_is_reported_and_the_run_resumes_from_its_checkpoints(train_
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "loraplex.serve.cli", "train", str(tmp_path / "train.yaml"), "--no-progress",
                              "--max-restarts", "1"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=env, cwd=ROOT)
-    ckpt = tmp_path / "out" / ".checkpoints" / "job0"
-    deadline = time.time() + 120
-    while time.time() < deadline and not list(ckpt.glob("step-*/rank-1/trainer_state.json")):
-        time.sleep(0.2)
-    assert list(ckpt.glob("step-*/rank-1/trainer_state.json")), "no checkpoint appeared"
-    workers = _workers_of(proc.pid)
-    assert len(workers) == 2
-    os.kill(max(workers), 9)  # one rank dies mid-run
-    _, stderr = proc.communicate(timeout=300)
+                            env=env, cwd=ROOT, start_new_session=True)
+    try:
+        ckpt = tmp_path / "out" / ".checkpoints" / "job0"
+        deadline = time.time() + 120
+        while time.time() < deadline and not list(ckpt.glob("step-*/rank-1/trainer_state.json")):
+            time.sleep(0.2)
+        assert list(ckpt.glob("step-*/rank-1/trainer_state.json")), "no checkpoint appeared"
+        workers = _workers_of(proc.pid)
+        assert len(workers) == 2
+        os.kill(max(workers), 9)  # one rank dies mid-run
+        _, stderr = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:  # never leave a hung run behind
+            os.killpg(proc.pid, 9)
     assert proc.returncode == 0, stderr[-4000:]
     assert "resumed from its checkpoint of step" in stderr
-    assert "Signals.SIGKILL" in stderr or "exitcode: -9" in stderr or "failed" in stderr.lower()
+    assert "SIGKILL" in stderr or "exitcode  : -9" in stderr or "exitcode: -9" in stderr  # torchrun names the rank
+    assert "a rank failed" in stderr and "restart 1 of 1" in stderr
     resumed = {n: json.loads((tmp_path / "out" / n / "adapter_config.json").read_text()) for n in ("job0", "job1")}
     assert all(cfg["r"] for cfg in resumed.values())
 
