@@ -230,7 +230,7 @@ def test_measured_bubble_with_1_2_and_4_jobs(tiny4, tmp_path):
     job = {"lora": {"r": 8, "alpha": 16, "target_modules": ALL}, "hp": {"batch_size": 4, "micro_batch_size": 4},
            "n": 12}
     for jobs in (1, 2, 4):
-        spec = {"model": str(tiny4), "mode": "pipeline", "steps": 3,
+        spec = {"model": str(tiny4), "mode": "pipeline", "steps": 4,
                 "jobs": [job | {"name": f"j{i}"} for i in range(jobs)]}
         (tmp_path / str(jobs)).mkdir()
         times = [r["times"] for r in run_workers(spec, tmp_path / str(jobs))]
