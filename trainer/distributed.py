@@ -405,10 +405,7 @@ class DistributedRun:
         total = torch.tensor([loss_sum, units], dtype=torch.float64, device=self.device)
         dist.all_reduce(total)
         loss = float(total[0] / total[1]) if total[1] else float("nan")
-        if self.rank == 0:
-            record_evaluation(plan, loss)
-        else:
-            _quiet_record(plan, loss)
+        record_evaluation(plan, loss, log=self.rank == 0)
 
     def _run_pipeline(self) -> None:
         """Windows of optimizer steps: each running job goes up to its next evaluation (or checkpoint, or end);
@@ -490,13 +487,6 @@ class DistributedRun:
             logger.info("stage %d: busy %.1f s of %.1f s in training windows, the rest waiting for another stage (bubble %.0f%%)", r, b, w,
                         100 * (1 - b / w) if w else 0.0)
         return [{"busy_s": b, "wall_s": w} for b, w in times]
-
-
-def _quiet_record(plan: JobPlan, loss: float) -> None:
-    """record_evaluation without the log lines (ranks other than 0 keep the same bookkeeping)."""
-    if plan.early.update(loss, plan.job):
-        plan.stopped_early, plan.steps_done = True, plan.job.step
-        plan.job.step = plan.job.total_steps
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -235,15 +235,18 @@ def write_results(plans: dict[str, JobPlan], out_dir: Path, model_path: str,
     return summary
 
 
-def record_evaluation(plan: JobPlan, loss: float) -> None:
-    """A validation loss of the job's adapter: logged, and early stopping's bookkeeping."""
-    logger.info("job %s step %d: train_loss %.4f valid_loss %.4f", plan.job.job_id, plan.job.step,
-                plan.job.last_train_loss, loss)
+def record_evaluation(plan: JobPlan, loss: float, log: bool = True) -> None:
+    """A validation loss of the job's adapter: logged (unless `log` is off: data-parallel ranks other than 0), and
+    early stopping's bookkeeping."""
+    if log:
+        logger.info("job %s step %d: train_loss %.4f valid_loss %.4f", plan.job.job_id, plan.job.step,
+                    plan.job.last_train_loss, loss)
     if plan.early.update(loss, plan.job):
         plan.stopped_early, plan.steps_done = True, plan.job.step
         plan.job.step = plan.job.total_steps  # finished: it leaves the batch
-        logger.info("job %s: early stop at step %d; the adapter of step %d (best valid_loss %.4f) is written",
-                    plan.job.job_id, plan.steps_done, plan.early.best_step, plan.early.best_loss)
+        if log:
+            logger.info("job %s: early stop at step %d; the adapter of step %d (best valid_loss %.4f) is written",
+                        plan.job.job_id, plan.steps_done, plan.early.best_step, plan.early.best_loss)
 
 
 def progress_bars(plans: dict[str, JobPlan]) -> dict:
