@@ -54,7 +54,8 @@ def _launch(path: Path, config: dict, ns: argparse.Namespace) -> int:
         raise ValueError("parallel.mode data: say how many processes with --nproc-per-node N")
     if nproc < 1:
         raise ValueError("--nproc-per-node must be at least 1")
-    check_parallel(config, nproc)
+    from loraplex.trainer.offline import model_path_of
+    check_parallel(config, nproc, model_path_of(config))  # the default model too: fetched once, here, not per rank
     if ns.max_restarts < 0:
         raise ValueError("--max-restarts must be at least 0")
     # each attempt is a fresh torchrun (a new rendezvous): torchrun's own in-place restarts were seen to hang here

@@ -150,17 +150,19 @@ def auto_balance(model_config, stages: int, target_fraction: float = 0.25) -> tu
     return tuple(reversed(sizes))
 
 
-def check_parallel(config: dict[str, Any], world_size: int | None = None) -> ParallelConfig:
+def check_parallel(config: dict[str, Any], world_size: int | None = None, model_path: str | None = None
+                   ) -> ParallelConfig:
     """Everything that can be checked before any process starts: the parallel section against the model's
-    layers and the number of processes."""
+    layers (`model_path`, or the config's model when it names one) and the number of processes."""
     from loraplex.engine.llm_engine import _read_model_config
     check_config(config)
     par = parse_parallel(config.get("parallel"))
     if par.mode == "pipeline":
         if world_size is not None and world_size != par.stages:
             raise ValueError(f"parallel.stages is {par.stages} but {world_size} processes run it (one per stage)")
-        if config.get("model") is not None:
-            stage_bounds(_read_model_config(str(config["model"])), par.stages, par.balance)
+        model = model_path or config.get("model")
+        if model is not None:
+            stage_bounds(_read_model_config(str(model)), par.stages, par.balance)
     elif world_size is not None and world_size < 1:
         raise ValueError("data parallelism needs at least one process")
     return par

@@ -425,19 +425,24 @@ def test_killed_rank_is_reported_and_the_run_resumes_from_its_checkpoints(train_
     assert all(cfg["r"] for cfg in resumed.values())
 
     # the same run without the kill writes the same adapters
-    from safetensors.torch import load_file
     again = tmp_path / "again"
     again.mkdir()
     config2 = config | {"output_dir": str(again / "out")}
     config2["jobs"] = [j | {"data": str(tmp_path / "chat.jsonl")} for j in config["jobs"]]
     proc2 = loraplex_train(again, config2)
     assert proc2.returncode == 0, proc2.stderr[-4000:]
-    for n in ("job0", "job1"):
-        a = load_file(str(tmp_path / "out" / n / "adapter_model.safetensors"))
-        b = load_file(str(again / "out" / n / "adapter_model.safetensors"))
+    assert_same_adapters(tmp_path / "out", again / "out", ("job0", "job1"), atol=1e-6)
+
+
+def assert_same_adapters(one: Path, other: Path, names: tuple[str, ...], atol: float) -> None:
+    """The PEFT folders of `names` under both output folders hold the same tensors."""
+    from safetensors.torch import load_file
+    for name in names:
+        a = load_file(str(one / name / "adapter_model.safetensors"))
+        b = load_file(str(other / name / "adapter_model.safetensors"))
         assert set(a) == set(b)
-        for k in a:
-            torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=0)
+        for k, v in a.items():
+            torch.testing.assert_close(v, b[k], atol=atol, rtol=0, msg=k)
 
 
 def _workers_of(pid: int) -> list[int]:
@@ -460,7 +465,6 @@ def test_ray_train_torch_trainer_runs_data_mode_like_one_process(train_config, t
     ray = pytest.importorskip("ray")
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
-    from safetensors.torch import load_file
 
     from loraplex.trainer.offline import run_config
 
@@ -483,9 +487,19 @@ def test_ray_train_torch_trainer_runs_data_mode_like_one_process(train_config, t
         ray.shutdown()
     single = {k: v for k, v in config.items() if k != "parallel"} | {"output_dir": str(tmp_path / "one-out")}
     run_config(single, tmp_path, progress=False)
-    for name in ("job0", "job1"):
-        a = load_file(str(tmp_path / "ray-out" / name / "adapter_model.safetensors"))
-        b = load_file(str(tmp_path / "one-out" / name / "adapter_model.safetensors"))
-        assert set(a) == set(b)
-        for k in a:
-            torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=0)
+    assert_same_adapters(tmp_path / "ray-out", tmp_path / "one-out", ("job0", "job1"), atol=1e-5)
+
+
+def test_default_model_layers_are_checked_before_launch(train_config, tmp_path, caplog, monkeypatch,
+                                                        default_model_dir):
+    """`model: null` (the default model, 30 layers) is resolved by the launcher, so its layer count is checked too."""
+    import argparse
+    import subprocess as sp
+
+    from loraplex.trainer.cli import run_train
+    monkeypatch.setattr(sp, "call", lambda *a, **k: pytest.fail("torchrun was started"))
+    config = {k: v for k, v in train_config.items() if k != "model"} | {"parallel": {"mode": "pipeline", "stages": 31}}
+    (tmp_path / "train.yaml").write_text(yaml.safe_dump(config))
+    ns = argparse.Namespace(config=str(tmp_path / "train.yaml"), no_progress=True, max_restarts=0, nproc_per_node=None)
+    assert run_train(ns) == 2
+    assert "exceeds the model's 30 decoder layers" in caplog.text
