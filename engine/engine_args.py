@@ -41,6 +41,7 @@ class EngineArgs:
     seed: int = 0
     num_threads: int | None = None  # torch intra-op threads on CPU; None: all cores
     cpu_weight_prepack: bool = True  # CPU: swap nn.Linear for oneDNN-prepacked PackedLinear
+    cpu_linear: str = "auto"  # CPU base linears: auto | stream (weight-streaming kernel) | onednn (see llm_engine)
     batch_invariant: bool = True  # CPU prepack: a request's greedy output never depends on its batch (~10% batch-1)
     quantization: str = "none"  # none | nf4 | int8 (bitsandbytes, at load) | gptq | exl2 (from the checkpoint)
     double_quant: bool = True  # nf4: QLoRA's double quantization of the absmax statistics
@@ -132,6 +133,11 @@ def add_engine_args(p: argparse.ArgumentParser) -> dict[str, argparse._ArgumentG
                    help="CPU: a request's greedy output is exactly the same alone or in any batch "
                         "(--no-batch-invariant: ~10%% faster batch-1 decode; on an AMX CPU it also keeps oneDNN off AMX, "
                         "so --no-batch-invariant there gives up to ~3x the batched bf16 throughput)")
+    p.add_argument("--cpu-linear", choices=["auto", "stream", "onednn"], default="auto",
+                   help="CPU base linears: 'stream' reads each weight once per step at close to the memory bandwidth "
+                        "(lowest batch-1 latency), 'onednn' prepacks for oneDNN (faster from ~32 rows: prefill, wide "
+                        "batches; GPTQ weights then take torch's int4 kernel or the reference). auto: GPTQ 8/4-bit streams; stream for bfloat16 without native "
+                        "oneDNN bfloat16 and for float32 with --max-num-seqs <= 16, oneDNN otherwise")
     p.add_argument("--max-queue-len", type=int, default=256,
                    help="waiting requests beyond this get 429 with Retry-After")
     p.add_argument("--seed", type=int, default=0)
@@ -204,7 +210,7 @@ def engine_args_from(ns: argparse.Namespace) -> EngineArgs:
         max_num_seqs=ns.max_num_seqs, max_num_batched_tokens=ns.max_num_batched_tokens,
         block_size=ns.block_size, kv_cache_memory_bytes=ns.kv_cache_memory_bytes, quantization=ns.quantization,
         enable_prefix_caching=ns.enable_prefix_caching, max_queue_len=ns.max_queue_len, seed=ns.seed,
-        batch_invariant=ns.batch_invariant, enable_lora=ns.enable_lora, max_loras=ns.max_loras, max_lora_rank=ns.max_lora_rank,
+        batch_invariant=ns.batch_invariant, cpu_linear=ns.cpu_linear, enable_lora=ns.enable_lora, max_loras=ns.max_loras, max_lora_rank=ns.max_lora_rank,
         max_cpu_loras=ns.max_cpu_loras, lora_pool_pages=ns.lora_pool_pages, lora_pool_bytes=ns.lora_pool_bytes,
         max_mixlora_adapters=ns.max_mixlora_adapters, max_mixlora_experts=ns.max_mixlora_experts,
         max_full_module_adapters=ns.max_full_module_adapters,

@@ -38,6 +38,7 @@ from loraplex.engine.quant import (
     quantize_linears,
     use_quantized_kernels,
 )
+from loraplex.engine.quant.stream import use_stream_linears
 
 logger = logging.getLogger(__name__)
 
@@ -127,8 +128,11 @@ class LLMEngine:
             quantize_linears(model, quant, dtype, device)
         elif quant.method != "none" and getattr(model, "quant_method", "none") != quant.method:
             raise ValueError(f"--quantization {quant.method}: {model_path} is not a {quant.method.upper()} checkpoint")
+        stream = choose_cpu_linear(args.cpu_linear, device, dtype, args.max_num_seqs)
+        if stream is not None:
+            use_stream_linears(model, dtype, dense=stream)
         use_quantized_kernels(model, device, dtype)
-        if args.cpu_weight_prepack and can_prepack(device, dtype):
+        if args.cpu_weight_prepack and can_prepack(device, dtype) and not stream:
             prepack_linears(model, batch_size_hint=args.max_num_seqs, keep_dense=args.enable_training,
                             batch_invariant=args.batch_invariant)
             if args.batch_invariant and dtype == torch.bfloat16 and has_amx():
@@ -366,6 +370,33 @@ def load_tokenizer(model_path: str):
     if os.path.isdir(model_path):
         return AutoTokenizer.from_pretrained(model_path)
     return AutoTokenizer.from_pretrained(str(Path(model_path).parent), gguf_file=Path(model_path).name)
+
+
+STREAM_MAX_NUM_SEQS = 16  # 'auto' streams float32 weights for deployments batching at most this many sequences
+
+
+def choose_cpu_linear(choice: str, device: torch.device, dtype: torch.dtype, max_num_seqs: int = 64) -> bool | None:
+    """Which CPU base linears to use: None (not CPU, the kernels cannot load, or 'onednn': oneDNN for dense weights,
+    torch's int4 kernel or the plain-torch references for GPTQ ones), False (stream the GPTQ 8/4-bit linears; dense
+    ones go to oneDNN), True (stream dense ones too).
+
+    'auto' streams dense bfloat16 where oneDNN has no native bfloat16 kernel (torch's fallback is 2-5x slower at every
+    batch size), and dense float32 when the engine batches at most STREAM_MAX_NUM_SEQS sequences: streaming reads the
+    weights at close to the memory bandwidth (batch-1 decode ~1.5x faster than oneDNN here) but its GEMM is ~1.3x
+    slower from ~32 rows on (prefill, 64-way decode). Batch invariance needs one kernel for every row, so the choice
+    is per process, not per step (scripts/bench/profile_decode.py shows both)."""
+    if device.type != "cpu" or dtype not in (torch.float32, torch.bfloat16):
+        return None
+    from loraplex.engine.kernels import cpu_kernels
+    if not cpu_kernels.available():
+        return None
+    if choice == "onednn":
+        return None
+    if choice == "stream":
+        return True
+    if dtype == torch.bfloat16:
+        return not torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    return max_num_seqs <= STREAM_MAX_NUM_SEQS
 
 
 def _read_model_config(model_path: str) -> ModelConfig:

@@ -79,6 +79,8 @@ def main() -> None:
     p.add_argument("--batch", nargs="+", type=int, default=[1, 4, 16])
     p.add_argument("--steps", type=int, default=24)
     p.add_argument("--top", type=int, default=12)
+    p.add_argument("--cpu-linear", nargs="+", default=["onednn", "stream"], choices=["auto", "onednn", "stream"],
+                   help="base linears to profile (each in turn): oneDNN-prepacked, or the weight-streaming kernel")
     args = p.parse_args()
 
     from loraplex.engine.default_model import ensure_default_model
@@ -89,9 +91,9 @@ def main() -> None:
     bandwidth = read_bandwidth_gbs()
     print(f"decode step profile: {model}, threads={torch.get_num_threads()}, measured read bandwidth "
           f"{bandwidth:.1f} GB/s", flush=True)
-    for dtype in args.dtype:
+    for dtype, cpu_linear in [(d, c) for d in args.dtype for c in args.cpu_linear]:
         engine = LLMEngine.from_engine_args(EngineArgs(model=model, dtype=dtype, max_num_seqs=max(args.batch),
-                                                       enable_prefix_caching=False))
+                                                       enable_prefix_caching=False, cpu_linear=cpu_linear))
         prompts = make_prompts(engine.tokenizer, max(args.batch))
         nbytes = weight_bytes(engine.runner.model)
         bound_ms = nbytes / (bandwidth * 1e9) * 1e3
@@ -109,7 +111,7 @@ def main() -> None:
             events = prof.key_averages()
             calls = sum(e.count for e in events if "::" in e.key) / args.steps
             op_ms = sum(e.self_cpu_time_total for e in events) / 1e3 / args.steps
-            print(f"\n{dtype} batch {batch}: step {step_ms:.2f} ms ({batch / step_ms * 1e3:.1f} tok/s); weights "
+            print(f"\n{dtype} {cpu_linear} batch {batch}: step {step_ms:.2f} ms ({batch / step_ms * 1e3:.1f} tok/s); weights "
                   f"{nbytes / 1e6:.0f} MB -> bandwidth bound {bound_ms:.2f} ms ({100 * bound_ms / step_ms:.0f}% of the "
                   f"step; {nbytes / (step_ms / 1e3) / 1e9:.1f} GB/s achieved)", flush=True)
             print(f"  profiled ({profiled_ms:.2f} ms a step under the profiler): {calls:.0f} operator calls per step, "

@@ -102,8 +102,9 @@ def test_engine_swaps_in_the_kernel_for_bf16_gptq(tiny_model_dir, tmp_path):  # 
     assert (got.float() - want.float()).abs().max() <= 5e-2 * want.float().abs().max()
     assert (got.argmax(-1) == want.argmax(-1)).float().mean() >= 0.9
 
+    # by default the engine streams GPTQ weights (engine/quant/stream.py); --cpu-linear onednn keeps this kernel
     engine = LLMEngine.from_engine_args(EngineArgs(model=str(folder), dtype="bfloat16", quantization="gptq",
-                                                   max_num_seqs=4))
+                                                   max_num_seqs=4, cpu_linear="onednn"))
     assert any(isinstance(m, Int4CPULinear) for m in engine.runner.model.modules())
     engine.add_request("r", [5, 6, 7], SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True))
     tokens = []

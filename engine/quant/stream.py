@@ -1,0 +1,234 @@
+"""Weight-streaming CPU linears for decode latency: dense float32 / bfloat16 weights and 8-bit / 4-bit weight-only
+codes, multiplied by `loraplex_cpu::stream_linear` (engine/kernels/csrc/cpu_stream_linear.cpp).
+
+A decode step at small batch is bound by the bytes of weights it reads, and oneDNN's small-M kernels move them at
+roughly half this machine's DRAM bandwidth; the streaming kernel decodes each block of output channels once per
+call and dots it with every row of x, so a step reads its weights once, as 1, 2 or 4 bytes per weight (+ a scale
+and a zero per group for the codes). Every output is one float32 dot product in a fixed order, whatever the batch:
+a row's result is the same alone and in any batch (the engine's batch invariance).
+
+Formats (bits = 16 or 32 means dense):
+    dense   weight [out, in] float32 or bfloat16
+    8-bit   codes uint8 [out, in],           W = (q - z) * s per group of `group_size` input channels
+    4-bit   codes uint8 [out, in / 2],       each 16-channel chunk is 8 bytes: byte i = channel i (low nibble),
+                                             channel i + 8 (high nibble)
+    scales float32 [out, in / group_size], zeros int32 [out, in / group_size]
+
+The 8- and 4-bit forms come from GPTQ checkpoints (`loraplex quantize --format gptq --bits 8|4`, symmetric or not,
+without act-order) by repacking, so their float32 weights equal the GPTQ reference's dequantized weights exactly.
+`StreamLinear.reference` (plain torch: F.linear on `dequantized_weight`) is what the tests compare against; it is
+also the path whenever autograd is on (training through the frozen base) or the kernels are not loaded.
+"""
+from __future__ import annotations
+
+import logging
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from loraplex.engine.kernels import cpu_kernels
+
+logger = logging.getLogger(__name__)
+
+KIND = {32: 0, 16: 0, 8: 1, 4: 2}  # the kernel's weight kinds: dense, 8-bit codes, 4-bit codes
+CHUNK = 16  # input channels per decoded chunk: in_features and group sizes are multiples of it
+
+
+def pack_nibbles(q: torch.Tensor) -> torch.Tensor:
+    """4-bit codes [out, in] (values 0..15) -> [out, in / 2] uint8 in the kernel's chunk layout."""
+    out, k = q.shape
+    chunks = q.to(torch.uint8).reshape(out, k // CHUNK, 2, CHUNK // 2)  # [out, chunks, low/high half, 8]
+    return (chunks[:, :, 0] | (chunks[:, :, 1] << 4)).reshape(out, k // 2).contiguous()
+
+
+def unpack_nibbles(packed: torch.Tensor) -> torch.Tensor:
+    """The inverse of pack_nibbles: [out, in / 2] uint8 -> [out, in] uint8 codes."""
+    out, half = packed.shape
+    chunks = packed.reshape(out, half * 2 // CHUNK, CHUNK // 2)
+    return torch.stack([chunks & 15, chunks >> 4], dim=2).reshape(out, half * 2)
+
+
+def dequantize_codes(q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int) -> torch.Tensor:
+    """codes [out, in] (unpacked), scales/zeros [out, groups] -> float32 [out, in]: (q - z) * s, as GPTQ's reference."""
+    z = zeros.repeat_interleave(group_size, dim=1)
+    s = scales.float().repeat_interleave(group_size, dim=1)
+    return (q.to(torch.int32) - z).float() * s
+
+
+class StreamLinear(nn.Module):
+    """y = x @ W^T + b through the streaming kernel, W dense or 8/4-bit codes (see the module doc). Members of a
+    StreamGroup (fused q/k/v or gate/up) hold no weight of their own: the group computes all of them in one call."""
+
+    def __init__(self, in_features: int, out_features: int, bits: int, weight: torch.Tensor | None,
+                 scales: torch.Tensor | None = None, zeros: torch.Tensor | None = None, group_size: int = 0,
+                 bias: torch.Tensor | None = None, group: StreamGroup | None = None, index: int = 0) -> None:
+        super().__init__()
+        if bits not in KIND:
+            raise ValueError(f"stream linear: {bits}-bit weights are not supported (32, 16, 8, 4 are)")
+        self.in_features, self.out_features, self.bits, self.group_size = in_features, out_features, bits, group_size
+        self.register_buffer("weight", weight, persistent=False)  # dense weight or codes; None in a group member
+        self.register_buffer("scales", scales, persistent=False)
+        self.register_buffer("zeros", zeros, persistent=False)
+        self.register_buffer("bias", bias, persistent=False)
+        object.__setattr__(self, "group", group)  # shared by the siblings: not a submodule of each
+        self.index = index
+
+    # ---- construction -------------------------------------------------------------------------------------------
+    @classmethod
+    def from_linear(cls, linear: nn.Linear) -> StreamLinear:
+        w = linear.weight.detach()
+        bits = 32 if w.dtype == torch.float32 else 16
+        return cls(linear.in_features, linear.out_features, bits, w.contiguous(),
+                   bias=None if linear.bias is None else linear.bias.detach().clone())
+
+    @classmethod
+    def from_gptq(cls, ref: nn.Module, dtype: torch.dtype) -> StreamLinear:
+        """Repack a GPTQLinear (4- or 8-bit, input channels in group order) without changing a weight."""
+        from .gptq import unpack_int
+        if not can_stream_gptq(ref):
+            raise ValueError(f"GPTQ linear ({ref.extra_repr()}) cannot be streamed")
+        q = unpack_int(ref.qweight, ref.bits, dim=0).t().contiguous()  # [out, in] codes
+        zeros = (unpack_int(ref.qzeros, ref.bits, dim=1) + 1).t().contiguous().to(torch.int32)  # v1 stores zero - 1
+        scales = ref.scales.float().t().contiguous()  # [out, groups]
+        codes = q.to(torch.uint8) if ref.bits == 8 else pack_nibbles(q)
+        return cls(ref.in_features, ref.out_features, ref.bits, codes, scales, zeros, ref.group_size,
+                   None if ref.bias is None else ref.bias.to(dtype))
+
+    # ---- reference and weight read-back -------------------------------------------------------------------------
+    def _tensors(self) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+        """(weight or codes, scales, zeros, bias) of this linear, sliced out of its group when it is a member."""
+        if self.group is None:
+            return self.weight, self.scales, self.zeros, self.bias
+        g = self.group.linear
+        lo = sum(self.group.sizes[:self.index])
+        hi = lo + self.out_features
+        pick = (lambda t: None if t is None else t[lo:hi])
+        return pick(g.weight), pick(g.scales), pick(g.zeros), pick(g.bias)
+
+    @torch.no_grad()
+    def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:  # [out, in]
+        weight, scales, zeros, _ = self._tensors()
+        if self.bits >= 16:
+            return weight.to(dtype)
+        q = weight if self.bits == 8 else unpack_nibbles(weight)
+        return dequantize_codes(q, scales, zeros, self.group_size).to(dtype)
+
+    def reference(self, x: torch.Tensor) -> torch.Tensor:
+        _, _, _, bias = self._tensors()
+        w = self.dequantized_weight(torch.float32 if self.bits != 16 else x.dtype).to(x.dtype)
+        return F.linear(x, w, None if bias is None else bias.to(x.dtype))
+
+    # ---- forward -------------------------------------------------------------------------------------------------
+    def uses_kernel(self, x: torch.Tensor) -> bool:
+        return (x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16) and cpu_kernels.loaded()
+                and not (torch.is_grad_enabled() and x.requires_grad))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [..., in_features] -> [..., out_features]
+        if not self.uses_kernel(x):
+            return self.reference(x)
+        if self.group is not None:
+            return self.group.output(x, self.index)
+        return stream_product(x, self)
+
+    @property
+    def weight_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.weight, self.scales, self.zeros) if t is not None)
+
+    def extra_repr(self) -> str:
+        fused = f", fused={self.index + 1}/{len(self.group.sizes)}" if self.group is not None else ""
+        fmt = f"bits={self.bits}" + (f", group_size={self.group_size}" if self.bits < 16 else "")
+        return f"in_features={self.in_features}, out_features={self.out_features}, {fmt}, bias={self.bias is not None}{fused}"
+
+
+def stream_product(x: torch.Tensor, linear: StreamLinear) -> torch.Tensor:
+    x2 = x.reshape(-1, linear.in_features)
+    if x2.stride(1) != 1:
+        x2 = x2.contiguous()
+    bias = linear.bias
+    if bias is not None and bias.dtype != x.dtype:
+        bias = bias.to(x.dtype)
+    y = torch.ops.loraplex_cpu.stream_linear(x2, linear.weight, linear.scales, linear.zeros, KIND[linear.bits],
+                                             linear.group_size, bias)
+    return y.reshape(*x.shape[:-1], y.shape[-1])
+
+
+class StreamGroup:
+    """Siblings that read the same input (q/k/v, gate/up) as one [sum(out), in] weight: the first member called
+    with an input computes every member's output in one kernel call, the others take their slice of it (the
+    contract of engine/kernels/cpu_linear.py PackedGroup: called with the very same tensor, not modified between)."""
+
+    def __init__(self, members: list[StreamLinear]) -> None:
+        self.sizes = [m.out_features for m in members]
+        first = members[0]
+        cat = (lambda name: None if getattr(first, name) is None else torch.cat([getattr(m, name) for m in members]))
+        bias = None
+        if any(m.bias is not None for m in members):
+            dtype = next(m.bias.dtype for m in members if m.bias is not None)
+            bias = torch.cat([m.bias if m.bias is not None else torch.zeros(m.out_features, dtype=dtype)
+                              for m in members])
+        self.linear = StreamLinear(first.in_features, sum(self.sizes), first.bits, cat("weight"), cat("scales"),
+                                   cat("zeros"), first.group_size, bias)
+        self._x: torch.Tensor | None = None
+        self._outs: list[torch.Tensor] = []
+        self._taken: list[bool] = []
+
+    def output(self, x: torch.Tensor, index: int) -> torch.Tensor:
+        if x is not self._x or self._taken[index]:
+            self._outs = list(stream_product(x, self.linear).split(self.sizes, dim=-1))
+            self._x, self._taken = x, [False] * len(self.sizes)
+        self._taken[index] = True
+        out = self._outs[index]
+        if all(self._taken):  # every sibling served: hold no activations between steps
+            self._x, self._outs = None, []
+        return out
+
+
+def can_stream_gptq(linear: nn.Module) -> bool:
+    """A GPTQ linear the kernel takes: 4 or 8 bits, groups of a multiple of 16 channels in order (no act-order)."""
+    from .gptq import GPTQLinear, default_g_idx
+    if not isinstance(linear, GPTQLinear) or linear.bits not in (4, 8) or linear.qweight.device.type != "cpu":
+        return False
+    g = linear.group_size
+    if g <= 0 or g % CHUNK or linear.in_features % g:
+        return False
+    return bool(torch.equal(linear.g_idx.long(), default_g_idx(linear.in_features, g).long()))
+
+
+FUSED_SIBLINGS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+
+
+def use_stream_linears(model: nn.Module, dtype: torch.dtype, dense: bool = True, fuse: bool = True) -> int:
+    """Swap the base linears for StreamLinears: GPTQ 8/4-bit linears the kernel takes, and (with `dense`) plain
+    float32/bfloat16 nn.Linears, the output head included. Siblings of one input are fused. Returns the count."""
+    from .gptq import GPTQLinear
+    swaps: list[tuple[nn.Module, str, StreamLinear]] = []
+    for parent in model.modules():
+        for name, child in parent.named_children():
+            if isinstance(child, GPTQLinear) and can_stream_gptq(child):
+                swaps.append((parent, name, StreamLinear.from_gptq(child, dtype)))
+            elif dense and type(child) is nn.Linear and child.weight.dtype in (torch.float32, torch.bfloat16) \
+                    and child.in_features % CHUNK == 0 and child.weight.device.type == "cpu":
+                swaps.append((parent, name, StreamLinear.from_linear(child)))
+    groups = 0
+    if fuse:
+        by_parent: dict[int, dict[str, StreamLinear]] = {}
+        for parent, name, lin in swaps:
+            by_parent.setdefault(id(parent), {})[name] = lin
+        for members in by_parent.values():
+            for names in FUSED_SIBLINGS:
+                ms = [members.get(n) for n in names]
+                if all(m is not None for m in ms) and len({(m.in_features, m.bits, m.group_size) for m in ms}) == 1:
+                    group = StreamGroup(ms)
+                    for i, m in enumerate(ms):
+                        m.weight = m.scales = m.zeros = m.bias = None  # the group holds them
+                        object.__setattr__(m, "group", group)
+                        m.index = i
+                    groups += 1
+    for parent, name, lin in swaps:
+        setattr(parent, name, lin)
+    if swaps:
+        bits = sorted({lin.bits for _, _, lin in swaps}, reverse=True)
+        logger.info("%d linears stream their weights (%s-bit; %d fused groups) through the CPU streaming kernel",
+                    len(swaps), "/".join(map(str, bits)), groups)
+    return len(swaps)

@@ -1,0 +1,186 @@
+"""Batch-1 decode speed (and optionally 64 x 64 throughput) side by side with llama.cpp's llama-server, per bit width.
+
+    python scripts/bench/latency_vs_llama_cpp.py --llama-dir /tmp/llama [--formats f32 bf16 8bit 4bit]
+        [--rounds 3] [--tokens 128] [--throughput] [--cpu-linear stream]
+
+For each format both servers serve the same model (the default one unless --model) on 127.0.0.1 with every core:
+    f32   loraplex --dtype float32              llama.cpp F32 GGUF
+    bf16  loraplex --dtype bfloat16             llama.cpp BF16 GGUF
+    8bit  loraplex GPTQ 8-bit, groups of 32     llama.cpp Q8_0 (8-bit, blocks of 32)
+    4bit  loraplex GPTQ 4-bit, groups of 32     llama.cpp Q4_0 (4-bit, blocks of 32)
+(the quantized loraplex models compute in --quant-dtype, float32 by default). Rounds alternate which server goes
+first; each round times one streamed greedy completion of --tokens tokens per server (decode tok/s = tokens after the
+first / time after the first), and loraplex once more with a rank-8 q/v adapter. Medians over the rounds are printed
+as the table in issue 23, with the bandwidth bound measured here (bytes of weights a step reads / the read bandwidth)
+and each server's share of it. --throughput adds 64 concurrent streamed chat requests x 64 tokens per server and
+round (bench_serving's load).
+
+Installs the peer on first use (../shared/peers/llama-cpp.sh install, ~6 min on 2 cores) and caches the GGUFs and
+GPTQ folders under --work-dir.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+sys.path.insert(0, str(Path(__file__).parent))
+from bench_serving import run_target
+from side_by_side import Served
+
+PEER_SCRIPT = Path(__file__).resolve().parents[3] / "shared" / "peers" / "llama-cpp.sh"
+PROMPT = ("Rewrite the following paragraph in plain English, keeping every fact: The committee, having considered "
+          "the submissions received during the consultation period, resolved to defer its decision on the proposed "
+          "amendments until the next scheduled meeting.")
+GGUF_TYPE = {"f32": "f32", "bf16": "bf16", "8bit": "q8_0", "4bit": "q4_0"}
+PEER_LABEL = {"f32": "F32", "bf16": "BF16", "8bit": "Q8_0", "4bit": "Q4_0"}
+
+
+async def one_completion(url: str, model: str, tokens: int, extra: dict | None = None) -> float:
+    """Decode tokens/s of one streamed greedy completion: tokens after the first over the time after the first."""
+    body = {"model": model, "prompt": PROMPT, "max_tokens": tokens, "temperature": 0.0, "stream": True,
+            "ignore_eos": True, **(extra or {})}
+    stamps: list[float] = []
+    async with httpx.AsyncClient(timeout=600) as client, \
+            client.stream("POST", f"{url}/v1/completions", json=body) as resp:
+        resp.raise_for_status()
+        async for line in resp.aiter_lines():
+            if line.startswith("data: ") and line != "data: [DONE]":
+                chunk = json.loads(line[6:])
+                if chunk.get("choices") and chunk["choices"][0].get("text"):
+                    stamps.append(time.perf_counter())
+    if len(stamps) < 2:
+        raise RuntimeError(f"{url}: {len(stamps)} streamed chunks")
+    return (len(stamps) - 1) / (stamps[-1] - stamps[0])
+
+
+def ensure_peer(llama_dir: Path) -> None:
+    if not (llama_dir / "bin" / "llama-server").exists():
+        print(f"installing llama.cpp into {llama_dir} (~6 min)", flush=True)
+        subprocess.run(["bash", str(PEER_SCRIPT), "install", str(llama_dir)], check=True)
+
+
+def gguf(llama_dir: Path, model: str, work: Path, fmt: str) -> Path:
+    out = work / f"model-{GGUF_TYPE[fmt]}.gguf"
+    if not out.exists():
+        print(f"converting {model} to {out.name}", flush=True)
+        subprocess.run(["bash", str(PEER_SCRIPT), "convert", str(llama_dir), model, str(out), GGUF_TYPE[fmt]],
+                       check=True, stdout=subprocess.DEVNULL)
+    return out
+
+
+def ours_model(model: str, work: Path, fmt: str) -> tuple[str, list[str]]:
+    if fmt in ("f32", "bf16"):
+        return model, []
+    bits = 8 if fmt == "8bit" else 4
+    folder = work / f"gptq-{bits}bit-g32"
+    if not (folder / "config.json").exists():
+        from loraplex.engine.quant.gptq import export_gptq
+        export_gptq(model, folder, bits=bits, group_size=32, sym=True)
+    return str(folder), ["--quantization", "gptq"]
+
+
+def weight_bytes_per_step(model_dir: str, fmt: str) -> int:
+    """What a batch-1 step must read: the decoder linears at the format's bits per weight (+ a 2-byte scale per 32
+    weights for the quantized ones, as Q8_0 / Q4_0 store), norms, and the output head (tied embedding) at the same
+    width. The same figure for both servers: the bound is a property of the format, not of the server."""
+    from loraplex.engine.llm_engine import _read_model_config
+    c = _read_model_config(model_dir)
+    h, inter, layers = c.hidden_size, c.intermediate_size, c.num_hidden_layers
+    kv = c.num_key_value_heads * c.head_dim
+    linear = layers * (h * (c.num_attention_heads * c.head_dim) * 2 + h * kv * 2 + 3 * h * inter)
+    head = c.vocab_size * h
+    per_weight = {"f32": 4.0, "bf16": 2.0, "8bit": 1 + 2 / 32, "4bit": 0.5 + 2 / 32}[fmt]
+    return int((linear + head) * per_weight)
+
+
+def read_bandwidth_gbs() -> float:
+    from profile_decode import read_bandwidth_gbs as measure
+    return measure()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--llama-dir", required=True, type=Path)
+    ap.add_argument("--model", default=None, help="HF-layout folder (default: the default model)")
+    ap.add_argument("--formats", nargs="+", default=["f32", "bf16", "8bit", "4bit"], choices=list(GGUF_TYPE))
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--tokens", type=int, default=128)
+    ap.add_argument("--quant-dtype", default="float32", choices=["float32", "bfloat16"])
+    ap.add_argument("--cpu-linear", default="stream", choices=["auto", "stream", "onednn"])
+    ap.add_argument("--throughput", action="store_true", help="also 64 concurrent requests x 64 tokens")
+    ap.add_argument("--work-dir", type=Path, default=Path("/tmp/loraplex-vs-llama-cpp"))
+    ap.add_argument("--startup-timeout-s", type=float, default=600)
+    args = ap.parse_args()
+    model = args.model
+    if model is None:
+        from loraplex.engine.default_model import ensure_default_model
+        model = str(ensure_default_model())
+    args.work_dir.mkdir(parents=True, exist_ok=True)
+    ensure_peer(args.llama_dir.resolve())
+    bandwidth = read_bandwidth_gbs()
+    from loraplex.adapters.synthetic import write_random_peft
+    from loraplex.engine.llm_engine import _read_model_config
+    adapter = write_random_peft(args.work_dir / "adapter", _read_model_config(model), r=8, seed=0, std=0.02)
+    print(f"model={model} rounds={args.rounds} tokens={args.tokens} read bandwidth {bandwidth:.1f} GB/s", flush=True)
+    rows = []
+    for fmt in args.formats:
+        peer_gguf = gguf(args.llama_dir.resolve(), model, args.work_dir, fmt)
+        ours_dir, ours_flags = ours_model(model, args.work_dir, fmt)
+        dtype = fmt if fmt in ("f32", "bf16") else args.quant_dtype
+        dtype = {"f32": "float32", "bf16": "bfloat16"}.get(dtype, dtype)
+        servers = []
+        try:
+            servers.append(Served("loraplex", [
+                sys.executable, "-m", "loraplex.serve.cli", "serve", "--model", ours_dir, "--port", "8131",
+                "--dtype", dtype, "--served-model-name", "m", "--cpu-linear", args.cpu_linear, *ours_flags,
+                "--lora-modules", f"a0={adapter}", "--adapter-dir", str(args.work_dir / f"store-{fmt}")],
+                8131, args.startup_timeout_s))
+            servers.append(Served("llama.cpp", ["bash", str(PEER_SCRIPT), "serve", str(args.llama_dir.resolve()),
+                                                str(peer_gguf), "8132", "--alias", "m", "-np", "64", "-c", "16384"],
+                                  8132, args.startup_timeout_s))
+            ours, peer = servers
+            speed: dict[str, list[float]] = {"ours": [], "adapter": [], "peer": [], "ours_tp": [], "peer_tp": []}
+            asyncio.run(one_completion(ours.url, "m", 8))  # warm-up both
+            asyncio.run(one_completion(peer.url, "m", 8))
+            for i in range(args.rounds):
+                order = [("ours", ours), ("peer", peer)]
+                for key, server in (order if i % 2 == 0 else order[::-1]):
+                    speed[key].append(asyncio.run(one_completion(server.url, "m", args.tokens)))
+                    if key == "ours":
+                        speed["adapter"].append(asyncio.run(one_completion(server.url, "a0", args.tokens)))
+                    if args.throughput:
+                        r = asyncio.run(run_target(server.url, 64, 64, ["m"]))
+                        speed[f"{key}_tp"].append(r["tok_s"])
+                print(f"{fmt} round {i + 1}: loraplex {speed['ours'][-1]:.1f} tok/s (adapter "
+                      f"{speed['adapter'][-1]:.1f}), llama.cpp {speed['peer'][-1]:.1f} tok/s"
+                      + (f"; 64x64 loraplex {speed['ours_tp'][-1]:.0f}, llama.cpp {speed['peer_tp'][-1]:.0f} tok/s"
+                         if args.throughput else ""), flush=True)
+        finally:
+            for server in servers:
+                server.stop()
+        med = {k: statistics.median(v) if v else float("nan") for k, v in speed.items()}
+        bound = bandwidth * 1e9 / weight_bytes_per_step(model, fmt)
+        rows.append((fmt, med, bound))
+    print("\n| batch-1 decode tok/s | llama.cpp | loraplex | ratio | loraplex + adapter (/ base) | bandwidth bound "
+          "(loraplex / llama.cpp share) |")
+    print("|---|---|---|---|---|---|")
+    for fmt, med, bound in rows:
+        print(f"| {fmt} ({PEER_LABEL[fmt]}) | {med['peer']:.1f} | {med['ours']:.1f} | {med['ours'] / med['peer']:.2f}x | "
+              f"{med['adapter']:.1f} ({med['adapter'] / med['ours']:.2f}x) | {bound:.0f} "
+              f"({med['ours'] / bound:.0%} / {med['peer'] / bound:.0%}) |")
+    if args.throughput:
+        print("\n| 64 x 64 throughput tok/s | llama.cpp | loraplex | ratio |\n|---|---|---|---|")
+        for fmt, med, _ in rows:
+            print(f"| {fmt} | {med['peer_tp']:.0f} | {med['ours_tp']:.0f} | {med['ours_tp'] / med['peer_tp']:.2f}x |")
+
+
+if __name__ == "__main__":
+    main()

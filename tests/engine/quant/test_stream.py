@@ -1,0 +1,185 @@
+"""The weight-streaming CPU linears (engine/quant/stream.py, csrc/cpu_stream_linear.cpp) against their plain-torch
+references: dense float32/bfloat16 and GPTQ 8/4-bit codes, row-for-row batch invariance, fused siblings, the
+engine's greedy tokens and the quantized models' perplexity on the quantization tests' text."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from loraplex.engine.kernels import cpu_kernels
+from loraplex.engine.loader import load_model
+from loraplex.engine.quant.gptq import GPTQLinear, export_gptq
+from loraplex.engine.quant.stream import (
+    StreamLinear,
+    can_stream_gptq,
+    pack_nibbles,
+    unpack_nibbles,
+    use_stream_linears,
+)
+from tests.engine.quant.test_quant import perplexity, text_ids  # noqa: F401 - fixture
+
+pytestmark = pytest.mark.skipif(not cpu_kernels.available(), reason="CPU kernels unavailable")
+
+
+def dense(in_f: int, out_f: int, bias: bool, dtype: torch.dtype, seed: int = 0) -> nn.Linear:
+    torch.manual_seed(seed)
+    return nn.Linear(in_f, out_f, bias=bias).to(dtype)
+
+
+def gptq(in_f: int, out_f: int, bits: int, group: int, sym: bool, bias: bool, seed: int = 0) -> GPTQLinear:
+    torch.manual_seed(seed)
+    return GPTQLinear.from_linear(nn.Linear(in_f, out_f, bias=bias), bits=bits, group_size=group, sym=sym)
+
+
+def test_nibble_layout_round_trips_and_is_the_documented_one():
+    q = torch.randint(0, 16, (5, 64), dtype=torch.uint8)
+    packed = pack_nibbles(q)
+    assert packed.shape == (5, 32) and torch.equal(unpack_nibbles(packed), q)
+    # byte i of a 16-channel chunk: channel i low, channel i + 8 high
+    assert int(packed[2, 3]) == int(q[2, 3]) | (int(q[2, 11]) << 4)
+    assert int(packed[2, 8 + 1]) == int(q[2, 17]) | (int(q[2, 25]) << 4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("in_f,out_f,bias", [(64, 37, True), (576, 192, False), (96, 25, False)])
+def test_dense_stream_matches_f_linear(dtype, in_f, out_f, bias):
+    linear = dense(in_f, out_f, bias, dtype)
+    fast = StreamLinear.from_linear(linear)
+    for rows in (1, 2, 5, 17):
+        x = torch.randn(rows, in_f).to(dtype)
+        want = F.linear(x.float(), linear.weight.float(), None if linear.bias is None else linear.bias.float())
+        with torch.inference_mode():
+            got = fast(x)
+        assert got.dtype == dtype and got.shape == (rows, out_f)
+        tol = (1e-5 if dtype == torch.float32 else 1e-2) * want.abs().max()
+        assert (got.float() - want).abs().max() <= tol
+
+
+@pytest.mark.parametrize("bits,group,sym", [(8, 32, True), (8, 64, False), (4, 32, True), (4, 64, False)])
+def test_gptq_repack_is_exact_and_the_kernel_matches_the_reference(bits, group, sym):
+    ref = gptq(192, 48, bits, group, sym, bias=True)
+    assert can_stream_gptq(ref)
+    fast = StreamLinear.from_gptq(ref, torch.float32)
+    assert torch.equal(fast.dequantized_weight(), ref.dequantized_weight(torch.float32))  # no weight changed
+    assert fast.weight_bytes < (192 * 48 * bits // 8) * 1.6  # codes + one float scale and int zero per group
+    for dtype in (torch.float32, torch.bfloat16):
+        x = torch.randn(7, 192).to(dtype)
+        with torch.inference_mode():
+            got = fast(x)
+        want = ref(x.float())
+        tol = (1e-5 if dtype == torch.float32 else 2e-2) * want.abs().max()
+        assert got.dtype == dtype and (got.float() - want).abs().max() <= tol
+
+
+def test_act_order_and_odd_groups_stay_on_the_reference():
+    torch.manual_seed(0)
+    act_order = GPTQLinear.from_linear(nn.Linear(128, 32), bits=4, group_size=32, desc_act=True)
+    assert not can_stream_gptq(act_order) or torch.equal(act_order.g_idx.long().sort().values, act_order.g_idx.long())
+    assert not can_stream_gptq(gptq(96, 32, 4, 24, True, False))  # group not a multiple of 16
+    model = nn.Sequential()
+    model.add_module("proj", act_order)
+    use_stream_linears(model, torch.float32, dense=False)
+    assert isinstance(model.proj, StreamLinear) == can_stream_gptq(act_order)
+
+
+@pytest.mark.parametrize("kind", ["f32", "bf16", "u8", "u4"])
+def test_each_row_is_the_same_alone_and_in_any_batch(kind):
+    if kind in ("f32", "bf16"):
+        dtype = torch.float32 if kind == "f32" else torch.bfloat16
+        fast = StreamLinear.from_linear(dense(576, 200, True, dtype))
+    else:
+        dtype = torch.float32
+        fast = StreamLinear.from_gptq(gptq(576, 200, 8 if kind == "u8" else 4, 64, False, True), dtype)
+    x = torch.randn(37, 576).to(dtype)
+    with torch.inference_mode():
+        many = fast(x)
+        for n in (1, 2, 3, 5, 8, 13):  # every tile shape and tail of the kernel
+            part = fast(x[:n])
+            assert torch.equal(part, many[:n]), n
+        for i in range(0, 37, 6):
+            assert torch.equal(fast(x[i:i + 1])[0], many[i])
+
+
+def test_fused_siblings_and_the_output_head():
+    torch.manual_seed(0)
+
+    class Attn(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.q_proj, self.k_proj, self.v_proj = nn.Linear(64, 64), nn.Linear(64, 32), nn.Linear(64, 32, bias=False)
+
+    model = nn.Module()
+    model.attn = Attn()
+    model.lm_head = nn.Linear(64, 100, bias=False)
+    plain = {n: (m.weight.detach().clone(), None if m.bias is None else m.bias.detach().clone())
+             for n, m in [("q", model.attn.q_proj), ("k", model.attn.k_proj), ("v", model.attn.v_proj),
+                          ("head", model.lm_head)]}
+    assert use_stream_linears(model, torch.float32) == 4
+    assert model.attn.q_proj.group is model.attn.v_proj.group is not None
+    x = torch.randn(3, 64)
+    with torch.inference_mode():
+        outs = {"q": model.attn.q_proj(x), "k": model.attn.k_proj(x), "v": model.attn.v_proj(x),
+                "head": model.lm_head(x)}
+    for name, (w, b) in plain.items():
+        assert torch.allclose(outs[name], F.linear(x, w, b), atol=1e-5), name
+        member = {"q": model.attn.q_proj, "k": model.attn.k_proj, "v": model.attn.v_proj, "head": model.lm_head}[name]
+        assert torch.equal(member.dequantized_weight(), w)
+    # with autograd on (training through the frozen base) the reference path runs and gradients reach x
+    xg = torch.randn(2, 64, requires_grad=True)
+    model.attn.k_proj(xg).sum().backward()
+    assert torch.allclose(xg.grad, plain["k"][0].sum(0).expand(2, -1), atol=1e-5)
+
+
+def greedy(engine, prompts, max_tokens=16):
+    from loraplex.engine.core.sampling_params import SamplingParams
+    params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+    out: dict[str, list[int]] = {}
+    for i, p in enumerate(prompts):
+        engine.add_request(f"r{i}", p, params)
+    while engine.has_unfinished_requests():
+        for o in engine.step():
+            out.setdefault(o.request_id, []).extend(o.token_ids)
+    return [out[f"r{i}"] for i in range(len(prompts))]
+
+
+@pytest.mark.slow
+def test_engine_greedy_tokens_stream_vs_onednn_and_alone_vs_batched(default_model_dir):
+    from loraplex.engine.engine_args import EngineArgs
+    from loraplex.engine.llm_engine import LLMEngine
+    tokens = {}
+    for mode in ("onednn", "stream"):
+        engine = LLMEngine.from_engine_args(EngineArgs(model=default_model_dir, dtype="float32", cpu_linear=mode,
+                                                       max_num_seqs=8, kv_cache_memory_bytes=64 << 20))
+        prompts = [engine.tokenizer.encode(t) for t in ("The capital of France is", "def fibonacci(n):",
+                                                         "List three colours:", "Once upon a time")]
+        tokens[mode] = greedy(engine, prompts)
+        if mode == "stream":
+            assert any(isinstance(m, StreamLinear) for m in engine.runner.model.modules())
+            alone = [greedy(engine, [p])[0] for p in prompts]
+            assert alone == tokens[mode]  # batch invariance: alone == in a batch of four, exactly
+    assert tokens["stream"] == tokens["onednn"]
+
+
+@pytest.mark.slow
+def test_streamed_gptq_models_keep_their_perplexity(default_model_dir, text_ids, tmp_path):  # noqa: F811
+    """8-bit and 4-bit GPTQ (groups of 32, as llama.cpp's Q8_0/Q4_0) through the kernel: the same perplexity as
+    their plain-torch references (the weights are the same; only the summation order differs), and close to the
+    unquantized model's."""
+    base, config = load_model(default_model_dir, torch.float32)
+    with torch.inference_mode():
+        base_ppl = perplexity(base, config, text_ids)
+    results = {}
+    for bits in (8, 4):
+        folder = export_gptq(default_model_dir, tmp_path / f"g{bits}", bits=bits, group_size=32, sym=True)
+        model, config = load_model(folder, torch.float32)
+        with torch.inference_mode():
+            ref_ppl = perplexity(model, config, text_ids)
+            assert use_stream_linears(model, torch.float32, dense=False) == 7 * config.num_hidden_layers
+            fast_ppl = perplexity(model, config, text_ids)
+        results[bits] = (ref_ppl, fast_ppl)
+        assert abs(fast_ppl - ref_ppl) <= 1e-3 * ref_ppl
+    print({"base": round(base_ppl, 3), **{f"{b}-bit": tuple(round(v, 3) for v in r) for b, r in results.items()}})
+    assert results[8][1] <= 1.02 * base_ppl
+    assert results[4][1] <= 1.35 * base_ppl
