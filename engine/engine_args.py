@@ -41,6 +41,7 @@ class EngineArgs:
     seed: int = 0
     num_threads: int | None = None  # torch intra-op threads on CPU; None: all cores
     cpu_weight_prepack: bool = True  # CPU: swap nn.Linear for oneDNN-prepacked PackedLinear
+    speculative_config: str | dict | None = None  # vLLM's spelling: {"method": "ngram", "num_speculative_tokens": K, ...}
     cpu_linear: str = "auto"  # CPU base linears: auto | stream (weight-streaming kernel) | onednn (see llm_engine)
     batch_invariant: bool = True  # CPU prepack: a request's greedy output never depends on its batch (~10% batch-1)
     quantization: str = "none"  # none | nf4 | int8 (bitsandbytes, at load) | gptq | exl2 (from the checkpoint)
@@ -84,6 +85,14 @@ class EngineArgs:
             raise ValueError(f"--quantization must be one of none, nf4, int8, gptq, exl2; got {self.quantization!r}")
         if self.max_loras < 1 or self.max_lora_rank < 1:
             raise ValueError("--max-loras and --max-lora-rank must be at least 1")
+        if self.cpu_linear not in ("auto", "stream", "onednn"):
+            raise ValueError(f"--cpu-linear must be one of auto, stream, onednn; got {self.cpu_linear!r}")
+        if self.speculative_config is not None:
+            from loraplex.engine.core.spec_decode import SpeculativeConfig
+            try:
+                SpeculativeConfig.parse(self.speculative_config)
+            except (TypeError, ValueError) as exc:  # bad JSON, wrong types, out of range
+                raise ValueError(f"--speculative-config: {exc}") from exc
         if self.max_cpu_loras is not None and self.max_cpu_loras < 1:
             raise ValueError("--max-cpu-loras must be at least 1")
         if self.lora_pool_pages is not None and self.lora_pool_pages <= self.max_lora_rank:
@@ -133,6 +142,10 @@ def add_engine_args(p: argparse.ArgumentParser) -> dict[str, argparse._ArgumentG
                    help="CPU: a request's greedy output is exactly the same alone or in any batch "
                         "(--no-batch-invariant: ~10%% faster batch-1 decode; on an AMX CPU it also keeps oneDNN off AMX, "
                         "so --no-batch-invariant there gives up to ~3x the batched bf16 throughput)")
+    p.add_argument("--speculative-config", default=None, metavar="JSON",
+                   help='prompt-lookup speculative decoding for greedy requests, as vLLM spells it: '
+                        '\'{"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 4, '
+                        '"prompt_lookup_min": 2}\' (outputs are token for token those of plain greedy decoding)')
     p.add_argument("--cpu-linear", choices=["auto", "stream", "onednn"], default="auto",
                    help="CPU base linears: 'stream' reads each weight once per step at close to the memory bandwidth "
                         "(lowest batch-1 latency), 'onednn' prepacks for oneDNN (faster from ~32 rows: prefill, wide "
@@ -210,7 +223,8 @@ def engine_args_from(ns: argparse.Namespace) -> EngineArgs:
         max_num_seqs=ns.max_num_seqs, max_num_batched_tokens=ns.max_num_batched_tokens,
         block_size=ns.block_size, kv_cache_memory_bytes=ns.kv_cache_memory_bytes, quantization=ns.quantization,
         enable_prefix_caching=ns.enable_prefix_caching, max_queue_len=ns.max_queue_len, seed=ns.seed,
-        batch_invariant=ns.batch_invariant, cpu_linear=ns.cpu_linear, enable_lora=ns.enable_lora, max_loras=ns.max_loras, max_lora_rank=ns.max_lora_rank,
+        batch_invariant=ns.batch_invariant, cpu_linear=ns.cpu_linear, speculative_config=ns.speculative_config,
+        enable_lora=ns.enable_lora, max_loras=ns.max_loras, max_lora_rank=ns.max_lora_rank,
         max_cpu_loras=ns.max_cpu_loras, lora_pool_pages=ns.lora_pool_pages, lora_pool_bytes=ns.lora_pool_bytes,
         max_mixlora_adapters=ns.max_mixlora_adapters, max_mixlora_experts=ns.max_mixlora_experts,
         max_full_module_adapters=ns.max_full_module_adapters,

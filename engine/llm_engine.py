@@ -19,6 +19,7 @@ from loraplex.engine.core.outputs import EngineStats, RequestOutput, TokenLogpro
 from loraplex.engine.core.request import Request, RequestStatus
 from loraplex.engine.core.sampling_params import SamplingParams
 from loraplex.engine.core.scheduler import Scheduler
+from loraplex.engine.core.spec_decode import SpeculativeConfig
 from loraplex.engine.detokenizer import IncrementalDetokenizer, decode_token_text
 from loraplex.engine.engine_args import EngineArgs
 from loraplex.engine.kernels.cpu_linear import (
@@ -154,7 +155,13 @@ class LLMEngine:
             max_model_len=max_model_len, enable_chunked_prefill=args.enable_chunked_prefill,
             max_loras=args.max_loras)
         kv = KVCacheManager(runner.num_blocks, cache_config.block_size, cache_config.enable_prefix_caching)
-        engine = cls(runner, Scheduler(scheduler_config, kv), tokenizer, model_config, max_model_len)
+        speculative = SpeculativeConfig.parse(args.speculative_config)
+        if speculative is not None:
+            logger.info("speculative decoding: prompt lookup, up to %d draft tokens from %d-%d-gram matches, for "
+                        "greedy requests", speculative.num_speculative_tokens, speculative.prompt_lookup_min,
+                        speculative.prompt_lookup_max)
+        engine = cls(runner, Scheduler(scheduler_config, kv, speculative=speculative), tokenizer, model_config,
+                     max_model_len)
         if hook_factory is not None:
             engine.attach_adapter_hook(hook_factory(engine, args))
         if background_factory is not None:
@@ -227,7 +234,9 @@ class LLMEngine:
             adapters["max_loras"] = self.scheduler.scheduler_config.max_loras
         return EngineStats(num_running=self.scheduler.num_running, num_waiting=self.scheduler.num_waiting,
                            num_free_blocks=kv.num_free_blocks, num_total_blocks=kv.num_total_blocks,
-                           adapters=adapters, memory_bytes=self.memory_bytes)
+                           adapters=adapters, memory_bytes=self.memory_bytes,
+                           spec_draft_tokens=self.scheduler.num_draft_tokens,
+                           spec_accepted_tokens=self.scheduler.num_accepted_tokens)
 
     def call(self, method: str, args: tuple):
         """A control call between steps: train_* go to the background work (the trainer), the rest to the
@@ -265,7 +274,8 @@ class LLMEngine:
                 elif self.structured_output.is_terminated(request):
                     grammar_done.append(rid)
         updates = self.scheduler.update_from_output(
-            scheduler_output, {rid: s.token_id for rid, s in sampled.items() if s.token_id is not None})
+            scheduler_output, {rid: s.token_ids if s.token_ids is not None else s.token_id
+                               for rid, s in sampled.items() if s.token_id is not None})
         # a complete structured output ends the request even if its stop token was not sampled (ignore_eos)
         self.scheduler.finish_requests([rid for rid in grammar_done if not self._requests[rid].is_finished],
                                        RequestStatus.FINISHED_STOPPED)
@@ -313,7 +323,18 @@ class LLMEngine:
 
     def _make_output(self, request: Request, new_token_ids: list[int], sampled) -> RequestOutput:
         detok = self._detokenizers[request.request_id]
-        text = detok.update(new_token_ids) if new_token_ids else ""
+        if len(new_token_ids) > 1:  # accepted draft tokens: a stop string ends the output at its own token
+            text = ""
+            for i, token_id in enumerate(new_token_ids):
+                text += detok.update([token_id])
+                if detok.stopped:
+                    extra = len(new_token_ids) - i - 1
+                    if extra:
+                        del request.output_token_ids[-extra:]
+                        new_token_ids = new_token_ids[:i + 1]
+                    break
+        else:
+            text = detok.update(new_token_ids) if new_token_ids else ""
         if detok.stopped and not request.is_finished:
             self.scheduler.finish_requests([request.request_id], RequestStatus.FINISHED_STOPPED)
             request.stop_reason = detok.stop_reason

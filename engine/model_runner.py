@@ -10,7 +10,12 @@ from loraplex.engine.core.config import CacheConfig, ModelConfig
 from loraplex.engine.kernels import cpu_kernels
 from loraplex.engine.layers.attention import allocate_kv_caches, build_forward_batch
 from loraplex.engine.layers.forward_batch import ForwardBatch
-from loraplex.engine.layers.sampler import Sampler, SamplingMetadata, prompt_token_logprobs
+from loraplex.engine.layers.sampler import (
+    Sampler,
+    SamplingMetadata,
+    greedy,
+    prompt_token_logprobs,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -33,6 +38,8 @@ class SampledToken:
     logprobs: list[tuple[int, float]] | None = None
     # prompt tokens this step scored (a request with SamplingParams.prompt_logprobs), in prompt order
     prompt_logprobs: list[PromptLogprob] | None = None
+    # a request with a draft (speculative decoding): the greedy token after each of its rows, token_id the first
+    token_ids: list[int] | None = None
 
 
 @dataclass(slots=True)
@@ -85,6 +92,12 @@ class ModelRunner:
         logits_rows: list[int] = []
         row = 0
         for s in scheduled:
+            if s.draft_token_ids:  # the last token, then the draft: every row is scored
+                input_ids.extend(_tokens_between(s.request, s.start_pos, s.start_pos + 1))
+                input_ids.extend(s.draft_token_ids)
+                logits_rows.extend(range(row, row + s.num_new_tokens))
+                row += s.num_new_tokens
+                continue
             input_ids.extend(_tokens_between(s.request, s.start_pos, s.start_pos + s.num_new_tokens))
             if prompt_rows is not None and s.request.wants_prompt_logprobs:
                 _add_prompt_rows(prompt_rows, s, row)
@@ -115,6 +128,10 @@ class ModelRunner:
         if not sampling:
             return result
         logits = self.model.compute_logits(hidden[batch.logits_indices], batch.logits_indices)  # [num_sampled, vocab]
+        if any(s.draft_token_ids for s in sampling):
+            logits, sampling = self._verify_drafts(logits, sampling, result)
+            if not sampling:
+                return result
         requests = [s.request for s in sampling]
         bitmask = None if self.structured_output is None else self.structured_output.fill_bitmask(requests)
         metadata = SamplingMetadata.build(requests, logits.shape[-1], self.device, bitmask)
@@ -130,6 +147,30 @@ class ModelRunner:
             scored = result[req.request_id].prompt_logprobs if req.request_id in result else None
             result[req.request_id] = SampledToken(token_ids[i], lp, scored)
         return result
+
+    def _verify_drafts(self, logits: torch.Tensor, sampling: list, result: dict[str, SampledToken]):
+        """Greedy tokens for every row of the entries with a draft (into `result`); returns the other entries'
+        logits rows (one each) and those entries, for the sampler."""
+        plain_rows, plain, spec = [], [], []
+        row = 0
+        for s in sampling:
+            if s.draft_token_ids:
+                spec.append((s, row))
+                row += s.num_new_tokens
+            else:
+                plain_rows.append(row)
+                plain.append(s)
+                row += 1
+        spec_rows = [r for s, first in spec for r in range(first, first + s.num_new_tokens)]
+        greedy_ids = greedy(logits[torch.tensor(spec_rows, device=logits.device)]).tolist()
+        k = 0
+        for s, _ in spec:
+            ids = greedy_ids[k:k + s.num_new_tokens]
+            k += s.num_new_tokens
+            result[s.request.request_id] = SampledToken(ids[0], token_ids=ids)
+        if not plain:
+            return logits, plain
+        return logits[torch.tensor(plain_rows, device=logits.device)], plain
 
     def _score_prompt_rows(self, hidden: torch.Tensor, prompt_rows: PromptLogprobRows):
         """(request, [PromptLogprob]) per request with prompt rows in this step: logits for those rows only, in

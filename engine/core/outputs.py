@@ -43,6 +43,9 @@ class EngineStats:
     # seconds the engine loop has spent in forward steps for requests and in training slices, since it started
     inference_seconds: float = 0.0
     training_seconds: float = 0.0
+    # speculative decoding, since start: draft tokens proposed, and those the model confirmed
+    spec_draft_tokens: int = 0
+    spec_accepted_tokens: int = 0
     # a cluster's ingress: each engine replica's own last report, by replica id (these fields are their sums)
     replicas: dict[str, EngineStats] | None = None
 

@@ -10,13 +10,20 @@ from __future__ import annotations
 import bisect
 import time
 from collections import deque
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, NamedTuple
+from typing import NamedTuple
 
 from loraplex.engine.core.config import SchedulerConfig
 from loraplex.engine.core.errors import PromptTooLongError
 from loraplex.engine.core.kv_cache import KVCacheManager, cdiv
 from loraplex.engine.core.request import Request, RequestStatus
+from loraplex.engine.core.spec_decode import (
+    SpeculativeConfig,
+    accepted_prefix,
+    can_speculate,
+    ngram_draft,
+)
 
 AdmissionHook = Callable[[Request], bool]
 
@@ -28,11 +35,13 @@ class ScheduledRequest:
     start_pos: int  # request.num_computed_tokens before this step: position of the first new token
     block_ids: list[int]  # the request's full block table after allocation
     sample: bool  # after this step every known token is computed: sample the next one
+    # prompt-lookup draft (engine/core/spec_decode.py): fed after the request's last token, each row scored
+    draft_token_ids: list[int] = field(default_factory=list)
 
 
 @dataclass(slots=True)
 class SchedulerOutput:
-    # Decodes (num_new_tokens == 1) first, then prefill chunks; the runner relies on this order.
+    # Decodes (num_new_tokens == 1) first, then speculative decodes, then prefill chunks; the runner relies on it.
     scheduled: list[ScheduledRequest] = field(default_factory=list)
     num_batched_tokens: int = 0
     preempted_request_ids: list[str] = field(default_factory=list)
@@ -70,8 +79,11 @@ class Scheduler:
     """
 
     def __init__(self, scheduler_config: SchedulerConfig, kv_cache_manager: KVCacheManager,
-                 admission_hook: AdmissionHook | None = None) -> None:
+                 admission_hook: AdmissionHook | None = None, speculative: SpeculativeConfig | None = None) -> None:
         self.scheduler_config = scheduler_config
+        self.speculative = speculative
+        self.num_draft_tokens = 0  # drafted / accepted by the model, since start (speculative decoding)
+        self.num_accepted_tokens = 0
         self.kv_cache_manager = kv_cache_manager
         self.admission_hook = admission_hook
         self.requests: dict[str, Request] = {}  # every unfinished request
@@ -159,6 +171,13 @@ class Scheduler:
             if num_new_tokens <= 0:  # nothing to compute (update_from_output was skipped)
                 req_index += 1
                 continue
+            draft = self._draft(request, token_budget) if num_new_tokens == 1 else []
+            if draft and (block_ids := kv.allocate_slots(request, 1 + len(draft))) is not None:
+                scheduled.append(ScheduledRequest(request, 1 + len(draft), request.num_computed_tokens, block_ids,
+                                                  sample=True, draft_token_ids=draft))
+                token_budget -= 1 + len(draft)
+                req_index += 1
+                continue  # (no room for the draft: decode plainly, never preempt for a guess)
             while (block_ids := kv.allocate_slots(request, num_new_tokens)) is None:
                 victim = self.running.pop()  # the newest
                 self._preempt(victim)
@@ -175,7 +194,8 @@ class Scheduler:
         if not preempted:
             token_budget = self._admit_waiting(token_budget, scheduled)
 
-        scheduled.sort(key=lambda s: s.num_new_tokens != 1)  # stable: decodes first
+        # stable: plain decodes first, then speculative ones, then prefill chunks
+        scheduled.sort(key=lambda s: 0 if s.num_new_tokens == 1 else 1 if s.draft_token_ids else 2)
         output = SchedulerOutput(
             scheduled=scheduled,
             num_batched_tokens=cfg.max_num_batched_tokens - token_budget,
@@ -228,6 +248,19 @@ class Scheduler:
         self.waiting.extendleft(reversed(skipped))
         return token_budget
 
+    def _draft(self, request: Request, token_budget: int) -> list[int]:
+        """A prompt-lookup draft for a decoding request that can take one, within the budget and its length limits."""
+        spec = self.speculative
+        if spec is None or not can_speculate(request.sampling_params):
+            return []
+        # accepted drafts + the model's token must fit max_tokens and max_model_len
+        room = min(spec.num_speculative_tokens, token_budget - 1,
+                   request.sampling_params.max_tokens - request.num_output_tokens - 1,
+                   self.scheduler_config.max_model_len - request.num_tokens - 1)
+        if room <= 0:
+            return []
+        return ngram_draft(request.all_token_ids, room, spec.prompt_lookup_max, spec.prompt_lookup_min)
+
     @staticmethod
     def _scheduled(request: Request, num_new_tokens: int, block_ids: list[int]) -> ScheduledRequest:
         start_pos = request.num_computed_tokens
@@ -235,24 +268,38 @@ class Scheduler:
                                 sample=start_pos + num_new_tokens == request.num_tokens)
 
     def update_from_output(self, scheduler_output: SchedulerOutput,
-                           sampled_token_ids: dict[str, int]) -> list[RequestUpdate]:
+                           sampled_token_ids: dict[str, int | list[int]]) -> list[RequestUpdate]:
         """Apply a step's result. `sampled_token_ids` maps request_id -> the token sampled for every
-        scheduled request with sample=True. Returns one RequestUpdate per request that gained a
-        token or finished in this step; requests finished meanwhile (aborts) are skipped."""
+        scheduled request with sample=True (for one with a draft: the greedy token of each of its rows).
+        Returns one RequestUpdate per request that gained tokens or finished in this step; requests
+        finished meanwhile (aborts) are skipped."""
         updates: list[RequestUpdate] = []
         for sched in scheduler_output.scheduled:
             request = sched.request
             if request.status != RequestStatus.RUNNING:
                 continue
-            request.num_computed_tokens += sched.num_new_tokens
             new_token_ids: list[int] = []
-            if sched.sample:
+            if sched.draft_token_ids:
+                greedy = sampled_token_ids[request.request_id]
+                accepted = accepted_prefix(sched.draft_token_ids, greedy)
+                self.num_draft_tokens += len(sched.draft_token_ids)
+                self.num_accepted_tokens += accepted
+                request.num_computed_tokens += 1 + accepted  # the fed token and the confirmed drafts
+                for token_id in greedy[:accepted + 1]:
+                    request.output_token_ids.append(token_id)
+                    new_token_ids.append(token_id)
+                    self._check_stop(request, token_id)
+                    if request.is_finished:
+                        break
+            else:
+                request.num_computed_tokens += sched.num_new_tokens
+            if sched.sample and not sched.draft_token_ids:
                 token_id = sampled_token_ids[request.request_id]
                 request.output_token_ids.append(token_id)
                 new_token_ids.append(token_id)
-                if request.first_token_time is None:
-                    request.first_token_time = time.monotonic()
                 self._check_stop(request, token_id)
+            if new_token_ids and request.first_token_time is None:
+                request.first_token_time = time.monotonic()
             self.kv_cache_manager.cache_full_blocks(request)
             if request.is_finished:
                 self.running.remove(request)
