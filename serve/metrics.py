@@ -59,7 +59,11 @@ class _EngineStatsCollector(Collector):
                 ("engine_inference_seconds", "Seconds the engine loop spent in forward steps for requests.",
                  stats.inference_seconds),
                 ("engine_training_seconds", "Seconds the engine loop spent in training slices.",
-                 stats.training_seconds)):
+                 stats.training_seconds),
+                ("spec_decode_num_draft_tokens", "Draft tokens proposed by prompt-lookup speculative decoding.",
+                 stats.spec_draft_tokens),
+                ("spec_decode_num_accepted_tokens", "Draft tokens the model confirmed (speculative decoding).",
+                 stats.spec_accepted_tokens)):
             counter = CounterMetricFamily(PREFIX + name, doc, labels=["model_name"])
             counter.add_metric([self._model_name], float(value))
             yield counter

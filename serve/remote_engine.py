@@ -74,6 +74,8 @@ class RemoteEngine:
         return EngineStats(num_running=sum(s.num_running for s in fresh), num_waiting=sum(s.num_waiting for s in fresh),
                            num_free_blocks=sum(s.num_free_blocks for s in fresh),
                            num_total_blocks=sum(s.num_total_blocks for s in fresh),
+                           spec_draft_tokens=sum(s.spec_draft_tokens for s in fresh),
+                           spec_accepted_tokens=sum(s.spec_accepted_tokens for s in fresh),
                            replicas={replica: s for replica, (when, s) in self._stats.items()
                                      if now - when < STATS_STALE_S})
 

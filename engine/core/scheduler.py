@@ -19,6 +19,7 @@ from loraplex.engine.core.errors import PromptTooLongError
 from loraplex.engine.core.kv_cache import KVCacheManager, cdiv
 from loraplex.engine.core.request import Request, RequestStatus
 from loraplex.engine.core.spec_decode import (
+    Backoff,
     SpeculativeConfig,
     accepted_prefix,
     can_speculate,
@@ -84,6 +85,7 @@ class Scheduler:
         self.speculative = speculative
         self.num_draft_tokens = 0  # drafted / accepted by the model, since start (speculative decoding)
         self.num_accepted_tokens = 0
+        self._backoff: dict[str, Backoff] = {}  # per speculating request
         self.kv_cache_manager = kv_cache_manager
         self.admission_hook = admission_hook
         self.requests: dict[str, Request] = {}  # every unfinished request
@@ -143,6 +145,7 @@ class Scheduler:
             self._free_request(request)
 
     def _free_request(self, request: Request) -> None:
+        self._backoff.pop(request.request_id, None)
         self.kv_cache_manager.free(request)
         del self.requests[request.request_id]
         self.finished_request_ids.append(request.request_id)
@@ -253,6 +256,10 @@ class Scheduler:
         spec = self.speculative
         if spec is None or not can_speculate(request.sampling_params):
             return []
+        if spec.disable_by_batch_size is not None and len(self.running) >= spec.disable_by_batch_size:
+            return []
+        if not self._backoff.setdefault(request.request_id, Backoff()).ready():
+            return []
         # accepted drafts + the model's token must fit max_tokens and max_model_len
         room = min(spec.num_speculative_tokens, token_budget - 1,
                    request.sampling_params.max_tokens - request.num_output_tokens - 1,
@@ -284,6 +291,7 @@ class Scheduler:
                 accepted = accepted_prefix(sched.draft_token_ids, greedy)
                 self.num_draft_tokens += len(sched.draft_token_ids)
                 self.num_accepted_tokens += accepted
+                self._backoff.setdefault(request.request_id, Backoff()).record(accepted)
                 request.num_computed_tokens += 1 + accepted  # the fed token and the confirmed drafts
                 for token_id in greedy[:accepted + 1]:
                     request.output_token_ids.append(token_id)

@@ -28,6 +28,7 @@ class SpeculativeConfig:
     num_speculative_tokens: int = 4
     prompt_lookup_max: int = 4
     prompt_lookup_min: int = DEFAULT_LOOKUP_MIN
+    disable_by_batch_size: int | None = None  # no drafts while this many requests (or more) are running
 
     def __post_init__(self) -> None:
         if self.method != "ngram":
@@ -39,17 +40,22 @@ class SpeculativeConfig:
             raise ValueError(f"num_speculative_tokens must be in [1, {MAX_SPECULATIVE_TOKENS}]")
         if not 1 <= self.prompt_lookup_min <= self.prompt_lookup_max <= MAX_LOOKUP:
             raise ValueError(f"need 1 <= prompt_lookup_min <= prompt_lookup_max <= {MAX_LOOKUP}")
+        if self.disable_by_batch_size is not None and (not isinstance(self.disable_by_batch_size, int)
+                                                       or self.disable_by_batch_size < 1):
+            raise ValueError("disable_by_batch_size must be a positive integer")
 
     @classmethod
     def parse(cls, value: str | dict | None) -> SpeculativeConfig | None:
         """From vLLM's JSON (or a dict): {"method": "ngram", "num_speculative_tokens": K, "prompt_lookup_max": N,
-        "prompt_lookup_min": M}; None or "" -> None (off). Unknown keys are an error, not ignored."""
+        "prompt_lookup_min": M, "disable_by_batch_size": B}; None or "" -> None (off). Unknown keys are an error,
+        not ignored."""
         if value is None or value == "" or value == {}:
             return None
         data = json.loads(value) if isinstance(value, str) else dict(value)
         if not isinstance(data, dict):
             raise ValueError("the speculative config must be a JSON object")
-        unknown = set(data) - {"method", "num_speculative_tokens", "prompt_lookup_max", "prompt_lookup_min"}
+        unknown = set(data) - {"method", "num_speculative_tokens", "prompt_lookup_max", "prompt_lookup_min",
+                               "disable_by_batch_size"}
         if unknown:
             raise ValueError(f"unknown speculative config keys: {sorted(unknown)}")
         if "prompt_lookup_max" in data and "prompt_lookup_min" not in data:
@@ -82,6 +88,34 @@ def ngram_draft(tokens: list[int], max_tokens: int, lookup_max: int, lookup_min:
                 return tokens[i + n:i + n + max_tokens]
             i -= 1
     return []
+
+
+MAX_BACKOFF = 16
+
+
+class Backoff:
+    """Per request: after a draft the model rejected outright, skip drafting for 1, 2, 4 ... MAX_BACKOFF decode
+    steps; any accepted token resets it. Text that does not repeat its context then costs almost no extra rows,
+    text that does keeps drafting every step."""
+
+    __slots__ = ("skip", "length")
+
+    def __init__(self) -> None:
+        self.skip = 0
+        self.length = 0
+
+    def ready(self) -> bool:
+        if self.skip > 0:
+            self.skip -= 1
+            return False
+        return True
+
+    def record(self, accepted: int) -> None:
+        if accepted:
+            self.length = 0
+        else:
+            self.length = min(MAX_BACKOFF, max(1, 2 * self.length))
+            self.skip = self.length
 
 
 def accepted_prefix(draft: list[int], greedy: list[int]) -> int:

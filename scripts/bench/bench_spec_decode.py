@@ -19,16 +19,16 @@ import time
 from pathlib import Path
 
 EDIT_TEXTS = [
-    "The committee, having considered the submissions received during the consultation period, resolved to defer "
-    "its decision on the proposed amendments until the next scheduled meeting, at which the chair will present a "
-    "revised draft that incorporates the comments of the regional offices.",
-    "def moving_average(values, window):\n    result = []\n    for i in range(len(values) - window + 1):\n"
-    "        total = 0\n        for j in range(window):\n            total += values[i + j]\n"
-    "        result.append(total / window)\n    return result\n",
-    "Order 1182: 3 x blue ceramic mug (SKU MUG-BL-03) at 12.50 each, 1 x walnut serving board (SKU BRD-WN-11) at "
-    "48.00, 2 x linen napkin set (SKU NAP-LN-02) at 19.90 each. Ship to: 14 Harbour Road, Leith, EH6 6LQ.",
-    "Photosynthesis converts light energy into chemical energy. In the light reactions, water is split and ATP and "
-    "NADPH are made; in the Calvin cycle, carbon dioxide is fixed into sugars using that ATP and NADPH.",
+    ("The committee, having considered the submissions received during the consultation period, resolved to defer "
+     "its decision on the proposed amendments until the next scheduled meeting, at which the chair will present a "
+     "revised draft that incorporates the comments of the regional offices."),
+    ("def moving_average(values, window):\n    result = []\n    for i in range(len(values) - window + 1):\n"
+     "        total = 0\n        for j in range(window):\n            total += values[i + j]\n"
+     "        result.append(total / window)\n    return result\n"),
+    ("Order 1182: 3 x blue ceramic mug (SKU MUG-BL-03) at 12.50 each, 1 x walnut serving board (SKU BRD-WN-11) at "
+     "48.00, 2 x linen napkin set (SKU NAP-LN-02) at 19.90 each. Ship to: 14 Harbour Road, Leith, EH6 6LQ."),
+    ("Photosynthesis converts light energy into chemical energy. In the light reactions, water is split and ATP and "
+     "NADPH are made; in the Calvin cycle, carbon dioxide is fixed into sugars using that ATP and NADPH."),
 ]
 EDIT_TASKS = ["Repeat the following text exactly, then stop:\n\n{}",
               "Rewrite the following, keeping every word but fixing any errors:\n\n{}",

@@ -184,3 +184,36 @@ def test_stop_strings_end_a_speculative_run_at_their_own_token(default_model_dir
         outs[spec] = (text, tokens, final.num_output_tokens, final.finish_reason, final.stop_reason)
     plain, spec = outs.values()
     assert plain == spec and plain[3] == "stop" and plain[4] == "seven"
+
+
+def test_a_rejected_draft_backs_off_and_a_busy_batch_stops_drafting():
+    from loraplex.engine.core.spec_decode import Backoff
+    b = Backoff()
+    pattern = []
+    for accepted in (0, 0, 0, 2):
+        assert b.ready()
+        b.record(accepted)
+        skipped = 0
+        while not b.ready():
+            skipped += 1
+        pattern.append(skipped)
+    assert pattern == [1, 2, 4, 0]  # 1, 2, 4 steps after each rejection; reset on success
+    # in the scheduler: a draft the model rejects outright is not proposed again on the next step
+    s = scheduler()
+    req = Request("a", [7, 8, 9, 7, 8, 9, 7], SamplingParams(max_tokens=20, temperature=0.0))
+    s.add_request(req)
+    s.update_from_output(s.schedule(), {"a": 8})
+    out = s.schedule()
+    assert out.scheduled[0].draft_token_ids
+    s.update_from_output(out, {"a": [1] * out.scheduled[0].num_new_tokens})
+    out = s.schedule()
+    assert out.scheduled[0].draft_token_ids == [] and out.scheduled[0].num_new_tokens == 1
+    # disable_by_batch_size: with that many requests running nobody drafts
+    busy = Scheduler(SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=64, max_model_len=128),
+                     KVCacheManager(64, 4, enable_prefix_caching=True),
+                     speculative=SpeculativeConfig(num_speculative_tokens=4, prompt_lookup_min=1,
+                                                   disable_by_batch_size=2))
+    for rid in ("x", "y"):
+        busy.add_request(Request(rid, [7, 8, 9, 7, 8, 9, 7], SamplingParams(max_tokens=20, temperature=0.0)))
+    busy.update_from_output(busy.schedule(), {"x": 8, "y": 8})
+    assert all(not e.draft_token_ids for e in busy.schedule().scheduled)

@@ -87,7 +87,8 @@ class FakeEngine:
         return self.healthy
 
     def stats(self) -> EngineStats:
-        return EngineStats(num_running=len(self._tasks), num_waiting=0, num_free_blocks=90, num_total_blocks=100)
+        return EngineStats(num_running=len(self._tasks), num_waiting=0, num_free_blocks=90, num_total_blocks=100,
+                           spec_draft_tokens=12, spec_accepted_tokens=9)
 
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> RequestStream:
         if self.add_error is not None:

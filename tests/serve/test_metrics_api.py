@@ -39,6 +39,9 @@ def test_metrics_after_requests(client, engine):
     assert samples[f"loraplex:time_to_first_token_seconds_count{label}"] == 2
     assert abs(samples[f"loraplex:kv_cache_usage_perc{label}"] - 0.1) < 1e-9 # the fake reports 90 of 100 blocks free
     assert samples[f"loraplex:num_requests_running{label}"] == 0
+    # speculative decoding's counters, as the engine reports them (vLLM's spec_decode_* names)
+    assert samples[f"loraplex:spec_decode_num_draft_tokens_total{label}"] == 12
+    assert samples[f"loraplex:spec_decode_num_accepted_tokens_total{label}"] == 9
 
 
 def test_registries_are_per_app():
