@@ -60,13 +60,20 @@ inline float hsum(v8f a) {  // fixed pairwise order: lane i + lane i + 4, then i
   return (b[0] + b[2]) + (b[1] + b[3]);
 }
 
-inline v8f bf16x8(const c10::BFloat16* p) {
+inline v8f bf16x8(const c10::BFloat16* p) {  // 8 bfloat16 -> float32: the 16 bits move to the top half
+#if defined(__AVX2__)
+  const __m256i u = _mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))), 16);
+  v8f f;
+  std::memcpy(&f, &u, sizeof(f));
+  return f;
+#else
   v8u16 h;
   std::memcpy(&h, p, sizeof(h));
   const v8u32 u = __builtin_convertvector(h, v8u32) << 16;
   v8f f;
   std::memcpy(&f, &u, sizeof(f));
   return f;
+#endif
 }
 
 // 8 bytes widened to int32 lanes (GCC scalarizes __builtin_convertvector from 8-byte vectors)
