@@ -42,6 +42,13 @@ class LoRALinear(nn.Module):
         self.b_pool = b_pool  # [num_pages, out_features]
         self.state = state
 
+    def passthrough_base(self) -> nn.Module | None:
+        """The base linear when no row of this step adds anything here (no LoRA or DoRA rows for this module): the
+        engine's one-call decoder layer may then use it directly (engine/layers/fused_layer.py)."""
+        if self.module_name in self.state.metas or self.module_name in self.state.dora:
+            return None
+        return self.base
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [num_tokens, in] -> [num_tokens, out]
         y = self.base(x)
         meta = self.state.metas.get(self.module_name)

@@ -90,6 +90,13 @@ class MixLoRAMLP(nn.Module):
         # when its step has no MixLoRA job (or no step is running)
         self.train_forward = None
 
+    def passthrough_base(self) -> nn.Module | None:
+        """Itself when this step has no MixLoRA rows (then it computes exactly LlamaMLP's forward): the engine's
+        one-call decoder layer may take its place (engine/layers/fused_layer.py)."""
+        if self.train_forward is None and (self.state is None or self.state.mix is None):
+            return self
+        return None
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [num_tokens, hidden]
         if self.train_forward is not None:
             out = self.train_forward(self, x)

@@ -15,8 +15,18 @@ from torch import nn
 
 from loraplex.engine.core.config import ModelConfig
 from loraplex.engine.layers.attention import attend
-from loraplex.engine.layers.elementwise import add_rms_norm, apply_rotary, rms_norm, silu_and_mul
-from loraplex.engine.layers.forward_batch import AttentionMetadata, ForwardBatch, KVCache
+from loraplex.engine.layers.elementwise import (
+    add_rms_norm,
+    apply_rotary,
+    rms_norm,
+    silu_and_mul,
+)
+from loraplex.engine.layers.forward_batch import (
+    AttentionMetadata,
+    ForwardBatch,
+    KVCache,
+)
+from loraplex.engine.layers.fused_layer import register_module_forwards, try_fused_layer
 
 # Checkpoint (Hugging Face layout) name -> our parameter name; "{i}" is the layer index. Identity
 # today; kept explicit so a renamed checkpoint or a fused layout only changes this table.
@@ -161,10 +171,16 @@ class LlamaDecoderLayer(nn.Module):
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv_cache: KVCache | None,
                 batch: ForwardBatch) -> torch.Tensor:
+        fused = try_fused_layer(self, x, cos, sin, kv_cache, batch)  # the same result in one kernel call, when it can
+        if fused is not None:
+            return fused
         a = self.self_attn(self.input_layernorm(x), cos, sin, kv_cache, batch.slot_mapping, batch.attn)
         norm = self.post_attention_layernorm
         x, h = add_rms_norm(x, a, norm.weight, norm.eps)  # x + a, and its norm, in one pass
         return x + self.mlp(h)
+
+
+register_module_forwards(LlamaAttention.forward, LlamaMLP.forward)
 
 
 class LlamaModel(nn.Module):

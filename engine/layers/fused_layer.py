@@ -1,0 +1,103 @@
+"""A whole decoder layer in one kernel call for inference on CPU (engine/kernels/csrc/cpu_decoder_layer.cpp), taken
+when every piece of the layer is one the kernel computes exactly as the module path would: streaming linears
+(engine/quant/stream.py) with q/k/v and gate/up fused, the fused elementwise kernels (bfloat16: the dtype where the
+module path uses them too) and the paged attention kernel over this step's rows. Otherwise, or when a wrapper on a
+linear adds something this step (an adapter's rows), the layer runs its modules as usual. Either way the layer's
+output is the same, bit for bit (tests/engine/test_fused_layer.py).
+
+Wrappers around a base linear (adapters/lora_linear.py) opt in by defining `passthrough_base()`: the base module
+when the wrapper adds nothing this step, else None. The engine never imports them.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from loraplex.engine.kernels import cpu_kernels
+from loraplex.engine.quant.stream import KIND, StreamLinear
+
+_DISABLED = {"value": False}
+STATS = {"fused_calls": 0}  # layers computed by the one-call kernel since start (tests and profiles read it)
+_ATTENTION_FORWARD = _MLP_FORWARD = None  # LlamaAttention.forward / LlamaMLP.forward, set by the model module
+
+
+def register_module_forwards(attention_forward, mlp_forward) -> None:
+    """engine/models/llama.py names the forwards this kernel reproduces (subclasses that override them opt out)."""
+    global _ATTENTION_FORWARD, _MLP_FORWARD
+    _ATTENTION_FORWARD, _MLP_FORWARD = attention_forward, mlp_forward
+
+
+def set_enabled(enabled: bool) -> None:
+    """Tests compare the fused call against the module path with this (process-wide, not thread-safe)."""
+    _DISABLED["value"] = not enabled
+
+
+def stream_base(module: nn.Module) -> StreamLinear | None:
+    if isinstance(module, StreamLinear):
+        return module
+    passthrough = getattr(module, "passthrough_base", None)
+    base = passthrough() if passthrough is not None else None
+    return base if isinstance(base, StreamLinear) else None
+
+
+def _group_args(members: list[StreamLinear]) -> tuple[list, int, int] | None:
+    """[weight, scales, zeros, bias], kind, group size of siblings fused in one StreamGroup, in order; or of a single
+    ungrouped linear. None when they are not laid out as the kernel expects."""
+    first = members[0]
+    if len(members) == 1:
+        if first.group is not None:
+            return None
+        lin = first
+    else:
+        group = first.group
+        if group is None or any(m.group is not group or m.index != i for i, m in enumerate(members)) \
+                or len(group.sizes) != len(members):
+            return None
+        lin = group.linear
+    return [lin.weight, lin.scales, lin.zeros, lin.bias], KIND[lin.bits], lin.group_size
+
+
+def layer_args(layer: nn.Module) -> tuple | None:
+    """The static arguments of decoder_layer for a LlamaDecoderLayer whose linears all stream this step, or None."""
+    attn, mlp = layer.self_attn, layer.mlp
+    if type(attn).forward is not _ATTENTION_FORWARD:
+        return None
+    if type(mlp).forward is not _MLP_FORWARD:  # a wrapper MLP (MixLoRA): only while it computes the plain FFN
+        passthrough = getattr(mlp, "passthrough_base", None)
+        if passthrough is None or passthrough() is not mlp:
+            return None
+    names = [(attn, "q_proj"), (attn, "k_proj"), (attn, "v_proj"), (attn, "o_proj"), (mlp, "gate_proj"),
+             (mlp, "up_proj"), (mlp, "down_proj")]
+    bases = [stream_base(getattr(parent, name, None)) for parent, name in names]
+    if any(b is None for b in bases):
+        return None
+    key = tuple(id(b) for b in bases)
+    cached = getattr(layer, "_fused_layer_cache", None)
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    parts = [_group_args(bases[0:3]), _group_args(bases[3:4]), _group_args(bases[4:6]), _group_args(bases[6:7])]
+    args = None if any(p is None for p in parts) else tuple(x for p in parts for x in p)
+    object.__setattr__(layer, "_fused_layer_cache", (key, args))
+    return args
+
+
+def try_fused_layer(layer: nn.Module, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv_cache,
+                    batch) -> torch.Tensor | None:
+    """The layer's output through the one-call kernel, or None when the module path must run."""
+    attn = batch.attn
+    if (_DISABLED["value"] or x.dtype != torch.bfloat16 or x.device.type != "cpu" or torch.is_grad_enabled()
+            or kv_cache is None or attn.kernel_lens is None or attn.prefills or attn.packed is not None
+            or not cpu_kernels.loaded() or x.dim() != 2 or not x.is_contiguous() or cos.dtype != x.dtype):
+        return None
+    norm1, norm2 = layer.input_layernorm, layer.post_attention_layernorm
+    if norm1.weight.dtype != x.dtype or norm2.weight.dtype != x.dtype:
+        return None
+    args = layer_args(layer)
+    if args is None:
+        return None
+    a = layer.self_attn
+    STATS["fused_calls"] += 1
+    return torch.ops.loraplex_cpu.decoder_layer(
+        x, cos, sin, norm1.weight, norm2.weight, norm1.eps, *args, a.num_heads, a.num_kv_heads, a.head_dim,
+        a.scale, kv_cache.k, kv_cache.v, attn.kernel_slots, attn.kernel_rows, attn.kernel_lens,
+        attn.sliding_window or 0, batch.slot_mapping)

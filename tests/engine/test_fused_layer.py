@@ -1,0 +1,79 @@
+"""The one-call decoder layer (engine/layers/fused_layer.py, csrc/cpu_decoder_layer.cpp) against the module path it
+replaces: the same greedy tokens bit for bit, alone and batched, with adapters in the batch (whose steps take the
+module path) and without."""
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from loraplex.engine.core.sampling_params import SamplingParams
+from loraplex.engine.engine_args import EngineArgs
+from loraplex.engine.kernels import cpu_kernels
+from loraplex.engine.layers import fused_layer
+
+pytestmark = pytest.mark.skipif(not cpu_kernels.available(), reason="CPU kernels unavailable")
+GREEDY = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+
+
+@pytest.fixture
+def fused_switch():
+    yield fused_layer.set_enabled
+    fused_layer.set_enabled(True)
+
+
+def generate(engine, prompts) -> list[list[int]]:
+    out: dict[str, list[int]] = {}
+    ids = [f"r{i}-{time.monotonic_ns()}" for i in range(len(prompts))]
+    for rid, p in zip(ids, prompts):
+        engine.add_request(rid, p, GREEDY)
+    while engine.has_unfinished_requests():
+        for o in engine.step():
+            out.setdefault(o.request_id, []).extend(o.token_ids)
+    return [out[rid] for rid in ids]
+
+
+def test_fused_layer_gives_the_module_paths_tokens(default_model_dir, fused_switch):
+    from loraplex.engine.llm_engine import LLMEngine
+    engine = LLMEngine.from_engine_args(EngineArgs(model=default_model_dir, dtype="bfloat16", cpu_linear="stream",
+                                                   max_num_seqs=4, kv_cache_memory_bytes=64 << 20))
+    prompts = [engine.tokenizer.encode(t) for t in ("The capital of France is", "def fibonacci(n):", "Dear Sir,")]
+    results = {}
+    for enabled in (False, True):
+        fused_switch(enabled)
+        before = fused_layer.STATS["fused_calls"]
+        results[enabled] = (generate(engine, prompts), [generate(engine, [p])[0] for p in prompts])
+        used = fused_layer.STATS["fused_calls"] - before
+        assert (used > 0) == enabled
+    assert results[True] == results[False]
+    assert results[True][0] == results[True][1]  # batched == alone
+
+
+def test_adapter_steps_take_the_module_path_and_nothing_changes(tmp_path, default_model_dir, fused_switch):
+    from loraplex.engine.llm_engine import _read_model_config
+    from tests.adapters.peft_factory import make_tiny_model, write_random_peft
+    from tests.adapters.test_lora_engine import lora_engine, run
+
+    tiny = make_tiny_model(tmp_path / "tiny", default_model_dir)
+    config = _read_model_config(str(tiny))
+    engine = lora_engine(tiny, dtype="bfloat16", cpu_linear="stream")
+    folder = write_random_peft(tmp_path / "a1", config, r=8, target_modules=("q_proj", "v_proj", "down_proj"),
+                               seed=1, std=0.3)
+    engine.adapter_hook.register_adapter("a1", 1, 1, str(folder))
+    prompts = {f"p{j}": [(13 * j + 5 * k) % 40000 + 100 for k in range(6 + j)] for j in range(3)}
+    outputs = {}
+    for enabled in (False, True):
+        fused_switch(enabled)
+        alone = {f"{rid}-{key}": run(engine, {"x": (p, GREEDY, key)})["x"]
+                 for rid, p in prompts.items() for key in (None, (1, 1))}
+        mixed = run(engine, {f"{rid}-{key}": (p, GREEDY, key) for rid, p in prompts.items() for key in (None, (1, 1))})
+        outputs[enabled] = (alone, mixed)
+        assert mixed == alone
+        if enabled:  # an adapter's steps never fuse; a base request's steps do (its short prefill too), every layer
+            before = fused_layer.STATS["fused_calls"]
+            run(engine, {"x": (prompts["p0"], GREEDY, (1, 1))})
+            assert fused_layer.STATS["fused_calls"] == before
+            run(engine, {"x": (prompts["p0"], GREEDY, None)})
+            assert fused_layer.STATS["fused_calls"] - before == GREEDY.max_tokens * config.num_hidden_layers
+    assert outputs[True] == outputs[False]
+    assert len({tuple(v) for v in outputs[True][0].values()}) > 3  # the adapter really changes outputs
