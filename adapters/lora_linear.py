@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from loraplex.adapters.dora import apply_dora
+from loraplex.adapters.ops.cpu import cpu_layout, lora_apply_cpu
 from loraplex.adapters.ops.meta import LoRABatchMeta
 
 LoRAApply = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, LoRABatchMeta], None]
@@ -42,12 +43,22 @@ class LoRALinear(nn.Module):
         self.b_pool = b_pool  # [num_pages, out_features]
         self.state = state
 
-    def passthrough_base(self) -> nn.Module | None:
-        """The base linear when no row of this step adds anything here (no LoRA or DoRA rows for this module): the
-        engine's one-call decoder layer may then use it directly (engine/layers/fused_layer.py)."""
-        if self.module_name in self.state.metas or self.module_name in self.state.dora:
+    def fused_lora(self) -> tuple[nn.Module, tuple[torch.Tensor, ...] | None] | None:
+        """For the engine's one-call decoder layer (engine/layers/fused_layer.py): (the base, None) when no row of this
+        step adds anything here; (the base, the pools and the C++ LoRA kernel's row tensors) when this step's rows
+        are ones forward applies with that kernel alone; None otherwise (DoRA rows, long prefill segments, another
+        backend), and the layer runs its modules."""
+        if self.module_name in self.state.dora:
             return None
-        return self.base
+        meta = self.state.metas.get(self.module_name)
+        if meta is None:
+            return self.base, None
+        if self.state.apply is not lora_apply_cpu:
+            return None
+        layout = cpu_layout(meta)
+        if layout.kernel is None or layout.dense or self.a_pool.dtype != self.b_pool.dtype:
+            return None
+        return self.base, (self.a_pool, self.b_pool, *layout.kernel)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [num_tokens, in] -> [num_tokens, out]
         y = self.base(x)

@@ -89,11 +89,13 @@ class MixLoRAMLP(nn.Module):
         # the trainer's path for MixLoRA jobs' rows (trainer/mixlora_train.py): (self, x) -> output, or None
         # when its step has no MixLoRA job (or no step is running)
         self.train_forward = None
+        self.train_active = None  # () -> bool: whether train_forward has rows now (None: whenever it is set)
 
     def passthrough_base(self) -> nn.Module | None:
         """Itself when this step has no MixLoRA rows (then it computes exactly LlamaMLP's forward): the engine's
         one-call decoder layer may take its place (engine/layers/fused_layer.py)."""
-        if self.train_forward is None and (self.state is None or self.state.mix is None):
+        training = self.train_forward is not None and (self.train_active is None or self.train_active())
+        if not training and (self.state is None or self.state.mix is None):
             return self
         return None
 

@@ -427,6 +427,16 @@ class MultiLoRATrainLinear(nn.Module):
         self.module_index = list(LORA_MODULES).index(module_name)
         self.state = state
 
+    def fused_lora(self):
+        """Outside a training step this wrapper adds nothing: what the module it wraps says (the engine's one-call
+        decoder layer, engine/layers/fused_layer.py); None during a training step's forward."""
+        if self.state.segments:
+            return None
+        inner = getattr(self.inner, "fused_lora", None)
+        if inner is not None:
+            return inner()
+        return (self.inner, None) if self.inner.__class__.__name__ == "StreamLinear" else None
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [num_tokens, in] -> [num_tokens, out]
         y = self.inner(x)
         if not self.state.segments:

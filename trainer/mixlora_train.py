@@ -38,6 +38,8 @@ def attach_moe_training(model, layers: int | range, state: TrainStepState) -> No
         if not isinstance(decoder.mlp, MixLoRAMLP):
             decoder.mlp = MixLoRAMLP(decoder.mlp, layer)
         decoder.mlp.train_forward = lambda mlp, x, state=state: moe_train_forward(state, mlp, x)
+        # whether a training step with MixLoRA rows is running: otherwise the FFN is the plain one (serving steps)
+        decoder.mlp.train_active = lambda state=state: any(isinstance(s.lora, JobMixLoRA) for s in state.segments)
 
 
 def route_with_grad(spec, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -5,8 +5,10 @@ module path uses them too) and the paged attention kernel over this step's rows.
 linear adds something this step (an adapter's rows), the layer runs its modules as usual. Either way the layer's
 output is the same, bit for bit (tests/engine/test_fused_layer.py).
 
-Wrappers around a base linear (adapters/lora_linear.py) opt in by defining `passthrough_base()`: the base module
-when the wrapper adds nothing this step, else None. The engine never imports them.
+Wrappers around a base linear (adapters/lora_linear.py) opt in by defining `fused_lora()`: None when the kernel
+cannot reproduce what the wrapper adds this step, else (the base module, None or the 8 tensors of the step's
+`loraplex_cpu::lora_apply_` call for it). A wrapper module (MixLoRA's FFN) opts in with `passthrough_base()`: itself
+while it computes the plain module's forward, else None. The engine never imports them.
 """
 from __future__ import annotations
 
@@ -32,12 +34,20 @@ def set_enabled(enabled: bool) -> None:
     _DISABLED["value"] = not enabled
 
 
-def stream_base(module: nn.Module) -> StreamLinear | None:
+_INELIGIBLE = (None, None)
+LORA_ARGS = 8  # per module: a_pool, b_pool and lora_apply_'s six row tensors
+
+
+def stream_base(module: nn.Module) -> tuple[StreamLinear | None, tuple | None]:
+    """(the StreamLinear computing `module`'s base product, the LoRA kernel arguments of its rows this step or None);
+    (None, None) when the module is not one the kernel reproduces."""
     if isinstance(module, StreamLinear):
-        return module
-    passthrough = getattr(module, "passthrough_base", None)
-    base = passthrough() if passthrough is not None else None
-    return base if isinstance(base, StreamLinear) else None
+        return module, None
+    fused_lora = getattr(module, "fused_lora", None)
+    found = fused_lora() if fused_lora is not None else None
+    if found is None or not isinstance(found[0], StreamLinear):
+        return _INELIGIBLE
+    return found
 
 
 def _group_args(members: list[StreamLinear]) -> tuple[list, int, int] | None:
@@ -57,8 +67,9 @@ def _group_args(members: list[StreamLinear]) -> tuple[list, int, int] | None:
     return [lin.weight, lin.scales, lin.zeros, lin.bias], KIND[lin.bits], lin.group_size
 
 
-def layer_args(layer: nn.Module) -> tuple | None:
-    """The static arguments of decoder_layer for a LlamaDecoderLayer whose linears all stream this step, or None."""
+def layer_args(layer: nn.Module) -> tuple[tuple, list] | None:
+    """(the static arguments of decoder_layer, this step's LoRA arguments) for a LlamaDecoderLayer whose linears all
+    stream, or None."""
     attn, mlp = layer.self_attn, layer.mlp
     if type(attn).forward is not _ATTENTION_FORWARD:
         return None
@@ -68,17 +79,21 @@ def layer_args(layer: nn.Module) -> tuple | None:
             return None
     names = [(attn, "q_proj"), (attn, "k_proj"), (attn, "v_proj"), (attn, "o_proj"), (mlp, "gate_proj"),
              (mlp, "up_proj"), (mlp, "down_proj")]
-    bases = [stream_base(getattr(parent, name, None)) for parent, name in names]
+    found = [stream_base(getattr(parent, name, None)) for parent, name in names]
+    bases = [b for b, _ in found]
     if any(b is None for b in bases):
         return None
+    loras = [lora for _, lora in found]
+    lora_args = [] if all(lora is None for lora in loras) else [
+        t for lora in loras for t in (lora if lora is not None else (None,) * LORA_ARGS)]
     key = tuple(id(b) for b in bases)
     cached = getattr(layer, "_fused_layer_cache", None)
     if cached is not None and cached[0] == key:
-        return cached[1]
+        return None if cached[1] is None else (cached[1], lora_args)
     parts = [_group_args(bases[0:3]), _group_args(bases[3:4]), _group_args(bases[4:6]), _group_args(bases[6:7])]
     args = None if any(p is None for p in parts) else tuple(x for p in parts for x in p)
     object.__setattr__(layer, "_fused_layer_cache", (key, args))
-    return args
+    return None if args is None else (args, lora_args)
 
 
 def try_fused_layer(layer: nn.Module, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv_cache,
@@ -92,12 +107,16 @@ def try_fused_layer(layer: nn.Module, x: torch.Tensor, cos: torch.Tensor, sin: t
     norm1, norm2 = layer.input_layernorm, layer.post_attention_layernorm
     if norm1.weight.dtype != x.dtype or norm2.weight.dtype != x.dtype:
         return None
-    args = layer_args(layer)
-    if args is None:
+    found = layer_args(layer)
+    if found is None:
         return None
+    args, lora = found
+    if lora and any(lora[i] is not None and (lora[i].dtype != x.dtype or lora[i + 1].dtype != x.dtype)
+                    for i in range(0, len(lora), LORA_ARGS)):
+        return None  # pools in another dtype: the wrappers' torch path handles them
     a = layer.self_attn
     STATS["fused_calls"] += 1
     return torch.ops.loraplex_cpu.decoder_layer(
         x, cos, sin, norm1.weight, norm2.weight, norm1.eps, *args, a.num_heads, a.num_kv_heads, a.head_dim,
         a.scale, kv_cache.k, kv_cache.v, attn.kernel_slots, attn.kernel_rows, attn.kernel_lens,
-        attn.sliding_window or 0, batch.slot_mapping)
+        attn.sliding_window or 0, batch.slot_mapping, lora)

@@ -49,7 +49,7 @@ def test_fused_layer_gives_the_module_paths_tokens(default_model_dir, fused_swit
     assert results[True][0] == results[True][1]  # batched == alone
 
 
-def test_adapter_steps_take_the_module_path_and_nothing_changes(tmp_path, default_model_dir, fused_switch):
+def test_adapter_rows_fuse_too_and_nothing_changes(tmp_path, default_model_dir, fused_switch):
     from loraplex.engine.llm_engine import _read_model_config
     from tests.adapters.peft_factory import make_tiny_model, write_random_peft
     from tests.adapters.test_lora_engine import lora_engine, run
@@ -69,11 +69,10 @@ def test_adapter_steps_take_the_module_path_and_nothing_changes(tmp_path, defaul
         mixed = run(engine, {f"{rid}-{key}": (p, GREEDY, key) for rid, p in prompts.items() for key in (None, (1, 1))})
         outputs[enabled] = (alone, mixed)
         assert mixed == alone
-        if enabled:  # an adapter's steps never fuse; a base request's steps do (its short prefill too), every layer
-            before = fused_layer.STATS["fused_calls"]
-            run(engine, {"x": (prompts["p0"], GREEDY, (1, 1))})
-            assert fused_layer.STATS["fused_calls"] == before
-            run(engine, {"x": (prompts["p0"], GREEDY, None)})
-            assert fused_layer.STATS["fused_calls"] - before == GREEDY.max_tokens * config.num_hidden_layers
+        if enabled:  # base and plain LoRA rows fuse, every layer of every step (short prefills too)
+            for key in (None, (1, 1)):
+                before = fused_layer.STATS["fused_calls"]
+                run(engine, {"x": (prompts["p0"], GREEDY, key)})
+                assert fused_layer.STATS["fused_calls"] - before == GREEDY.max_tokens * config.num_hidden_layers
     assert outputs[True] == outputs[False]
     assert len({tuple(v) for v in outputs[True][0].values()}) > 3  # the adapter really changes outputs
