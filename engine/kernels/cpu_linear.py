@@ -80,12 +80,32 @@ def _linear(x: torch.Tensor, packed_weight: torch.Tensor, bias: torch.Tensor | N
     return torch.ops.mkldnn._linear_pointwise(x, packed_weight, bias, "none", [], "")
 
 
-class PackedGroup:
-    """Sibling linears that read the same input (q/k/v, gate/up), packed as one [sum(out), in] weight.
-    The first member called with an input computes every member's output in one call; each member then
-    takes its column slice of it, once (a member called again with that input gets a fresh product).
-    Contract, as in the decoder layers: the siblings are called with the very same tensor object, which
+class SiblingOutputs:
+    """Sibling linears computed as one product: the first member called with an input runs `product(x)` for all of
+    them; each member then takes its column slice of it, once (a member called again with that input gets a fresh
+    product). Contract, as in the decoder layers: the siblings are called with the very same tensor object, which
     is not modified in place between the calls. (Inference tensors have no version counter to check.)"""
+
+    def __init__(self, sizes: list[int]) -> None:
+        self.sizes = sizes
+        self._x: torch.Tensor | None = None
+        self._outs: list[torch.Tensor] = []
+        self._taken: list[bool] = []
+
+    def output(self, x: torch.Tensor, index: int, product) -> torch.Tensor:
+        if x is not self._x or self._taken[index]:
+            self._outs = list(product(x).split(self.sizes, dim=-1))
+            self._x, self._taken = x, [False] * len(self.sizes)
+        self._taken[index] = True
+        out = self._outs[index]
+        if all(self._taken):  # every sibling served: hold no activations between steps
+            self._x, self._outs = None, []
+        return out
+
+
+class PackedGroup:
+    """Sibling linears that read the same input (q/k/v, gate/up), packed as one [sum(out), in] weight, computed
+    once per input (SiblingOutputs)."""
 
     def __init__(self, linears: list[nn.Linear], batch_size_hint: int, pad_single_rows: bool = True) -> None:
         self.pad_single_rows = pad_single_rows
@@ -95,20 +115,10 @@ class PackedGroup:
         self.packed_weight = torch.ops.mkldnn._reorder_linear_weight(weight, batch_size_hint)
         self.bias = None if all(m.bias is None for m in linears) else torch.cat([
             m.bias.detach() if m.bias is not None else weight.new_zeros(m.out_features) for m in linears])
-        self._x: torch.Tensor | None = None
-        self._outs: list[torch.Tensor] = []
-        self._taken: list[bool] = []
+        self.siblings = SiblingOutputs(self.sizes)
 
     def output(self, x: torch.Tensor, index: int) -> torch.Tensor:
-        if x is not self._x or self._taken[index]:
-            self._outs = list(_linear(x, self.packed_weight, self.bias, self.pad_single_rows)
-                              .split(self.sizes, dim=-1))
-            self._x, self._taken = x, [False] * len(self.sizes)
-        self._taken[index] = True
-        out = self._outs[index]
-        if all(self._taken):  # every sibling served: hold no activations between steps
-            self._x, self._outs = None, []
-        return out
+        return self.siblings.output(x, index, lambda x: _linear(x, self.packed_weight, self.bias, self.pad_single_rows))
 
 
 class PackedLinear(nn.Module):

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from loraplex.engine.kernels import cpu_kernels
+from loraplex.engine.kernels.cpu_linear import SiblingOutputs
 
 logger = logging.getLogger(__name__)
 
@@ -154,9 +155,8 @@ def stream_product(x: torch.Tensor, linear: StreamLinear) -> torch.Tensor:
 
 
 class StreamGroup:
-    """Siblings that read the same input (q/k/v, gate/up) as one [sum(out), in] weight: the first member called
-    with an input computes every member's output in one kernel call, the others take their slice of it (the
-    contract of engine/kernels/cpu_linear.py PackedGroup: called with the very same tensor, not modified between)."""
+    """Siblings that read the same input (q/k/v, gate/up) as one [sum(out), in] weight, computed in one kernel call
+    per input (engine/kernels/cpu_linear.py SiblingOutputs)."""
 
     def __init__(self, members: list[StreamLinear]) -> None:
         self.sizes = [m.out_features for m in members]
@@ -169,19 +169,10 @@ class StreamGroup:
                               for m in members])
         self.linear = StreamLinear(first.in_features, sum(self.sizes), first.bits, cat("weight"), cat("scales"),
                                    cat("zeros"), first.group_size, bias)
-        self._x: torch.Tensor | None = None
-        self._outs: list[torch.Tensor] = []
-        self._taken: list[bool] = []
+        self.siblings = SiblingOutputs(self.sizes)
 
     def output(self, x: torch.Tensor, index: int) -> torch.Tensor:
-        if x is not self._x or self._taken[index]:
-            self._outs = list(stream_product(x, self.linear).split(self.sizes, dim=-1))
-            self._x, self._taken = x, [False] * len(self.sizes)
-        self._taken[index] = True
-        out = self._outs[index]
-        if all(self._taken):  # every sibling served: hold no activations between steps
-            self._x, self._outs = None, []
-        return out
+        return self.siblings.output(x, index, lambda x: stream_product(x, self.linear))
 
 
 def can_stream_gptq(linear: nn.Module) -> bool:

@@ -78,7 +78,8 @@ def test_fused_siblings_match_separate_linears(dtype):
         outs["q_proj"].add_(1.0)  # a LoRA delta added in place to q's slice
         torch.testing.assert_close(attn.q_proj(x), ref["q_proj"](x), atol=2e-2 if dtype == torch.bfloat16 else 1e-5,
                                    rtol=1e-2)
-    assert attn.q_proj.group._x is None or attn.q_proj.group._taken.count(True) < 3
+    siblings = attn.q_proj.group.siblings
+    assert siblings._x is None or siblings._taken.count(True) < 3
 
 
 def test_fused_siblings_still_backpropagate_with_dense_weights():
