@@ -21,8 +21,8 @@ def add_parsers(sub) -> None:
     quantize.add_argument("--bits", type=int, choices=[2, 3, 4, 5, 6, 8], default=4,
                           help="bits per weight (gptq: 4 or 8; exl2: 2, 3, 4, 5, 6 or 8)")
     quantize.add_argument("--group-size", type=int, default=None,
-                          help="input channels per scale (gptq default 128, -1: per row; exl2 default 32, "
-                               "a multiple of 32)")
+                          help="input channels per scale (gptq default 128, or 64 or 32 when 128 does not divide the "
+                               "model's input widths; -1: per row; exl2 default 32, a multiple of 32)")
     quantize.add_argument("--asym", action="store_true", help="gptq: asymmetric (per-group zero points)")
     quantize.add_argument("--desc-act", action="store_true", help="gptq: act-order grouping (g_idx)")
     quantize.set_defaults(run=run_quantize)
@@ -37,6 +37,18 @@ def run_download() -> int:
         print("CPU kernels:", "ready" if cpu_kernels.available() else
               f"unavailable, the plain-torch path will be used ({cpu_kernels.build_error()})")
     return 0
+
+
+def default_group_size(model: str) -> int:
+    """GPTQ groups of 128 input channels, or of 64 or 32 when 128 does not divide every linear's input width (the
+    default model's 576): whole groups are what the streaming CPU kernel (engine/quant/stream.py) takes."""
+    from loraplex.engine.llm_engine import _read_model_config
+    c = _read_model_config(model)
+    widths = {c.hidden_size, c.intermediate_size, c.num_attention_heads * c.head_dim}
+    size = next((g for g in (128, 64, 32) if all(w % g == 0 for w in widths)), 128)
+    if size != 128:
+        print(f"--group-size {size}: 128 does not divide every input width ({sorted(widths)})")
+    return size
 
 
 def run_quantize(ns: argparse.Namespace) -> int:
@@ -57,7 +69,7 @@ def run_quantize(ns: argparse.Namespace) -> int:
             out = export_exl2(Path(model), Path(ns.output), bits=ns.bits, group_size=group_size, progress=print)
         else:
             from loraplex.engine.quant.gptq import export_gptq
-            group_size = 128 if ns.group_size is None else ns.group_size
+            group_size = default_group_size(model) if ns.group_size is None else ns.group_size
             out = export_gptq(Path(model), Path(ns.output), bits=ns.bits, group_size=group_size, sym=not ns.asym,
                               desc_act=ns.desc_act, progress=print)
     except ValueError as exc:

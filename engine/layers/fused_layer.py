@@ -101,7 +101,7 @@ def try_fused_layer(layer: nn.Module, x: torch.Tensor, cos: torch.Tensor, sin: t
     """The layer's output through the one-call kernel, or None when the module path must run."""
     attn = batch.attn
     if (_DISABLED["value"] or x.dtype != torch.bfloat16 or x.device.type != "cpu" or torch.is_grad_enabled()
-            or kv_cache is None or attn.kernel_lens is None or attn.prefills or attn.packed is not None
+            or kv_cache is None or kv_cache.k.dtype != x.dtype or attn.kernel_lens is None or attn.prefills or attn.packed is not None
             or not cpu_kernels.loaded() or x.dim() != 2 or not x.is_contiguous() or cos.dtype != x.dtype):
         return None
     norm1, norm2 = layer.input_layernorm, layer.post_attention_layernorm

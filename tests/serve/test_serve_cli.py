@@ -115,6 +115,20 @@ def test_quantize_writes_a_gptq_folder_that_loads(tmp_path):
     assert sum(isinstance(m, GPTQLinear) for m in model.modules()) == 14
 
 
+def test_quantize_picks_whole_groups_by_default(tmp_path, capsys):
+    """Without --group-size: 128 unless it does not divide every input width (here 96 and 192): then 32, so the
+    streaming CPU kernel takes every linear."""
+    import json
+
+    import transformers
+    config = transformers.LlamaConfig(vocab_size=128, hidden_size=96, intermediate_size=192, num_hidden_layers=1,
+                                      num_attention_heads=3, num_key_value_heads=1)
+    transformers.AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "m")
+    assert cli.main(["quantize", "--model", str(tmp_path / "m"), "--output", str(tmp_path / "q"), "--bits", "8"]) == 0
+    assert json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"]["group_size"] == 32
+    assert "--group-size 32" in capsys.readouterr().out
+
+
 def test_quantize_writes_an_exl2_folder_that_loads(tmp_path):
     import json
 
