@@ -79,10 +79,13 @@ class MixLoRAMLP(nn.Module):
     """Takes the place of a decoder layer's FFN: the same gate/up/down children (whoever wraps them, LoRA or the
     trainer, wraps them here), LlamaMLP's forward for steps without MixLoRA rows."""
 
+    float32_kernels = False
+
     def __init__(self, mlp: nn.Module, layer: int, pools: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
                  state=None) -> None:
         super().__init__()
         self.gate_proj, self.up_proj, self.down_proj = mlp.gate_proj, mlp.up_proj, mlp.down_proj
+        self.float32_kernels = getattr(mlp, "float32_kernels", False)  # as the FFN it replaces (engine/models/llama.py)
         self.layer = layer
         self.pools = pools  # module -> (a_pool, b_pool) of this layer (views shared with LoRAWeightPool)
         self.state = state  # LoRAStepState: .mix is this step's MixLoRAStep or None (None: no serving runtime)
@@ -107,7 +110,7 @@ class MixLoRAMLP(nn.Module):
         step: MixLoRAStep | None = None if self.state is None else self.state.mix
         g, u = self.gate_proj(x), self.up_proj(x)  # [n, inter], base rows and plain LoRA rows complete
         if step is None:
-            return self.down_proj(silu_and_mul(g, u))
+            return self.down_proj(silu_and_mul(g, u, self.float32_kernels))
         tables = step.tables
         pairs = route_pairs(x, tables.routers[self.layer], step.rows, step.row_slots, step.expert_mask, step.groups,
                             tables.max_experts, tables.vid_pages, tables.vid_ranks, step.expert_counts)
@@ -115,7 +118,7 @@ class MixLoRAMLP(nn.Module):
         if step.rows.shape[0] == x.shape[0]:  # every row is a MixLoRA row: the plain φ(G) ⊙ U is never needed
             h = torch.empty_like(g)
         else:
-            h = silu_and_mul(g, u)
+            h = silu_and_mul(g, u, self.float32_kernels)
         h.index_copy_(0, step.rows, h_mix)  # H[row] = Σ_p h_p
         y = self.down_proj(h)
         if y_delta is not None:

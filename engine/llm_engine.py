@@ -132,6 +132,9 @@ class LLMEngine:
         stream = choose_cpu_linear(args.cpu_linear, device, dtype, args.max_num_seqs)
         if stream is not None:
             use_stream_linears(model, dtype, dense=stream)
+            if stream and dtype == torch.float32 and hasattr(model, "use_float32_kernels"):
+                model.use_float32_kernels()  # parity with transformers is gone with streaming; take the fast paths
+                logger.info("float32 with streaming linears: fused elementwise kernels and one-call layers")
         use_quantized_kernels(model, device, dtype)
         if args.cpu_weight_prepack and can_prepack(device, dtype) and not stream:
             prepack_linears(model, batch_size_hint=args.max_num_seqs, keep_dense=args.enable_training,

@@ -1,7 +1,7 @@
 """A whole decoder layer in one kernel call for inference on CPU (engine/kernels/csrc/cpu_decoder_layer.cpp), taken
 when every piece of the layer is one the kernel computes exactly as the module path would: streaming linears
-(engine/quant/stream.py) with q/k/v and gate/up fused, the fused elementwise kernels (bfloat16: the dtype where the
-module path uses them too) and the paged attention kernel over this step's rows. Otherwise, or when a wrapper on a
+(engine/quant/stream.py) with q/k/v and gate/up fused, the fused elementwise kernels (in bfloat16, and in float32
+when the model's modules take them too: LlamaForCausalLM.use_float32_kernels) and the paged attention kernel over this step's rows. Otherwise, or when a wrapper on a
 linear adds something this step (an adapter's rows), the layer runs its modules as usual. Either way the layer's
 output is the same, bit for bit (tests/engine/test_fused_layer.py).
 
@@ -100,7 +100,8 @@ def try_fused_layer(layer: nn.Module, x: torch.Tensor, cos: torch.Tensor, sin: t
                     batch) -> torch.Tensor | None:
     """The layer's output through the one-call kernel, or None when the module path must run."""
     attn = batch.attn
-    if (_DISABLED["value"] or x.dtype != torch.bfloat16 or x.device.type != "cpu" or torch.is_grad_enabled()
+    if (_DISABLED["value"] or not (x.dtype == torch.bfloat16 or x.dtype == torch.float32 and layer.float32_kernels)
+            or x.device.type != "cpu" or torch.is_grad_enabled()
             or kv_cache is None or kv_cache.k.dtype != x.dtype or attn.kernel_lens is None or attn.prefills or attn.packed is not None
             or not cpu_kernels.loaded() or x.dim() != 2 or not x.is_contiguous() or cos.dtype != x.dtype):
         return None

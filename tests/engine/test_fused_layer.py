@@ -33,10 +33,13 @@ def generate(engine, prompts) -> list[list[int]]:
     return [out[rid] for rid in ids]
 
 
-def test_fused_layer_gives_the_module_paths_tokens(default_model_dir, fused_switch):
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_fused_layer_gives_the_module_paths_tokens(default_model_dir, fused_switch, dtype):
+    """float32 with streaming linears takes the elementwise kernels in its module path too (use_float32_kernels)."""
     from loraplex.engine.llm_engine import LLMEngine
-    engine = LLMEngine.from_engine_args(EngineArgs(model=default_model_dir, dtype="bfloat16", cpu_linear="stream",
+    engine = LLMEngine.from_engine_args(EngineArgs(model=default_model_dir, dtype=dtype, cpu_linear="stream",
                                                    max_num_seqs=4, kv_cache_memory_bytes=64 << 20))
+    assert engine.runner.model.model.layers[0].float32_kernels == (dtype == "float32")
     prompts = [engine.tokenizer.encode(t) for t in ("The capital of France is", "def fibonacci(n):", "Dear Sir,")]
     results = {}
     for enabled in (False, True):
@@ -47,6 +50,10 @@ def test_fused_layer_gives_the_module_paths_tokens(default_model_dir, fused_swit
         assert (used > 0) == enabled
     assert results[True] == results[False]
     assert results[True][0] == results[True][1]  # batched == alone
+    if dtype == "float32":  # per model: another engine in this process keeps float32's parity mode
+        parity = LLMEngine.from_engine_args(EngineArgs(model=default_model_dir, dtype=dtype, cpu_linear="onednn",
+                                                       max_num_seqs=4, kv_cache_memory_bytes=64 << 20))
+        assert not any(getattr(m, "float32_kernels", False) for m in parity.runner.model.modules())
 
 
 def test_adapter_rows_fuse_too_and_nothing_changes(tmp_path, default_model_dir, fused_switch):
