@@ -126,6 +126,7 @@ def _build_and_load() -> None:
     build_dir = cache_dir() / "kernels" / key
     build_dir.mkdir(parents=True, exist_ok=True)
     name = f"loraplex_cpu_{key}"
+    _drop_stale_lock(build_dir)
     cached = (build_dir / f"{name}.so").exists()
     if not cached:
         _ensure_ninja_on_path()
@@ -140,6 +141,22 @@ def _build_and_load() -> None:
                     torch.ops.loraplex_cpu.vector_isa())
         if target_arch() == "native":
             _prune_other_builds(build_dir)
+
+
+STALE_LOCK_S = 600  # a build takes 10-60 s: an older lock is left by a process killed while building
+
+
+def _drop_stale_lock(build_dir: Path, older_than_s: float = STALE_LOCK_S) -> None:
+    """torch's cpp_extension serialises builds with a `lock` file and waits for it for ever; a process killed while
+    building leaves it behind, and every later start would hang. One older than any build is removed (logged)."""
+    lock = build_dir / "lock"
+    try:
+        age = time.time() - lock.stat().st_mtime
+    except OSError:
+        return
+    if age > older_than_s:
+        logger.warning("removing a stale CPU-kernel build lock (%.0f s old) left by an interrupted build: %s", age, lock)
+        lock.unlink(missing_ok=True)
 
 
 PRUNE_AFTER_S = 7 * 86400

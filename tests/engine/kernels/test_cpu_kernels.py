@@ -275,3 +275,20 @@ def test_generic_code_paths_on_an_avx2_build(tmp_path):
                           "tests/engine/kernels/test_cpu_kernels.py", "tests/adapters/test_ops.py"],
                          cwd=root, env=env, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stdout[-3000:]
+
+
+def test_a_stale_build_lock_is_removed_and_a_fresh_one_kept(tmp_path):
+    """A process killed while building leaves torch's `lock` file; torch would wait on it for ever at every start."""
+    import os
+    import time
+
+    from loraplex.engine.kernels.cpu_kernels import STALE_LOCK_S, _drop_stale_lock
+    lock = tmp_path / "lock"
+    lock.write_text("")
+    _drop_stale_lock(tmp_path)
+    assert lock.exists()  # a build may be running right now
+    old = time.time() - STALE_LOCK_S - 5
+    os.utime(lock, (old, old))
+    _drop_stale_lock(tmp_path)
+    assert not lock.exists()
+    _drop_stale_lock(tmp_path)  # nothing there: nothing happens
