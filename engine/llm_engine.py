@@ -107,7 +107,7 @@ class LLMEngine:
 
     @classmethod
     def from_engine_args(cls, args: EngineArgs, hook_factory: AdapterHookFactory | None = None,
-                         background_factory: BackgroundFactory | None = None) -> "LLMEngine":
+                         background_factory: BackgroundFactory | None = None) -> LLMEngine:
         from loraplex.engine.loader import load_model
 
         if args.num_threads:
@@ -131,7 +131,7 @@ class LLMEngine:
             raise ValueError(f"--quantization {quant.method}: {model_path} is not a {quant.method.upper()} checkpoint")
         stream = choose_cpu_linear(args.cpu_linear, device, dtype, args.max_num_seqs)
         if stream is not None:
-            use_stream_linears(model, dtype, dense=stream)
+            use_stream_linears(model, dtype, dense=stream, act_int8=args.activation_quant == "int8")
             if stream and dtype == torch.float32 and hasattr(model, "use_float32_kernels"):
                 model.use_float32_kernels()  # parity with transformers is gone with streaming; take the fast paths
                 logger.info("float32 with streaming linears: fused elementwise kernels and one-call layers")

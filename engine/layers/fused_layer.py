@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from loraplex.engine.kernels import cpu_kernels
-from loraplex.engine.quant.stream import KIND, StreamLinear
+from loraplex.engine.quant.stream import StreamLinear
 
 _DISABLED = {"value": False}
 STATS = {"fused_calls": 0}  # layers computed by the one-call kernel since start (tests and profiles read it)
@@ -64,7 +64,7 @@ def _group_args(members: list[StreamLinear]) -> tuple[list, int, int] | None:
                 or len(group.sizes) != len(members):
             return None
         lin = group.linear
-    return [lin.weight, lin.scales, lin.zeros, lin.bias], KIND[lin.bits], lin.group_size
+    return [lin.weight, lin.scales, lin.zeros, lin.bias], lin.kind, lin.group_size
 
 
 def layer_args(layer: nn.Module) -> tuple[tuple, list] | None:

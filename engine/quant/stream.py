@@ -14,6 +14,11 @@ Formats (bits = 16 or 32 means dense):
                                              channel i + 8 (high nibble)
     scales float32 [out, in / group_size], zeros int32 [out, in / group_size]
 
+With `act_int8`, 8- and 4-bit linears also quantize x to int8 per block of 32 input channels (d = max|x| / 127,
+a = round(x / d), as llama.cpp's Q8_0 activations) and multiply with integer dot products: the reference is then
+F.linear(a * d, W), the same weights on the rounded activations (`quantize_activations`). Both need in_features and
+the group size to be multiples of 64 (`can_act_int8`).
+
 The 8- and 4-bit forms come from GPTQ checkpoints (`loraplex quantize --format gptq --bits 8|4`, symmetric or not,
 without act-order) by repacking, so their float32 weights equal the GPTQ reference's dequantized weights exactly.
 `StreamLinear.reference` (plain torch: F.linear on `dequantized_weight`) is what the tests compare against; it is
@@ -33,7 +38,30 @@ from loraplex.engine.kernels.cpu_linear import SiblingOutputs
 logger = logging.getLogger(__name__)
 
 KIND = {32: 0, 16: 0, 8: 1, 4: 2}  # the kernel's weight kinds: dense, 8-bit codes, 4-bit codes
+KIND_ACT_INT8 = {8: 3, 4: 4}  # the same codes, with int8 activations and integer dot products
 CHUNK = 16  # input channels per decoded chunk: in_features and group sizes are multiples of it
+ACT_BLOCK = 32  # input channels per activation scale (int8 activations)
+ACT_CHUNK = 64  # in_features and group sizes are multiples of it for int8 activations
+
+
+def quantize_activations(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [..., K] (K a multiple of 32) -> (a int8 [..., K], d float32 [..., K / 32]): per block of 32 channels
+    d = max|x| / 127 and a = round-half-even(x * (1 / d)), bit for bit what the kernel computes."""
+    xb = x.float().reshape(*x.shape[:-1], x.shape[-1] // ACT_BLOCK, ACT_BLOCK)
+    d = xb.abs().amax(dim=-1) / 127.0
+    inv = torch.where(d != 0, 1.0 / d, torch.zeros_like(d))
+    a = torch.round(xb * inv.unsqueeze(-1)).clamp(-127, 127)
+    return a.to(torch.int8).reshape(x.shape), d
+
+
+def dequantize_activations(x: torch.Tensor) -> torch.Tensor:
+    """x with each value replaced by its int8 rounding a * d (float32): what the kernel's integer products see.
+    Under autograd the rounding passes gradients straight through."""
+    a, d = quantize_activations(x.detach())
+    rounded = (a.float().reshape(*d.shape, ACT_BLOCK) * d.unsqueeze(-1)).reshape(x.shape)
+    if x.requires_grad:
+        return x.float() + (rounded - x.float()).detach()
+    return rounded
 
 
 def pack_nibbles(q: torch.Tensor) -> torch.Tensor:
@@ -74,6 +102,12 @@ class StreamLinear(nn.Module):
         self.register_buffer("bias", bias, persistent=False)
         object.__setattr__(self, "group", group)  # shared by the siblings: not a submodule of each
         self.index = index
+        self.act_int8 = False  # int8 activations (set by use_stream_linears where can_act_int8)
+
+    @property
+    def kind(self) -> int:
+        """The kernel's weight kind (engine/kernels/csrc/cpu_stream_linear.cpp)."""
+        return KIND_ACT_INT8[self.bits] if self.act_int8 else KIND[self.bits]
 
     # ---- construction -------------------------------------------------------------------------------------------
     @classmethod
@@ -117,6 +151,10 @@ class StreamLinear(nn.Module):
 
     def reference(self, x: torch.Tensor) -> torch.Tensor:
         _, _, _, bias = self._tensors()
+        if self.act_int8:  # float32 throughout on the rounded activations, then x's dtype (as the kernel)
+            y = F.linear(dequantize_activations(x), self.dequantized_weight(torch.float32),
+                         None if bias is None else bias.float())
+            return y.to(x.dtype)
         w = self.dequantized_weight(torch.float32 if self.bits != 16 else x.dtype).to(x.dtype)
         return F.linear(x, w, None if bias is None else bias.to(x.dtype))
 
@@ -139,6 +177,7 @@ class StreamLinear(nn.Module):
     def extra_repr(self) -> str:
         fused = f", fused={self.index + 1}/{len(self.group.sizes)}" if self.group is not None else ""
         fmt = f"bits={self.bits}" + (f", group_size={self.group_size}" if self.bits < 16 else "")
+        fmt += ", act_int8" if self.act_int8 else ""
         return f"in_features={self.in_features}, out_features={self.out_features}, {fmt}, bias={self.bias is not None}{fused}"
 
 
@@ -149,7 +188,7 @@ def stream_product(x: torch.Tensor, linear: StreamLinear) -> torch.Tensor:
     bias = linear.bias
     if bias is not None and bias.dtype != x.dtype:
         bias = bias.to(x.dtype)
-    y = torch.ops.loraplex_cpu.stream_linear(x2, linear.weight, linear.scales, linear.zeros, KIND[linear.bits],
+    y = torch.ops.loraplex_cpu.stream_linear(x2, linear.weight, linear.scales, linear.zeros, linear.kind,
                                              linear.group_size, bias)
     return y.reshape(*x.shape[:-1], y.shape[-1])
 
@@ -169,6 +208,7 @@ class StreamGroup:
                               for m in members])
         self.linear = StreamLinear(first.in_features, sum(self.sizes), first.bits, cat("weight"), cat("scales"),
                                    cat("zeros"), first.group_size, bias)
+        self.linear.act_int8 = first.act_int8
         self.siblings = SiblingOutputs(self.sizes)
 
     def output(self, x: torch.Tensor, index: int) -> torch.Tensor:
@@ -186,18 +226,27 @@ def can_stream_gptq(linear: nn.Module) -> bool:
     return bool(torch.equal(linear.g_idx.long(), default_g_idx(linear.in_features, g).long()))
 
 
+def can_act_int8(linear: StreamLinear) -> bool:
+    """8- or 4-bit codes whose input width and group size the integer kernel takes (multiples of 64)."""
+    return linear.bits in KIND_ACT_INT8 and linear.in_features % ACT_CHUNK == 0 and linear.group_size % ACT_CHUNK == 0
+
+
 FUSED_SIBLINGS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 
 
-def use_stream_linears(model: nn.Module, dtype: torch.dtype, dense: bool = True, fuse: bool = True) -> int:
+def use_stream_linears(model: nn.Module, dtype: torch.dtype, dense: bool = True, fuse: bool = True,
+                       act_int8: bool = False) -> int:
     """Swap the base linears for StreamLinears: GPTQ 8/4-bit linears the kernel takes, and (with `dense`) plain
-    float32/bfloat16 nn.Linears, the output head included. Siblings of one input are fused. Returns the count."""
+    float32/bfloat16 nn.Linears, the output head included. Siblings of one input are fused. With `act_int8`, the 8/4-bit
+    ones that can (can_act_int8) take int8 activations. Returns the count."""
     from .gptq import GPTQLinear
     swaps: list[tuple[nn.Module, str, StreamLinear]] = []
     for parent in model.modules():
         for name, child in parent.named_children():
             if isinstance(child, GPTQLinear) and can_stream_gptq(child):
-                swaps.append((parent, name, StreamLinear.from_gptq(child, dtype)))
+                lin = StreamLinear.from_gptq(child, dtype)
+                lin.act_int8 = act_int8 and can_act_int8(lin)
+                swaps.append((parent, name, lin))
             elif dense and type(child) is nn.Linear and child.weight.dtype in (torch.float32, torch.bfloat16) \
                     and child.in_features % CHUNK == 0 and child.weight.device.type == "cpu":
                 swaps.append((parent, name, StreamLinear.from_linear(child)))
@@ -209,7 +258,8 @@ def use_stream_linears(model: nn.Module, dtype: torch.dtype, dense: bool = True,
         for members in by_parent.values():
             for names in FUSED_SIBLINGS:
                 ms = [members.get(n) for n in names]
-                if all(m is not None for m in ms) and len({(m.in_features, m.bits, m.group_size) for m in ms}) == 1:
+                if all(m is not None for m in ms) \
+                        and len({(m.in_features, m.bits, m.group_size, m.act_int8) for m in ms}) == 1:
                     group = StreamGroup(ms)
                     for i, m in enumerate(ms):
                         m.weight = m.scales = m.zeros = m.bias = None  # the group holds them
@@ -220,6 +270,7 @@ def use_stream_linears(model: nn.Module, dtype: torch.dtype, dense: bool = True,
         setattr(parent, name, lin)
     if swaps:
         bits = sorted({lin.bits for _, _, lin in swaps}, reverse=True)
-        logger.info("%d linears stream their weights (%s-bit; %d fused groups) through the CPU streaming kernel",
-                    len(swaps), "/".join(map(str, bits)), groups)
+        int8 = sum(lin.act_int8 for _, _, lin in swaps)
+        logger.info("%d linears stream their weights (%s-bit; %d fused groups; %d with int8 activations) through the "
+                    "CPU streaming kernel", len(swaps), "/".join(map(str, bits)), groups, int8)
     return len(swaps)

@@ -56,6 +56,31 @@ def test_fused_layer_gives_the_module_paths_tokens(default_model_dir, fused_swit
         assert not any(getattr(m, "float32_kernels", False) for m in parity.runner.model.modules())
 
 
+@pytest.mark.parametrize("bits", [8, 4])
+def test_gptq_layers_with_int8_activations_fuse_and_keep_their_tokens(tmp_path, default_model_dir, fused_switch,
+                                                                      bits):
+    from loraplex.engine.llm_engine import LLMEngine
+    from loraplex.engine.quant.gptq import export_gptq
+    from loraplex.engine.quant.stream import StreamLinear
+    from tests.adapters.peft_factory import make_tiny_model
+
+    folder = export_gptq(make_tiny_model(tmp_path / "tiny", default_model_dir), tmp_path / "q", bits=bits,
+                         group_size=64)
+    engine = LLMEngine.from_engine_args(EngineArgs(model=str(folder), dtype="float32", quantization="gptq",
+                                                   max_num_seqs=4, kv_cache_memory_bytes=16 << 20))
+    streamed = [m for m in engine.runner.model.modules() if isinstance(m, StreamLinear) and m.bits == bits]
+    assert streamed and all(m.act_int8 for m in streamed)  # the default: int8 activations
+    prompts = [[(17 * j + 3 * k) % 40000 + 100 for k in range(5 + 2 * j)] for j in range(3)]
+    results = {}
+    for enabled in (False, True):
+        fused_switch(enabled)
+        before = fused_layer.STATS["fused_calls"]
+        results[enabled] = (generate(engine, prompts), [generate(engine, [p])[0] for p in prompts])
+        assert (fused_layer.STATS["fused_calls"] > before) == enabled
+    assert results[True] == results[False]
+    assert results[True][0] == results[True][1]  # batched == alone
+
+
 def test_adapter_rows_fuse_too_and_nothing_changes(tmp_path, default_model_dir, fused_switch):
     from loraplex.engine.llm_engine import _read_model_config
     from tests.adapters.peft_factory import make_tiny_model, write_random_peft

@@ -13,8 +13,11 @@ from loraplex.engine.loader import load_model
 from loraplex.engine.quant.gptq import GPTQLinear, export_gptq
 from loraplex.engine.quant.stream import (
     StreamLinear,
+    can_act_int8,
     can_stream_gptq,
+    dequantize_activations,
     pack_nibbles,
+    quantize_activations,
     unpack_nibbles,
     use_stream_linears,
 )
@@ -87,14 +90,15 @@ def test_act_order_and_odd_groups_stay_on_the_reference():
     assert model.proj is act_order  # the reference stays
 
 
-@pytest.mark.parametrize("kind", ["f32", "bf16", "u8", "u4"])
+@pytest.mark.parametrize("kind", ["f32", "bf16", "u8", "u4", "u8a8", "u4a8"])
 def test_each_row_is_the_same_alone_and_in_any_batch(kind):
     if kind in ("f32", "bf16"):
         dtype = torch.float32 if kind == "f32" else torch.bfloat16
         fast = StreamLinear.from_linear(dense(576, 200, True, dtype))
     else:
         dtype = torch.float32
-        fast = StreamLinear.from_gptq(gptq(576, 200, 8 if kind == "u8" else 4, 64, False, True), dtype)
+        fast = StreamLinear.from_gptq(gptq(576, 200, 8 if kind.startswith("u8") else 4, 64, False, True), dtype)
+        fast.act_int8 = kind.endswith("a8")
     x = torch.randn(37, 576).to(dtype)
     with torch.inference_mode():
         many = fast(x)
@@ -103,6 +107,60 @@ def test_each_row_is_the_same_alone_and_in_any_batch(kind):
             assert torch.equal(part, many[:n]), n
         for i in range(0, 37, 6):
             assert torch.equal(fast(x[i:i + 1])[0], many[i])
+
+
+def test_activation_rounding_is_the_documented_one():
+    torch.manual_seed(0)
+    x = torch.randn(3, 128) * torch.linspace(0.01, 10, 128)
+    x[1, 32:64] = 0  # an all-zero block: scale 0, codes 0
+    a, d = quantize_activations(x)
+    assert a.dtype == torch.int8 and d.shape == (3, 4)
+    blocks = x.reshape(3, 4, 32)
+    assert torch.equal(d, blocks.abs().amax(-1) / 127)
+    assert int(a.abs().max()) == 127 and bool((a[1, 32:64] == 0).all()) and float(d[1, 1]) == 0
+    err = (dequantize_activations(x) - x).reshape(3, 4, 32).abs()
+    assert bool((err <= d.unsqueeze(-1) * 0.5 * (1 + 1e-5)).all())  # half a step at most
+    # round half to even, as the kernel's conversion: 2.5 steps -> 2, 3.5 -> 4
+    y = torch.zeros(1, 32)
+    y[0, :3] = torch.tensor([127.0, 2.5, 3.5])
+    assert quantize_activations(y)[0][0, :3].tolist() == [127, 2, 4]
+
+
+@pytest.mark.parametrize("bits,group,sym,bias", [(8, 64, True, True), (8, 128, False, False), (4, 64, True, False),
+                                                 (4, 128, False, True)])
+def test_int8_activations_match_their_reference(bits, group, sym, bias):
+    """Integer dot products on int8-rounded activations == F.linear of the same weights on the rounded activations
+    (up to float32 summation order), and the rounding itself costs little against the weight-only product."""
+    ref = gptq(256, 40, bits, group, sym, bias=bias)
+    fast = StreamLinear.from_gptq(ref, torch.float32)
+    assert can_act_int8(fast)
+    fast.act_int8 = True
+    assert fast.kind == (3 if bits == 8 else 4) and "act_int8" in repr(fast)
+    for dtype in (torch.float32, torch.bfloat16):
+        for rows in (1, 2, 5, 9):
+            x = torch.randn(rows, 256).to(dtype)
+            with torch.inference_mode():
+                got = fast(x)
+                want = fast.reference(x)
+                exact = ref(x.float())  # weight-only, unrounded activations
+            assert got.dtype == want.dtype == dtype and got.shape == (rows, 40)
+            tol = (1e-5 if dtype == torch.float32 else 1e-2) * want.float().abs().max()
+            assert (got.float() - want.float()).abs().max() <= tol
+            assert (got.float() - exact).abs().max() <= 0.05 * exact.abs().max()
+
+
+def test_int8_activations_need_widths_and_groups_of_64():
+    assert not can_act_int8(StreamLinear.from_gptq(gptq(96, 16, 8, 32, True, False), torch.float32))
+    assert not can_act_int8(StreamLinear.from_gptq(gptq(128, 16, 4, 32, True, False), torch.float32))
+    assert not can_act_int8(StreamLinear.from_linear(dense(128, 16, False, torch.float32)))
+    model = nn.Sequential()
+    model.add_module("a", gptq(128, 16, 4, 32, True, False))
+    model.add_module("b", gptq(128, 16, 8, 64, True, False))
+    assert use_stream_linears(model, torch.float32, dense=False, act_int8=True) == 2
+    assert not model.a.act_int8 and model.b.act_int8  # the one that cannot stays exact weight-only
+    odd = StreamLinear.from_gptq(gptq(96, 16, 8, 32, True, False), torch.float32)
+    with pytest.raises(RuntimeError, match="multiples of 64"):
+        torch.ops.loraplex_cpu.stream_linear(torch.randn(1, 96), odd.weight, odd.scales, odd.zeros, 3, 32, None)
 
 
 def test_fused_siblings_and_the_output_head():
@@ -167,22 +225,30 @@ def test_engine_greedy_tokens_stream_vs_onednn_and_alone_vs_batched(default_mode
 
 @pytest.mark.slow
 def test_streamed_gptq_models_keep_their_perplexity(default_model_dir, text_ids, tmp_path):  # noqa: F811
-    """8-bit and 4-bit GPTQ (groups of 32, as llama.cpp's Q8_0/Q4_0) through the kernel: the same perplexity as
-    their plain-torch references (the weights are the same; only the summation order differs), and close to the
-    unquantized model's."""
+    """8-bit and 4-bit GPTQ (groups of 64) through the kernel: weight-only, the same perplexity as their plain-torch
+    references (the weights are the same; only the summation order differs); with int8 activations, within 2 % of
+    that; both close to the unquantized model's."""
     base, config = load_model(default_model_dir, torch.float32)
     with torch.inference_mode():
         base_ppl = perplexity(base, config, text_ids)
     results = {}
     for bits in (8, 4):
-        folder = export_gptq(default_model_dir, tmp_path / f"g{bits}", bits=bits, group_size=32, sym=True)
+        folder = export_gptq(default_model_dir, tmp_path / f"g{bits}", bits=bits, group_size=64, sym=True)
         model, config = load_model(folder, torch.float32)
         with torch.inference_mode():
             ref_ppl = perplexity(model, config, text_ids)
-            assert use_stream_linears(model, torch.float32, dense=False) == 7 * config.num_hidden_layers
+            assert use_stream_linears(model, torch.float32, dense=False, act_int8=True) == 7 * config.num_hidden_layers
+            assert sum(getattr(m, "act_int8", False) for m in model.modules()) == 7 * config.num_hidden_layers
+            a8_ppl = perplexity(model, config, text_ids)
+            for m in model.modules():  # back to weight-only on the same StreamLinears
+                if isinstance(m, StreamLinear):
+                    m.act_int8 = False
+                    if m.group is not None:
+                        m.group.linear.act_int8 = False
             fast_ppl = perplexity(model, config, text_ids)
-        results[bits] = (ref_ppl, fast_ppl)
+        results[bits] = (ref_ppl, fast_ppl, a8_ppl)
         assert abs(fast_ppl - ref_ppl) <= 1e-3 * ref_ppl
+        assert a8_ppl <= 1.02 * ref_ppl  # rounding activations to int8 per 32 channels costs under 2 %
     print({"base": round(base_ppl, 3), **{f"{b}-bit": tuple(round(v, 3) for v in r) for b, r in results.items()}})
-    assert results[8][1] <= 1.02 * base_ppl
-    assert results[4][1] <= 1.35 * base_ppl
+    assert results[8][2] <= 1.03 * base_ppl
+    assert results[4][2] <= 1.35 * base_ppl
