@@ -149,6 +149,21 @@ def test_int8_activations_match_their_reference(bits, group, sym, bias):
             assert (got.float() - exact).abs().max() <= 0.05 * exact.abs().max()
 
 
+def int8_kernel_digest() -> str:
+    """A digest of the int8-activation kernel's outputs on fixed inputs (8- and 4-bit, 1 and 6 rows): equal between
+    builds for different instruction sets (tests/engine/kernels/test_cpu_kernels.py builds an AVX2 one)."""
+    import hashlib
+    h = hashlib.sha256()
+    for bits in (8, 4):
+        fast = StreamLinear.from_gptq(gptq(320, 56, bits, 64, False, True, seed=bits), torch.float32)
+        fast.act_int8 = True
+        torch.manual_seed(1)
+        for rows in (1, 6):
+            with torch.inference_mode():
+                h.update(fast(torch.randn(rows, 320) * 3).numpy().tobytes())
+    return h.hexdigest()
+
+
 def test_int8_activations_need_widths_and_groups_of_64():
     assert not can_act_int8(StreamLinear.from_gptq(gptq(96, 16, 8, 32, True, False), torch.float32))
     assert not can_act_int8(StreamLinear.from_gptq(gptq(128, 16, 4, 32, True, False), torch.float32))
