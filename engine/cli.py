@@ -25,6 +25,10 @@ def add_parsers(sub) -> None:
                                "model's input widths; -1: per row; exl2 default 32, a multiple of 32)")
     quantize.add_argument("--asym", action="store_true", help="gptq: asymmetric (per-group zero points)")
     quantize.add_argument("--desc-act", action="store_true", help="gptq: act-order grouping (g_idx)")
+    quantize.add_argument("--lm-head", action="store_true",
+                          help="gptq: quantize the output head too, like the layers (GPTQModel's lm_head=True; a head "
+                               "tied to the embedding is written untied). On small models the head is a fifth of "
+                               "the weights: decode reads ~2x fewer bytes per token at 4 bits")
     quantize.set_defaults(run=run_quantize)
 
 
@@ -55,8 +59,8 @@ def run_quantize(ns: argparse.Namespace) -> int:
     if ns.format == "gptq" and ns.bits not in (4, 8):
         logger.error("--format gptq takes --bits 4 or 8")
         return 2
-    if ns.format == "exl2" and (ns.asym or ns.desc_act):
-        logger.error("--asym and --desc-act apply to --format gptq only")
+    if ns.format == "exl2" and (ns.asym or ns.desc_act or ns.lm_head):
+        logger.error("--asym, --desc-act and --lm-head apply to --format gptq only")
         return 2
     model = ns.model
     if model is None:
@@ -71,7 +75,7 @@ def run_quantize(ns: argparse.Namespace) -> int:
             from loraplex.engine.quant.gptq import export_gptq
             group_size = default_group_size(model) if ns.group_size is None else ns.group_size
             out = export_gptq(Path(model), Path(ns.output), bits=ns.bits, group_size=group_size, sym=not ns.asym,
-                              desc_act=ns.desc_act, progress=print)
+                              desc_act=ns.desc_act, lm_head=ns.lm_head, progress=print)
     except ValueError as exc:
         logger.error("%s", exc)
         return 2

@@ -24,7 +24,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
 import torch
@@ -235,34 +235,39 @@ def quantization_config(bits: int, group_size: int, desc_act: bool, sym: bool, l
 
 
 def export_gptq(model_dir: str | Path, out_dir: str | Path, bits: int = 4, group_size: int = 128, sym: bool = True,
-                desc_act: bool = False, skip: tuple[str, ...] = ("lm_head",),
+                desc_act: bool = False, skip: tuple[str, ...] = (), lm_head: bool = False,
                 progress: Callable[[str], None] | None = None, clip_search: bool = False) -> Path:
     """Quantize every decoder-layer `*_proj.weight` of a Hugging Face folder with RTN and write a GPTQ folder
     (model.safetensors, config.json with quantization_config, quantize_config.json, tokenizer and other files).
-    Names containing any string in `skip` stay unquantized; embeddings, norms and lm_head are copied as is.
+    Names containing any string in `skip` stay unquantized; embeddings and norms are copied as is. The output head
+    too, unless `lm_head` (GPTQModel's lm_head=True: quantized like the layers; a head tied to the embedding is
+    written as its own lm_head and the config says untied).
     `progress` gets one line per decoder layer; clip_search picks each group's range by least squared
     error (see quantize_rtn). Returns out_dir."""
     _check_bits(bits)
 
     def quantize(name: str, tensor: torch.Tensor) -> dict[str, torch.Tensor] | None:
-        if QUANTIZED_WEIGHT.match(name) is None or any(s in name for s in skip):
+        if not (QUANTIZED_WEIGHT.match(name) or (lm_head and name == "lm_head.weight")) or any(s in name for s in skip):
             return None
         return quantize_rtn(tensor, bits, group_size, sym, desc_act, clip_search=clip_search)
 
-    qconfig = quantization_config(bits, group_size, desc_act, sym)  # lm_head is never quantized here
-    out_dir = export_quantized(model_dir, out_dir, quantize, lambda: qconfig, progress)
+    qconfig = quantization_config(bits, group_size, desc_act, sym, lm_head=lm_head)
+    out_dir = export_quantized(model_dir, out_dir, quantize, lambda: qconfig, progress, untie_head=lm_head)
     (out_dir / "quantize_config.json").write_text(json.dumps(qconfig, indent=2) + "\n")  # read by AutoGPTQ
     return out_dir
 
 
 def export_quantized(model_dir: str | Path, out_dir: str | Path,
                      quantize: Callable[[str, torch.Tensor], dict[str, torch.Tensor] | None],
-                     make_qconfig: Callable[[], dict], progress: Callable[[str], None] | None = None) -> Path:
+                     make_qconfig: Callable[[], dict], progress: Callable[[str], None] | None = None,
+                     untie_head: bool = False) -> Path:
     """The folder writing shared by the GPTQ and EXL2 exporters. `quantize(name, weight)` returns the tensors that
     replace a linear's weight, keyed by suffix (qweight, ...), or None to copy the tensor as is; a quantized
     linear's bias is stored in fp16. config.json's quantization_config is `make_qconfig()` (asked once the weights are
     written); tokenizer, chat template and other non-weight files are copied. `progress` gets one line per
-    decoder layer (and one per other quantized linear). Returns out_dir."""
+    decoder layer (and one per other quantized linear). With `untie_head`, a head tied to the embedding is written as
+    its own lm_head.weight (a copy of the embedding, offered to `quantize`) and config.json says untied. Returns
+    out_dir."""
     model_dir, out_dir = Path(model_dir), Path(out_dir)
     config = json.loads((model_dir / "config.json").read_text())
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -276,7 +281,19 @@ def export_quantized(model_dir: str | Path, out_dir: str | Path,
             progress(f"layer {layer + 1}/{config.get('num_hidden_layers', '?')}: quantized "
                      f"{', '.join(quantized_in_layer[layer])}")
 
-    for name, tensor in iter_safetensors(model_dir):
+    untie = untie_head and bool(config.get("tie_word_embeddings"))
+    if untie:
+        config = {**config, "tie_word_embeddings": False}
+
+    def weights() -> Iterator[tuple[str, torch.Tensor]]:
+        for name, tensor in iter_safetensors(model_dir):
+            if untie and name == "lm_head.weight":
+                continue  # a tied checkpoint's own copy (ignored by loaders): the embedding's is written instead
+            yield name, tensor
+            if untie and name == "model.embed_tokens.weight":
+                yield "lm_head.weight", tensor
+
+    for name, tensor in weights():
         q = quantize(name, tensor) if name.endswith(".weight") else None
         if q is None:
             tensors[name] = tensor.contiguous()

@@ -6,9 +6,11 @@
 For each format both servers serve the same model (the default one unless --model) on 127.0.0.1 with every core:
     f32   loraplex --dtype float32              llama.cpp F32 GGUF
     bf16  loraplex --dtype bfloat16             llama.cpp BF16 GGUF
-    8bit  loraplex GPTQ 8-bit, groups of 32     llama.cpp Q8_0 (8-bit, blocks of 32)
-    4bit  loraplex GPTQ 4-bit, groups of 32     llama.cpp Q4_0 (4-bit, blocks of 32)
-(the quantized loraplex models compute in --quant-dtype, float32 by default). Rounds alternate which server goes
+    8bit  loraplex GPTQ 8-bit, groups of 64     llama.cpp Q8_0 (8-bit, blocks of 32)
+    4bit  loraplex GPTQ 4-bit, groups of 64     llama.cpp Q4_0 (4-bit, blocks of 32)
+    (GPTQ with the output head quantized too, `loraplex quantize --lm-head`, as the GGUFs quantize theirs)
+(the quantized loraplex models compute in --quant-dtype, float32 by default, with int8 activations per 32 channels
+as llama.cpp's; --activation-quant none for exact weight-only products). Rounds alternate which server goes
 first; each round times one streamed greedy completion of --tokens tokens per server (decode tok/s = tokens after the
 first / time after the first), and loraplex once more with a rank-8 q/v adapter. Medians over the rounds are printed
 as the table in issue 23, with the bandwidth bound measured here (bytes of weights a step reads / the read bandwidth)
@@ -80,10 +82,10 @@ def ours_model(model: str, work: Path, fmt: str) -> tuple[str, list[str]]:
     if fmt in ("f32", "bf16"):
         return model, []
     bits = 8 if fmt == "8bit" else 4
-    folder = work / f"gptq-{bits}bit-g32"
-    if not (folder / "config.json").exists():
+    folder = work / f"gptq-{bits}bit-g64-head"
+    if not (folder / "config.json").exists():  # the head quantized too, as llama.cpp's GGUFs have it
         from loraplex.engine.quant.gptq import export_gptq
-        export_gptq(model, folder, bits=bits, group_size=32, sym=True)
+        export_gptq(model, folder, bits=bits, group_size=64, sym=True, lm_head=True)
     return str(folder), ["--quantization", "gptq"]
 
 
@@ -115,6 +117,7 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=128)
     ap.add_argument("--quant-dtype", default="float32", choices=["float32", "bfloat16"])
     ap.add_argument("--cpu-linear", default="stream", choices=["auto", "stream", "onednn"])
+    ap.add_argument("--activation-quant", default="int8", choices=["int8", "none"])
     ap.add_argument("--throughput", action="store_true", help="also 64 concurrent requests x 64 tokens")
     ap.add_argument("--work-dir", type=Path, default=Path("/tmp/loraplex-vs-llama-cpp"))
     ap.add_argument("--startup-timeout-s", type=float, default=600)
@@ -141,6 +144,7 @@ def main() -> None:
             servers.append(Served("loraplex", [
                 sys.executable, "-m", "loraplex.serve.cli", "serve", "--model", ours_dir, "--port", "8131",
                 "--dtype", dtype, "--served-model-name", "m", "--cpu-linear", args.cpu_linear, *ours_flags,
+                "--activation-quant", args.activation_quant,
                 "--lora-modules", f"a0={adapter}", "--adapter-dir", str(args.work_dir / f"store-{fmt}")],
                 8131, args.startup_timeout_s))
             servers.append(Served("llama.cpp", ["bash", str(PEER_SCRIPT), "serve", str(args.llama_dir.resolve()),

@@ -26,6 +26,7 @@
 #endif
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -221,6 +222,47 @@ inline void block_row1(const float* x, const void* w, const float* scales, const
   }
 }
 
+// fn(b) for every b in [0, n): each thread streams its own contiguous share front to back (the hardware prefetchers
+// follow one sequential stream per core), then takes the blocks still left at the back of the others' shares (work
+// stealing, as ggml's matmul chunks): a thread the OS preempts (the HTTP process, a client on the same cores) does
+// not leave half the work waiting for it. Which thread computes a block never changes its result.
+class BlockRange {  // blocks [front, back) left, packed in one word so owner and thieves claim with one CAS
+ public:
+  void reset(int64_t front, int64_t back) { fb_.store(pack(front, back), std::memory_order_relaxed); }
+  bool take(bool from_front, int64_t& b) {
+    uint64_t v = fb_.load(std::memory_order_relaxed);
+    for (;;) {
+      const int64_t front = static_cast<int64_t>(v >> 32), back = static_cast<int64_t>(v & 0xffffffffu);
+      if (front >= back) return false;
+      const uint64_t next = from_front ? pack(front + 1, back) : pack(front, back - 1);
+      if (fb_.compare_exchange_weak(v, next, std::memory_order_relaxed)) {
+        b = from_front ? front : back - 1;
+        return true;
+      }
+    }
+  }
+
+ private:
+  static uint64_t pack(int64_t front, int64_t back) {
+    return (static_cast<uint64_t>(front) << 32) | static_cast<uint64_t>(back);
+  }
+  std::atomic<uint64_t> fb_{0};
+};
+
+template <typename Fn>
+void parallel_blocks(int64_t n, Fn&& fn) {
+  const int64_t workers = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), n));
+  std::vector<BlockRange> shares(workers);
+  for (int64_t t = 0; t < workers; ++t) shares[t].reset(t * n / workers, (t + 1) * n / workers);
+  at::parallel_for(0, workers, 1, [&](int64_t t0, int64_t t1) {
+    int64_t b;
+    for (int64_t t = t0; t < t1; ++t)
+      while (shares[t].take(true, b)) fn(b);
+    for (int64_t i = 1; i < workers; ++i)
+      while (shares[(t0 + i) % workers].take(false, b)) fn(b);
+  });
+}
+
 #if defined(__AVX512F__)
 constexpr int MT = 4, NT = 6;  // 32 registers
 #else
@@ -232,73 +274,72 @@ template <typename T>
 void run(const float* xf, int64_t M, int64_t K, int64_t N, int64_t kind, const void* w, at::ScalarType wtype,
          const float* scales, const int32_t* zeros, int64_t group, const T* bias, T* y) {
   const int64_t blocks = (N + NB - 1) / NB;
-  at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
-    const bool direct = kind == kDense && wtype == at::kFloat;
-    std::vector<float> buf(direct || M == 1 ? 0 : NB * K);
-    for (int64_t b = b0; b < b1; ++b) {
-      const int64_t n0 = b * NB, nb = std::min<int64_t>(NB, N - n0);
-      auto emit = [&](int64_t m, int64_t n, float v) {
-        if (bias != nullptr) v += static_cast<float>(bias[n]);
-        y[m * N + n] = static_cast<T>(v);
-      };
-      if (M == 1 && !direct) {
-        if (kind == kDense) {
-          block_row1<kDense>(xf, w, scales, zeros, n0, nb, K, group, emit);
-        } else if (kind == kU8) {
-          block_row1<kU8>(xf, w, scales, zeros, n0, nb, K, group, emit);
-        } else {
-          block_row1<kU4>(xf, w, scales, zeros, n0, nb, K, group, emit);
-        }
-        continue;
+  const bool direct = kind == kDense && wtype == at::kFloat;
+  parallel_blocks(blocks, [&](int64_t b) {
+    thread_local std::vector<float> buf;  // decoded weights of one block
+    if (!direct && M > 1 && static_cast<int64_t>(buf.size()) < NB * K) buf.resize(NB * K);
+    const int64_t n0 = b * NB, nb = std::min<int64_t>(NB, N - n0);
+    auto emit = [&](int64_t m, int64_t n, float v) {
+      if (bias != nullptr) v += static_cast<float>(bias[n]);
+      y[m * N + n] = static_cast<T>(v);
+    };
+    if (M == 1 && !direct) {
+      if (kind == kDense) {
+        block_row1<kDense>(xf, w, scales, zeros, n0, nb, K, group, emit);
+      } else if (kind == kU8) {
+        block_row1<kU8>(xf, w, scales, zeros, n0, nb, K, group, emit);
+      } else {
+        block_row1<kU4>(xf, w, scales, zeros, n0, nb, K, group, emit);
       }
-      const float* wrow[NB];
+      return;
+    }
+    const float* wrow[NB];
+    for (int64_t j = 0; j < nb; ++j) {
+      if (kind == kDense && wtype == at::kFloat) {
+        wrow[j] = static_cast<const float*>(w) + (n0 + j) * K;
+      } else {
+        decode_row(kind, w, scales, zeros, n0 + j, K, group, wtype, buf.data() + j * K);
+        wrow[j] = buf.data() + j * K;
+      }
+    }
+    int64_t m = 0;
+    if (M == 1) {
+      const float* xr[1] = {xf};
+      int64_t j = 0;
+      for (; j + NT1 <= nb; j += NT1) {
+        float out[1][NT1];
+        tile<1, NT1>(xr, wrow + j, K, out);
+        for (int q = 0; q < NT1; ++q) emit(0, n0 + j + q, out[0][q]);
+      }
+      for (; j < nb; ++j) {
+        float out[1][1];
+        tile<1, 1>(xr, wrow + j, K, out);
+        emit(0, n0 + j, out[0][0]);
+      }
+      return;
+    }
+    for (; m + MT <= M; m += MT) {
+      const float* xr[MT];
+      for (int i = 0; i < MT; ++i) xr[i] = xf + (m + i) * K;
+      int64_t j = 0;
+      for (; j + NT <= nb; j += NT) {
+        float out[MT][NT];
+        tile<MT, NT>(xr, wrow + j, K, out);
+        for (int i = 0; i < MT; ++i)
+          for (int q = 0; q < NT; ++q) emit(m + i, n0 + j + q, out[i][q]);
+      }
+      for (; j < nb; ++j) {
+        float out[MT][1];
+        tile<MT, 1>(xr, wrow + j, K, out);
+        for (int i = 0; i < MT; ++i) emit(m + i, n0 + j, out[i][0]);
+      }
+    }
+    for (; m < M; ++m) {  // the last rows: one at a time (same per-pair arithmetic)
+      const float* xr[1] = {xf + m * K};
       for (int64_t j = 0; j < nb; ++j) {
-        if (kind == kDense && wtype == at::kFloat) {
-          wrow[j] = static_cast<const float*>(w) + (n0 + j) * K;
-        } else {
-          decode_row(kind, w, scales, zeros, n0 + j, K, group, wtype, buf.data() + j * K);
-          wrow[j] = buf.data() + j * K;
-        }
-      }
-      int64_t m = 0;
-      if (M == 1) {
-        const float* xr[1] = {xf};
-        int64_t j = 0;
-        for (; j + NT1 <= nb; j += NT1) {
-          float out[1][NT1];
-          tile<1, NT1>(xr, wrow + j, K, out);
-          for (int q = 0; q < NT1; ++q) emit(0, n0 + j + q, out[0][q]);
-        }
-        for (; j < nb; ++j) {
-          float out[1][1];
-          tile<1, 1>(xr, wrow + j, K, out);
-          emit(0, n0 + j, out[0][0]);
-        }
-        continue;
-      }
-      for (; m + MT <= M; m += MT) {
-        const float* xr[MT];
-        for (int i = 0; i < MT; ++i) xr[i] = xf + (m + i) * K;
-        int64_t j = 0;
-        for (; j + NT <= nb; j += NT) {
-          float out[MT][NT];
-          tile<MT, NT>(xr, wrow + j, K, out);
-          for (int i = 0; i < MT; ++i)
-            for (int q = 0; q < NT; ++q) emit(m + i, n0 + j + q, out[i][q]);
-        }
-        for (; j < nb; ++j) {
-          float out[MT][1];
-          tile<MT, 1>(xr, wrow + j, K, out);
-          for (int i = 0; i < MT; ++i) emit(m + i, n0 + j, out[i][0]);
-        }
-      }
-      for (; m < M; ++m) {  // the last rows: one at a time (same per-pair arithmetic)
-        const float* xr[1] = {xf + m * K};
-        for (int64_t j = 0; j < nb; ++j) {
-          float out[1][1];
-          tile<1, 1>(xr, wrow + j, K, out);
-          emit(m, n0 + j, out[0][0]);
-        }
+        float out[1][1];
+        tile<1, 1>(xr, wrow + j, K, out);
+        emit(m, n0 + j, out[0][0]);
       }
     }
   });
@@ -373,17 +414,22 @@ inline QF qf_load(const float* p) { return {_mm512_loadu_ps(p)}; }
 template <int64_t KIND>
 inline int32_t zero_coef(int32_t z) { return -z; }
 inline QI zero_term(int32_t zc, QI asum) { return {_mm512_mullo_epi32(_mm512_set1_epi32(zc), asum.v)}; }
+struct QW {  // a chunk's 64 codes as bytes
+  __m512i v;
+};
 template <int64_t KIND>
-inline QI qdot(const uint8_t* codes, const int8_t* a, QI init) {  // init + sum over each lane's 4 bytes of codes * a
-  __m512i w;
+inline QW qload(const uint8_t* codes) {
   if constexpr (KIND == kU8A8) {
-    w = _mm512_loadu_si512(codes);
+    return {_mm512_loadu_si512(codes)};
   } else {
     const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(codes)), m = _mm256_set1_epi8(15);
-    w = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_and_si256(v, m)),
-                           _mm256_and_si256(_mm256_srli_epi16(v, 4), m), 1);
+    return {_mm512_inserti64x4(_mm512_castsi256_si512(_mm256_and_si256(v, m)),
+                               _mm256_and_si256(_mm256_srli_epi16(v, 4), m), 1)};
   }
-  return {_mm512_dpbusd_epi32(init.v, w, _mm512_loadu_si512(a))};
+}
+template <int64_t KIND>
+inline QI qdot(QW w, const int8_t* a, QI init) {  // init + sum over each lane's 4 bytes of codes * a
+  return {_mm512_dpbusd_epi32(init.v, w.v, _mm512_loadu_si512(a))};
 }
 inline QF qscale(QF dv, float s) { return {_mm512_mul_ps(dv.v, _mm512_set1_ps(s))}; }
 inline QF qacc(QI lanes, QF scale, QF y) { return {_mm512_fmadd_ps(_mm512_cvtepi32_ps(lanes.v), scale.v, y.v)}; }
@@ -415,19 +461,29 @@ inline QI zero_term(int32_t zc, QI asum) {
 inline __m256i dot32(__m256i w, __m256i a, __m256i init) {  // w unsigned (< 129 in magnitude terms), a signed
   return _mm256_add_epi32(init, _mm256_madd_epi16(_mm256_maddubs_epi16(w, a), _mm256_set1_epi16(1)));
 }
+struct QW {  // a chunk's 64 codes as bytes (8-bit: signed q - 128)
+  __m256i lo, hi;
+};
 template <int64_t KIND>
-inline QI qdot(const uint8_t* codes, const int8_t* a, QI init) {
+inline QW qload(const uint8_t* codes) {
+  if constexpr (KIND == kU8A8) {
+    const __m256i off = _mm256_set1_epi8(static_cast<char>(0x80));
+    return {_mm256_xor_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(codes)), off),
+            _mm256_xor_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(codes + 32)), off)};
+  } else {
+    const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(codes)), m = _mm256_set1_epi8(15);
+    return {_mm256_and_si256(v, m), _mm256_and_si256(_mm256_srli_epi16(v, 4), m)};
+  }
+}
+template <int64_t KIND>
+inline QI qdot(QW w, const int8_t* a, QI init) {
   const __m256i a0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a));
   const __m256i a1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a + 32));
   if constexpr (KIND == kU8A8) {
-    const __m256i off = _mm256_set1_epi8(static_cast<char>(0x80));
-    const __m256i w0 = _mm256_xor_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(codes)), off);
-    const __m256i w1 = _mm256_xor_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(codes + 32)), off);
-    return {dot32(_mm256_abs_epi8(w0), _mm256_sign_epi8(a0, w0), init.lo),
-            dot32(_mm256_abs_epi8(w1), _mm256_sign_epi8(a1, w1), init.hi)};
+    return {dot32(_mm256_abs_epi8(w.lo), _mm256_sign_epi8(a0, w.lo), init.lo),
+            dot32(_mm256_abs_epi8(w.hi), _mm256_sign_epi8(a1, w.hi), init.hi)};
   } else {
-    const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(codes)), m = _mm256_set1_epi8(15);
-    return {dot32(_mm256_and_si256(v, m), a0, init.lo), dot32(_mm256_and_si256(_mm256_srli_epi16(v, 4), m), a1, init.hi)};
+    return {dot32(w.lo, a0, init.lo), dot32(w.hi, a1, init.hi)};
   }
 }
 inline QF qscale(QF dv, float s) {
@@ -468,12 +524,18 @@ inline QI zero_term(int32_t zc, QI asum) {
   for (int l = 0; l < 16; ++l) asum.l[l] *= zc;
   return asum;
 }
+struct QW {
+  uint8_t b[64];
+};
 template <int64_t KIND>
-inline QI qdot(const uint8_t* codes, const int8_t* a, QI init) {
-  for (int p = 0; p < 64; ++p) {
-    const int32_t code = KIND == kU8A8 ? codes[p] : (p < 32 ? codes[p] & 15 : codes[p - 32] >> 4);
-    init.l[p / 4] += code * a[p];
-  }
+inline QW qload(const uint8_t* codes) {
+  QW w;
+  for (int p = 0; p < 64; ++p) w.b[p] = KIND == kU8A8 ? codes[p] : (p < 32 ? codes[p] & 15 : codes[p - 32] >> 4);
+  return w;
+}
+template <int64_t KIND>
+inline QI qdot(const QW& w, const int8_t* a, QI init) {
+  for (int p = 0; p < 64; ++p) init.l[p / 4] += w.b[p] * a[p];
   return init;
 }
 inline QF qscale(QF dv, float s) {
@@ -519,7 +581,7 @@ inline void qtile(const QAct& q, int64_t m0, const uint8_t* w, const float* scal
         a[i] = q.a.data() + (m0 + i) * K + c * QC;
       }
       for (int j = 0; j < NT; ++j) {
-        const uint8_t* codes = w + (n0 + j) * row_bytes + c * CB;
+        const QW codes = qload<KIND>(w + (n0 + j) * row_bytes + c * CB);
         for (int i = 0; i < MT; ++i)
           y[i][j] = qacc(qdot<KIND>(codes, a[i], zero_term(zc[j], asum[i])), qscale(dv[i], s[j]), y[i][j]);
       }
@@ -577,18 +639,16 @@ void run_q(const float* xf, int64_t M, int64_t K, int64_t N, int64_t kind, const
   QAct q;
   quantize_rows(xf, M, K, kind == kU4A8, q);
   const int64_t blocks = (N + NB - 1) / NB;
-  at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
-    for (int64_t b = b0; b < b1; ++b) {
-      const int64_t n0 = b * NB, nb = std::min<int64_t>(NB, N - n0);
-      auto emit = [&](int64_t m, int64_t n, float v) {
-        if (bias != nullptr) v += static_cast<float>(bias[n]);
-        y[m * N + n] = static_cast<T>(v);
-      };
-      if (kind == kU8A8) {
-        qblock<kU8A8>(q, M, w, scales, zeros, n0, nb, K, group, emit);
-      } else {
-        qblock<kU4A8>(q, M, w, scales, zeros, n0, nb, K, group, emit);
-      }
+  parallel_blocks(blocks, [&](int64_t b) {
+    const int64_t n0 = b * NB, nb = std::min<int64_t>(NB, N - n0);
+    auto emit = [&](int64_t m, int64_t n, float v) {
+      if (bias != nullptr) v += static_cast<float>(bias[n]);
+      y[m * N + n] = static_cast<T>(v);
+    };
+    if (kind == kU8A8) {
+      qblock<kU8A8>(q, M, w, scales, zeros, n0, nb, K, group, emit);
+    } else {
+      qblock<kU4A8>(q, M, w, scales, zeros, n0, nb, K, group, emit);
     }
   });
 }

@@ -224,3 +224,28 @@ def test_export_gptq(tmp_path):
             assert t["bias"].dtype == torch.float16
             torch.testing.assert_close(t["bias"].float(), original[f"{prefix}.bias"], atol=1e-3, rtol=1e-3)
         check_rtn_bound(weight, t, 4)
+
+
+def test_export_gptq_with_a_quantized_head(tmp_path, default_model_dir):
+    """lm_head=True: a head tied to the embedding is written as its own quantized lm_head (the embedding stays dense)
+    and the folder loads with a GPTQ head whose logits are close to the dense model's."""
+    from loraplex.engine.loader import load_model
+    from loraplex.engine.quant.gptq import GPTQLinear
+    from tests.adapters.peft_factory import make_tiny_model
+
+    src = make_tiny_model(tmp_path / "tiny", default_model_dir)
+    assert json.loads((src / "config.json").read_text())["tie_word_embeddings"]
+    out = export_gptq(src, tmp_path / "q", bits=8, group_size=64, lm_head=True)
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["tie_word_embeddings"] is False and cfg["quantization_config"]["lm_head"] is True
+    with safe_open(out / "model.safetensors", framework="pt") as f:
+        names = set(f.keys())
+        embedding = f.get_tensor("model.embed_tokens.weight")
+    assert "lm_head.weight" not in names and {"lm_head.qweight", "lm_head.scales", "lm_head.qzeros"} <= names
+    dense, _ = load_model(src, torch.float32)
+    quant, _ = load_model(out, torch.float32)
+    assert isinstance(quant.lm_head, GPTQLinear) and torch.equal(quant.model.embed_tokens.weight, embedding)
+    h = torch.randn(3, 64)
+    with torch.inference_mode():
+        want, got = dense.lm_head(h), quant.lm_head(h)
+    assert (got - want).abs().max() <= 0.02 * want.abs().max()  # 8-bit rounding of the head, nothing else
