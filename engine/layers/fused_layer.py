@@ -64,7 +64,7 @@ def _group_args(members: list[StreamLinear]) -> tuple[list, int, int] | None:
                 or len(group.sizes) != len(members):
             return None
         lin = group.linear
-    return [lin.weight, lin.scales, lin.zeros, lin.bias], lin.kind, lin.group_size
+    return [lin.weight, lin.scales, lin.kernel_zeros, lin.bias], lin.kind, lin.group_size
 
 
 def layer_args(layer: nn.Module) -> tuple[tuple, list] | None:

@@ -103,6 +103,15 @@ class StreamLinear(nn.Module):
         object.__setattr__(self, "group", group)  # shared by the siblings: not a submodule of each
         self.index = index
         self.act_int8 = False  # int8 activations (set by use_stream_linears where can_act_int8)
+        # symmetric codes have one zero point (2^(bits-1)): with int8 activations the kernel then takes it alone and
+        # computes the zero term once per row instead of once per output channel
+        one = zeros is not None and zeros.numel() > 0 and bool((zeros == zeros.reshape(-1)[0]).all())
+        self.register_buffer("zero_point", zeros.reshape(-1)[:1].clone() if one else None, persistent=False)
+
+    @property
+    def kernel_zeros(self) -> torch.Tensor | None:
+        """The zero points the kernel takes: [out, groups], or [1] when they are all one with int8 activations."""
+        return self.zero_point if self.act_int8 and self.zero_point is not None else self.zeros
 
     @property
     def kind(self) -> int:
@@ -188,7 +197,7 @@ def stream_product(x: torch.Tensor, linear: StreamLinear) -> torch.Tensor:
     bias = linear.bias
     if bias is not None and bias.dtype != x.dtype:
         bias = bias.to(x.dtype)
-    y = torch.ops.loraplex_cpu.stream_linear(x2, linear.weight, linear.scales, linear.zeros, linear.kind,
+    y = torch.ops.loraplex_cpu.stream_linear(x2, linear.weight, linear.scales, linear.kernel_zeros, linear.kind,
                                              linear.group_size, bias)
     return y.reshape(*x.shape[:-1], y.shape[-1])
 
@@ -262,7 +271,7 @@ def use_stream_linears(model: nn.Module, dtype: torch.dtype, dense: bool = True,
                         and len({(m.in_features, m.bits, m.group_size, m.act_int8) for m in ms}) == 1:
                     group = StreamGroup(ms)
                     for i, m in enumerate(ms):
-                        m.weight = m.scales = m.zeros = m.bias = None  # the group holds them
+                        m.weight = m.scales = m.zeros = m.zero_point = m.bias = None  # the group holds them
                         object.__setattr__(m, "group", group)
                         m.index = i
                     groups += 1

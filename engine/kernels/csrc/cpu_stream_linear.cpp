@@ -358,10 +358,20 @@ void run(const float* xf, int64_t M, int64_t K, int64_t N, int64_t kind, const v
 constexpr int64_t kU8A8 = 3, kU4A8 = 4;
 constexpr int64_t QB = 32, QC = 64;  // activation block, channels per chunk (16 int32 lanes)
 
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
+// 4-bit: the high nibbles are multiplied in place (code * 16, one AND instead of a shift and an AND): their lanes'
+// integers (zero term included) are 16x, their scale d / 16. Powers of two scale exactly, so every product and sum is
+// bit for bit the unshifted one.
+constexpr int32_t kHighNibble = 16;
+#else
+constexpr int32_t kHighNibble = 1;
+#endif
+
 struct QAct {
   std::vector<int8_t> a;      // [M, K] activation bytes in the codes' order
   std::vector<int32_t> asum;  // [M, K / 64, 16] per-lane sums of a (the zero-point term)
   std::vector<float> dv;      // [M, K / 64, 16] per-lane block scale d
+  std::vector<int32_t> zt;    // [M, K / 64, 16] the zero term when every group has the same zero point (else empty)
 };
 
 inline int64_t q4_channel(int64_t p) {  // 4-bit: byte p of a chunk's activation layout -> channel within the chunk
@@ -393,8 +403,9 @@ void quantize_rows(const float* x, int64_t M, int64_t K, bool u4, QAct& q) {
         for (int64_t p = 0; p < QC; ++p) dst[p] = u4 ? nat[q4_channel(p)] : nat[p];
         for (int64_t l = 0; l < 16; ++l) {
           const int64_t at = (m * (K / QC) + c) * 16 + l;
-          q.asum[at] = dst[4 * l] + dst[4 * l + 1] + dst[4 * l + 2] + dst[4 * l + 3];
-          q.dv[at] = d[u4 ? q4_channel(4 * l) / QB : l / 8];
+          const int32_t high = u4 && l >= 8 ? kHighNibble : 1;
+          q.asum[at] = (dst[4 * l] + dst[4 * l + 1] + dst[4 * l + 2] + dst[4 * l + 3]) * high;
+          q.dv[at] = d[u4 ? q4_channel(4 * l) / QB : l / 8] / static_cast<float>(high);
         }
       }
     }
@@ -421,10 +432,10 @@ template <int64_t KIND>
 inline QW qload(const uint8_t* codes) {
   if constexpr (KIND == kU8A8) {
     return {_mm512_loadu_si512(codes)};
-  } else {
-    const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(codes)), m = _mm256_set1_epi8(15);
-    return {_mm512_inserti64x4(_mm512_castsi256_si512(_mm256_and_si256(v, m)),
-                               _mm256_and_si256(_mm256_srli_epi16(v, 4), m), 1)};
+  } else {  // low nibbles in lanes 0-7, high nibbles (times 16) in lanes 8-15
+    const __m512i nibbles = _mm512_inserti64x4(_mm512_set1_epi8(0x0f), _mm256_set1_epi8(static_cast<char>(0xf0)), 1);
+    return {_mm512_and_si512(_mm512_broadcast_i64x4(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(codes))),
+                             nibbles)};
   }
 }
 template <int64_t KIND>
@@ -555,7 +566,7 @@ inline float qsum(QF y) {
 #endif
 
 // out[i][j] = row m0 + i of x against output channel n0 + j; every tile shape does the same per pair
-template <int64_t KIND, int MT, int NT>
+template <int64_t KIND, bool UNIFORM, int MT, int NT>
 inline void qtile(const QAct& q, int64_t m0, const uint8_t* w, const float* scales, const int32_t* zeros, int64_t n0,
                   int64_t K, int64_t group, float out[MT][NT]) {
   constexpr int64_t CB = KIND == kU8A8 ? QC : QC / 2;  // code bytes per chunk
@@ -568,22 +579,23 @@ inline void qtile(const QAct& q, int64_t m0, const uint8_t* w, const float* scal
     int32_t zc[NT];
     for (int j = 0; j < NT; ++j) {
       s[j] = scales[(n0 + j) * groups + g];
-      zc[j] = zero_coef<KIND>(zeros[(n0 + j) * groups + g]);
+      zc[j] = UNIFORM ? 0 : zero_coef<KIND>(zeros[(n0 + j) * groups + g]);
     }
     for (int64_t c = g * per_group; c < (g + 1) * per_group; ++c) {
-      QI asum[MT];
+      QI asum[MT];  // UNIFORM: the zero term itself
       QF dv[MT];
       const int8_t* a[MT];
       for (int i = 0; i < MT; ++i) {
         const int64_t at = ((m0 + i) * chunks + c) * 16;
-        asum[i] = qi_load(q.asum.data() + at);
+        asum[i] = qi_load((UNIFORM ? q.zt : q.asum).data() + at);
         dv[i] = qf_load(q.dv.data() + at);
         a[i] = q.a.data() + (m0 + i) * K + c * QC;
       }
       for (int j = 0; j < NT; ++j) {
         const QW codes = qload<KIND>(w + (n0 + j) * row_bytes + c * CB);
         for (int i = 0; i < MT; ++i)
-          y[i][j] = qacc(qdot<KIND>(codes, a[i], zero_term(zc[j], asum[i])), qscale(dv[i], s[j]), y[i][j]);
+          y[i][j] = qacc(qdot<KIND>(codes, a[i], UNIFORM ? asum[i] : zero_term(zc[j], asum[i])), qscale(dv[i], s[j]),
+                         y[i][j]);
       }
     }
   }
@@ -598,7 +610,7 @@ constexpr int QMT = 2, QNT = 2;
 #endif
 constexpr int QNT1 = 4;  // M == 1: output channels in flight
 
-template <int64_t KIND, typename Emit>
+template <int64_t KIND, bool UNIFORM, typename Emit>
 void qblock(const QAct& q, int64_t M, const uint8_t* w, const float* scales, const int32_t* zeros, int64_t n0,
             int64_t nb, int64_t K, int64_t group, Emit&& emit) {
   int64_t m = 0;
@@ -607,13 +619,13 @@ void qblock(const QAct& q, int64_t M, const uint8_t* w, const float* scales, con
       int64_t j = 0;
       for (; j + QNT <= nb; j += QNT) {
         float out[QMT][QNT];
-        qtile<KIND, QMT, QNT>(q, m, w, scales, zeros, n0 + j, K, group, out);
+        qtile<KIND, UNIFORM, QMT, QNT>(q, m, w, scales, zeros, n0 + j, K, group, out);
         for (int i = 0; i < QMT; ++i)
           for (int t = 0; t < QNT; ++t) emit(m + i, n0 + j + t, out[i][t]);
       }
       for (; j < nb; ++j) {
         float out[QMT][1];
-        qtile<KIND, QMT, 1>(q, m, w, scales, zeros, n0 + j, K, group, out);
+        qtile<KIND, UNIFORM, QMT, 1>(q, m, w, scales, zeros, n0 + j, K, group, out);
         for (int i = 0; i < QMT; ++i) emit(m + i, n0 + j, out[i][0]);
       }
     }
@@ -622,12 +634,12 @@ void qblock(const QAct& q, int64_t M, const uint8_t* w, const float* scales, con
     int64_t j = 0;
     for (; j + QNT1 <= nb; j += QNT1) {
       float out[1][QNT1];
-      qtile<KIND, 1, QNT1>(q, m, w, scales, zeros, n0 + j, K, group, out);
+      qtile<KIND, UNIFORM, 1, QNT1>(q, m, w, scales, zeros, n0 + j, K, group, out);
       for (int t = 0; t < QNT1; ++t) emit(m, n0 + j + t, out[0][t]);
     }
     for (; j < nb; ++j) {
       float out[1][1];
-      qtile<KIND, 1, 1>(q, m, w, scales, zeros, n0 + j, K, group, out);
+      qtile<KIND, UNIFORM, 1, 1>(q, m, w, scales, zeros, n0 + j, K, group, out);
       emit(m, n0 + j, out[0][0]);
     }
   }
@@ -635,9 +647,14 @@ void qblock(const QAct& q, int64_t M, const uint8_t* w, const float* scales, con
 
 template <typename T>
 void run_q(const float* xf, int64_t M, int64_t K, int64_t N, int64_t kind, const uint8_t* w, const float* scales,
-           const int32_t* zeros, int64_t group, const T* bias, T* y) {
+           const int32_t* zeros, bool uniform_zero, int64_t group, const T* bias, T* y) {
   QAct q;
   quantize_rows(xf, M, K, kind == kU4A8, q);
+  if (uniform_zero) {  // sym GPTQ: one zero point, so the zero term is per row and chunk, not per output channel
+    const int32_t zc = kind == kU8A8 ? zero_coef<kU8A8>(zeros[0]) : zero_coef<kU4A8>(zeros[0]);
+    q.zt.resize(q.asum.size());
+    for (size_t i = 0; i < q.asum.size(); ++i) q.zt[i] = zc * q.asum[i];
+  }
   const int64_t blocks = (N + NB - 1) / NB;
   parallel_blocks(blocks, [&](int64_t b) {
     const int64_t n0 = b * NB, nb = std::min<int64_t>(NB, N - n0);
@@ -646,9 +663,11 @@ void run_q(const float* xf, int64_t M, int64_t K, int64_t N, int64_t kind, const
       y[m * N + n] = static_cast<T>(v);
     };
     if (kind == kU8A8) {
-      qblock<kU8A8>(q, M, w, scales, zeros, n0, nb, K, group, emit);
+      uniform_zero ? qblock<kU8A8, true>(q, M, w, scales, zeros, n0, nb, K, group, emit)
+                   : qblock<kU8A8, false>(q, M, w, scales, zeros, n0, nb, K, group, emit);
     } else {
-      qblock<kU4A8>(q, M, w, scales, zeros, n0, nb, K, group, emit);
+      uniform_zero ? qblock<kU4A8, true>(q, M, w, scales, zeros, n0, nb, K, group, emit)
+                   : qblock<kU4A8, false>(q, M, w, scales, zeros, n0, nb, K, group, emit);
     }
   });
 }
@@ -674,8 +693,9 @@ at::Tensor stream_linear(const at::Tensor& x, const at::Tensor& w, const c10::op
     TORCH_CHECK(scales.has_value() && zeros.has_value(), "stream_linear: quantized weights need scales and zeros");
     TORCH_CHECK(scales->scalar_type() == at::kFloat && scales->is_contiguous() && scales->numel() == N * (K / group),
                 "stream_linear: scales [N, K / group] float32 expected");
-    TORCH_CHECK(zeros->scalar_type() == at::kInt && zeros->is_contiguous() && zeros->numel() == N * (K / group),
-                "stream_linear: zeros [N, K / group] int32 expected");
+    TORCH_CHECK(zeros->scalar_type() == at::kInt && zeros->is_contiguous() &&
+                    (zeros->numel() == N * (K / group) || (kind >= kU8A8 && zeros->numel() == 1)),
+                "stream_linear: zeros [N, K / group] int32 expected (or [1], one zero point, with int8 activations)");
     TORCH_CHECK(kind < kU8A8 || (K % QC == 0 && group % QC == 0),
                 "stream_linear: int8 activations need in_features and group size multiples of 64");
   }
@@ -691,11 +711,12 @@ at::Tensor stream_linear(const at::Tensor& x, const at::Tensor& w, const c10::op
   const int32_t* z = kind == kDense ? nullptr : zeros->data_ptr<int32_t>();
   if (kind >= kU8A8) {
     const uint8_t* codes = w.data_ptr<uint8_t>();
+    const bool uniform = zeros->numel() == 1;  // (a single group: the same either way)
     if (x.scalar_type() == at::kFloat) {
-      run_q<float>(xf.data_ptr<float>(), M, K, N, kind, codes, s, z, group, b ? b->data_ptr<float>() : nullptr,
-                   out.data_ptr<float>());
+      run_q<float>(xf.data_ptr<float>(), M, K, N, kind, codes, s, z, uniform, group,
+                   b ? b->data_ptr<float>() : nullptr, out.data_ptr<float>());
     } else {
-      run_q<c10::BFloat16>(xf.data_ptr<float>(), M, K, N, kind, codes, s, z, group,
+      run_q<c10::BFloat16>(xf.data_ptr<float>(), M, K, N, kind, codes, s, z, uniform, group,
                            b ? b->data_ptr<c10::BFloat16>() : nullptr, out.data_ptr<c10::BFloat16>());
     }
   } else if (x.scalar_type() == at::kFloat) {
