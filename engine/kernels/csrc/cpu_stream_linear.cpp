@@ -645,10 +645,17 @@ void qblock(const QAct& q, int64_t M, const uint8_t* w, const float* scales, con
   }
 }
 
+#ifndef PF_BLOCKS
+#define PF_BLOCKS 2
+#endif
+#ifndef PF_LOCALITY
+#define PF_LOCALITY 2
+#endif
 template <typename T>
 void run_q(const float* xf, int64_t M, int64_t K, int64_t N, int64_t kind, const uint8_t* w, const float* scales,
            const int32_t* zeros, bool uniform_zero, int64_t group, const T* bias, T* y) {
-  QAct q;
+  thread_local QAct caller;  // reused: no allocation per call once it has grown
+  QAct& q = caller;           // (a reference: the worker threads read the caller's, not their own thread_local)
   quantize_rows(xf, M, K, kind == kU4A8, q);
   if (uniform_zero) {  // sym GPTQ: one zero point, so the zero term is per row and chunk, not per output channel
     const int32_t zc = kind == kU8A8 ? zero_coef<kU8A8>(zeros[0]) : zero_coef<kU4A8>(zeros[0]);
@@ -656,8 +663,17 @@ void run_q(const float* xf, int64_t M, int64_t K, int64_t N, int64_t kind, const
     for (size_t i = 0; i < q.asum.size(); ++i) q.zt[i] = zc * q.asum[i];
   }
   const int64_t blocks = (N + NB - 1) / NB;
+  const int64_t row_bytes = kind == kU8A8 ? K : K / 2, groups = K / group;
   parallel_blocks(blocks, [&](int64_t b) {
     const int64_t n0 = b * NB, nb = std::min<int64_t>(NB, N - n0);
+    const int64_t ahead = b + PF_BLOCKS;
+    if (ahead < blocks) {
+      const int64_t n1 = ahead * NB, rows = std::min<int64_t>(NB, N - n1);
+      const char* c0 = reinterpret_cast<const char*>(w + n1 * row_bytes);
+      for (int64_t off = 0; off < rows * row_bytes; off += 64) __builtin_prefetch(c0 + off, 0, PF_LOCALITY);
+      const char* s0 = reinterpret_cast<const char*>(scales + n1 * groups);
+      for (int64_t off = 0; off < rows * groups * 4; off += 64) __builtin_prefetch(s0 + off, 0, PF_LOCALITY);
+    }
     auto emit = [&](int64_t m, int64_t n, float v) {
       if (bias != nullptr) v += static_cast<float>(bias[n]);
       y[m * N + n] = static_cast<T>(v);
