@@ -10,6 +10,9 @@
 // Work split: threads take blocks of NB output channels; a block's weights are decoded once into float32 (a few
 // KiB, L1/L2) and reused by every row of x, so the weights stream from memory once per call whatever M is.
 //
+// A bfloat16 x against bfloat16 weights takes its own path (vdpbf16ps where the CPU has AVX-512 BF16, the same
+// arithmetic in fused multiply-adds elsewhere: see "bfloat16 activations" below).
+//
 // Kinds 3 and 4 take the same 8-bit and 4-bit codes with x quantized to int8 per block of 32 channels (as llama.cpp
 // does for its Q8_0 / Q4_0 dot products): integer dot products, about a fifth of the instructions per weight, so
 // decode streams the codes at memory speed (see "int8 activations" below).
@@ -689,6 +692,136 @@ void run_q(const float* xf, int64_t M, int64_t K, int64_t N, int64_t kind, const
   });
 }
 
+// ---- bfloat16 activations x bfloat16 weights (the dense linears of a bfloat16 model) --------------------------------
+// Each pair (row of x, output channel) accumulates 16 float32 lanes over 32 channels at a time: lane i adds the
+// product of channels 2i + 1, then that of channel 2i, each product exact (8-bit significands) and added with one
+// rounding. That is AVX-512 BF16's vdpbf16ps, one instruction per 32 channels; elsewhere two fused multiply-adds per
+// lane do the same (bit for bit, but for denormal inputs, which vdpbf16ps flushes to zero). The 16 lanes are then
+// summed in a fixed order: the same for every M, tile and thread (batch invariance). Needs K a multiple of 32.
+using bf16 = c10::BFloat16;
+constexpr int64_t BC = 32;  // channels per step
+
+#if defined(__AVX512BF16__) && defined(__AVX512F__)
+constexpr int BMT = 4, BNT = 6, BNT1 = 6;
+template <int MT, int NT>
+inline void btile(const bf16* const* x, const bf16* const* w, int64_t K, float out[MT][NT]) {
+  __m512 acc[MT][NT];
+  for (int i = 0; i < MT; ++i)
+    for (int j = 0; j < NT; ++j) acc[i][j] = _mm512_setzero_ps();
+  for (int64_t k = 0; k < K; k += BC) {
+    __m512bh wv[NT];
+    for (int j = 0; j < NT; ++j) wv[j] = (__m512bh)_mm512_loadu_si512(w[j] + k);
+    for (int i = 0; i < MT; ++i) {
+      const __m512bh xv = (__m512bh)_mm512_loadu_si512(x[i] + k);
+      for (int j = 0; j < NT; ++j) acc[i][j] = _mm512_dpbf16_ps(acc[i][j], xv, wv[j]);
+    }
+  }
+  for (int i = 0; i < MT; ++i)
+    for (int j = 0; j < NT; ++j) {
+      v8f h[2];
+      std::memcpy(h, &acc[i][j], 64);
+      out[i][j] = hsum(h[0] + h[1]);
+    }
+}
+#elif defined(__AVX2__) && defined(__FMA__)
+constexpr int BMT = 2, BNT = 2, BNT1 = 3;
+template <int MT, int NT>
+inline void btile(const bf16* const* x, const bf16* const* w, int64_t K, float out[MT][NT]) {
+  __m256 acc[MT][NT][2];  // lanes 0-7 (channels 0-15 of a step), lanes 8-15 (16-31)
+  for (int i = 0; i < MT; ++i)
+    for (int j = 0; j < NT; ++j) acc[i][j][0] = acc[i][j][1] = _mm256_setzero_ps();
+  const __m256i odd_mask = _mm256_set1_epi32(static_cast<int>(0xffff0000u));
+  for (int64_t k = 0; k < K; k += BC) {
+    for (int h = 0; h < 2; ++h) {
+      __m256 xo[MT], xe[MT];  // channel 2i + 1 (the high half of each 32-bit word) and 2i, as float32
+      for (int i = 0; i < MT; ++i) {
+        const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x[i] + k + 16 * h));
+        xo[i] = _mm256_castsi256_ps(_mm256_and_si256(v, odd_mask));
+        xe[i] = _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));
+      }
+      for (int j = 0; j < NT; ++j) {
+        const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w[j] + k + 16 * h));
+        const __m256 wo = _mm256_castsi256_ps(_mm256_and_si256(v, odd_mask));
+        const __m256 we = _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));
+        for (int i = 0; i < MT; ++i)
+          acc[i][j][h] = _mm256_fmadd_ps(xe[i], we, _mm256_fmadd_ps(xo[i], wo, acc[i][j][h]));
+      }
+    }
+  }
+  for (int i = 0; i < MT; ++i)
+    for (int j = 0; j < NT; ++j) {
+      v8f lo, hi;
+      std::memcpy(&lo, &acc[i][j][0], 32);
+      std::memcpy(&hi, &acc[i][j][1], 32);
+      out[i][j] = hsum(lo + hi);
+    }
+}
+#else
+constexpr int BMT = 2, BNT = 2, BNT1 = 2;
+template <int MT, int NT>
+inline void btile(const bf16* const* x, const bf16* const* w, int64_t K, float out[MT][NT]) {
+  for (int i = 0; i < MT; ++i)
+    for (int j = 0; j < NT; ++j) {
+      float acc[16] = {};
+      for (int64_t k = 0; k < K; k += BC)
+        for (int l = 0; l < 16; ++l) {
+          acc[l] = std::fma(static_cast<float>(x[i][k + 2 * l + 1]), static_cast<float>(w[j][k + 2 * l + 1]), acc[l]);
+          acc[l] = std::fma(static_cast<float>(x[i][k + 2 * l]), static_cast<float>(w[j][k + 2 * l]), acc[l]);
+        }
+      v8f lo, hi;
+      std::memcpy(&lo, acc, 32);
+      std::memcpy(&hi, acc + 8, 32);
+      out[i][j] = hsum(lo + hi);
+    }
+}
+#endif
+
+void run_bf16(const bf16* x, int64_t M, int64_t K, int64_t N, const bf16* w, const bf16* bias, bf16* y) {
+  const int64_t blocks = (N + NB - 1) / NB;
+  parallel_blocks(blocks, [&](int64_t b) {
+    const int64_t n0 = b * NB, nb = std::min<int64_t>(NB, N - n0);
+    const bf16* wrow[NB];
+    for (int64_t j = 0; j < nb; ++j) wrow[j] = w + (n0 + j) * K;
+    auto emit = [&](int64_t m, int64_t n, float v) {
+      if (bias != nullptr) v += static_cast<float>(bias[n]);
+      y[m * N + n] = static_cast<bf16>(v);
+    };
+    int64_t m = 0;
+    if (M >= BMT) {
+      for (; m + BMT <= M; m += BMT) {
+        const bf16* xr[BMT];
+        for (int i = 0; i < BMT; ++i) xr[i] = x + (m + i) * K;
+        int64_t j = 0;
+        for (; j + BNT <= nb; j += BNT) {
+          float out[BMT][BNT];
+          btile<BMT, BNT>(xr, wrow + j, K, out);
+          for (int i = 0; i < BMT; ++i)
+            for (int t = 0; t < BNT; ++t) emit(m + i, n0 + j + t, out[i][t]);
+        }
+        for (; j < nb; ++j) {
+          float out[BMT][1];
+          btile<BMT, 1>(xr, wrow + j, K, out);
+          for (int i = 0; i < BMT; ++i) emit(m + i, n0 + j, out[i][0]);
+        }
+      }
+    }
+    for (; m < M; ++m) {
+      const bf16* xr[1] = {x + m * K};
+      int64_t j = 0;
+      for (; j + BNT1 <= nb; j += BNT1) {
+        float out[1][BNT1];
+        btile<1, BNT1>(xr, wrow + j, K, out);
+        for (int t = 0; t < BNT1; ++t) emit(m, n0 + j + t, out[0][t]);
+      }
+      for (; j < nb; ++j) {
+        float out[1][1];
+        btile<1, 1>(xr, wrow + j, K, out);
+        emit(m, n0 + j, out[0][0]);
+      }
+    }
+  });
+}
+
 at::Tensor stream_linear(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& scales,
                          const c10::optional<at::Tensor>& zeros, int64_t kind, int64_t group,
                          const c10::optional<at::Tensor>& bias) {
@@ -718,7 +851,6 @@ at::Tensor stream_linear(const at::Tensor& x, const at::Tensor& w, const c10::op
   }
   auto out = at::empty({M, N}, x.options());
   if (M == 0) return out;
-  auto xf = x.scalar_type() == at::kFloat ? x.contiguous() : x.to(at::kFloat).contiguous();
   c10::optional<at::Tensor> b;
   if (bias.has_value() && bias->defined()) {
     TORCH_CHECK(bias->numel() == N && bias->scalar_type() == x.scalar_type(), "stream_linear: bias [N] of x's dtype");
@@ -726,6 +858,13 @@ at::Tensor stream_linear(const at::Tensor& x, const at::Tensor& w, const c10::op
   }
   const float* s = kind == kDense ? nullptr : scales->data_ptr<float>();
   const int32_t* z = kind == kDense ? nullptr : zeros->data_ptr<int32_t>();
+  if (kind == kDense && x.scalar_type() == at::kBFloat16 && w.scalar_type() == at::kBFloat16 && K % BC == 0) {
+    const auto xc = x.contiguous();
+    run_bf16(xc.data_ptr<bf16>(), M, K, N, w.data_ptr<bf16>(), b ? b->data_ptr<bf16>() : nullptr,
+             out.data_ptr<bf16>());
+    return out;
+  }
+  const auto xf = x.scalar_type() == at::kFloat ? x.contiguous() : x.to(at::kFloat).contiguous();
   if (kind >= kU8A8) {
     const uint8_t* codes = w.data_ptr<uint8_t>();
     const bool uniform = zeros->numel() == 1;  // (a single group: the same either way)

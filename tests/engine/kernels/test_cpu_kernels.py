@@ -259,7 +259,8 @@ def test_a_failed_build_leaves_the_torch_path(monkeypatch, caplog):
 @needs_kernel
 def test_generic_code_paths_on_an_avx2_build(tmp_path):
     """The kernels built for an AVX2-only x86-64 (no AVX-512: the plain loops) pass the same tests, and the integer
-    dot products of the int8-activation linears give the same bits as this CPU's build."""
+    dot products of the int8-activation linears and the bfloat16 x bfloat16 products give the same bits as this CPU's
+    build."""
     if torch.ops.loraplex_cpu.vector_isa() == "generic":
         pytest.skip("this CPU's own build is the generic one: the whole suite already runs it")
     import os
@@ -277,12 +278,11 @@ def test_generic_code_paths_on_an_avx2_build(tmp_path):
                           "tests/engine/quant/test_stream.py"],
                          cwd=root, env=env, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stdout[-3000:]
-    from tests.engine.quant.test_stream import int8_kernel_digest
-    digest = subprocess.run([sys.executable, "-c", "from tests.engine.quant.test_stream import int8_kernel_digest; "
-                             "print(int8_kernel_digest())"], cwd=root, env=env, capture_output=True, text=True,
-                            timeout=300)
+    from tests.engine.quant.test_stream import kernel_digest
+    digest = subprocess.run([sys.executable, "-c", "from tests.engine.quant.test_stream import kernel_digest; "
+                             "print(kernel_digest())"], cwd=root, env=env, capture_output=True, text=True, timeout=300)
     assert digest.returncode == 0, digest.stderr[-2000:]
-    assert digest.stdout.strip() == int8_kernel_digest()
+    assert digest.stdout.strip() == kernel_digest()
 
 
 def test_a_stale_build_lock_is_removed_and_a_fresh_one_kept(tmp_path):

@@ -156,11 +156,17 @@ def test_int8_activations_match_their_reference(bits, group, sym, bias):
                 assert torch.equal(per_group, got)
 
 
-def int8_kernel_digest() -> str:
-    """A digest of the int8-activation kernel's outputs on fixed inputs (8- and 4-bit, 1 and 6 rows): equal between
-    builds for different instruction sets (tests/engine/kernels/test_cpu_kernels.py builds an AVX2 one)."""
+def kernel_digest() -> str:
+    """A digest of the streaming kernel's outputs on fixed inputs where it promises the same bits on every instruction
+    set: int8 activations on 8- and 4-bit codes, bfloat16 x bfloat16 (1 and 6 rows). Compared between builds by
+    tests/engine/kernels/test_cpu_kernels.py, which builds an AVX2 one."""
     import hashlib
     h = hashlib.sha256()
+    bf = StreamLinear.from_linear(dense(320, 56, True, torch.bfloat16, seed=3))
+    torch.manual_seed(2)
+    for rows in (1, 6):
+        with torch.inference_mode():
+            h.update(bf(torch.randn(rows, 320).to(torch.bfloat16)).float().numpy().tobytes())
     for bits in (8, 4):
         fast = StreamLinear.from_gptq(gptq(320, 56, bits, 64, False, True, seed=bits), torch.float32)
         fast.act_int8 = True
