@@ -30,6 +30,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <type_traits>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -266,6 +267,42 @@ void parallel_blocks(int64_t n, Fn&& fn) {
   });
 }
 
+// One block's tiles (M rows x nb channels from n0): MT x NT tiles, MT x 1 for the block's last channels, then the
+// rows left one at a time in 1 x NT1 and 1 x 1 tiles. `tile(mt, nt, m, j, out)` (mt, nt as std::integral_constant)
+// fills float out[mt][nt] for rows m.. and channels n0 + j..; every shape does the same per-pair arithmetic.
+template <int MT, int NT, int NT1, typename Tile, typename Emit>
+void walk_tiles(int64_t M, int64_t n0, int64_t nb, Tile&& tile, Emit&& emit) {
+  using one = std::integral_constant<int, 1>;
+  int64_t m = 0;
+  for (; m + MT <= M; m += MT) {
+    int64_t j = 0;
+    for (; j + NT <= nb; j += NT) {
+      float out[MT][NT];
+      tile(std::integral_constant<int, MT>{}, std::integral_constant<int, NT>{}, m, j, out);
+      for (int i = 0; i < MT; ++i)
+        for (int t = 0; t < NT; ++t) emit(m + i, n0 + j + t, out[i][t]);
+    }
+    for (; j < nb; ++j) {
+      float out[MT][1];
+      tile(std::integral_constant<int, MT>{}, one{}, m, j, out);
+      for (int i = 0; i < MT; ++i) emit(m + i, n0 + j, out[i][0]);
+    }
+  }
+  for (; m < M; ++m) {
+    int64_t j = 0;
+    for (; j + NT1 <= nb; j += NT1) {
+      float out[1][NT1];
+      tile(one{}, std::integral_constant<int, NT1>{}, m, j, out);
+      for (int t = 0; t < NT1; ++t) emit(m, n0 + j + t, out[0][t]);
+    }
+    for (; j < nb; ++j) {
+      float out[1][1];
+      tile(one{}, one{}, m, j, out);
+      emit(m, n0 + j, out[0][0]);
+    }
+  }
+}
+
 #if defined(__AVX512F__)
 constexpr int MT = 4, NT = 6;  // 32 registers
 #else
@@ -305,46 +342,12 @@ void run(const float* xf, int64_t M, int64_t K, int64_t N, int64_t kind, const v
         wrow[j] = buf.data() + j * K;
       }
     }
-    int64_t m = 0;
-    if (M == 1) {
-      const float* xr[1] = {xf};
-      int64_t j = 0;
-      for (; j + NT1 <= nb; j += NT1) {
-        float out[1][NT1];
-        tile<1, NT1>(xr, wrow + j, K, out);
-        for (int q = 0; q < NT1; ++q) emit(0, n0 + j + q, out[0][q]);
-      }
-      for (; j < nb; ++j) {
-        float out[1][1];
-        tile<1, 1>(xr, wrow + j, K, out);
-        emit(0, n0 + j, out[0][0]);
-      }
-      return;
-    }
-    for (; m + MT <= M; m += MT) {
-      const float* xr[MT];
-      for (int i = 0; i < MT; ++i) xr[i] = xf + (m + i) * K;
-      int64_t j = 0;
-      for (; j + NT <= nb; j += NT) {
-        float out[MT][NT];
-        tile<MT, NT>(xr, wrow + j, K, out);
-        for (int i = 0; i < MT; ++i)
-          for (int q = 0; q < NT; ++q) emit(m + i, n0 + j + q, out[i][q]);
-      }
-      for (; j < nb; ++j) {
-        float out[MT][1];
-        tile<MT, 1>(xr, wrow + j, K, out);
-        for (int i = 0; i < MT; ++i) emit(m + i, n0 + j, out[i][0]);
-      }
-    }
-    for (; m < M; ++m) {  // the last rows: one at a time (same per-pair arithmetic)
-      const float* xr[1] = {xf + m * K};
-      for (int64_t j = 0; j < nb; ++j) {
-        float out[1][1];
-        tile<1, 1>(xr, wrow + j, K, out);
-        emit(m, n0 + j, out[0][0]);
-      }
-    }
+    walk_tiles<MT, NT, NT1>(M, n0, nb, [&](auto mt, auto nt, int64_t m, int64_t j, auto& out) {
+      constexpr int rows = decltype(mt)::value;
+      const float* xr[rows];
+      for (int i = 0; i < rows; ++i) xr[i] = xf + (m + i) * K;
+      tile<rows, decltype(nt)::value>(xr, wrow + j, K, out);
+    }, emit);
   });
 }
 
@@ -617,36 +620,9 @@ constexpr int QNT1 = 4;  // two ymm per accumulator
 template <int64_t KIND, bool UNIFORM, typename Emit>
 void qblock(const QAct& q, int64_t M, const uint8_t* w, const float* scales, const int32_t* zeros, int64_t n0,
             int64_t nb, int64_t K, int64_t group, Emit&& emit) {
-  int64_t m = 0;
-  if (M >= QMT) {
-    for (; m + QMT <= M; m += QMT) {
-      int64_t j = 0;
-      for (; j + QNT <= nb; j += QNT) {
-        float out[QMT][QNT];
-        qtile<KIND, UNIFORM, QMT, QNT>(q, m, w, scales, zeros, n0 + j, K, group, out);
-        for (int i = 0; i < QMT; ++i)
-          for (int t = 0; t < QNT; ++t) emit(m + i, n0 + j + t, out[i][t]);
-      }
-      for (; j < nb; ++j) {
-        float out[QMT][1];
-        qtile<KIND, UNIFORM, QMT, 1>(q, m, w, scales, zeros, n0 + j, K, group, out);
-        for (int i = 0; i < QMT; ++i) emit(m + i, n0 + j, out[i][0]);
-      }
-    }
-  }
-  for (; m < M; ++m) {
-    int64_t j = 0;
-    for (; j + QNT1 <= nb; j += QNT1) {
-      float out[1][QNT1];
-      qtile<KIND, UNIFORM, 1, QNT1>(q, m, w, scales, zeros, n0 + j, K, group, out);
-      for (int t = 0; t < QNT1; ++t) emit(m, n0 + j + t, out[0][t]);
-    }
-    for (; j < nb; ++j) {
-      float out[1][1];
-      qtile<KIND, UNIFORM, 1, 1>(q, m, w, scales, zeros, n0 + j, K, group, out);
-      emit(m, n0 + j, out[0][0]);
-    }
-  }
+  walk_tiles<QMT, QNT, QNT1>(M, n0, nb, [&](auto mt, auto nt, int64_t m, int64_t j, auto& out) {
+    qtile<KIND, UNIFORM, decltype(mt)::value, decltype(nt)::value>(q, m, w, scales, zeros, n0 + j, K, group, out);
+  }, emit);
 }
 
 #ifndef PF_BLOCKS
@@ -786,39 +762,12 @@ void run_bf16(const bf16* x, int64_t M, int64_t K, int64_t N, const bf16* w, con
       if (bias != nullptr) v += static_cast<float>(bias[n]);
       y[m * N + n] = static_cast<bf16>(v);
     };
-    int64_t m = 0;
-    if (M >= BMT) {
-      for (; m + BMT <= M; m += BMT) {
-        const bf16* xr[BMT];
-        for (int i = 0; i < BMT; ++i) xr[i] = x + (m + i) * K;
-        int64_t j = 0;
-        for (; j + BNT <= nb; j += BNT) {
-          float out[BMT][BNT];
-          btile<BMT, BNT>(xr, wrow + j, K, out);
-          for (int i = 0; i < BMT; ++i)
-            for (int t = 0; t < BNT; ++t) emit(m + i, n0 + j + t, out[i][t]);
-        }
-        for (; j < nb; ++j) {
-          float out[BMT][1];
-          btile<BMT, 1>(xr, wrow + j, K, out);
-          for (int i = 0; i < BMT; ++i) emit(m + i, n0 + j, out[i][0]);
-        }
-      }
-    }
-    for (; m < M; ++m) {
-      const bf16* xr[1] = {x + m * K};
-      int64_t j = 0;
-      for (; j + BNT1 <= nb; j += BNT1) {
-        float out[1][BNT1];
-        btile<1, BNT1>(xr, wrow + j, K, out);
-        for (int t = 0; t < BNT1; ++t) emit(m, n0 + j + t, out[0][t]);
-      }
-      for (; j < nb; ++j) {
-        float out[1][1];
-        btile<1, 1>(xr, wrow + j, K, out);
-        emit(m, n0 + j, out[0][0]);
-      }
-    }
+    walk_tiles<BMT, BNT, BNT1>(M, n0, nb, [&](auto mt, auto nt, int64_t m, int64_t j, auto& out) {
+      constexpr int rows = decltype(mt)::value;
+      const bf16* xr[rows];
+      for (int i = 0; i < rows; ++i) xr[i] = x + (m + i) * K;
+      btile<rows, decltype(nt)::value>(xr, wrow + j, K, out);
+    }, emit);
   });
 }
 
