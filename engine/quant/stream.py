@@ -14,6 +14,9 @@ Formats (bits = 16 or 32 means dense):
                                              channel i + 8 (high nibble)
     scales float32 [out, in / group_size], zeros int32 [out, in / group_size]
 
+A bfloat16 x against dense bfloat16 weights is multiplied in bfloat16 pairs (AVX-512 BF16's vdpbf16ps, or the same
+arithmetic in fused multiply-adds: every product exact, one rounding per pair), the reference F.linear in bfloat16.
+
 With `act_int8`, 8- and 4-bit linears also quantize x to int8 per block of 32 input channels (d = max|x| / 127,
 a = round(x / d), as llama.cpp's Q8_0 activations) and multiply with integer dot products: the reference is then
 F.linear(a * d, W), the same weights on the rounded activations (`quantize_activations`). Both need in_features and
