@@ -625,12 +625,6 @@ void qblock(const QAct& q, int64_t M, const uint8_t* w, const float* scales, con
   }, emit);
 }
 
-#ifndef PF_BLOCKS
-#define PF_BLOCKS 2
-#endif
-#ifndef PF_LOCALITY
-#define PF_LOCALITY 2
-#endif
 template <typename T>
 void run_q(const float* xf, int64_t M, int64_t K, int64_t N, int64_t kind, const uint8_t* w, const float* scales,
            const int32_t* zeros, bool uniform_zero, int64_t group, const T* bias, T* y) {
@@ -643,17 +637,8 @@ void run_q(const float* xf, int64_t M, int64_t K, int64_t N, int64_t kind, const
     for (size_t i = 0; i < q.asum.size(); ++i) q.zt[i] = zc * q.asum[i];
   }
   const int64_t blocks = (N + NB - 1) / NB;
-  const int64_t row_bytes = kind == kU8A8 ? K : K / 2, groups = K / group;
   parallel_blocks(blocks, [&](int64_t b) {
     const int64_t n0 = b * NB, nb = std::min<int64_t>(NB, N - n0);
-    const int64_t ahead = b + PF_BLOCKS;
-    if (ahead < blocks) {
-      const int64_t n1 = ahead * NB, rows = std::min<int64_t>(NB, N - n1);
-      const char* c0 = reinterpret_cast<const char*>(w + n1 * row_bytes);
-      for (int64_t off = 0; off < rows * row_bytes; off += 64) __builtin_prefetch(c0 + off, 0, PF_LOCALITY);
-      const char* s0 = reinterpret_cast<const char*>(scales + n1 * groups);
-      for (int64_t off = 0; off < rows * groups * 4; off += 64) __builtin_prefetch(s0 + off, 0, PF_LOCALITY);
-    }
     auto emit = [&](int64_t m, int64_t n, float v) {
       if (bias != nullptr) v += static_cast<float>(bias[n]);
       y[m * N + n] = static_cast<T>(v);
