@@ -29,6 +29,7 @@
 #endif
 
 #include <algorithm>
+#include <array>
 #include <atomic>
 #include <type_traits>
 #include <cmath>
@@ -270,6 +271,13 @@ void parallel_blocks(int64_t n, Fn&& fn) {
 // One block's tiles (M rows x nb channels from n0): MT x NT tiles, MT x 1 for the block's last channels, then the
 // rows left one at a time in 1 x NT1 and 1 x 1 tiles. `tile(mt, nt, m, j, out)` (mt, nt as std::integral_constant)
 // fills float out[mt][nt] for rows m.. and channels n0 + j..; every shape does the same per-pair arithmetic.
+template <int MT, typename T>
+inline std::array<const T*, MT> row_ptrs(const T* x, int64_t m, int64_t K) {  // rows m .. m + MT - 1 of x [M, K]
+  std::array<const T*, MT> rows;
+  for (int i = 0; i < MT; ++i) rows[i] = x + (m + i) * K;
+  return rows;
+}
+
 template <int MT, int NT, int NT1, typename Tile, typename Emit>
 void walk_tiles(int64_t M, int64_t n0, int64_t nb, Tile&& tile, Emit&& emit) {
   using one = std::integral_constant<int, 1>;
@@ -343,10 +351,8 @@ void run(const float* xf, int64_t M, int64_t K, int64_t N, int64_t kind, const v
       }
     }
     walk_tiles<MT, NT, NT1>(M, n0, nb, [&](auto mt, auto nt, int64_t m, int64_t j, auto& out) {
-      constexpr int rows = decltype(mt)::value;
-      const float* xr[rows];
-      for (int i = 0; i < rows; ++i) xr[i] = xf + (m + i) * K;
-      tile<rows, decltype(nt)::value>(xr, wrow + j, K, out);
+      const auto xr = row_ptrs<decltype(mt)::value>(xf, m, K);
+      tile<decltype(mt)::value, decltype(nt)::value>(xr.data(), wrow + j, K, out);
     }, emit);
   });
 }
@@ -748,10 +754,8 @@ void run_bf16(const bf16* x, int64_t M, int64_t K, int64_t N, const bf16* w, con
       y[m * N + n] = static_cast<bf16>(v);
     };
     walk_tiles<BMT, BNT, BNT1>(M, n0, nb, [&](auto mt, auto nt, int64_t m, int64_t j, auto& out) {
-      constexpr int rows = decltype(mt)::value;
-      const bf16* xr[rows];
-      for (int i = 0; i < rows; ++i) xr[i] = x + (m + i) * K;
-      btile<rows, decltype(nt)::value>(xr, wrow + j, K, out);
+      const auto xr = row_ptrs<decltype(mt)::value>(x, m, K);
+      btile<decltype(mt)::value, decltype(nt)::value>(xr.data(), wrow + j, K, out);
     }, emit);
   });
 }
