@@ -15,8 +15,8 @@
 // arithmetic in fused multiply-adds elsewhere: see "bfloat16 activations" below).
 //
 // Kinds 3 and 4 take the same 8-bit and 4-bit codes with x quantized to int8 per block of 32 channels (as llama.cpp
-// does for its Q8_0 / Q4_0 dot products): integer dot products, about a fifth of the instructions per weight (2-3x
-// faster batch-1 decode than widening every code to float32; see "int8 activations" below).
+// does for its Q8_0 / Q4_0 dot products): integer dot products, about a fifth of the instructions per weight (1.2-1.8x
+// faster per batch-1 call than widening every code to float32, measured here; see "int8 activations" below).
 //
 // 4-bit layout: each 16-channel chunk of a row is 8 bytes; byte i holds channel i (low nibble) and channel i + 8
 // (high nibble). engine/quant/stream.py packs it and holds the plain-torch reference.
