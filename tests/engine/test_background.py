@@ -109,7 +109,7 @@ def test_loop_runs_background_work_when_idle_and_within_its_share_under_load(tin
     time.sleep(0.3)
     idle_steps = work.ran
     assert idle_steps >= 10  # idle: background work runs back to back
-    params = SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True)
+    params = SamplingParams(max_tokens=120, temperature=0.0, ignore_eos=True)
     for i in range(4):
         loop.add(f"r{i}", [5, 6, 7, 8], params, time.monotonic())
     deadline = time.monotonic() + 60
@@ -118,9 +118,12 @@ def test_loop_runs_background_work_when_idle_and_within_its_share_under_load(tin
     loop.stop()
     thread.join(10)
     assert sum(1 for o in outputs if o.finished) == 4  # requests complete while background work has work
-    assert sum(len(o.token_ids) for o in outputs) == 160
-    share = work.loaded_s / (work.loaded_s + sum(inference_s))
-    assert work.loaded_s > 0 and share <= 0.2 + 0.05, share  # training went on under load, within its share
+    assert sum(len(o.token_ids) for o in outputs) == 480
+    total = work.loaded_s + sum(inference_s)
+    share = work.loaded_s / total
+    # training went on under load, within its share: the policy decides before each slice, so it may end one slice
+    # over (decode steps of the tiny model take ~1 ms, a slice 10 ms)
+    assert work.loaded_s > 0 and share <= 0.2 + 0.05 + work.step_s / total, (share, total)
 
 
 def test_train_calls_without_a_trainer_fail_clearly(tiny_model_dir):  # noqa: F811
