@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from loraplex.engine.kernels import cpu_kernels
-from loraplex.engine.quant.stream import StreamLinear
+from loraplex.engine.quant.stream import SWITCHES, StreamLinear
 
 _DISABLED = {"value": False}
 STATS = {"fused_calls": 0}  # layers computed by the one-call kernel since start (tests and profiles read it)
@@ -86,7 +86,7 @@ def layer_args(layer: nn.Module) -> tuple[tuple, list] | None:
     loras = [lora for _, lora in found]
     lora_args = [] if all(lora is None for lora in loras) else [
         t for lora in loras for t in (lora if lora is not None else (None,) * LORA_ARGS)]
-    key = tuple(id(b) for b in bases)
+    key = (SWITCHES["count"], *(id(b) for b in bases))  # kinds and zero points change with set_act_int8
     cached = getattr(layer, "_fused_layer_cache", None)
     if cached is not None and cached[0] == key:
         return None if cached[1] is None else (cached[1], lora_args)

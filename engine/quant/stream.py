@@ -45,6 +45,7 @@ KIND_ACT_INT8 = {8: 3, 4: 4}  # the same codes, with int8 activations and intege
 CHUNK = 16  # input channels per decoded chunk: in_features and group sizes are multiples of it
 ACT_BLOCK = 32  # input channels per activation scale (int8 activations)
 ACT_CHUNK = 64  # in_features and group sizes are multiples of it for int8 activations
+SWITCHES = {"count": 0}  # set_act_int8 calls so far: engine/layers/fused_layer.py's argument cache keys on it
 
 
 def quantize_activations(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -105,21 +106,30 @@ class StreamLinear(nn.Module):
         self.register_buffer("bias", bias, persistent=False)
         object.__setattr__(self, "group", group)  # shared by the siblings: not a submodule of each
         self.index = index
-        self.act_int8 = False  # int8 activations (set by use_stream_linears where can_act_int8)
-        # symmetric codes have one zero point (2^(bits-1)): with int8 activations the kernel then takes it alone and
-        # computes the zero term once per row instead of once per output channel
-        one = zeros is not None and zeros.numel() > 0 and bool((zeros == zeros.reshape(-1)[0]).all())
-        self.register_buffer("zero_point", zeros.reshape(-1)[:1].clone() if one else None, persistent=False)
+        self.act_int8 = False  # int8 activations: set_act_int8
+        self.kind = KIND[bits]  # the kernel's weight kind (engine/kernels/csrc/cpu_stream_linear.cpp)
+        self.register_buffer("zero_point", None, persistent=False)
+
+    def set_act_int8(self, on: bool) -> None:
+        """Multiply with int8 activations (integer dot products) or exact weight-only. Symmetric codes have one zero
+        point (2^(bits-1)): with int8 activations the kernel then takes it alone (`kernel_zeros`) and computes the zero
+        term once per row instead of once per output channel. A group member switches its group's computation."""
+        if on and not can_act_int8(self):
+            raise ValueError(f"stream linear ({self.extra_repr()}): int8 activations need 8/4-bit codes and input "
+                             "widths and group sizes that are multiples of 64")
+        self.act_int8 = on
+        SWITCHES["count"] += 1
+        self.kind = KIND_ACT_INT8[self.bits] if on else KIND[self.bits]
+        zeros = self.zeros
+        one = on and zeros is not None and bool((zeros == zeros.reshape(-1)[0]).all())
+        self.zero_point = zeros.reshape(-1)[:1].clone() if one else None
+        if self.group is not None and self.group.linear is not self and self.group.linear.act_int8 != on:
+            self.group.linear.set_act_int8(on)
 
     @property
     def kernel_zeros(self) -> torch.Tensor | None:
         """The zero points the kernel takes: [out, groups], or [1] when they are all one with int8 activations."""
-        return self.zero_point if self.act_int8 and self.zero_point is not None else self.zeros
-
-    @property
-    def kind(self) -> int:
-        """The kernel's weight kind (engine/kernels/csrc/cpu_stream_linear.cpp)."""
-        return KIND_ACT_INT8[self.bits] if self.act_int8 else KIND[self.bits]
+        return self.zeros if self.zero_point is None else self.zero_point
 
     # ---- construction -------------------------------------------------------------------------------------------
     @classmethod
@@ -220,7 +230,7 @@ class StreamGroup:
                               for m in members])
         self.linear = StreamLinear(first.in_features, sum(self.sizes), first.bits, cat("weight"), cat("scales"),
                                    cat("zeros"), first.group_size, bias)
-        self.linear.act_int8 = first.act_int8
+        self.linear.set_act_int8(first.act_int8)
         self.siblings = SiblingOutputs(self.sizes)
 
     def output(self, x: torch.Tensor, index: int) -> torch.Tensor:
@@ -257,7 +267,7 @@ def use_stream_linears(model: nn.Module, dtype: torch.dtype, dense: bool = True,
         for name, child in parent.named_children():
             if isinstance(child, GPTQLinear) and can_stream_gptq(child):
                 lin = StreamLinear.from_gptq(child, dtype)
-                lin.act_int8 = act_int8 and can_act_int8(lin)
+                lin.act_int8 = act_int8 and can_act_int8(lin)  # switched on below, once grouped
                 swaps.append((parent, name, lin))
             elif dense and type(child) is nn.Linear and child.weight.dtype in (torch.float32, torch.bfloat16) \
                     and child.in_features % CHUNK == 0 and child.weight.device.type == "cpu":
@@ -274,11 +284,13 @@ def use_stream_linears(model: nn.Module, dtype: torch.dtype, dense: bool = True,
                         and len({(m.in_features, m.bits, m.group_size, m.act_int8) for m in ms}) == 1:
                     group = StreamGroup(ms)
                     for i, m in enumerate(ms):
-                        m.weight = m.scales = m.zeros = m.zero_point = m.bias = None  # the group holds them
+                        m.weight = m.scales = m.zeros = m.bias = None  # the group holds them
                         object.__setattr__(m, "group", group)
                         m.index = i
                     groups += 1
     for parent, name, lin in swaps:
+        if lin.act_int8:
+            lin.set_act_int8(True)  # a group member's zero points are its group's, switched on with it
         setattr(parent, name, lin)
     if swaps:
         bits = sorted({lin.bits for _, _, lin in swaps}, reverse=True)

@@ -70,6 +70,9 @@ def test_gptq_layers_with_int8_activations_fuse_and_keep_their_tokens(tmp_path, 
                                                    max_num_seqs=4, kv_cache_memory_bytes=16 << 20))
     streamed = [m for m in engine.runner.model.modules() if isinstance(m, StreamLinear) and m.bits == bits]
     assert streamed and all(m.act_int8 for m in streamed)  # the default: int8 activations
+    computing = {id(m.group.linear if m.group is not None else m): m.group.linear if m.group is not None else m
+                 for m in streamed}.values()
+    assert all(lin.kernel_zeros.numel() == 1 for lin in computing)  # symmetric: one zero point per linear
     prompts = [[(17 * j + 3 * k) % 40000 + 100 for k in range(5 + 2 * j)] for j in range(3)]
     results = {}
     for enabled in (False, True):
@@ -79,6 +82,14 @@ def test_gptq_layers_with_int8_activations_fuse_and_keep_their_tokens(tmp_path, 
         assert (fused_layer.STATS["fused_calls"] > before) == enabled
     assert results[True] == results[False]
     assert results[True][0] == results[True][1]  # batched == alone
+    layer = engine.runner.model.model.layers[0]
+    kinds = lambda: {fused_layer.layer_args(layer)[0][3 * i + 1] for i in range(4)}
+    assert kinds() == {3 if bits == 8 else 4}
+    for m in streamed:  # back to exact weight-only products: the cached kernel arguments follow
+        m.set_act_int8(False)
+    assert kinds() == {1 if bits == 8 else 2}
+    fused_switch(True)
+    assert generate(engine, prompts[:1]) == [generate(engine, [p])[0] for p in prompts[:1]]
 
 
 def test_adapter_rows_fuse_too_and_nothing_changes(tmp_path, default_model_dir, fused_switch):

@@ -98,7 +98,7 @@ def test_each_row_is_the_same_alone_and_in_any_batch(kind):
     else:
         dtype = torch.float32
         fast = StreamLinear.from_gptq(gptq(576, 200, 8 if kind.startswith("u8") else 4, 64, False, True), dtype)
-        fast.act_int8 = kind.endswith("a8")
+        fast.set_act_int8(kind.endswith("a8"))
     x = torch.randn(37, 576).to(dtype)
     with torch.inference_mode():
         many = fast(x)
@@ -134,7 +134,7 @@ def test_int8_activations_match_their_reference(bits, group, sym, bias):
     ref = gptq(256, 40, bits, group, sym, bias=bias)
     fast = StreamLinear.from_gptq(ref, torch.float32)
     assert can_act_int8(fast)
-    fast.act_int8 = True
+    fast.set_act_int8(True)
     assert fast.kind == (3 if bits == 8 else 4) and "act_int8" in repr(fast)
     for dtype in (torch.float32, torch.bfloat16):
         for rows in (1, 2, 5, 9):
@@ -169,7 +169,7 @@ def kernel_digest() -> str:
             h.update(bf(torch.randn(rows, 320).to(torch.bfloat16)).float().numpy().tobytes())
     for bits in (8, 4):
         fast = StreamLinear.from_gptq(gptq(320, 56, bits, 64, False, True, seed=bits), torch.float32)
-        fast.act_int8 = True
+        fast.set_act_int8(True)
         torch.manual_seed(1)
         for rows in (1, 6):
             with torch.inference_mode():
@@ -186,6 +186,10 @@ def test_int8_activations_need_widths_and_groups_of_64():
     model.add_module("b", gptq(128, 16, 8, 64, True, False))
     assert use_stream_linears(model, torch.float32, dense=False, act_int8=True) == 2
     assert not model.a.act_int8 and model.b.act_int8  # the one that cannot stays exact weight-only
+    assert model.a.kind == 2 and model.b.kind == 3 and model.b.kernel_zeros.numel() == 1
+    with pytest.raises(ValueError, match="multiples of 64"):
+        model.a.set_act_int8(True)
+    assert not model.a.act_int8 and model.a.kind == 2  # refused: nothing changed
     odd = StreamLinear.from_gptq(gptq(96, 16, 8, 32, True, False), torch.float32)
     with pytest.raises(RuntimeError, match="multiples of 64"):
         torch.ops.loraplex_cpu.stream_linear(torch.randn(1, 96), odd.weight, odd.scales, odd.zeros, 3, 32, None)
@@ -270,9 +274,7 @@ def test_streamed_gptq_models_keep_their_perplexity(default_model_dir, text_ids,
             a8_ppl = perplexity(model, config, text_ids)
             for m in model.modules():  # back to weight-only on the same StreamLinears
                 if isinstance(m, StreamLinear):
-                    m.act_int8 = False
-                    if m.group is not None:
-                        m.group.linear.act_int8 = False
+                    m.set_act_int8(False)
             fast_ppl = perplexity(model, config, text_ids)
         results[bits] = (ref_ppl, fast_ppl, a8_ppl)
         assert abs(fast_ppl - ref_ppl) <= 1e-3 * ref_ppl
