@@ -42,6 +42,8 @@ logger = logging.getLogger(__name__)
 
 KIND = {32: 0, 16: 0, 8: 1, 4: 2}  # the kernel's weight kinds: dense, 8-bit codes, 4-bit codes
 KIND_ACT_INT8 = {8: 3, 4: 4}  # the same codes, with int8 activations and integer dot products
+KIND_ACT_INT8_IL = {8: 5, 4: 6}  # the same, codes of IL_ROWS channels interleaved per 64-channel chunk
+IL_ROWS = 4
 CHUNK = 16  # input channels per decoded chunk: in_features and group sizes are multiples of it
 ACT_BLOCK = 32  # input channels per activation scale (int8 activations)
 ACT_CHUNK = 64  # in_features and group sizes are multiples of it for int8 activations
@@ -66,6 +68,20 @@ def dequantize_activations(x: torch.Tensor) -> torch.Tensor:
     if x.requires_grad:
         return x.float() + (rounded - x.float()).detach()
     return rounded
+
+
+def interleave_rows(codes: torch.Tensor, chunks: int) -> torch.Tensor:
+    """Codes [N, B] of `chunks` 64-channel chunks a row (N a multiple of IL_ROWS) -> the same bytes with each IL_ROWS
+    rows' chunks interleaved: [N / IL_ROWS, chunks, IL_ROWS, chunk bytes] flattened to [N, B]. A batch-1 tile of
+    IL_ROWS channels then reads one sequential stream (the kernel's kinds 5 and 6)."""
+    n, b = codes.shape
+    return codes.view(n // IL_ROWS, IL_ROWS, chunks, b // chunks).transpose(1, 2).reshape(n, b).contiguous()
+
+
+def deinterleave_rows(codes: torch.Tensor, chunks: int) -> torch.Tensor:
+    """interleave_rows' inverse."""
+    n, b = codes.shape
+    return codes.view(n // IL_ROWS, chunks, IL_ROWS, b // chunks).transpose(1, 2).reshape(n, b).contiguous()
 
 
 def pack_nibbles(q: torch.Tensor) -> torch.Tensor:
@@ -107,24 +123,38 @@ class StreamLinear(nn.Module):
         object.__setattr__(self, "group", group)  # shared by the siblings: not a submodule of each
         self.index = index
         self.act_int8 = False  # int8 activations: set_act_int8
+        self.interleaved = False  # weight holds codes in interleave_rows' order (set_act_int8)
         self.kind = KIND[bits]  # the kernel's weight kind (engine/kernels/csrc/cpu_stream_linear.cpp)
         self.register_buffer("zero_point", None, persistent=False)
 
     def set_act_int8(self, on: bool) -> None:
         """Multiply with int8 activations (integer dot products) or exact weight-only. Symmetric codes have one zero
         point (2^(bits-1)): with int8 activations the kernel then takes it alone (`kernel_zeros`) and computes the zero
-        term once per row instead of once per output channel. A group member switches its group's computation."""
+        term once per row instead of once per output channel. With int8 activations the codes of every IL_ROWS output
+        channels are interleaved (`interleave_rows`; ~1.2-1.9x faster batch-1 reads measured, the same bits) when
+        out_features allows. A group member switches its group's computation."""
         if on and not can_act_int8(self):
             raise ValueError(f"stream linear ({self.extra_repr()}): int8 activations need 8/4-bit codes and input "
                              "widths and group sizes that are multiples of 64")
         self.act_int8 = on
         SWITCHES["count"] += 1
-        self.kind = KIND_ACT_INT8[self.bits] if on else KIND[self.bits]
+        interleave = on and self.out_features % IL_ROWS == 0
+        if self.weight is not None and interleave != self.interleaved:
+            chunks = self.in_features // ACT_CHUNK
+            self.weight = interleave_rows(self.weight, chunks) if interleave else self.codes()
+        self.interleaved = interleave and self.weight is not None
+        self.kind = (KIND_ACT_INT8_IL if interleave else KIND_ACT_INT8)[self.bits] if on else KIND[self.bits]
         zeros = self.zeros
         one = on and zeros is not None and bool((zeros == zeros.reshape(-1)[0]).all())
         self.zero_point = zeros.reshape(-1)[:1].clone() if one else None
         if self.group is not None and self.group.linear is not self and self.group.linear.act_int8 != on:
             self.group.linear.set_act_int8(on)
+
+    def codes(self) -> torch.Tensor | None:
+        """The weight or codes in plain row order (the kernel may hold them interleaved)."""
+        if not self.interleaved:
+            return self.weight
+        return deinterleave_rows(self.weight, self.in_features // ACT_CHUNK)
 
     @property
     def kernel_zeros(self) -> torch.Tensor | None:
@@ -156,12 +186,12 @@ class StreamLinear(nn.Module):
     def _tensors(self) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
         """(weight or codes, scales, zeros, bias) of this linear, sliced out of its group when it is a member."""
         if self.group is None:
-            return self.weight, self.scales, self.zeros, self.bias
+            return self.codes(), self.scales, self.zeros, self.bias
         g = self.group.linear
         lo = sum(self.group.sizes[:self.index])
         hi = lo + self.out_features
         pick = (lambda t: None if t is None else t[lo:hi])
-        return pick(g.weight), pick(g.scales), pick(g.zeros), pick(g.bias)
+        return pick(g.codes()), pick(g.scales), pick(g.zeros), pick(g.bias)
 
     @torch.no_grad()
     def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:  # [out, in]

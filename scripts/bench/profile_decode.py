@@ -35,7 +35,13 @@ def weight_bytes(model: torch.nn.Module) -> int:
     """Bytes a decode step reads: every parameter and buffer of the decoder layers, the final norm and the head (a
     tied head reads the embedding matrix once); the embedding lookup itself only touches a row per token."""
     seen, total = set(), 0
-    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+    tensors = list(model.named_parameters()) + list(model.named_buffers())
+    for name, m in model.named_modules():  # fused siblings' weights live in their StreamGroup, not a submodule
+        group = getattr(m, "group", None)
+        linear = getattr(group, "linear", None)
+        if isinstance(linear, torch.nn.Module):
+            tensors += [(f"{name}.group.{n}", t) for n, t in linear.named_buffers()]
+    for name, t in tensors:
         if id(t) in seen or "rotary" in name or (name.startswith("model.embed_tokens") and not _tied(model)):
             continue
         seen.add(id(t))

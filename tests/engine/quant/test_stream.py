@@ -135,7 +135,7 @@ def test_int8_activations_match_their_reference(bits, group, sym, bias):
     fast = StreamLinear.from_gptq(ref, torch.float32)
     assert can_act_int8(fast)
     fast.set_act_int8(True)
-    assert fast.kind == (3 if bits == 8 else 4) and "act_int8" in repr(fast)
+    assert fast.kind == (5 if bits == 8 else 6) and fast.interleaved and "act_int8" in repr(fast)
     for dtype in (torch.float32, torch.bfloat16):
         for rows in (1, 2, 5, 9):
             x = torch.randn(rows, 256).to(dtype)
@@ -186,13 +186,42 @@ def test_int8_activations_need_widths_and_groups_of_64():
     model.add_module("b", gptq(128, 16, 8, 64, True, False))
     assert use_stream_linears(model, torch.float32, dense=False, act_int8=True) == 2
     assert not model.a.act_int8 and model.b.act_int8  # the one that cannot stays exact weight-only
-    assert model.a.kind == 2 and model.b.kind == 3 and model.b.kernel_zeros.numel() == 1
+    assert model.a.kind == 2 and model.b.kind == 5 and model.b.kernel_zeros.numel() == 1
     with pytest.raises(ValueError, match="multiples of 64"):
         model.a.set_act_int8(True)
     assert not model.a.act_int8 and model.a.kind == 2  # refused: nothing changed
     odd = StreamLinear.from_gptq(gptq(96, 16, 8, 32, True, False), torch.float32)
     with pytest.raises(RuntimeError, match="multiples of 64"):
         torch.ops.loraplex_cpu.stream_linear(torch.randn(1, 96), odd.weight, odd.scales, odd.zeros, 3, 32, None)
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_interleaved_codes_give_the_same_bits_and_weights(bits):
+    """With int8 activations the codes of every 4 output channels are interleaved chunk by chunk: the kernel gives the
+    plain layout's bits at every batch size, the reference reads the same weights, switching back restores the
+    plain codes."""
+    from loraplex.engine.quant.stream import IL_ROWS, deinterleave_rows, interleave_rows
+    ref = gptq(320, 48, bits, 64, False, True, seed=5)
+    fast = StreamLinear.from_gptq(ref, torch.float32)
+    plain_codes, want_w = fast.weight.clone(), fast.dequantized_weight()
+    chunks = 320 // 64
+    assert torch.equal(deinterleave_rows(interleave_rows(plain_codes, chunks), chunks), plain_codes)
+    fast.set_act_int8(True)
+    assert fast.interleaved and fast.kind == (5 if bits == 8 else 6) and not torch.equal(fast.weight, plain_codes)
+    assert torch.equal(fast.weight, interleave_rows(plain_codes, chunks))
+    assert torch.equal(fast.dequantized_weight(), want_w)
+    op = torch.ops.loraplex_cpu.stream_linear
+    for rows in (1, 3, 6, 17):
+        x = torch.randn(rows, 320)
+        with torch.inference_mode():
+            got = fast(x)
+            plain = op(x, plain_codes, fast.scales, fast.kernel_zeros, fast.kind - 2, 64, fast.bias)
+        assert torch.equal(got, plain)
+    fast.set_act_int8(False)
+    assert not fast.interleaved and torch.equal(fast.weight, plain_codes) and fast.kind == (1 if bits == 8 else 2)
+    codes = torch.randint(0, 256, (IL_ROWS + 2, 128), dtype=torch.uint8)  # (GPTQ packs 4+ rows: never this odd)
+    with pytest.raises(RuntimeError, match="multiple of 4"):
+        op(torch.randn(1, 128), codes, torch.ones(IL_ROWS + 2, 2), torch.tensor([128], dtype=torch.int32), 5, 64, None)
 
 
 def test_fused_siblings_and_the_output_head():
