@@ -77,10 +77,12 @@ constexpr int64_t LORA_ARGS = 8;  // a_pool, b_pool, token_rows, seg_starts, seg
 
 // module i's adapter rows (lora[8i, 8i + 8), all None when it has none this step): y += B A x in place, as the
 // module path's wrapper does right after the base product (adapters/lora_linear.py, adapters/ops/cpu.py)
-void add_lora(const at::Tensor& y, const at::Tensor& x, const c10::List<OptT>& lora, int64_t i) {
+// (y: a function giving the output view, so that base-only steps take no views at all)
+template <typename Y>
+void add_lora(Y&& y, const at::Tensor& x, const c10::List<OptT>& lora, int64_t i) {
   if (lora.size() == 0 || !lora.get(i * LORA_ARGS).has_value()) return;
   auto t = [&](int64_t j) { return *lora.get(i * LORA_ARGS + j); };
-  lora_apply_op().call(y, x, t(0), t(1), t(2), t(3), t(4), t(5), t(6), t(7));
+  lora_apply_op().call(y(), x, t(0), t(1), t(2), t(3), t(4), t(5), t(6), t(7));
 }
 
 // a streaming linear's tensors: [weight or codes, scales, zeros, bias] (absent ones None)
@@ -107,26 +109,27 @@ at::Tensor decoder_layer(const at::Tensor& x, const at::Tensor& cos, const at::T
   at::Tensor q = qkv_out.narrow(1, 0, q_width).view({n, num_heads, head_dim});
   at::Tensor k = qkv_out.narrow(1, q_width, kv_width).view({n, num_kv_heads, head_dim});
   const at::Tensor v = qkv_out.narrow(1, q_width + kv_width, kv_width).view({n, num_kv_heads, head_dim});
-  add_lora(qkv_out.narrow(1, 0, q_width), h, lora, 0);
-  add_lora(qkv_out.narrow(1, q_width, kv_width), h, lora, 1);
-  add_lora(qkv_out.narrow(1, q_width + kv_width, kv_width), h, lora, 2);
+  add_lora([&] { return qkv_out.narrow(1, 0, q_width); }, h, lora, 0);
+  add_lora([&] { return qkv_out.narrow(1, q_width, kv_width); }, h, lora, 1);
+  add_lora([&] { return qkv_out.narrow(1, q_width + kv_width, kv_width); }, h, lora, 2);
   rotary_op().call(q, cos, sin);
   rotary_op().call(k, cos, sin);
   const at::Tensor attn = paged_attention_op().call(q, k_cache, v_cache, slot_table, row_index, row_len, window, scale,
                                                     k, v, slot_mapping);
   const at::Tensor attn_rows = attn.view({n, q_width});
   const at::Tensor a = linear(attn_rows, o, o_kind, o_group);
-  add_lora(a, attn_rows, lora, 3);
+  add_lora([&] { return a; }, attn_rows, lora, 3);
   at::Tensor sum, normed;
   std::tie(sum, normed) = add_rms_norm_op().call(x, a, post_norm, eps);
   const at::Tensor gu = linear(normed, gate_up, gate_up_kind, gate_up_group);  // [n, 2 inter]
   const int64_t inter = gu.size(1) / 2;
-  add_lora(gu.narrow(1, 0, inter), normed, lora, 4);
-  add_lora(gu.narrow(1, inter, inter), normed, lora, 5);
-  const at::Tensor m = silu_and_mul_op().call(gu.narrow(1, 0, inter), gu.narrow(1, inter, inter));
+  const at::Tensor g = gu.narrow(1, 0, inter), u = gu.narrow(1, inter, inter);
+  add_lora([&] { return g; }, normed, lora, 4);
+  add_lora([&] { return u; }, normed, lora, 5);
+  const at::Tensor m = silu_and_mul_op().call(g, u);
   const at::Tensor d = linear(m, down, down_kind, down_group);
-  add_lora(d, m, lora, 6);
-  return sum + d;
+  add_lora([&] { return d; }, m, lora, 6);
+  return sum.add_(d);  // sum is this call's own tensor: x + d in place (the same bits as the module path's x + mlp)
 }
 
 }  // namespace
