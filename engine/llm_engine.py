@@ -131,9 +131,10 @@ class LLMEngine:
             raise ValueError(f"--quantization {quant.method}: {model_path} is not a {quant.method.upper()} checkpoint")
         stream = choose_cpu_linear(args.cpu_linear, device, dtype, args.max_num_seqs)
         if stream is not None:
-            use_stream_linears(model, dtype, dense=stream, act_int8=args.activation_quant == "int8")
-            if stream and dtype == torch.float32 and hasattr(model, "use_float32_kernels"):
-                model.use_float32_kernels()  # parity with transformers is gone with streaming; take the fast paths
+            streamed = use_stream_linears(model, dtype, dense=stream, act_int8=args.activation_quant == "int8")
+            if streamed and dtype == torch.float32 and hasattr(model, "use_float32_kernels"):
+                # parity with transformers is gone with streamed (or quantized) weights: take the fast paths
+                model.use_float32_kernels()
                 logger.info("float32 with streaming linears: fused elementwise kernels and one-call layers")
         use_quantized_kernels(model, device, dtype)
         if args.cpu_weight_prepack and can_prepack(device, dtype) and not stream:

@@ -92,6 +92,22 @@ def test_gptq_layers_with_int8_activations_fuse_and_keep_their_tokens(tmp_path, 
     assert generate(engine, prompts[:1]) == [generate(engine, [p])[0] for p in prompts[:1]]
 
 
+def test_gptq_float32_takes_the_one_call_layer_under_the_default_cpu_linear(tmp_path, default_model_dir):
+    """--cpu-linear auto with a wide batch keeps oneDNN for dense weights, but GPTQ linears stream regardless: the
+    float32 fast kernels and the one-call layer come with them."""
+    from loraplex.engine.llm_engine import LLMEngine
+    from loraplex.engine.quant.gptq import export_gptq
+    from tests.adapters.peft_factory import make_tiny_model
+
+    folder = export_gptq(make_tiny_model(tmp_path / "tiny", default_model_dir), tmp_path / "q", bits=4, group_size=64)
+    engine = LLMEngine.from_engine_args(EngineArgs(model=str(folder), dtype="float32", quantization="gptq",
+                                                   max_num_seqs=32, kv_cache_memory_bytes=16 << 20))
+    assert engine.runner.model.model.layers[0].float32_kernels
+    before = fused_layer.STATS["fused_calls"]
+    generate(engine, [[101, 102, 103]])
+    assert fused_layer.STATS["fused_calls"] > before
+
+
 def test_adapter_rows_fuse_too_and_nothing_changes(tmp_path, default_model_dir, fused_switch):
     from loraplex.engine.llm_engine import _read_model_config
     from tests.adapters.peft_factory import make_tiny_model, write_random_peft
