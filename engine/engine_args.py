@@ -153,7 +153,8 @@ def add_engine_args(p: argparse.ArgumentParser) -> dict[str, argparse._ArgumentG
                    help="CPU base linears: 'stream' reads each weight once per step at close to the memory bandwidth "
                         "(lowest batch-1 latency), 'onednn' prepacks for oneDNN (faster from ~32 rows: prefill, wide "
                         "batches; GPTQ weights then take torch's int4 kernel or the reference). auto: GPTQ 8/4-bit streams; stream for bfloat16 without native "
-                        "oneDNN bfloat16 and for float32 with --max-num-seqs <= 16, oneDNN otherwise")
+                        "oneDNN bfloat16 or with --max-num-seqs <= 8, for float32 with --max-num-seqs <= 16, oneDNN "
+                        "otherwise")
     p.add_argument("--activation-quant", choices=["int8", "none"], default="int8",
                    help="streamed 8/4-bit (GPTQ) weights on CPU: 'int8' rounds each row of activations to int8 per "
                         "32 channels and multiplies with integer dot products, as llama.cpp does (~3x faster "

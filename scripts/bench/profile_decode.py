@@ -42,9 +42,13 @@ def weight_bytes(model: torch.nn.Module) -> int:
         if isinstance(linear, torch.nn.Module):
             tensors += [(f"{name}.group.{n}", t) for n, t in linear.named_buffers()]
     for name, t in tensors:
-        if id(t) in seen or "rotary" in name or (name.startswith("model.embed_tokens") and not _tied(model)):
+        try:
+            key = t.untyped_storage().data_ptr()  # a streamed tied head is another tensor on the embedding's storage
+        except (RuntimeError, NotImplementedError):  # opaque (oneDNN-prepacked) tensors
+            key = id(t)
+        if key in seen or "rotary" in name or (name.startswith("model.embed_tokens") and not _tied(model)):
             continue
-        seen.add(id(t))
+        seen.add(key)
         total += t.numel() * t.element_size()
     return total
 
