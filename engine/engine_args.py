@@ -152,9 +152,8 @@ def add_engine_args(p: argparse.ArgumentParser) -> dict[str, argparse._ArgumentG
     p.add_argument("--cpu-linear", choices=["auto", "stream", "onednn"], default="auto",
                    help="CPU base linears: 'stream' reads each weight once per step at close to the memory bandwidth "
                         "(lowest batch-1 latency), 'onednn' prepacks for oneDNN (faster from ~32 rows: prefill, wide "
-                        "batches; GPTQ weights then take torch's int4 kernel or the reference). auto: GPTQ 8/4-bit streams; stream for bfloat16 without native "
-                        "oneDNN bfloat16 or with --max-num-seqs <= 8, for float32 with --max-num-seqs <= 16, oneDNN "
-                        "otherwise")
+                        "batches; GPTQ weights then take torch's int4 kernel or the reference). auto: GPTQ 8/4-bit and bfloat16 stream; float32 "
+                        "streams with --max-num-seqs <= 16, oneDNN otherwise")
     p.add_argument("--activation-quant", choices=["int8", "none"], default="int8",
                    help="streamed 8/4-bit (GPTQ) weights on CPU: 'int8' rounds each row of activations to int8 per "
                         "32 channels and multiplies with integer dot products, as llama.cpp does (~3x faster "

@@ -398,7 +398,6 @@ def load_tokenizer(model_path: str):
 
 
 STREAM_MAX_NUM_SEQS = 16  # 'auto' streams float32 weights for deployments batching at most this many sequences
-STREAM_MAX_NUM_SEQS_BF16 = 8  # bfloat16 where oneDNN has native bfloat16 kernels (~equal at 4-8 rows, 2.3x at 1)
 
 
 def choose_cpu_linear(choice: str, device: torch.device, dtype: torch.dtype, max_num_seqs: int = 64) -> bool | None:
@@ -406,10 +405,11 @@ def choose_cpu_linear(choice: str, device: torch.device, dtype: torch.dtype, max
     torch's int4 kernel or the plain-torch references for GPTQ ones), False (stream the GPTQ 8/4-bit linears; dense
     ones go to oneDNN), True (stream dense ones too).
 
-    'auto' streams dense bfloat16 where oneDNN has no native bfloat16 kernel (torch's fallback is 2-5x slower at every
-    batch size), and where it has when the engine batches at most STREAM_MAX_NUM_SEQS_BF16 sequences (batch-1 decode
-    2.3x faster than oneDNN's native kernel on an AVX-512 BF16 machine, about even at 4-8 rows, 1.2x slower from 16);
-    dense float32 when the engine batches at most STREAM_MAX_NUM_SEQS sequences: streaming reads the weights at close
+    'auto' streams dense bfloat16 always: where oneDNN has no native bfloat16 kernel, torch's fallback is 2-5x slower
+    at every batch size; where it has (an AVX-512 BF16 machine), streaming is 2.3x faster at batch 1, about even at
+    4-8 rows and 1.2-1.25x slower from 16, and 64 x 64 serving still leads llama.cpp's (543 vs 431 tok/s; oneDNN
+    618): the first request a user sends is worth more than the last 12% of a full batch.
+    Dense float32 when the engine batches at most STREAM_MAX_NUM_SEQS sequences: streaming reads the weights at close
     to the memory bandwidth (batch-1 decode ~1.5x faster than oneDNN here) but its GEMM is ~1.3x slower from ~32 rows
     on (prefill, 64-way decode). Batch invariance needs one kernel for every row, so the choice
     is per process, not per step (scripts/bench/profile_decode.py shows both)."""
@@ -423,7 +423,7 @@ def choose_cpu_linear(choice: str, device: torch.device, dtype: torch.dtype, max
     if choice == "stream":
         return True
     if dtype == torch.bfloat16:
-        return not torch.ops.mkldnn._is_mkldnn_bf16_supported() or max_num_seqs <= STREAM_MAX_NUM_SEQS_BF16
+        return True
     return max_num_seqs <= STREAM_MAX_NUM_SEQS
 
 
