@@ -28,6 +28,10 @@ class LoRAStepState:
         self.dora: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self.full = None  # rows with their adapter's own embedding / head (adapters/full_modules.py's FullModuleStep)
 
+    def quiet(self) -> bool:
+        """No row of this step adds anything through a linear wrapper (MixLoRA rows have their FFN's own check)."""
+        return not self.metas and not self.dora
+
     def clear(self) -> None:
         """No serving rows: every wrapper passes through (a training forward, which has its own rows)."""
         self.metas, self.mix, self.dora, self.full = {}, None, {}, None
@@ -59,6 +63,11 @@ class LoRALinear(nn.Module):
         if layout.kernel is None or layout.dense or self.a_pool.dtype != self.b_pool.dtype:
             return None
         return self.base, (self.a_pool, self.b_pool, *layout.kernel)
+
+    def quiet_checks(self) -> tuple:
+        """What says this wrapper adds nothing this step: the engine runs all layers in one call while it holds
+        (engine/layers/fused_layer.py's try_fused_stack)."""
+        return (self.state.quiet,)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [num_tokens, in] -> [num_tokens, out]
         y = self.base(x)

@@ -102,6 +102,13 @@ class MixLoRAMLP(nn.Module):
             return self
         return None
 
+    def quiet_checks(self) -> tuple:
+        """For the engine's whole-stack call (engine/layers/fused_layer.py): true while this computes LlamaMLP's."""
+        return (self._passes_through,)
+
+    def _passes_through(self) -> bool:
+        return self.passthrough_base() is self
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [num_tokens, hidden]
         if self.train_forward is not None:
             out = self.train_forward(self, x)

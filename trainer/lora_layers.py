@@ -361,6 +361,10 @@ class TrainStepState:
     router_stats: dict = field(default_factory=dict)
     jitter: bool = False  # training forward: MixLoRA jobs' jitter noise applies (never in evaluation)
 
+    def idle(self) -> bool:
+        """No training step's rows are set: every wrapper passes through."""
+        return not self.segments
+
 
 class SegmentLoRA(torch.autograd.Function):
     """y[rows of segment i] += (keep_i * x[rows]) @ A_i^T * scale_i @ B_i^T, in place; other rows unchanged.
@@ -436,6 +440,16 @@ class MultiLoRATrainLinear(nn.Module):
         if inner is not None:
             return inner()
         return (self.inner, None) if self.inner.__class__.__name__ == "StreamLinear" else None
+
+    def quiet_checks(self) -> tuple | None:
+        """What says this wrapper and the one it wraps add nothing (outside training steps), for the engine's
+        whole-stack call; None when the wrapped module cannot say."""
+        inner = getattr(self.inner, "quiet_checks", None)
+        if inner is not None:
+            checks = inner()
+        else:
+            checks = () if self.inner.__class__.__name__ == "StreamLinear" else None
+        return None if checks is None else (self.state.idle, *checks)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [num_tokens, in] -> [num_tokens, out]
         y = self.inner(x)

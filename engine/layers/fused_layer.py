@@ -12,14 +12,17 @@ while it computes the plain module's forward, else None. The engine never import
 """
 from __future__ import annotations
 
+import weakref
+
 import torch
 from torch import nn
 
 from loraplex.engine.kernels import cpu_kernels
 from loraplex.engine.quant.stream import SWITCHES, StreamLinear
 
-_DISABLED = {"value": False}
-STATS = {"fused_calls": 0}  # layers computed by the one-call kernel since start (tests and profiles read it)
+_DISABLED = {"value": False, "stack": False}
+# layers computed by the one-call kernel since start, and steps whose layers all ran in one stack call (tests read them)
+STATS = {"fused_calls": 0, "stack_calls": 0}
 _ATTENTION_FORWARD = _MLP_FORWARD = None  # LlamaAttention.forward / LlamaMLP.forward, set by the model module
 
 
@@ -29,9 +32,10 @@ def register_module_forwards(attention_forward, mlp_forward) -> None:
     _ATTENTION_FORWARD, _MLP_FORWARD = attention_forward, mlp_forward
 
 
-def set_enabled(enabled: bool) -> None:
-    """Tests compare the fused call against the module path with this (process-wide, not thread-safe)."""
-    _DISABLED["value"] = not enabled
+def set_enabled(enabled: bool, stack: bool = True) -> None:
+    """Tests compare the fused call against the module path with this, and the whole-stack call against the fused
+    layers one by one with `stack` (process-wide, not thread-safe)."""
+    _DISABLED["value"], _DISABLED["stack"] = not enabled, not stack
 
 
 _INELIGIBLE = (None, None)
@@ -96,15 +100,22 @@ def layer_args(layer: nn.Module) -> tuple[tuple, list] | None:
     return None if args is None else (args, lora_args)
 
 
+def _step_fits(layer: nn.Module, x: torch.Tensor, cos: torch.Tensor, attn) -> bool:
+    """Whether this step's rows are ones the kernel computes: inference on CPU in bfloat16 (or float32 with the
+    float32 kernels), decode rows or short prefills the paged kernel takes (no long prefill, no packed rows)."""
+    return not (_DISABLED["value"] or not (x.dtype == torch.bfloat16 or x.dtype == torch.float32
+                                           and layer.float32_kernels)
+                or x.device.type != "cpu" or torch.is_grad_enabled() or attn.kernel_lens is None or attn.prefills
+                or attn.packed is not None or not cpu_kernels.loaded() or x.dim() != 2 or not x.is_contiguous()
+                or cos.dtype != x.dtype)
+
+
 def try_fused_layer(layer: nn.Module, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv_cache,
                     batch) -> torch.Tensor | None:
     """The layer's output through the one-call kernel, or None when the module path must run."""
-    attn = batch.attn
-    if (_DISABLED["value"] or not (x.dtype == torch.bfloat16 or x.dtype == torch.float32 and layer.float32_kernels)
-            or x.device.type != "cpu" or torch.is_grad_enabled()
-            or kv_cache is None or kv_cache.k.dtype != x.dtype or attn.kernel_lens is None or attn.prefills or attn.packed is not None
-            or not cpu_kernels.loaded() or x.dim() != 2 or not x.is_contiguous() or cos.dtype != x.dtype):
+    if not _step_fits(layer, x, cos, batch.attn) or kv_cache is None or kv_cache.k.dtype != x.dtype:
         return None
+    attn = batch.attn
     norm1, norm2 = layer.input_layernorm, layer.post_attention_layernorm
     if norm1.weight.dtype != x.dtype or norm2.weight.dtype != x.dtype:
         return None
@@ -121,3 +132,104 @@ def try_fused_layer(layer: nn.Module, x: torch.Tensor, cos: torch.Tensor, sin: t
         x, cos, sin, norm1.weight, norm2.weight, norm1.eps, *args, a.num_heads, a.num_kv_heads, a.head_dim,
         a.scale, kv_cache.k, kv_cache.v, attn.kernel_slots, attn.kernel_rows, attn.kernel_lens,
         attn.sliding_window or 0, batch.slot_mapping, lora)
+
+
+class _Stack:
+    """A model's decoder layers as one DecoderStack (csrc/cpu_decoder_layer.cpp) and what it was built from."""
+
+    def __init__(self, fingerprint: list, dtype: torch.dtype, switches: int, stack, checks: tuple) -> None:
+        self.fingerprint, self.dtype, self.switches, self.stack, self.checks = fingerprint, dtype, switches, stack, checks
+
+
+_STACKS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # the layers' ModuleList -> _Stack or None
+_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def _fingerprint(layers: nn.ModuleList, kv_caches) -> list:
+    """What a stack is built from, by identity: each layer's attention and MLP modules, its seven linears (or the
+    wrappers around them) and its caches. A module swapped in anywhere (an adapter or trainer wrapper, MixLoRA's
+    FFN, a requantized linear) changes it; so does a cache reallocated."""
+    out = []
+    for layer, cache in zip(layers, kv_caches):
+        if cache is None:
+            return []
+        attn, mlp = layer._modules["self_attn"], layer._modules["mlp"]
+        am, mm = attn._modules, mlp._modules
+        out.append((layer, attn, mlp, am.get("q_proj"), am.get("k_proj"), am.get("v_proj"), am.get("o_proj"),
+                    mm.get("gate_proj"), mm.get("up_proj"), mm.get("down_proj"), cache.k, cache.v))
+    return out
+
+
+def _quiet_checks(module: nn.Module) -> tuple | None:
+    """The callables that all say True while `module` adds nothing to its base product (each wrapper's own and those
+    of what it wraps), () for a bare streaming linear, None for a module that cannot say."""
+    if isinstance(module, StreamLinear):
+        return ()
+    quiet = getattr(module, "quiet_checks", None)
+    return quiet() if quiet is not None else None
+
+
+_BUSY = "busy"
+
+
+def _build_stack(layers: nn.ModuleList, kv_caches, dtype: torch.dtype) -> tuple | str | None:
+    """(the DecoderStack, the quiet checks it relies on); None when some layer would not take the one-call kernel on
+    a step without adapter rows; _BUSY when a wrapper adds something this step (try again on a quiet one)."""
+    norms, eps, linears, kinds_groups, caches, checks = [], [], [], [], [], {}
+    shapes = None
+    for layer, cache in zip(layers, kv_caches):
+        attn, mlp = layer.self_attn, layer.mlp
+        found = [_quiet_checks(getattr(parent, name, None)) for parent, name in
+                 [(attn, n) for n in _LINEARS[:4]] + [(mlp, n) for n in _LINEARS[4:]]]
+        if type(mlp).forward is not _MLP_FORWARD:
+            found.append(_quiet_checks(mlp))
+        if any(f is None for f in found):
+            return None
+        for f in found:  # one call per distinct check (bound methods of one state object are equal, not identical)
+            checks.update({(id(getattr(c, "__self__", c)), getattr(c, "__func__", c)): c for c in f})
+        if not all(check() for check in checks.values()):
+            return _BUSY  # built only on quiet steps: what each wrapper wraps is read from its fused_lora()
+        step = layer_args(layer)
+        n1, n2 = layer.input_layernorm, layer.post_attention_layernorm
+        if step is None or step[1] or cache is None or cache.k.dtype != dtype or n1.weight.dtype != dtype \
+                or n2.weight.dtype != dtype or n1.eps != n2.eps:
+            return None
+        args = step[0]
+        if shapes not in (None, (attn.num_heads, attn.num_kv_heads, attn.head_dim, attn.scale)):
+            return None
+        shapes = (attn.num_heads, attn.num_kv_heads, attn.head_dim, attn.scale)
+        norms += [n1.weight, n2.weight]
+        eps.append(n1.eps)
+        for i in range(4):
+            linears += args[3 * i]
+            kinds_groups += [args[3 * i + 1], args[3 * i + 2]]
+        caches += [cache.k, cache.v]
+    if shapes is None:
+        return None
+    stack = torch.classes.loraplex_cpu.DecoderStack(norms, eps, linears, kinds_groups, caches, *shapes)
+    return stack, tuple(checks.values())
+
+
+def try_fused_stack(layers: nn.ModuleList, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv_caches,
+                    batch) -> torch.Tensor | None:
+    """Every layer's output through one DecoderStack call when no layer adds anything this step (each wrapper's
+    quiet checks say so) and each would take the one-call kernel; else None (the layers run one by one). The
+    stack is rebuilt whenever a module or cache it was built from changes, or a linear's kernel (set_act_int8)."""
+    attn = batch.attn
+    if _DISABLED["stack"] or not layers or not _step_fits(layers[0], x, cos, attn):
+        return None
+    fingerprint = _fingerprint(layers, kv_caches)
+    cached = _STACKS.get(layers)
+    if cached is None or cached.fingerprint != fingerprint or cached.dtype != x.dtype \
+            or cached.switches != SWITCHES["count"]:
+        built = _build_stack(layers, kv_caches, x.dtype) if fingerprint else None
+        if built is _BUSY:
+            return None
+        cached = _Stack(fingerprint, x.dtype, SWITCHES["count"], *(built or (None, ())))
+        _STACKS[layers] = cached  # a model that cannot stack is remembered too, until something in it changes
+    if cached.stack is None or not all(check() for check in cached.checks):
+        return None
+    STATS["stack_calls"] += 1
+    STATS["fused_calls"] += len(layers)
+    return cached.stack.forward(x, cos, sin, attn.kernel_slots, attn.kernel_rows, attn.kernel_lens,
+                                attn.sliding_window or 0, batch.slot_mapping)

@@ -26,7 +26,11 @@ from loraplex.engine.layers.forward_batch import (
     ForwardBatch,
     KVCache,
 )
-from loraplex.engine.layers.fused_layer import register_module_forwards, try_fused_layer
+from loraplex.engine.layers.fused_layer import (
+    register_module_forwards,
+    try_fused_layer,
+    try_fused_stack,
+)
 
 # Checkpoint (Hugging Face layout) name -> our parameter name; "{i}" is the layer index. Identity
 # today; kept explicit so a renamed checkpoint or a fused layout only changes this table.
@@ -203,6 +207,9 @@ class LlamaModel(nn.Module):
     def forward(self, batch: ForwardBatch, kv_caches: list[KVCache | None]) -> torch.Tensor:
         x = self.embed_tokens(batch.input_ids)  # [num_tokens, hidden]
         cos, sin = self.rotary_emb(batch.positions, x.dtype)  # once per step, shared by all layers
+        stacked = try_fused_stack(self.layers, x, cos, sin, kv_caches, batch)  # every layer in one call, when it can
+        if stacked is not None:
+            return self.norm(stacked)
         for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
             x = layer(x, cos, sin, kv_cache, batch)
         return self.norm(x)

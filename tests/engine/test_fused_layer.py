@@ -6,6 +6,7 @@ from __future__ import annotations
 import time
 
 import pytest
+import torch
 
 from loraplex.engine.core.sampling_params import SamplingParams
 from loraplex.engine.engine_args import EngineArgs
@@ -42,14 +43,15 @@ def test_fused_layer_gives_the_module_paths_tokens(default_model_dir, fused_swit
     assert engine.runner.model.model.layers[0].float32_kernels == (dtype == "float32")
     prompts = [engine.tokenizer.encode(t) for t in ("The capital of France is", "def fibonacci(n):", "Dear Sir,")]
     results = {}
-    for enabled in (False, True):
-        fused_switch(enabled)
-        before = fused_layer.STATS["fused_calls"]
-        results[enabled] = (generate(engine, prompts), [generate(engine, [p])[0] for p in prompts])
-        used = fused_layer.STATS["fused_calls"] - before
-        assert (used > 0) == enabled
-    assert results[True] == results[False]
-    assert results[True][0] == results[True][1]  # batched == alone
+    for mode in ("modules", "layers", "stack"):  # the module path, the one-call layers one by one, all in one call
+        fused_switch(mode != "modules", stack=mode == "stack")
+        before, stacks = fused_layer.STATS["fused_calls"], fused_layer.STATS["stack_calls"]
+        results[mode] = (generate(engine, prompts), [generate(engine, [p])[0] for p in prompts])
+        assert (fused_layer.STATS["fused_calls"] > before) == (mode != "modules")
+        # every step is one stack call, batched and alone (short prompts: their prefills take the paged kernel too)
+        assert fused_layer.STATS["stack_calls"] - stacks == (4 * GREEDY.max_tokens if mode == "stack" else 0)
+    assert results["stack"] == results["layers"] == results["modules"]
+    assert results["stack"][0] == results["stack"][1]  # batched == alone
     if dtype == "float32":  # per model: another engine in this process keeps float32's parity mode
         parity = LLMEngine.from_engine_args(EngineArgs(model=default_model_dir, dtype=dtype, cpu_linear="onednn",
                                                        max_num_seqs=4, kv_cache_memory_bytes=64 << 20))
@@ -121,17 +123,63 @@ def test_adapter_rows_fuse_too_and_nothing_changes(tmp_path, default_model_dir, 
     engine.adapter_hook.register_adapter("a1", 1, 1, str(folder))
     prompts = {f"p{j}": [(13 * j + 5 * k) % 40000 + 100 for k in range(6 + j)] for j in range(3)}
     outputs = {}
-    for enabled in (False, True):
-        fused_switch(enabled)
+    for mode in ("modules", "layers", "stack"):
+        fused_switch(mode != "modules", stack=mode == "stack")
         alone = {f"{rid}-{key}": run(engine, {"x": (p, GREEDY, key)})["x"]
                  for rid, p in prompts.items() for key in (None, (1, 1))}
         mixed = run(engine, {f"{rid}-{key}": (p, GREEDY, key) for rid, p in prompts.items() for key in (None, (1, 1))})
-        outputs[enabled] = (alone, mixed)
+        outputs[mode] = (alone, mixed)
         assert mixed == alone
-        if enabled:  # base and plain LoRA rows fuse, every layer of every step (short prefills too)
+        if mode != "modules":  # base and plain LoRA rows fuse, every layer of every step (short prefills too)
             for key in (None, (1, 1)):
-                before = fused_layer.STATS["fused_calls"]
+                before, stacks = fused_layer.STATS["fused_calls"], fused_layer.STATS["stack_calls"]
                 run(engine, {"x": (prompts["p0"], GREEDY, key)})
                 assert fused_layer.STATS["fused_calls"] - before == GREEDY.max_tokens * config.num_hidden_layers
-    assert outputs[True] == outputs[False]
-    assert len({tuple(v) for v in outputs[True][0].values()}) > 3  # the adapter really changes outputs
+                # with the adapter runtime installed, steps without adapter rows take the whole-stack call
+                stacked = GREEDY.max_tokens if mode == "stack" and key is None else 0
+                assert fused_layer.STATS["stack_calls"] - stacks == stacked
+    assert outputs["stack"] == outputs["layers"] == outputs["modules"]
+    assert len({tuple(v) for v in outputs["stack"][0].values()}) > 3  # the adapter really changes outputs
+
+
+class _Nudge(torch.nn.Module):
+    """A wrapper the engine knows nothing about (no fused_lora, no quiet_checks): it negates its base's output."""
+
+    def __init__(self, base: torch.nn.Module) -> None:
+        super().__init__()
+        self.base = base
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return -self.base(x)
+
+
+def test_the_stack_follows_modules_swapped_in_and_the_trainers_wrappers(default_model_dir, fused_switch):
+    """A module swapped in after the stack was built (here an unknown wrapper) sends steps back to the layers, with
+    that module's output; swapping it out again brings the stack back. The trainer's wrappers, idle between
+    training steps, keep it."""
+    from loraplex.engine.llm_engine import LLMEngine
+    from loraplex.trainer.multi_job import MultiJobTrainer
+    engine = LLMEngine.from_engine_args(EngineArgs(model=default_model_dir, dtype="bfloat16", cpu_linear="stream",
+                                                   max_num_seqs=4, kv_cache_memory_bytes=64 << 20))
+    prompts = [engine.tokenizer.encode("The capital of France is")]
+
+    def stacked_run() -> tuple[list[list[int]], int]:
+        stacks = fused_layer.STATS["stack_calls"]
+        return generate(engine, prompts), fused_layer.STATS["stack_calls"] - stacks
+
+    plain, stacks = stacked_run()
+    assert stacks == GREEDY.max_tokens
+    attn = engine.runner.model.model.layers[3].self_attn
+    original = attn.o_proj
+    attn.o_proj = _Nudge(original)
+    nudged, stacks = stacked_run()
+    assert stacks == 0 and nudged != plain
+    fused_switch(False)  # the module path agrees on what the nudged model says
+    assert generate(engine, prompts) == nudged
+    fused_switch(True)
+    attn.o_proj = original
+    assert stacked_run() == (plain, GREEDY.max_tokens)
+    runner = engine.runner
+    MultiJobTrainer(runner.model, engine.model_config, runner.dtype, runner.device)  # wraps every target linear
+    assert type(attn.o_proj).__name__ == "MultiLoRATrainLinear"
+    assert stacked_run() == (plain, GREEDY.max_tokens)

@@ -13,6 +13,7 @@
 // The other kernels are reached through the dispatcher (their schemas are this library's), typed once.
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/custom_class.h>
 #include <torch/library.h>
 
 #include <tuple>
@@ -91,6 +92,60 @@ at::Tensor linear(const at::Tensor& x, const c10::List<OptT>& t, int64_t kind, i
   return stream_linear_op().call(x, *t.get(0), t.get(1), t.get(2), kind, group, t.get(3));
 }
 
+// one layer's weights: [weight, scales, zeros, bias] and (kind, group size) per linear, the norms and its caches
+struct LayerWeights {
+  at::Tensor input_norm, post_norm;
+  double eps;
+  c10::List<OptT> qkv, o, gate_up, down;
+  int64_t qkv_kind, qkv_group, o_kind, o_group, gate_up_kind, gate_up_group, down_kind, down_group;
+  at::Tensor k_cache, v_cache;
+};
+
+// the shapes of attention and this step's rows (the same for every layer of a step)
+struct StepRows {
+  int64_t num_heads, num_kv_heads, head_dim;
+  double scale;
+  const at::Tensor& slot_table;
+  const at::Tensor& row_index;
+  const at::Tensor& row_len;
+  int64_t window;
+  const at::Tensor& slot_mapping;
+};
+
+at::Tensor layer_forward(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin, const LayerWeights& w,
+                         const StepRows& s, const c10::List<OptT>& lora) {
+  TORCH_CHECK(lora.size() == 0 || lora.size() == 7 * LORA_ARGS, "decoder_layer: lora is empty or 7 x 8 entries");
+  TORCH_CHECK(x.dim() == 2 && x.is_contiguous(), "decoder_layer: x [tokens, hidden] contiguous");
+  const int64_t n = x.size(0), q_width = s.num_heads * s.head_dim, kv_width = s.num_kv_heads * s.head_dim;
+  const at::Tensor h = rms_norm_op().call(x, w.input_norm, w.eps);
+  const at::Tensor qkv_out = linear(h, w.qkv, w.qkv_kind, w.qkv_group);  // [n, q + 2 kv]
+  TORCH_CHECK(qkv_out.size(1) == q_width + 2 * kv_width, "decoder_layer: q/k/v widths disagree with the heads");
+  at::Tensor q = qkv_out.narrow(1, 0, q_width).view({n, s.num_heads, s.head_dim});
+  at::Tensor k = qkv_out.narrow(1, q_width, kv_width).view({n, s.num_kv_heads, s.head_dim});
+  const at::Tensor v = qkv_out.narrow(1, q_width + kv_width, kv_width).view({n, s.num_kv_heads, s.head_dim});
+  add_lora([&] { return qkv_out.narrow(1, 0, q_width); }, h, lora, 0);
+  add_lora([&] { return qkv_out.narrow(1, q_width, kv_width); }, h, lora, 1);
+  add_lora([&] { return qkv_out.narrow(1, q_width + kv_width, kv_width); }, h, lora, 2);
+  rotary_op().call(q, cos, sin);
+  rotary_op().call(k, cos, sin);
+  const at::Tensor attn = paged_attention_op().call(q, w.k_cache, w.v_cache, s.slot_table, s.row_index, s.row_len,
+                                                    s.window, s.scale, k, v, s.slot_mapping);
+  const at::Tensor attn_rows = attn.view({n, q_width});
+  const at::Tensor a = linear(attn_rows, w.o, w.o_kind, w.o_group);
+  add_lora([&] { return a; }, attn_rows, lora, 3);
+  at::Tensor sum, normed;
+  std::tie(sum, normed) = add_rms_norm_op().call(x, a, w.post_norm, w.eps);
+  const at::Tensor gu = linear(normed, w.gate_up, w.gate_up_kind, w.gate_up_group);  // [n, 2 inter]
+  const int64_t inter = gu.size(1) / 2;
+  const at::Tensor g = gu.narrow(1, 0, inter), u = gu.narrow(1, inter, inter);
+  add_lora([&] { return g; }, normed, lora, 4);
+  add_lora([&] { return u; }, normed, lora, 5);
+  const at::Tensor m = silu_and_mul_op().call(g, u);
+  const at::Tensor d = linear(m, w.down, w.down_kind, w.down_group);
+  add_lora([&] { return d; }, m, lora, 6);
+  return sum.add_(d);  // sum is this call's own tensor: x + d in place (the same bits as the module path's x + mlp)
+}
+
 at::Tensor decoder_layer(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin,
                          const at::Tensor& input_norm, const at::Tensor& post_norm, double eps,
                          const c10::List<OptT>& qkv, int64_t qkv_kind, int64_t qkv_group, const c10::List<OptT>& o,
@@ -100,39 +155,59 @@ at::Tensor decoder_layer(const at::Tensor& x, const at::Tensor& cos, const at::T
                          const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& slot_table,
                          const at::Tensor& row_index, const at::Tensor& row_len, int64_t window,
                          const at::Tensor& slot_mapping, const c10::List<OptT>& lora) {
-  TORCH_CHECK(lora.size() == 0 || lora.size() == 7 * LORA_ARGS, "decoder_layer: lora is empty or 7 x 8 entries");
-  TORCH_CHECK(x.dim() == 2 && x.is_contiguous(), "decoder_layer: x [tokens, hidden] contiguous");
-  const int64_t n = x.size(0), q_width = num_heads * head_dim, kv_width = num_kv_heads * head_dim;
-  const at::Tensor h = rms_norm_op().call(x, input_norm, eps);
-  const at::Tensor qkv_out = linear(h, qkv, qkv_kind, qkv_group);  // [n, q + 2 kv]
-  TORCH_CHECK(qkv_out.size(1) == q_width + 2 * kv_width, "decoder_layer: q/k/v widths disagree with the heads");
-  at::Tensor q = qkv_out.narrow(1, 0, q_width).view({n, num_heads, head_dim});
-  at::Tensor k = qkv_out.narrow(1, q_width, kv_width).view({n, num_kv_heads, head_dim});
-  const at::Tensor v = qkv_out.narrow(1, q_width + kv_width, kv_width).view({n, num_kv_heads, head_dim});
-  add_lora([&] { return qkv_out.narrow(1, 0, q_width); }, h, lora, 0);
-  add_lora([&] { return qkv_out.narrow(1, q_width, kv_width); }, h, lora, 1);
-  add_lora([&] { return qkv_out.narrow(1, q_width + kv_width, kv_width); }, h, lora, 2);
-  rotary_op().call(q, cos, sin);
-  rotary_op().call(k, cos, sin);
-  const at::Tensor attn = paged_attention_op().call(q, k_cache, v_cache, slot_table, row_index, row_len, window, scale,
-                                                    k, v, slot_mapping);
-  const at::Tensor attn_rows = attn.view({n, q_width});
-  const at::Tensor a = linear(attn_rows, o, o_kind, o_group);
-  add_lora([&] { return a; }, attn_rows, lora, 3);
-  at::Tensor sum, normed;
-  std::tie(sum, normed) = add_rms_norm_op().call(x, a, post_norm, eps);
-  const at::Tensor gu = linear(normed, gate_up, gate_up_kind, gate_up_group);  // [n, 2 inter]
-  const int64_t inter = gu.size(1) / 2;
-  const at::Tensor g = gu.narrow(1, 0, inter), u = gu.narrow(1, inter, inter);
-  add_lora([&] { return g; }, normed, lora, 4);
-  add_lora([&] { return u; }, normed, lora, 5);
-  const at::Tensor m = silu_and_mul_op().call(g, u);
-  const at::Tensor d = linear(m, down, down_kind, down_group);
-  add_lora([&] { return d; }, m, lora, 6);
-  return sum.add_(d);  // sum is this call's own tensor: x + d in place (the same bits as the module path's x + mlp)
+  const LayerWeights w{input_norm, post_norm, eps, qkv, o, gate_up, down, qkv_kind, qkv_group, o_kind, o_group,
+                       gate_up_kind, gate_up_group, down_kind, down_group, k_cache, v_cache};
+  return layer_forward(x, cos, sin, w, {num_heads, num_kv_heads, head_dim, scale, slot_table, row_index, row_len,
+                                        window, slot_mapping}, lora);
 }
 
+// Every decoder layer of a model in one call, for steps where no layer adds anything to its base products (no
+// adapter rows anywhere): each layer exactly as decoder_layer computes it, in order, on the weights and caches
+// given once at construction (engine/layers/fused_layer.py builds it and checks it still describes the model).
+// What it removes is the per-layer Python and argument conversion of 30 calls a step.
+struct DecoderStack : torch::CustomClassHolder {
+  std::vector<LayerWeights> layers;
+  int64_t num_heads, num_kv_heads, head_dim;
+  double scale;
+
+  // per layer: 2 norms, 4 x 4 linear tensors, 4 x (kind, group), 1 eps, 2 caches
+  DecoderStack(std::vector<at::Tensor> norms, std::vector<double> eps, c10::List<OptT> linears,
+               std::vector<int64_t> kinds_groups, std::vector<at::Tensor> caches, int64_t num_heads,
+               int64_t num_kv_heads, int64_t head_dim, double scale)
+      : num_heads(num_heads), num_kv_heads(num_kv_heads), head_dim(head_dim), scale(scale) {
+    const size_t n = eps.size();
+    TORCH_CHECK(norms.size() == 2 * n && linears.size() == 16 * n && kinds_groups.size() == 8 * n &&
+                    caches.size() == 2 * n,
+                "DecoderStack: per layer 2 norms, 16 linear tensors, 8 kinds/groups, 2 caches");
+    auto four = [&](size_t at) {
+      c10::List<OptT> t;
+      for (size_t j = 0; j < 4; ++j) t.push_back(linears.get(at + j));
+      TORCH_CHECK(t.get(0).has_value(), "DecoderStack: a linear without weights");
+      return t;
+    };
+    for (size_t i = 0; i < n; ++i) {
+      const int64_t* kg = kinds_groups.data() + 8 * i;
+      layers.push_back(LayerWeights{norms[2 * i], norms[2 * i + 1], eps[i], four(16 * i), four(16 * i + 4),
+                                    four(16 * i + 8), four(16 * i + 12), kg[0], kg[1], kg[2], kg[3], kg[4], kg[5],
+                                    kg[6], kg[7], caches[2 * i], caches[2 * i + 1]});
+    }
+  }
+
+  at::Tensor forward(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin, const at::Tensor& slot_table,
+                     const at::Tensor& row_index, const at::Tensor& row_len, int64_t window,
+                     const at::Tensor& slot_mapping) {
+    const StepRows s{num_heads, num_kv_heads, head_dim, scale, slot_table, row_index, row_len, window, slot_mapping};
+    const c10::List<OptT> none;
+    at::Tensor h = x;
+    for (const auto& w : layers) h = layer_forward(h, cos, sin, w, s, none);
+    return h;
+  }
+
+  int64_t num_layers() const { return static_cast<int64_t>(layers.size()); }
+};
+
 }  // namespace
+
 
 TORCH_LIBRARY_FRAGMENT(loraplex_cpu, m) {
   m.def(
@@ -142,4 +217,9 @@ TORCH_LIBRARY_FRAGMENT(loraplex_cpu, m) {
       "int num_heads, int num_kv_heads, int head_dim, float scale, Tensor(a!) k_cache, Tensor(b!) v_cache, "
       "Tensor slot_table, Tensor row_index, Tensor row_len, int window, Tensor slot_mapping, Tensor?[] lora) -> Tensor");
   m.impl("decoder_layer", c10::DispatchKey::CPU, &decoder_layer);
+  m.class_<DecoderStack>("DecoderStack")
+      .def(torch::init<std::vector<at::Tensor>, std::vector<double>, c10::List<OptT>, std::vector<int64_t>,
+                       std::vector<at::Tensor>, int64_t, int64_t, int64_t, double>())
+      .def("forward", &DecoderStack::forward)
+      .def("num_layers", &DecoderStack::num_layers);
 }
