@@ -28,9 +28,21 @@ class LoRAStepState:
         self.dora: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self.full = None  # rows with their adapter's own embedding / head (adapters/full_modules.py's FullModuleStep)
 
-    def quiet(self) -> bool:
-        """No row of this step adds anything through a linear wrapper (MixLoRA rows have their FFN's own check)."""
-        return not self.metas and not self.dora
+    def kernel_rows(self, module_name: str) -> tuple[torch.Tensor, ...] | None | bool:
+        """This step's rows of one target module as the C++ LoRA kernel takes them (its six row tensors), None when
+        no row adds anything there, False when its rows need the wrappers' torch path (DoRA rows, long prefill
+        segments, another backend). Shared by every layer's wrapper of that module."""
+        if module_name in self.dora:
+            return False
+        meta = self.metas.get(module_name)
+        if meta is None:
+            return None
+        if self.apply is not lora_apply_cpu:
+            return False
+        layout = cpu_layout(meta)
+        if layout.kernel is None or layout.dense:
+            return False
+        return layout.kernel
 
     def clear(self) -> None:
         """No serving rows: every wrapper passes through (a training forward, which has its own rows)."""
@@ -52,22 +64,17 @@ class LoRALinear(nn.Module):
         step adds anything here; (the base, the pools and the C++ LoRA kernel's row tensors) when this step's rows
         are ones forward applies with that kernel alone; None otherwise (DoRA rows, long prefill segments, another
         backend), and the layer runs its modules."""
-        if self.module_name in self.state.dora:
-            return None
-        meta = self.state.metas.get(self.module_name)
-        if meta is None:
+        rows = self.state.kernel_rows(self.module_name)
+        if rows is None:
             return self.base, None
-        if self.state.apply is not lora_apply_cpu:
+        if rows is False or self.a_pool.dtype != self.b_pool.dtype:
             return None
-        layout = cpu_layout(meta)
-        if layout.kernel is None or layout.dense or self.a_pool.dtype != self.b_pool.dtype:
-            return None
-        return self.base, (self.a_pool, self.b_pool, *layout.kernel)
+        return self.base, (self.a_pool, self.b_pool, *rows)
 
-    def quiet_checks(self) -> tuple:
-        """What says this wrapper adds nothing this step: the engine runs all layers in one call while it holds
-        (engine/layers/fused_layer.py's try_fused_stack)."""
-        return (self.state.quiet,)
+    def stack_parts(self) -> tuple:
+        """For the engine's whole-stack call (engine/layers/fused_layer.py's stack_parts): no checks of its own, its
+        pools and where each step's rows come from (the state, shared by every layer's wrapper), its base."""
+        return (), (self.a_pool, self.b_pool, self.state.kernel_rows, self.module_name), self.base
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [num_tokens, in] -> [num_tokens, out]
         y = self.base(x)

@@ -102,7 +102,7 @@ class MixLoRAMLP(nn.Module):
             return self
         return None
 
-    def quiet_checks(self) -> tuple:
+    def stack_checks(self) -> tuple:
         """For the engine's whole-stack call (engine/layers/fused_layer.py): true while this computes LlamaMLP's."""
         return (self._passes_through,)
 

@@ -12,9 +12,9 @@ from typing import Any, AsyncIterator
 
 import jinja2
 from pydantic import BaseModel
-from sse_starlette import EventSourceResponse
+import anyio
 from starlette.requests import Request
-from starlette.responses import Response
+from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
 from loraplex.adapters.composition import Composition, PartInfo, check_parts
@@ -600,8 +600,40 @@ def _json(body: BaseModel) -> Response:
     return Response(body.model_dump_json(), media_type="application/json")
 
 
-def _sse(events: AsyncIterator[str]) -> EventSourceResponse:
-    return EventSourceResponse(events, sep="\n")
+class EventStream(StreamingResponse):
+    """Server-sent events as OpenAI and vLLM send them: `data: <payload>` and a blank line per event. Nothing else
+    per event (no timers, no pings: a streamed token costs one send; this loop shares the machine with the engine),
+    and the events' generator is closed the moment the client goes away (its `finally` aborts the request)."""
+
+    def __init__(self, events: AsyncIterator[str]) -> None:
+        super().__init__(self._frames(events), media_type="text/event-stream",
+                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    @staticmethod
+    async def _frames(events: AsyncIterator[str]) -> AsyncIterator[bytes]:
+        async with aclosing(events):
+            async for data in events:
+                yield f"data: {data}\n\n".encode()
+
+    async def __call__(self, scope, receive, send) -> None:
+        async def stream() -> None:
+            try:
+                await self.stream_response(send)
+            except OSError:  # the connection is gone
+                pass
+            tasks.cancel_scope.cancel()
+
+        try:
+            async with anyio.create_task_group() as tasks:  # whatever the ASGI version: a disconnect stops the events
+                tasks.start_soon(stream)
+                await self.listen_for_disconnect(receive)
+                tasks.cancel_scope.cancel()
+        finally:
+            await self.body_iterator.aclose()
+
+
+def _sse(events: AsyncIterator[str]) -> EventStream:
+    return EventStream(events)
 
 
 ROUTES = [

@@ -441,15 +441,15 @@ class MultiLoRATrainLinear(nn.Module):
             return inner()
         return (self.inner, None) if self.inner.__class__.__name__ == "StreamLinear" else None
 
-    def quiet_checks(self) -> tuple | None:
-        """What says this wrapper and the one it wraps add nothing (outside training steps), for the engine's
-        whole-stack call; None when the wrapped module cannot say."""
-        inner = getattr(self.inner, "quiet_checks", None)
+    def stack_parts(self) -> tuple | None:
+        """For the engine's whole-stack call (engine/layers/fused_layer.py's stack_parts): what the wrapped module
+        says, with this wrapper's own check (no training step's rows set); None when the wrapped module cannot say."""
+        inner = getattr(self.inner, "stack_parts", None)
         if inner is not None:
-            checks = inner()
+            parts = inner()
         else:
-            checks = () if self.inner.__class__.__name__ == "StreamLinear" else None
-        return None if checks is None else (self.state.idle, *checks)
+            parts = ((), None, self.inner) if self.inner.__class__.__name__ == "StreamLinear" else None
+        return None if parts is None else ((self.state.idle, *parts[0]), parts[1], parts[2])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [num_tokens, in] -> [num_tokens, out]
         y = self.inner(x)

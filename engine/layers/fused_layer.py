@@ -137,12 +137,15 @@ def try_fused_layer(layer: nn.Module, x: torch.Tensor, cos: torch.Tensor, sin: t
 class _Stack:
     """A model's decoder layers as one DecoderStack (csrc/cpu_decoder_layer.cpp) and what it was built from."""
 
-    def __init__(self, fingerprint: list, dtype: torch.dtype, switches: int, stack, checks: tuple) -> None:
-        self.fingerprint, self.dtype, self.switches, self.stack, self.checks = fingerprint, dtype, switches, stack, checks
+    def __init__(self, fingerprint: list, dtype: torch.dtype, switches: int, stack=None, checks: tuple = (),
+                 sources: tuple = ()) -> None:
+        self.fingerprint, self.dtype, self.switches = fingerprint, dtype, switches
+        self.stack, self.checks, self.sources = stack, checks, sources
 
 
-_STACKS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # the layers' ModuleList -> _Stack or None
+_STACKS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # the layers' ModuleList -> _Stack
 _LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+LORA_ROWS = LORA_ARGS - 2  # of a module's LoRA arguments, those that change per step (after a_pool, b_pool)
 
 
 def _fingerprint(layers: nn.ModuleList, kv_caches) -> list:
@@ -160,61 +163,105 @@ def _fingerprint(layers: nn.ModuleList, kv_caches) -> list:
     return out
 
 
-def _quiet_checks(module: nn.Module) -> tuple | None:
-    """The callables that all say True while `module` adds nothing to its base product (each wrapper's own and those
-    of what it wraps), () for a bare streaming linear, None for a module that cannot say."""
+def stack_parts(module: nn.Module) -> tuple | None:
+    """(checks, lora, base) of a module in a layer's linear slot, for the whole-stack call: `checks`, callables that
+    must all return True on a step for the call to stand in for the module; `lora`, None or (a_pool, b_pool, rows,
+    module name) where `rows(name)` gives the step's six row tensors of the LoRA kernel for that name, None when no
+    row adds anything there, False when the kernel cannot apply them; `base`, the StreamLinear computing the base
+    product. None for a module that does not say (it never stands in a stack). Wrappers say with `stack_parts()`."""
     if isinstance(module, StreamLinear):
-        return ()
-    quiet = getattr(module, "quiet_checks", None)
-    return quiet() if quiet is not None else None
+        return (), None, module
+    parts = getattr(module, "stack_parts", None)
+    return parts() if parts is not None else None
 
 
-_BUSY = "busy"
+def _check_key(check) -> tuple:
+    return id(getattr(check, "__self__", check)), getattr(check, "__func__", check)
 
 
-def _build_stack(layers: nn.ModuleList, kv_caches, dtype: torch.dtype) -> tuple | str | None:
-    """(the DecoderStack, the quiet checks it relies on); None when some layer would not take the one-call kernel on
-    a step without adapter rows; _BUSY when a wrapper adds something this step (try again on a quiet one)."""
-    norms, eps, linears, kinds_groups, caches, checks = [], [], [], [], [], {}
+def _build_stack(layers: nn.ModuleList, kv_caches, dtype: torch.dtype) -> tuple | None:
+    """(the DecoderStack, the checks it relies on, the per-step LoRA row sources of its 7 slots), or None when some
+    layer would not take the one-call kernel."""
+    norms, eps, linears, kinds_groups, caches, pools, checks = [], [], [], [], [], [], {}
+    sources: list = [None] * len(_LINEARS)  # per slot, (rows, name) shared by every layer's wrapper there
     shapes = None
     for layer, cache in zip(layers, kv_caches):
         attn, mlp = layer.self_attn, layer.mlp
-        found = [_quiet_checks(getattr(parent, name, None)) for parent, name in
+        n1, n2 = layer.input_layernorm, layer.post_attention_layernorm
+        if type(attn).forward is not _ATTENTION_FORWARD or cache is None or cache.k.dtype != dtype \
+                or n1.weight.dtype != dtype or n2.weight.dtype != dtype or n1.eps != n2.eps:
+            return None
+        found = [stack_parts(getattr(parent, name, None)) for parent, name in
                  [(attn, n) for n in _LINEARS[:4]] + [(mlp, n) for n in _LINEARS[4:]]]
-        if type(mlp).forward is not _MLP_FORWARD:
-            found.append(_quiet_checks(mlp))
+        if type(mlp).forward is not _MLP_FORWARD:  # a wrapper FFN (MixLoRA): only while it computes the plain one
+            mlp_checks = getattr(mlp, "stack_checks", None)
+            if mlp_checks is None:
+                return None
+            found.append((mlp_checks(), None, None))
         if any(f is None for f in found):
             return None
         for f in found:  # one call per distinct check (bound methods of one state object are equal, not identical)
-            checks.update({(id(getattr(c, "__self__", c)), getattr(c, "__func__", c)): c for c in f})
-        if not all(check() for check in checks.values()):
-            return _BUSY  # built only on quiet steps: what each wrapper wraps is read from its fused_lora()
-        step = layer_args(layer)
-        n1, n2 = layer.input_layernorm, layer.post_attention_layernorm
-        if step is None or step[1] or cache is None or cache.k.dtype != dtype or n1.weight.dtype != dtype \
-                or n2.weight.dtype != dtype or n1.eps != n2.eps:
+            checks.update({_check_key(c): c for c in f[0]})
+        for slot, (_, lora, _) in enumerate(found[:len(_LINEARS)]):
+            if lora is None:
+                pools += [None, None]
+                continue
+            a_pool, b_pool, rows, name = lora
+            if sources[slot] is not None and (_check_key(sources[slot][0]) != _check_key(rows)
+                                              or sources[slot][1] != name):
+                return None
+            if a_pool.dtype != dtype or b_pool.dtype != dtype:
+                return None
+            sources[slot] = (rows, name)
+            pools += [a_pool, b_pool]
+        bases = [f[2] for f in found[:len(_LINEARS)]]
+        if not all(isinstance(b, StreamLinear) for b in bases):
             return None
-        args = step[0]
+        parts = [_group_args(bases[0:3]), _group_args(bases[3:4]), _group_args(bases[4:6]), _group_args(bases[6:7])]
+        if any(p is None for p in parts):
+            return None
         if shapes not in (None, (attn.num_heads, attn.num_kv_heads, attn.head_dim, attn.scale)):
             return None
         shapes = (attn.num_heads, attn.num_kv_heads, attn.head_dim, attn.scale)
         norms += [n1.weight, n2.weight]
         eps.append(n1.eps)
-        for i in range(4):
-            linears += args[3 * i]
-            kinds_groups += [args[3 * i + 1], args[3 * i + 2]]
+        for tensors, kind, group in parts:
+            linears += tensors
+            kinds_groups += [kind, group]
         caches += [cache.k, cache.v]
     if shapes is None:
         return None
-    stack = torch.classes.loraplex_cpu.DecoderStack(norms, eps, linears, kinds_groups, caches, *shapes)
-    return stack, tuple(checks.values())
+    if all(src is None for src in sources):
+        pools, sources = [], []
+    stack = torch.classes.loraplex_cpu.DecoderStack(norms, eps, linears, kinds_groups, caches, pools, *shapes)
+    return stack, tuple(checks.values()), tuple(sources)
+
+
+_NO_ROWS = (None,) * LORA_ROWS
+
+
+def _step_rows(sources: tuple) -> list | None:
+    """This step's LoRA row tensors of the stack's 7 slots ([] when no slot has rows), or None when some slot's rows
+    are ones the kernel cannot apply."""
+    rows, any_rows = [], False
+    for src in sources:
+        got = None if src is None else src[0](src[1])
+        if got is False:
+            return None
+        if got is None:
+            rows += _NO_ROWS
+        else:
+            rows += got
+            any_rows = True
+    return rows if any_rows else []
 
 
 def try_fused_stack(layers: nn.ModuleList, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv_caches,
                     batch) -> torch.Tensor | None:
-    """Every layer's output through one DecoderStack call when no layer adds anything this step (each wrapper's
-    quiet checks say so) and each would take the one-call kernel; else None (the layers run one by one). The
-    stack is rebuilt whenever a module or cache it was built from changes, or a linear's kernel (set_act_int8)."""
+    """Every layer's output through one DecoderStack call, adapter rows included, when each layer would take the
+    one-call kernel this step (every wrapper's checks hold and its rows are ones the LoRA kernel applies); else None
+    (the layers run one by one). The stack is rebuilt whenever a module or cache it was built from changes, or a
+    linear's kernel (set_act_int8)."""
     attn = batch.attn
     if _DISABLED["stack"] or not layers or not _step_fits(layers[0], x, cos, attn):
         return None
@@ -223,13 +270,14 @@ def try_fused_stack(layers: nn.ModuleList, x: torch.Tensor, cos: torch.Tensor, s
     if cached is None or cached.fingerprint != fingerprint or cached.dtype != x.dtype \
             or cached.switches != SWITCHES["count"]:
         built = _build_stack(layers, kv_caches, x.dtype) if fingerprint else None
-        if built is _BUSY:
-            return None
-        cached = _Stack(fingerprint, x.dtype, SWITCHES["count"], *(built or (None, ())))
+        cached = _Stack(fingerprint, x.dtype, SWITCHES["count"], *(built or ()))
         _STACKS[layers] = cached  # a model that cannot stack is remembered too, until something in it changes
     if cached.stack is None or not all(check() for check in cached.checks):
+        return None
+    rows = _step_rows(cached.sources)
+    if rows is None:
         return None
     STATS["stack_calls"] += 1
     STATS["fused_calls"] += len(layers)
     return cached.stack.forward(x, cos, sin, attn.kernel_slots, attn.kernel_rows, attn.kernel_lens,
-                                attn.sliding_window or 0, batch.slot_mapping)
+                                attn.sliding_window or 0, batch.slot_mapping, rows)

@@ -161,24 +161,28 @@ at::Tensor decoder_layer(const at::Tensor& x, const at::Tensor& cos, const at::T
                                         window, slot_mapping}, lora);
 }
 
-// Every decoder layer of a model in one call, for steps where no layer adds anything to its base products (no
-// adapter rows anywhere): each layer exactly as decoder_layer computes it, in order, on the weights and caches
-// given once at construction (engine/layers/fused_layer.py builds it and checks it still describes the model).
-// What it removes is the per-layer Python and argument conversion of 30 calls a step.
+// Every decoder layer of a model in one call: each layer exactly as decoder_layer computes it, in order, on the
+// weights, caches and LoRA pools given once at construction (engine/layers/fused_layer.py builds it and checks
+// it still describes the model), with the step's LoRA rows per target module (shared by every layer). What it
+// removes is the per-layer Python and argument conversion of 30 calls a step.
+constexpr int64_t LORA_ROWS = LORA_ARGS - 2;  // token_rows, seg_starts, seg_pages, seg_ranks, page_scales, row_scales
+constexpr int64_t MODULES = 7;                // q, k, v, o, gate, up, down
+
 struct DecoderStack : torch::CustomClassHolder {
   std::vector<LayerWeights> layers;
+  c10::List<OptT> pools;  // per layer and module: a_pool, b_pool (None where no adapter wrapper); empty: no LoRA
   int64_t num_heads, num_kv_heads, head_dim;
   double scale;
 
-  // per layer: 2 norms, 4 x 4 linear tensors, 4 x (kind, group), 1 eps, 2 caches
+  // per layer: 2 norms, 4 x 4 linear tensors, 4 x (kind, group), 1 eps, 2 caches, 7 x 2 pools (or no pools at all)
   DecoderStack(std::vector<at::Tensor> norms, std::vector<double> eps, c10::List<OptT> linears,
-               std::vector<int64_t> kinds_groups, std::vector<at::Tensor> caches, int64_t num_heads,
-               int64_t num_kv_heads, int64_t head_dim, double scale)
-      : num_heads(num_heads), num_kv_heads(num_kv_heads), head_dim(head_dim), scale(scale) {
+               std::vector<int64_t> kinds_groups, std::vector<at::Tensor> caches, c10::List<OptT> pools,
+               int64_t num_heads, int64_t num_kv_heads, int64_t head_dim, double scale)
+      : pools(pools), num_heads(num_heads), num_kv_heads(num_kv_heads), head_dim(head_dim), scale(scale) {
     const size_t n = eps.size();
     TORCH_CHECK(norms.size() == 2 * n && linears.size() == 16 * n && kinds_groups.size() == 8 * n &&
-                    caches.size() == 2 * n,
-                "DecoderStack: per layer 2 norms, 16 linear tensors, 8 kinds/groups, 2 caches");
+                    caches.size() == 2 * n && (pools.size() == 0 || pools.size() == 2 * MODULES * n),
+                "DecoderStack: per layer 2 norms, 16 linear tensors, 8 kinds/groups, 2 caches, 14 pools or none");
     auto four = [&](size_t at) {
       c10::List<OptT> t;
       for (size_t j = 0; j < 4; ++j) t.push_back(linears.get(at + j));
@@ -193,13 +197,31 @@ struct DecoderStack : torch::CustomClassHolder {
     }
   }
 
+  // rows: empty (no adapter rows this step) or per module the six row tensors (None where it has none)
   at::Tensor forward(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin, const at::Tensor& slot_table,
                      const at::Tensor& row_index, const at::Tensor& row_len, int64_t window,
-                     const at::Tensor& slot_mapping) {
+                     const at::Tensor& slot_mapping, const c10::List<OptT>& rows) {
+    TORCH_CHECK(rows.size() == 0 || (rows.size() == MODULES * LORA_ROWS && pools.size() > 0),
+                "DecoderStack: rows are empty or 7 x 6 entries (with pools)");
     const StepRows s{num_heads, num_kv_heads, head_dim, scale, slot_table, row_index, row_len, window, slot_mapping};
     const c10::List<OptT> none;
     at::Tensor h = x;
-    for (const auto& w : layers) h = layer_forward(h, cos, sin, w, s, none);
+    for (size_t i = 0; i < layers.size(); ++i) {
+      if (rows.size() == 0) {
+        h = layer_forward(h, cos, sin, layers[i], s, none);
+        continue;
+      }
+      c10::List<OptT> lora;  // this layer's 7 x 8 arguments: its pools and the step's rows where both exist
+      lora.reserve(MODULES * LORA_ARGS);
+      for (int64_t m = 0; m < MODULES; ++m) {
+        const int64_t p = (static_cast<int64_t>(i) * MODULES + m) * 2;
+        const bool on = pools.get(p).has_value() && rows.get(m * LORA_ROWS).has_value();
+        lora.push_back(on ? pools.get(p) : c10::nullopt);
+        lora.push_back(on ? pools.get(p + 1) : c10::nullopt);
+        for (int64_t j = 0; j < LORA_ROWS; ++j) lora.push_back(on ? rows.get(m * LORA_ROWS + j) : c10::nullopt);
+      }
+      h = layer_forward(h, cos, sin, layers[i], s, lora);
+    }
     return h;
   }
 
@@ -219,7 +241,7 @@ TORCH_LIBRARY_FRAGMENT(loraplex_cpu, m) {
   m.impl("decoder_layer", c10::DispatchKey::CPU, &decoder_layer);
   m.class_<DecoderStack>("DecoderStack")
       .def(torch::init<std::vector<at::Tensor>, std::vector<double>, c10::List<OptT>, std::vector<int64_t>,
-                       std::vector<at::Tensor>, int64_t, int64_t, int64_t, double>())
+                       std::vector<at::Tensor>, c10::List<OptT>, int64_t, int64_t, int64_t, double>())
       .def("forward", &DecoderStack::forward)
       .def("num_layers", &DecoderStack::num_layers);
 }
