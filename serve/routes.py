@@ -10,9 +10,9 @@ from contextlib import aclosing
 from dataclasses import dataclass, field, replace
 from typing import Any, AsyncIterator
 
+import anyio
 import jinja2
 from pydantic import BaseModel
-import anyio
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
