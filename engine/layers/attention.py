@@ -192,6 +192,47 @@ def build_forward_batch(
     cpu_kernel: fill the kernel_* fields for engine/kernels/cpu_kernels.py (inference only: it has no autograd).
     Masks are built here once per step and shared by every layer.
     """
+    if cpu_kernel and query_lens and all(q == 1 for q in query_lens):
+        return _decode_batch(input_ids, num_computed_tokens, block_tables, block_size, device, logits_indices,
+                             sliding_window)
+    return _general_batch(input_ids, query_lens, num_computed_tokens, block_tables, block_size, device,
+                          logits_indices, sliding_window, cpu_kernel)
+
+
+def _decode_batch(input_ids: Sequence[int], num_computed_tokens: Sequence[int], block_tables: Sequence[Sequence[int]],
+                  block_size: int, device: torch.device | str, logits_indices: Sequence[int] | None,
+                  sliding_window: int | None) -> ForwardBatch:
+    """The same ForwardBatch as _general_batch for a step of decode rows only (one new token each) on the CPU
+    kernel path, from the lists in plain Python with a handful of tensor calls instead of ~25 (a batch-1 step is
+    ~5 ms: the general path cost 0.3 ms of it)."""
+    n = len(num_computed_tokens)
+    if len(block_tables) != n or len(input_ids) != n:
+        raise ValueError("input_ids, query_lens, num_computed_tokens and block_tables disagree in length")
+    max_blocks = max(len(b) for b in block_tables)
+    positions = list(num_computed_tokens)  # each row's new token sits right after what its cache holds
+    if max(positions) + 1 > max_blocks * block_size:
+        raise ValueError("a block table is too short for its request's tokens")
+    rows = [list(b) + [0] * (max_blocks - len(b)) for b in block_tables]
+    slots = [row[p // block_size] * block_size + p % block_size for row, p in zip(rows, positions)]
+    table = torch.tensor(rows, dtype=torch.int64)
+    cols = torch.arange(max(positions) + 1).expand(n, -1)
+    attn = AttentionMetadata(num_decode_tokens=n, sliding_window=sliding_window)
+    attn.kernel_slots = _slots(table, cols, block_size).to(device)
+    attn.kernel_lens = torch.tensor([p + 1 for p in positions], dtype=torch.int64).to(device)
+    attn.kernel_rows = torch.arange(n).to(device)
+    logits = range(n) if logits_indices is None else logits_indices
+    return ForwardBatch(
+        input_ids=torch.tensor(input_ids, dtype=torch.int64).to(device),
+        positions=torch.tensor(positions, dtype=torch.int64).to(device),
+        slot_mapping=torch.tensor(slots, dtype=torch.int64).to(device),
+        attn=attn,
+        logits_indices=torch.tensor(logits, dtype=torch.int64).to(device),
+    )
+
+
+def _general_batch(input_ids: Sequence[int], query_lens: Sequence[int], num_computed_tokens: Sequence[int],
+                   block_tables: Sequence[Sequence[int]], block_size: int, device: torch.device | str,
+                   logits_indices: Sequence[int] | None, sliding_window: int | None, cpu_kernel: bool) -> ForwardBatch:
     n = len(query_lens)
     if n == 0:
         raise ValueError("a step needs at least one scheduled request")

@@ -108,6 +108,33 @@ def test_build_forward_batch_layout():
     assert whole.mask is None  # a whole prompt uses is_causal
 
 
+@pytest.mark.parametrize("sliding_window", [None, 5])
+def test_decode_steps_fast_batch_equals_the_general_one(sliding_window):
+    """Decode-only steps on the CPU kernel path take a short path (attention._decode_batch): the same tensors as the
+    general builder, field by field, for random batches (ragged block tables, given and default logits rows)."""
+    from loraplex.engine.layers import attention
+    rng = random.Random(0)
+    for trial in range(40):
+        n, block_size = rng.randint(1, 9), rng.choice([1, 4, 16])
+        computed = [rng.randint(0, 60) for _ in range(n)]
+        tables = [[rng.randint(0, 99) for _ in range(c // block_size + 1 + rng.randint(0, 2))] for c in computed]
+        ids = [rng.randint(0, 500) for _ in range(n)]
+        logits = None if trial % 2 else sorted(rng.sample(range(n), rng.randint(1, n)))
+        fast = build_forward_batch(ids, [1] * n, computed, tables, block_size, logits_indices=logits,
+                                   sliding_window=sliding_window, cpu_kernel=True)
+        general = attention._general_batch(ids, [1] * n, computed, tables, block_size, "cpu", logits, sliding_window,
+                                           True)
+        for name in ("input_ids", "positions", "slot_mapping", "logits_indices"):
+            assert torch.equal(getattr(fast, name), getattr(general, name)), name
+        for name in ("kernel_slots", "kernel_rows", "kernel_lens"):
+            assert torch.equal(getattr(fast.attn, name), getattr(general.attn, name)), name
+        for name in ("num_decode_tokens", "prefills", "sliding_window", "packed", "decode_kv_slots", "decode_mask",
+                     "decode_kv_lens"):  # every other field too
+            assert getattr(fast.attn, name) == getattr(general.attn, name), name
+    with pytest.raises(ValueError):
+        build_forward_batch([1], [1], [8], [[0]], 4, cpu_kernel=True)
+
+
 def test_build_forward_batch_rejects_short_block_table():
     with pytest.raises(ValueError):
         build_forward_batch([1, 2, 3], [3], [2], [[0]], 4)
