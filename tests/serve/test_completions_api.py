@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from tests.serve.fake_engine import DEFAULT_REPLY, MODEL_NAME
 
 
@@ -106,3 +108,31 @@ def test_models(client, engine, oai):
 def test_model_field_optional_defaults_to_first_served(client):
     r = client.post("/v1/completions", json={"prompt": "a", "max_tokens": 1})
     assert r.status_code == 200 and r.json()["model"] == MODEL_NAME
+
+
+@pytest.mark.parametrize("text", ["plain", 'quote " and \\\\ backslash', "line\nbreak\ttab", "ünïcödé ✓ 漢字",
+                                  "\x00\x01 control", "\u2028", ""])
+def test_per_token_chunks_are_the_models_json(text):
+    """Streamed tokens are spliced into a template the models serialized once: the same JSON as the models give."""
+    from loraplex.serve.routes import _TextChunks
+    from loraplex.serve.schemas import (
+        ChatChunkChoice,
+        ChatCompletionChunk,
+        CompletionChoice,
+        CompletionResponse,
+        DeltaMessage,
+    )
+
+    def chat(index, t):
+        return ChatCompletionChunk(id="chatcmpl-1", created=5, model="m", choices=[
+            ChatChunkChoice(index=index, delta=DeltaMessage(content=t))]).model_dump_json()
+
+    def completion(index, t):
+        return CompletionResponse(id="cmpl-1", created=5, model="m",
+                                  choices=[CompletionChoice(index=index, text=t)]).model_dump_json()
+
+    for build in (chat, completion):
+        chunks = _TextChunks(build)
+        for index in (0, 3):
+            assert json.loads(chunks(index, text)) == json.loads(build(index, text))
+        assert chunks._parts[0] is not None  # the template path, not the fallback
