@@ -235,7 +235,8 @@ inline void block_row1(const float* x, const void* w, const float* scales, const
 // follow one sequential stream per core), then takes the blocks still left at the back of the others' shares (work
 // stealing, as ggml's matmul chunks): a thread the OS preempts (the HTTP process, a client on the same cores) does
 // not leave half the work waiting for it. Which thread computes a block never changes its result.
-class BlockRange {  // blocks [front, back) left, packed in one word so owner and thieves claim with one CAS
+class alignas(64) BlockRange {  // blocks [front, back) left, packed in one word so owner and thieves claim with one CAS
+  // (a cache line each: the threads claim their own blocks without bouncing one line between cores)
  public:
   void reset(int64_t front, int64_t back) { fb_.store(pack(front, back), std::memory_order_relaxed); }
   bool take(bool from_front, int64_t& b) {
