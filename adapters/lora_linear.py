@@ -31,7 +31,7 @@ class LoRAStepState:
     def kernel_rows(self, module_name: str) -> tuple[torch.Tensor, ...] | None | bool:
         """This step's rows of one target module as the C++ LoRA kernel takes them (its six row tensors), None when
         no row adds anything there, False when its rows need the wrappers' torch path (DoRA rows, long prefill
-        segments, another backend). Shared by every layer's wrapper of that module."""
+        segments, another backend). Shared by every layer's wrapper of that module; forward applies the same rows."""
         if module_name in self.dora:
             return False
         meta = self.metas.get(module_name)
@@ -59,21 +59,9 @@ class LoRALinear(nn.Module):
         self.b_pool = b_pool  # [num_pages, out_features]
         self.state = state
 
-    def fused_lora(self) -> tuple[nn.Module, tuple[torch.Tensor, ...] | None] | None:
-        """For the engine's one-call decoder layer (engine/layers/fused_layer.py): (the base, None) when no row of this
-        step adds anything here; (the base, the pools and the C++ LoRA kernel's row tensors) when this step's rows
-        are ones forward applies with that kernel alone; None otherwise (DoRA rows, long prefill segments, another
-        backend), and the layer runs its modules."""
-        rows = self.state.kernel_rows(self.module_name)
-        if rows is None:
-            return self.base, None
-        if rows is False or self.a_pool.dtype != self.b_pool.dtype:
-            return None
-        return self.base, (self.a_pool, self.b_pool, *rows)
-
     def stack_parts(self) -> tuple:
-        """For the engine's whole-stack call (engine/layers/fused_layer.py's stack_parts): no checks of its own, its
-        pools and where each step's rows come from (the state, shared by every layer's wrapper), its base."""
+        """For the engine's one-call layer and stack (engine/layers/fused_layer.py's stack_parts): no checks of its
+        own, its pools and where each step's rows come from (the state, shared by every layer's wrapper), its base."""
         return (), (self.a_pool, self.b_pool, self.state.kernel_rows, self.module_name), self.base
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [num_tokens, in] -> [num_tokens, out]

@@ -94,20 +94,14 @@ class MixLoRAMLP(nn.Module):
         self.train_forward = None
         self.train_active = None  # () -> bool: whether train_forward has rows now (None: whenever it is set)
 
-    def passthrough_base(self) -> nn.Module | None:
-        """Itself when this step has no MixLoRA rows (then it computes exactly LlamaMLP's forward): the engine's
-        one-call decoder layer may take its place (engine/layers/fused_layer.py)."""
-        training = self.train_forward is not None and (self.train_active is None or self.train_active())
-        if not training and (self.state is None or self.state.mix is None):
-            return self
-        return None
-
     def stack_checks(self) -> tuple:
-        """For the engine's whole-stack call (engine/layers/fused_layer.py): true while this computes LlamaMLP's."""
-        return (self._passes_through,)
+        """For the engine's one-call layer and stack (engine/layers/fused_layer.py): true while this step has no
+        MixLoRA rows (then it computes exactly LlamaMLP's forward)."""
+        return (self._computes_plain_ffn,)
 
-    def _passes_through(self) -> bool:
-        return self.passthrough_base() is self
+    def _computes_plain_ffn(self) -> bool:
+        training = self.train_forward is not None and (self.train_active is None or self.train_active())
+        return not training and (self.state is None or self.state.mix is None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [num_tokens, hidden]
         if self.train_forward is not None:

@@ -431,19 +431,9 @@ class MultiLoRATrainLinear(nn.Module):
         self.module_index = list(LORA_MODULES).index(module_name)
         self.state = state
 
-    def fused_lora(self):
-        """Outside a training step this wrapper adds nothing: what the module it wraps says (the engine's one-call
-        decoder layer, engine/layers/fused_layer.py); None during a training step's forward."""
-        if self.state.segments:
-            return None
-        inner = getattr(self.inner, "fused_lora", None)
-        if inner is not None:
-            return inner()
-        return (self.inner, None) if self.inner.__class__.__name__ == "StreamLinear" else None
-
     def stack_parts(self) -> tuple | None:
-        """For the engine's whole-stack call (engine/layers/fused_layer.py's stack_parts): what the wrapped module
-        says, with this wrapper's own check (no training step's rows set); None when the wrapped module cannot say."""
+        """For the engine's one-call layer and stack (engine/layers/fused_layer.py's stack_parts): what the wrapped
+        module says, with this wrapper's own check (no training step's rows set); None when it cannot say."""
         inner = getattr(self.inner, "stack_parts", None)
         if inner is not None:
             parts = inner()

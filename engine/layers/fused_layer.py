@@ -5,10 +5,14 @@ when the model's modules take them too: LlamaForCausalLM.use_float32_kernels) an
 linear adds something this step (an adapter's rows), the layer runs its modules as usual. Either way the layer's
 output is the same, bit for bit (tests/engine/test_fused_layer.py).
 
-Wrappers around a base linear (adapters/lora_linear.py) opt in by defining `fused_lora()`: None when the kernel
-cannot reproduce what the wrapper adds this step, else (the base module, None or the 8 tensors of the step's
-`loraplex_cpu::lora_apply_` call for it). A wrapper module (MixLoRA's FFN) opts in with `passthrough_base()`: itself
-while it computes the plain module's forward, else None. The engine never imports them.
+When every layer takes that call, the whole stack of layers runs as one (DecoderStack): the same kernels in the
+same order, so the same bits again, without the per-layer Python.
+
+Wrappers opt in by saying, once, what they are (`stack_parts()`, see stack_parts below): checks that must hold on a
+step for the kernel to stand in for them, their LoRA pools and where a step's kernel rows come from (shared by
+every layer's wrapper of a target module), and the StreamLinear under them. A wrapper FFN (MixLoRA's) says with
+`stack_checks()` when it computes the plain FFN. Both paths build on that one description, cached per layer or
+per stack by the identity of the modules it came from. The engine never imports the wrappers.
 """
 from __future__ import annotations
 
@@ -38,20 +42,9 @@ def set_enabled(enabled: bool, stack: bool = True) -> None:
     _DISABLED["value"], _DISABLED["stack"] = not enabled, not stack
 
 
-_INELIGIBLE = (None, None)
 LORA_ARGS = 8  # per module: a_pool, b_pool and lora_apply_'s six row tensors
-
-
-def stream_base(module: nn.Module) -> tuple[StreamLinear | None, tuple | None]:
-    """(the StreamLinear computing `module`'s base product, the LoRA kernel arguments of its rows this step or None);
-    (None, None) when the module is not one the kernel reproduces."""
-    if isinstance(module, StreamLinear):
-        return module, None
-    fused_lora = getattr(module, "fused_lora", None)
-    found = fused_lora() if fused_lora is not None else None
-    if found is None or not isinstance(found[0], StreamLinear):
-        return _INELIGIBLE
-    return found
+LORA_ROWS = LORA_ARGS - 2  # of a module's LoRA arguments, those that change per step (after a_pool, b_pool)
+_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 def _group_args(members: list[StreamLinear]) -> tuple[list, int, int] | None:
@@ -71,35 +64,6 @@ def _group_args(members: list[StreamLinear]) -> tuple[list, int, int] | None:
     return [lin.weight, lin.scales, lin.kernel_zeros, lin.bias], lin.kind, lin.group_size
 
 
-def layer_args(layer: nn.Module) -> tuple[tuple, list] | None:
-    """(the static arguments of decoder_layer, this step's LoRA arguments) for a LlamaDecoderLayer whose linears all
-    stream, or None."""
-    attn, mlp = layer.self_attn, layer.mlp
-    if type(attn).forward is not _ATTENTION_FORWARD:
-        return None
-    if type(mlp).forward is not _MLP_FORWARD:  # a wrapper MLP (MixLoRA): only while it computes the plain FFN
-        passthrough = getattr(mlp, "passthrough_base", None)
-        if passthrough is None or passthrough() is not mlp:
-            return None
-    names = [(attn, "q_proj"), (attn, "k_proj"), (attn, "v_proj"), (attn, "o_proj"), (mlp, "gate_proj"),
-             (mlp, "up_proj"), (mlp, "down_proj")]
-    found = [stream_base(getattr(parent, name, None)) for parent, name in names]
-    bases = [b for b, _ in found]
-    if any(b is None for b in bases):
-        return None
-    loras = [lora for _, lora in found]
-    lora_args = [] if all(lora is None for lora in loras) else [
-        t for lora in loras for t in (lora if lora is not None else (None,) * LORA_ARGS)]
-    key = (SWITCHES["count"], *(id(b) for b in bases))  # kinds and zero points change with set_act_int8
-    cached = getattr(layer, "_fused_layer_cache", None)
-    if cached is not None and cached[0] == key:
-        return None if cached[1] is None else (cached[1], lora_args)
-    parts = [_group_args(bases[0:3]), _group_args(bases[3:4]), _group_args(bases[4:6]), _group_args(bases[6:7])]
-    args = None if any(p is None for p in parts) else tuple(x for p in parts for x in p)
-    object.__setattr__(layer, "_fused_layer_cache", (key, args))
-    return None if args is None else (args, lora_args)
-
-
 def _step_fits(layer: nn.Module, x: torch.Tensor, cos: torch.Tensor, attn) -> bool:
     """Whether this step's rows are ones the kernel computes: inference on CPU in bfloat16 (or float32 with the
     float32 kernels), decode rows or short prefills the paged kernel takes (no long prefill, no packed rows)."""
@@ -110,139 +74,92 @@ def _step_fits(layer: nn.Module, x: torch.Tensor, cos: torch.Tensor, attn) -> bo
                 or cos.dtype != x.dtype)
 
 
-def try_fused_layer(layer: nn.Module, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv_cache,
-                    batch) -> torch.Tensor | None:
-    """The layer's output through the one-call kernel, or None when the module path must run."""
-    if not _step_fits(layer, x, cos, batch.attn) or kv_cache is None or kv_cache.k.dtype != x.dtype:
-        return None
-    attn = batch.attn
-    norm1, norm2 = layer.input_layernorm, layer.post_attention_layernorm
-    if norm1.weight.dtype != x.dtype or norm2.weight.dtype != x.dtype:
-        return None
-    found = layer_args(layer)
-    if found is None:
-        return None
-    args, lora = found
-    if lora and any(lora[i] is not None and (lora[i].dtype != x.dtype or lora[i + 1].dtype != x.dtype)
-                    for i in range(0, len(lora), LORA_ARGS)):
-        return None  # pools in another dtype: the wrappers' torch path handles them
-    a = layer.self_attn
-    STATS["fused_calls"] += 1
-    return torch.ops.loraplex_cpu.decoder_layer(
-        x, cos, sin, norm1.weight, norm2.weight, norm1.eps, *args, a.num_heads, a.num_kv_heads, a.head_dim,
-        a.scale, kv_cache.k, kv_cache.v, attn.kernel_slots, attn.kernel_rows, attn.kernel_lens,
-        attn.sliding_window or 0, batch.slot_mapping, lora)
-
-
-class _Stack:
-    """A model's decoder layers as one DecoderStack (csrc/cpu_decoder_layer.cpp) and what it was built from."""
-
-    def __init__(self, fingerprint: list, dtype: torch.dtype, switches: int, stack=None, checks: tuple = (),
-                 sources: tuple = ()) -> None:
-        self.fingerprint, self.dtype, self.switches = fingerprint, dtype, switches
-        self.stack, self.checks, self.sources = stack, checks, sources
-
-
-_STACKS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # the layers' ModuleList -> _Stack
-_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-LORA_ROWS = LORA_ARGS - 2  # of a module's LoRA arguments, those that change per step (after a_pool, b_pool)
-
-
-def _fingerprint(layers: nn.ModuleList, kv_caches) -> list:
-    """What a stack is built from, by identity: each layer's attention and MLP modules, its seven linears (or the
-    wrappers around them) and its caches. A module swapped in anywhere (an adapter or trainer wrapper, MixLoRA's
-    FFN, a requantized linear) changes it; so does a cache reallocated."""
-    out = []
-    for layer, cache in zip(layers, kv_caches):
-        if cache is None:
-            return []
-        attn, mlp = layer._modules["self_attn"], layer._modules["mlp"]
-        am, mm = attn._modules, mlp._modules
-        out.append((layer, attn, mlp, am.get("q_proj"), am.get("k_proj"), am.get("v_proj"), am.get("o_proj"),
-                    mm.get("gate_proj"), mm.get("up_proj"), mm.get("down_proj"), cache.k, cache.v))
-    return out
-
-
 def stack_parts(module: nn.Module) -> tuple | None:
-    """(checks, lora, base) of a module in a layer's linear slot, for the whole-stack call: `checks`, callables that
-    must all return True on a step for the call to stand in for the module; `lora`, None or (a_pool, b_pool, rows,
-    module name) where `rows(name)` gives the step's six row tensors of the LoRA kernel for that name, None when no
-    row adds anything there, False when the kernel cannot apply them; `base`, the StreamLinear computing the base
-    product. None for a module that does not say (it never stands in a stack). Wrappers say with `stack_parts()`."""
+    """(checks, lora, base) of a module in a layer's linear slot: `checks`, callables that must all return True on a
+    step for the kernel to stand in for the module; `lora`, None or (a_pool, b_pool, rows, module name) where
+    `rows(name)` gives the step's six row tensors of the LoRA kernel for that name, None when no row adds anything
+    there, False when the kernel cannot apply them; `base`, the StreamLinear computing the base product. None for a
+    module that does not say (it never runs in the kernel). Wrappers say with `stack_parts()`."""
     if isinstance(module, StreamLinear):
         return (), None, module
     parts = getattr(module, "stack_parts", None)
     return parts() if parts is not None else None
 
 
-def _check_key(check) -> tuple:
+def _check_key(check) -> tuple:  # bound methods of one state object are equal, not identical
     return id(getattr(check, "__self__", check)), getattr(check, "__func__", check)
 
 
-def _build_stack(layers: nn.ModuleList, kv_caches, dtype: torch.dtype) -> tuple | None:
-    """(the DecoderStack, the checks it relies on, the per-step LoRA row sources of its 7 slots), or None when some
-    layer would not take the one-call kernel."""
-    norms, eps, linears, kinds_groups, caches, pools, checks = [], [], [], [], [], [], {}
-    sources: list = [None] * len(_LINEARS)  # per slot, (rows, name) shared by every layer's wrapper there
-    shapes = None
-    for layer, cache in zip(layers, kv_caches):
+class LayerParts:
+    """What the kernel needs of one decoder layer, read once from its modules: norms, the four streaming linears'
+    [weight, scales, zeros, bias] + kind + group, caches, LoRA pools per slot (None where no adapter wrapper), the
+    checks its wrappers rely on and, per slot, where a step's LoRA rows come from: (rows, name) or None."""
+
+    def __init__(self, layer: nn.Module, cache, dtype: torch.dtype) -> None:
         attn, mlp = layer.self_attn, layer.mlp
         n1, n2 = layer.input_layernorm, layer.post_attention_layernorm
+        self.ok = False
         if type(attn).forward is not _ATTENTION_FORWARD or cache is None or cache.k.dtype != dtype \
                 or n1.weight.dtype != dtype or n2.weight.dtype != dtype or n1.eps != n2.eps:
-            return None
+            return
         found = [stack_parts(getattr(parent, name, None)) for parent, name in
                  [(attn, n) for n in _LINEARS[:4]] + [(mlp, n) for n in _LINEARS[4:]]]
+        if any(f is None for f in found) or not all(isinstance(f[2], StreamLinear) for f in found):
+            return
+        checks = {_check_key(c): c for f in found for c in f[0]}
         if type(mlp).forward is not _MLP_FORWARD:  # a wrapper FFN (MixLoRA): only while it computes the plain one
             mlp_checks = getattr(mlp, "stack_checks", None)
             if mlp_checks is None:
-                return None
-            found.append((mlp_checks(), None, None))
-        if any(f is None for f in found):
-            return None
-        for f in found:  # one call per distinct check (bound methods of one state object are equal, not identical)
-            checks.update({_check_key(c): c for c in f[0]})
-        for slot, (_, lora, _) in enumerate(found[:len(_LINEARS)]):
-            if lora is None:
-                pools += [None, None]
-                continue
-            a_pool, b_pool, rows, name = lora
-            if sources[slot] is not None and (_check_key(sources[slot][0]) != _check_key(rows)
-                                              or sources[slot][1] != name):
-                return None
-            if a_pool.dtype != dtype or b_pool.dtype != dtype:
-                return None
-            sources[slot] = (rows, name)
-            pools += [a_pool, b_pool]
-        bases = [f[2] for f in found[:len(_LINEARS)]]
-        if not all(isinstance(b, StreamLinear) for b in bases):
-            return None
+                return
+            checks.update({_check_key(c): c for c in mlp_checks()})
+        self.pools, self.sources = [], []
+        for _, lora, _ in found:
+            if lora is not None and (lora[0].dtype != dtype or lora[1].dtype != dtype):
+                return  # pools in another dtype: the wrappers' torch path handles them
+            self.pools += [None, None] if lora is None else [lora[0], lora[1]]
+            self.sources.append(None if lora is None else (lora[2], lora[3]))
+        bases = [f[2] for f in found]
         parts = [_group_args(bases[0:3]), _group_args(bases[3:4]), _group_args(bases[4:6]), _group_args(bases[6:7])]
         if any(p is None for p in parts):
-            return None
-        if shapes not in (None, (attn.num_heads, attn.num_kv_heads, attn.head_dim, attn.scale)):
-            return None
-        shapes = (attn.num_heads, attn.num_kv_heads, attn.head_dim, attn.scale)
-        norms += [n1.weight, n2.weight]
-        eps.append(n1.eps)
-        for tensors, kind, group in parts:
-            linears += tensors
-            kinds_groups += [kind, group]
-        caches += [cache.k, cache.v]
-    if shapes is None:
-        return None
-    if all(src is None for src in sources):
-        pools, sources = [], []
-    stack = torch.classes.loraplex_cpu.DecoderStack(norms, eps, linears, kinds_groups, caches, pools, *shapes)
-    return stack, tuple(checks.values()), tuple(sources)
+            return
+        self.linears = tuple(x for p in parts for x in p)  # decoder_layer's (tensors, kind, group) x 4
+        self.norms, self.eps, self.caches = (n1.weight, n2.weight), n1.eps, (cache.k, cache.v)
+        self.shapes = (attn.num_heads, attn.num_kv_heads, attn.head_dim, attn.scale)
+        self.checks = checks
+        self.ok = True
+
+
+def _fingerprint(layer: nn.Module, cache) -> tuple:
+    """What a layer's parts were read from, by identity: its attention and MLP modules, its seven linears (or the
+    wrappers around them) and its caches. A module swapped in anywhere (an adapter or trainer wrapper, MixLoRA's
+    FFN, a requantized linear) changes it; so does a cache reallocated."""
+    attn, mlp = layer._modules["self_attn"], layer._modules["mlp"]
+    am, mm = attn._modules, mlp._modules
+    return (attn, mlp, am.get("q_proj"), am.get("k_proj"), am.get("v_proj"), am.get("o_proj"), mm.get("gate_proj"),
+            mm.get("up_proj"), mm.get("down_proj"), None if cache is None else cache.k,
+            None if cache is None else cache.v)
+
+
+_LAYERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # layer -> (key, LayerParts)
+
+
+def layer_parts(layer: nn.Module, cache, dtype: torch.dtype) -> LayerParts:
+    """The layer's parts, rebuilt when a module or cache they came from changes, or a linear's kernel
+    (set_act_int8: stream.SWITCHES)."""
+    key = (_fingerprint(layer, cache), dtype, SWITCHES["count"])
+    cached = _LAYERS.get(layer)
+    if cached is None or cached[0] != key:
+        cached = (key, LayerParts(layer, cache, dtype))
+        _LAYERS[layer] = cached
+    return cached[1]
 
 
 _NO_ROWS = (None,) * LORA_ROWS
 
 
-def _step_rows(sources: tuple) -> list | None:
-    """This step's LoRA row tensors of the stack's 7 slots ([] when no slot has rows), or None when some slot's rows
-    are ones the kernel cannot apply."""
+def _step_rows(sources) -> list | None:
+    """This step's LoRA row tensors of the 7 slots ([] when no slot has rows), or None when some slot's rows are
+    ones the kernel cannot apply."""
     rows, any_rows = [], False
     for src in sources:
         got = None if src is None else src[0](src[1])
@@ -256,6 +173,65 @@ def _step_rows(sources: tuple) -> list | None:
     return rows if any_rows else []
 
 
+def try_fused_layer(layer: nn.Module, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv_cache,
+                    batch) -> torch.Tensor | None:
+    """The layer's output through the one-call kernel, or None when the module path must run."""
+    attn = batch.attn
+    if not _step_fits(layer, x, cos, attn):
+        return None
+    parts = layer_parts(layer, kv_cache, x.dtype)
+    if not parts.ok or not all(check() for check in parts.checks.values()):
+        return None
+    rows = _step_rows(parts.sources)
+    if rows is None:
+        return None
+    lora = [] if not rows else [
+        t for m in range(len(_LINEARS)) for t in (
+            (parts.pools[2 * m], parts.pools[2 * m + 1], *rows[m * LORA_ROWS:(m + 1) * LORA_ROWS])
+            if parts.pools[2 * m] is not None and rows[m * LORA_ROWS] is not None else (None,) * LORA_ARGS)]
+    STATS["fused_calls"] += 1
+    return torch.ops.loraplex_cpu.decoder_layer(
+        x, cos, sin, *parts.norms, parts.eps, *parts.linears, *parts.shapes, *parts.caches, attn.kernel_slots,
+        attn.kernel_rows, attn.kernel_lens, attn.sliding_window or 0, batch.slot_mapping, lora)
+
+
+class _Stack:
+    """A model's decoder layers as one DecoderStack (csrc/cpu_decoder_layer.cpp), what it relies on each step and
+    what it was built from."""
+
+    def __init__(self, key: tuple, stack=None, checks: tuple = (), sources: tuple = ()) -> None:
+        self.key, self.stack, self.checks, self.sources = key, stack, checks, sources
+
+
+_STACKS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # the layers' ModuleList -> _Stack
+
+
+def _build_stack(layers: nn.ModuleList, kv_caches, dtype: torch.dtype) -> tuple:
+    """(the DecoderStack, the checks it relies on, the per-step LoRA row sources of its 7 slots), or () when some
+    layer would not take the one-call kernel, or the layers differ in shapes or in where their rows come from."""
+    all_parts = [layer_parts(layer, cache, dtype) for layer, cache in zip(layers, kv_caches)]
+    if not all_parts or not all(p.ok for p in all_parts) or len({p.shapes for p in all_parts}) != 1:
+        return ()
+    sources: list = [None] * len(_LINEARS)  # per slot, (rows, name) shared by every layer's wrapper there
+    for parts in all_parts:
+        for slot, src in enumerate(parts.sources):
+            if src is None:
+                continue
+            if sources[slot] is not None and (_check_key(sources[slot][0]), sources[slot][1]) != \
+                    (_check_key(src[0]), src[1]):
+                return ()
+            sources[slot] = src
+    has_lora = any(src is not None for src in sources)
+    stack = torch.classes.loraplex_cpu.DecoderStack(
+        [n for p in all_parts for n in p.norms], [p.eps for p in all_parts],
+        [t for p in all_parts for i in range(4) for t in p.linears[3 * i]],
+        [v for p in all_parts for i in range(4) for v in p.linears[3 * i + 1:3 * i + 3]],
+        [c for p in all_parts for c in p.caches], [t for p in all_parts for t in p.pools] if has_lora else [],
+        *all_parts[0].shapes)
+    checks = {k: c for p in all_parts for k, c in p.checks.items()}
+    return stack, tuple(checks.values()), tuple(sources) if has_lora else ()
+
+
 def try_fused_stack(layers: nn.ModuleList, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv_caches,
                     batch) -> torch.Tensor | None:
     """Every layer's output through one DecoderStack call, adapter rows included, when each layer would take the
@@ -265,12 +241,10 @@ def try_fused_stack(layers: nn.ModuleList, x: torch.Tensor, cos: torch.Tensor, s
     attn = batch.attn
     if _DISABLED["stack"] or not layers or not _step_fits(layers[0], x, cos, attn):
         return None
-    fingerprint = _fingerprint(layers, kv_caches)
+    key = (tuple(_fingerprint(layer, cache) for layer, cache in zip(layers, kv_caches)), x.dtype, SWITCHES["count"])
     cached = _STACKS.get(layers)
-    if cached is None or cached.fingerprint != fingerprint or cached.dtype != x.dtype \
-            or cached.switches != SWITCHES["count"]:
-        built = _build_stack(layers, kv_caches, x.dtype) if fingerprint else None
-        cached = _Stack(fingerprint, x.dtype, SWITCHES["count"], *(built or ()))
+    if cached is None or cached.key != key:
+        cached = _Stack(key, *_build_stack(layers, kv_caches, x.dtype))
         _STACKS[layers] = cached  # a model that cannot stack is remembered too, until something in it changes
     if cached.stack is None or not all(check() for check in cached.checks):
         return None

@@ -85,7 +85,8 @@ def test_gptq_layers_with_int8_activations_fuse_and_keep_their_tokens(tmp_path, 
     assert results[True] == results[False]
     assert results[True][0] == results[True][1]  # batched == alone
     layer = engine.runner.model.model.layers[0]
-    kinds = lambda: {fused_layer.layer_args(layer)[0][3 * i + 1] for i in range(4)}
+    cache = engine.runner.kv_caches[0]
+    kinds = lambda: {fused_layer.layer_parts(layer, cache, torch.float32).linears[3 * i + 1] for i in range(4)}
     assert kinds() == {5 if bits == 8 else 6}  # int8 activations, interleaved codes
     for m in streamed:  # back to exact weight-only products: the cached kernel arguments follow
         m.set_act_int8(False)
@@ -143,7 +144,7 @@ def test_adapter_rows_fuse_too_and_nothing_changes(tmp_path, default_model_dir, 
 
 
 class _Nudge(torch.nn.Module):
-    """A wrapper the engine knows nothing about (no fused_lora, no quiet_checks): it negates its base's output."""
+    """A wrapper the engine knows nothing about (no stack_parts): it negates its base's output."""
 
     def __init__(self, base: torch.nn.Module) -> None:
         super().__init__()
