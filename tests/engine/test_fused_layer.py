@@ -95,6 +95,54 @@ def test_gptq_layers_with_int8_activations_fuse_and_keep_their_tokens(tmp_path, 
     assert generate(engine, prompts[:1]) == [generate(engine, [p])[0] for p in prompts[:1]]
 
 
+def _stacks():
+    return [st.stack for st in fused_layer._STACKS.values() if st.stack is not None]
+
+
+@pytest.mark.parametrize("model", ["bfloat16", "float32", "gptq-4bit"])
+def test_the_stacks_lean_path_gives_the_per_operator_paths_bits(tmp_path, default_model_dir, model):
+    """A decode batch without adapter rows runs every layer on the stack's own buffers, calling the kernels on raw
+    pointers (cpu_layer_parts.h); its logprobs are the per-operator stack's to the last bit, batched and alone,
+    and a prefill chunk wider than the lean path's rows still takes the per-operator path."""
+    from loraplex.engine.llm_engine import LLMEngine
+    from loraplex.engine.quant.gptq import export_gptq
+    from tests.adapters.peft_factory import make_tiny_model
+
+    path, dtype, extra = default_model_dir, model, {}
+    if model == "gptq-4bit":
+        path = str(export_gptq(make_tiny_model(tmp_path / "tiny", default_model_dir), tmp_path / "q", bits=4,
+                               group_size=64))
+        dtype, extra = "float32", {"quantization": "gptq"}
+    engine = LLMEngine.from_engine_args(EngineArgs(model=path, dtype=dtype, cpu_linear="stream", max_num_seqs=4,
+                                                   kv_cache_memory_bytes=32 << 20, **extra))
+    params = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True, logprobs=3)
+    prompts = [[(17 * j + 3 * k) % 40000 + 100 for k in range(5 + 2 * j)] for j in range(3)] + [list(range(100, 140))]
+
+    def run(batch):
+        out: dict[str, list] = {}
+        ids = [f"r{i}-{time.monotonic_ns()}" for i in range(len(batch))]
+        for rid, p in zip(ids, batch):
+            engine.add_request(rid, p, params)
+        while engine.has_unfinished_requests():
+            for o in engine.step():
+                out.setdefault(o.request_id, []).append((o.token_ids, [repr(lp) for lp in o.logprobs or ()]))
+        return [out[rid] for rid in ids]
+
+    run(prompts[:1])  # builds the stack
+    results, taken = {}, {}
+    for lean in (True, False):
+        for stack in _stacks():
+            stack.set_lean(lean)
+        before = sum(stack.lean_calls() for stack in _stacks())
+        results[lean] = (run(prompts), [run([p])[0] for p in prompts])
+        taken[lean] = sum(stack.lean_calls() for stack in _stacks()) - before
+    for stack in _stacks():
+        stack.set_lean(True)
+    assert taken[False] == 0 and taken[True] >= 4 * params.max_tokens  # every decode step, batched and alone
+    assert results[True] == results[False]
+    assert [r[0] for r in results[True][0]] == [r[0] for r in results[True][1]]  # tokens: batched == alone
+
+
 def test_gptq_float32_takes_the_one_call_layer_under_the_default_cpu_linear(tmp_path, default_model_dir):
     """--cpu-linear auto with a wide batch keeps oneDNN for dense weights, but GPTQ linears stream regardless: the
     float32 fast kernels and the one-call layer come with them."""

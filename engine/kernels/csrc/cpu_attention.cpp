@@ -8,6 +8,7 @@
 #include <c10/util/BFloat16.h>
 #include <torch/library.h>
 
+#include "cpu_layer_parts.h"
 #include "cpu_vec.h"
 
 #include <algorithm>
@@ -273,6 +274,24 @@ at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& k_cache, const
 }
 
 }  // namespace
+
+namespace lpx_parts {
+
+template <typename T>
+void paged_attention(const T* q, const T* k_cache, const T* v_cache, const int64_t* slot_table,
+                     const int64_t* row_index, const int64_t* row_len, T* out, int64_t num_rows, int64_t num_heads,
+                     int64_t num_kv_heads, int64_t head_dim, int64_t table_width, int64_t window, float scale) {
+  paged_attention_impl<T>(q, k_cache, v_cache, slot_table, row_index, row_len, out, num_rows, num_heads, num_kv_heads,
+                          head_dim, table_width, window, scale);
+}
+template void paged_attention<float>(const float*, const float*, const float*, const int64_t*, const int64_t*,
+                                     const int64_t*, float*, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t,
+                                     float);
+template void paged_attention<c10::BFloat16>(const c10::BFloat16*, const c10::BFloat16*, const c10::BFloat16*,
+                                             const int64_t*, const int64_t*, const int64_t*, c10::BFloat16*, int64_t,
+                                             int64_t, int64_t, int64_t, int64_t, int64_t, float);
+
+}  // namespace lpx_parts
 
 TORCH_LIBRARY(loraplex_cpu, m) {
   m.def("paged_attention(Tensor q, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor slot_table, Tensor row_index, "

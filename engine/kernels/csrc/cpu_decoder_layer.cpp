@@ -16,6 +16,12 @@
 #include <torch/custom_class.h>
 #include <torch/library.h>
 
+#include "cpu_layer_parts.h"
+
+#include <algorithm>
+#include <array>
+#include <cstring>
+#include <type_traits>
 #include <tuple>
 #include <vector>
 
@@ -161,6 +167,32 @@ at::Tensor decoder_layer(const at::Tensor& x, const at::Tensor& cos, const at::T
                                         window, slot_mapping}, lora);
 }
 
+
+// ---- the lean path: a small batch without adapter rows, every layer on buffers the stack holds ---------------------
+// The same kernels in the same order as layer_forward, called on raw pointers (cpu_layer_parts.h): no tensor is made,
+// viewed or dispatched per operation, and the step's tables are checked once instead of once per layer. Bit for bit
+// layer_forward's output (tests/engine/test_fused_layer.py compares them).
+constexpr int64_t LEAN_MAX_ROWS = 16;  // decode batches; larger ones (prefill chunks) take layer_forward
+
+struct LeanLinear {
+  at::Tensor w;
+  OptT scales, zeros;
+  at::Tensor bias;  // contiguous, or undefined
+  int64_t kind, group;
+};
+
+inline LeanLinear lean_linear(const c10::List<OptT>& t, int64_t kind, int64_t group) {
+  const OptT b = t.get(3);
+  return {*t.get(0), t.get(1), t.get(2), b.has_value() && b->defined() ? b->contiguous() : at::Tensor(), kind, group};
+}
+
+template <typename T>
+void lean_linear_into(const T* x, int64_t M, int64_t K, const LeanLinear& l, T* out) {
+  lpx_parts::linear_into(x, std::is_same<T, c10::BFloat16>::value, M, K, l.w, l.scales, l.zeros, l.kind, l.group,
+                         l.bias.defined() ? l.bias.data_ptr() : nullptr, out);
+}
+
+
 // Every decoder layer of a model in one call: each layer exactly as decoder_layer computes it, in order, on the
 // weights, caches and LoRA pools given once at construction (engine/layers/fused_layer.py builds it and checks
 // it still describes the model), with the step's LoRA rows per target module (shared by every layer). What it
@@ -194,6 +226,10 @@ struct DecoderStack : torch::CustomClassHolder {
       layers.push_back(LayerWeights{norms[2 * i], norms[2 * i + 1], eps[i], four(16 * i), four(16 * i + 4),
                                     four(16 * i + 8), four(16 * i + 12), kg[0], kg[1], kg[2], kg[3], kg[4], kg[5],
                                     kg[6], kg[7], caches[2 * i], caches[2 * i + 1]});
+      const LayerWeights& w = layers.back();
+      lean.push_back({lean_linear(w.qkv, w.qkv_kind, w.qkv_group), lean_linear(w.o, w.o_kind, w.o_group),
+                      lean_linear(w.gate_up, w.gate_up_kind, w.gate_up_group),
+                      lean_linear(w.down, w.down_kind, w.down_group)});
     }
   }
 
@@ -203,6 +239,13 @@ struct DecoderStack : torch::CustomClassHolder {
                      const at::Tensor& slot_mapping, const c10::List<OptT>& rows) {
     TORCH_CHECK(rows.size() == 0 || (rows.size() == MODULES * LORA_ROWS && pools.size() > 0),
                 "DecoderStack: rows are empty or 7 x 6 entries (with pools)");
+    if (rows.size() == 0 && use_lean && x.dim() == 2 && x.size(0) >= 1 && x.size(0) <= LEAN_MAX_ROWS &&
+        x.is_contiguous() && !layers.empty()) {
+      if (x.scalar_type() == at::kFloat) return lean_forward<float>(x, cos, sin, slot_table, row_index, row_len,
+                                                                    window, slot_mapping);
+      if (x.scalar_type() == at::kBFloat16)
+        return lean_forward<c10::BFloat16>(x, cos, sin, slot_table, row_index, row_len, window, slot_mapping);
+    }
     const StepRows s{num_heads, num_kv_heads, head_dim, scale, slot_table, row_index, row_len, window, slot_mapping};
     const c10::List<OptT> none;
     at::Tensor h = x;
@@ -226,6 +269,119 @@ struct DecoderStack : torch::CustomClassHolder {
   }
 
   int64_t num_layers() const { return static_cast<int64_t>(layers.size()); }
+  void set_lean(bool on) { use_lean = on; }
+  int64_t lean_calls() const { return lean_calls_; }
+
+  std::vector<std::array<LeanLinear, 4>> lean;  // per layer: qkv, o, gate_up, down
+  bool use_lean = true;
+  int64_t lean_calls_ = 0;  // forward calls the lean path took
+  at::ScalarType lean_checked = at::ScalarType::Undefined;  // the x dtype every layer's parts were checked for
+  at::Tensor arena;                                         // the lean path's buffers (grown, never shrunk)
+
+  // the once-per-dtype checks of what the operators check per call: weights, biases and caches fit x's dtype
+  void check_lean(at::ScalarType dt, int64_t hidden) {
+    if (lean_checked == dt) return;
+    const bool bf = dt == at::kBFloat16;
+    const int64_t q_width = num_heads * head_dim, kv_width = num_kv_heads * head_dim;
+    TORCH_CHECK(num_heads % num_kv_heads == 0 && head_dim % 2 == 0, "DecoderStack: head shapes");
+    for (size_t i = 0; i < layers.size(); ++i) {
+      const LayerWeights& w = layers[i];
+      for (const at::Tensor* c : {&w.k_cache, &w.v_cache})
+        TORCH_CHECK(c->scalar_type() == dt && c->is_contiguous() && c->dim() == 3 && c->size(1) == num_kv_heads &&
+                        c->size(2) == head_dim && c->sizes() == layers[0].k_cache.sizes(),
+                    "DecoderStack: caches [S, kv heads, head_dim] of x's dtype, the same in every layer");
+      for (const at::Tensor* n : {&w.input_norm, &w.post_norm})
+        TORCH_CHECK(n->scalar_type() == dt && n->is_contiguous() && n->numel() == hidden, "DecoderStack: norms");
+      const auto& l = lean[i];
+      const int64_t inter = l[2].w.size(0) / 2;
+      lpx_parts::check_linear(bf, hidden, l[0].w, l[0].scales, l[0].zeros, l[0].kind, l[0].group, l[0].bias);
+      lpx_parts::check_linear(bf, q_width, l[1].w, l[1].scales, l[1].zeros, l[1].kind, l[1].group, l[1].bias);
+      lpx_parts::check_linear(bf, hidden, l[2].w, l[2].scales, l[2].zeros, l[2].kind, l[2].group, l[2].bias);
+      lpx_parts::check_linear(bf, inter, l[3].w, l[3].scales, l[3].zeros, l[3].kind, l[3].group, l[3].bias);
+      TORCH_CHECK(l[0].w.size(0) == q_width + 2 * kv_width && l[1].w.size(0) == hidden && l[3].w.size(0) == hidden &&
+                      l[2].w.size(0) % 2 == 0,
+                  "DecoderStack: linear widths disagree with the heads or the hidden size");
+    }
+    lean_checked = dt;
+  }
+
+  template <typename T>
+  at::Tensor lean_forward(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin,
+                          const at::Tensor& slot_table, const at::Tensor& row_index, const at::Tensor& row_len,
+                          int64_t window, const at::Tensor& slot_mapping) {
+    const int64_t M = x.size(0), H = x.size(1), L = static_cast<int64_t>(layers.size());
+    check_lean(x.scalar_type(), H);
+    ++lean_calls_;
+    const int64_t D = head_dim, q_width = num_heads * D, kv_width = num_kv_heads * D, qkv_width = q_width + 2 * kv_width;
+    const int64_t inter = lean[0][2].w.size(0) / 2;
+    // the step's tables, once: what paged_attention checks on every call
+    const int64_t S = layers[0].k_cache.size(0);
+    const auto table = slot_table.contiguous(), idx = row_index.contiguous(), lens = row_len.contiguous(),
+               slots = slot_mapping.contiguous();
+    TORCH_CHECK(table.scalar_type() == at::kLong && idx.scalar_type() == at::kLong && lens.scalar_type() == at::kLong &&
+                    slots.scalar_type() == at::kLong && table.dim() == 2 && idx.numel() == M && lens.numel() == M &&
+                    slots.numel() == M,
+                "DecoderStack: int64 slot_table [R, W], row_index, row_len and slot_mapping [tokens] expected");
+    const int64_t W = table.size(1), R = table.size(0);
+    const int64_t *tp = table.data_ptr<int64_t>(), *ip = idx.data_ptr<int64_t>(), *lp = lens.data_ptr<int64_t>(),
+                  *sp = slots.data_ptr<int64_t>();
+    for (int64_t i = 0; i < R * W; ++i) TORCH_CHECK(tp[i] >= 0 && tp[i] < S, "paged_attention: read slot out of range");
+    for (int64_t t = 0; t < M; ++t) {
+      TORCH_CHECK(sp[t] >= 0 && sp[t] < S, "paged_attention: write slot out of range");
+      TORCH_CHECK(lp[t] >= 0 && lp[t] <= W && ip[t] >= 0 && ip[t] < R, "paged_attention: row_len / row_index");
+    }
+    const auto c = cos.reshape({M, D}).contiguous(), sn = sin.reshape({M, D}).contiguous();
+    TORCH_CHECK(c.scalar_type() == x.scalar_type() && sn.scalar_type() == x.scalar_type(), "rotary_: cos/sin dtype");
+    // buffers: the other residual, h, qkv, q (M > 1), attention, o, normed, gate_up, m, down
+    const int64_t sizes[] = {M * H, M * H, M * qkv_width, M * q_width, M * q_width, M * H, M * H, M * 2 * inter,
+                             M * inter, M * H};
+    int64_t offsets[10], total = 0;
+    for (int i = 0; i < 10; ++i) {
+      offsets[i] = total;
+      total += (sizes[i] * static_cast<int64_t>(sizeof(T)) + 63) / 64 * 64;
+    }
+    if (!arena.defined() || arena.numel() < total) arena = at::empty({total}, at::kByte);
+    char* base = static_cast<char*>(arena.data_ptr());
+    T* buf[10];
+    for (int i = 0; i < 10; ++i) buf[i] = reinterpret_cast<T*>(base + offsets[i]);
+    T *tmp = buf[0], *h = buf[1], *qkv = buf[2], *qc = buf[3], *attn = buf[4], *a = buf[5], *normed = buf[6],
+      *gu = buf[7], *m = buf[8], *d = buf[9];
+    at::Tensor out = at::empty({M, H}, x.options());
+    const T* cp = c.data_ptr<T>();
+    const T* sp2 = sn.data_ptr<T>();
+    const float sc = static_cast<float>(scale);
+    const T* xi = x.data_ptr<T>();
+    for (int64_t i = 0; i < L; ++i) {
+      const LayerWeights& w = layers[i];
+      const auto& l = lean[i];
+      const float eps = static_cast<float>(w.eps);
+      T* sum = (L - 1 - i) % 2 == 0 ? out.data_ptr<T>() : tmp;  // the last layer writes the output
+      lpx_parts::rms_norm<T>(xi, w.input_norm.data_ptr<T>(), h, M, H, eps);
+      lean_linear_into<T>(h, M, H, l[0], qkv);
+      lpx_parts::rotary<T>(qkv, cp, sp2, M, num_heads, D, qkv_width);
+      lpx_parts::rotary<T>(qkv + q_width, cp, sp2, M, num_kv_heads, D, qkv_width);
+      T* kc = w.k_cache.data_ptr<T>();
+      T* vc = w.v_cache.data_ptr<T>();
+      for (int64_t t = 0; t < M; ++t) {  // this step's keys and values into the caches first
+        std::memcpy(kc + sp[t] * kv_width, qkv + t * qkv_width + q_width, kv_width * sizeof(T));
+        std::memcpy(vc + sp[t] * kv_width, qkv + t * qkv_width + q_width + kv_width, kv_width * sizeof(T));
+      }
+      const T* q = qkv;
+      if (M > 1) {
+        for (int64_t t = 0; t < M; ++t) std::memcpy(qc + t * q_width, qkv + t * qkv_width, q_width * sizeof(T));
+        q = qc;
+      }
+      lpx_parts::paged_attention<T>(q, kc, vc, tp, ip, lp, attn, M, num_heads, num_kv_heads, D, W, window, sc);
+      lean_linear_into<T>(attn, M, q_width, l[1], a);
+      lpx_parts::add_rms_norm<T>(xi, a, w.post_norm.data_ptr<T>(), sum, normed, M, H, eps);
+      lean_linear_into<T>(normed, M, H, l[2], gu);
+      lpx_parts::silu_and_mul<T>(gu, gu + inter, m, M, inter, 2 * inter, 2 * inter);
+      lean_linear_into<T>(m, M, inter, l[3], d);
+      for (int64_t j = 0; j < M * H; ++j) sum[j] = static_cast<T>(static_cast<float>(sum[j]) + static_cast<float>(d[j]));
+      xi = sum;
+    }
+    return out;
+  }
 };
 
 }  // namespace
@@ -243,5 +399,7 @@ TORCH_LIBRARY_FRAGMENT(loraplex_cpu, m) {
       .def(torch::init<std::vector<at::Tensor>, std::vector<double>, c10::List<OptT>, std::vector<int64_t>,
                        std::vector<at::Tensor>, c10::List<OptT>, int64_t, int64_t, int64_t, double>())
       .def("forward", &DecoderStack::forward)
-      .def("num_layers", &DecoderStack::num_layers);
+      .def("num_layers", &DecoderStack::num_layers)
+      .def("set_lean", &DecoderStack::set_lean)
+      .def("lean_calls", &DecoderStack::lean_calls);
 }

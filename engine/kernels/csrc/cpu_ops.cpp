@@ -7,6 +7,7 @@
 #include <c10/util/BFloat16.h>
 #include <torch/library.h>
 
+#include "cpu_layer_parts.h"
 #include "cpu_vec.h"
 
 #include <algorithm>
@@ -299,6 +300,36 @@ std::string vector_isa() {
 }
 
 }  // namespace
+
+namespace lpx_parts {
+
+template <typename T>
+void rms_norm(const T* x, const T* w, T* out, int64_t rows, int64_t dim, float eps) {
+  rms_norm_impl<T>(x, w, out, rows, dim, eps);
+}
+template <typename T>
+void add_rms_norm(const T* x, const T* a, const T* w, T* sum, T* out, int64_t rows, int64_t dim, float eps) {
+  add_rms_norm_impl<T>(x, a, w, sum, out, rows, dim, eps);
+}
+template <typename T>
+void silu_and_mul(const T* gate, const T* up, T* out, int64_t rows, int64_t dim, int64_t gate_stride,
+                  int64_t up_stride) {
+  silu_and_mul_impl<T>(gate, up, out, rows, dim, gate_stride, up_stride);
+}
+template <typename T>
+void rotary(T* x, const T* cos, const T* sin, int64_t tokens, int64_t heads, int64_t dim, int64_t row_stride) {
+  rotary_impl<T>(x, cos, sin, tokens, heads, dim, row_stride);
+}
+#define LPX_PARTS(T)                                                                                       \
+  template void rms_norm<T>(const T*, const T*, T*, int64_t, int64_t, float);                             \
+  template void add_rms_norm<T>(const T*, const T*, const T*, T*, T*, int64_t, int64_t, float);           \
+  template void silu_and_mul<T>(const T*, const T*, T*, int64_t, int64_t, int64_t, int64_t);              \
+  template void rotary<T>(T*, const T*, const T*, int64_t, int64_t, int64_t, int64_t);
+LPX_PARTS(float)
+LPX_PARTS(c10::BFloat16)
+#undef LPX_PARTS
+
+}  // namespace lpx_parts
 
 TORCH_LIBRARY_FRAGMENT(loraplex_cpu, m) {
   m.def("vector_isa() -> str");

@@ -28,6 +28,8 @@
 #include <c10/util/BFloat16.h>
 #include <torch/library.h>
 
+#include "cpu_layer_parts.h"
+
 #if defined(__AVX2__) || defined(__FMA__)
 #include <immintrin.h>
 #endif
@@ -828,8 +830,29 @@ at::Tensor stream_linear(const at::Tensor& x, const at::Tensor& w, const c10::op
   TORCH_CHECK(x.device().is_cpu() && w.device().is_cpu(), "stream_linear: CPU tensors expected");
   TORCH_CHECK(x.dim() == 2 && x.stride(1) == 1, "stream_linear: x [M, K] with contiguous rows expected");
   TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16, "stream_linear: float32 or bfloat16 x");
+  const bool x_bf16 = x.scalar_type() == at::kBFloat16;
+  const int64_t M = x.size(0), K = x.size(1);
+  lpx_parts::check_linear(x_bf16, K, w, scales, zeros, kind, group, bias);
+  auto out = at::empty({M, w.size(0)}, x.options());
+  if (M == 0) return out;
+  c10::optional<at::Tensor> b;
+  if (bias.has_value() && bias->defined()) b = bias->contiguous();
+  const auto xc = x.contiguous();
+  lpx_parts::linear_into(xc.data_ptr(), x_bf16, M, K, w, scales, zeros, kind, group, b ? b->data_ptr() : nullptr,
+                         out.data_ptr());
+  return out;
+}
+
+}  // namespace
+
+namespace lpx_parts {
+
+void check_linear(bool x_bf16, int64_t K, const at::Tensor& w, const c10::optional<at::Tensor>& scales,
+                  const c10::optional<at::Tensor>& zeros, int64_t kind, int64_t group,
+                  const c10::optional<at::Tensor>& bias) {
+  TORCH_CHECK(w.device().is_cpu(), "stream_linear: CPU tensors expected");
   TORCH_CHECK(w.is_contiguous() && w.dim() == 2, "stream_linear: contiguous 2-D weight expected");
-  const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
+  const int64_t N = w.size(0);
   TORCH_CHECK(K % 16 == 0, "stream_linear: in_features must be a multiple of 16");
   if (kind == kDense) {
     TORCH_CHECK(w.size(1) == K && (w.scalar_type() == at::kFloat || w.scalar_type() == at::kBFloat16),
@@ -850,43 +873,52 @@ at::Tensor stream_linear(const at::Tensor& x, const at::Tensor& w, const c10::op
     TORCH_CHECK(kind < kU8A8 || (K % QC == 0 && group % QC == 0),
                 "stream_linear: int8 activations need in_features and group size multiples of 64");
   }
-  auto out = at::empty({M, N}, x.options());
-  if (M == 0) return out;
-  c10::optional<at::Tensor> b;
   if (bias.has_value() && bias->defined()) {
-    TORCH_CHECK(bias->numel() == N && bias->scalar_type() == x.scalar_type(), "stream_linear: bias [N] of x's dtype");
-    b = bias->contiguous();
+    TORCH_CHECK(bias->numel() == N && bias->scalar_type() == (x_bf16 ? at::kBFloat16 : at::kFloat),
+                "stream_linear: bias [N] of x's dtype");
   }
+}
+
+void linear_into(const void* x, bool x_bf16, int64_t M, int64_t K, const at::Tensor& w,
+                 const c10::optional<at::Tensor>& scales, const c10::optional<at::Tensor>& zeros, int64_t kind,
+                 int64_t group, const void* bias, void* out) {
+  if (M == 0) return;
+  const int64_t N = w.size(0);
   const float* s = kind == kDense ? nullptr : scales->data_ptr<float>();
   const int32_t* z = kind == kDense ? nullptr : zeros->data_ptr<int32_t>();
-  if (kind == kDense && x.scalar_type() == at::kBFloat16 && w.scalar_type() == at::kBFloat16 && K % BC == 0) {
-    const auto xc = x.contiguous();
-    run_bf16(xc.data_ptr<bf16>(), M, K, N, w.data_ptr<bf16>(), b ? b->data_ptr<bf16>() : nullptr,
-             out.data_ptr<bf16>());
-    return out;
+  if (kind == kDense && x_bf16 && w.scalar_type() == at::kBFloat16 && K % BC == 0) {
+    run_bf16(static_cast<const bf16*>(x), M, K, N, w.data_ptr<bf16>(), static_cast<const bf16*>(bias),
+             static_cast<bf16*>(out));
+    return;
   }
-  const auto xf = x.scalar_type() == at::kFloat ? x.contiguous() : x.to(at::kFloat).contiguous();
+  const float* xf = static_cast<const float*>(x);
+  thread_local std::vector<float> widened;  // a bfloat16 x in float32 (exact), reused
+  if (x_bf16) {
+    widened.resize(M * K);
+    const bf16* xb = static_cast<const bf16*>(x);
+    for (int64_t i = 0; i < M * K; ++i) widened[i] = static_cast<float>(xb[i]);
+    xf = widened.data();
+  }
   if (kind >= kU8A8) {
     const uint8_t* codes = w.data_ptr<uint8_t>();
     const bool uniform = zeros->numel() == 1;  // (a single group: the same either way)
-    if (x.scalar_type() == at::kFloat) {
-      run_q<float>(xf.data_ptr<float>(), M, K, N, kind, codes, s, z, uniform, group,
-                   b ? b->data_ptr<float>() : nullptr, out.data_ptr<float>());
+    if (!x_bf16) {
+      run_q<float>(xf, M, K, N, kind, codes, s, z, uniform, group, static_cast<const float*>(bias),
+                   static_cast<float*>(out));
     } else {
-      run_q<c10::BFloat16>(xf.data_ptr<float>(), M, K, N, kind, codes, s, z, uniform, group,
-                           b ? b->data_ptr<c10::BFloat16>() : nullptr, out.data_ptr<c10::BFloat16>());
+      run_q<bf16>(xf, M, K, N, kind, codes, s, z, uniform, group, static_cast<const bf16*>(bias),
+                  static_cast<bf16*>(out));
     }
-  } else if (x.scalar_type() == at::kFloat) {
-    run<float>(xf.data_ptr<float>(), M, K, N, kind, w.data_ptr(), w.scalar_type(), s, z, group,
-               b ? b->data_ptr<float>() : nullptr, out.data_ptr<float>());
+  } else if (!x_bf16) {
+    run<float>(xf, M, K, N, kind, w.data_ptr(), w.scalar_type(), s, z, group, static_cast<const float*>(bias),
+               static_cast<float*>(out));
   } else {
-    run<c10::BFloat16>(xf.data_ptr<float>(), M, K, N, kind, w.data_ptr(), w.scalar_type(), s, z, group,
-                       b ? b->data_ptr<c10::BFloat16>() : nullptr, out.data_ptr<c10::BFloat16>());
+    run<bf16>(xf, M, K, N, kind, w.data_ptr(), w.scalar_type(), s, z, group, static_cast<const bf16*>(bias),
+              static_cast<bf16*>(out));
   }
-  return out;
 }
 
-}  // namespace
+}  // namespace lpx_parts
 
 TORCH_LIBRARY_FRAGMENT(loraplex_cpu, m) {
   m.def("stream_linear(Tensor x, Tensor w, Tensor? scales, Tensor? zeros, int kind, int group, Tensor? bias) -> Tensor");
