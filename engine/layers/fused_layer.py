@@ -24,7 +24,7 @@ from torch import nn
 from loraplex.engine.kernels import cpu_kernels
 from loraplex.engine.quant.stream import SWITCHES, StreamLinear
 
-_DISABLED = {"value": False, "stack": False}
+_DISABLED = {"value": False, "stack": False, "lean": False}
 # layers computed by the one-call kernel since start, and steps whose layers all ran in one stack call (tests read them)
 STATS = {"fused_calls": 0, "stack_calls": 0}
 _ATTENTION_FORWARD = _MLP_FORWARD = None  # LlamaAttention.forward / LlamaMLP.forward, set by the model module
@@ -36,10 +36,11 @@ def register_module_forwards(attention_forward, mlp_forward) -> None:
     _ATTENTION_FORWARD, _MLP_FORWARD = attention_forward, mlp_forward
 
 
-def set_enabled(enabled: bool, stack: bool = True) -> None:
-    """Tests compare the fused call against the module path with this, and the whole-stack call against the fused
-    layers one by one with `stack` (process-wide, not thread-safe)."""
-    _DISABLED["value"], _DISABLED["stack"] = not enabled, not stack
+def set_enabled(enabled: bool, stack: bool = True, lean: bool = True) -> None:
+    """Tests compare the fused call against the module path with this, the whole-stack call against the fused
+    layers one by one with `stack`, and the stack's lean path for decode batches against its per-operator one with
+    `lean` (process-wide, not thread-safe)."""
+    _DISABLED["value"], _DISABLED["stack"], _DISABLED["lean"] = not enabled, not stack, not lean
 
 
 LORA_ARGS = 8  # per module: a_pool, b_pool and lora_apply_'s six row tensors
@@ -201,6 +202,7 @@ class _Stack:
 
     def __init__(self, key: tuple, stack=None, checks: tuple = (), sources: tuple = ()) -> None:
         self.key, self.stack, self.checks, self.sources = key, stack, checks, sources
+        self.lean = True  # the stack's lean path for decode batches is on (DecoderStack.set_lean)
 
 
 _STACKS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # the layers' ModuleList -> _Stack
@@ -251,6 +253,9 @@ def try_fused_stack(layers: nn.ModuleList, x: torch.Tensor, cos: torch.Tensor, s
     rows = _step_rows(cached.sources)
     if rows is None:
         return None
+    if cached.lean == _DISABLED["lean"]:
+        cached.lean = not _DISABLED["lean"]
+        cached.stack.set_lean(cached.lean)
     STATS["stack_calls"] += 1
     STATS["fused_calls"] += len(layers)
     return cached.stack.forward(x, cos, sin, attn.kernel_slots, attn.kernel_rows, attn.kernel_lens,

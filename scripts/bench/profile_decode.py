@@ -2,7 +2,7 @@
 its weights take to stream from memory at this machine's measured bandwidth and everything else.
 
     python scripts/bench/profile_decode.py [--dtype bfloat16 float32] [--batch 1 4 16] [--steps 24] [--top 12]
-        [--cpu-linear onednn stream] [--stack on off] [--server-runtimes] [--model FOLDER]
+        [--cpu-linear onednn stream] [--stack on per-op off] [--server-runtimes] [--model FOLDER]
 
 For each (dtype, batch): the median wall time of `--steps` decode steps (no profiler), the bytes of weights a step
 reads (every linear and the head; the embedding only by rows), that over the bandwidth measured here (a streaming
@@ -95,8 +95,9 @@ def main() -> None:
     p.add_argument("--server-runtimes", action="store_true",
                    help="install the adapter and training runtimes as `loraplex serve` does (their wrappers on every "
                         "linear, idle: base rows only)")
-    p.add_argument("--stack", nargs="+", default=["on"], choices=["on", "off"],
-                   help="the whole-stack call (on) or the one-call layers one by one (off), each in turn")
+    p.add_argument("--stack", nargs="+", default=["on"], choices=["on", "per-op", "off"],
+                   help="the whole-stack call (on: decode batches on its lean path), the stack operator by operator "
+                        "(per-op) or the one-call layers one by one (off), each in turn")
     args = p.parse_args()
 
     from loraplex.engine.default_model import ensure_default_model
@@ -114,7 +115,7 @@ def main() -> None:
         from loraplex.trainer.service import create_training_runtime
         hooks = (create_lora_runtime, create_training_runtime)
     for dtype, cpu_linear, stack in [(d, c, st) for d in args.dtype for c in args.cpu_linear for st in args.stack]:
-        fused_layer.set_enabled(True, stack=stack == "on")
+        fused_layer.set_enabled(True, stack=stack != "off", lean=stack == "on")
         engine = LLMEngine.from_engine_args(EngineArgs(model=model, dtype=dtype, max_num_seqs=max(args.batch),
                                                        enable_prefix_caching=False, cpu_linear=cpu_linear),
                                             *hooks)
@@ -135,7 +136,7 @@ def main() -> None:
             events = prof.key_averages()
             calls = sum(e.count for e in events if "::" in e.key) / args.steps
             op_ms = sum(e.self_cpu_time_total for e in events) / 1e3 / args.steps
-            print(f"\n{dtype} {cpu_linear}{' (layers one by one)' if stack == 'off' else ''} batch {batch}: step {step_ms:.2f} ms ({batch / step_ms * 1e3:.1f} tok/s); weights "
+            print(f"\n{dtype} {cpu_linear}{ {'off': ' (layers one by one)', 'per-op': ' (stack per operator)'}.get(stack, '')} batch {batch}: step {step_ms:.2f} ms ({batch / step_ms * 1e3:.1f} tok/s); weights "
                   f"{nbytes / 1e6:.0f} MB -> bandwidth bound {bound_ms:.2f} ms ({100 * bound_ms / step_ms:.0f}% of the "
                   f"step; {nbytes / (step_ms / 1e3) / 1e9:.1f} GB/s achieved)", flush=True)
             print(f"  profiled ({profiled_ms:.2f} ms a step under the profiler): {calls:.0f} operator calls per step, "

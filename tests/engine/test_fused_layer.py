@@ -100,7 +100,7 @@ def _stacks():
 
 
 @pytest.mark.parametrize("model", ["bfloat16", "float32", "gptq-4bit"])
-def test_the_stacks_lean_path_gives_the_per_operator_paths_bits(tmp_path, default_model_dir, model):
+def test_the_stacks_lean_path_gives_the_per_operator_paths_bits(tmp_path, default_model_dir, fused_switch, model):
     """A decode batch without adapter rows runs every layer on the stack's own buffers, calling the kernels on raw
     pointers (cpu_layer_parts.h); its logprobs are the per-operator stack's to the last bit, batched and alone,
     and a prefill chunk wider than the lean path's rows still takes the per-operator path."""
@@ -131,13 +131,10 @@ def test_the_stacks_lean_path_gives_the_per_operator_paths_bits(tmp_path, defaul
     run(prompts[:1])  # builds the stack
     results, taken = {}, {}
     for lean in (True, False):
-        for stack in _stacks():
-            stack.set_lean(lean)
+        fused_switch(True, lean=lean)
         before = sum(stack.lean_calls() for stack in _stacks())
         results[lean] = (run(prompts), [run([p])[0] for p in prompts])
         taken[lean] = sum(stack.lean_calls() for stack in _stacks()) - before
-    for stack in _stacks():
-        stack.set_lean(True)
     assert taken[False] == 0 and taken[True] >= 4 * params.max_tokens  # every decode step, batched and alone
     assert results[True] == results[False]
     assert [r[0] for r in results[True][0]] == [r[0] for r in results[True][1]]  # tokens: batched == alone
