@@ -169,8 +169,8 @@ def test_adapter_rows_fuse_too_and_nothing_changes(tmp_path, default_model_dir, 
     engine.adapter_hook.register_adapter("a1", 1, 1, str(folder))
     prompts = {f"p{j}": [(13 * j + 5 * k) % 40000 + 100 for k in range(6 + j)] for j in range(3)}
     outputs = {}
-    for mode in ("modules", "layers", "stack"):
-        fused_switch(mode != "modules", stack=mode == "stack")
+    for mode in ("modules", "layers", "stack per operator", "stack"):  # "stack": decode steps on its lean path
+        fused_switch(mode != "modules", stack=mode.startswith("stack"), lean=mode == "stack")
         alone = {f"{rid}-{key}": run(engine, {"x": (p, GREEDY, key)})["x"]
                  for rid, p in prompts.items() for key in (None, (1, 1))}
         mixed = run(engine, {f"{rid}-{key}": (p, GREEDY, key) for rid, p in prompts.items() for key in (None, (1, 1))})
@@ -179,12 +179,15 @@ def test_adapter_rows_fuse_too_and_nothing_changes(tmp_path, default_model_dir, 
         if mode != "modules":  # base and plain LoRA rows fuse, every layer of every step (short prefills too)
             for key in (None, (1, 1)):
                 before, stacks = fused_layer.STATS["fused_calls"], fused_layer.STATS["stack_calls"]
+                lean = sum(stack.lean_calls() for stack in _stacks())
                 run(engine, {"x": (prompts["p0"], GREEDY, key)})
                 assert fused_layer.STATS["fused_calls"] - before == GREEDY.max_tokens * config.num_hidden_layers
                 # and every step is one whole-stack call, with the adapter's rows or without
-                stacked = GREEDY.max_tokens if mode == "stack" else 0
+                stacked = GREEDY.max_tokens if mode.startswith("stack") else 0
                 assert fused_layer.STATS["stack_calls"] - stacks == stacked
-    assert outputs["stack"] == outputs["layers"] == outputs["modules"]
+                # the lean path takes them all (up to 16 rows: the short prefill too), adapter rows included
+                assert sum(stack.lean_calls() for stack in _stacks()) - lean == (stacked if mode == "stack" else 0)
+    assert outputs["stack"] == outputs["stack per operator"] == outputs["layers"] == outputs["modules"]
     assert len({tuple(v) for v in outputs["stack"][0].values()}) > 3  # the adapter really changes outputs
 
 

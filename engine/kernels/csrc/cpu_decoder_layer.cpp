@@ -168,9 +168,10 @@ at::Tensor decoder_layer(const at::Tensor& x, const at::Tensor& cos, const at::T
 }
 
 
-// ---- the lean path: a small batch without adapter rows, every layer on buffers the stack holds ---------------------
+// ---- the lean path: a small batch, every layer on buffers the stack holds -------------------------------------------
 // The same kernels in the same order as layer_forward, called on raw pointers (cpu_layer_parts.h): no tensor is made,
-// viewed or dispatched per operation, and the step's tables are checked once instead of once per layer. Bit for bit
+// viewed or dispatched per operation (but for adapter rows, applied by lora_apply_ on tensors over the buffers), and
+// the step's tables are checked once instead of once per layer. Bit for bit
 // layer_forward's output (tests/engine/test_fused_layer.py compares them).
 constexpr int64_t LEAN_MAX_ROWS = 16;  // decode batches; larger ones (prefill chunks) take layer_forward
 
@@ -239,33 +240,32 @@ struct DecoderStack : torch::CustomClassHolder {
                      const at::Tensor& slot_mapping, const c10::List<OptT>& rows) {
     TORCH_CHECK(rows.size() == 0 || (rows.size() == MODULES * LORA_ROWS && pools.size() > 0),
                 "DecoderStack: rows are empty or 7 x 6 entries (with pools)");
-    if (rows.size() == 0 && use_lean && x.dim() == 2 && x.size(0) >= 1 && x.size(0) <= LEAN_MAX_ROWS &&
-        x.is_contiguous() && !layers.empty()) {
-      if (x.scalar_type() == at::kFloat) return lean_forward<float>(x, cos, sin, slot_table, row_index, row_len,
-                                                                    window, slot_mapping);
+    if (use_lean && x.dim() == 2 && x.size(0) >= 1 && x.size(0) <= LEAN_MAX_ROWS && x.is_contiguous() &&
+        !layers.empty()) {
+      if (x.scalar_type() == at::kFloat)
+        return lean_forward<float>(x, cos, sin, slot_table, row_index, row_len, window, slot_mapping, rows);
       if (x.scalar_type() == at::kBFloat16)
-        return lean_forward<c10::BFloat16>(x, cos, sin, slot_table, row_index, row_len, window, slot_mapping);
+        return lean_forward<c10::BFloat16>(x, cos, sin, slot_table, row_index, row_len, window, slot_mapping, rows);
     }
     const StepRows s{num_heads, num_kv_heads, head_dim, scale, slot_table, row_index, row_len, window, slot_mapping};
-    const c10::List<OptT> none;
     at::Tensor h = x;
-    for (size_t i = 0; i < layers.size(); ++i) {
-      if (rows.size() == 0) {
-        h = layer_forward(h, cos, sin, layers[i], s, none);
-        continue;
-      }
-      c10::List<OptT> lora;  // this layer's 7 x 8 arguments: its pools and the step's rows where both exist
-      lora.reserve(MODULES * LORA_ARGS);
-      for (int64_t m = 0; m < MODULES; ++m) {
-        const int64_t p = (static_cast<int64_t>(i) * MODULES + m) * 2;
-        const bool on = pools.get(p).has_value() && rows.get(m * LORA_ROWS).has_value();
-        lora.push_back(on ? pools.get(p) : c10::nullopt);
-        lora.push_back(on ? pools.get(p + 1) : c10::nullopt);
-        for (int64_t j = 0; j < LORA_ROWS; ++j) lora.push_back(on ? rows.get(m * LORA_ROWS + j) : c10::nullopt);
-      }
-      h = layer_forward(h, cos, sin, layers[i], s, lora);
-    }
+    for (size_t i = 0; i < layers.size(); ++i) h = layer_forward(h, cos, sin, layers[i], s, layer_lora(i, rows));
     return h;
+  }
+
+  // layer i's 7 x 8 lora_apply_ arguments: its pools and the step's rows where both exist (empty: no rows this step)
+  c10::List<OptT> layer_lora(size_t i, const c10::List<OptT>& rows) const {
+    c10::List<OptT> lora;
+    if (rows.size() == 0) return lora;
+    lora.reserve(MODULES * LORA_ARGS);
+    for (int64_t m = 0; m < MODULES; ++m) {
+      const int64_t p = (static_cast<int64_t>(i) * MODULES + m) * 2;
+      const bool on = pools.get(p).has_value() && rows.get(m * LORA_ROWS).has_value();
+      lora.push_back(on ? pools.get(p) : c10::nullopt);
+      lora.push_back(on ? pools.get(p + 1) : c10::nullopt);
+      for (int64_t j = 0; j < LORA_ROWS; ++j) lora.push_back(on ? rows.get(m * LORA_ROWS + j) : c10::nullopt);
+    }
+    return lora;
   }
 
   int64_t num_layers() const { return static_cast<int64_t>(layers.size()); }
@@ -308,7 +308,7 @@ struct DecoderStack : torch::CustomClassHolder {
   template <typename T>
   at::Tensor lean_forward(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin,
                           const at::Tensor& slot_table, const at::Tensor& row_index, const at::Tensor& row_len,
-                          int64_t window, const at::Tensor& slot_mapping) {
+                          int64_t window, const at::Tensor& slot_mapping, const c10::List<OptT>& rows) {
     const int64_t M = x.size(0), H = x.size(1), L = static_cast<int64_t>(layers.size());
     check_lean(x.scalar_type(), H);
     ++lean_calls_;
@@ -351,13 +351,26 @@ struct DecoderStack : torch::CustomClassHolder {
     const T* sp2 = sn.data_ptr<T>();
     const float sc = static_cast<float>(scale);
     const T* xi = x.data_ptr<T>();
+    const auto opts = x.options();
     for (int64_t i = 0; i < L; ++i) {
       const LayerWeights& w = layers[i];
       const auto& l = lean[i];
       const float eps = static_cast<float>(w.eps);
+      // module j's adapter rows, in place on y [M, width] (rows `y_stride` apart), input x [M, k]: as the
+      // wrappers add them right after the base product, on tensors over these buffers only where it has rows
+      const c10::List<OptT> lora = layer_lora(static_cast<size_t>(i), rows);
+      auto add_rows = [&](int64_t j, T* y, int64_t width, int64_t y_stride, const T* in, int64_t k) {
+        if (lora.size() == 0 || !lora.get(j * LORA_ARGS).has_value()) return;
+        const at::Tensor yt = at::from_blob(y, {M, width}, {y_stride, 1}, opts);
+        const at::Tensor xt = at::from_blob(const_cast<T*>(in), {M, k}, {k, 1}, opts);
+        add_lora([&] { return yt; }, xt, lora, j);
+      };
       T* sum = (L - 1 - i) % 2 == 0 ? out.data_ptr<T>() : tmp;  // the last layer writes the output
       lpx_parts::rms_norm<T>(xi, w.input_norm.data_ptr<T>(), h, M, H, eps);
       lean_linear_into<T>(h, M, H, l[0], qkv);
+      add_rows(0, qkv, q_width, qkv_width, h, H);
+      add_rows(1, qkv + q_width, kv_width, qkv_width, h, H);
+      add_rows(2, qkv + q_width + kv_width, kv_width, qkv_width, h, H);
       lpx_parts::rotary<T>(qkv, cp, sp2, M, num_heads, D, qkv_width);
       lpx_parts::rotary<T>(qkv + q_width, cp, sp2, M, num_kv_heads, D, qkv_width);
       T* kc = w.k_cache.data_ptr<T>();
@@ -373,10 +386,14 @@ struct DecoderStack : torch::CustomClassHolder {
       }
       lpx_parts::paged_attention<T>(q, kc, vc, tp, ip, lp, attn, M, num_heads, num_kv_heads, D, W, window, sc);
       lean_linear_into<T>(attn, M, q_width, l[1], a);
+      add_rows(3, a, H, H, attn, q_width);
       lpx_parts::add_rms_norm<T>(xi, a, w.post_norm.data_ptr<T>(), sum, normed, M, H, eps);
       lean_linear_into<T>(normed, M, H, l[2], gu);
+      add_rows(4, gu, inter, 2 * inter, normed, H);
+      add_rows(5, gu + inter, inter, 2 * inter, normed, H);
       lpx_parts::silu_and_mul<T>(gu, gu + inter, m, M, inter, 2 * inter, 2 * inter);
       lean_linear_into<T>(m, M, inter, l[3], d);
+      add_rows(6, d, H, H, m, inter);
       for (int64_t j = 0; j < M * H; ++j) sum[j] = static_cast<T>(static_cast<float>(sum[j]) + static_cast<float>(d[j]));
       xi = sum;
     }
