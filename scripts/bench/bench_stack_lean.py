@@ -15,30 +15,10 @@ import argparse
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from profile_decode import finish, make_prompts
-
-
-def decode_steps(engine, batch: int, prompts, steps: int, adapter: tuple | None) -> list[float]:
-    """Start `batch` requests (with `adapter`), run until every one is decoding, then time `steps` decode steps."""
-    from loraplex.engine.core.sampling_params import SamplingParams
-    params = SamplingParams(max_tokens=steps + 64, temperature=0.0, ignore_eos=True)
-    for i in range(batch):
-        engine.add_request(f"lean-{time.monotonic_ns()}-{i}", prompts[i % len(prompts)], params, adapter=adapter)
-    for _ in range(64):
-        engine.step()
-        if len(engine.scheduler.running) == batch and \
-                all(r.num_computed_tokens >= len(r.prompt_token_ids) for r in engine.scheduler.running):
-            break
-    times = []
-    for _ in range(steps):
-        t0 = time.perf_counter()
-        engine.step()
-        times.append(time.perf_counter() - t0)
-    return times
+from profile_decode import decode_steps, finish, make_prompts
 
 
 def main() -> None:

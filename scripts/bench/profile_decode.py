@@ -58,12 +58,13 @@ def _tied(model) -> bool:
     return getattr(model.config, "tie_word_embeddings", False)
 
 
-def decode_steps(engine, batch: int, prompts, steps: int) -> list[float]:
-    """Start `batch` requests, run until every one is decoding, then time `steps` decode steps."""
+def decode_steps(engine, batch: int, prompts, steps: int, adapter: tuple | None = None) -> list[float]:
+    """Start `batch` requests (on `adapter`, an (id, version) registered), run until every one is decoding, then
+    time `steps` decode steps."""
     from loraplex.engine.core.sampling_params import SamplingParams
     params = SamplingParams(max_tokens=steps + 64, temperature=0.0, ignore_eos=True)
     for i in range(batch):
-        engine.add_request(f"prof-{time.monotonic_ns()}-{i}", prompts[i % len(prompts)], params)
+        engine.add_request(f"prof-{time.monotonic_ns()}-{i}", prompts[i % len(prompts)], params, adapter=adapter)
     for _ in range(64):  # prefills (chunked) then a few decodes
         engine.step()
         if all(r.num_computed_tokens >= len(r.prompt_token_ids) for r in engine.scheduler.running) and \
