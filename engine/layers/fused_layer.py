@@ -202,7 +202,6 @@ class _Stack:
 
     def __init__(self, key: tuple, stack=None, checks: tuple = (), sources: tuple = ()) -> None:
         self.key, self.stack, self.checks, self.sources = key, stack, checks, sources
-        self.lean = True  # the stack's lean path for decode batches is on (DecoderStack.set_lean)
 
 
 _STACKS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # the layers' ModuleList -> _Stack
@@ -253,10 +252,7 @@ def try_fused_stack(layers: nn.ModuleList, x: torch.Tensor, cos: torch.Tensor, s
     rows = _step_rows(cached.sources)
     if rows is None:
         return None
-    if cached.lean == _DISABLED["lean"]:
-        cached.lean = not _DISABLED["lean"]
-        cached.stack.set_lean(cached.lean)
     STATS["stack_calls"] += 1
     STATS["fused_calls"] += len(layers)
     return cached.stack.forward(x, cos, sin, attn.kernel_slots, attn.kernel_rows, attn.kernel_lens,
-                                attn.sliding_window or 0, batch.slot_mapping, rows)
+                                attn.sliding_window or 0, batch.slot_mapping, rows, not _DISABLED["lean"])

@@ -16,6 +16,7 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 namespace {
@@ -252,21 +253,18 @@ at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& k_cache, const
     TORCH_CHECK(ip[t] >= 0 && ip[t] < R, "paged_attention: row_index out of range");
   }
   const float s = static_cast<float>(scale);
+  const int64_t* slots = write ? slot_mapping->data_ptr<int64_t>() : nullptr;
+  auto run = [&](auto* type) {
+    using E = std::remove_pointer_t<decltype(type)>;
+    lpx_parts::paged_attention<E>(qc.data_ptr<E>(), k_cache.data_ptr<E>(), v_cache.data_ptr<E>(),
+                                  table.data_ptr<int64_t>(), ip, lp, out.data_ptr<E>(), T, H, KVH, D, W, window, s,
+                                  write ? k_new->data_ptr<E>() : nullptr, write ? k_new->stride(0) : 0,
+                                  write ? v_new->data_ptr<E>() : nullptr, write ? v_new->stride(0) : 0, slots);
+  };
   if (qc.scalar_type() == at::kFloat) {
-    if (write) {
-      write_rows(k_cache.data_ptr<float>(), k_new->data_ptr<float>(), k_new->stride(0), slot_mapping->data_ptr<int64_t>(), T, KVH * D);
-      write_rows(v_cache.data_ptr<float>(), v_new->data_ptr<float>(), v_new->stride(0), slot_mapping->data_ptr<int64_t>(), T, KVH * D);
-    }
-    paged_attention_impl<float>(qc.data_ptr<float>(), k_cache.data_ptr<float>(), v_cache.data_ptr<float>(),
-                                table.data_ptr<int64_t>(), ip, lp, out.data_ptr<float>(), T, H, KVH, D, W, window, s);
+    run(static_cast<float*>(nullptr));
   } else if (qc.scalar_type() == at::kBFloat16) {
-    using B = c10::BFloat16;
-    if (write) {
-      write_rows(k_cache.data_ptr<B>(), k_new->data_ptr<B>(), k_new->stride(0), slot_mapping->data_ptr<int64_t>(), T, KVH * D);
-      write_rows(v_cache.data_ptr<B>(), v_new->data_ptr<B>(), v_new->stride(0), slot_mapping->data_ptr<int64_t>(), T, KVH * D);
-    }
-    paged_attention_impl<B>(qc.data_ptr<B>(), k_cache.data_ptr<B>(), v_cache.data_ptr<B>(), table.data_ptr<int64_t>(),
-                            ip, lp, out.data_ptr<B>(), T, H, KVH, D, W, window, s);
+    run(static_cast<c10::BFloat16*>(nullptr));
   } else {
     TORCH_CHECK(false, "paged_attention: float32 or bfloat16 expected, got ", qc.scalar_type());
   }
@@ -278,18 +276,24 @@ at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& k_cache, const
 namespace lpx_parts {
 
 template <typename T>
-void paged_attention(const T* q, const T* k_cache, const T* v_cache, const int64_t* slot_table,
-                     const int64_t* row_index, const int64_t* row_len, T* out, int64_t num_rows, int64_t num_heads,
-                     int64_t num_kv_heads, int64_t head_dim, int64_t table_width, int64_t window, float scale) {
+void paged_attention(const T* q, T* k_cache, T* v_cache, const int64_t* slot_table, const int64_t* row_index,
+                     const int64_t* row_len, T* out, int64_t num_rows, int64_t num_heads, int64_t num_kv_heads,
+                     int64_t head_dim, int64_t table_width, int64_t window, float scale, const T* k_new,
+                     int64_t k_stride, const T* v_new, int64_t v_stride, const int64_t* slot_mapping) {
+  if (k_new != nullptr) {
+    write_rows(k_cache, k_new, k_stride, slot_mapping, num_rows, num_kv_heads * head_dim);
+    write_rows(v_cache, v_new, v_stride, slot_mapping, num_rows, num_kv_heads * head_dim);
+  }
   paged_attention_impl<T>(q, k_cache, v_cache, slot_table, row_index, row_len, out, num_rows, num_heads, num_kv_heads,
                           head_dim, table_width, window, scale);
 }
-template void paged_attention<float>(const float*, const float*, const float*, const int64_t*, const int64_t*,
-                                     const int64_t*, float*, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t,
-                                     float);
-template void paged_attention<c10::BFloat16>(const c10::BFloat16*, const c10::BFloat16*, const c10::BFloat16*,
-                                             const int64_t*, const int64_t*, const int64_t*, c10::BFloat16*, int64_t,
-                                             int64_t, int64_t, int64_t, int64_t, int64_t, float);
+#define LPX_ATTENTION(T)                                                                                            \
+  template void paged_attention<T>(const T*, T*, T*, const int64_t*, const int64_t*, const int64_t*, T*, int64_t,   \
+                                   int64_t, int64_t, int64_t, int64_t, int64_t, float, const T*, int64_t, const T*, \
+                                   int64_t, const int64_t*);
+LPX_ATTENTION(float)
+LPX_ATTENTION(c10::BFloat16)
+#undef LPX_ATTENTION
 
 }  // namespace lpx_parts
 

@@ -18,10 +18,9 @@
 
 #include "cpu_layer_parts.h"
 
-#include <algorithm>
-#include <array>
 #include <cstring>
 #include <type_traits>
+#include <utility>
 #include <tuple>
 #include <vector>
 
@@ -92,18 +91,31 @@ void add_lora(Y&& y, const at::Tensor& x, const c10::List<OptT>& lora, int64_t i
   lora_apply_op().call(y(), x, t(0), t(1), t(2), t(3), t(4), t(5), t(6), t(7));
 }
 
-// a streaming linear's tensors: [weight or codes, scales, zeros, bias] (absent ones None)
-at::Tensor linear(const at::Tensor& x, const c10::List<OptT>& t, int64_t kind, int64_t group) {
+// a streaming linear: weight or codes, scales, zeros (None for dense weights), bias (contiguous, or undefined)
+struct Linear {
+  at::Tensor w;
+  OptT scales, zeros;
+  at::Tensor bias;
+  int64_t kind, group;
+};
+
+// from [weight or codes, scales, zeros, bias] (absent ones None)
+Linear make_linear(const c10::List<OptT>& t, int64_t kind, int64_t group) {
   TORCH_CHECK(t.size() == 4 && t.get(0).has_value(), "decoder_layer: [weight, scales, zeros, bias] per linear");
-  return stream_linear_op().call(x, *t.get(0), t.get(1), t.get(2), kind, group, t.get(3));
+  const OptT b = t.get(3);
+  return {*t.get(0), t.get(1), t.get(2), b.has_value() && b->defined() ? b->contiguous() : at::Tensor(), kind, group};
+}
+
+at::Tensor linear(const at::Tensor& x, const Linear& l) {
+  return stream_linear_op().call(x, l.w, l.scales, l.zeros, l.kind, l.group,
+                                 l.bias.defined() ? OptT(l.bias) : c10::nullopt);
 }
 
 // one layer's weights: [weight, scales, zeros, bias] and (kind, group size) per linear, the norms and its caches
 struct LayerWeights {
   at::Tensor input_norm, post_norm;
   double eps;
-  c10::List<OptT> qkv, o, gate_up, down;
-  int64_t qkv_kind, qkv_group, o_kind, o_group, gate_up_kind, gate_up_group, down_kind, down_group;
+  Linear qkv, o, gate_up, down;
   at::Tensor k_cache, v_cache;
 };
 
@@ -124,7 +136,7 @@ at::Tensor layer_forward(const at::Tensor& x, const at::Tensor& cos, const at::T
   TORCH_CHECK(x.dim() == 2 && x.is_contiguous(), "decoder_layer: x [tokens, hidden] contiguous");
   const int64_t n = x.size(0), q_width = s.num_heads * s.head_dim, kv_width = s.num_kv_heads * s.head_dim;
   const at::Tensor h = rms_norm_op().call(x, w.input_norm, w.eps);
-  const at::Tensor qkv_out = linear(h, w.qkv, w.qkv_kind, w.qkv_group);  // [n, q + 2 kv]
+  const at::Tensor qkv_out = linear(h, w.qkv);  // [n, q + 2 kv]
   TORCH_CHECK(qkv_out.size(1) == q_width + 2 * kv_width, "decoder_layer: q/k/v widths disagree with the heads");
   at::Tensor q = qkv_out.narrow(1, 0, q_width).view({n, s.num_heads, s.head_dim});
   at::Tensor k = qkv_out.narrow(1, q_width, kv_width).view({n, s.num_kv_heads, s.head_dim});
@@ -137,17 +149,17 @@ at::Tensor layer_forward(const at::Tensor& x, const at::Tensor& cos, const at::T
   const at::Tensor attn = paged_attention_op().call(q, w.k_cache, w.v_cache, s.slot_table, s.row_index, s.row_len,
                                                     s.window, s.scale, k, v, s.slot_mapping);
   const at::Tensor attn_rows = attn.view({n, q_width});
-  const at::Tensor a = linear(attn_rows, w.o, w.o_kind, w.o_group);
+  const at::Tensor a = linear(attn_rows, w.o);
   add_lora([&] { return a; }, attn_rows, lora, 3);
   at::Tensor sum, normed;
   std::tie(sum, normed) = add_rms_norm_op().call(x, a, w.post_norm, w.eps);
-  const at::Tensor gu = linear(normed, w.gate_up, w.gate_up_kind, w.gate_up_group);  // [n, 2 inter]
+  const at::Tensor gu = linear(normed, w.gate_up);  // [n, 2 inter]
   const int64_t inter = gu.size(1) / 2;
   const at::Tensor g = gu.narrow(1, 0, inter), u = gu.narrow(1, inter, inter);
   add_lora([&] { return g; }, normed, lora, 4);
   add_lora([&] { return u; }, normed, lora, 5);
   const at::Tensor m = silu_and_mul_op().call(g, u);
-  const at::Tensor d = linear(m, w.down, w.down_kind, w.down_group);
+  const at::Tensor d = linear(m, w.down);
   add_lora([&] { return d; }, m, lora, 6);
   return sum.add_(d);  // sum is this call's own tensor: x + d in place (the same bits as the module path's x + mlp)
 }
@@ -161,8 +173,9 @@ at::Tensor decoder_layer(const at::Tensor& x, const at::Tensor& cos, const at::T
                          const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& slot_table,
                          const at::Tensor& row_index, const at::Tensor& row_len, int64_t window,
                          const at::Tensor& slot_mapping, const c10::List<OptT>& lora) {
-  const LayerWeights w{input_norm, post_norm, eps, qkv, o, gate_up, down, qkv_kind, qkv_group, o_kind, o_group,
-                       gate_up_kind, gate_up_group, down_kind, down_group, k_cache, v_cache};
+  const LayerWeights w{input_norm, post_norm, eps, make_linear(qkv, qkv_kind, qkv_group), make_linear(o, o_kind, o_group),
+                       make_linear(gate_up, gate_up_kind, gate_up_group), make_linear(down, down_kind, down_group),
+                       k_cache, v_cache};
   return layer_forward(x, cos, sin, w, {num_heads, num_kv_heads, head_dim, scale, slot_table, row_index, row_len,
                                         window, slot_mapping}, lora);
 }
@@ -175,20 +188,8 @@ at::Tensor decoder_layer(const at::Tensor& x, const at::Tensor& cos, const at::T
 // layer_forward's output (tests/engine/test_fused_layer.py compares them).
 constexpr int64_t LEAN_MAX_ROWS = 16;  // decode batches; larger ones (prefill chunks) take layer_forward
 
-struct LeanLinear {
-  at::Tensor w;
-  OptT scales, zeros;
-  at::Tensor bias;  // contiguous, or undefined
-  int64_t kind, group;
-};
-
-inline LeanLinear lean_linear(const c10::List<OptT>& t, int64_t kind, int64_t group) {
-  const OptT b = t.get(3);
-  return {*t.get(0), t.get(1), t.get(2), b.has_value() && b->defined() ? b->contiguous() : at::Tensor(), kind, group};
-}
-
 template <typename T>
-void lean_linear_into(const T* x, int64_t M, int64_t K, const LeanLinear& l, T* out) {
+void linear_into(const T* x, int64_t M, int64_t K, const Linear& l, T* out) {
   lpx_parts::linear_into(x, std::is_same<T, c10::BFloat16>::value, M, K, l.w, l.scales, l.zeros, l.kind, l.group,
                          l.bias.defined() ? l.bias.data_ptr() : nullptr, out);
 }
@@ -216,31 +217,26 @@ struct DecoderStack : torch::CustomClassHolder {
     TORCH_CHECK(norms.size() == 2 * n && linears.size() == 16 * n && kinds_groups.size() == 8 * n &&
                     caches.size() == 2 * n && (pools.size() == 0 || pools.size() == 2 * MODULES * n),
                 "DecoderStack: per layer 2 norms, 16 linear tensors, 8 kinds/groups, 2 caches, 14 pools or none");
-    auto four = [&](size_t at) {
+    auto four = [&](size_t at, const int64_t* kind_group) {
       c10::List<OptT> t;
       for (size_t j = 0; j < 4; ++j) t.push_back(linears.get(at + j));
-      TORCH_CHECK(t.get(0).has_value(), "DecoderStack: a linear without weights");
-      return t;
+      return make_linear(t, kind_group[0], kind_group[1]);
     };
     for (size_t i = 0; i < n; ++i) {
       const int64_t* kg = kinds_groups.data() + 8 * i;
-      layers.push_back(LayerWeights{norms[2 * i], norms[2 * i + 1], eps[i], four(16 * i), four(16 * i + 4),
-                                    four(16 * i + 8), four(16 * i + 12), kg[0], kg[1], kg[2], kg[3], kg[4], kg[5],
-                                    kg[6], kg[7], caches[2 * i], caches[2 * i + 1]});
-      const LayerWeights& w = layers.back();
-      lean.push_back({lean_linear(w.qkv, w.qkv_kind, w.qkv_group), lean_linear(w.o, w.o_kind, w.o_group),
-                      lean_linear(w.gate_up, w.gate_up_kind, w.gate_up_group),
-                      lean_linear(w.down, w.down_kind, w.down_group)});
+      layers.push_back(LayerWeights{norms[2 * i], norms[2 * i + 1], eps[i], four(16 * i, kg), four(16 * i + 4, kg + 2),
+                                    four(16 * i + 8, kg + 4), four(16 * i + 12, kg + 6), caches[2 * i],
+                                    caches[2 * i + 1]});
     }
   }
 
   // rows: empty (no adapter rows this step) or per module the six row tensors (None where it has none)
   at::Tensor forward(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin, const at::Tensor& slot_table,
                      const at::Tensor& row_index, const at::Tensor& row_len, int64_t window,
-                     const at::Tensor& slot_mapping, const c10::List<OptT>& rows) {
+                     const at::Tensor& slot_mapping, const c10::List<OptT>& rows, bool lean) {
     TORCH_CHECK(rows.size() == 0 || (rows.size() == MODULES * LORA_ROWS && pools.size() > 0),
                 "DecoderStack: rows are empty or 7 x 6 entries (with pools)");
-    if (use_lean && x.dim() == 2 && x.size(0) >= 1 && x.size(0) <= LEAN_MAX_ROWS && x.is_contiguous() &&
+    if (lean && x.dim() == 2 && x.size(0) >= 1 && x.size(0) <= LEAN_MAX_ROWS && x.is_contiguous() &&
         !layers.empty()) {
       if (x.scalar_type() == at::kFloat)
         return lean_forward<float>(x, cos, sin, slot_table, row_index, row_len, window, slot_mapping, rows);
@@ -269,11 +265,8 @@ struct DecoderStack : torch::CustomClassHolder {
   }
 
   int64_t num_layers() const { return static_cast<int64_t>(layers.size()); }
-  void set_lean(bool on) { use_lean = on; }
   int64_t lean_calls() const { return lean_calls_; }
 
-  std::vector<std::array<LeanLinear, 4>> lean;  // per layer: qkv, o, gate_up, down
-  bool use_lean = true;
   int64_t lean_calls_ = 0;  // forward calls the lean path took
   at::ScalarType lean_checked = at::ScalarType::Undefined;  // the x dtype every layer's parts were checked for
   at::Tensor arena;                                         // the lean path's buffers (grown, never shrunk)
@@ -292,14 +285,12 @@ struct DecoderStack : torch::CustomClassHolder {
                     "DecoderStack: caches [S, kv heads, head_dim] of x's dtype, the same in every layer");
       for (const at::Tensor* n : {&w.input_norm, &w.post_norm})
         TORCH_CHECK(n->scalar_type() == dt && n->is_contiguous() && n->numel() == hidden, "DecoderStack: norms");
-      const auto& l = lean[i];
-      const int64_t inter = l[2].w.size(0) / 2;
-      lpx_parts::check_linear(bf, hidden, l[0].w, l[0].scales, l[0].zeros, l[0].kind, l[0].group, l[0].bias);
-      lpx_parts::check_linear(bf, q_width, l[1].w, l[1].scales, l[1].zeros, l[1].kind, l[1].group, l[1].bias);
-      lpx_parts::check_linear(bf, hidden, l[2].w, l[2].scales, l[2].zeros, l[2].kind, l[2].group, l[2].bias);
-      lpx_parts::check_linear(bf, inter, l[3].w, l[3].scales, l[3].zeros, l[3].kind, l[3].group, l[3].bias);
-      TORCH_CHECK(l[0].w.size(0) == q_width + 2 * kv_width && l[1].w.size(0) == hidden && l[3].w.size(0) == hidden &&
-                      l[2].w.size(0) % 2 == 0,
+      const int64_t inter = w.gate_up.w.size(0) / 2;
+      for (const auto& [l, k] : {std::pair<const Linear&, int64_t>{w.qkv, hidden}, {w.o, q_width}, {w.gate_up, hidden},
+                                 {w.down, inter}})
+        lpx_parts::check_linear(bf, k, l.w, l.scales, l.zeros, l.kind, l.group, l.bias);
+      TORCH_CHECK(w.qkv.w.size(0) == q_width + 2 * kv_width && w.o.w.size(0) == hidden && w.down.w.size(0) == hidden &&
+                      w.gate_up.w.size(0) % 2 == 0,
                   "DecoderStack: linear widths disagree with the heads or the hidden size");
     }
     lean_checked = dt;
@@ -313,7 +304,7 @@ struct DecoderStack : torch::CustomClassHolder {
     check_lean(x.scalar_type(), H);
     ++lean_calls_;
     const int64_t D = head_dim, q_width = num_heads * D, kv_width = num_kv_heads * D, qkv_width = q_width + 2 * kv_width;
-    const int64_t inter = lean[0][2].w.size(0) / 2;
+    const int64_t inter = layers[0].gate_up.w.size(0) / 2;
     // the step's tables, once: what paged_attention checks on every call
     const int64_t S = layers[0].k_cache.size(0);
     const auto table = slot_table.contiguous(), idx = row_index.contiguous(), lens = row_len.contiguous(),
@@ -354,7 +345,6 @@ struct DecoderStack : torch::CustomClassHolder {
     const auto opts = x.options();
     for (int64_t i = 0; i < L; ++i) {
       const LayerWeights& w = layers[i];
-      const auto& l = lean[i];
       const float eps = static_cast<float>(w.eps);
       // module j's adapter rows, in place on y [M, width] (rows `y_stride` apart), input x [M, k]: as the
       // wrappers add them right after the base product, on tensors over these buffers only where it has rows
@@ -367,32 +357,29 @@ struct DecoderStack : torch::CustomClassHolder {
       };
       T* sum = (L - 1 - i) % 2 == 0 ? out.data_ptr<T>() : tmp;  // the last layer writes the output
       lpx_parts::rms_norm<T>(xi, w.input_norm.data_ptr<T>(), h, M, H, eps);
-      lean_linear_into<T>(h, M, H, l[0], qkv);
+      linear_into<T>(h, M, H, w.qkv, qkv);
       add_rows(0, qkv, q_width, qkv_width, h, H);
       add_rows(1, qkv + q_width, kv_width, qkv_width, h, H);
       add_rows(2, qkv + q_width + kv_width, kv_width, qkv_width, h, H);
       lpx_parts::rotary<T>(qkv, cp, sp2, M, num_heads, D, qkv_width);
       lpx_parts::rotary<T>(qkv + q_width, cp, sp2, M, num_kv_heads, D, qkv_width);
-      T* kc = w.k_cache.data_ptr<T>();
-      T* vc = w.v_cache.data_ptr<T>();
-      for (int64_t t = 0; t < M; ++t) {  // this step's keys and values into the caches first
-        std::memcpy(kc + sp[t] * kv_width, qkv + t * qkv_width + q_width, kv_width * sizeof(T));
-        std::memcpy(vc + sp[t] * kv_width, qkv + t * qkv_width + q_width + kv_width, kv_width * sizeof(T));
-      }
       const T* q = qkv;
       if (M > 1) {
         for (int64_t t = 0; t < M; ++t) std::memcpy(qc + t * q_width, qkv + t * qkv_width, q_width * sizeof(T));
         q = qc;
       }
-      lpx_parts::paged_attention<T>(q, kc, vc, tp, ip, lp, attn, M, num_heads, num_kv_heads, D, W, window, sc);
-      lean_linear_into<T>(attn, M, q_width, l[1], a);
+      // this step's keys and values (rows of qkv) go into the caches first
+      lpx_parts::paged_attention<T>(q, w.k_cache.data_ptr<T>(), w.v_cache.data_ptr<T>(), tp, ip, lp, attn, M,
+                                    num_heads, num_kv_heads, D, W, window, sc, qkv + q_width, qkv_width,
+                                    qkv + q_width + kv_width, qkv_width, sp);
+      linear_into<T>(attn, M, q_width, w.o, a);
       add_rows(3, a, H, H, attn, q_width);
       lpx_parts::add_rms_norm<T>(xi, a, w.post_norm.data_ptr<T>(), sum, normed, M, H, eps);
-      lean_linear_into<T>(normed, M, H, l[2], gu);
+      linear_into<T>(normed, M, H, w.gate_up, gu);
       add_rows(4, gu, inter, 2 * inter, normed, H);
       add_rows(5, gu + inter, inter, 2 * inter, normed, H);
       lpx_parts::silu_and_mul<T>(gu, gu + inter, m, M, inter, 2 * inter, 2 * inter);
-      lean_linear_into<T>(m, M, inter, l[3], d);
+      linear_into<T>(m, M, inter, w.down, d);
       add_rows(6, d, H, H, m, inter);
       for (int64_t j = 0; j < M * H; ++j) sum[j] = static_cast<T>(static_cast<float>(sum[j]) + static_cast<float>(d[j]));
       xi = sum;
@@ -417,6 +404,5 @@ TORCH_LIBRARY_FRAGMENT(loraplex_cpu, m) {
                        std::vector<at::Tensor>, c10::List<OptT>, int64_t, int64_t, int64_t, double>())
       .def("forward", &DecoderStack::forward)
       .def("num_layers", &DecoderStack::num_layers)
-      .def("set_lean", &DecoderStack::set_lean)
       .def("lean_calls", &DecoderStack::lean_calls);
 }

@@ -1,6 +1,7 @@
 // The decoder kernels' raw-pointer entry points, for the whole-stack call (cpu_decoder_layer.cpp) to run a small
-// batch's layers on buffers it holds, with no tensor made, viewed or dispatched per operation. Each is the same code
-// its operator runs after checking and allocating (the operators call these too), so both give the same bits.
+// batch's layers on buffers it holds, with no tensor made, viewed or dispatched per operation. Each runs the code its
+// operator runs after checking and allocating (stream_linear and paged_attention call these themselves), so both
+// give the same bits.
 // T is float or c10::BFloat16.
 #pragma once
 #include <ATen/ATen.h>
@@ -22,11 +23,13 @@ template <typename T>  // x: tokens rows of heads * dim, row_stride apart; cos /
 void rotary(T* x, const T* cos, const T* sin, int64_t tokens, int64_t heads, int64_t dim, int64_t row_stride);
 
 // cpu_attention.cpp: q [T, H, D] contiguous, out [T, H, D]; the tables as paged_attention takes them (checked by
-// the caller)
+// the caller). With k_new / v_new (T rows of num_kv_heads * head_dim, k_stride / v_stride apart), those rows are
+// written to the caches at slot_mapping first.
 template <typename T>
-void paged_attention(const T* q, const T* k_cache, const T* v_cache, const int64_t* slot_table,
-                     const int64_t* row_index, const int64_t* row_len, T* out, int64_t num_rows, int64_t num_heads,
-                     int64_t num_kv_heads, int64_t head_dim, int64_t table_width, int64_t window, float scale);
+void paged_attention(const T* q, T* k_cache, T* v_cache, const int64_t* slot_table, const int64_t* row_index,
+                     const int64_t* row_len, T* out, int64_t num_rows, int64_t num_heads, int64_t num_kv_heads,
+                     int64_t head_dim, int64_t table_width, int64_t window, float scale, const T* k_new,
+                     int64_t k_stride, const T* v_new, int64_t v_stride, const int64_t* slot_mapping);
 
 // cpu_stream_linear.cpp: out [M, N] = x [M, K] (rows contiguous, x's dtype: float32, or bfloat16 when x_bf16) times
 // a streaming linear's weights, which check_linear has accepted for x's dtype and K; bias (x's dtype) may be null
