@@ -102,8 +102,8 @@ def _stacks():
 @pytest.mark.parametrize("model", ["bfloat16", "float32", "gptq-4bit"])
 def test_the_stacks_lean_path_gives_the_per_operator_paths_bits(tmp_path, default_model_dir, fused_switch, model):
     """A decode batch without adapter rows runs every layer on the stack's own buffers, calling the kernels on raw
-    pointers (cpu_layer_parts.h); its logprobs are the per-operator stack's to the last bit, batched and alone,
-    and a prefill chunk wider than the lean path's rows still takes the per-operator path."""
+    pointers (cpu_layer_parts.h); its logprobs are the per-operator stack's to the last bit, batched and alone
+    (beside a 40-token prompt, whose prefill runs the modules)."""
     from loraplex.engine.llm_engine import LLMEngine
     from loraplex.engine.quant.gptq import export_gptq
     from tests.adapters.peft_factory import make_tiny_model
