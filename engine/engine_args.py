@@ -43,6 +43,7 @@ class EngineArgs:
     cpu_weight_prepack: bool = True  # CPU: swap nn.Linear for oneDNN-prepacked PackedLinear
     speculative_config: str | dict | None = None  # vLLM's spelling: {"method": "ngram", "num_speculative_tokens": K, ...}
     cpu_linear: str = "auto"  # CPU base linears: auto | stream (weight-streaming kernel) | onednn (see llm_engine)
+    cpu_huge_pages: bool = True  # CPU: weights and KV cache on transparent huge pages (engine/hugepages.py)
     activation_quant: str = "int8"  # streamed 8/4-bit weights: int8 (integer dot products) | none (exact weight-only)
     batch_invariant: bool = True  # CPU prepack: a request's greedy output never depends on its batch (~10% batch-1)
     quantization: str = "none"  # none | nf4 | int8 (bitsandbytes, at load) | gptq | exl2 (from the checkpoint)
@@ -154,6 +155,9 @@ def add_engine_args(p: argparse.ArgumentParser) -> dict[str, argparse._ArgumentG
                         "(lowest batch-1 latency), 'onednn' prepacks for oneDNN (faster from ~32 rows: prefill, wide "
                         "batches; GPTQ weights then take torch's int4 kernel or the reference). auto: GPTQ 8/4-bit and bfloat16 stream; float32 "
                         "streams with --max-num-seqs <= 16, oneDNN otherwise")
+    p.add_argument("--cpu-huge-pages", action=argparse.BooleanOptionalAction, default=True,
+                   help="CPU: keep the weights and the KV cache on transparent huge pages where the kernel offers them "
+                        "(madvise or always; batch-1 decode ~10-15%% faster, streaming weights at 2 MiB a page)")
     p.add_argument("--activation-quant", choices=["int8", "none"], default="int8",
                    help="streamed 8/4-bit (GPTQ) weights on CPU: 'int8' rounds each row of activations to int8 per "
                         "32 channels and multiplies with integer dot products, as llama.cpp does (~3x faster "
@@ -230,7 +234,8 @@ def engine_args_from(ns: argparse.Namespace) -> EngineArgs:
         max_num_seqs=ns.max_num_seqs, max_num_batched_tokens=ns.max_num_batched_tokens,
         block_size=ns.block_size, kv_cache_memory_bytes=ns.kv_cache_memory_bytes, quantization=ns.quantization,
         enable_prefix_caching=ns.enable_prefix_caching, max_queue_len=ns.max_queue_len, seed=ns.seed,
-        batch_invariant=ns.batch_invariant, cpu_linear=ns.cpu_linear, activation_quant=ns.activation_quant,
+        batch_invariant=ns.batch_invariant, cpu_linear=ns.cpu_linear, cpu_huge_pages=ns.cpu_huge_pages,
+        activation_quant=ns.activation_quant,
         speculative_config=ns.speculative_config,
         enable_lora=ns.enable_lora, max_loras=ns.max_loras, max_lora_rank=ns.max_lora_rank,
         max_cpu_loras=ns.max_cpu_loras, lora_pool_pages=ns.lora_pool_pages, lora_pool_bytes=ns.lora_pool_bytes,

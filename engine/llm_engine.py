@@ -22,6 +22,7 @@ from loraplex.engine.core.scheduler import Scheduler
 from loraplex.engine.core.spec_decode import SpeculativeConfig
 from loraplex.engine.detokenizer import IncrementalDetokenizer, decode_token_text
 from loraplex.engine.engine_args import EngineArgs
+from loraplex.engine.hugepages import move_to_huge_pages, move_to_huge_pages_tensors
 from loraplex.engine.kernels.cpu_linear import (
     BATCH_INVARIANT_ISA,
     ONEDNN_ISA_VARIABLE,
@@ -142,6 +143,8 @@ class LLMEngine:
                             batch_invariant=args.batch_invariant)
             if args.batch_invariant and dtype == torch.bfloat16 and has_amx():
                 _log_amx_invariance(dtype)
+        if args.cpu_huge_pages and device.type == "cpu":
+            move_to_huge_pages(model)  # before anything builds kernel descriptions of the weights
         tokenizer = load_tokenizer(model_path)
         max_model_len = args.max_model_len or min(model_config.max_position_embeddings, DEFAULT_MAX_MODEL_LEN)
         if max_model_len > model_config.max_position_embeddings:
@@ -153,6 +156,8 @@ class LLMEngine:
                                    kv_cache_memory_bytes=args.kv_cache_memory_bytes,
                                    enable_prefix_caching=args.enable_prefix_caching)
         runner = ModelRunner(model, model_config, cache_config, device, dtype, max_model_len)
+        if args.cpu_huge_pages and device.type == "cpu":
+            move_to_huge_pages_tensors([t for c in runner.kv_caches for t in (c.k, c.v)], "KV cache")
         scheduler_config = SchedulerConfig(
             max_num_seqs=args.max_num_seqs,
             max_num_batched_tokens=args.max_num_batched_tokens or max(1024, args.max_num_seqs),

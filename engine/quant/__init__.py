@@ -54,19 +54,36 @@ def quantize_linears(model: nn.Module, config: QuantConfig, compute_dtype: torch
 def module_weight_bytes(model: nn.Module) -> int:
     """Bytes of every distinct parameter and buffer, quantization statistics included (bitsandbytes
     keeps absmax and its nested statistics outside the parameter)."""
-    seen: set[tuple[str, int]] = set()
+    return distinct_tensor_bytes(list(model.parameters()) + list(model.buffers()))
+
+
+def distinct_tensor_bytes(tensors: list[torch.Tensor]) -> int:
+    """Bytes of the memory the tensors cover, each byte once (tied weights and views of one another count once;
+    tensors side by side in one storage, as on huge pages (engine/hugepages.py), each count), plus bitsandbytes'
+    statistics per distinct tensor."""
+    spans: dict[str, list[tuple[int, int]]] = {}
+    seen: set[int] = set()
     total = 0
-    for t in list(model.parameters()) + list(model.buffers()):
-        if t.device.type == "meta":
+    for t in tensors:
+        if t is None or t.device.type == "meta" or id(t) in seen:
             continue
+        seen.add(id(t))
+        total += quant_state_bytes(t)
         try:
-            key = (str(t.device), t.untyped_storage().data_ptr())  # tied or detached views share one storage
+            start = t.data_ptr()
         except (NotImplementedError, RuntimeError):  # opaque tensors (oneDNN-packed weights) have no storage
-            key = ("opaque", id(t))
-        if key in seen:
+            total += tensor_bytes(t)
             continue
-        seen.add(key)
-        total += tensor_bytes(t) + quant_state_bytes(t)
+        spans.setdefault(str(t.device), []).append((start, start + tensor_bytes(t)))
+    for ranges in spans.values():
+        end = None
+        for lo, hi in sorted(ranges):
+            if end is None or lo >= end:
+                total += hi - lo
+                end = hi
+            elif hi > end:
+                total += hi - end
+                end = hi
     return total
 
 

@@ -1,15 +1,18 @@
-"""The same server under environment variants, side by side: streamed greedy completions alternating between them.
+"""The same server under variants (environment variables, flags), side by side: streamed greedy completions
+alternating between them.
 
-    python scripts/bench/bench_server_env.py --variant default= --variant spin300k=GOMP_SPINCOUNT=300000 \
-        [--model FOLDER] [--rounds 8] [--tokens 128] [--concurrency 1] [-- serve args...]
+    python scripts/bench/bench_server_env.py --variant default= --variant spin30k=GOMP_SPINCOUNT=30000 \
+        --variant small-pages=--no-cpu-huge-pages [--model FOLDER] [--rounds 8] [--tokens 128] [--concurrency 1] \
+        [-- serve args...]
 
-Each --variant NAME=[KEY=VALUE[,KEY=VALUE...]] starts one `loraplex serve` (everything after `--` is passed to each)
-with those variables added to its environment, all at once on their own ports; then for --rounds, in an order that
-reverses every round, each gets --concurrency streamed completions of --tokens tokens (ignore_eos). Per round: decode
-tok/s (tokens after the first over the time after the first; at concurrency > 1 every stream's tokens over the
-round's wall time). Prints each variant's median, its ratio to the first variant's median and the median of its
-round-by-round ratios to the first variant (the machine's speed drifts between rounds). Idle servers sleep
-(their engines poll with a timeout), so only the one being measured uses the cores.
+Each --variant NAME=[KEY=VALUE|--flag[=value]][,...] starts one `loraplex serve` (everything after `--` is passed to
+each) with those variables added to its environment and those flags added to its own command line, all at once on
+their own ports; then for --rounds, in an order that reverses every round, each gets --concurrency streamed
+completions of --tokens tokens (ignore_eos). Per round: decode tok/s (tokens after the first over the time after the
+first; at concurrency > 1 every stream's tokens over the round's wall time). Prints each variant's median, its
+ratio to the first variant's median and the median of its round-by-round ratios to the first variant (the
+machine's speed drifts between rounds). Idle servers sleep (their engines poll with a timeout), so only the one being
+measured uses the cores.
 """
 from __future__ import annotations
 
@@ -55,17 +58,21 @@ async def one_round(url: str, tokens: int, concurrency: int) -> float:
     return sum(len(s) for s in runs) / wall
 
 
-def parse_variant(text: str) -> tuple[str, dict[str, str]]:
-    name, _, assignments = text.partition("=")
+def parse_variant(text: str) -> tuple[str, dict[str, str], list[str]]:
+    """NAME=[KEY=VALUE | --serve-flag[=value]][,...] -> (name, environment, serve flags)."""
+    name, _, items = text.partition("=")
     if not name or not all(c.isalnum() or c in "-_." for c in name):
         raise SystemExit(f"--variant {text!r}: a name of letters, digits, '-', '_' or '.' first")
-    env = {}
-    for item in filter(None, assignments.split(",")):
+    env, flags = {}, []
+    for item in filter(None, items.split(",")):
+        if item.startswith("--"):
+            flags.append(item)
+            continue
         key, sep, value = item.partition("=")
         if not sep or not key:
-            raise SystemExit(f"--variant {text!r}: NAME=KEY=VALUE[,KEY=VALUE...] or NAME=")
+            raise SystemExit(f"--variant {text!r}: NAME=KEY=VALUE|--flag[,...] or NAME=")
         env[key] = value
-    return name, env
+    return name, env, flags
 
 
 def main() -> None:
@@ -84,12 +91,12 @@ def main() -> None:
     servers = []
     logs = contextlib.ExitStack()
     try:
-        for i, (name, env) in enumerate(args.variant):
+        for i, (name, env, flags) in enumerate(args.variant):
             port = args.port + i
             log = logs.enter_context(open(f"/tmp/bench-server-env-{name}.log", "w"))  # noqa: SIM115 - ExitStack
             proc = subprocess.Popen(
                 [sys.executable, "-m", "loraplex.serve.cli", "serve", *model, "--port", str(port),
-                 "--served-model-name", "m", *serve_args],
+                 "--served-model-name", "m", *serve_args, *flags],
                 stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
                 env={**os.environ, "HF_HUB_OFFLINE": "1", **env})
             servers.append((name, f"http://127.0.0.1:{port}", proc))
@@ -103,10 +110,11 @@ def main() -> None:
         base = statistics.median(speeds[servers[0][0]])
         print(f"{args.concurrency} x {args.tokens} streamed tokens, {args.rounds} rounds, serve args {serve_args}")
         first = servers[0][0]
-        for name, env in args.variant:
+        for name, env, flags in args.variant:
             med = statistics.median(speeds[name])
             paired = statistics.median(s / b for s, b in zip(speeds[name], speeds[first]))
-            print(f"  {name:>16} {env or ''}: median {med:7.1f} tok/s ({med / base:.3f}x of {first}'s median, "
+            what = " ".join([*(f"{k}={v}" for k, v in env.items()), *flags])
+            print(f"  {name:>16} {what}: median {med:7.1f} tok/s ({med / base:.3f}x of {first}'s median, "
                   f"median round-by-round ratio {paired:.3f}); rounds {' '.join(f'{s:.0f}' for s in speeds[name])}",
                   flush=True)
     finally:
