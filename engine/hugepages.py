@@ -10,6 +10,7 @@ tensor sees the new memory; tensors sharing a storage, such as a tied head, keep
 """
 from __future__ import annotations
 
+import ctypes
 import logging
 import mmap
 from pathlib import Path
@@ -66,9 +67,11 @@ def move_to_huge_pages(model: nn.Module, min_storage_bytes: int = MIN_STORAGE_BY
 
 
 def move_to_huge_pages_tensors(tensors: list[torch.Tensor], what: str,
-                               min_storage_bytes: int = MIN_STORAGE_BYTES) -> int:
+                               min_storage_bytes: int = MIN_STORAGE_BYTES, zeros: bool = False) -> int:
     """move_to_huge_pages for any tensors (the KV cache): each distinct CPU storage of at least `min_storage_bytes`
-    copied into one mapping advised MADV_HUGEPAGE, every given tensor on it re-pointed in place."""
+    copied into one mapping advised MADV_HUGEPAGE, every given tensor on it re-pointed in place. `zeros`: the caller
+    knows the storages hold only zeros (a fresh KV cache): nothing is copied, the new mapping is zeros already and
+    its pages are only backed as they are first written, as a fresh allocation's are."""
     if not huge_pages_possible():
         logger.info("%s stay on normal pages: transparent huge pages are %s", what, thp_mode())
         return 0
@@ -99,13 +102,25 @@ def move_to_huge_pages_tensors(tensors: list[torch.Tensor], what: str,
     with torch.no_grad():
         for key, (s, on_it) in storages.items():  # one storage at a time: the old one is freed as the next is copied
             at = start + offsets[key]
-            arena[at:at + s.nbytes()].copy_(torch.empty(0, dtype=torch.uint8).set_(s))
+            if not zeros:
+                arena[at:at + s.nbytes()].copy_(torch.empty(0, dtype=torch.uint8).set_(s))
             for t in on_it:
                 size = t.element_size()
                 t.set_(target, (at + t.storage_offset() * size) // size, t.size(), t.stride())
-    logger.info("%s on transparent huge pages: %d storages, %.1f MiB (%s)", what, len(storages), total / 2**20,
+    del storages, on_it, s  # the last references to the old storages here
+    _release_freed_memory()
+    logger.info("%s on transparent huge pages: %d storages, %.1f MiB (%s)", what, len(offsets), total / 2**20,
                 thp_mode())
     return total
+
+
+def _release_freed_memory() -> None:
+    """Give the old storages' memory back to the system: glibc keeps freed blocks below its (adaptive, up to 32 MiB)
+    mmap threshold in its heap, where they would stay resident beside their copies."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
 
 
 def huge_page_bytes(tensor: torch.Tensor) -> int:

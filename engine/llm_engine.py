@@ -157,7 +157,7 @@ class LLMEngine:
                                    enable_prefix_caching=args.enable_prefix_caching)
         runner = ModelRunner(model, model_config, cache_config, device, dtype, max_model_len)
         if args.cpu_huge_pages and device.type == "cpu":
-            move_to_huge_pages_tensors([t for c in runner.kv_caches for t in (c.k, c.v)], "KV cache")
+            move_to_huge_pages_tensors([t for c in runner.kv_caches for t in (c.k, c.v)], "KV cache", zeros=True)
         scheduler_config = SchedulerConfig(
             max_num_seqs=args.max_num_seqs,
             max_num_batched_tokens=args.max_num_batched_tokens or max(1024, args.max_num_seqs),

@@ -89,3 +89,13 @@ def test_engine_on_huge_pages_decodes_the_same_tokens(default_model_dir):
     assert huge_page_bytes(model.model.embed_tokens.weight) > 0
     assert huge_page_bytes(huge_engine.runner.kv_caches[0].k) > 0
     assert huge_page_bytes(plain_engine.runner.kv_caches[0].k) == 0
+
+
+@needs_thp
+def test_a_fresh_zero_cache_moves_without_a_copy_and_is_backed_as_it_is_written():
+    from loraplex.engine.hugepages import move_to_huge_pages_tensors
+    k, v = torch.zeros(4 << 20), torch.zeros(4 << 20)  # 16 MiB each
+    assert move_to_huge_pages_tensors([k, v], "KV cache", zeros=True) == 2 * (16 << 20)
+    assert not k.any() and not v.any() and k.data_ptr() != v.data_ptr()
+    k.fill_(1.0)
+    assert huge_page_bytes(k) >= 8 * hugepages.HUGE_PAGE and not v.any()
