@@ -501,9 +501,24 @@ inline QW qload(const uint8_t* codes) {
                              nibbles)};
   }
 }
+struct QA {  // a chunk's 64 activation bytes, loaded once for every output channel of a tile
+  __m512i v;
+};
+// the empty asm keeps the loaded value in its register: the compiler would otherwise fold the load into each
+// channel's vpdpbusd (one more load per channel and chunk)
+inline QA qa_plain(const int8_t* a) { return {_mm512_loadu_si512(a)}; }
+inline QA qa_load(const int8_t* a) {
+  QA r{_mm512_loadu_si512(a)};
+  asm volatile("" : "+v"(r.v));
+  return r;
+}
+inline QF qf_keep(QF x) {
+  asm volatile("" : "+v"(x.v));
+  return x;
+}
 template <int64_t KIND>
-inline QI qdot(QW w, const int8_t* a, QI init) {  // init + sum over each lane's 4 bytes of codes * a
-  return {_mm512_dpbusd_epi32(init.v, w.v, _mm512_loadu_si512(a))};
+inline QI qdot(QW w, QA a, QI init) {  // init + sum over each lane's 4 bytes of codes * a
+  return {_mm512_dpbusd_epi32(init.v, w.v, a.v)};
 }
 inline QF qscale(QF dv, float s) { return {_mm512_mul_ps(dv.v, _mm512_set1_ps(s))}; }
 inline QF qacc(QI lanes, QF scale, QF y) { return {_mm512_fmadd_ps(_mm512_cvtepi32_ps(lanes.v), scale.v, y.v)}; }
@@ -549,8 +564,15 @@ inline QW qload(const uint8_t* codes) {
     return {_mm256_and_si256(v, m), _mm256_and_si256(_mm256_srli_epi16(v, 4), m)};
   }
 }
+struct QA {
+  const int8_t* p;
+};
+inline QA qa_load(const int8_t* a) { return {a}; }
+inline QA qa_plain(const int8_t* a) { return {a}; }
+inline QF qf_keep(QF x) { return x; }
 template <int64_t KIND>
-inline QI qdot(QW w, const int8_t* a, QI init) {
+inline QI qdot(QW w, QA qa, QI init) {
+  const int8_t* a = qa.p;
   const __m256i a0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a));
   const __m256i a1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a + 32));
   if constexpr (KIND == kU8A8) {
@@ -607,9 +629,15 @@ inline QW qload(const uint8_t* codes) {
   for (int p = 0; p < 64; ++p) w.b[p] = KIND == kU8A8 ? codes[p] : (p < 32 ? codes[p] & 15 : codes[p - 32] >> 4);
   return w;
 }
+struct QA {
+  const int8_t* p;
+};
+inline QA qa_load(const int8_t* a) { return {a}; }
+inline QA qa_plain(const int8_t* a) { return {a}; }
+inline QF qf_keep(QF x) { return x; }
 template <int64_t KIND>
-inline QI qdot(const QW& w, const int8_t* a, QI init) {
-  for (int p = 0; p < 64; ++p) init.l[p / 4] += w.b[p] * a[p];
+inline QI qdot(const QW& w, QA a, QI init) {
+  for (int p = 0; p < 64; ++p) init.l[p / 4] += w.b[p] * a.p[p];
   return init;
 }
 inline QF qscale(QF dv, float s) {
@@ -641,6 +669,42 @@ inline void qtile(const QAct& q, int64_t m0, const uint8_t* w, const float* scal
   QF y[MT][NT];
   for (int i = 0; i < MT; ++i)
     for (int j = 0; j < NT; ++j) y[i][j] = qf_zero();
+  // Groups of 64 (one group per chunk, the default export): one flat pass over the chunks, each channel's scale and
+  // zero point read at its own forward-moving offset, the activations loaded once per chunk and kept in registers;
+  // the arithmetic of the group loop below, pair by pair. The group loop around a one-chunk inner loop cost the
+  // compiler registers it spilled in the hot loop: this pass is 1.4-1.8x faster at 64 rows (compute-bound), the same
+  // at batch 1 (memory-bound).
+  if (group == QC) {
+    const float* sp[NT];
+    const int32_t* zp[NT];
+    for (int j = 0; j < NT; ++j) {
+      sp[j] = scales + (n0 + j) * chunks;
+      zp[j] = UNIFORM ? nullptr : zeros + (n0 + j) * chunks;
+    }
+    const int32_t* lane = (UNIFORM ? q.zt : q.asum).data();
+    for (int64_t c = 0; c < chunks; ++c) {
+      QI asum[MT];  // UNIFORM: the zero term itself
+      QF dv[MT];
+      QA a[MT];
+      for (int i = 0; i < MT; ++i) {
+        const int64_t at = ((m0 + i) * chunks + c) * 16;
+        asum[i] = qi_load(lane + at);
+        dv[i] = qf_keep(qf_load(q.dv.data() + at));
+        a[i] = qa_load(q.a.data() + (m0 + i) * K + c * QC);
+      }
+      for (int j = 0; j < NT; ++j) {
+        const QW codes = qload<KIND>(row[j] + c * step);
+        const float s = sp[j][c];
+        const int32_t zc = UNIFORM ? 0 : zero_coef<KIND>(zp[j][c]);
+        for (int i = 0; i < MT; ++i)
+          y[i][j] = qacc(qdot<KIND>(codes, a[i], UNIFORM ? asum[i] : zero_term(zc, asum[i])), qscale(dv[i], s),
+                         y[i][j]);
+      }
+    }
+    for (int i = 0; i < MT; ++i)
+      for (int j = 0; j < NT; ++j) out[i][j] = qsum(y[i][j]);
+    return;
+  }
   for (int64_t g = 0; g < groups; ++g) {
     float s[NT];
     int32_t zc[NT];
@@ -651,12 +715,12 @@ inline void qtile(const QAct& q, int64_t m0, const uint8_t* w, const float* scal
     for (int64_t c = g * per_group; c < (g + 1) * per_group; ++c) {
       QI asum[MT];  // UNIFORM: the zero term itself
       QF dv[MT];
-      const int8_t* a[MT];
+      QA a[MT];
       for (int i = 0; i < MT; ++i) {
         const int64_t at = ((m0 + i) * chunks + c) * 16;
         asum[i] = qi_load((UNIFORM ? q.zt : q.asum).data() + at);
         dv[i] = qf_load(q.dv.data() + at);
-        a[i] = q.a.data() + (m0 + i) * K + c * QC;
+        a[i] = qa_plain(q.a.data() + (m0 + i) * K + c * QC);
       }
       for (int j = 0; j < NT; ++j) {
         const QW codes = qload<KIND>(row[j] + c * step);
