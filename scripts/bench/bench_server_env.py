@@ -7,55 +7,33 @@ alternating between them.
 
 Each --variant NAME=[KEY=VALUE|--flag[=value]][,...] starts one `loraplex serve` (everything after `--` is passed to
 each) with those variables added to its environment and those flags added to its own command line, all at once on
-their own ports; then for --rounds, in an order that reverses every round, each gets --concurrency streamed
-completions of --tokens tokens (ignore_eos). Per round: decode tok/s (tokens after the first over the time after the
-first; at concurrency > 1 every stream's tokens over the round's wall time). Prints each variant's median, its
+their own ports; then for --rounds, in an order that reverses every round, each gets, at --concurrency 1,
+one streamed completion of --tokens tokens (ignore_eos; decode tok/s: tokens after the first over the time after the
+first), at higher concurrency that many streamed chat requests of up to --tokens tokens (bench_serving's load, as
+latency_vs_llama_cpp's 64 x 64: every stream's tokens over the round's wall time). Prints each variant's median, its
 ratio to the first variant's median and the median of its round-by-round ratios to the first variant (the
 machine's speed drifts between rounds). Idle servers sleep (their engines poll with a timeout), so only the one being
-measured uses the cores.
+measured uses the cores. Completions and loads are latency_vs_llama_cpp's and bench_serving's; logs in
+/tmp/side-by-side-env-NAME.log.
 """
 from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
-import os
-import signal
 import statistics
-import subprocess
 import sys
-import time
 from pathlib import Path
 
-import httpx
-
 sys.path.insert(0, str(Path(__file__).parent))
-from side_by_side import wait_ready
-
-PROMPT = "Once upon a time, in a small village by the sea,"
-
-
-async def stream_one(client: httpx.AsyncClient, url: str, tokens: int) -> list[float]:
-    body = {"model": "m", "prompt": PROMPT, "max_tokens": tokens, "temperature": 0.0, "stream": True,
-            "ignore_eos": True}
-    stamps: list[float] = []
-    async with client.stream("POST", f"{url}/v1/completions", json=body) as resp:
-        resp.raise_for_status()
-        async for line in resp.aiter_lines():
-            if line.startswith("data: ") and line != "data: [DONE]":
-                stamps.append(time.perf_counter())
-    return stamps
+from bench_serving import run_target
+from latency_vs_llama_cpp import one_completion
+from side_by_side import Served
 
 
-async def one_round(url: str, tokens: int, concurrency: int) -> float:
-    async with httpx.AsyncClient(timeout=600) as client:
-        t0 = time.perf_counter()
-        runs = await asyncio.gather(*(stream_one(client, url, tokens) for _ in range(concurrency)))
-        wall = time.perf_counter() - t0
+def one_round(url: str, tokens: int, concurrency: int) -> float:
     if concurrency == 1:
-        stamps = runs[0]
-        return (len(stamps) - 1) / (stamps[-1] - stamps[0])
-    return sum(len(s) for s in runs) / wall
+        return asyncio.run(one_completion(url, "m", tokens))
+    return asyncio.run(run_target(url, concurrency, tokens, ["m"]))["tok_s"]
 
 
 def parse_variant(text: str) -> tuple[str, dict[str, str], list[str]]:
@@ -88,44 +66,31 @@ def main() -> None:
     args = ap.parse_args()
     serve_args = [a for a in args.serve_args if a != "--"]
     model = ["--model", args.model] if args.model else []
-    servers = []
-    logs = contextlib.ExitStack()
+    servers: list[Served] = []
     try:
         for i, (name, env, flags) in enumerate(args.variant):
             port = args.port + i
-            log = logs.enter_context(open(f"/tmp/bench-server-env-{name}.log", "w"))  # noqa: SIM115 - ExitStack
-            proc = subprocess.Popen(
-                [sys.executable, "-m", "loraplex.serve.cli", "serve", *model, "--port", str(port),
-                 "--served-model-name", "m", *serve_args, *flags],
-                stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-                env={**os.environ, "HF_HUB_OFFLINE": "1", **env})
-            servers.append((name, f"http://127.0.0.1:{port}", proc))
-        for name, url, proc in servers:
-            wait_ready(url, proc, args.startup_timeout_s)
-            asyncio.run(one_round(url, 16, 1))  # warm
-        speeds: dict[str, list[float]] = {name: [] for name, _, _ in servers}
+            servers.append(Served(f"env-{name}", [sys.executable, "-m", "loraplex.serve.cli", "serve", *model, "--port",
+                                                  str(port), "--served-model-name", "m", *serve_args, *flags],
+                                  port, args.startup_timeout_s, env=env))
+            one_round(servers[-1].url, 16, 1)  # warm
+        speeds: list[list[float]] = [[] for _ in servers]
         for r in range(args.rounds):
-            for name, url, _ in (servers if r % 2 == 0 else servers[::-1]):
-                speeds[name].append(asyncio.run(one_round(url, args.tokens, args.concurrency)))
-        base = statistics.median(speeds[servers[0][0]])
+            for i in (range(len(servers)) if r % 2 == 0 else reversed(range(len(servers)))):
+                speeds[i].append(one_round(servers[i].url, args.tokens, args.concurrency))
+        base = statistics.median(speeds[0])
+        first = args.variant[0][0]
         print(f"{args.concurrency} x {args.tokens} streamed tokens, {args.rounds} rounds, serve args {serve_args}")
-        first = servers[0][0]
-        for name, env, flags in args.variant:
-            med = statistics.median(speeds[name])
-            paired = statistics.median(s / b for s, b in zip(speeds[name], speeds[first]))
+        for (name, env, flags), runs in zip(args.variant, speeds):
+            med = statistics.median(runs)
+            paired = statistics.median(s / b for s, b in zip(runs, speeds[0]))
             what = " ".join([*(f"{k}={v}" for k, v in env.items()), *flags])
             print(f"  {name:>16} {what}: median {med:7.1f} tok/s ({med / base:.3f}x of {first}'s median, "
-                  f"median round-by-round ratio {paired:.3f}); rounds {' '.join(f'{s:.0f}' for s in speeds[name])}",
+                  f"median round-by-round ratio {paired:.3f}); rounds {' '.join(f'{s:.0f}' for s in runs)}",
                   flush=True)
     finally:
-        for _, _, proc in servers:
-            os.killpg(proc.pid, signal.SIGTERM)
-        for _, _, proc in servers:
-            try:
-                proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-        logs.close()
+        for server in servers:
+            server.stop()
 
 
 if __name__ == "__main__":

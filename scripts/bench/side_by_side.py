@@ -46,11 +46,12 @@ def wait_ready(url: str, proc: subprocess.Popen, timeout_s: float) -> None:
 
 
 class Served:
-    def __init__(self, name: str, cmd: list[str], port: int, timeout_s: float) -> None:
+    def __init__(self, name: str, cmd: list[str], port: int, timeout_s: float, env: dict | None = None) -> None:
+        """`env`: variables added to this environment for the server."""
         self.name, self.url = name, f"http://127.0.0.1:{port}"
         self.log = open(f"/tmp/side-by-side-{name}.log", "w")
         self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True,
-                                     env={**os.environ, "HF_HUB_OFFLINE": "1"})
+                                     env={**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})})
         wait_ready(self.url, self.proc, timeout_s)
         self.results: list[dict] = []
 
