@@ -18,6 +18,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from loraplex.engine.quant.stream import named_weights
+
 logger = logging.getLogger(__name__)
 
 HUGE_PAGE = 2 << 20
@@ -40,20 +42,6 @@ def huge_pages_possible() -> bool:
     return hasattr(mmap, "MADV_HUGEPAGE") and thp_mode() in ("always", "madvise")
 
 
-def _weight_tensors(model: nn.Module) -> list[torch.Tensor]:
-    """Every parameter and buffer, those of fused streaming groups included (a group's weights live on the group, not
-    on a submodule)."""
-    tensors = list(model.parameters()) + list(model.buffers())
-    seen_groups = set()
-    for m in model.modules():
-        group = getattr(m, "group", None)
-        linear = getattr(group, "linear", None)
-        if isinstance(linear, nn.Module) and id(linear) not in seen_groups:
-            seen_groups.add(id(linear))
-            tensors += list(linear.buffers())
-    return tensors
-
-
 def _movable(t: torch.Tensor) -> bool:
     return (t is not None and t.device.type == "cpu" and type(t) in (torch.Tensor, nn.Parameter) and not t.is_sparse
             and t.layout == torch.strided and not t.is_quantized)
@@ -63,7 +51,7 @@ def move_to_huge_pages(model: nn.Module, min_storage_bytes: int = MIN_STORAGE_BY
     """Re-home the model's CPU weight storages of at least `min_storage_bytes` on one huge-page mapping; returns the
     bytes moved (0 where the kernel offers no transparent huge pages). Call it before anything caches raw pointers
     to the weights (the CPU kernels' layer descriptions are built on first use, after this)."""
-    return move_to_huge_pages_tensors(_weight_tensors(model), "weights", min_storage_bytes)
+    return move_to_huge_pages_tensors([t for _, t in named_weights(model)], "weights", min_storage_bytes)
 
 
 def move_to_huge_pages_tensors(tensors: list[torch.Tensor], what: str,

@@ -267,6 +267,19 @@ class StreamGroup:
         return self.siblings.output(x, index, lambda x: stream_product(x, self.linear))
 
 
+def named_weights(model: nn.Module) -> list[tuple[str, torch.Tensor]]:
+    """Every parameter and buffer of the model, those of its StreamGroups included (a group's fused weights live on
+    the group, not on a submodule), each group once."""
+    tensors = list(model.named_parameters()) + list(model.named_buffers())
+    groups: set[int] = set()
+    for name, m in model.named_modules():
+        linear = getattr(getattr(m, "group", None), "linear", None)
+        if isinstance(linear, nn.Module) and id(linear) not in groups:
+            groups.add(id(linear))
+            tensors += [(f"{name}.group.{n}", t) for n, t in linear.named_buffers()]
+    return tensors
+
+
 def can_stream_gptq(linear: nn.Module) -> bool:
     """A GPTQ linear the kernel takes: 4 or 8 bits, groups of a multiple of 16 channels in order (no act-order)."""
     from .gptq import GPTQLinear, default_g_idx

@@ -42,13 +42,9 @@ def read_bandwidth_gbs(gib: float = 1.0, repeats: int = 5) -> float:
 def weight_bytes(model: torch.nn.Module) -> int:
     """Bytes a decode step reads: every parameter and buffer of the decoder layers, the final norm and the head (a
     tied head reads the embedding matrix once); the embedding lookup itself only touches a row per token."""
-    tensors = list(model.named_parameters()) + list(model.named_buffers())
-    for name, m in model.named_modules():  # fused siblings' weights live in their StreamGroup, not a submodule
-        group = getattr(m, "group", None)
-        linear = getattr(group, "linear", None)
-        if isinstance(linear, torch.nn.Module):
-            tensors += [(f"{name}.group.{n}", t) for n, t in linear.named_buffers()]
     from loraplex.engine.quant import distinct_tensor_bytes
+    from loraplex.engine.quant.stream import named_weights
+    tensors = named_weights(model)  # fused siblings' weights live in their StreamGroup, not a submodule
     # each byte once: a streamed tied head is another tensor over the embedding's memory
     return distinct_tensor_bytes([t for name, t in tensors if "rotary" not in name and
                                   not (name.startswith("model.embed_tokens") and not _tied(model))])
