@@ -189,6 +189,10 @@ class LoRAWeightPool:
         self.b = [{m: torch.zeros(num_pages, o, dtype=dtype, device=device) for m, (i, o) in shapes.items()}
                   for _ in range(num_layers)]
 
+    def tensors(self) -> list[torch.Tensor]:
+        """Every pool tensor, A's then B's."""
+        return [t for layers in (self.a, self.b) for per_module in layers for t in per_module.values()]
+
     @staticmethod
     def bytes_per_page(num_layers: int, shapes: dict[str, tuple[int, int]], dtype: torch.dtype) -> int:
         elem = torch.tensor([], dtype=dtype).element_size()

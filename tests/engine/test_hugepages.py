@@ -99,3 +99,26 @@ def test_a_fresh_zero_cache_moves_without_a_copy_and_is_backed_as_it_is_written(
     assert not k.any() and not v.any() and k.data_ptr() != v.data_ptr()
     k.fill_(1.0)
     assert huge_page_bytes(k) >= 8 * hugepages.HUGE_PAGE and not v.any()
+
+
+@needs_thp
+def test_the_lora_pool_moves_too_and_adapter_tokens_stay(tmp_path, default_model_dir):
+    """The adapter pool (read page by page in every decode step) joins the weights on huge pages, and an adapter's
+    greedy tokens are the same as with the pool on normal pages."""
+    from loraplex.adapters.synthetic import write_random_peft
+    from loraplex.engine.core.sampling_params import SamplingParams
+    from tests.adapters.test_lora_engine import lora_engine, run
+
+    folder = None
+    results = {}
+    for huge in (False, True):
+        engine = lora_engine(default_model_dir, dtype="bfloat16", cpu_linear="stream", cpu_huge_pages=huge)
+        folder = folder or write_random_peft(tmp_path / "a", engine.model_config, r=8, seed=0, std=0.05,
+                                             target_modules=("q_proj", "v_proj", "gate_proj", "down_proj"))
+        engine.adapter_hook.register_adapter("a", 1, 1, str(folder))
+        prompt = engine.tokenizer("The quick brown fox")["input_ids"]
+        params = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)
+        results[huge] = run(engine, {"lora": (prompt, params, (1, 1)), "base": (prompt, params, None)})
+        if huge:
+            assert huge_page_bytes(engine.adapter_hook.weights.a[0]["q_proj"]) > 0
+    assert results[True] == results[False] and results[True]["lora"] != results[True]["base"]

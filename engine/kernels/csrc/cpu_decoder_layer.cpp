@@ -183,9 +183,8 @@ at::Tensor decoder_layer(const at::Tensor& x, const at::Tensor& cos, const at::T
 
 // ---- the lean path: a small batch, every layer on buffers the stack holds -------------------------------------------
 // The same kernels in the same order as layer_forward, called on raw pointers (cpu_layer_parts.h): no tensor is made,
-// viewed or dispatched per operation (but for adapter rows, applied by lora_apply_ on tensors over the buffers), and
-// the step's tables are checked once instead of once per layer. Bit for bit
-// layer_forward's output (tests/engine/test_fused_layer.py compares them).
+// viewed or dispatched per operation, and the step's tables (attention's and the adapter rows') are checked once
+// instead of once per layer. Bit for bit layer_forward's output (tests/engine/test_fused_layer.py compares them).
 constexpr int64_t LEAN_MAX_ROWS = 16;  // decode batches; larger ones (prefill chunks) take layer_forward
 
 template <typename T>
@@ -292,6 +291,15 @@ struct DecoderStack : torch::CustomClassHolder {
       TORCH_CHECK(w.qkv.w.size(0) == q_width + 2 * kv_width && w.o.w.size(0) == hidden && w.down.w.size(0) == hidden &&
                       w.gate_up.w.size(0) % 2 == 0,
                   "DecoderStack: linear widths disagree with the heads or the hidden size");
+      // the adapter pools: a [P, in], b [P, out] of x's dtype per module (q, k, v, o, gate, up, down)
+      const int64_t in_out[MODULES][2] = {{hidden, q_width}, {hidden, kv_width}, {hidden, kv_width}, {q_width, hidden},
+                                          {hidden, inter},   {hidden, inter},    {inter, hidden}};
+      for (int64_t j = 0; j < MODULES && pools.size() != 0; ++j) {
+        const int64_t p = (static_cast<int64_t>(i) * MODULES + j) * 2;
+        const OptT a = pools.get(p), b = pools.get(p + 1);
+        TORCH_CHECK(a.has_value() == b.has_value(), "DecoderStack: a module has both pools or neither");
+        if (a.has_value()) lpx_parts::check_lora_pools(*a, *b, in_out[j][0], in_out[j][1], dt);
+      }
     }
     lean_checked = dt;
   }
@@ -342,18 +350,28 @@ struct DecoderStack : torch::CustomClassHolder {
     const T* sp2 = sn.data_ptr<T>();
     const float sc = static_cast<float>(scale);
     const T* xi = x.data_ptr<T>();
-    const auto opts = x.options();
+    // the step's adapter rows per module, checked once (every layer shares them; the pools are checked by check_lean)
+    lpx_parts::LoraRows lora_rows[MODULES];
+    bool has_rows[MODULES] = {};
+    for (int64_t j = 0; j < MODULES && rows.size() != 0; ++j) {
+      if (!rows.get(j * LORA_ROWS).has_value()) continue;
+      auto t = [&](int64_t k) { return *rows.get(j * LORA_ROWS + k); };
+      lora_rows[j] = lpx_parts::check_lora_rows(t(0), t(1), t(2), t(3), t(4), t(5), M);
+      has_rows[j] = true;
+    }
     for (int64_t i = 0; i < L; ++i) {
       const LayerWeights& w = layers[i];
       const float eps = static_cast<float>(w.eps);
       // module j's adapter rows, in place on y [M, width] (rows `y_stride` apart), input x [M, k]: as the
-      // wrappers add them right after the base product, on tensors over these buffers only where it has rows
-      const c10::List<OptT> lora = layer_lora(static_cast<size_t>(i), rows);
+      // wrappers add them right after the base product, where the module has rows this step and a pool here
       auto add_rows = [&](int64_t j, T* y, int64_t width, int64_t y_stride, const T* in, int64_t k) {
-        if (lora.size() == 0 || !lora.get(j * LORA_ARGS).has_value()) return;
-        const at::Tensor yt = at::from_blob(y, {M, width}, {y_stride, 1}, opts);
-        const at::Tensor xt = at::from_blob(const_cast<T*>(in), {M, k}, {k, 1}, opts);
-        add_lora([&] { return yt; }, xt, lora, j);
+        if (!has_rows[j]) return;
+        const int64_t p = (i * MODULES + j) * 2;
+        const OptT a = pools.get(p);
+        if (!a.has_value()) return;
+        const OptT b = pools.get(p + 1);
+        TORCH_CHECK(lora_rows[j].max_page < a->size(0), "lora_apply_: page out of range");
+        lpx_parts::lora_apply<T>(y, y_stride, in, k, a->data_ptr<T>(), b->data_ptr<T>(), k, width, lora_rows[j]);
       };
       T* sum = (L - 1 - i) % 2 == 0 ? out.data_ptr<T>() : tmp;  // the last layer writes the output
       lpx_parts::rms_norm<T>(xi, w.input_norm.data_ptr<T>(), h, M, H, eps);

@@ -40,4 +40,21 @@ void linear_into(const void* x, bool x_bf16, int64_t M, int64_t K, const at::Ten
                  const c10::optional<at::Tensor>& scales, const c10::optional<at::Tensor>& zeros, int64_t kind,
                  int64_t group, const void* bias, void* out);
 
+// cpu_lora.cpp: y[rows[i]] += B A x[rows[i]] for every row of every segment, A's and B's rows read in place from the
+// paged pools, as lora_apply_ computes it (check_lora_rows checks the row tensors, check_lora_pools a module's pools;
+// pages must also be < the pools' rows: max_page)
+struct LoraRows {
+  const int64_t *rows, *starts, *pages, *ranks;  // token rows, segment starts [S + 1], pages [S, max_rank], ranks [S]
+  int64_t num_segments, max_rank, max_page;      // max_page: the largest page named (-1: none)
+  const float *page_scales, *row_scales;         // null: all 1
+};
+LoraRows check_lora_rows(const at::Tensor& token_rows, const at::Tensor& seg_starts, const at::Tensor& seg_pages,
+                         const at::Tensor& seg_ranks, const at::Tensor& page_scales, const at::Tensor& row_scales,
+                         int64_t num_y_rows);
+void check_lora_pools(const at::Tensor& a_pool, const at::Tensor& b_pool, int64_t in, int64_t out,
+                      at::ScalarType dtype);
+template <typename T>
+void lora_apply(T* y, int64_t y_stride, const T* x, int64_t x_stride, const T* a_pool, const T* b_pool, int64_t in,
+                int64_t out, const LoraRows& rows);
+
 }  // namespace lpx_parts

@@ -7,6 +7,7 @@
 #include <c10/util/BFloat16.h>
 #include <torch/library.h>
 
+#include "cpu_layer_parts.h"
 #include "cpu_vec.h"
 
 #include <algorithm>
@@ -56,11 +57,11 @@ void expand_row(T* y, const T* const* b_rows, const float* h, int64_t rank, int6
 
 template <typename T>
 void lora_apply_impl(T* y, int64_t y_stride, const T* x, int64_t x_stride, const T* a_pool, const T* b_pool,
-                     int64_t in, int64_t out, const int64_t* rows, const int64_t* starts, const int64_t* pages,
-                     const int64_t* ranks, int64_t num_segments, int64_t max_rank, const float* page_scales,
-                     const float* row_scales) {
+                     int64_t in, int64_t out, const lpx_parts::LoraRows& lr) {
+  const int64_t *rows = lr.rows, *starts = lr.starts, *pages = lr.pages, *ranks = lr.ranks, max_rank = lr.max_rank;
+  const float *page_scales = lr.page_scales, *row_scales = lr.row_scales;
   std::vector<std::pair<int64_t, int64_t>> items;  // (segment, first index into rows)
-  for (int64_t s = 0; s < num_segments; ++s)
+  for (int64_t s = 0; s < lr.num_segments; ++s)
     for (int64_t i = starts[s]; i < starts[s + 1]; i += ROWS_PER_ITEM) items.emplace_back(s, i);
   at::parallel_for(0, static_cast<int64_t>(items.size()), 1, [&](int64_t begin, int64_t end) {
     std::vector<float> h(max_rank);
@@ -86,49 +87,86 @@ void lora_apply_impl(T* y, int64_t y_stride, const T* x, int64_t x_stride, const
   });
 }
 
-void lora_apply_(at::Tensor y, const at::Tensor& x, const at::Tensor& a_pool, const at::Tensor& b_pool,
-                 const at::Tensor& token_rows, const at::Tensor& seg_starts, const at::Tensor& seg_pages,
-                 const at::Tensor& seg_ranks, const at::Tensor& page_scales, const at::Tensor& row_scales) {
-  TORCH_CHECK(y.device().is_cpu() && x.device().is_cpu() && a_pool.device().is_cpu(), "lora_apply_: CPU tensors");
-  TORCH_CHECK(y.dim() == 2 && x.dim() == 2 && y.size(0) == x.size(0) && y.stride(1) == 1 && x.stride(1) == 1,
-              "lora_apply_: y [N, out] and x [N, in] with contiguous rows expected");
-  TORCH_CHECK(a_pool.dim() == 2 && b_pool.dim() == 2 && a_pool.size(0) == b_pool.size(0) && a_pool.is_contiguous() &&
-                  b_pool.is_contiguous() && a_pool.size(1) == x.size(1) && b_pool.size(1) == y.size(1),
-              "lora_apply_: pools a [P, in], b [P, out] contiguous expected");
-  const auto dt = y.scalar_type();
-  TORCH_CHECK((dt == at::kFloat || dt == at::kBFloat16) && x.scalar_type() == dt && a_pool.scalar_type() == dt &&
-                  b_pool.scalar_type() == dt, "lora_apply_: one float32 or bfloat16 dtype expected");
+}  // namespace
+
+namespace lpx_parts {
+
+LoraRows check_lora_rows(const at::Tensor& token_rows, const at::Tensor& seg_starts, const at::Tensor& seg_pages,
+                         const at::Tensor& seg_ranks, const at::Tensor& page_scales, const at::Tensor& row_scales,
+                         int64_t num_y_rows) {
   for (const at::Tensor* t : {&token_rows, &seg_starts, &seg_pages, &seg_ranks})
-    TORCH_CHECK(t->scalar_type() == at::kLong && t->is_contiguous(), "lora_apply_: contiguous int64 metadata");
+    TORCH_CHECK(t->device().is_cpu() && t->scalar_type() == at::kLong && t->is_contiguous(),
+                "lora_apply_: contiguous int64 metadata");
   const int64_t S = seg_pages.size(0), R = seg_pages.dim() == 2 ? seg_pages.size(1) : 0;
   TORCH_CHECK(seg_pages.dim() == 2 && seg_ranks.numel() == S && seg_starts.numel() == S + 1, "lora_apply_: segments");
-  const int64_t* rows = token_rows.data_ptr<int64_t>();
-  const int64_t* starts = seg_starts.data_ptr<int64_t>();
-  const int64_t* pages = seg_pages.data_ptr<int64_t>();
-  const int64_t* ranks = seg_ranks.data_ptr<int64_t>();
-  const int64_t N = y.size(0), P = a_pool.size(0), n_rows = token_rows.numel();
-  TORCH_CHECK(starts[0] == 0 && starts[S] == n_rows, "lora_apply_: seg_starts must cover token_rows");
+  LoraRows lr{token_rows.data_ptr<int64_t>(), seg_starts.data_ptr<int64_t>(), seg_pages.data_ptr<int64_t>(),
+              seg_ranks.data_ptr<int64_t>(), S, R, -1, nullptr, nullptr};
+  const int64_t n_rows = token_rows.numel();
+  TORCH_CHECK(lr.starts[0] == 0 && lr.starts[S] == n_rows, "lora_apply_: seg_starts must cover token_rows");
   for (int64_t s = 0; s < S; ++s) {
-    TORCH_CHECK(starts[s] <= starts[s + 1] && ranks[s] >= 0 && ranks[s] <= R, "lora_apply_: bad segment ", s);
-    for (int64_t r = 0; r < R; ++r)
-      TORCH_CHECK(pages[s * R + r] >= 0 && pages[s * R + r] < P, "lora_apply_: page out of range");
+    TORCH_CHECK(lr.starts[s] <= lr.starts[s + 1] && lr.ranks[s] >= 0 && lr.ranks[s] <= R, "lora_apply_: bad segment ",
+                s);
+    for (int64_t r = 0; r < R; ++r) {
+      TORCH_CHECK(lr.pages[s * R + r] >= 0, "lora_apply_: page out of range");
+      lr.max_page = std::max(lr.max_page, lr.pages[s * R + r]);
+    }
   }
-  for (int64_t i = 0; i < n_rows; ++i) TORCH_CHECK(rows[i] >= 0 && rows[i] < N, "lora_apply_: row out of range");
+  for (int64_t i = 0; i < n_rows; ++i)
+    TORCH_CHECK(lr.rows[i] >= 0 && lr.rows[i] < num_y_rows, "lora_apply_: row out of range");
   // optional multipliers of h (float32; empty: all 1): one per (segment, page) and one per row
   for (const at::Tensor* t : {&page_scales, &row_scales})
     TORCH_CHECK(t->numel() == 0 || (t->scalar_type() == at::kFloat && t->is_contiguous() && t->device().is_cpu()),
                 "lora_apply_: scales must be contiguous float32");
   TORCH_CHECK(page_scales.numel() == 0 || page_scales.numel() == S * R, "lora_apply_: page_scales [S, R] expected");
   TORCH_CHECK(row_scales.numel() == 0 || row_scales.numel() == n_rows, "lora_apply_: row_scales [rows] expected");
-  const float* ps = page_scales.numel() ? page_scales.data_ptr<float>() : nullptr;
-  const float* rs = row_scales.numel() ? row_scales.data_ptr<float>() : nullptr;
+  lr.page_scales = page_scales.numel() ? page_scales.data_ptr<float>() : nullptr;
+  lr.row_scales = row_scales.numel() ? row_scales.data_ptr<float>() : nullptr;
+  return lr;
+}
+
+void check_lora_pools(const at::Tensor& a_pool, const at::Tensor& b_pool, int64_t in, int64_t out,
+                      at::ScalarType dtype) {
+  TORCH_CHECK(a_pool.device().is_cpu() && b_pool.device().is_cpu() && a_pool.dim() == 2 && b_pool.dim() == 2 &&
+                  a_pool.size(0) == b_pool.size(0) && a_pool.is_contiguous() && b_pool.is_contiguous() &&
+                  a_pool.size(1) == in && b_pool.size(1) == out,
+              "lora_apply_: pools a [P, in], b [P, out] contiguous expected");
+  TORCH_CHECK(a_pool.scalar_type() == dtype && b_pool.scalar_type() == dtype, "lora_apply_: pools of y's dtype");
+}
+
+template <typename T>
+void lora_apply(T* y, int64_t y_stride, const T* x, int64_t x_stride, const T* a_pool, const T* b_pool, int64_t in,
+                int64_t out, const LoraRows& rows) {
+  lora_apply_impl<T>(y, y_stride, x, x_stride, a_pool, b_pool, in, out, rows);
+}
+template void lora_apply<float>(float*, int64_t, const float*, int64_t, const float*, const float*, int64_t, int64_t,
+                                const LoraRows&);
+template void lora_apply<c10::BFloat16>(c10::BFloat16*, int64_t, const c10::BFloat16*, int64_t, const c10::BFloat16*,
+                                        const c10::BFloat16*, int64_t, int64_t, const LoraRows&);
+
+}  // namespace lpx_parts
+
+namespace {
+
+void lora_apply_(at::Tensor y, const at::Tensor& x, const at::Tensor& a_pool, const at::Tensor& b_pool,
+                 const at::Tensor& token_rows, const at::Tensor& seg_starts, const at::Tensor& seg_pages,
+                 const at::Tensor& seg_ranks, const at::Tensor& page_scales, const at::Tensor& row_scales) {
+  TORCH_CHECK(y.device().is_cpu() && x.device().is_cpu(), "lora_apply_: CPU tensors");
+  TORCH_CHECK(y.dim() == 2 && x.dim() == 2 && y.size(0) == x.size(0) && y.stride(1) == 1 && x.stride(1) == 1,
+              "lora_apply_: y [N, out] and x [N, in] with contiguous rows expected");
+  const auto dt = y.scalar_type();
+  TORCH_CHECK((dt == at::kFloat || dt == at::kBFloat16) && x.scalar_type() == dt,
+              "lora_apply_: one float32 or bfloat16 dtype expected");
+  lpx_parts::check_lora_pools(a_pool, b_pool, x.size(1), y.size(1), dt);
+  const lpx_parts::LoraRows lr = lpx_parts::check_lora_rows(token_rows, seg_starts, seg_pages, seg_ranks, page_scales,
+                                                            row_scales, y.size(0));
+  TORCH_CHECK(lr.max_page < a_pool.size(0), "lora_apply_: page out of range");
   if (dt == at::kFloat) {
     lora_apply_impl<float>(y.data_ptr<float>(), y.stride(0), x.data_ptr<float>(), x.stride(0), a_pool.data_ptr<float>(),
-                           b_pool.data_ptr<float>(), x.size(1), y.size(1), rows, starts, pages, ranks, S, R, ps, rs);
+                           b_pool.data_ptr<float>(), x.size(1), y.size(1), lr);
   } else {
     using B = c10::BFloat16;
     lora_apply_impl<B>(y.data_ptr<B>(), y.stride(0), x.data_ptr<B>(), x.stride(0), a_pool.data_ptr<B>(),
-                       b_pool.data_ptr<B>(), x.size(1), y.size(1), rows, starts, pages, ranks, S, R, ps, rs);
+                       b_pool.data_ptr<B>(), x.size(1), y.size(1), lr);
   }
 }
 
