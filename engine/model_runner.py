@@ -12,6 +12,7 @@ from loraplex.engine.layers.attention import allocate_kv_caches, build_forward_b
 from loraplex.engine.layers.forward_batch import ForwardBatch
 from loraplex.engine.layers.sampler import (
     Sampler,
+    SamplerOutput,
     SamplingMetadata,
     greedy,
     prompt_token_logprobs,
@@ -134,8 +135,10 @@ class ModelRunner:
                 return result
         requests = [s.request for s in sampling]
         bitmask = None if self.structured_output is None else self.structured_output.fill_bitmask(requests)
-        metadata = SamplingMetadata.build(requests, logits.shape[-1], self.device, bitmask)
-        out = self.sampler(logits, metadata)
+        if SamplingMetadata.plain_greedy(requests, bitmask):
+            out = SamplerOutput(greedy(logits), None, None)  # what the sampler computes for such rows
+        else:
+            out = self.sampler(logits, SamplingMetadata.build(requests, logits.shape[-1], self.device, bitmask))
         token_ids = out.sampled_token_ids.tolist()  # the step's one host sync
         if out.logprobs is not None:
             lp_ids, lps = out.logprob_token_ids.tolist(), out.logprobs.tolist()

@@ -121,15 +121,41 @@ def rope_inv_freq(config: ModelConfig) -> torch.Tensor:
 
 
 class RotaryEmbedding(nn.Module):
+    """cos and sin [num_tokens, 1, head_dim] of each token's position, in the step's dtype. Read from tables of every
+    position so far (per dtype and device, grown by doubling), which hold exactly what `compute` gives for those
+    positions: a step gathers its rows in two operations instead of computing them in ten (~0.1 ms of a batch-1
+    decode step on CPU)."""
+
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         # float32 on purpose; built on CPU even under a meta-device context (the loader moves it)
         self.register_buffer("inv_freq", rope_inv_freq(config), persistent=False)
+        self._tables: dict[tuple[torch.dtype, torch.device], tuple[torch.Tensor, torch.Tensor]] = {}
 
-    def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    def compute(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         freqs = positions.float().unsqueeze(1) * self.inv_freq.float().unsqueeze(0)  # [num_tokens, head_dim/2]
         emb = torch.cat((freqs, freqs), dim=-1).unsqueeze(1)  # [num_tokens, 1, head_dim]
         return emb.cos().to(dtype), emb.sin().to(dtype)
+
+    def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        key = (dtype, self.inv_freq.device)
+        if key[1].type != "cpu":  # an index past a table asserts on the device instead of raising here
+            return self.compute(positions, dtype)
+        tables = self._tables.get(key)
+        if tables is not None and positions.device == key[1]:
+            try:
+                cos, sin = tables[0].index_select(0, positions), tables[1].index_select(0, positions)
+                return cos.unsqueeze(1), sin.unsqueeze(1)
+            except IndexError:  # a position past the tables: grow them
+                pass
+        if positions.device != key[1] or positions.numel() == 0:
+            return self.compute(positions, dtype)
+        have = 0 if tables is None else tables[0].shape[0]
+        need = int(positions.max()) + 1
+        size = max(need, 2 * have, 4096)
+        cos, sin = self.compute(torch.arange(size, device=key[1]), dtype)
+        self._tables[key] = (cos[:, 0], sin[:, 0])
+        return self.forward(positions, dtype)
 
 
 class LlamaAttention(nn.Module):

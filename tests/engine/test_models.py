@@ -150,6 +150,23 @@ def test_mixed_batch_equals_each_alone(tiny):
         torch.testing.assert_close(mixed[name], hf_logits(hf_model, seqs[name][:n_done]), atol=ATOL, rtol=0)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rotary_tables_hold_exactly_what_is_computed_and_grow(tiny, dtype):
+    """The per-position tables a step reads cos/sin from give the same bits as computing them for the step's
+    positions, before and after they grow past their first size, in any order and with repeats."""
+    rotary = tiny[1].model.rotary_emb
+    rotary._tables.clear()
+    for positions in ([0, 5, 5, 4095], [17], [4096, 3, 9000], list(range(300)), [20000, 1]):
+        p = torch.tensor(positions)
+        got, want = rotary(p, dtype), rotary.compute(p, dtype)
+        for g, w in zip(got, want):
+            assert g.shape == w.shape == (len(positions), 1, rotary.inv_freq.numel() * 2) and g.dtype == dtype
+            assert torch.equal(g, w)
+    assert rotary._tables[dtype, torch.device("cpu")][0].shape[0] >= 20001
+    empty = rotary(torch.tensor([], dtype=torch.int64), dtype)
+    assert empty[0].shape == (0, 1, rotary.inv_freq.numel() * 2)
+
+
 def test_weights_are_frozen_and_tied(tiny):
     _, model, config = tiny
     assert not any(p.requires_grad for p in model.parameters())

@@ -243,3 +243,24 @@ def test_bad_words_ban_single_tokens_and_the_end_of_sequences():
     reqs = [make_request(temperature=0.0, output=[1], bad_words_token_ids=words),  # 2 and 3 banned: 4 wins
             make_request(temperature=0.0, output=[0], bad_words_token_ids=words)]  # only 3 banned: 2 wins
     assert sample(logits, reqs).sampled_token_ids.tolist() == [4, 2]
+
+
+@pytest.mark.parametrize("params", [
+    {"temperature": 0.0}, {"top_k": 1, "temperature": 0.7}, {"temperature": 0.8}, {"temperature": 0.0, "logprobs": 0},
+    {"temperature": 0.0, "repetition_penalty": 1.2}, {"temperature": 0.0, "logit_bias": ((3, 5.0),)},
+    {"temperature": 0.0, "min_tokens": 4}, {"temperature": 0.0, "bad_words_token_ids": ((5,),)},
+])
+def test_the_runners_plain_greedy_shortcut_is_taken_only_where_the_sampler_takes_its_own(params):
+    """The runner skips building metadata for rows SamplingMetadata.plain_greedy accepts and takes the argmax
+    itself: that must be only where the sampler, given the metadata, would return the plain argmax too."""
+    torch.manual_seed(9)
+    logits = torch.randn(2, 50)
+    reqs = [make_request(temperature=0.0, eos=(7,)), make_request(eos=(7,), **params)]
+    md = SamplingMetadata.build(reqs, 50, "cpu")
+    sampler_plain = (md.all_greedy and md.no_penalties and md.suppress_rows is None and md.bias_rows is None
+                     and md.token_bitmask is None and md.max_num_logprobs is None)
+    assert SamplingMetadata.plain_greedy(reqs) == sampler_plain
+    assert SamplingMetadata.plain_greedy(reqs) == (params in ({"temperature": 0.0}, {"top_k": 1, "temperature": 0.7}))
+    assert not SamplingMetadata.plain_greedy(reqs[:1], torch.zeros(1, 2, dtype=torch.int32))
+    if sampler_plain:
+        assert torch.equal(Sampler()(logits, md).sampled_token_ids, logits.argmax(dim=1))
