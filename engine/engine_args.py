@@ -34,6 +34,7 @@ class EngineArgs:
     max_num_batched_tokens: int | None = None  # None: max(1024, max_num_seqs)
     block_size: int = 16
     kv_cache_memory_bytes: int = 1 << 30
+    kv_cache_dtype: str = "auto"  # auto (the model's dtype) | bfloat16 (float32 models: half the cache bytes)
     num_gpu_blocks_override: int | None = None
     enable_prefix_caching: bool = True
     enable_chunked_prefill: bool = True
@@ -83,6 +84,8 @@ class EngineArgs:
             raise ValueError("--max-queue-len must be at least 1")
         if self.kv_cache_memory_bytes <= 0:
             raise ValueError("--kv-cache-memory-bytes must be positive")
+        if self.kv_cache_dtype not in ("auto", "bfloat16"):
+            raise ValueError(f"--kv-cache-dtype must be auto or bfloat16; got {self.kv_cache_dtype!r}")
         if self.quantization not in ("none", "nf4", "int8", "gptq", "exl2"):
             raise ValueError(f"--quantization must be one of none, nf4, int8, gptq, exl2; got {self.quantization!r}")
         if self.max_loras < 1 or self.max_lora_rank < 1:
@@ -141,6 +144,11 @@ def add_engine_args(p: argparse.ArgumentParser) -> dict[str, argparse._ArgumentG
                    help="base weights: nf4/int8 quantize at load (bitsandbytes); gptq/exl2 name the checkpoint's format")
     p.add_argument("--kv-cache-memory-bytes", type=size_arg, default=1 << 30, metavar="SIZE",
                    help="KV cache size, e.g. 2GiB or 512MiB (default: 1GiB)")
+    p.add_argument("--kv-cache-dtype", choices=["auto", "bfloat16"], default="auto",
+                   help="auto: the model's dtype; bfloat16: a float32 model (a quantized one computing in float32) "
+                        "keeps keys and values in bfloat16, half the bytes a decode step reads from its cache and "
+                        "twice the tokens in --kv-cache-memory-bytes (llama.cpp's default is an f16 cache); "
+                        "attention then runs in bfloat16")
     p.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--batch-invariant", action=argparse.BooleanOptionalAction, default=True,
                    help="CPU: a request's greedy output is exactly the same alone or in any batch "
@@ -232,7 +240,8 @@ def engine_args_from(ns: argparse.Namespace) -> EngineArgs:
     return EngineArgs(
         model=ns.model, dtype=ns.dtype, device=ns.device, max_model_len=ns.max_model_len,
         max_num_seqs=ns.max_num_seqs, max_num_batched_tokens=ns.max_num_batched_tokens,
-        block_size=ns.block_size, kv_cache_memory_bytes=ns.kv_cache_memory_bytes, quantization=ns.quantization,
+        block_size=ns.block_size, kv_cache_memory_bytes=ns.kv_cache_memory_bytes, kv_cache_dtype=ns.kv_cache_dtype,
+        quantization=ns.quantization,
         enable_prefix_caching=ns.enable_prefix_caching, max_queue_len=ns.max_queue_len, seed=ns.seed,
         batch_invariant=ns.batch_invariant, cpu_linear=ns.cpu_linear, cpu_huge_pages=ns.cpu_huge_pages,
         activation_quant=ns.activation_quant,

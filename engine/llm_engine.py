@@ -155,7 +155,12 @@ class LLMEngine:
         cache_config = CacheConfig(block_size=args.block_size, num_blocks=args.num_gpu_blocks_override,
                                    kv_cache_memory_bytes=args.kv_cache_memory_bytes,
                                    enable_prefix_caching=args.enable_prefix_caching)
-        runner = ModelRunner(model, model_config, cache_config, device, dtype, max_model_len)
+        kv_dtype = None
+        if args.kv_cache_dtype == "bfloat16" and dtype != torch.bfloat16:
+            if dtype != torch.float32:
+                raise ValueError(f"--kv-cache-dtype bfloat16 takes a float32 or bfloat16 model, not {dtype}")
+            kv_dtype = torch.bfloat16
+        runner = ModelRunner(model, model_config, cache_config, device, dtype, max_model_len, kv_dtype)
         if args.cpu_huge_pages and device.type == "cpu":
             move_to_huge_pages_tensors([t for c in runner.kv_caches for t in (c.k, c.v)], "KV cache", zeros=True)
         scheduler_config = SchedulerConfig(

@@ -62,21 +62,25 @@ class ModelRunner:
     """Owns the model, its paged KV cache and the sampler on one device."""
 
     def __init__(self, model: torch.nn.Module, model_config: ModelConfig, cache_config: CacheConfig,
-                 device: torch.device, dtype: torch.dtype, max_model_len: int) -> None:
+                 device: torch.device, dtype: torch.dtype, max_model_len: int,
+                 kv_cache_dtype: torch.dtype | None = None) -> None:
         self.model = model
         self.model_config = model_config
         self.device = device
         self.dtype = dtype
         self.block_size = cache_config.block_size
         self.max_model_len = max_model_len
-        per_block = kv_cache_bytes_per_block(model_config, self.block_size, dtype)
+        # keys and values in the model's dtype, or bfloat16 under a float32 model (attention then runs in bfloat16:
+        # engine/layers/attention.py casts to the cache's dtype, the one-call kernels do the same)
+        self.kv_cache_dtype = kv_cache_dtype or dtype
+        per_block = kv_cache_bytes_per_block(model_config, self.block_size, self.kv_cache_dtype)
         self.num_blocks = cache_config.num_blocks or max(1, cache_config.kv_cache_memory_bytes // per_block)
         self.kv_caches = allocate_kv_caches(model_config.num_hidden_layers, self.num_blocks * self.block_size,
                                             model_config.num_key_value_heads, model_config.head_dim,
-                                            dtype, device)
+                                            self.kv_cache_dtype, device)
         self.kv_cache_bytes = self.num_blocks * per_block
         logger.info("KV cache: %d blocks x %d tokens (%.1f MiB, %s on %s)", self.num_blocks,
-                    self.block_size, self.num_blocks * per_block / 2**20, dtype, device)
+                    self.block_size, self.num_blocks * per_block / 2**20, self.kv_cache_dtype, device)
         # the fused CPU attention kernel (built once per machine); the plain-torch path otherwise
         self.cpu_attention_kernel = (device.type == "cpu" and dtype in (torch.float32, torch.bfloat16)
                                      and cpu_kernels.available())

@@ -55,12 +55,12 @@ def paged_attention(q: torch.Tensor, cache: KVCache, attn: AttentionMetadata, sc
             out[:nd] = _decode_attention(q[:nd], cache, attn, scale)
     for chunk in attn.prefills:
         rows = slice(chunk.query_start, chunk.query_start + chunk.query_len)
-        qc = q[rows].transpose(0, 1).unsqueeze(0)  # [1, num_heads, query_len, head_dim]
+        qc = q[rows].transpose(0, 1).unsqueeze(0).to(cache.k.dtype)  # [1, num_heads, query_len, head_dim]
         k = cache.k.index_select(0, chunk.kv_slots).transpose(0, 1).unsqueeze(0)  # [1, kv_heads, kv_len, head_dim]
         v = cache.v.index_select(0, chunk.kv_slots).transpose(0, 1).unsqueeze(0)
         o = F.scaled_dot_product_attention(qc, k, v, attn_mask=chunk.mask, is_causal=chunk.mask is None,
                                            scale=scale, enable_gqa=gqa)
-        out[rows] = o[0].transpose(0, 1)  # [query_len, num_heads, head_dim]
+        out[rows] = o[0].transpose(0, 1).to(q.dtype)  # [query_len, num_heads, head_dim]
     return out
 
 

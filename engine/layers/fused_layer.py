@@ -100,7 +100,9 @@ class LayerParts:
         attn, mlp = layer.self_attn, layer.mlp
         n1, n2 = layer.input_layernorm, layer.post_attention_layernorm
         self.ok = False
-        if type(attn).forward is not _ATTENTION_FORWARD or cache is None or cache.k.dtype != dtype \
+        # a bfloat16 cache under float32: the kernel's attention runs in bfloat16, as attention.py's casts do
+        cache_dtypes = (dtype, torch.bfloat16) if dtype == torch.float32 else (dtype,)
+        if type(attn).forward is not _ATTENTION_FORWARD or cache is None or cache.k.dtype not in cache_dtypes \
                 or n1.weight.dtype != dtype or n2.weight.dtype != dtype or n1.eps != n2.eps:
             return
         found = [stack_parts(getattr(parent, name, None)) for parent, name in

@@ -58,6 +58,36 @@ def test_fused_layer_gives_the_module_paths_tokens(default_model_dir, fused_swit
         assert not any(getattr(m, "float32_kernels", False) for m in parity.runner.model.modules())
 
 
+
+def test_a_bfloat16_cache_under_float32_fuses_and_keeps_the_module_paths_tokens(default_model_dir, fused_switch):
+    """--kv-cache-dtype bfloat16 on a float32 model: half the cache bytes (twice the blocks in the same memory),
+    attention in bfloat16 on every path (the module path's casts, the one-call layer's, the stack's lean copies),
+    the same tokens on all of them, alone and batched, and close to the float32 cache's."""
+    from loraplex.engine.llm_engine import LLMEngine
+
+    def engine_with(kv: str):
+        return LLMEngine.from_engine_args(EngineArgs(model=default_model_dir, dtype="float32", cpu_linear="stream",
+                                                     max_num_seqs=4, kv_cache_memory_bytes=64 << 20,
+                                                     kv_cache_dtype=kv))
+    engine, plain = engine_with("bfloat16"), engine_with("auto")
+    assert engine.runner.kv_caches[0].k.dtype == torch.bfloat16 and plain.runner.kv_caches[0].k.dtype == torch.float32
+    assert engine.runner.num_blocks == 2 * plain.runner.num_blocks
+    prompts = [engine.tokenizer.encode(t) for t in ("The capital of France is", "def fibonacci(n):", "Dear Sir,")]
+    results = {}
+    for mode in ("modules", "layers", "stack"):
+        fused_switch(mode != "modules", stack=mode == "stack")
+        stacks = fused_layer.STATS["stack_calls"]
+        results[mode] = (generate(engine, prompts), [generate(engine, [p])[0] for p in prompts])
+        assert fused_layer.STATS["stack_calls"] - stacks == (4 * GREEDY.max_tokens if mode == "stack" else 0)
+    assert results["stack"] == results["layers"] == results["modules"]
+    assert results["stack"][0] == results["stack"][1]
+    fused_switch(True)
+    reference = generate(plain, prompts)
+    same = sum(a == b for got, want in zip(results["stack"][0], reference) for a, b in zip(got, want))
+    assert same >= 0.75 * sum(len(r) for r in reference)
+    with pytest.raises(ValueError, match="kv-cache-dtype"):
+        EngineArgs(kv_cache_dtype="float16")
+
 @pytest.mark.parametrize("bits", [8, 4])
 def test_gptq_layers_with_int8_activations_fuse_and_keep_their_tokens(tmp_path, default_model_dir, fused_switch,
                                                                       bits):

@@ -146,8 +146,16 @@ at::Tensor layer_forward(const at::Tensor& x, const at::Tensor& cos, const at::T
   add_lora([&] { return qkv_out.narrow(1, q_width + kv_width, kv_width); }, h, lora, 2);
   rotary_op().call(q, cos, sin);
   rotary_op().call(k, cos, sin);
-  const at::Tensor attn = paged_attention_op().call(q, w.k_cache, w.v_cache, s.slot_table, s.row_index, s.row_len,
-                                                    s.window, s.scale, k, v, s.slot_mapping);
+  // a cache in another dtype (bfloat16 under float32): attention runs in the cache's dtype, as attention.py casts
+  const auto kv = w.k_cache.scalar_type();
+  const at::Tensor attn =
+      kv == x.scalar_type()
+          ? paged_attention_op().call(q, w.k_cache, w.v_cache, s.slot_table, s.row_index, s.row_len, s.window, s.scale,
+                                      k, v, s.slot_mapping)
+          : paged_attention_op()
+                .call(q.to(kv), w.k_cache, w.v_cache, s.slot_table, s.row_index, s.row_len, s.window, s.scale,
+                      k.to(kv), v.to(kv), s.slot_mapping)
+                .to(x.scalar_type());
   const at::Tensor attn_rows = attn.view({n, q_width});
   const at::Tensor a = linear(attn_rows, w.o);
   add_lora([&] { return a; }, attn_rows, lora, 3);
@@ -186,6 +194,13 @@ at::Tensor decoder_layer(const at::Tensor& x, const at::Tensor& cos, const at::T
 // viewed or dispatched per operation, and the step's tables (attention's and the adapter rows') are checked once
 // instead of once per layer. Bit for bit layer_forward's output (tests/engine/test_fused_layer.py compares them).
 constexpr int64_t LEAN_MAX_ROWS = 16;  // decode batches; larger ones (prefill chunks) take layer_forward
+
+// rows x [M, width] (`stride` apart) rounded to bfloat16 into out [M, width], as Tensor.to(bfloat16) rounds
+template <typename T>
+void to_bf16(const T* x, int64_t M, int64_t width, int64_t stride, c10::BFloat16* out) {
+  for (int64_t t = 0; t < M; ++t)
+    for (int64_t j = 0; j < width; ++j) out[t * width + j] = c10::BFloat16(static_cast<float>(x[t * stride + j]));
+}
 
 template <typename T>
 void linear_into(const T* x, int64_t M, int64_t K, const Linear& l, T* out) {
@@ -279,9 +294,12 @@ struct DecoderStack : torch::CustomClassHolder {
     for (size_t i = 0; i < layers.size(); ++i) {
       const LayerWeights& w = layers[i];
       for (const at::Tensor* c : {&w.k_cache, &w.v_cache})
-        TORCH_CHECK(c->scalar_type() == dt && c->is_contiguous() && c->dim() == 3 && c->size(1) == num_kv_heads &&
+        TORCH_CHECK(c->scalar_type() == layers[0].k_cache.scalar_type() &&
+                        (c->scalar_type() == dt || (dt == at::kFloat && c->scalar_type() == at::kBFloat16)) &&
+                        c->is_contiguous() && c->dim() == 3 && c->size(1) == num_kv_heads &&
                         c->size(2) == head_dim && c->sizes() == layers[0].k_cache.sizes(),
-                    "DecoderStack: caches [S, kv heads, head_dim] of x's dtype, the same in every layer");
+                    "DecoderStack: caches [S, kv heads, head_dim] of x's dtype (or bfloat16 under float32), the "
+                    "same in every layer");
       for (const at::Tensor* n : {&w.input_norm, &w.post_norm})
         TORCH_CHECK(n->scalar_type() == dt && n->is_contiguous() && n->numel() == hidden, "DecoderStack: norms");
       const int64_t inter = w.gate_up.w.size(0) / 2;
@@ -331,13 +349,20 @@ struct DecoderStack : torch::CustomClassHolder {
     }
     const auto c = cos.reshape({M, D}).contiguous(), sn = sin.reshape({M, D}).contiguous();
     TORCH_CHECK(c.scalar_type() == x.scalar_type() && sn.scalar_type() == x.scalar_type(), "rotary_: cos/sin dtype");
-    // buffers: the other residual, h, qkv, q (M > 1), attention, o, normed, gate_up, m, down
+    // a bfloat16 cache under float32: attention runs in bfloat16 on copies of q, k, v (as attention.py casts them)
+    const bool kv_bf16 = std::is_same<T, float>::value && layers[0].k_cache.scalar_type() == at::kBFloat16;
+    using B = c10::BFloat16;
+    // buffers: the other residual, h, qkv, q (M > 1), attention, o, normed, gate_up, m, down; then, with a bfloat16
+    // cache, q, k, v and attention in bfloat16
+    const int64_t kvb = kv_bf16 ? 1 : 0;
     const int64_t sizes[] = {M * H, M * H, M * qkv_width, M * q_width, M * q_width, M * H, M * H, M * 2 * inter,
-                             M * inter, M * H};
-    int64_t offsets[10], total = 0;
-    for (int i = 0; i < 10; ++i) {
+                             M * inter, M * H, kvb * M * q_width, kvb * M * kv_width, kvb * M * kv_width,
+                             kvb * M * q_width};
+    constexpr int NBUF = 14;
+    int64_t offsets[NBUF], total = 0;
+    for (int i = 0; i < NBUF; ++i) {
       offsets[i] = total;
-      total += (sizes[i] * static_cast<int64_t>(sizeof(T)) + 63) / 64 * 64;
+      total += (sizes[i] * static_cast<int64_t>(i < 10 ? sizeof(T) : sizeof(B)) + 63) / 64 * 64;
     }
     if (!arena.defined() || arena.numel() < total) arena = at::empty({total}, at::kByte);
     char* base = static_cast<char*>(arena.data_ptr());
@@ -345,6 +370,8 @@ struct DecoderStack : torch::CustomClassHolder {
     for (int i = 0; i < 10; ++i) buf[i] = reinterpret_cast<T*>(base + offsets[i]);
     T *tmp = buf[0], *h = buf[1], *qkv = buf[2], *qc = buf[3], *attn = buf[4], *a = buf[5], *normed = buf[6],
       *gu = buf[7], *m = buf[8], *d = buf[9];
+    B *qb = reinterpret_cast<B*>(base + offsets[10]), *kb = reinterpret_cast<B*>(base + offsets[11]),
+      *vb = reinterpret_cast<B*>(base + offsets[12]), *attn_b = reinterpret_cast<B*>(base + offsets[13]);
     at::Tensor out = at::empty({M, H}, x.options());
     const T* cp = c.data_ptr<T>();
     const T* sp2 = sn.data_ptr<T>();
@@ -387,9 +414,18 @@ struct DecoderStack : torch::CustomClassHolder {
         q = qc;
       }
       // this step's keys and values (rows of qkv) go into the caches first
-      lpx_parts::paged_attention<T>(q, w.k_cache.data_ptr<T>(), w.v_cache.data_ptr<T>(), tp, ip, lp, attn, M,
-                                    num_heads, num_kv_heads, D, W, window, sc, qkv + q_width, qkv_width,
-                                    qkv + q_width + kv_width, qkv_width, sp);
+      if (kv_bf16) {
+        to_bf16(q, M, q_width, q == qkv ? qkv_width : q_width, qb);
+        to_bf16(qkv + q_width, M, kv_width, qkv_width, kb);
+        to_bf16(qkv + q_width + kv_width, M, kv_width, qkv_width, vb);
+        lpx_parts::paged_attention<B>(qb, w.k_cache.data_ptr<B>(), w.v_cache.data_ptr<B>(), tp, ip, lp, attn_b, M,
+                                      num_heads, num_kv_heads, D, W, window, sc, kb, kv_width, vb, kv_width, sp);
+        for (int64_t j = 0; j < M * q_width; ++j) attn[j] = static_cast<T>(static_cast<float>(attn_b[j]));
+      } else {
+        lpx_parts::paged_attention<T>(q, w.k_cache.data_ptr<T>(), w.v_cache.data_ptr<T>(), tp, ip, lp, attn, M,
+                                      num_heads, num_kv_heads, D, W, window, sc, qkv + q_width, qkv_width,
+                                      qkv + q_width + kv_width, qkv_width, sp);
+      }
       linear_into<T>(attn, M, q_width, w.o, a);
       add_rows(3, a, H, H, attn, q_width);
       lpx_parts::add_rms_norm<T>(xi, a, w.post_norm.data_ptr<T>(), sum, normed, M, H, eps);
