@@ -78,8 +78,9 @@ class AsyncEngine:
         self._loop = asyncio.get_running_loop()
         loop = self._loop
 
-        def emit(outputs: list[RequestOutput], stats: EngineStats) -> None:  # core's thread
-            self._stats = stats
+        def emit(outputs: list[RequestOutput], stats: EngineStats | None) -> None:  # core's thread
+            if stats is not None:  # None: the core sends them with some steps only (engine_core.STATS_INTERVAL_S)
+                self._stats = stats
             loop.call_soon_threadsafe(self._deliver, outputs)
 
         def on_error(error: BaseException) -> None:  # core's thread

@@ -27,7 +27,8 @@ from loraplex.engine.llm_engine import LLMEngine
 
 logger = logging.getLogger(__name__)
 
-Emit = Callable[[list[RequestOutput], EngineStats], None]
+Emit = Callable[[list[RequestOutput], "EngineStats | None"], None]  # None: the stats have not changed enough
+STATS_INTERVAL_S = 0.1  # while tokens stream, the stats go out with the outputs at most this often
 Reply = Callable[[int, bool, Any], None]  # (call id, ok, result or exception)
 Adapter = tuple | None  # (adapter_id, version) or (adapter_id, version, mix); None is the base model
 
@@ -81,7 +82,7 @@ class EngineLoop:
         self._wakeup = threading.Event()
         self._stop = threading.Event()
         self.inference_s = self.training_s = 0.0  # totals for the metrics (the step log's reset every line)
-        self._last_emit = 0.0
+        self._last_emit = self._last_stats = 0.0
 
     def stats(self) -> EngineStats:
         stats = self.engine.stats()
@@ -143,6 +144,7 @@ class EngineLoop:
             busy = self.engine.has_unfinished_requests() or bool(self._inbox) or self._background_due()
             if poll is not None:
                 poll(0.0 if busy else 0.5)
+            drained = bool(self._inbox)
             outputs = self._drain_inbox()
             if self.engine.background is not None:
                 self.engine.background.tick()
@@ -163,10 +165,16 @@ class EngineLoop:
                 if under_load:
                     self.policy.record(background_s=slice_s)
                     self.step_log.record_background(slice_s, self.policy.background_fraction)
-            if outputs or (self.training_s and time.monotonic() - self._last_emit > 1.0):
-                # after aborts too, so free-block counts are current; while only training, once a second
-                emit(outputs, self.stats())
-                self._last_emit = time.monotonic()
+            now = time.monotonic()
+            if outputs or (self.training_s and now - self._last_emit > 1.0):
+                # stats with every output that ends a request (aborts too, so free-block counts are current), every
+                # STATS_INTERVAL_S while tokens stream (None between: the receiver keeps the last; building and
+                # pickling them was ~0.1 ms of every step), and once a second while only training
+                fresh = now - self._last_stats >= STATS_INTERVAL_S or any(o.finished for o in outputs) or drained
+                emit(outputs, self.stats() if fresh else None)
+                self._last_emit = now
+                if fresh:
+                    self._last_stats = now
             if poll is None and not self.engine.has_unfinished_requests() and not self._inbox \
                     and not self._background_due():
                 self._wakeup.wait(timeout=0.5)

@@ -10,11 +10,12 @@ For each format both servers serve the same model (the default one unless --mode
     4bit  loraplex GPTQ 4-bit, groups of 64     llama.cpp Q4_0 (4-bit, blocks of 32)
     (GPTQ with the output head quantized too, `loraplex quantize --lm-head`, as the GGUFs quantize theirs)
 (the quantized loraplex models compute in --quant-dtype, float32 by default, with int8 activations per 32 channels
-as llama.cpp's; --activation-quant none for exact weight-only products). Rounds alternate which server goes
+as llama.cpp's; --activation-quant none for exact weight-only products; keys and values in bfloat16 under float32,
+as llama.cpp's cache is f16 by default: --kv-cache-dtype auto keeps float32). Rounds alternate which server goes
 first; each round times one streamed greedy completion of --tokens tokens per server (decode tok/s = tokens after the
-first / time after the first), and loraplex once more with a rank-8 q/v adapter. Medians over the rounds are printed
-as the table in issue 23, with the bandwidth bound measured here (bytes of weights a step reads / the read bandwidth)
-and each server's share of it. --throughput adds 64 concurrent streamed chat requests x 64 tokens per server and
+first / time after the first), and loraplex once more with a rank-8 q/v adapter (base and adapter alternating too).
+Medians over the rounds are printed as the table in issue 23, with the bandwidth bound measured here (bytes of
+weights a step reads / the read bandwidth) and each server's share of it. --throughput adds 64 concurrent streamed chat requests x 64 tokens per server and
 round (bench_serving's load).
 
 Installs the peer on first use (../shared/peers/llama-cpp.sh install, ~6 min on 2 cores) and caches the GGUFs and
@@ -118,6 +119,8 @@ def main() -> None:
     ap.add_argument("--quant-dtype", default="float32", choices=["float32", "bfloat16"])
     ap.add_argument("--cpu-linear", default="stream", choices=["auto", "stream", "onednn"])
     ap.add_argument("--activation-quant", default="int8", choices=["int8", "none"])
+    ap.add_argument("--kv-cache-dtype", default="bfloat16", choices=["auto", "bfloat16"],
+                    help="loraplex's cache under float32 (f32, 8bit, 4bit); bfloat16 as llama.cpp's default f16 cache")
     ap.add_argument("--throughput", action="store_true", help="also 64 concurrent requests x 64 tokens")
     ap.add_argument("--work-dir", type=Path, default=Path("/tmp/loraplex-vs-llama-cpp"))
     ap.add_argument("--startup-timeout-s", type=float, default=600)
@@ -144,7 +147,7 @@ def main() -> None:
             servers.append(Served("loraplex", [
                 sys.executable, "-m", "loraplex.serve.cli", "serve", "--model", ours_dir, "--port", "8131",
                 "--dtype", dtype, "--served-model-name", "m", "--cpu-linear", args.cpu_linear, *ours_flags,
-                "--activation-quant", args.activation_quant,
+                "--activation-quant", args.activation_quant, "--kv-cache-dtype", args.kv_cache_dtype,
                 "--lora-modules", f"a0={adapter}", "--adapter-dir", str(args.work_dir / f"store-{fmt}")],
                 8131, args.startup_timeout_s))
             servers.append(Served("llama.cpp", ["bash", str(PEER_SCRIPT), "serve", str(args.llama_dir.resolve()),
@@ -157,9 +160,11 @@ def main() -> None:
             for i in range(args.rounds):
                 order = [("ours", ours), ("peer", peer)]
                 for key, server in (order if i % 2 == 0 else order[::-1]):
-                    speed[key].append(asyncio.run(one_completion(server.url, "m", args.tokens)))
-                    if key == "ours":
-                        speed["adapter"].append(asyncio.run(one_completion(server.url, "a0", args.tokens)))
+                    if key == "peer":
+                        speed["peer"].append(asyncio.run(one_completion(server.url, "m", args.tokens)))
+                    else:  # base and adapter, alternating which goes first
+                        for model_name, slot in [("m", "ours"), ("a0", "adapter")][::1 if i % 2 == 0 else -1]:
+                            speed[slot].append(asyncio.run(one_completion(server.url, model_name, args.tokens)))
                     if args.throughput:
                         r = asyncio.run(run_target(server.url, 64, 64, ["m"]))
                         speed[f"{key}_tp"].append(r["tok_s"])

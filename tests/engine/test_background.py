@@ -131,3 +131,33 @@ def test_train_calls_without_a_trainer_fail_clearly(tiny_model_dir):  # noqa: F8
     engine = LLMEngine.from_engine_args(EngineArgs(model=str(tiny_model_dir), max_num_seqs=2))
     with pytest.raises(ValueError, match="no trainer"):
         engine.call("train_submit", ("x",))
+
+
+def test_the_loop_sends_stats_with_requests_ending_and_between_at_most_every_interval(tiny_model_dir):  # noqa: F811
+    """Stats go out with the outputs that end a request (so free-block counts are current once it is done), after
+    adds, and otherwise at most every STATS_INTERVAL_S while tokens stream (None between: the receiver keeps the
+    last)."""
+    from loraplex.engine import engine_core
+    from loraplex.engine.llm_engine import LLMEngine
+    engine = LLMEngine.from_engine_args(EngineArgs(model=str(tiny_model_dir), max_num_seqs=4))
+    total = engine.stats().num_free_blocks
+    loop = EngineLoop(engine, reply=lambda *a: None)
+    emits = []
+    thread = threading.Thread(target=loop.run, args=(lambda outs, stats: emits.append((time.monotonic(),
+                                                                                       list(outs), stats)),),
+                              daemon=True)
+    thread.start()
+    params = SamplingParams(max_tokens=200, temperature=0.0, ignore_eos=True)
+    loop.add("a", [5, 6, 7, 8], params, time.monotonic())
+    deadline = time.monotonic() + 60
+    while not any(o.finished for _, outs, _ in emits for o in outs) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    loop.stop()
+    thread.join(10)
+    with_stats = [(t, outs, s) for t, outs, s in emits if s is not None]
+    assert emits[0][2] is not None  # right after the add
+    assert any(s is None for _, _, s in emits)  # a 200-token request streams many steps in one interval
+    assert all(b[0] - a[0] >= engine_core.STATS_INTERVAL_S - 1e-3
+               for a, b in zip(with_stats[:-1], with_stats[1:]) if not any(o.finished for o in b[1]))
+    last_t, last_outs, last = with_stats[-1]
+    assert any(o.finished for o in last_outs) and last.num_running == 0 and last.num_free_blocks == total
