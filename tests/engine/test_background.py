@@ -2,6 +2,7 @@
 continuing while background work runs."""
 from __future__ import annotations
 
+import itertools
 import threading
 import time
 
@@ -158,6 +159,6 @@ def test_the_loop_sends_stats_with_requests_ending_and_between_at_most_every_int
     assert emits[0][2] is not None  # right after the add
     assert any(s is None for _, _, s in emits)  # a 200-token request streams many steps in one interval
     assert all(b[0] - a[0] >= engine_core.STATS_INTERVAL_S - 1e-3
-               for a, b in zip(with_stats[:-1], with_stats[1:]) if not any(o.finished for o in b[1]))
-    last_t, last_outs, last = with_stats[-1]
+               for a, b in itertools.pairwise(with_stats) if not any(o.finished for o in b[1]))
+    _, last_outs, last = with_stats[-1]
     assert any(o.finished for o in last_outs) and last.num_running == 0 and last.num_free_blocks == total
