@@ -120,6 +120,9 @@ def rope_inv_freq(config: ModelConfig) -> torch.Tensor:
     raise ValueError(f"unsupported rope_scaling type {rope_type!r} (supported: default, linear, llama3)")
 
 
+MAX_ROTARY_TABLE = 1 << 16  # positions a cos/sin table covers at most (2 x 32 MiB at head_dim 128, float32)
+
+
 class RotaryEmbedding(nn.Module):
     """cos and sin [num_tokens, 1, head_dim] of each token's position, in the step's dtype. Read from tables of every
     position so far (per dtype and device, grown by doubling), which hold exactly what `compute` gives for those
@@ -152,7 +155,9 @@ class RotaryEmbedding(nn.Module):
             return self.compute(positions, dtype)
         have = 0 if tables is None else tables[0].shape[0]
         need = int(positions.max()) + 1
-        size = max(need, 2 * have, 4096)
+        if need > MAX_ROTARY_TABLE or int(positions.min()) < 0:  # no table for these
+            return self.compute(positions, dtype)
+        size = min(max(need, 2 * have, 4096), MAX_ROTARY_TABLE)
         cos, sin = self.compute(torch.arange(size, device=key[1]), dtype)
         self._tables[key] = (cos[:, 0], sin[:, 0])
         return self.forward(positions, dtype)

@@ -165,6 +165,11 @@ def test_rotary_tables_hold_exactly_what_is_computed_and_grow(tiny, dtype):
     assert rotary._tables[dtype, torch.device("cpu")][0].shape[0] >= 20001
     empty = rotary(torch.tensor([], dtype=torch.int64), dtype)
     assert empty[0].shape == (0, 1, rotary.inv_freq.numel() * 2)
+    size = rotary._tables[dtype, torch.device("cpu")][0].shape[0]
+    for odd in ([-3, 2], [(1 << 20) + 5]):  # computed, never tabled
+        p = torch.tensor(odd)
+        assert all(torch.equal(g, w) for g, w in zip(rotary(p, dtype), rotary.compute(p, dtype)))
+    assert rotary._tables[dtype, torch.device("cpu")][0].shape[0] == size
 
 
 def test_weights_are_frozen_and_tied(tiny):
