@@ -7,7 +7,7 @@ and through the in-process engine, and the HTTP process's share of the machine's
 Each stream sends --requests-per-stream greedy requests one after another (ignore_eos, --max-tokens tokens); TPOT
 is each request's time after its first token over its tokens after the first, averaged. The server is started once
 (`loraplex serve`, its engine in a child process); the in-process engine runs the same load with the same engine
-arguments, stepping itself. Rounds alternate which goes first; medians are printed with the ratio engine TPOT /
+arguments (--extra-serve-args included), stepping itself. Rounds alternate which goes first; medians are printed with the ratio engine TPOT /
 HTTP TPOT (1.0 = HTTP costs nothing) and the CPU the HTTP process used (its own process, not the engine's) as a
 share of every core over the run's wall time.
 """
@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import os
 import statistics
@@ -97,7 +98,7 @@ def main() -> None:
     from loraplex.adapters.runtime import create_lora_runtime
     from loraplex.adapters.synthetic import write_random_peft
     from loraplex.engine.default_model import ensure_default_model
-    from loraplex.engine.engine_args import EngineArgs
+    from loraplex.engine.engine_args import add_engine_args, engine_args_from
     from loraplex.engine.llm_engine import LLMEngine, _read_model_config
 
     model = args.model or str(ensure_default_model())
@@ -108,8 +109,13 @@ def main() -> None:
                                  "8141", "--dtype", args.dtype, "--cpu-linear", args.cpu_linear, "--served-model-name",
                                  "m", "--max-num-seqs", str(max_seqs), "--lora-modules", f"a0={adapter}",
                                  "--adapter-dir", str(tmp / "store"), *args.extra_serve_args], 8141, 600)
-    engine = LLMEngine.from_engine_args(EngineArgs(model=model, dtype=args.dtype, cpu_linear=args.cpu_linear,
-                                                   max_num_seqs=max_seqs, enable_lora=True),
+    # the in-process engine takes the server's engine flags, --extra-serve-args included (the serving-only ones are
+    # left to the server)
+    flags = argparse.ArgumentParser(add_help=False)
+    add_engine_args(flags)
+    ns, _ = flags.parse_known_args(["--model", model, "--dtype", args.dtype, "--cpu-linear", args.cpu_linear,
+                                    "--max-num-seqs", str(max_seqs), "--enable-lora", *args.extra_serve_args])
+    engine = LLMEngine.from_engine_args(dataclasses.replace(engine_args_from(ns), enable_training=False),
                                         hook_factory=create_lora_runtime)
     engine.adapter_hook.register_adapter("a0", 1, 1, str(adapter))
     tok = engine.tokenizer
