@@ -12,8 +12,6 @@ from loraplex.engine.layers.attention import allocate_kv_caches, build_forward_b
 from loraplex.engine.layers.forward_batch import ForwardBatch
 from loraplex.engine.layers.sampler import (
     Sampler,
-    SamplerOutput,
-    SamplingMetadata,
     greedy,
     prompt_token_logprobs,
 )
@@ -139,10 +137,7 @@ class ModelRunner:
                 return result
         requests = [s.request for s in sampling]
         bitmask = None if self.structured_output is None else self.structured_output.fill_bitmask(requests)
-        if SamplingMetadata.plain_greedy(requests, bitmask):
-            out = SamplerOutput(greedy(logits), None, None)  # what the sampler computes for such rows
-        else:
-            out = self.sampler(logits, SamplingMetadata.build(requests, logits.shape[-1], self.device, bitmask))
+        out = self.sampler.sample(logits, requests, self.device, bitmask)
         token_ids = out.sampled_token_ids.tolist()  # the step's one host sync
         if out.logprobs is not None:
             lp_ids, lps = out.logprob_token_ids.tolist(), out.logprobs.tolist()

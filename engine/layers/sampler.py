@@ -70,8 +70,9 @@ class SamplingMetadata:
     @staticmethod
     def plain_greedy(requests: list[Request], token_bitmask: torch.Tensor | None = None) -> bool:
         """Whether every row is a plain argmax: greedy, no penalties, logit bias, logprobs or grammar, and no token
-        suppressed now (min_tokens reached, no bad words): what `Sampler` does then needs no metadata, so the runner
-        skips building it (a dozen small tensors, ~1% of a batch-1 step). False does not promise otherwise."""
+        suppressed now (min_tokens reached, no bad words): what `Sampler` does then needs no metadata, so
+        `Sampler.sample` skips building it (a dozen small tensors, ~1% of a batch-1 step). False does not promise
+        otherwise."""
         if token_bitmask is not None:
             return False
         for r in requests:
@@ -227,6 +228,14 @@ class Sampler:
 
     def __init__(self) -> None:
         self._generators: dict[torch.device, torch.Generator] = {}
+
+    def sample(self, logits: torch.Tensor, requests: list[Request], device,
+               token_bitmask: torch.Tensor | None = None) -> SamplerOutput:
+        """The requests' rows of `logits` sampled by their parameters: plain argmax rows without building any
+        metadata (SamplingMetadata.plain_greedy), the others through SamplingMetadata and __call__."""
+        if SamplingMetadata.plain_greedy(requests, token_bitmask):
+            return SamplerOutput(greedy(logits), None, None)  # what __call__ computes for such rows
+        return self(logits, SamplingMetadata.build(requests, logits.shape[-1], device, token_bitmask))
 
     def __call__(self, logits: torch.Tensor, md: SamplingMetadata) -> SamplerOutput:
         # logits: [num_rows, vocab], any float dtype

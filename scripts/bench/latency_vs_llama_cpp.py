@@ -15,8 +15,8 @@ as llama.cpp's cache is f16 by default: --kv-cache-dtype auto keeps float32). Ro
 first; each round times one streamed greedy completion of --tokens tokens per server (decode tok/s = tokens after the
 first / time after the first), and loraplex once more with a rank-8 q/v adapter (base and adapter alternating too).
 Medians over the rounds are printed as the table in issue 23, with the bandwidth bound measured here (bytes of
-weights a step reads / the read bandwidth) and each server's share of it. --throughput adds 64 concurrent streamed chat requests x 64 tokens per server and
-round (bench_serving's load).
+weights a step reads / the read bandwidth) and each server's share of it. --throughput adds 64 concurrent streamed
+chat requests x 64 tokens per server and round (bench_serving's load).
 
 Installs the peer on first use (../shared/peers/llama-cpp.sh install, ~6 min on 2 cores) and caches the GGUFs and
 GPTQ folders under --work-dir.

@@ -250,9 +250,10 @@ def test_bad_words_ban_single_tokens_and_the_end_of_sequences():
     {"temperature": 0.0, "repetition_penalty": 1.2}, {"temperature": 0.0, "logit_bias": ((3, 5.0),)},
     {"temperature": 0.0, "min_tokens": 4}, {"temperature": 0.0, "bad_words_token_ids": ((5,),)},
 ])
-def test_the_runners_plain_greedy_shortcut_is_taken_only_where_the_sampler_takes_its_own(params):
-    """The runner skips building metadata for rows SamplingMetadata.plain_greedy accepts and takes the argmax
-    itself: that must be only where the sampler, given the metadata, would return the plain argmax too."""
+def test_sample_skips_the_metadata_only_where_the_sampler_takes_its_argmax_shortcut(params, monkeypatch):
+    """Sampler.sample skips building metadata for rows SamplingMetadata.plain_greedy accepts and takes the argmax
+    itself: that must be only where the sampler, given the metadata, would return the plain argmax too, and the
+    result must be what it returns."""
     torch.manual_seed(9)
     logits = torch.randn(2, 50)
     reqs = [make_request(temperature=0.0, eos=(7,)), make_request(eos=(7,), **params)]
@@ -264,3 +265,8 @@ def test_the_runners_plain_greedy_shortcut_is_taken_only_where_the_sampler_takes
     assert not SamplingMetadata.plain_greedy(reqs[:1], torch.zeros(1, 2, dtype=torch.int32))
     if sampler_plain:
         assert torch.equal(Sampler()(logits, md).sampled_token_ids, logits.argmax(dim=1))
+    built = []
+    monkeypatch.setattr(SamplingMetadata, "build", lambda *a, _b=SamplingMetadata.build: built.append(1) or _b(*a))
+    out = Sampler().sample(logits, reqs, "cpu")
+    assert bool(built) != sampler_plain
+    assert out.sampled_token_ids[0] == logits[0].argmax()  # the plain greedy row: its argmax either way
