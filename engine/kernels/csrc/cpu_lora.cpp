@@ -161,12 +161,12 @@ void lora_apply_(at::Tensor y, const at::Tensor& x, const at::Tensor& a_pool, co
                                                             row_scales, y.size(0));
   TORCH_CHECK(lr.max_page < a_pool.size(0), "lora_apply_: page out of range");
   if (dt == at::kFloat) {
-    lora_apply_impl<float>(y.data_ptr<float>(), y.stride(0), x.data_ptr<float>(), x.stride(0), a_pool.data_ptr<float>(),
-                           b_pool.data_ptr<float>(), x.size(1), y.size(1), lr);
+    lpx_parts::lora_apply<float>(y.data_ptr<float>(), y.stride(0), x.data_ptr<float>(), x.stride(0),
+                                 a_pool.data_ptr<float>(), b_pool.data_ptr<float>(), x.size(1), y.size(1), lr);
   } else {
     using B = c10::BFloat16;
-    lora_apply_impl<B>(y.data_ptr<B>(), y.stride(0), x.data_ptr<B>(), x.stride(0), a_pool.data_ptr<B>(),
-                       b_pool.data_ptr<B>(), x.size(1), y.size(1), lr);
+    lpx_parts::lora_apply<B>(y.data_ptr<B>(), y.stride(0), x.data_ptr<B>(), x.stride(0), a_pool.data_ptr<B>(),
+                             b_pool.data_ptr<B>(), x.size(1), y.size(1), lr);
   }
 }
 
