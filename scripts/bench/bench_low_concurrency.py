@@ -2,14 +2,16 @@
 and through the in-process engine, and the HTTP process's share of the machine's cores at each.
 
     python scripts/bench/bench_low_concurrency.py [--dtype float32] [--cpu-linear auto] [--concurrency 1 2 4 8]
-        [--max-tokens 64] [--requests-per-stream 2] [--rounds 2] [--extra-serve-args ...]
+        [--max-tokens 64] [--requests-per-stream 2] [--rounds 2] [--client lean] [--extra-serve-args ...]
 
 Each stream sends --requests-per-stream greedy requests one after another (ignore_eos, --max-tokens tokens); TPOT
 is each request's time after its first token over its tokens after the first, averaged. The server is started once
 (`loraplex serve`, its engine in a child process); the in-process engine runs the same load with the same engine
-arguments (--extra-serve-args included), stepping itself. Rounds alternate which goes first; medians are printed with the ratio engine TPOT /
-HTTP TPOT (1.0 = HTTP costs nothing) and the CPU the HTTP process used (its own process, not the engine's) as a
-share of every core over the run's wall time.
+arguments (--extra-serve-args included), stepping itself. Rounds alternate which goes first; medians are printed
+with the ratio engine TPOT / HTTP TPOT (1.0 = HTTP costs nothing), the CPU the HTTP process used (its own process,
+not the engine's) and the CPU the client used (this process, while it streamed), each as a share of every core over
+the run's wall time. The client shares the machine's cores with the server: by default it is sse_client.py's lean
+one; `--client httpx` measures with httpx's async streaming reader as the script did before.
 """
 from __future__ import annotations
 
@@ -29,6 +31,7 @@ import httpx
 sys.path.insert(0, str(Path(__file__).parent))
 from prompts import PROMPTS  # noqa: E402
 from side_by_side import Served  # noqa: E402
+from sse_client import concurrent, token_stamps  # noqa: E402
 
 
 def cpu_seconds(pid: int) -> float:
@@ -37,7 +40,7 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-async def http_stream(client: httpx.AsyncClient, url: str, model: str, prompt: str, max_tokens: int) -> float:
+async def httpx_stream(client: httpx.AsyncClient, url: str, model: str, prompt: str, max_tokens: int) -> list[float]:
     body = {"model": model, "stream": True, "max_tokens": max_tokens, "temperature": 0.0, "ignore_eos": True,
             "messages": [{"role": "user", "content": prompt}]}
     stamps = []
@@ -48,16 +51,30 @@ async def http_stream(client: httpx.AsyncClient, url: str, model: str, prompt: s
                 chunk = json.loads(line[6:])
                 if chunk.get("choices") and chunk["choices"][0]["delta"].get("content"):
                     stamps.append(time.perf_counter())
-    return (stamps[-1] - stamps[0]) / max(1, len(stamps) - 1)
+    return stamps
 
 
-async def http_load(url: str, model: str, concurrency: int, per_stream: int, max_tokens: int) -> list[float]:
+async def httpx_load(url: str, model: str, prompts: list[list[str]], max_tokens: int) -> list[list[float]]:
     async with httpx.AsyncClient(timeout=600) as client:
-        async def stream(i: int) -> list[float]:
-            return [await http_stream(client, url, model, f"{PROMPTS[(i * per_stream + j) % len(PROMPTS)]} ({i}.{j})",
-                                      max_tokens) for j in range(per_stream)]
-        results = await asyncio.gather(*(stream(i) for i in range(concurrency)))
-    return [t for r in results for t in r]
+        async def stream(texts: list[str]) -> list[list[float]]:
+            return [await httpx_stream(client, url, model, t, max_tokens) for t in texts]
+        results = await asyncio.gather(*(stream(texts) for texts in prompts))
+    return [s for r in results for s in r]
+
+
+def http_load(url: str, model: str, concurrency: int, per_stream: int, max_tokens: int, client: str) -> list[float]:
+    """TPOT of every request: concurrency streams, each sending per_stream requests one after another."""
+    prompts = [[f"{PROMPTS[(i * per_stream + j) % len(PROMPTS)]} ({i}.{j})" for j in range(per_stream)]
+               for i in range(concurrency)]
+    if client == "httpx":
+        runs = asyncio.run(httpx_load(url, model, prompts, max_tokens))
+    else:
+        def stream(texts: list[str]) -> list[list[float]]:
+            return [token_stamps(url, "/v1/chat/completions", {
+                "model": model, "stream": True, "max_tokens": max_tokens, "temperature": 0.0, "ignore_eos": True,
+                "messages": [{"role": "user", "content": t}]}) for t in texts]
+        runs = [s for r in concurrent([lambda texts=texts: stream(texts) for texts in prompts]) for s in r]
+    return [(s[-1] - s[0]) / max(1, len(s) - 1) for s in runs]
 
 
 def engine_load(engine, prompts_of, adapter, concurrency: int, per_stream: int, max_tokens: int) -> list[float]:
@@ -92,6 +109,9 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--requests-per-stream", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--client", default="lean", choices=["lean", "httpx"],
+                    help="lean: sse_client.py's blocking sockets on threads (~0.1-0.2 ms of CPU a token); httpx: its "
+                         "async streaming reader (~0.5-0.7 ms), as the script measured before")
     ap.add_argument("--extra-serve-args", nargs=argparse.REMAINDER, default=[])
     args = ap.parse_args()
 
@@ -126,33 +146,36 @@ def main() -> None:
         return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
 
     try:
-        asyncio.run(http_load(server.url, "m", 1, 1, 8))  # warm-up both
+        http_load(server.url, "m", 1, 1, 8, args.client)  # warm-up both
         engine_load(engine, prompts_of, None, 1, 1, 8)
         rows = []
         for label, http_model, adapter_key in (("base", "m", None), ("adapter", "a0", (1, 1))):
             for c in args.concurrency:
-                http_tpot, eng_tpot, shares = [], [], []
+                http_tpot, eng_tpot, shares, client_shares = [], [], [], []
                 for r in range(args.rounds):
                     for side in (("http", "engine") if r % 2 == 0 else ("engine", "http")):
                         if side == "http":
-                            cpu0, t0 = cpu_seconds(server.proc.pid), time.perf_counter()
-                            http_tpot.append(statistics.mean(asyncio.run(http_load(
-                                server.url, http_model, c, args.requests_per_stream, args.max_tokens))))
+                            cpu0, own0, t0 = cpu_seconds(server.proc.pid), time.process_time(), time.perf_counter()
+                            http_tpot.append(statistics.mean(http_load(
+                                server.url, http_model, c, args.requests_per_stream, args.max_tokens, args.client)))
                             wall = time.perf_counter() - t0
                             shares.append((cpu_seconds(server.proc.pid) - cpu0) / (wall * os.cpu_count()))
+                            client_shares.append((time.process_time() - own0) / (wall * os.cpu_count()))
                         else:
                             eng_tpot.append(statistics.mean(engine_load(engine, prompts_of, adapter_key, c,
                                                                         args.requests_per_stream, args.max_tokens)))
                 h, e = statistics.median(http_tpot), statistics.median(eng_tpot)
                 print(f"{label} x{c}: HTTP TPOT {h * 1e3:.1f} ms, engine {e * 1e3:.1f} ms, engine/HTTP {e / h:.2f}, "
-                      f"HTTP process {statistics.median(shares):.1%} of {os.cpu_count()} cores", flush=True)
-                rows.append((label, c, h, e, statistics.median(shares)))
+                      f"HTTP process {statistics.median(shares):.1%} of {os.cpu_count()} cores, client "
+                      f"{statistics.median(client_shares):.1%}", flush=True)
+                rows.append((label, c, h, e, statistics.median(shares), statistics.median(client_shares)))
     finally:
         server.stop()
-    print("\n| load | streams | TPOT via HTTP | TPOT in-process | in-process / HTTP | HTTP process CPU |")
-    print("|---|---|---|---|---|---|")
-    for label, c, h, e, share in rows:
-        print(f"| {label} | {c} | {h * 1e3:.1f} ms | {e * 1e3:.1f} ms | {e / h:.2f} | {share:.1%} |")
+    print(f"\n| load | streams | TPOT via HTTP | TPOT in-process | in-process / HTTP | HTTP process CPU | client CPU "
+          f"({args.client}) |")
+    print("|---|---|---|---|---|---|---|")
+    for label, c, h, e, share, client_share in rows:
+        print(f"| {label} | {c} | {h * 1e3:.1f} ms | {e * 1e3:.1f} ms | {e / h:.2f} | {share:.1%} | {client_share:.1%} |")
 
 
 if __name__ == "__main__":

@@ -32,7 +32,7 @@ from side_by_side import Served
 
 def one_round(url: str, tokens: int, concurrency: int) -> float:
     if concurrency == 1:
-        return asyncio.run(one_completion(url, "m", tokens))
+        return one_completion(url, "m", tokens)
     return asyncio.run(run_target(url, concurrency, tokens, ["m"]))["tok_s"]
 
 

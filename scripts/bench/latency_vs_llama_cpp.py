@@ -25,18 +25,15 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
-
-import httpx
 
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_serving import run_target
 from side_by_side import Served
+from sse_client import token_stamps
 
 PEER_SCRIPT = Path(__file__).resolve().parents[3] / "shared" / "peers" / "llama-cpp.sh"
 PROMPT = ("Rewrite the following paragraph in plain English, keeping every fact: The committee, having considered "
@@ -46,19 +43,12 @@ GGUF_TYPE = {"f32": "f32", "bf16": "bf16", "8bit": "q8_0", "4bit": "q4_0"}
 PEER_LABEL = {"f32": "F32", "bf16": "BF16", "8bit": "Q8_0", "4bit": "Q4_0"}
 
 
-async def one_completion(url: str, model: str, tokens: int, extra: dict | None = None) -> float:
-    """Decode tokens/s of one streamed greedy completion: tokens after the first over the time after the first."""
+def one_completion(url: str, model: str, tokens: int, extra: dict | None = None) -> float:
+    """Decode tokens/s of one streamed greedy completion: tokens after the first over the time after the first,
+    read with sse_client.py's lean client (the same for both servers; it shares the two cores with them)."""
     body = {"model": model, "prompt": PROMPT, "max_tokens": tokens, "temperature": 0.0, "stream": True,
             "ignore_eos": True, **(extra or {})}
-    stamps: list[float] = []
-    async with httpx.AsyncClient(timeout=600) as client, \
-            client.stream("POST", f"{url}/v1/completions", json=body) as resp:
-        resp.raise_for_status()
-        async for line in resp.aiter_lines():
-            if line.startswith("data: ") and line != "data: [DONE]":
-                chunk = json.loads(line[6:])
-                if chunk.get("choices") and chunk["choices"][0].get("text"):
-                    stamps.append(time.perf_counter())
+    stamps = token_stamps(url, "/v1/completions", body)
     if len(stamps) < 2:
         raise RuntimeError(f"{url}: {len(stamps)} streamed chunks")
     return (len(stamps) - 1) / (stamps[-1] - stamps[0])
@@ -155,16 +145,16 @@ def main() -> None:
                                   8132, args.startup_timeout_s))
             ours, peer = servers
             speed: dict[str, list[float]] = {"ours": [], "adapter": [], "peer": [], "ours_tp": [], "peer_tp": []}
-            asyncio.run(one_completion(ours.url, "m", 8))  # warm-up both
-            asyncio.run(one_completion(peer.url, "m", 8))
+            one_completion(ours.url, "m", 8)  # warm-up both
+            one_completion(peer.url, "m", 8)
             for i in range(args.rounds):
                 order = [("ours", ours), ("peer", peer)]
                 for key, server in (order if i % 2 == 0 else order[::-1]):
                     if key == "peer":
-                        speed["peer"].append(asyncio.run(one_completion(server.url, "m", args.tokens)))
+                        speed["peer"].append(one_completion(server.url, "m", args.tokens))
                     else:  # base and adapter, alternating which goes first
                         for model_name, slot in [("m", "ours"), ("a0", "adapter")][::1 if i % 2 == 0 else -1]:
-                            speed[slot].append(asyncio.run(one_completion(server.url, model_name, args.tokens)))
+                            speed[slot].append(one_completion(server.url, model_name, args.tokens))
                     if args.throughput:
                         r = asyncio.run(run_target(server.url, 64, 64, ["m"]))
                         speed[f"{key}_tp"].append(r["tok_s"])
