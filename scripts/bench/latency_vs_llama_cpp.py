@@ -15,7 +15,9 @@ as llama.cpp's cache is f16 by default: --kv-cache-dtype auto keeps float32). Ro
 first; each round times one streamed greedy completion of --tokens tokens per server (decode tok/s = tokens after the
 first / time after the first), and loraplex once more with a rank-8 q/v adapter (base and adapter alternating too).
 Medians over the rounds are printed as the table in issue 23, with the bandwidth bound measured here (bytes of
-weights a step reads / the read bandwidth) and each server's share of it. --throughput adds 64 concurrent streamed
+weights a step reads / the read bandwidth, measured again every round, both servers idle: this VM's moves between
+~35 and ~64 GB/s from minute to minute) and each server's share of it (the median of its rounds' shares, each
+against that round's bandwidth). The client is sse_client.py's lean one, the same for both servers. --throughput adds 64 concurrent streamed
 chat requests x 64 tokens per server and round (bench_serving's load).
 
 Installs the peer on first use (../shared/peers/llama-cpp.sh install, ~6 min on 2 cores) and caches the GGUFs and
@@ -121,11 +123,10 @@ def main() -> None:
         model = str(ensure_default_model())
     args.work_dir.mkdir(parents=True, exist_ok=True)
     ensure_peer(args.llama_dir.resolve())
-    bandwidth = read_bandwidth_gbs()
     from loraplex.adapters.synthetic import write_random_peft
     from loraplex.engine.llm_engine import _read_model_config
     adapter = write_random_peft(args.work_dir / "adapter", _read_model_config(model), r=8, seed=0, std=0.02)
-    print(f"model={model} rounds={args.rounds} tokens={args.tokens} read bandwidth {bandwidth:.1f} GB/s", flush=True)
+    print(f"model={model} rounds={args.rounds} tokens={args.tokens}", flush=True)
     rows = []
     for fmt in args.formats:
         peer_gguf = gguf(args.llama_dir.resolve(), model, args.work_dir, fmt)
@@ -144,10 +145,14 @@ def main() -> None:
                                                 str(peer_gguf), "8132", "--alias", "m", "-np", "64", "-c", "16384"],
                                   8132, args.startup_timeout_s))
             ours, peer = servers
-            speed: dict[str, list[float]] = {"ours": [], "adapter": [], "peer": [], "ours_tp": [], "peer_tp": []}
+            speed: dict[str, list[float]] = {"ours": [], "adapter": [], "peer": [], "ours_tp": [], "peer_tp": [],
+                                             "bandwidth": []}
             one_completion(ours.url, "m", 8)  # warm-up both
             one_completion(peer.url, "m", 8)
             for i in range(args.rounds):
+                # this VM's read bandwidth moves (35 to 64 GB/s within minutes here): measured every round, beside
+                # the round's runs (both servers idle), and each round's share taken against its own
+                speed["bandwidth"].append(read_bandwidth_gbs())
                 order = [("ours", ours), ("peer", peer)]
                 for key, server in (order if i % 2 == 0 else order[::-1]):
                     if key == "peer":
@@ -158,7 +163,7 @@ def main() -> None:
                     if args.throughput:
                         r = asyncio.run(run_target(server.url, 64, 64, ["m"]))
                         speed[f"{key}_tp"].append(r["tok_s"])
-                print(f"{fmt} round {i + 1}: loraplex {speed['ours'][-1]:.1f} tok/s (adapter "
+                print(f"{fmt} round {i + 1} (read bandwidth {speed['bandwidth'][-1]:.1f} GB/s): loraplex {speed['ours'][-1]:.1f} tok/s (adapter "
                       f"{speed['adapter'][-1]:.1f}), llama.cpp {speed['peer'][-1]:.1f} tok/s"
                       + (f"; 64x64 loraplex {speed['ours_tp'][-1]:.0f}, llama.cpp {speed['peer_tp'][-1]:.0f} tok/s"
                          if args.throughput else ""), flush=True)
@@ -166,18 +171,21 @@ def main() -> None:
             for server in servers:
                 server.stop()
         med = {k: statistics.median(v) if v else float("nan") for k, v in speed.items()}
-        bound = bandwidth * 1e9 / weight_bytes_per_step(model, fmt)
-        rows.append((fmt, med, bound))
+        step_bytes = weight_bytes_per_step(model, fmt)
+        bound = med["bandwidth"] * 1e9 / step_bytes
+        shares = {k: statistics.median(t * step_bytes / (b * 1e9) for t, b in zip(speed[k], speed["bandwidth"]))
+                  for k in ("ours", "peer")}
+        rows.append((fmt, med, bound, shares))
     print("\n| batch-1 decode tok/s | llama.cpp | loraplex | ratio | loraplex + adapter (/ base) | bandwidth bound "
-          "(loraplex / llama.cpp share) |")
-    print("|---|---|---|---|---|---|")
-    for fmt, med, bound in rows:
+          "(loraplex / llama.cpp share, median of the rounds') | read bandwidth |")
+    print("|---|---|---|---|---|---|---|")
+    for fmt, med, bound, shares in rows:
         print(f"| {fmt} ({PEER_LABEL[fmt]}) | {med['peer']:.1f} | {med['ours']:.1f} | {med['ours'] / med['peer']:.2f}x | "
               f"{med['adapter']:.1f} ({med['adapter'] / med['ours']:.2f}x) | {bound:.0f} "
-              f"({med['ours'] / bound:.0%} / {med['peer'] / bound:.0%}) |")
+              f"({shares['ours']:.0%} / {shares['peer']:.0%}) | {med['bandwidth']:.1f} GB/s |")
     if args.throughput:
         print("\n| 64 x 64 throughput tok/s | llama.cpp | loraplex | ratio |\n|---|---|---|---|")
-        for fmt, med, _ in rows:
+        for fmt, med, *_ in rows:
             print(f"| {fmt} | {med['peer_tp']:.0f} | {med['ours_tp']:.0f} | {med['ours_tp'] / med['peer_tp']:.2f}x |")
 
 
