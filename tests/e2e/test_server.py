@@ -2,7 +2,10 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import re
+import sys
+from pathlib import Path
 
 import httpx
 import openai
@@ -41,6 +44,28 @@ def test_chat_streamed_matches_non_streamed(client):
     assert text == full.choices[0].message.content
     assert chunks[-1].usage.completion_tokens == full.usage.completion_tokens
     assert chunks[-1].choices == []
+
+
+def test_the_benchmarks_lean_stream_client_reads_what_the_openai_client_reads(server, client):
+    """scripts/bench/sse_client.py (the latency benchmarks' client): the same text, token by token, as the official
+    client's non-streamed answer, chunked framing taken apart; an error status raised, not read as an empty stream."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "scripts" / "bench"))
+    from sse_client import HTTPStatusError, concurrent, stream_events, token_stamps
+    body = {"model": "smol", "prompt": "The capital of France is", "max_tokens": 12, "temperature": 0,
+            "ignore_eos": True, "stream": True}
+    full = client.completions.create(model="smol", prompt=body["prompt"], max_tokens=12, temperature=0,
+                                     extra_body={"ignore_eos": True})
+    events = [json.loads(e) for _, e in stream_events(server.base_url, "/v1/completions", body)]
+    assert "".join(c["choices"][0]["text"] for c in events if c["choices"]) == full.choices[0].text
+    stamps = concurrent([lambda: token_stamps(server.base_url, "/v1/completions", body)] * 2)
+    for s in stamps:  # one event per token with text, in order
+        assert len(s) == sum(1 for c in events if c["choices"] and c["choices"][0]["text"]) and s == sorted(s)
+    chat = token_stamps(server.base_url, "/v1/chat/completions", {
+        "model": "smol", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 5, "stream": True,
+        "ignore_eos": True, "temperature": 0})
+    assert 1 <= len(chat) <= 5
+    with pytest.raises(HTTPStatusError, match="HTTP 404"):
+        token_stamps(server.base_url, "/v1/completions", dict(body, model="no-such-model"))
 
 
 def test_completions_string_list_and_token_ids(client):
