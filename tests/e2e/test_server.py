@@ -65,7 +65,7 @@ def test_the_benchmarks_lean_stream_client_reads_what_the_openai_client_reads(se
         "ignore_eos": True, "temperature": 0})
     assert 1 <= len(chat) <= 5
     with pytest.raises(HTTPStatusError, match="HTTP 404"):
-        token_stamps(server.base_url, "/v1/completions", dict(body, model="no-such-model"))
+        token_stamps(server.base_url, "/v1/completions", {**body, "model": "no-such-model"})
 
 
 def test_completions_string_list_and_token_ids(client):
