@@ -35,6 +35,7 @@ from loraplex.engine.hugepages import move_to_huge_pages_tensors
 logger = logging.getLogger(__name__)
 
 RESIDENCY_REFRESH_S = 1.0  # how stale the per-adapter residency in stats may be
+META_MEMO_SIZE = 64  # row maps kept by value (prepare): a batch that keeps its composition reuses its own
 MAX_IDLE_MERGED = 64  # merged virtual adapters remembered while no request uses them (their weights: host LRU)
 
 AdapterKey = tuple  # (adapter_id, version) of a registered adapter, or ("merged", Composition) of a virtual one
@@ -108,6 +109,9 @@ class LoRARuntime:
         self._merge_pool: concurrent.futures.ThreadPoolExecutor | None = None
         self.load_latencies_s: collections.deque[float] = collections.deque(maxlen=64)  # the latest loads
         self.state = LoRAStepState(pick_lora_backend(device, backend))
+        # the step's row maps by value: a decode batch that keeps its requests and pages steps after step reuses
+        # its maps and the layouts derived from them (meta.cache) instead of building ~10 small tensors again
+        self._metas_by_value: dict[tuple, object] = {}
         self._linears: dict[tuple[int, str], LoRALinear] = {}
         self.module_slots = ModuleSlots(max_full_module_adapters, model_config.vocab_size, model_config.hidden_size,
                                         dtype, device)
@@ -451,7 +455,7 @@ class LoRARuntime:
                 continue
             key = tuple(selection)
             if key not in by_selection:
-                by_selection[key] = build_lora_meta(row, specs, self.device)
+                by_selection[key] = self._meta(row, specs)
             metas[module] = by_selection[key]
         self.state.metas = metas
         self.state.dora = self._dora_step(segments)
@@ -459,6 +463,18 @@ class LoRARuntime:
         self.state.mix = self._mix_step([(sources[0][0], rows) for sources, rows, _ in segments
                                          if len(sources) == 1])
         batch.adapter_metadata = metas or self.state.mix or None
+
+    def _meta(self, num_tokens: int, specs: list[tuple]):
+        """build_lora_meta's map of these rows and pages, the same object again while they stay the same (what a
+        meta holds and caches is a function of these values only; the pages' contents are read at apply time)."""
+        key = (num_tokens, *((tuple(rows), tuple(pages), None if w is None else tuple(w),
+                              None if r is None else tuple(r)) for rows, pages, w, r in specs))
+        meta = self._metas_by_value.get(key)
+        if meta is None:
+            if len(self._metas_by_value) >= META_MEMO_SIZE:
+                self._metas_by_value.clear()
+            meta = self._metas_by_value[key] = build_lora_meta(num_tokens, specs, self.device)
+        return meta
 
     def _pages_of(self, key: AdapterKey) -> list[int]:
         """The pages the plain LoRA op reads for this adapter: a LoRA's rank-rows (a DoRA's scale page is the one

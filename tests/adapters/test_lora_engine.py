@@ -152,3 +152,26 @@ def test_preemption_and_aborts_release_pins_and_blocks(tiny_dir, tiny_config, tm
     assert kv.num_free_blocks == kv.num_total_blocks and not hook._pinned
     assert all(hook.pool.pin_count(k) == 0 for k in hook.pool.resident)
     assert all(e.num_requests == 0 for e in hook.registry.values())
+
+
+def test_a_steady_decode_batch_reuses_its_row_maps(tiny_dir, tiny_config, tmp_path):
+    """prepare keeps the step's row maps by value: while a decode batch keeps its requests and pages, each step gets
+    the same map (and the CPU layout cached on it); a request joining gets a new one; the memo stays bounded."""
+    from loraplex.adapters.runtime import META_MEMO_SIZE
+    engine = lora_engine(tiny_dir)
+    hook = engine.adapter_hook
+    for i in range(2):
+        hook.register_adapter(f"ad{i}", i + 1, 1, str(write_random_peft(tmp_path / f"ad{i}", tiny_config, r=8,
+                                                                          seed=i, std=0.3)))
+    seen = []
+    engine.add_request("a", prompt(0), SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True), adapter=(1, 1))
+    for _ in range(4):  # the prefill, then decodes of "a" alone
+        engine.step()
+        seen.append(hook.state.metas["q_proj"])
+    assert seen[1] is seen[2] is seen[3] and seen[0] is not seen[1]
+    engine.add_request("b", prompt(1), SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True), adapter=(2, 1))
+    engine.step()
+    assert hook.state.metas["q_proj"] is not seen[3]
+    while engine.has_unfinished_requests():
+        engine.step()
+    assert 0 < len(hook._metas_by_value) <= META_MEMO_SIZE
