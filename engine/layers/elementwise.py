@@ -29,8 +29,13 @@ def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tor
     return weight * h.to(x.dtype)
 
 
+def rms_norm_takes_kernel(x: torch.Tensor, weight: torch.Tensor, float32: bool = False) -> bool:
+    """Whether rms_norm(x, weight, ...) runs the kernel (else the reference)."""
+    return _use_kernel(x, float32) and weight.dtype == x.dtype
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, float32: bool = False) -> torch.Tensor:  # [..., dim]
-    if _use_kernel(x, float32) and weight.dtype == x.dtype:
+    if rms_norm_takes_kernel(x, weight, float32):
         return torch.ops.loraplex_cpu.rms_norm(x, weight, eps)
     return rms_norm_reference(x, weight, eps)
 

@@ -236,11 +236,14 @@ def _build_stack(layers: nn.ModuleList, kv_caches, dtype: torch.dtype) -> tuple:
 
 
 def try_fused_stack(layers: nn.ModuleList, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv_caches,
-                    batch) -> torch.Tensor | None:
+                    batch, norm: nn.Module | None = None) -> torch.Tensor | None:
     """Every layer's output through one DecoderStack call, adapter rows included, when each layer would take the
     one-call kernel this step (every wrapper's checks hold and its rows are ones the LoRA kernel applies); else None
     (the layers run one by one). The stack is rebuilt whenever a module or cache it was built from changes, or a
-    linear's kernel (set_act_int8)."""
+    linear's kernel (set_act_int8). `norm`: the model's final norm, applied to the output: inside the call where its
+    `kernel_weight(x)` says its forward would be the rms_norm kernel with that weight (the same bits, and one call
+    fewer after the weight stream, where each small call runs from cold caches: scripts/bench/bench_cold_ops.py),
+    else by calling it."""
     attn = batch.attn
     if _DISABLED["stack"] or not layers or not _step_fits(layers[0], x, cos, attn):
         return None
@@ -256,5 +259,9 @@ def try_fused_stack(layers: nn.ModuleList, x: torch.Tensor, cos: torch.Tensor, s
         return None
     STATS["stack_calls"] += 1
     STATS["fused_calls"] += len(layers)
-    return cached.stack.forward(x, cos, sin, attn.kernel_slots, attn.kernel_rows, attn.kernel_lens,
-                                attn.sliding_window or 0, batch.slot_mapping, rows, not _DISABLED["lean"])
+    kernel_weight = getattr(norm, "kernel_weight", None)  # a norm without it: called after the stack
+    weight = None if kernel_weight is None else kernel_weight(x)
+    out = cached.stack.forward(x, cos, sin, attn.kernel_slots, attn.kernel_rows, attn.kernel_lens,
+                               attn.sliding_window or 0, batch.slot_mapping, rows, not _DISABLED["lean"],
+                               weight, 0.0 if weight is None else norm.eps)
+    return out if weight is not None or norm is None else norm(out)

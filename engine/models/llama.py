@@ -19,6 +19,7 @@ from loraplex.engine.layers.elementwise import (
     add_rms_norm,
     apply_rotary,
     rms_norm,
+    rms_norm_takes_kernel,
     silu_and_mul,
 )
 from loraplex.engine.layers.forward_batch import (
@@ -95,6 +96,13 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [num_tokens, hidden]
         return rms_norm(x, self.weight, self.eps, self.float32_kernels)
+
+    def kernel_weight(self, x: torch.Tensor) -> torch.Tensor | None:
+        """The weight when forward(x) would be the rms_norm kernel exactly (for a caller that runs that kernel itself:
+        the decoder stack folds the final norm in), else None. A norm computed another way must override this."""
+        if type(self).forward is not RMSNorm.forward or not rms_norm_takes_kernel(x, self.weight, self.float32_kernels):
+            return None
+        return self.weight if self.weight.is_contiguous() else None
 
 
 def rope_inv_freq(config: ModelConfig) -> torch.Tensor:
@@ -238,9 +246,10 @@ class LlamaModel(nn.Module):
     def forward(self, batch: ForwardBatch, kv_caches: list[KVCache | None]) -> torch.Tensor:
         x = self.embed_tokens(batch.input_ids)  # [num_tokens, hidden]
         cos, sin = self.rotary_emb(batch.positions, x.dtype)  # once per step, shared by all layers
-        stacked = try_fused_stack(self.layers, x, cos, sin, kv_caches, batch)  # every layer in one call, when it can
+        # every layer in one call when it can, the final norm included
+        stacked = try_fused_stack(self.layers, x, cos, sin, kv_caches, batch, self.norm)
         if stacked is not None:
-            return self.norm(stacked)
+            return stacked
         for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
             x = layer(x, cos, sin, kv_cache, batch)
         return self.norm(x)

@@ -130,10 +130,13 @@ def _stacks():
 
 
 @pytest.mark.parametrize("model", ["bfloat16", "float32", "gptq-4bit"])
-def test_the_stacks_lean_path_gives_the_per_operator_paths_bits(tmp_path, default_model_dir, fused_switch, model):
+def test_the_stacks_lean_path_gives_the_per_operator_paths_bits(tmp_path, default_model_dir, fused_switch, model,
+                                                                monkeypatch):
     """A decode batch without adapter rows runs every layer on the stack's own buffers, calling the kernels on raw
     pointers (cpu_layer_parts.h); its logprobs are the per-operator stack's to the last bit, batched and alone
-    (beside a 40-token prompt, whose prefill runs the modules)."""
+    (beside a 40-token prompt, whose prefill runs the modules). The model's final norm, folded into the stack call,
+    gives the bits of the norm module called after it."""
+    from loraplex.engine.models.llama import RMSNorm
     from loraplex.engine.llm_engine import LLMEngine
     from loraplex.engine.quant.gptq import export_gptq
     from tests.adapters.peft_factory import make_tiny_model
@@ -168,6 +171,13 @@ def test_the_stacks_lean_path_gives_the_per_operator_paths_bits(tmp_path, defaul
     assert taken[False] == 0 and taken[True] >= 4 * params.max_tokens  # every decode step, batched and alone
     assert results[True] == results[False]
     assert [r[0] for r in results[True][0]] == [r[0] for r in results[True][1]]  # tokens: batched == alone
+
+    folded = []
+    kernel_weight = RMSNorm.kernel_weight
+    monkeypatch.setattr(RMSNorm, "kernel_weight", lambda self, x: folded.append(kernel_weight(self, x)))  # -> None
+    fused_switch(True, lean=True)
+    assert (run(prompts), [run([p])[0] for p in prompts]) == results[True]  # the norm module after the stack
+    assert folded and all(w is not None for w in folded)  # where the stack folded it in
 
 
 def test_gptq_float32_takes_the_one_call_layer_under_the_default_cpu_linear(tmp_path, default_model_dir):

@@ -244,23 +244,43 @@ struct DecoderStack : torch::CustomClassHolder {
     }
   }
 
-  // rows: empty (no adapter rows this step) or per module the six row tensors (None where it has none)
+  // rows: empty (no adapter rows this step) or per module the six row tensors (None where it has none).
+  // final_norm: the model's last RMSNorm (weight [hidden] in x's dtype), applied to the last layer's output as the
+  // rms_norm operator computes it (the same bits), one Python call fewer after the stack; None: the raw output.
   at::Tensor forward(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin, const at::Tensor& slot_table,
                      const at::Tensor& row_index, const at::Tensor& row_len, int64_t window,
-                     const at::Tensor& slot_mapping, const c10::List<OptT>& rows, bool lean) {
+                     const at::Tensor& slot_mapping, const c10::List<OptT>& rows, bool lean,
+                     const OptT& final_norm, double final_eps) {
     TORCH_CHECK(rows.size() == 0 || (rows.size() == MODULES * LORA_ROWS && pools.size() > 0),
                 "DecoderStack: rows are empty or 7 x 6 entries (with pools)");
+    TORCH_CHECK(!final_norm.has_value() ||
+                    (final_norm->scalar_type() == x.scalar_type() && final_norm->dim() == 1 &&
+                     final_norm->size(0) == x.size(-1) && final_norm->is_contiguous() && final_norm->is_cpu() &&
+                     (x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16)),
+                "DecoderStack: final_norm [hidden], contiguous, in x's dtype (float32 or bfloat16) expected");
+    at::Tensor h;
     if (lean && x.dim() == 2 && x.size(0) >= 1 && x.size(0) <= LEAN_MAX_ROWS && x.is_contiguous() &&
-        !layers.empty()) {
-      if (x.scalar_type() == at::kFloat)
-        return lean_forward<float>(x, cos, sin, slot_table, row_index, row_len, window, slot_mapping, rows);
-      if (x.scalar_type() == at::kBFloat16)
-        return lean_forward<c10::BFloat16>(x, cos, sin, slot_table, row_index, row_len, window, slot_mapping, rows);
+        !layers.empty() && (x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16)) {
+      h = x.scalar_type() == at::kFloat
+              ? lean_forward<float>(x, cos, sin, slot_table, row_index, row_len, window, slot_mapping, rows)
+              : lean_forward<c10::BFloat16>(x, cos, sin, slot_table, row_index, row_len, window, slot_mapping, rows);
+    } else {
+      const StepRows s{num_heads, num_kv_heads, head_dim, scale, slot_table, row_index, row_len, window, slot_mapping};
+      h = x;
+      for (size_t i = 0; i < layers.size(); ++i) h = layer_forward(h, cos, sin, layers[i], s, layer_lora(i, rows));
     }
-    const StepRows s{num_heads, num_kv_heads, head_dim, scale, slot_table, row_index, row_len, window, slot_mapping};
-    at::Tensor h = x;
-    for (size_t i = 0; i < layers.size(); ++i) h = layer_forward(h, cos, sin, layers[i], s, layer_lora(i, rows));
-    return h;
+    if (!final_norm.has_value()) return h;
+    const at::Tensor hc = h.contiguous();
+    at::Tensor out = at::empty_like(hc);
+    const int64_t dim = hc.size(-1), n = dim ? hc.numel() / dim : 0;
+    const float eps = static_cast<float>(final_eps);
+    if (hc.scalar_type() == at::kFloat)
+      lpx_parts::rms_norm<float>(hc.data_ptr<float>(), final_norm->data_ptr<float>(), out.data_ptr<float>(), n, dim,
+                                 eps);
+    else
+      lpx_parts::rms_norm<c10::BFloat16>(hc.data_ptr<c10::BFloat16>(), final_norm->data_ptr<c10::BFloat16>(),
+                                         out.data_ptr<c10::BFloat16>(), n, dim, eps);
+    return out;
   }
 
   // layer i's 7 x 8 lora_apply_ arguments: its pools and the step's rows where both exist (empty: no rows this step)
