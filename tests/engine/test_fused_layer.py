@@ -136,8 +136,8 @@ def test_the_stacks_lean_path_gives_the_per_operator_paths_bits(tmp_path, defaul
     pointers (cpu_layer_parts.h); its logprobs are the per-operator stack's to the last bit, batched and alone
     (beside a 40-token prompt, whose prefill runs the modules). The model's final norm, folded into the stack call,
     gives the bits of the norm module called after it."""
-    from loraplex.engine.models.llama import RMSNorm
     from loraplex.engine.llm_engine import LLMEngine
+    from loraplex.engine.models.llama import RMSNorm
     from loraplex.engine.quant.gptq import export_gptq
     from tests.adapters.peft_factory import make_tiny_model
 
