@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import threading
 import time
 
 from loraplex.engine.adapter_hook import AdapterHookFactory
@@ -79,27 +78,16 @@ class AsyncEngine:
         self._loop = asyncio.get_running_loop()
         loop = self._loop
 
-        loop_thread = threading.get_ident()
-
-        def emit(outputs: list[RequestOutput], stats: EngineStats | None) -> None:  # core's thread, or the loop's
+        def emit(outputs: list[RequestOutput], stats: EngineStats | None) -> None:  # core's thread
             if stats is not None:  # None: the core sends them with some steps only (engine_core.STATS_INTERVAL_S)
                 self._stats = stats
-            if threading.get_ident() == loop_thread:
-                self._deliver(outputs)
-            else:
-                loop.call_soon_threadsafe(self._deliver, outputs)
+            loop.call_soon_threadsafe(self._deliver, outputs)
 
-        def on_error(error: BaseException) -> None:  # core's thread, or the loop's
+        def on_error(error: BaseException) -> None:  # core's thread
             self._error = error
-            if threading.get_ident() == loop_thread:
-                self._fail_all(error)
-            else:
-                loop.call_soon_threadsafe(self._fail_all, error)
+            loop.call_soon_threadsafe(self._fail_all, error)
 
-        if isinstance(self.core, ProcessCore):
-            self.core.start(emit, on_error, loop)  # the loop reads the engine's pipe itself
-        else:
-            self.core.start(emit, on_error)
+        self.core.start(emit, on_error)
 
     async def shutdown(self) -> None:
         await asyncio.to_thread(self.core.shutdown)

@@ -9,7 +9,6 @@ client sent is ever unpickled: prompts arrive as token ids and validated Samplin
 """
 from __future__ import annotations
 
-import asyncio
 import collections
 import concurrent.futures
 import itertools
@@ -340,49 +339,24 @@ class ProcessCore:
         self.tokenizer = load_tokenizer(model_path)
         self._reader: threading.Thread | None = None
 
-    def start(self, emit: Emit, on_error: Callable[[BaseException], None],
-              loop: asyncio.AbstractEventLoop | None = None) -> None:
-        """Relay the engine's messages: with `loop`, its event loop reads the pipe itself (emit and on_error are
-        called on the loop's thread: one wake-up per streamed step instead of a reader thread's and then the loop's);
-        without, a reader thread does (emit and on_error on that thread)."""
-        def handle(message: tuple) -> None:
-            kind, *payload = message
-            if kind == "outputs":
-                emit(*payload)
-            elif kind == "reply":
-                self._calls.resolve(*payload)
-            elif kind == "died":
-                raise RuntimeError(payload[0])
-
-        def ended(error: BaseException | None) -> None:
-            if error is None:  # the pipe closed
-                self._calls.fail_all(RuntimeError("the engine process exited"))
-                if self._proc.is_alive() or self._proc.exitcode not in (0, None):
-                    on_error(RuntimeError(f"the engine process exited (code {self._proc.exitcode})"))
-            else:
-                self._calls.fail_all(error)
-                on_error(error)
-
-        if loop is not None:
-            fd = self._from_core.fileno()
-
-            def readable() -> None:  # level-triggered: a message still waiting calls this again
-                try:
-                    handle(self._from_core.recv())
-                except BaseException as e:  # noqa: BLE001
-                    loop.remove_reader(fd)
-                    ended(None if isinstance(e, EOFError) else e)
-            loop.add_reader(fd, readable)
-            return
-
+    def start(self, emit: Emit, on_error: Callable[[BaseException], None]) -> None:
         def read() -> None:
             try:
                 while True:
-                    handle(self._from_core.recv())
+                    kind, *payload = self._from_core.recv()
+                    if kind == "outputs":
+                        emit(*payload)
+                    elif kind == "reply":
+                        self._calls.resolve(*payload)
+                    elif kind == "died":
+                        raise RuntimeError(payload[0])
             except EOFError:
-                ended(None)
+                self._calls.fail_all(RuntimeError("the engine process exited"))
+                if self._proc.is_alive() or self._proc.exitcode not in (0, None):
+                    on_error(RuntimeError(f"the engine process exited (code {self._proc.exitcode})"))
             except BaseException as e:  # noqa: BLE001
-                ended(e)
+                self._calls.fail_all(e)
+                on_error(e)
         self._reader = threading.Thread(target=read, name="loraplex-core-reader", daemon=True)
         self._reader.start()
 
