@@ -31,7 +31,7 @@ import httpx
 sys.path.insert(0, str(Path(__file__).parent))
 from prompts import PROMPTS  # noqa: E402
 from side_by_side import Served  # noqa: E402
-from sse_client import concurrent, token_stamps  # noqa: E402
+from sse_client import run_concurrently, token_stamps  # noqa: E402
 
 
 def cpu_seconds(pid: int) -> float:
@@ -73,7 +73,7 @@ def http_load(url: str, model: str, concurrency: int, per_stream: int, max_token
             return [token_stamps(url, "/v1/chat/completions", {
                 "model": model, "stream": True, "max_tokens": max_tokens, "temperature": 0.0, "ignore_eos": True,
                 "messages": [{"role": "user", "content": t}]}) for t in texts]
-        runs = [s for r in concurrent([lambda texts=texts: stream(texts) for texts in prompts]) for s in r]
+        runs = [s for r in run_concurrently([lambda texts=texts: stream(texts) for texts in prompts]) for s in r]
     return [(s[-1] - s[0]) / max(1, len(s) - 1) for s in runs]
 
 
@@ -175,7 +175,8 @@ def main() -> None:
           f"({args.client}) |")
     print("|---|---|---|---|---|---|---|")
     for label, c, h, e, share, client_share in rows:
-        print(f"| {label} | {c} | {h * 1e3:.1f} ms | {e * 1e3:.1f} ms | {e / h:.2f} | {share:.1%} | {client_share:.1%} |")
+        print(f"| {label} | {c} | {h * 1e3:.1f} ms | {e * 1e3:.1f} ms | {e / h:.2f} | {share:.1%} | "
+              f"{client_share:.1%} |")
 
 
 if __name__ == "__main__":

@@ -17,8 +17,8 @@ first / time after the first), and loraplex once more with a rank-8 q/v adapter 
 Medians over the rounds are printed as the table in issue 23, with the bandwidth bound measured here (bytes of
 weights a step reads / the read bandwidth, measured again every round, both servers idle: this VM's moves between
 ~35 and ~64 GB/s from minute to minute) and each server's share of it (the median of its rounds' shares, each
-against that round's bandwidth). The client is sse_client.py's lean one, the same for both servers. --throughput adds 64 concurrent streamed
-chat requests x 64 tokens per server and round (bench_serving's load).
+against that round's bandwidth). The client is sse_client.py's lean one, the same for both servers. --throughput
+adds 64 concurrent streamed chat requests x 64 tokens per server and round (bench_serving's load).
 
 Installs the peer on first use (../shared/peers/llama-cpp.sh install, ~6 min on 2 cores) and caches the GGUFs and
 GPTQ folders under --work-dir.
@@ -163,8 +163,9 @@ def main() -> None:
                     if args.throughput:
                         r = asyncio.run(run_target(server.url, 64, 64, ["m"]))
                         speed[f"{key}_tp"].append(r["tok_s"])
-                print(f"{fmt} round {i + 1} (read bandwidth {speed['bandwidth'][-1]:.1f} GB/s): loraplex {speed['ours'][-1]:.1f} tok/s (adapter "
-                      f"{speed['adapter'][-1]:.1f}), llama.cpp {speed['peer'][-1]:.1f} tok/s"
+                print(f"{fmt} round {i + 1} (read bandwidth {speed['bandwidth'][-1]:.1f} GB/s): loraplex "
+                      f"{speed['ours'][-1]:.1f} tok/s (adapter {speed['adapter'][-1]:.1f}), "
+                      f"llama.cpp {speed['peer'][-1]:.1f} tok/s"
                       + (f"; 64x64 loraplex {speed['ours_tp'][-1]:.0f}, llama.cpp {speed['peer_tp'][-1]:.0f} tok/s"
                          if args.throughput else ""), flush=True)
         finally:
@@ -180,8 +181,9 @@ def main() -> None:
           "(loraplex / llama.cpp share, median of the rounds') | read bandwidth |")
     print("|---|---|---|---|---|---|---|")
     for fmt, med, bound, shares in rows:
-        print(f"| {fmt} ({PEER_LABEL[fmt]}) | {med['peer']:.1f} | {med['ours']:.1f} | {med['ours'] / med['peer']:.2f}x | "
-              f"{med['adapter']:.1f} ({med['adapter'] / med['ours']:.2f}x) | {bound:.0f} "
+        print(f"| {fmt} ({PEER_LABEL[fmt]}) | {med['peer']:.1f} | {med['ours']:.1f} | "
+              f"{med['ours'] / med['peer']:.2f}x | {med['adapter']:.1f} ({med['adapter'] / med['ours']:.2f}x) | "
+              f"{bound:.0f} "
               f"({shares['ours']:.0%} / {shares['peer']:.0%}) | {med['bandwidth']:.1f} GB/s |")
     if args.throughput:
         print("\n| 64 x 64 throughput tok/s | llama.cpp | loraplex | ratio |\n|---|---|---|---|")

@@ -90,7 +90,7 @@ def token_stamps(url: str, path: str, body: dict, timeout: float = 600.0) -> lis
     return stamps
 
 
-def concurrent(calls: list, workers: int | None = None) -> list:
+def run_concurrently(calls: list, workers: int | None = None) -> list:
     """Run zero-argument callables on threads at once; their results in order (the first error is raised)."""
     with ThreadPoolExecutor(max_workers=workers or max(1, len(calls))) as pool:
         return [f.result() for f in [pool.submit(c) for c in calls]]

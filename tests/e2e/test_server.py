@@ -50,14 +50,14 @@ def test_the_benchmarks_lean_stream_client_reads_what_the_openai_client_reads(se
     """scripts/bench/sse_client.py (the latency benchmarks' client): the same text, token by token, as the official
     client's non-streamed answer, chunked framing taken apart; an error status raised, not read as an empty stream."""
     sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "scripts" / "bench"))
-    from sse_client import HTTPStatusError, concurrent, stream_events, token_stamps
+    from sse_client import HTTPStatusError, run_concurrently, stream_events, token_stamps
     body = {"model": "smol", "prompt": "The capital of France is", "max_tokens": 12, "temperature": 0,
             "ignore_eos": True, "stream": True}
     full = client.completions.create(model="smol", prompt=body["prompt"], max_tokens=12, temperature=0,
                                      extra_body={"ignore_eos": True})
     events = [json.loads(e) for _, e in stream_events(server.base_url, "/v1/completions", body)]
     assert "".join(c["choices"][0]["text"] for c in events if c["choices"]) == full.choices[0].text
-    stamps = concurrent([lambda: token_stamps(server.base_url, "/v1/completions", body)] * 2)
+    stamps = run_concurrently([lambda: token_stamps(server.base_url, "/v1/completions", body)] * 2)
     for s in stamps:  # one event per token with text, in order
         assert len(s) == sum(1 for c in events if c["choices"] and c["choices"][0]["text"]) and s == sorted(s)
     chat = token_stamps(server.base_url, "/v1/chat/completions", {
