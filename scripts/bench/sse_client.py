@@ -47,34 +47,41 @@ def stream_events(url: str, path: str, body: dict, timeout: float = 600.0) -> It
             raise HTTPStatusError(f"{url}{path}: HTTP {status}: {raw[:300]!r}")
         chunked = "chunked" in headers.get("transfer-encoding", "").lower()
         text = b""  # de-chunked bytes not yet split into lines
+        ended = False  # the body's end seen (the last chunk, or the connection closed): what is buffered still counts
         now = time.perf_counter()
         while True:
             if chunked:
-                while True:  # take apart every complete chunk in raw
+                while not ended:  # take apart every complete chunk in raw
                     eol = raw.find(b"\r\n")
                     if eol < 0:
                         break
                     size = int(raw[:eol].split(b";")[0], 16)
                     if size == 0:
-                        return
-                    if len(raw) < eol + 2 + size + 2:
+                        ended = True
+                    elif len(raw) < eol + 2 + size + 2:
                         break
-                    text += raw[eol + 2:eol + 2 + size]
-                    raw = raw[eol + 4 + size:]
+                    else:
+                        text += raw[eol + 2:eol + 2 + size]
+                        raw = raw[eol + 4 + size:]
             else:
                 text, raw = text + raw, b""
             *lines, text = text.split(b"\n")
+            if ended:
+                lines.append(text)
             for line in lines:
                 if line.startswith(b"data:"):
                     event = line[5:].strip()
                     if event == b"[DONE]":
                         return
                     yield now, event
+            if ended:
+                return
             data = sock.recv(65536)
             if not data:
-                return
-            now = time.perf_counter()
-            raw += data
+                ended = True
+            else:
+                now = time.perf_counter()
+                raw += data
     finally:
         sock.close()
 
