@@ -74,6 +74,54 @@ def decode_steps(engine, batch: int, prompts, steps: int, adapter: tuple | None 
     return times
 
 
+PHASES = ("norms", "qkv", "lora", "elementwise", "attention", "o", "gate_up", "down")  # DecoderStack.phase_ns
+LINEAR_PHASES = {"qkv": ("q_proj", "k_proj", "v_proj"), "o": ("o_proj",), "gate_up": ("gate_proj", "up_proj"),
+                 "down": ("down_proj",)}
+
+
+def linear_phase_bytes(model: torch.nn.Module) -> dict[str, int]:
+    """Bytes of weights (codes, scales, zeros, bias) each linear phase of the stack reads in a step, every layer."""
+    from loraplex.engine.quant import distinct_tensor_bytes
+    from loraplex.engine.quant.stream import named_weights
+    named = [(n, t) for n, t in named_weights(model) if ".layers." in n]
+    return {phase: distinct_tensor_bytes([t for n, t in named if any(f".{m}." in n for m in mods)])
+            for phase, mods in LINEAR_PHASES.items()}
+
+
+def print_phases(engine, batch: int, prompts, steps: int, step_ms: float, bandwidth: float) -> None:
+    """`steps` decode steps with the whole-stack call's phase clock on: ms per step in each phase (summed over the
+    layers), each linear's GB/s against the measured bandwidth, and what of the step is outside the stack."""
+    from loraplex.engine.layers import fused_layer
+    stacks = [s.stack for s in list(fused_layer._STACKS.values()) if s.stack is not None]
+    if not stacks:
+        print("  phases: no whole-stack call was built (the layers ran one by one)", flush=True)
+        return
+    stack = stacks[-1]
+    calls = stack.lean_calls()
+    stack.set_profiling(True)
+    try:
+        decode_steps(engine, batch, prompts, steps)
+        taken = stack.lean_calls() - calls
+        ns = stack.phase_ns()
+    finally:
+        stack.set_profiling(False)
+    finish(engine)
+    if taken < steps:
+        print(f"  phases: the lean path took {taken} of {steps + 64} steps' calls", flush=True)
+    per_step = {name: t / 1e6 / max(1, taken) for name, t in zip(PHASES, ns)}
+    nbytes = linear_phase_bytes(engine.runner.model)
+    inside = sum(per_step.values())
+    print(f"  stack phases (ms per step, {taken} lean calls; the step was {step_ms:.2f} ms, {inside:.2f} in the stack):",
+          flush=True)
+    for name in PHASES:
+        line = f"    {name:12s} {per_step[name]:7.3f} ms"
+        if name in nbytes and per_step[name] > 0:
+            gbs = nbytes[name] / (per_step[name] / 1e3) / 1e9
+            line += (f"  {nbytes[name] / 1e6:6.1f} MB  {gbs:5.1f} GB/s ({100 * gbs / bandwidth:.0f}% of the measured "
+                     f"{bandwidth:.1f})")
+        print(line, flush=True)
+
+
 def finish(engine) -> None:
     engine.abort_requests([r.request_id for r in list(engine.scheduler.running) + list(engine.scheduler.waiting)])
     while engine.has_unfinished_requests():
@@ -95,6 +143,11 @@ def main() -> None:
     p.add_argument("--stack", nargs="+", default=["on"], choices=["on", "per-op", "off"],
                    help="the whole-stack call (on: decode batches on its lean path), the stack operator by operator "
                         "(per-op) or the one-call layers one by one (off), each in turn")
+    p.add_argument("--quantization", default="none", help="as `loraplex serve --quantization` (e.g. gptq)")
+    p.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "bfloat16"])
+    p.add_argument("--phases", action="store_true",
+                   help="also time the whole-stack call's phases (its lean path; norms, each linear, adapter rows, "
+                        "attention, elementwise) over the same steps, each linear's weights against the bandwidth")
     args = p.parse_args()
 
     from loraplex.engine.default_model import ensure_default_model
@@ -115,7 +168,9 @@ def main() -> None:
     for dtype, cpu_linear, stack in [(d, c, st) for d in args.dtype for c in args.cpu_linear for st in args.stack]:
         fused_layer.set_enabled(True, stack=stack != "off", lean=stack == "on")
         engine = LLMEngine.from_engine_args(EngineArgs(model=model, dtype=dtype, max_num_seqs=max(args.batch),
-                                                       enable_prefix_caching=False, cpu_linear=cpu_linear),
+                                                       enable_prefix_caching=False, cpu_linear=cpu_linear,
+                                                       quantization=args.quantization,
+                                                       kv_cache_dtype=args.kv_cache_dtype),
                                             *hooks)
         prompts = make_prompts(engine.tokenizer, max(args.batch))
         nbytes = weight_bytes(engine.runner.model)
@@ -124,6 +179,8 @@ def main() -> None:
             times = decode_steps(engine, batch, prompts, args.steps)
             step_ms = statistics.median(times) * 1e3
             finish(engine)
+            if args.phases and stack == "on":
+                print_phases(engine, batch, prompts, args.steps, step_ms, bandwidth)
             decode_steps(engine, batch, prompts, 2)  # same state again, under the profiler
             # the whole-stack call is a method of a C++ class, no operator: a labelled range makes it one (on its lean
             # path nothing inside is an operator; operator by operator, its operators are its children)

@@ -172,6 +172,18 @@ def test_the_stacks_lean_path_gives_the_per_operator_paths_bits(tmp_path, defaul
     assert results[True] == results[False]
     assert [r[0] for r in results[True][0]] == [r[0] for r in results[True][1]]  # tokens: batched == alone
 
+    # the phase clock (profile_decode.py --phases) changes nothing and times every phase a base step has
+    fused_switch(True, lean=True)
+    stack = _stacks()[-1]
+    stack.set_profiling(True)
+    try:
+        assert (run(prompts), [run([p])[0] for p in prompts]) == results[True]
+        ns = dict(zip(("norms", "qkv", "lora", "elementwise", "attention", "o", "gate_up", "down"), stack.phase_ns()))
+    finally:
+        stack.set_profiling(False)
+    assert all(ns[k] > 0 for k in ("norms", "qkv", "elementwise", "attention", "o", "gate_up", "down")), ns
+    assert stack.phase_ns() == [0] * 8  # set_profiling starts the totals again
+
     folded = []
     kernel_weight = RMSNorm.kernel_weight
     monkeypatch.setattr(RMSNorm, "kernel_weight", lambda self, x: folded.append(kernel_weight(self, x)))  # -> None

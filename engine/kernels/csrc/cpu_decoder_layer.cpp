@@ -18,6 +18,8 @@
 
 #include "cpu_layer_parts.h"
 
+#include <algorithm>
+#include <chrono>
 #include <cstring>
 #include <type_traits>
 #include <utility>
@@ -301,6 +303,19 @@ struct DecoderStack : torch::CustomClassHolder {
   int64_t num_layers() const { return static_cast<int64_t>(layers.size()); }
   int64_t lean_calls() const { return lean_calls_; }
 
+  // the lean path's phases, for profiling (phase_ns's order)
+  enum Phase { kNorms, kQkv, kLora, kElementwise, kAttention, kO, kGateUp, kDown, kPhases };
+  bool profiling_ = false;
+  std::vector<int64_t> phase_ns_ = std::vector<int64_t>(kPhases, 0);
+  // profiling on or off (off: no clock read); either way the totals start again from 0
+  void set_profiling(bool on) {
+    profiling_ = on;
+    std::fill(phase_ns_.begin(), phase_ns_.end(), 0);
+  }
+  // nanoseconds spent in each phase of the lean path since set_profiling, summed over layers and calls:
+  // norms, qkv, lora, elementwise (rotary, silu, residual), attention, o, gate_up, down
+  std::vector<int64_t> phase_ns() const { return phase_ns_; }
+
   int64_t lean_calls_ = 0;  // forward calls the lean path took
   at::ScalarType lean_checked = at::ScalarType::Undefined;  // the x dtype every layer's parts were checked for
   at::Tensor arena;                                         // the lean path's buffers (grown, never shrunk)
@@ -406,6 +421,15 @@ struct DecoderStack : torch::CustomClassHolder {
       lora_rows[j] = lpx_parts::check_lora_rows(t(0), t(1), t(2), t(3), t(4), t(5), M);
       has_rows[j] = true;
     }
+    // set_profiling: the time of each phase, summed over layers and calls (phase_ns; profile_decode.py --phases)
+    const bool prof = profiling_;
+    auto last = std::chrono::steady_clock::now();
+    auto mark = [&](int phase) {
+      if (!prof) return;
+      const auto now = std::chrono::steady_clock::now();
+      phase_ns_[phase] += std::chrono::duration_cast<std::chrono::nanoseconds>(now - last).count();
+      last = now;
+    };
     for (int64_t i = 0; i < L; ++i) {
       const LayerWeights& w = layers[i];
       const float eps = static_cast<float>(w.eps);
@@ -422,12 +446,16 @@ struct DecoderStack : torch::CustomClassHolder {
       };
       T* sum = (L - 1 - i) % 2 == 0 ? out.data_ptr<T>() : tmp;  // the last layer writes the output
       lpx_parts::rms_norm<T>(xi, w.input_norm.data_ptr<T>(), h, M, H, eps);
+      mark(kNorms);
       linear_into<T>(h, M, H, w.qkv, qkv);
+      mark(kQkv);
       add_rows(0, qkv, q_width, qkv_width, h, H);
       add_rows(1, qkv + q_width, kv_width, qkv_width, h, H);
       add_rows(2, qkv + q_width + kv_width, kv_width, qkv_width, h, H);
+      mark(kLora);
       lpx_parts::rotary<T>(qkv, cp, sp2, M, num_heads, D, qkv_width);
       lpx_parts::rotary<T>(qkv + q_width, cp, sp2, M, num_kv_heads, D, qkv_width);
+      mark(kElementwise);
       const T* q = qkv;
       if (M > 1) {
         for (int64_t t = 0; t < M; ++t) std::memcpy(qc + t * q_width, qkv + t * qkv_width, q_width * sizeof(T));
@@ -446,16 +474,26 @@ struct DecoderStack : torch::CustomClassHolder {
                                       num_heads, num_kv_heads, D, W, window, sc, qkv + q_width, qkv_width,
                                       qkv + q_width + kv_width, qkv_width, sp);
       }
+      mark(kAttention);
       linear_into<T>(attn, M, q_width, w.o, a);
+      mark(kO);
       add_rows(3, a, H, H, attn, q_width);
+      mark(kLora);
       lpx_parts::add_rms_norm<T>(xi, a, w.post_norm.data_ptr<T>(), sum, normed, M, H, eps);
+      mark(kNorms);
       linear_into<T>(normed, M, H, w.gate_up, gu);
+      mark(kGateUp);
       add_rows(4, gu, inter, 2 * inter, normed, H);
       add_rows(5, gu + inter, inter, 2 * inter, normed, H);
+      mark(kLora);
       lpx_parts::silu_and_mul<T>(gu, gu + inter, m, M, inter, 2 * inter, 2 * inter);
+      mark(kElementwise);
       linear_into<T>(m, M, inter, w.down, d);
+      mark(kDown);
       add_rows(6, d, H, H, m, inter);
+      mark(kLora);
       for (int64_t j = 0; j < M * H; ++j) sum[j] = static_cast<T>(static_cast<float>(sum[j]) + static_cast<float>(d[j]));
+      mark(kElementwise);
       xi = sum;
     }
     return out;
@@ -478,5 +516,7 @@ TORCH_LIBRARY_FRAGMENT(loraplex_cpu, m) {
                        std::vector<at::Tensor>, c10::List<OptT>, int64_t, int64_t, int64_t, double>())
       .def("forward", &DecoderStack::forward)
       .def("num_layers", &DecoderStack::num_layers)
-      .def("lean_calls", &DecoderStack::lean_calls);
+      .def("lean_calls", &DecoderStack::lean_calls)
+      .def("set_profiling", &DecoderStack::set_profiling)
+      .def("phase_ns", &DecoderStack::phase_ns);
 }
