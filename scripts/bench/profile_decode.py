@@ -3,12 +3,15 @@ its weights take to stream from memory at this machine's measured bandwidth and 
 
     python scripts/bench/profile_decode.py [--dtype bfloat16 float32] [--batch 1 4 16] [--steps 24] [--top 12]
         [--cpu-linear onednn stream] [--stack on per-op off] [--server-runtimes] [--model FOLDER]
+        [--quantization gptq] [--kv-cache-dtype bfloat16] [--phases]
 
 For each (dtype, batch): the median wall time of `--steps` decode steps (no profiler), the bytes of weights a step
 reads (every linear and the head; the embedding only by rows), that over the bandwidth measured here (a streaming
 read of a 1 GiB buffer with the engine's threads) = the bandwidth bound, and the share of the step it is; then a
 torch.profiler pass over the same steps: operator calls per step, the time inside operators, the rest (Python,
-dispatch, scheduling, sampling outside ops) and the operators that cost most.
+dispatch, scheduling, sampling outside ops) and the operators that cost most. --phases adds, before the profiler
+pass, the whole-stack call's own clock (DecoderStack.set_profiling): ms per step in its norms, each linear, adapter
+rows, attention and elementwise work, and each linear's GB/s against the measured bandwidth.
 """
 from __future__ import annotations
 
@@ -89,8 +92,9 @@ def linear_phase_bytes(model: torch.nn.Module) -> dict[str, int]:
 
 
 def print_phases(engine, batch: int, prompts, steps: int, step_ms: float, bandwidth: float) -> None:
-    """`steps` decode steps with the whole-stack call's phase clock on: ms per step in each phase (summed over the
-    layers), each linear's GB/s against the measured bandwidth, and what of the step is outside the stack."""
+    """`steps` decode steps with the whole-stack call's phase clock on: ms per lean call (a decode step) in each
+    phase, summed over the layers, each linear's GB/s against the measured bandwidth, and the phases' total beside
+    the step's time (the rest is the head, sampling and the step's Python)."""
     from loraplex.engine.layers import fused_layer
     stacks = [s.stack for s in list(fused_layer._STACKS.values()) if s.stack is not None]
     if not stacks:
@@ -106,8 +110,10 @@ def print_phases(engine, batch: int, prompts, steps: int, step_ms: float, bandwi
     finally:
         stack.set_profiling(False)
     finish(engine)
-    if taken < steps:
-        print(f"  phases: the lean path took {taken} of {steps + 64} steps' calls", flush=True)
+    if taken == 0:
+        print("  phases: no step took the stack's lean path (batches over 16 rows, adapters it cannot apply)",
+              flush=True)
+        return
     per_step = {name: t / 1e6 / max(1, taken) for name, t in zip(PHASES, ns)}
     nbytes = linear_phase_bytes(engine.runner.model)
     inside = sum(per_step.values())

@@ -1,0 +1,31 @@
+"""scripts/bench/profile_decode.py --phases end to end on the default model: the stack's own clock is read and printed
+per phase, each linear with its bytes and GB/s (numbers are the script's business; that they are there and sane is
+this test's)."""
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from loraplex.engine.kernels import cpu_kernels
+
+ROOT = Path(__file__).parents[2]
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(not cpu_kernels.available(), reason="CPU kernels unavailable")]
+
+
+def test_phases_are_printed_for_every_phase_and_linear(default_model_dir):
+    done = subprocess.run([sys.executable, "profile_decode.py", "--model", str(default_model_dir), "--dtype", "float32",
+                           "--batch", "1", "--steps", "4", "--cpu-linear", "stream", "--phases", "--top", "2"],
+                          cwd=ROOT / "scripts" / "bench", capture_output=True, text=True, timeout=600, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = done.stdout
+    assert re.search(r"stack phases \(ms per step, \d+ lean calls", out), out
+    phases = dict(re.findall(r"^ {4}(\w+) +([\d.]+) ms", out, flags=re.MULTILINE))
+    assert set(phases) == {"norms", "qkv", "lora", "elementwise", "attention", "o", "gate_up", "down"}, out
+    assert all(float(phases[p]) > 0 for p in ("qkv", "o", "gate_up", "down", "attention")), out
+    for linear in ("qkv", "o", "gate_up", "down"):  # f32 weights: q/k/v are 576 x 960 x 4 bytes a layer, 30 layers
+        mb, gbs = re.search(rf"^ {{4}}{linear} +[\d.]+ ms +([\d.]+) MB +([\d.]+) GB/s", out, flags=re.MULTILINE).groups()
+        assert float(mb) > 10 and float(gbs) > 0, out
