@@ -77,7 +77,6 @@ def decode_steps(engine, batch: int, prompts, steps: int, adapter: tuple | None 
     return times
 
 
-PHASES = ("norms", "qkv", "lora", "elementwise", "attention", "o", "gate_up", "down")  # DecoderStack.phase_ns
 LINEAR_PHASES = {"qkv": ("q_proj", "k_proj", "v_proj"), "o": ("o_proj",), "gate_up": ("gate_proj", "up_proj"),
                  "down": ("down_proj",)}
 
@@ -114,12 +113,13 @@ def print_phases(engine, batch: int, prompts, steps: int, step_ms: float, bandwi
         print("  phases: no step took the stack's lean path (batches over 16 rows, adapters it cannot apply)",
               flush=True)
         return
-    per_step = {name: t / 1e6 / max(1, taken) for name, t in zip(PHASES, ns)}
+    names = stack.phase_names()
+    per_step = {name: t / 1e6 / taken for name, t in zip(names, ns)}
     nbytes = linear_phase_bytes(engine.runner.model)
     inside = sum(per_step.values())
     print(f"  stack phases (ms per step, {taken} lean calls; the step was {step_ms:.2f} ms, {inside:.2f} in the stack):",
           flush=True)
-    for name in PHASES:
+    for name in names:
         line = f"    {name:12s} {per_step[name]:7.3f} ms"
         if name in nbytes and per_step[name] > 0:
             gbs = nbytes[name] / (per_step[name] / 1e3) / 1e9

@@ -21,6 +21,7 @@
 #include <algorithm>
 #include <chrono>
 #include <cstring>
+#include <string>
 #include <type_traits>
 #include <utility>
 #include <tuple>
@@ -315,6 +316,10 @@ struct DecoderStack : torch::CustomClassHolder {
   // nanoseconds spent in each phase of the lean path since set_profiling, summed over layers and calls:
   // norms, qkv, lora, elementwise (rotary, silu, residual), attention, o, gate_up, down
   std::vector<int64_t> phase_ns() const { return phase_ns_; }
+  // the phases' names, in phase_ns's order
+  std::vector<std::string> phase_names() const {
+    return {"norms", "qkv", "lora", "elementwise", "attention", "o", "gate_up", "down"};
+  }
 
   int64_t lean_calls_ = 0;  // forward calls the lean path took
   at::ScalarType lean_checked = at::ScalarType::Undefined;  // the x dtype every layer's parts were checked for
@@ -423,7 +428,7 @@ struct DecoderStack : torch::CustomClassHolder {
     }
     // set_profiling: the time of each phase, summed over layers and calls (phase_ns; profile_decode.py --phases)
     const bool prof = profiling_;
-    auto last = std::chrono::steady_clock::now();
+    auto last = prof ? std::chrono::steady_clock::now() : std::chrono::steady_clock::time_point{};
     auto mark = [&](int phase) {
       if (!prof) return;
       const auto now = std::chrono::steady_clock::now();
@@ -518,5 +523,6 @@ TORCH_LIBRARY_FRAGMENT(loraplex_cpu, m) {
       .def("num_layers", &DecoderStack::num_layers)
       .def("lean_calls", &DecoderStack::lean_calls)
       .def("set_profiling", &DecoderStack::set_profiling)
-      .def("phase_ns", &DecoderStack::phase_ns);
+      .def("phase_ns", &DecoderStack::phase_ns)
+      .def("phase_names", &DecoderStack::phase_names);
 }
