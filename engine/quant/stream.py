@@ -43,7 +43,9 @@ logger = logging.getLogger(__name__)
 KIND = {32: 0, 16: 0, 8: 1, 4: 2}  # the kernel's weight kinds: dense, 8-bit codes, 4-bit codes
 KIND_ACT_INT8 = {8: 3, 4: 4}  # the same codes, with int8 activations and integer dot products
 KIND_ACT_INT8_IL = {8: 5, 4: 6}  # the same, codes of IL_ROWS channels interleaved per 64-channel chunk
+KIND_ACT_INT8_CL = {8: 7, 4: 8}  # the same, codes in channel lanes (channel_lanes)
 IL_ROWS = 4
+LANES = 16  # output channels per lane group of the channel-lane layout: out_features a multiple of it
 CHUNK = 16  # input channels per decoded chunk: in_features and group sizes are multiples of it
 ACT_BLOCK = 32  # input channels per activation scale (int8 activations)
 ACT_CHUNK = 64  # in_features and group sizes are multiples of it for int8 activations
@@ -82,6 +84,61 @@ def deinterleave_rows(codes: torch.Tensor, chunks: int) -> torch.Tensor:
     """interleave_rows' inverse."""
     n, b = codes.shape
     return codes.view(n // IL_ROWS, chunks, IL_ROWS, b // chunks).transpose(1, 2).reshape(n, b).contiguous()
+
+
+def channel_lanes(q: torch.Tensor, bits: int) -> torch.Tensor:
+    """Unpacked codes [N, K] (N a multiple of 16, K of 8) -> the kernel's channel-lane layout (kinds 7 and 8), each 16
+    output channels' codes as 64-byte vectors whose 4-byte lane c is channel c's: [N / 16, K / 4, 16, 4] for 8 bits;
+    for 4 bits [N / 16, K / 8, 16, 4] bytes, byte t of lane c holding input k + t in its low nibble and k + 4 + t in
+    its high one. Returned as [N, K] or [N, K / 2] uint8, the shape of the row-order codes."""
+    n, k = q.shape
+    q = q.to(torch.uint8)
+    if bits == 8:
+        lanes = q.view(n // LANES, LANES, k // 4, 4).transpose(1, 2)
+    else:
+        steps = q.view(n // LANES, LANES, k // 8, 2, 4)  # [groups, lane, step, low/high, t]
+        lanes = (steps[:, :, :, 0] | (steps[:, :, :, 1] << 4)).transpose(1, 2)
+    return _pair_groups(lanes.reshape(n // LANES, -1, 64)).reshape(n, -1)
+
+
+def _pair_groups(v: torch.Tensor) -> torch.Tensor:
+    """[groups, vectors, 64] -> every two lane groups' vectors alternating ([pairs, vectors, 2, 64]; a last odd group
+    as it is): a one-row tile of 32 channels reads one sequential stream."""
+    pairs = v.shape[0] // 2
+    head = v[:2 * pairs].view(pairs, 2, v.shape[1], 64).transpose(1, 2).reshape(2 * pairs, v.shape[1], 64)
+    return torch.cat([head, v[2 * pairs:]]).contiguous()
+
+
+def _unpair_groups(v: torch.Tensor) -> torch.Tensor:
+    pairs = v.shape[0] // 2
+    head = v[:2 * pairs].reshape(pairs, v.shape[1], 2, 64).transpose(1, 2).reshape(2 * pairs, v.shape[1], 64)
+    return torch.cat([head, v[2 * pairs:]]).contiguous()
+
+
+def from_channel_lanes(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """channel_lanes' inverse: -> unpacked codes [N, K] uint8."""
+    n = codes.shape[0]
+    k = codes.shape[1] * (1 if bits == 8 else 2)
+    codes = _unpair_groups(codes.reshape(n // LANES, -1, 64))
+    if bits == 8:
+        return codes.view(n // LANES, k // 4, LANES, 4).transpose(1, 2).reshape(n, k).contiguous()
+    packed = codes.view(n // LANES, k // 8, LANES, 4).transpose(1, 2)  # [groups, lane, step, t]
+    return torch.stack([packed & 15, packed >> 4], dim=3).reshape(n, k).contiguous()
+
+
+def lane_params(t: torch.Tensor) -> torch.Tensor:
+    """Scales or zeros [N, groups] -> [N / 16, groups, 16] (flattened to [N, groups]): the channel-lane kernels read
+    16 channels' scale of a group as one vector."""
+    n, g = t.shape
+    return t.view(n // LANES, LANES, g).transpose(1, 2).reshape(n, g).contiguous()
+
+
+def from_lane_params(t: torch.Tensor | None) -> torch.Tensor | None:
+    """lane_params' inverse."""
+    if t is None:
+        return None
+    n, g = t.shape
+    return t.view(n // LANES, g, LANES).transpose(1, 2).reshape(n, g).contiguous()
 
 
 def pack_nibbles(q: torch.Tensor) -> torch.Tensor:
@@ -123,42 +180,70 @@ class StreamLinear(nn.Module):
         object.__setattr__(self, "group", group)  # shared by the siblings: not a submodule of each
         self.index = index
         self.act_int8 = False  # int8 activations: set_act_int8
-        self.interleaved = False  # weight holds codes in interleave_rows' order (set_act_int8)
+        # weight holds codes in row order, interleave_rows' or channel_lanes' (set_act_int8); with channel lanes the
+        # scales and zeros are in lane_params' order (row_params gives them in row order)
+        self.layout = "rows"
         self.kind = KIND[bits]  # the kernel's weight kind (engine/kernels/csrc/cpu_stream_linear.cpp)
         self.register_buffer("zero_point", None, persistent=False)
 
     def set_act_int8(self, on: bool) -> None:
         """Multiply with int8 activations (integer dot products) or exact weight-only. Symmetric codes have one zero
         point (2^(bits-1)): with int8 activations the kernel then takes it alone (`kernel_zeros`) and computes the zero
-        term once per row instead of once per output channel. With int8 activations the codes of every IL_ROWS output
-        channels are interleaved (`interleave_rows`; ~1.2-1.9x faster batch-1 reads measured, the same bits) when
-        out_features allows. A group member switches its group's computation."""
+        term once per row instead of once per output channel. With int8 activations the codes are laid out in channel
+        lanes (`channel_lanes`, kinds 7 and 8) when out_features is a multiple of 16, else with every IL_ROWS output
+        channels interleaved (`interleave_rows`, kinds 5 and 6) when it is a multiple of IL_ROWS. A group member
+        switches its group's computation."""
         if on and not can_act_int8(self):
             raise ValueError(f"stream linear ({self.extra_repr()}): int8 activations need 8/4-bit codes and input "
                              "widths and group sizes that are multiples of 64")
         self.act_int8 = on
         SWITCHES["count"] += 1
-        interleave = on and self.out_features % IL_ROWS == 0
-        if self.weight is not None and interleave != self.interleaved:
-            chunks = self.in_features // ACT_CHUNK
-            self.weight = interleave_rows(self.weight, chunks) if interleave else self.codes()
-        self.interleaved = interleave and self.weight is not None
-        self.kind = (KIND_ACT_INT8_IL if interleave else KIND_ACT_INT8)[self.bits] if on else KIND[self.bits]
+        layout = "rows"
+        if on and self.weight is not None:
+            layout = "lanes" if self.out_features % LANES == 0 else \
+                "interleaved" if self.out_features % IL_ROWS == 0 else "rows"
+        if self.weight is not None and layout != self.layout:
+            plain, scales, zeros = self.codes(), *self.row_params()
+            if layout == "interleaved":
+                self.weight = interleave_rows(plain, self.in_features // ACT_CHUNK)
+            elif layout == "lanes":
+                self.weight = channel_lanes(plain if self.bits == 8 else unpack_nibbles(plain), self.bits)
+            else:
+                self.weight = plain
+            lanes = layout == "lanes"
+            self.scales, self.zeros = (lane_params(scales), lane_params(zeros)) if lanes else (scales, zeros)
+        self.layout = layout
+        kinds = {"rows": KIND_ACT_INT8, "interleaved": KIND_ACT_INT8_IL, "lanes": KIND_ACT_INT8_CL}[layout]
+        self.kind = kinds[self.bits] if on else KIND[self.bits]
         zeros = self.zeros
         one = on and zeros is not None and bool((zeros == zeros.reshape(-1)[0]).all())
         self.zero_point = zeros.reshape(-1)[:1].clone() if one else None
         if self.group is not None and self.group.linear is not self and self.group.linear.act_int8 != on:
             self.group.linear.set_act_int8(on)
 
+    @property
+    def interleaved(self) -> bool:
+        return self.layout == "interleaved"
+
     def codes(self) -> torch.Tensor | None:
-        """The weight or codes in plain row order (the kernel may hold them interleaved)."""
-        if not self.interleaved:
-            return self.weight
-        return deinterleave_rows(self.weight, self.in_features // ACT_CHUNK)
+        """The weight or codes in plain row order (the kernel may hold them interleaved or in channel lanes)."""
+        if self.layout == "interleaved":
+            return deinterleave_rows(self.weight, self.in_features // ACT_CHUNK)
+        if self.layout == "lanes":
+            q = from_channel_lanes(self.weight, self.bits)
+            return q if self.bits == 8 else pack_nibbles(q)
+        return self.weight
+
+    def row_params(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """(scales, zeros) [out, groups] in row order (the kernel's may be in lane_params' order)."""
+        if self.layout != "lanes":
+            return self.scales, self.zeros
+        return from_lane_params(self.scales), from_lane_params(self.zeros)
 
     @property
     def kernel_zeros(self) -> torch.Tensor | None:
-        """The zero points the kernel takes: [out, groups], or [1] when they are all one with int8 activations."""
+        """The zero points the kernel takes: [out, groups] (in lane_params' order with channel lanes), or [1] when they
+        are all one with int8 activations."""
         return self.zeros if self.zero_point is None else self.zero_point
 
     # ---- construction -------------------------------------------------------------------------------------------
@@ -186,12 +271,12 @@ class StreamLinear(nn.Module):
     def _tensors(self) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
         """(weight or codes, scales, zeros, bias) of this linear, sliced out of its group when it is a member."""
         if self.group is None:
-            return self.codes(), self.scales, self.zeros, self.bias
+            return self.codes(), *self.row_params(), self.bias
         g = self.group.linear
         lo = sum(self.group.sizes[:self.index])
         hi = lo + self.out_features
         pick = (lambda t: None if t is None else t[lo:hi])
-        return pick(g.codes()), pick(g.scales), pick(g.zeros), pick(g.bias)
+        return pick(g.codes()), *map(pick, g.row_params()), pick(g.bias)
 
     @torch.no_grad()
     def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:  # [out, in]

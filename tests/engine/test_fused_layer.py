@@ -117,7 +117,7 @@ def test_gptq_layers_with_int8_activations_fuse_and_keep_their_tokens(tmp_path, 
     layer = engine.runner.model.model.layers[0]
     cache = engine.runner.kv_caches[0]
     kinds = lambda: {fused_layer.layer_parts(layer, cache, torch.float32).linears[3 * i + 1] for i in range(4)}
-    assert kinds() == {5 if bits == 8 else 6}  # int8 activations, interleaved codes
+    assert kinds() == {7 if bits == 8 else 8}  # int8 activations, codes in channel lanes
     for m in streamed:  # back to exact weight-only products: the cached kernel arguments follow
         m.set_act_int8(False)
     assert kinds() == {1 if bits == 8 else 2}

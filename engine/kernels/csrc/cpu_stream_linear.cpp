@@ -787,6 +787,274 @@ void run_q(const float* xf, int64_t M, int64_t K, int64_t N, int64_t kind, const
   });
 }
 
+// ---- kinds 7 and 8: channel lanes --------------------------------------------------------------------------------
+// The codes and int8 activations of kinds 3 and 4, laid out so that each 32-bit lane of a vector is one output
+// channel: a 64-byte code vector holds 4 consecutive input channels' codes (8-bit) or 8 (4-bit: the first 4 in the low
+// nibbles, the next 4 in the high ones) of 16 output channels, and one vpdpbusd with 4 activation bytes broadcast to
+// every lane advances all 16 channels. Kinds 3-6 spend a conversion, a scale product and a fused multiply-add per 64
+// codes and channel on 16 partial lanes, then a horizontal sum; here those are per 32 input channels and 16 output
+// channels, and there is no horizontal sum: far fewer vector instructions per weight, which is what kinds 5 and 6 were
+// bound by at batch 1 (Zen 4 runs each 512-bit instruction as two 256-bit halves).
+//
+// Arithmetic, per pair (row of x, output channel): for each 32-channel activation block b in order, t_b = the exact
+// int32 sum over the block of a * (q - z), then y = fma(float(t_b), s * d_b, y) from y = 0, with s the scale of the
+// weight group holding block b and s * d_b one rounded product. Integer sums are exact in any order, so neither the
+// tile, the thread nor the instruction set (AVX-512 VNNI, AVX2, plain C++) changes a bit, and a row's result is the
+// same alone and in any batch.
+// Layout (engine/quant/stream.py channel_lanes): codes [N / 16, K / S, 16, 4] with S = 4 (8-bit: byte t of lane c is
+// channel c's code for input k + t) or S = 8 (4-bit: byte t of lane c holds input k + t in its low nibble and k + 4 + t
+// in its high nibble); scales [N / 16, K / group, 16] float32, zeros likewise int32 (or [1], one zero point).
+constexpr int64_t kU8CL = 7, kU4CL = 8, CL_CH = 16, CL_NB = 32;  // channels per lane group, per block of work
+
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
+constexpr int CL_MT = 4;         // rows of x per batched tile
+constexpr int32_t kCLHigh = 16;  // 4-bit high nibbles are multiplied in place (code * 16: one AND, no shift)
+constexpr int32_t kCLU8Off = 0;  // 8-bit codes go in as they are (vpdpbusd multiplies unsigned by signed bytes)
+struct CLV {
+  __m512i v;
+};
+template <bool U4>
+inline void cl_load(const uint8_t* p, CLV& lo, CLV& hi) {
+  const __m512i v = _mm512_loadu_si512(p);
+  if constexpr (U4) {
+    lo.v = _mm512_and_si512(v, _mm512_set1_epi8(0x0f));
+    hi.v = _mm512_and_si512(v, _mm512_set1_epi8(static_cast<char>(0xf0)));
+  } else {
+    lo.v = v;
+  }
+}
+template <bool U4>
+inline QI cl_dot(QI acc, CLV w, int32_t a4) { return {_mm512_dpbusd_epi32(acc.v, w.v, _mm512_set1_epi32(a4))}; }
+inline QI qi_set1(int32_t v) { return {_mm512_set1_epi32(v)}; }
+inline QI cl_zero_term(const int32_t* z, int32_t sum, int32_t off) {  // lane c: off * sum - z[c] * sum
+  return {_mm512_add_epi32(_mm512_mullo_epi32(_mm512_loadu_si512(z), _mm512_set1_epi32(-sum)),
+                           _mm512_set1_epi32(off * sum))};
+}
+template <bool U4>
+inline QI cl_total(QI lo, QI hi) {  // hi: the high nibbles' sum times kCLHigh (exact: shifted back without loss)
+  return {_mm512_add_epi32(lo.v, U4 ? _mm512_srai_epi32(hi.v, 4) : hi.v)};
+}
+inline void qf_store(float* p, QF y) { _mm512_storeu_ps(p, y.v); }
+static_assert(kCLHigh == 16, "cl_total shifts by 4");
+#elif defined(__AVX2__) && defined(__FMA__)
+constexpr int CL_MT = 2;
+constexpr int32_t kCLHigh = 1;
+constexpr int32_t kCLU8Off = 128;  // 8-bit codes go in as signed q - 128 (vpmaddubsw pairs must not saturate)
+struct CLV {
+  __m256i lo, hi;  // channels 0-7, 8-15
+};
+template <bool U4>
+inline void cl_load(const uint8_t* p, CLV& lo, CLV& hi) {
+  const __m256i v0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  const __m256i v1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 32));
+  if constexpr (U4) {
+    const __m256i m = _mm256_set1_epi8(15);
+    lo = {_mm256_and_si256(v0, m), _mm256_and_si256(v1, m)};
+    hi = {_mm256_and_si256(_mm256_srli_epi16(v0, 4), m), _mm256_and_si256(_mm256_srli_epi16(v1, 4), m)};
+  } else {
+    const __m256i off = _mm256_set1_epi8(static_cast<char>(0x80));
+    lo = {_mm256_xor_si256(v0, off), _mm256_xor_si256(v1, off)};
+  }
+}
+template <bool U4>
+inline __m256i cl_dot8(__m256i acc, __m256i w, __m256i a) {
+  const __m256i ones = _mm256_set1_epi16(1);
+  if constexpr (U4) return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(w, a), ones));
+  return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_abs_epi8(w), _mm256_sign_epi8(a, w)), ones));
+}
+template <bool U4>
+inline QI cl_dot(QI acc, CLV w, int32_t a4) {
+  const __m256i a = _mm256_set1_epi32(a4);
+  return {cl_dot8<U4>(acc.lo, w.lo, a), cl_dot8<U4>(acc.hi, w.hi, a)};
+}
+inline QI qi_set1(int32_t v) { return {_mm256_set1_epi32(v), _mm256_set1_epi32(v)}; }
+inline QI cl_zero_term(const int32_t* z, int32_t sum, int32_t off) {
+  const __m256i s = _mm256_set1_epi32(-sum), o = _mm256_set1_epi32(off * sum);
+  return {_mm256_add_epi32(_mm256_mullo_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(z)), s), o),
+          _mm256_add_epi32(_mm256_mullo_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(z + 8)), s), o)};
+}
+template <bool U4>
+inline QI cl_total(QI lo, QI hi) { return {_mm256_add_epi32(lo.lo, hi.lo), _mm256_add_epi32(lo.hi, hi.hi)}; }
+inline void qf_store(float* p, QF y) {
+  _mm256_storeu_ps(p, y.lo);
+  _mm256_storeu_ps(p + 8, y.hi);
+}
+#else
+constexpr int CL_MT = 2;
+constexpr int32_t kCLHigh = 1;
+constexpr int32_t kCLU8Off = 0;
+struct CLV {
+  uint8_t b[64];
+};
+template <bool U4>
+inline void cl_load(const uint8_t* p, CLV& lo, CLV& hi) {
+  for (int i = 0; i < 64; ++i) {
+    lo.b[i] = U4 ? p[i] & 15 : p[i];
+    hi.b[i] = U4 ? p[i] >> 4 : 0;
+  }
+}
+template <bool U4>
+inline QI cl_dot(QI acc, const CLV& w, int32_t a4) {
+  int8_t a[4];
+  std::memcpy(a, &a4, 4);
+  for (int l = 0; l < 16; ++l)
+    for (int t = 0; t < 4; ++t) acc.l[l] += w.b[4 * l + t] * a[t];
+  return acc;
+}
+inline QI qi_set1(int32_t v) {
+  QI r;
+  for (int l = 0; l < 16; ++l) r.l[l] = v;
+  return r;
+}
+inline QI cl_zero_term(const int32_t* z, int32_t sum, int32_t off) {
+  QI r;
+  for (int l = 0; l < 16; ++l) r.l[l] = off * sum - z[l] * sum;
+  return r;
+}
+template <bool U4>
+inline QI cl_total(QI lo, QI hi) {
+  for (int l = 0; l < 16; ++l) lo.l[l] += hi.l[l];
+  return lo;
+}
+inline void qf_store(float* p, QF y) { std::memcpy(p, y.l, 64); }
+#endif
+
+struct CLBlocks {           // per row of x and 32-channel activation block
+  std::vector<int32_t> sum;  // [M, K / 32] the block's sum of a
+  std::vector<float> d;      // [M, K / 32] its scale
+  std::vector<int32_t> zt;   // [M, K / 32] the whole zero term, when there is one zero point
+};
+
+// out [MT][NG * 16]: rows m0.. of x against the NG lane groups from g0
+template <bool U4, bool UNIFORM, int MT, int NG>
+inline void cl_tile(const QAct& q, const CLBlocks& cb, int64_t m0, int64_t K, int64_t group, const uint8_t* codes,
+                    int64_t groups_n, const float* scales, const int32_t* zeros, int64_t g0, float* out) {
+  constexpr int64_t S = U4 ? 8 : 4;  // input channels per code vector
+  constexpr int64_t VPB = QB / S;    // code vectors per activation block
+  const int64_t blocks = K / QB, groups = K / group, bpg = group / QB, gbytes = (K / S) * 64;
+  constexpr int32_t off = U4 ? 0 : kCLU8Off;
+  QF y[MT][NG];
+  for (int i = 0; i < MT; ++i)
+    for (int j = 0; j < NG; ++j) y[i][j] = qf_zero();
+  const uint8_t* gc[NG];  // lane group g0 + j's first vector; its vector v is v * gstep[j] further on
+  int64_t gstep[NG];
+  for (int j = 0; j < NG; ++j) {
+    const int64_t g = g0 + j;
+    const bool paired = (g | 1) < groups_n;
+    gc[j] = codes + (g / 2) * 2 * gbytes + (paired ? (g % 2) * 64 : 0);
+    gstep[j] = paired ? 128 : 64;
+  }
+  for (int64_t b = 0; b < blocks; ++b) {
+    const int64_t g = b / bpg;
+    QI lo[MT][NG], hi[MT][NG];
+    for (int i = 0; i < MT; ++i) {
+      const int64_t at = (m0 + i) * blocks + b;
+      for (int j = 0; j < NG; ++j) {
+        lo[i][j] = UNIFORM ? qi_set1(cb.zt[at]) : cl_zero_term(zeros + ((g0 + j) * groups + g) * CL_CH, cb.sum[at], off);
+        hi[i][j] = qi_set1(0);
+      }
+    }
+    for (int64_t v = 0; v < VPB; ++v) {
+      int32_t a0[MT], a1[MT];
+      for (int i = 0; i < MT; ++i) {
+        const int8_t* ap = q.a.data() + (m0 + i) * K + b * QB + v * S;
+        std::memcpy(&a0[i], ap, 4);
+        if constexpr (U4) std::memcpy(&a1[i], ap + 4, 4);
+      }
+      for (int j = 0; j < NG; ++j) {
+        CLV wl, wh;
+        cl_load<U4>(gc[j] + (b * VPB + v) * gstep[j], wl, wh);
+        for (int i = 0; i < MT; ++i) {
+          if constexpr (U4) {
+            lo[i][j] = cl_dot<U4>(lo[i][j], wl, a0[i]);
+            hi[i][j] = cl_dot<U4>(hi[i][j], wh, a1[i]);
+          } else if (v & 1) {  // two chains a pair (exact integers: the order does not matter)
+            hi[i][j] = cl_dot<U4>(hi[i][j], wl, a0[i]);
+          } else {
+            lo[i][j] = cl_dot<U4>(lo[i][j], wl, a0[i]);
+          }
+        }
+      }
+    }
+    for (int i = 0; i < MT; ++i) {
+      const float d = cb.d[(m0 + i) * blocks + b];
+      for (int j = 0; j < NG; ++j)
+        y[i][j] = qacc(cl_total<U4>(lo[i][j], hi[i][j]), qscale(qf_load(scales + ((g0 + j) * groups + g) * CL_CH), d),
+                       y[i][j]);
+    }
+  }
+  for (int i = 0; i < MT; ++i)
+    for (int j = 0; j < NG; ++j) qf_store(out + (i * NG + j) * CL_CH, y[i][j]);
+}
+
+template <typename T>
+void run_cl(const float* xf, int64_t M, int64_t K, int64_t N, bool u4, const uint8_t* w, const float* scales,
+            const int32_t* zeros, bool uniform, int64_t group, const T* bias, T* y) {
+  thread_local QAct caller_q;  // reused: no allocation per call once grown (the workers read the caller's)
+  thread_local CLBlocks caller_b;
+  QAct& q = caller_q;
+  CLBlocks& cb = caller_b;
+  quantize_rows(xf, M, K, false, q);
+  const int64_t blocks = K / QB, chunks = K / QC;
+  cb.sum.resize(M * blocks);
+  cb.d.resize(M * blocks);
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t b = 0; b < blocks; ++b) {
+      const int64_t lanes = (m * chunks + b / 2) * 16 + (b % 2) * 8;  // quantize_rows' 8 lanes of this block
+      int32_t s = 0;
+      for (int l = 0; l < 8; ++l) s += q.asum[lanes + l];
+      cb.sum[m * blocks + b] = s;
+      cb.d[m * blocks + b] = q.dv[lanes];
+    }
+  if (uniform) {
+    const int32_t zc = (u4 ? 0 : kCLU8Off) - zeros[0];
+    cb.zt.resize(cb.sum.size());
+    for (size_t i = 0; i < cb.sum.size(); ++i) cb.zt[i] = zc * cb.sum[i];
+  }
+  parallel_blocks((N + CL_NB - 1) / CL_NB, [&](int64_t blk) {
+    const int64_t n0 = blk * CL_NB, ng = std::min<int64_t>(CL_NB, N - n0) / CL_CH, g0 = n0 / CL_CH;
+    float out[CL_MT * CL_NB];
+    const auto emit = [&](int64_t m, int64_t rows, int64_t width) {  // out [rows][width] -> y rows m.., channels n0..
+      for (int64_t i = 0; i < rows; ++i)
+        for (int64_t c = 0; c < width; ++c) {
+          float v = out[i * width + c];
+          if (bias != nullptr) v += static_cast<float>(bias[n0 + c]);
+          y[(m + i) * N + n0 + c] = static_cast<T>(v);
+        }
+    };
+    const auto go = [&](auto u4c, auto unic) {
+      constexpr bool U4 = decltype(u4c)::value, UNI = decltype(unic)::value;
+      int64_t m = 0;
+      for (; m + CL_MT <= M; m += CL_MT) {
+        for (int64_t j = 0; j < ng; ++j) {
+          cl_tile<U4, UNI, CL_MT, 1>(q, cb, m, K, group, w, N / CL_CH, scales, zeros, g0 + j, out);
+          for (int64_t i = 0; i < CL_MT; ++i)  // out [CL_MT][16] -> channels n0 + 16 j ..
+            for (int64_t c = 0; c < CL_CH; ++c) {
+              float v = out[i * CL_CH + c];
+              const int64_t n = n0 + j * CL_CH + c;
+              if (bias != nullptr) v += static_cast<float>(bias[n]);
+              y[(m + i) * N + n] = static_cast<T>(v);
+            }
+        }
+      }
+      for (; m < M; ++m) {
+        if (ng == 2) {
+          cl_tile<U4, UNI, 1, 2>(q, cb, m, K, group, w, N / CL_CH, scales, zeros, g0, out);
+        } else {
+          cl_tile<U4, UNI, 1, 1>(q, cb, m, K, group, w, N / CL_CH, scales, zeros, g0, out);
+        }
+        emit(m, 1, ng * CL_CH);
+      }
+    };
+    static_assert(CL_NB == 2 * CL_CH, "run_cl: one or two lane groups a block");
+    if (u4) {
+      uniform ? go(std::true_type{}, std::true_type{}) : go(std::true_type{}, std::false_type{});
+    } else {
+      uniform ? go(std::false_type{}, std::true_type{}) : go(std::false_type{}, std::false_type{});
+    }
+  });
+}
+
 // ---- bfloat16 activations x bfloat16 weights (the dense linears of a bfloat16 model) --------------------------------
 // Each pair (row of x, output channel) accumulates 16 float32 lanes over 32 channels at a time: lane i adds the
 // product of channels 2i + 1, then that of channel 2i, each product exact (8-bit significands) and added with one
@@ -922,9 +1190,11 @@ void check_linear(bool x_bf16, int64_t K, const at::Tensor& w, const c10::option
     TORCH_CHECK(w.size(1) == K && (w.scalar_type() == at::kFloat || w.scalar_type() == at::kBFloat16),
                 "stream_linear: dense weight [N, K] float32 or bfloat16 expected");
   } else {
-    TORCH_CHECK(kind >= kU8 && kind <= kU4A8I, "stream_linear: unknown weight kind ", kind);
-    const bool u8 = kind == kU8 || kind == kU8A8 || kind == kU8A8I;
-    TORCH_CHECK(kind < kU8A8I || N % IL_ROWS == 0, "stream_linear: interleaved codes need N a multiple of ", IL_ROWS);
+    TORCH_CHECK(kind >= kU8 && kind <= kU4CL, "stream_linear: unknown weight kind ", kind);
+    const bool u8 = kind == kU8 || kind == kU8A8 || kind == kU8A8I || kind == kU8CL;
+    TORCH_CHECK(kind < kU8A8I || kind > kU4A8I || N % IL_ROWS == 0,
+                "stream_linear: interleaved codes need N a multiple of ", IL_ROWS);
+    TORCH_CHECK(kind < kU8CL || N % CL_CH == 0, "stream_linear: channel-lane codes need N a multiple of ", CL_CH);
     TORCH_CHECK(w.scalar_type() == at::kByte && w.size(1) == (u8 ? K : K / 2),
                 "stream_linear: uint8 codes [N, K] (8-bit) or [N, K / 2] (4-bit) expected");
     TORCH_CHECK(group > 0 && group % 16 == 0 && K % group == 0, "stream_linear: group must divide K, multiple of 16");
@@ -963,7 +1233,15 @@ void linear_into(const void* x, bool x_bf16, int64_t M, int64_t K, const at::Ten
     for (int64_t i = 0; i < M * K; ++i) widened[i] = static_cast<float>(xb[i]);
     xf = widened.data();
   }
-  if (kind >= kU8A8) {
+  if (kind >= kU8CL) {
+    const bool u4 = kind == kU4CL, uniform = zeros->numel() == 1;
+    const uint8_t* codes = w.data_ptr<uint8_t>();
+    if (!x_bf16) {
+      run_cl<float>(xf, M, K, N, u4, codes, s, z, uniform, group, static_cast<const float*>(bias), static_cast<float*>(out));
+    } else {
+      run_cl<bf16>(xf, M, K, N, u4, codes, s, z, uniform, group, static_cast<const bf16*>(bias), static_cast<bf16*>(out));
+    }
+  } else if (kind >= kU8A8) {
     const uint8_t* codes = w.data_ptr<uint8_t>();
     const bool uniform = zeros->numel() == 1;  // (a single group: the same either way)
     if (!x_bf16) {

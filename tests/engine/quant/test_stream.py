@@ -15,7 +15,9 @@ from loraplex.engine.quant.stream import (
     StreamLinear,
     can_act_int8,
     can_stream_gptq,
+    channel_lanes,
     dequantize_activations,
+    from_channel_lanes,
     pack_nibbles,
     quantize_activations,
     unpack_nibbles,
@@ -90,15 +92,17 @@ def test_act_order_and_odd_groups_stay_on_the_reference():
     assert model.proj is act_order  # the reference stays
 
 
-@pytest.mark.parametrize("kind", ["f32", "bf16", "u8", "u4", "u8a8", "u4a8"])
+@pytest.mark.parametrize("kind", ["f32", "bf16", "u8", "u4", "u8a8", "u4a8", "u8lanes", "u4lanes"])
 def test_each_row_is_the_same_alone_and_in_any_batch(kind):
     if kind in ("f32", "bf16"):
         dtype = torch.float32 if kind == "f32" else torch.bfloat16
         fast = StreamLinear.from_linear(dense(576, 200, True, dtype))
-    else:
+    else:  # 200 outputs: interleaved codes with int8 activations; 208 = 13 lane groups: channel lanes, one unpaired
         dtype = torch.float32
-        fast = StreamLinear.from_gptq(gptq(576, 200, 8 if kind.startswith("u8") else 4, 64, False, True), dtype)
-        fast.set_act_int8(kind.endswith("a8"))
+        out = 208 if kind.endswith("lanes") else 200
+        fast = StreamLinear.from_gptq(gptq(576, out, 8 if kind.startswith("u8") else 4, 64, False, True), dtype)
+        fast.set_act_int8(not kind.endswith(("u8", "u4")))
+        assert fast.layout == ("lanes" if out == 208 else "interleaved" if fast.act_int8 else "rows")
     x = torch.randn(37, 576).to(dtype)
     with torch.inference_mode():
         many = fast(x)
@@ -126,16 +130,18 @@ def test_activation_rounding_is_the_documented_one():
     assert quantize_activations(y)[0][0, :3].tolist() == [127, 2, 4]
 
 
+@pytest.mark.parametrize("out", [40, 48])  # interleaved codes; channel lanes (a pair of lane groups and one alone)
 @pytest.mark.parametrize("bits,group,sym,bias", [(8, 64, True, True), (8, 128, False, False), (4, 64, True, False),
                                                  (4, 128, False, True)])
-def test_int8_activations_match_their_reference(bits, group, sym, bias):
+def test_int8_activations_match_their_reference(bits, group, sym, bias, out):
     """Integer dot products on int8-rounded activations == F.linear of the same weights on the rounded activations
     (up to float32 summation order), and the rounding itself costs little against the weight-only product."""
-    ref = gptq(256, 40, bits, group, sym, bias=bias)
+    ref = gptq(256, out, bits, group, sym, bias=bias)
     fast = StreamLinear.from_gptq(ref, torch.float32)
     assert can_act_int8(fast)
     fast.set_act_int8(True)
-    assert fast.kind == (5 if bits == 8 else 6) and fast.interleaved and "act_int8" in repr(fast)
+    kinds = {40: (5, 6, "interleaved"), 48: (7, 8, "lanes")}[out]
+    assert fast.kind == kinds[bits == 4] and fast.layout == kinds[2] and "act_int8" in repr(fast)
     for dtype in (torch.float32, torch.bfloat16):
         for rows in (1, 2, 5, 9):
             x = torch.randn(rows, 256).to(dtype)
@@ -143,7 +149,7 @@ def test_int8_activations_match_their_reference(bits, group, sym, bias):
                 got = fast(x)
                 want = fast.reference(x)
                 exact = ref(x.float())  # weight-only, unrounded activations
-            assert got.dtype == want.dtype == dtype and got.shape == (rows, 40)
+            assert got.dtype == want.dtype == dtype and got.shape == (rows, out)
             tol = (1e-5 if dtype == torch.float32 else 1e-2) * want.float().abs().max()
             assert (got.float() - want.float()).abs().max() <= tol
             assert (got.float() - exact).abs().max() <= 0.05 * exact.abs().max()
@@ -158,7 +164,7 @@ def test_int8_activations_match_their_reference(bits, group, sym, bias):
 
 def kernel_digest() -> str:
     """A digest of the streaming kernel's outputs on fixed inputs where it promises the same bits on every instruction
-    set: int8 activations on 8- and 4-bit codes, bfloat16 x bfloat16 (1 and 6 rows). Compared between builds by
+    set: int8 activations on 8- and 4-bit codes (interleaved and in channel lanes), bfloat16 x bfloat16 (1 and 6 rows). Compared between builds by
     tests/engine/kernels/test_cpu_kernels.py, which builds an AVX2 one."""
     import hashlib
     h = hashlib.sha256()
@@ -168,12 +174,13 @@ def kernel_digest() -> str:
         with torch.inference_mode():
             h.update(bf(torch.randn(rows, 320).to(torch.bfloat16)).float().numpy().tobytes())
     for bits in (8, 4):
-        fast = StreamLinear.from_gptq(gptq(320, 56, bits, 64, False, True, seed=bits), torch.float32)
-        fast.set_act_int8(True)
-        torch.manual_seed(1)
-        for rows in (1, 6):
-            with torch.inference_mode():
-                h.update(fast(torch.randn(rows, 320) * 3).numpy().tobytes())
+        for out in (56, 48):  # interleaved codes; channel lanes
+            fast = StreamLinear.from_gptq(gptq(320, out, bits, 64, False, True, seed=bits), torch.float32)
+            fast.set_act_int8(True)
+            torch.manual_seed(1)
+            for rows in (1, 6):
+                with torch.inference_mode():
+                    h.update(fast(torch.randn(rows, 320) * 3).numpy().tobytes())
     return h.hexdigest()
 
 
@@ -186,7 +193,7 @@ def test_int8_activations_need_widths_and_groups_of_64():
     model.add_module("b", gptq(128, 16, 8, 64, True, False))
     assert use_stream_linears(model, torch.float32, dense=False, act_int8=True) == 2
     assert not model.a.act_int8 and model.b.act_int8  # the one that cannot stays exact weight-only
-    assert model.a.kind == 2 and model.b.kind == 5 and model.b.kernel_zeros.numel() == 1
+    assert model.a.kind == 2 and model.b.kind == 7 and model.b.kernel_zeros.numel() == 1
     with pytest.raises(ValueError, match="multiples of 64"):
         model.a.set_act_int8(True)
     assert not model.a.act_int8 and model.a.kind == 2  # refused: nothing changed
@@ -201,7 +208,7 @@ def test_interleaved_codes_give_the_same_bits_and_weights(bits):
     plain layout's bits at every batch size, the reference reads the same weights, switching back restores the
     plain codes."""
     from loraplex.engine.quant.stream import IL_ROWS, deinterleave_rows, interleave_rows
-    ref = gptq(320, 48, bits, 64, False, True, seed=5)
+    ref = gptq(320, 40, bits, 64, False, True, seed=5)  # (a multiple of 16 would take channel lanes)
     fast = StreamLinear.from_gptq(ref, torch.float32)
     plain_codes, want_w = fast.weight.clone(), fast.dequantized_weight()
     chunks = 320 // 64
@@ -222,6 +229,40 @@ def test_interleaved_codes_give_the_same_bits_and_weights(bits):
     codes = torch.randint(0, 256, (IL_ROWS + 2, 128), dtype=torch.uint8)  # (GPTQ packs 4+ rows: never this odd)
     with pytest.raises(RuntimeError, match="multiple of 4"):
         op(torch.randn(1, 128), codes, torch.ones(IL_ROWS + 2, 2), torch.tensor([128], dtype=torch.int32), 5, 64, None)
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_channel_lane_codes_are_the_documented_layout_and_switch_back(bits):
+    """With int8 activations and a multiple of 16 output channels, the codes go into channel lanes (kinds 7 and 8):
+    each 64-byte vector holds 16 channels' codes of 4 (8-bit) or 8 (4-bit) consecutive inputs, the vectors of every
+    two lane groups alternate, a last odd group stands alone; scales and zeros go in lane order. The weights the
+    reference reads do not change, and switching back restores the row-order codes, scales and zeros."""
+    n, k = 48, 128
+    ref = gptq(k, n, bits, 64, False, True, seed=7)
+    fast = StreamLinear.from_gptq(ref, torch.float32)
+    plain_codes, scales, zeros, want_w = fast.weight.clone(), fast.scales.clone(), fast.zeros.clone(), \
+        fast.dequantized_weight()
+    q = plain_codes if bits == 8 else unpack_nibbles(plain_codes)  # [n, k] codes
+    fast.set_act_int8(True)
+    assert fast.layout == "lanes" and fast.kind == (7 if bits == 8 else 8)
+    flat = fast.weight.reshape(-1)
+    per_vector = 4 if bits == 8 else 8  # inputs per 64-byte vector
+    group_bytes = k // per_vector * 64
+    for g, c, v, t in [(0, 0, 0, 0), (0, 5, 3, 2), (1, 15, 0, 3), (1, 7, k // per_vector - 1, 1), (2, 9, 5, 0)]:
+        at = g // 2 * 2 * group_bytes + (v * 128 + g % 2 * 64 if g < 2 else v * 64) + 4 * c + t
+        channel, first = 16 * g + c, per_vector * v + t
+        want = int(q[channel, first]) if bits == 8 else int(q[channel, first]) | int(q[channel, first + 4]) << 4
+        assert int(flat[at]) == want, (g, c, v, t)
+    assert float(fast.scales.reshape(-1)[2 * 16 + 16 + 3]) == float(scales[16 + 3, 1])  # [n / 16, groups, 16]
+    assert torch.equal(from_channel_lanes(channel_lanes(q, bits), bits), q)
+    assert torch.equal(fast.codes(), plain_codes) and torch.equal(fast.dequantized_weight(), want_w)
+    fast.set_act_int8(False)
+    assert fast.layout == "rows" and fast.kind == (1 if bits == 8 else 2)
+    assert torch.equal(fast.weight, plain_codes) and torch.equal(fast.scales, scales) and torch.equal(fast.zeros, zeros)
+    codes = torch.zeros(40, k if bits == 8 else k // 2, dtype=torch.uint8)
+    with pytest.raises(RuntimeError, match="multiple of 16"):
+        torch.ops.loraplex_cpu.stream_linear(torch.randn(1, k), codes, torch.ones(40, 2), torch.tensor([8], dtype=torch.int32),
+                                             7 if bits == 8 else 8, 64, None)
 
 
 def test_fused_siblings_and_the_output_head():
