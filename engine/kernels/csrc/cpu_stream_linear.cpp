@@ -21,6 +21,9 @@
 // Kinds 5 and 6 are kinds 3 and 4 on codes interleaved 4 output channels at a time (one sequential stream per batch-1
 // tile: 1.2-1.9x faster batch-1 calls than kinds 3 and 4 on the default model's shapes, 1.15-1.5x whole decode steps).
 //
+// Kinds 7 and 8 take the same codes and int8 activations in channel lanes (a vector lane per output channel, see
+// "channel lanes" below): their own per-pair arithmetic, 2-2.4x fewer instructions per weight than kinds 5 and 6.
+//
 // 4-bit layout: each 16-channel chunk of a row is 8 bytes; byte i holds channel i (low nibble) and channel i + 8
 // (high nibble). engine/quant/stream.py packs it and holds the plain-torch reference.
 #include <ATen/ATen.h>
