@@ -811,6 +811,7 @@ constexpr int64_t kU8CL = 7, kU4CL = 8, CL_CH = 16, CL_NB = 32;  // channels per
 
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
 constexpr int CL_MT = 4;         // rows of x per batched tile
+constexpr int CL_BATCH_NG = 2;   // lane groups per batched tile
 constexpr int32_t kCLHigh = 16;  // 4-bit high nibbles are multiplied in place (code * 16: one AND, no shift)
 constexpr int32_t kCLU8Off = 0;  // 8-bit codes go in as they are (vpdpbusd multiplies unsigned by signed bytes)
 struct CLV {
@@ -841,6 +842,7 @@ inline void qf_store(float* p, QF y) { _mm512_storeu_ps(p, y.v); }
 static_assert(kCLHigh == 16, "cl_total shifts by 4");
 #elif defined(__AVX2__) && defined(__FMA__)
 constexpr int CL_MT = 2;
+constexpr int CL_BATCH_NG = 1;  // 16 ymm: one lane group at a time
 constexpr int32_t kCLHigh = 1;
 constexpr int32_t kCLU8Off = 128;  // 8-bit codes go in as signed q - 128 (vpmaddubsw pairs must not saturate)
 struct CLV {
@@ -884,6 +886,7 @@ inline void qf_store(float* p, QF y) {
 }
 #else
 constexpr int CL_MT = 2;
+constexpr int CL_BATCH_NG = 1;
 constexpr int32_t kCLHigh = 1;
 constexpr int32_t kCLU8Off = 0;
 struct CLV {
@@ -1029,6 +1032,11 @@ void run_cl(const float* xf, int64_t M, int64_t K, int64_t N, bool u4, const uin
       constexpr bool U4 = decltype(u4c)::value, UNI = decltype(unic)::value;
       int64_t m = 0;
       for (; m + CL_MT <= M; m += CL_MT) {
+        if (CL_BATCH_NG == 2 && ng == 2) {  // both lane groups in one pass over the block's stream
+          cl_tile<U4, UNI, CL_MT, CL_BATCH_NG>(q, cb, m, K, group, w, N / CL_CH, scales, zeros, g0, out);
+          emit(m, CL_MT, 2 * CL_CH);
+          continue;
+        }
         for (int64_t j = 0; j < ng; ++j) {
           cl_tile<U4, UNI, CL_MT, 1>(q, cb, m, K, group, w, N / CL_CH, scales, zeros, g0 + j, out);
           for (int64_t i = 0; i < CL_MT; ++i)  // out [CL_MT][16] -> channels n0 + 16 j ..
