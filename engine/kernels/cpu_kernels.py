@@ -1,9 +1,10 @@
 """CPU kernels built from source once per machine (engine/kernels/csrc/*.cpp), with plain-torch references.
 
 `torch.utils.cpp_extension` compiles the sources with the system C++ compiler (-O3 -march=native,
-OpenMP) into `$LORAPLEX_CACHE_DIR/kernels/<key>/` on first use (10-30 s, logged), then loads the cached
-library in milliseconds. The key covers the sources, the torch version and the CPU model, so a cache
-shared between machines never loads a library built for another CPU. Without a compiler, or with
+OpenMP) into `$LORAPLEX_CACHE_DIR/kernels/<key>/` on first use (10-60 s, logged), then loads the cached
+library in milliseconds, whichever checkout or install of the same sources built it. The key covers the sources'
+contents, the torch version, the CPU model and the compiler flags, so a cache shared between machines never loads a
+library built for another CPU. Without a compiler, or with
 `LORAPLEX_CPU_KERNELS=0`, `available()` is False and callers keep the plain-torch path, which is also
 what the tests compare the kernels against.
 """
@@ -55,13 +56,19 @@ def target_arch() -> str:
     return os.environ.get("LORAPLEX_CPU_KERNELS_ARCH") or "native"
 
 
+def _cflags() -> list[str]:
+    return ["-O3", f"-march={target_arch()}", "-fopenmp", "-DNDEBUG"]
+
+
 def build_key() -> str:
+    """What the built library depends on: the sources' contents (not where they are), the torch version, the CPU and
+    the compiler flags."""
     h = hashlib.sha256()
     for src in SOURCES + HEADERS:
         h.update(src.read_bytes())
     h.update(torch.__version__.encode())
     h.update(_cpu_model().encode())
-    h.update(target_arch().encode())
+    h.update(" ".join(_cflags()).encode())
     return h.hexdigest()[:16]
 
 
@@ -127,14 +134,25 @@ def _build_and_load() -> None:
     build_dir.mkdir(parents=True, exist_ok=True)
     name = f"loraplex_cpu_{key}"
     _drop_stale_lock(build_dir)
-    cached = (build_dir / f"{name}.so").exists()
+    library = build_dir / f"{name}.so"
+    cached = library.exists()
+    if cached and not (build_dir / "lock").exists():
+        # The key names the sources' contents: a library built from them by any checkout or install on this machine
+        # is this one. Loaded as it is: torch's own check would rebuild it for sources at another path (another
+        # clone, a venv's site-packages), and two checkouts would rebuild it in turn at every start.
+        try:
+            torch.ops.load_library(str(library))
+            os.utime(build_dir)
+            return
+        except OSError as e:  # damaged, or half-written by a build killed mid-link: torch builds it again below
+            logger.warning("cached CPU kernels at %s did not load (%s): building them again", library, e)
+            cached = False
     if not cached:
         _ensure_ninja_on_path()
-        logger.info("building CPU kernels once for this machine into %s (10-30 s)", build_dir)
+        logger.info("building CPU kernels once for this machine into %s (10-60 s)", build_dir)
     t0 = time.perf_counter()
     cpp_extension.load(name=name, sources=[str(s) for s in SOURCES], build_directory=str(build_dir),
-                       extra_cflags=["-O3", f"-march={target_arch()}", "-fopenmp", "-DNDEBUG"],
-                       extra_ldflags=["-fopenmp"], is_python_module=False, verbose=False)
+                       extra_cflags=_cflags(), extra_ldflags=["-fopenmp"], is_python_module=False, verbose=False)
     os.utime(build_dir)  # last loaded now: other builds are pruned by age, not removed under a running checkout
     if not cached:
         logger.info("CPU kernels built in %.1f s (%s code paths)", time.perf_counter() - t0,

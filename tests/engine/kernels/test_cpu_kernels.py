@@ -285,6 +285,30 @@ def test_generic_code_paths_on_an_avx2_build(tmp_path):
     assert digest.stdout.strip() == kernel_digest()
 
 
+@needs_kernel
+def test_the_same_sources_elsewhere_load_the_cached_build(tmp_path):
+    """Another checkout or install (the same sources at another path: a fresh clone, a venv's site-packages) loads the
+    library built here as it is; torch's own check compares source paths and would rebuild it, and two checkouts would
+    rebuild it in turn at every start."""
+    import subprocess
+    import sys
+    from pathlib import Path
+    key = cpu_kernels.build_key()
+    library = cpu_kernels.cache_dir() / "kernels" / key / f"loraplex_cpu_{key}.so"
+    assert library.exists()
+    before = library.stat().st_mtime_ns
+    copy = tmp_path / "elsewhere" / "csrc"
+    shutil.copytree(Path(cpu_kernels.__file__).parent / "csrc", copy)
+    code = ("from pathlib import Path; import torch; from loraplex.engine.kernels import cpu_kernels as ck; "
+            f"here = Path({str(copy)!r}); "
+            "ck.SOURCES = [here / s.name for s in ck.SOURCES]; ck.HEADERS = [here / h.name for h in ck.HEADERS]; "
+            "assert ck.available(), ck.build_error(); print(ck.build_key(), torch.ops.loraplex_cpu.vector_isa())")
+    done = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split()[0] == key and "building" not in done.stderr
+    assert library.stat().st_mtime_ns == before  # loaded, not rebuilt
+
+
 def test_a_stale_build_lock_is_removed_and_a_fresh_one_kept(tmp_path):
     """A process killed while building leaves torch's `lock` file; torch would wait on it for ever at every start."""
     import os
