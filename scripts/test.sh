@@ -18,4 +18,4 @@ fi
 "$VENV/bin/loraplex" download
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 export LORAPLEX_REQUIRE_SERVICES=1  # a test that needs PostgreSQL or SeaweedFS fails, never skips, here
-exec "$VENV/bin/python" -m pytest -q -ra --durations=15 "$@"  # the slowest tests, for the 20-minute budget
+exec "$VENV/bin/python" -m pytest -q -ra --durations=30 "$@"  # the slowest tests, for the 20-minute budget
