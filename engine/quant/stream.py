@@ -191,22 +191,26 @@ class StreamLinear(nn.Module):
         self.kind = KIND[bits]  # the kernel's weight kind (engine/kernels/csrc/cpu_stream_linear.cpp)
         self.register_buffer("zero_point", None, persistent=False)
 
-    def set_act_int8(self, on: bool) -> None:
+    def set_act_int8(self, on: bool, layout: str | None = None) -> None:
         """Multiply with int8 activations (integer dot products) or exact weight-only. Symmetric codes have one zero
         point (2^(bits-1)): with int8 activations the kernel then takes it alone (`kernel_zeros`) and computes the zero
         term once per row instead of once per output channel. With int8 activations the codes are laid out in channel
         lanes (`channel_lanes`, kinds 7 and 8) when out_features is a multiple of 16, else with every IL_ROWS output
-        channels interleaved (`interleave_rows`, kinds 5 and 6) when it is a multiple of IL_ROWS. A group member
+        channels interleaved (`interleave_rows`, kinds 5 and 6) when it is a multiple of IL_ROWS; `layout` ("lanes",
+        "interleaved" or "rows") picks one of those the shape allows instead (benchmarks compare them). A group member
         switches its group's computation."""
         if on and not can_act_int8(self):
             raise ValueError(f"stream linear ({self.extra_repr()}): int8 activations need 8/4-bit codes and input "
                              "widths and group sizes that are multiples of 64")
+        possible = ["rows"]
+        if on and self.weight is not None:
+            possible = [name for name, width in (("lanes", LANES), ("interleaved", IL_ROWS))
+                        if self.out_features % width == 0] + possible
+        if layout is not None and layout not in possible:
+            raise ValueError(f"stream linear ({self.extra_repr()}): layout {layout!r} is not one of {possible}")
+        layout = layout or possible[0]
         self.act_int8 = on
         SWITCHES["count"] += 1
-        layout = "rows"
-        if on and self.weight is not None:
-            layout = "lanes" if self.out_features % LANES == 0 else \
-                "interleaved" if self.out_features % IL_ROWS == 0 else "rows"
         if self.weight is not None and layout != self.layout:
             plain, scales, zeros = self.codes(), *self.row_params()
             if layout == "interleaved":

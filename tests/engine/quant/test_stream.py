@@ -259,6 +259,18 @@ def test_channel_lane_codes_are_the_documented_layout_and_switch_back(bits):
     fast.set_act_int8(False)
     assert fast.layout == "rows" and fast.kind == (1 if bits == 8 else 2)
     assert torch.equal(fast.weight, plain_codes) and torch.equal(fast.scales, scales) and torch.equal(fast.zeros, zeros)
+    x = torch.randn(3, k)
+    with torch.inference_mode():  # a layout picked by name (benchmarks compare them): the same weights either way
+        outs = {}
+        for layout in ("interleaved", "lanes", "rows"):
+            fast.set_act_int8(True, layout=layout)
+            assert fast.layout == layout and torch.equal(fast.dequantized_weight(), want_w)
+            outs[layout] = fast(x)
+        assert all(torch.allclose(o, outs["lanes"], rtol=1e-5, atol=1e-5 * float(o.abs().max())) for o in outs.values())
+    narrow = StreamLinear.from_gptq(gptq(k, 40, bits, 64, False, True), torch.float32)
+    with pytest.raises(ValueError, match="layout 'lanes' is not one of"):
+        narrow.set_act_int8(True, layout="lanes")
+    assert not narrow.act_int8 and narrow.layout == "rows"  # refused: nothing changed
     codes = torch.zeros(40, k if bits == 8 else k // 2, dtype=torch.uint8)
     with pytest.raises(RuntimeError, match="multiple of 16"):
         torch.ops.loraplex_cpu.stream_linear(torch.randn(1, k), codes, torch.ones(40, 2), torch.tensor([8], dtype=torch.int32),
