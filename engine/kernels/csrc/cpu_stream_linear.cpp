@@ -797,7 +797,8 @@ void run_q(const float* xf, int64_t M, int64_t K, int64_t N, int64_t kind, const
 // every lane advances all 16 channels. Kinds 3-6 spend a conversion, a scale product and a fused multiply-add per 64
 // codes and channel on 16 partial lanes, then a horizontal sum; here those are per 32 input channels and 16 output
 // channels, and there is no horizontal sum: far fewer vector instructions per weight, which is what kinds 5 and 6 were
-// bound by at batch 1 (Zen 4 runs each 512-bit instruction as two 256-bit halves).
+// bound by in every batched call and at batch 1 with their weights in cache (Zen 4 runs each 512-bit instruction as
+// two 256-bit halves); a batch-1 call streaming from memory waits on the bytes either way.
 //
 // Arithmetic, per pair (row of x, output channel): for each 32-channel activation block b in order, t_b = the exact
 // int32 sum over the block of a * (q - z), then y = fma(float(t_b), s * d_b, y) from y = 0, with s the scale of the
@@ -806,7 +807,9 @@ void run_q(const float* xf, int64_t M, int64_t K, int64_t N, int64_t kind, const
 // same alone and in any batch.
 // Layout (engine/quant/stream.py channel_lanes): codes [N / 16, K / S, 16, 4] with S = 4 (8-bit: byte t of lane c is
 // channel c's code for input k + t) or S = 8 (4-bit: byte t of lane c holds input k + t in its low nibble and k + 4 + t
-// in its high nibble); scales [N / 16, K / group, 16] float32, zeros likewise int32 (or [1], one zero point).
+// in its high nibble), except that the vectors of lane groups 2p and 2p + 1 alternate (a batch-1 tile of 32 channels
+// reads one sequential stream; an odd last group stands alone); scales [N / 16, K / group, 16] float32, zeros likewise
+// int32 (or [1], one zero point).
 constexpr int64_t kU8CL = 7, kU4CL = 8, CL_CH = 16, CL_NB = 32;  // channels per lane group, per block of work
 
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
@@ -1020,12 +1023,13 @@ void run_cl(const float* xf, int64_t M, int64_t K, int64_t N, bool u4, const uin
   parallel_blocks((N + CL_NB - 1) / CL_NB, [&](int64_t blk) {
     const int64_t n0 = blk * CL_NB, ng = std::min<int64_t>(CL_NB, N - n0) / CL_CH, g0 = n0 / CL_CH;
     float out[CL_MT * CL_NB];
-    const auto emit = [&](int64_t m, int64_t rows, int64_t width) {  // out [rows][width] -> y rows m.., channels n0..
+    // out [rows][width] -> y rows m.., channels c0.. (+ bias)
+    const auto emit = [&](int64_t m, int64_t rows, int64_t c0, int64_t width) {
       for (int64_t i = 0; i < rows; ++i)
         for (int64_t c = 0; c < width; ++c) {
           float v = out[i * width + c];
-          if (bias != nullptr) v += static_cast<float>(bias[n0 + c]);
-          y[(m + i) * N + n0 + c] = static_cast<T>(v);
+          if (bias != nullptr) v += static_cast<float>(bias[c0 + c]);
+          y[(m + i) * N + c0 + c] = static_cast<T>(v);
         }
     };
     const auto go = [&](auto u4c, auto unic) {
@@ -1034,18 +1038,12 @@ void run_cl(const float* xf, int64_t M, int64_t K, int64_t N, bool u4, const uin
       for (; m + CL_MT <= M; m += CL_MT) {
         if (CL_BATCH_NG == 2 && ng == 2) {  // both lane groups in one pass over the block's stream
           cl_tile<U4, UNI, CL_MT, CL_BATCH_NG>(q, cb, m, K, group, w, N / CL_CH, scales, zeros, g0, out);
-          emit(m, CL_MT, 2 * CL_CH);
+          emit(m, CL_MT, n0, 2 * CL_CH);
           continue;
         }
         for (int64_t j = 0; j < ng; ++j) {
           cl_tile<U4, UNI, CL_MT, 1>(q, cb, m, K, group, w, N / CL_CH, scales, zeros, g0 + j, out);
-          for (int64_t i = 0; i < CL_MT; ++i)  // out [CL_MT][16] -> channels n0 + 16 j ..
-            for (int64_t c = 0; c < CL_CH; ++c) {
-              float v = out[i * CL_CH + c];
-              const int64_t n = n0 + j * CL_CH + c;
-              if (bias != nullptr) v += static_cast<float>(bias[n]);
-              y[(m + i) * N + n] = static_cast<T>(v);
-            }
+          emit(m, CL_MT, n0 + j * CL_CH, CL_CH);
         }
       }
       for (; m < M; ++m) {
@@ -1054,7 +1052,7 @@ void run_cl(const float* xf, int64_t M, int64_t K, int64_t N, bool u4, const uin
         } else {
           cl_tile<U4, UNI, 1, 1>(q, cb, m, K, group, w, N / CL_CH, scales, zeros, g0, out);
         }
-        emit(m, 1, ng * CL_CH);
+        emit(m, 1, n0, ng * CL_CH);
       }
     };
     static_assert(CL_NB == 2 * CL_CH, "run_cl: one or two lane groups a block");
