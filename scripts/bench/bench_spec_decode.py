@@ -2,7 +2,8 @@
 (editing, extraction) and where it does not (open-ended writing), base model and with an adapter.
 
     python scripts/bench/bench_spec_decode.py [--dtype float32] [--cpu-linear auto] [--max-tokens 128]
-        [--num-speculative-tokens 4] [--concurrency 1 4] [--rounds 2]
+        [--num-speculative-tokens 4] [--concurrency 1 4] [--rounds 2] [--model FOLDER --quantization gptq]
+        [--kv-cache-dtype bfloat16]
 
 For each workload and concurrency, the same greedy requests (stopping at EOS, as a user's would) run through two
 engines in this process, one plain and one with `--speculative-config '{"method": "ngram", ...}'`, alternating
@@ -85,6 +86,8 @@ def main() -> None:
     ap.add_argument("--concurrency", nargs="+", type=int, default=[1, 4])
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--no-adapter", action="store_true", help="skip the runs with a rank-8 adapter")
+    ap.add_argument("--quantization", default="none", help="as `loraplex serve --quantization` (e.g. gptq)")
+    ap.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "bfloat16"])
     args = ap.parse_args()
 
     from loraplex.adapters.runtime import create_lora_runtime
@@ -102,7 +105,8 @@ def main() -> None:
     for name, config in (("plain", None), ("spec", spec)):
         engine = LLMEngine.from_engine_args(
             EngineArgs(model=model, dtype=args.dtype, cpu_linear=args.cpu_linear, speculative_config=config,
-                       max_num_seqs=max(args.concurrency), enable_prefix_caching=False, enable_lora=True),
+                       max_num_seqs=max(args.concurrency), enable_prefix_caching=False, enable_lora=True,
+                       quantization=args.quantization, kv_cache_dtype=args.kv_cache_dtype),
             hook_factory=create_lora_runtime)
         engine.adapter_hook.register_adapter("a0", 1, 1, str(adapter))
         engines[name] = engine
