@@ -144,8 +144,9 @@ def _build_and_load() -> None:
             torch.ops.load_library(str(library))
             os.utime(build_dir)
             return
-        except OSError as e:  # damaged, or half-written by a build killed mid-link: torch builds it again below
+        except OSError as e:  # damaged, or half-written by a build killed mid-link (no build holds the lock)
             logger.warning("cached CPU kernels at %s did not load (%s): building them again", library, e)
+            library.unlink(missing_ok=True)  # else torch, finding its build up to date, would load the same file
             cached = False
     if not cached:
         _ensure_ninja_on_path()

@@ -277,26 +277,35 @@ class StreamLinear(nn.Module):
                    None if ref.bias is None else ref.bias.to(dtype))
 
     # ---- reference and weight read-back -------------------------------------------------------------------------
-    def _tensors(self) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
-        """(weight or codes, scales, zeros, bias) of this linear, sliced out of its group when it is a member."""
-        if self.group is None:
-            return self.codes(), *self.row_params(), self.bias
-        g = self.group.linear
+    def _own(self, t: torch.Tensor | None) -> torch.Tensor | None:
+        """t, a tensor of this linear's group ([sum(out), ...]), sliced to this member's rows; t itself when alone."""
+        if self.group is None or t is None:
+            return t
         lo = sum(self.group.sizes[:self.index])
-        hi = lo + self.out_features
-        pick = (lambda t: None if t is None else t[lo:hi])
-        return pick(g.codes()), *map(pick, g.row_params()), pick(g.bias)
+        return t[lo:lo + self.out_features]
+
+    def _computing(self) -> StreamLinear:
+        """The linear holding the weights: the group's when this is a member."""
+        return self if self.group is None else self.group.linear
+
+    def unpacked_codes(self) -> torch.Tensor | None:
+        """The codes in row order, one per byte ([out, in] uint8), straight from whichever layout holds them."""
+        if self.layout == "lanes":
+            return from_channel_lanes(self.weight, self.bits)
+        codes = self.codes()
+        return codes if codes is None or self.bits == 8 else unpack_nibbles(codes)
 
     @torch.no_grad()
     def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:  # [out, in]
-        weight, scales, zeros, _ = self._tensors()
+        src = self._computing()
         if self.bits >= 16:
-            return weight.to(dtype)
-        q = weight if self.bits == 8 else unpack_nibbles(weight)
-        return dequantize_codes(q, scales, zeros, self.group_size).to(dtype)
+            return self._own(src.codes()).to(dtype)
+        scales, zeros = src.row_params()
+        q = self._own(src.unpacked_codes())
+        return dequantize_codes(q, self._own(scales), self._own(zeros), self.group_size).to(dtype)
 
     def reference(self, x: torch.Tensor) -> torch.Tensor:
-        _, _, _, bias = self._tensors()
+        bias = self._own(self._computing().bias)
         if self.act_int8:  # float32 throughout on the rounded activations, then x's dtype (as the kernel)
             y = F.linear(dequantize_activations(x), self.dequantized_weight(torch.float32),
                          None if bias is None else bias.float())

@@ -324,3 +324,24 @@ def test_a_stale_build_lock_is_removed_and_a_fresh_one_kept(tmp_path):
     _drop_stale_lock(tmp_path)
     assert not lock.exists()
     _drop_stale_lock(tmp_path)  # nothing there: nothing happens
+
+
+def test_a_damaged_cached_build_is_rebuilt_not_loaded_again(tmp_path, monkeypatch):
+    """A cached library that does not load (a build killed mid-link) is removed and built again: torch, finding its
+    build files up to date, would otherwise load the same broken file."""
+    from torch.utils import cpp_extension
+    monkeypatch.setattr(cpu_kernels, "cache_dir", lambda: tmp_path)
+    key = cpu_kernels.build_key()
+    build_dir = tmp_path / "kernels" / key
+    build_dir.mkdir(parents=True)
+    library = build_dir / f"loraplex_cpu_{key}.so"
+    library.write_bytes(b"not a shared library")
+    seen = {}
+
+    def fake_load(**kwargs):  # the compiler run itself is test_generic_code_paths_on_an_avx2_build's
+        seen["library_left"] = library.exists()
+        seen["build_directory"] = kwargs["build_directory"]
+    monkeypatch.setattr(cpp_extension, "load", fake_load)
+    monkeypatch.setattr(torch.ops.loraplex_cpu, "vector_isa", lambda: "test", raising=False)
+    cpu_kernels._build_and_load()
+    assert seen == {"library_left": False, "build_directory": str(build_dir)}
