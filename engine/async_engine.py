@@ -67,7 +67,8 @@ class AsyncEngine:
                          background_factory: BackgroundFactory | None = None) -> "AsyncEngine":
         """in_process: run the loop in a thread here instead of a child process. hook_factory: builds
         the adapter hook next to the model (a module-level function, so it can cross to the child)."""
-        core = (ThreadCore(LLMEngine.from_engine_args(args, hook_factory, background_factory), args.train_share)
+        core = (ThreadCore(LLMEngine.from_engine_args(args, hook_factory, background_factory), args.train_share,
+                           args.stream_interval_ms)
                 if in_process else ProcessCore(args, hook_factory, background_factory=background_factory))
         return cls(core, max_queue_len=args.max_queue_len)
 

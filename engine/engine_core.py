@@ -69,14 +69,81 @@ class StepLog:
         self.__init__(self.interval_s)
 
 
+def merge_outputs(older: RequestOutput, newer: RequestOutput) -> RequestOutput:
+    """One delta carrying both (same request, `older` first): texts, tokens and their logprobs joined; the counts,
+    the finish and its reason the newer's; the prompt's logprobs from whichever has them (only a first output)."""
+    logprobs = None if older.logprobs is None and newer.logprobs is None else \
+        [*(older.logprobs or ()), *(newer.logprobs or ())]
+    return RequestOutput(newer.request_id, older.text + newer.text, older.token_ids + newer.token_ids, newer.finished,
+                         newer.num_prompt_tokens, newer.num_output_tokens, logprobs, newer.finish_reason,
+                         newer.stop_reason, older.prompt_logprobs if older.prompt_logprobs is not None
+                         else newer.prompt_logprobs)
+
+
+class OutputCoalescer:
+    """Streams each request's deltas at most once per `interval_s` (`--stream-interval-ms`): a delta that comes
+    sooner after the request's last delivered one is held and merged with the next. A request's first output (its
+    time to first token) and its last (finished) go out at once; `due()` releases what has waited its interval even
+    when no new delta comes (a request held back by others' prefill). At batch 1 every streamed delta costs the HTTP
+    process a wake-up, a pipe message, a JSON chunk and a socket write (~0.3-0.4 ms of CPU here, taken from the
+    engine's cores on a small machine); a few tokens per delta cost it the same once. Time per output token and the
+    tokens themselves are unchanged; tokens arrive in small groups instead of one by one. 0: every delta at once."""
+
+    def __init__(self, interval_s: float) -> None:
+        if interval_s < 0:
+            raise ValueError(f"the stream interval must be >= 0; got {interval_s}")
+        self.interval_s = interval_s
+        self._held: dict[str, RequestOutput] = {}
+        self._last: dict[str, float] = {}  # request id -> when its last delta went out (running requests only)
+
+    def __len__(self) -> int:
+        return len(self._held)
+
+    def add(self, outputs: list[RequestOutput], now: float) -> list[RequestOutput]:
+        """The outputs to deliver now, in order; the rest are held."""
+        if self.interval_s <= 0 and not self._held:
+            return outputs
+        ready = []
+        for out in outputs:
+            held = self._held.pop(out.request_id, None)
+            if held is not None:
+                out = merge_outputs(held, out)
+            last = self._last.get(out.request_id)
+            if out.finished:
+                self._last.pop(out.request_id, None)
+                ready.append(out)
+            elif last is None or now - last >= self.interval_s:
+                self._last[out.request_id] = now
+                ready.append(out)
+            else:
+                self._held[out.request_id] = out
+        return ready
+
+    def due(self, now: float) -> list[RequestOutput]:
+        """Held deltas whose interval has passed."""
+        ready = [out for rid, out in self._held.items() if now - self._last[rid] >= self.interval_s]
+        for out in ready:
+            del self._held[out.request_id]
+            self._last[out.request_id] = now
+        return ready
+
+    def release_all(self) -> list[RequestOutput]:
+        """Everything held (the engine has nothing left to run: nothing would follow them)."""
+        ready, self._held = list(self._held.values()), {}
+        self._last.clear()
+        return ready
+
+
 class EngineLoop:
     """Owns an LLMEngine; `run()` steps it until `stop()`, draining adds, aborts and control calls
     (adapter registration) between steps, so they never race a forward pass."""
 
-    def __init__(self, engine: LLMEngine, reply: Reply | None = None, train_share: float = 0.25) -> None:
+    def __init__(self, engine: LLMEngine, reply: Reply | None = None, train_share: float = 0.25,
+                 stream_interval_s: float = 0.0) -> None:
         self.engine = engine
         self.reply = reply
         self.policy = SharePolicy(train_share)
+        self.coalescer = OutputCoalescer(stream_interval_s)
         self.step_log = StepLog()
         self._inbox: collections.deque = collections.deque()  # ("add", args) | ("abort", id) | ("call", args)
         self._wakeup = threading.Event()
@@ -166,6 +233,10 @@ class EngineLoop:
                     self.policy.record(background_s=slice_s)
                     self.step_log.record_background(slice_s, self.policy.background_fraction)
             now = time.monotonic()
+            outputs = self.coalescer.add(outputs, now)
+            if len(self.coalescer):
+                outputs.extend(self.coalescer.due(now) if self.engine.has_unfinished_requests()
+                               else self.coalescer.release_all())
             if outputs or (self.training_s and now - self._last_emit > 1.0):
                 # stats with every output that ends a request (aborts too, so free-block counts are current), every
                 # STATS_INTERVAL_S while tokens stream (None between: the receiver keeps the last; building and
@@ -184,8 +255,9 @@ class EngineLoop:
 class ThreadCore:
     """The loop in a background thread of this process (tests, embedding, notebooks)."""
 
-    def __init__(self, engine: LLMEngine, train_share: float = 0.25) -> None:
-        self.loop = EngineLoop(engine, reply=self._reply, train_share=train_share)
+    def __init__(self, engine: LLMEngine, train_share: float = 0.25, stream_interval_ms: float = 0.0) -> None:
+        self.loop = EngineLoop(engine, reply=self._reply, train_share=train_share,
+                               stream_interval_s=stream_interval_ms / 1000)
         self._calls = _PendingCalls()
         self.tokenizer = engine.tokenizer
         self.model_config = engine.model_config
@@ -273,7 +345,7 @@ def _process_main(args: EngineArgs, inbox: Any, outbox: Any, log_level: int, hoo
                            "max_num_seqs": engine.scheduler.scheduler_config.max_num_seqs,
                            "stats": engine.stats()}))
     loop = EngineLoop(engine, reply=lambda call_id, ok, result: outbox.send(("reply", call_id, ok, result)),
-                      train_share=args.train_share)
+                      train_share=args.train_share, stream_interval_s=args.stream_interval_ms / 1000)
 
     def poll(timeout_s: float) -> None:
         while inbox.poll(timeout_s):

@@ -31,7 +31,7 @@ import httpx
 sys.path.insert(0, str(Path(__file__).parent))
 from prompts import PROMPTS  # noqa: E402
 from side_by_side import Served  # noqa: E402
-from sse_client import run_concurrently, token_stamps  # noqa: E402
+from sse_client import run_concurrently, time_per_token, timed_stream  # noqa: E402
 
 
 def cpu_seconds(pid: int) -> float:
@@ -40,10 +40,10 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-async def httpx_stream(client: httpx.AsyncClient, url: str, model: str, prompt: str, max_tokens: int) -> list[float]:
+async def httpx_stream(client: httpx.AsyncClient, url: str, model: str, prompt: str, max_tokens: int) -> float:
     body = {"model": model, "stream": True, "max_tokens": max_tokens, "temperature": 0.0, "ignore_eos": True,
-            "messages": [{"role": "user", "content": prompt}]}
-    stamps = []
+            "stream_options": {"include_usage": True}, "messages": [{"role": "user", "content": prompt}]}
+    stamps, tokens = [], None
     async with client.stream("POST", f"{url}/v1/chat/completions", json=body) as resp:
         resp.raise_for_status()
         async for line in resp.aiter_lines():
@@ -51,15 +51,17 @@ async def httpx_stream(client: httpx.AsyncClient, url: str, model: str, prompt: 
                 chunk = json.loads(line[6:])
                 if chunk.get("choices") and chunk["choices"][0]["delta"].get("content"):
                     stamps.append(time.perf_counter())
-    return stamps
+                if chunk.get("usage"):
+                    tokens = chunk["usage"]["completion_tokens"]
+    return time_per_token(stamps, tokens)
 
 
-async def httpx_load(url: str, model: str, prompts: list[list[str]], max_tokens: int) -> list[list[float]]:
+async def httpx_load(url: str, model: str, prompts: list[list[str]], max_tokens: int) -> list[float]:
     async with httpx.AsyncClient(timeout=600) as client:
-        async def stream(texts: list[str]) -> list[list[float]]:
+        async def stream(texts: list[str]) -> list[float]:
             return [await httpx_stream(client, url, model, t, max_tokens) for t in texts]
         results = await asyncio.gather(*(stream(texts) for texts in prompts))
-    return [s for r in results for s in r]
+    return [t for r in results for t in r]
 
 
 def http_load(url: str, model: str, concurrency: int, per_stream: int, max_tokens: int, client: str) -> list[float]:
@@ -67,14 +69,13 @@ def http_load(url: str, model: str, concurrency: int, per_stream: int, max_token
     prompts = [[f"{PROMPTS[(i * per_stream + j) % len(PROMPTS)]} ({i}.{j})" for j in range(per_stream)]
                for i in range(concurrency)]
     if client == "httpx":
-        runs = asyncio.run(httpx_load(url, model, prompts, max_tokens))
-    else:
-        def stream(texts: list[str]) -> list[list[float]]:
-            return [token_stamps(url, "/v1/chat/completions", {
-                "model": model, "stream": True, "max_tokens": max_tokens, "temperature": 0.0, "ignore_eos": True,
-                "messages": [{"role": "user", "content": t}]}) for t in texts]
-        runs = [s for r in run_concurrently([lambda texts=texts: stream(texts) for texts in prompts]) for s in r]
-    return [(s[-1] - s[0]) / max(1, len(s) - 1) for s in runs]
+        return asyncio.run(httpx_load(url, model, prompts, max_tokens))
+
+    def stream(texts: list[str]) -> list[float]:
+        return [time_per_token(*timed_stream(url, "/v1/chat/completions", {
+            "model": model, "stream": True, "max_tokens": max_tokens, "temperature": 0.0, "ignore_eos": True,
+            "stream_options": {"include_usage": True}, "messages": [{"role": "user", "content": t}]})) for t in texts]
+    return [t for r in run_concurrently([lambda texts=texts: stream(texts) for texts in prompts]) for t in r]
 
 
 def engine_load(engine, prompts_of, adapter, concurrency: int, per_stream: int, max_tokens: int) -> list[float]:

@@ -35,7 +35,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_serving import run_target
 from side_by_side import Served
-from sse_client import token_stamps
+from sse_client import time_per_token, timed_stream
 
 PEER_SCRIPT = Path(__file__).resolve().parents[3] / "shared" / "peers" / "llama-cpp.sh"
 PROMPT = ("Rewrite the following paragraph in plain English, keeping every fact: The committee, having considered "
@@ -47,13 +47,15 @@ PEER_LABEL = {"f32": "F32", "bf16": "BF16", "8bit": "Q8_0", "4bit": "Q4_0"}
 
 def one_completion(url: str, model: str, tokens: int, extra: dict | None = None) -> float:
     """Decode tokens/s of one streamed greedy completion: tokens after the first over the time after the first,
-    read with sse_client.py's lean client (the same for both servers; it shares the two cores with them)."""
+    read with sse_client.py's lean client (the same for both servers; it shares the two cores with them). The token
+    count is the server's usage where it sends one (an event may carry several tokens: `--stream-interval-ms`), the
+    events' count otherwise."""
     body = {"model": model, "prompt": PROMPT, "max_tokens": tokens, "temperature": 0.0, "stream": True,
-            "ignore_eos": True, **(extra or {})}
-    stamps = token_stamps(url, "/v1/completions", body)
+            "ignore_eos": True, "stream_options": {"include_usage": True}, **(extra or {})}
+    stamps, count = timed_stream(url, "/v1/completions", body)
     if len(stamps) < 2:
         raise RuntimeError(f"{url}: {len(stamps)} streamed chunks")
-    return (len(stamps) - 1) / (stamps[-1] - stamps[0])
+    return 1.0 / time_per_token(stamps, count)
 
 
 def ensure_peer(llama_dir: Path) -> None:

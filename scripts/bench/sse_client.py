@@ -89,12 +89,30 @@ def stream_events(url: str, path: str, body: dict, timeout: float = 600.0) -> It
 def token_stamps(url: str, path: str, body: dict, timeout: float = 600.0) -> list[float]:
     """Receipt times of the streamed events whose first choice carries text ("text" on /v1/completions, "content"
     inside "delta" on /v1/chat/completions)."""
+    return timed_stream(url, path, body, timeout)[0]
+
+
+def timed_stream(url: str, path: str, body: dict, timeout: float = 600.0) -> tuple[list[float], int | None]:
+    """token_stamps' receipt times, and the completion's token count from the usage the server sent, if it did (ask
+    with `"stream_options": {"include_usage": true}`): an event may carry several tokens (`--stream-interval-ms`)."""
     stamps: list[float] = []
+    tokens = None
     for now, event in stream_events(url, path, body, timeout):
-        choices = json.loads(event).get("choices")
+        parsed = json.loads(event)
+        choices = parsed.get("choices")
         if choices and (choices[0].get("text") or (choices[0].get("delta") or {}).get("content")):
             stamps.append(now)
-    return stamps
+        if parsed.get("usage"):
+            tokens = parsed["usage"].get("completion_tokens", tokens)
+    return stamps, tokens
+
+
+def time_per_token(stamps: list[float], tokens: int | None) -> float:
+    """Seconds per output token after the first: the time from the first text event to the last over the tokens
+    after the first (the first event carries one token: the prefill's), or over the events after the first when
+    the server sent no token count."""
+    after_first = (tokens if tokens is not None else len(stamps)) - 1
+    return (stamps[-1] - stamps[0]) / max(1, after_first)
 
 
 def run_concurrently(calls: list, workers: int | None = None) -> list:

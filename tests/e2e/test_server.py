@@ -47,19 +47,22 @@ def test_chat_streamed_matches_non_streamed(client):
 
 
 def test_the_benchmarks_lean_stream_client_reads_what_the_openai_client_reads(server, client):
-    """scripts/bench/sse_client.py (the latency benchmarks' client): the same text, token by token, as the official
-    client's non-streamed answer, chunked framing taken apart; an error status raised, not read as an empty stream."""
+    """scripts/bench/sse_client.py (the latency benchmarks' client): the same text as the official client's
+    non-streamed answer, chunked framing taken apart, the token count from the usage event (an event may carry
+    several tokens: --stream-interval-ms); an error status raised, not read as an empty stream."""
     sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "scripts" / "bench"))
-    from sse_client import HTTPStatusError, run_concurrently, stream_events, token_stamps
+    from sse_client import HTTPStatusError, run_concurrently, stream_events, time_per_token, timed_stream, token_stamps
     body = {"model": "smol", "prompt": "The capital of France is", "max_tokens": 12, "temperature": 0,
-            "ignore_eos": True, "stream": True}
+            "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
     full = client.completions.create(model="smol", prompt=body["prompt"], max_tokens=12, temperature=0,
                                      extra_body={"ignore_eos": True})
     events = [json.loads(e) for _, e in stream_events(server.base_url, "/v1/completions", body)]
     assert "".join(c["choices"][0]["text"] for c in events if c["choices"]) == full.choices[0].text
-    stamps = run_concurrently([lambda: token_stamps(server.base_url, "/v1/completions", body)] * 2)
-    for s in stamps:  # one event per token with text, in order
-        assert len(s) == sum(1 for c in events if c["choices"] and c["choices"][0]["text"]) and s == sorted(s)
+    assert events[-1]["usage"]["completion_tokens"] == 12
+    timed = run_concurrently([lambda: timed_stream(server.base_url, "/v1/completions", body)] * 2)
+    for stamps, tokens in timed:  # at most one event per token, in order; the count from the usage
+        assert tokens == 12 and 2 <= len(stamps) <= 12 and stamps == sorted(stamps)
+        assert time_per_token(stamps, tokens) == (stamps[-1] - stamps[0]) / 11 > 0
     chat = token_stamps(server.base_url, "/v1/chat/completions", {
         "model": "smol", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 5, "stream": True,
         "ignore_eos": True, "temperature": 0})
