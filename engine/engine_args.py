@@ -39,7 +39,7 @@ class EngineArgs:
     enable_prefix_caching: bool = True
     enable_chunked_prefill: bool = True
     max_queue_len: int = 256  # waiting requests beyond this get 429
-    stream_interval_ms: float = 10.0  # a request's deltas go out at most this often (engine_core.OutputCoalescer)
+    stream_interval_ms: float = 20.0  # a request's deltas go out at most this often (engine_core.OutputCoalescer)
     seed: int = 0
     num_threads: int | None = None  # torch intra-op threads on CPU; None: all cores
     cpu_weight_prepack: bool = True  # CPU: swap nn.Linear for oneDNN-prepacked PackedLinear
@@ -175,10 +175,10 @@ def add_engine_args(p: argparse.ArgumentParser) -> dict[str, argparse._ArgumentG
                         "decode, <2%% perplexity); 'none' keeps exact weight-only products in float32")
     p.add_argument("--max-queue-len", type=int, default=256,
                    help="waiting requests beyond this get 429 with Retry-After")
-    p.add_argument("--stream-interval-ms", type=float, default=10.0,
+    p.add_argument("--stream-interval-ms", type=float, default=20.0,
                    help="send each request's new tokens at most this often: a few per event when steps are faster "
                         "(the first and the last at once; the tokens and the time per token are unchanged, the "
-                        "server's CPU per token falls 2-3x); 0: every step's tokens on their own (default: 10)")
+                        "server's CPU per token falls 2-3x); 0: every step's tokens on their own (default: 20)")
     p.add_argument("--seed", type=int, default=0)
     lora = p.add_argument_group("LoRA adapters")
     lora.add_argument("--enable-lora", action=argparse.BooleanOptionalAction, default=True,

@@ -63,7 +63,7 @@ def test_the_flag_reaches_the_engine_args_and_is_bounded():
     ap = argparse.ArgumentParser()
     add_engine_args(ap)
     assert engine_args_from(ap.parse_args(["--stream-interval-ms", "25"])).stream_interval_ms == 25.0
-    assert engine_args_from(ap.parse_args([])).stream_interval_ms == 10.0
+    assert engine_args_from(ap.parse_args([])).stream_interval_ms == 20.0
     for bad in (-1, 5000):
         with pytest.raises(ValueError, match="stream-interval-ms"):
             EngineArgs(stream_interval_ms=bad)
