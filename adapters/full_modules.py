@@ -146,6 +146,11 @@ class AdapterHead(nn.Module):
     def weight(self) -> torch.Tensor:
         return self.base.weight
 
+    def serves_base_only(self, rows: torch.Tensor | None = None) -> bool:
+        """Whether forward(hidden, rows) computes every row with the base head (no adapter with its own head in it)."""
+        step = self.state.full
+        return step is None or step.head is None or rows is None or bool((step.head.index_select(0, rows) < 0).all())
+
     def forward(self, hidden: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
         step = self.state.full
         if step is None or step.head is None or rows is None:

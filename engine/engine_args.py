@@ -47,6 +47,7 @@ class EngineArgs:
     cpu_linear: str = "auto"  # CPU base linears: auto | stream (weight-streaming kernel) | onednn (see llm_engine)
     cpu_huge_pages: bool = True  # CPU: weights and KV cache on transparent huge pages (engine/hugepages.py)
     activation_quant: str = "int8"  # streamed 8/4-bit weights: int8 (integer dot products) | none (exact weight-only)
+    screened_greedy_head: bool = True  # CPU streaming head: plain-greedy steps screen an 8-bit copy (engine/layers/greedy_head.py)
     batch_invariant: bool = True  # CPU prepack: a request's greedy output never depends on its batch (~10% batch-1)
     quantization: str = "none"  # none | nf4 | int8 (bitsandbytes, at load) | gptq | exl2 (from the checkpoint)
     double_quant: bool = True  # nf4: QLoRA's double quantization of the absmax statistics
@@ -173,6 +174,11 @@ def add_engine_args(p: argparse.ArgumentParser) -> dict[str, argparse._ArgumentG
                    help="streamed 8/4-bit (GPTQ) weights on CPU: 'int8' rounds each row of activations to int8 per "
                         "32 channels and multiplies with integer dot products, as llama.cpp does (~3x faster "
                         "decode, <2%% perplexity); 'none' keeps exact weight-only products in float32")
+    p.add_argument("--screened-greedy-head", action=argparse.BooleanOptionalAction, default=True,
+                   help="CPU, streaming float32/bfloat16 head: steps whose rows are all plain greedy find the argmax "
+                        "through an 8-bit copy of the head and compute only the rows that can still win exactly "
+                        "(the same tokens; the head 1.4-3x faster at 1-16 rows, for a quarter of its float32 bytes "
+                        "more memory)")
     p.add_argument("--max-queue-len", type=int, default=256,
                    help="waiting requests beyond this get 429 with Retry-After")
     p.add_argument("--stream-interval-ms", type=float, default=20.0,
@@ -252,7 +258,7 @@ def engine_args_from(ns: argparse.Namespace) -> EngineArgs:
         enable_prefix_caching=ns.enable_prefix_caching, max_queue_len=ns.max_queue_len, seed=ns.seed,
         stream_interval_ms=ns.stream_interval_ms,
         batch_invariant=ns.batch_invariant, cpu_linear=ns.cpu_linear, cpu_huge_pages=ns.cpu_huge_pages,
-        activation_quant=ns.activation_quant,
+        activation_quant=ns.activation_quant, screened_greedy_head=ns.screened_greedy_head,
         speculative_config=ns.speculative_config,
         enable_lora=ns.enable_lora, max_loras=ns.max_loras, max_lora_rank=ns.max_lora_rank,
         max_cpu_loras=ns.max_cpu_loras, lora_pool_pages=ns.lora_pool_pages, lora_pool_bytes=ns.lora_pool_bytes,

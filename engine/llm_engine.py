@@ -32,6 +32,7 @@ from loraplex.engine.kernels.cpu_linear import (
     prepack_linears,
     rows_are_batch_invariant,
 )
+from loraplex.engine.layers.greedy_head import ScreenedGreedyHead
 from loraplex.engine.model_runner import ModelRunner
 from loraplex.engine.quant import (
     BNB_METHODS,
@@ -163,6 +164,10 @@ class LLMEngine:
         runner = ModelRunner(model, model_config, cache_config, device, dtype, max_model_len, kv_dtype)
         if args.cpu_huge_pages and device.type == "cpu":
             move_to_huge_pages_tensors([t for c in runner.kv_caches for t in (c.k, c.v)], "KV cache", zeros=True)
+        if args.screened_greedy_head and ScreenedGreedyHead.supports(model.lm_head):
+            runner.greedy_head = ScreenedGreedyHead(model.lm_head)
+            if args.cpu_huge_pages:
+                move_to_huge_pages_tensors([runner.greedy_head.screen.weight], "greedy head screening codes")
         scheduler_config = SchedulerConfig(
             max_num_seqs=args.max_num_seqs,
             max_num_batched_tokens=args.max_num_batched_tokens or max(1024, args.max_num_seqs),

@@ -10,8 +10,12 @@ from loraplex.engine.core.config import CacheConfig, ModelConfig
 from loraplex.engine.kernels import cpu_kernels
 from loraplex.engine.layers.attention import allocate_kv_caches, build_forward_batch
 from loraplex.engine.layers.forward_batch import ForwardBatch
+from loraplex.engine.layers.greedy_head import MAX_ROWS as SCREENED_HEAD_MAX_ROWS
+from loraplex.engine.layers.greedy_head import ScreenedGreedyHead
 from loraplex.engine.layers.sampler import (
     Sampler,
+    SamplerOutput,
+    SamplingMetadata,
     greedy,
     prompt_token_logprobs,
 )
@@ -86,6 +90,7 @@ class ModelRunner:
         self.sampler = Sampler()
         self.adapter_hook = None  # AdapterHook: sets each step's per-row adapter metadata
         self.structured_output = None  # StructuredOutputManager: each step's token bitmask, once a request needs one
+        self.greedy_head: ScreenedGreedyHead | None = None  # plain-greedy steps' tokens without the full logits
 
     # ---- batch building -------------------------------------------------------------------
     def build_batch(self, scheduled, prompt_rows: PromptLogprobRows | None = None) -> ForwardBatch:
@@ -130,14 +135,17 @@ class ModelRunner:
         sampling = [s for s in scheduled if s.sample]  # same order as logits_indices
         if not sampling:
             return result
-        logits = self.model.compute_logits(hidden[batch.logits_indices], batch.logits_indices)  # [num_sampled, vocab]
-        if any(s.draft_token_ids for s in sampling):
-            logits, sampling = self._verify_drafts(logits, sampling, result)
-            if not sampling:
-                return result
+        out = self._screened_greedy(hidden, batch, sampling)
+        if out is None:
+            logits = self.model.compute_logits(hidden[batch.logits_indices], batch.logits_indices)  # [num_sampled, vocab]
+            if any(s.draft_token_ids for s in sampling):
+                logits, sampling = self._verify_drafts(logits, sampling, result)
+                if not sampling:
+                    return result
+            requests = [s.request for s in sampling]
+            bitmask = None if self.structured_output is None else self.structured_output.fill_bitmask(requests)
+            out = self.sampler.sample(logits, requests, self.device, bitmask)
         requests = [s.request for s in sampling]
-        bitmask = None if self.structured_output is None else self.structured_output.fill_bitmask(requests)
-        out = self.sampler.sample(logits, requests, self.device, bitmask)
         token_ids = out.sampled_token_ids.tolist()  # the step's one host sync
         if out.logprobs is not None:
             lp_ids, lps = out.logprob_token_ids.tolist(), out.logprobs.tolist()
@@ -149,6 +157,22 @@ class ModelRunner:
             scored = result[req.request_id].prompt_logprobs if req.request_id in result else None
             result[req.request_id] = SampledToken(token_ids[i], lp, scored)
         return result
+
+    def _screened_greedy(self, hidden: torch.Tensor, batch: ForwardBatch, sampling: list) -> SamplerOutput | None:
+        """The step's tokens through the screened head (engine/layers/greedy_head.py) when every sampled row is a plain
+        argmax (SamplingMetadata.plain_greedy, no grammar, no draft) of the base head: the same tokens as the logits
+        would give, for fewer bytes. None: compute the logits."""
+        head = self.greedy_head
+        if head is None or len(sampling) > SCREENED_HEAD_MAX_ROWS or any(s.draft_token_ids for s in sampling):
+            return None
+        requests = [s.request for s in sampling]
+        if not SamplingMetadata.plain_greedy(requests) or (
+                self.structured_output is not None and self.structured_output.constrains(requests)):
+            return None
+        if self.model.output_head(batch.logits_indices) is not head.head:  # an adapter's own head takes some row
+            return None
+        token_ids = head.greedy(hidden[batch.logits_indices])
+        return None if token_ids is None else SamplerOutput(token_ids, None, None)
 
     def _verify_drafts(self, logits: torch.Tensor, sampling: list, result: dict[str, SampledToken]):
         """Greedy tokens for every row of the entries with a draft (into `result`); returns the other entries'

@@ -30,7 +30,8 @@ logger = logging.getLogger(__name__)
 
 SOURCES = [Path(__file__).parent / "csrc" / name for name in ("cpu_attention.cpp", "cpu_attention_backward.cpp",
                                                                       "cpu_ops.cpp", "cpu_lora.cpp",
-                                                                      "cpu_stream_linear.cpp", "cpu_decoder_layer.cpp")]
+                                                                      "cpu_stream_linear.cpp", "cpu_decoder_layer.cpp",
+                                                                      "cpu_greedy_head.cpp")]
 HEADERS = [Path(__file__).parent / "csrc" / name for name in ("cpu_vec.h", "cpu_layer_parts.h")]
 _lock = threading.Lock()
 _state: dict[str, object] = {}  # "ok": bool once tried, "error": str when the build failed

@@ -287,6 +287,14 @@ class LlamaForCausalLM(nn.Module):
         """-> final hidden states [num_tokens, hidden]; select rows before compute_logits."""
         return self.model(batch, kv_caches)
 
+    def output_head(self, rows: torch.Tensor | None = None) -> nn.Module | None:
+        """The module that computes the logits of every one of `rows` (the batch rows compute_logits would get): the
+        base head, or None when an adapter's own head takes some of them."""
+        head = self.lm_head
+        if getattr(head, "takes_rows", False):
+            return head.base if head.serves_base_only(rows) else None
+        return head
+
     def compute_logits(self, hidden: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
         """[n, hidden] -> [n, vocab]. `rows`: the batch rows `hidden` holds, for an output head that differs per row
         (the adapter layer swaps in one with `takes_rows`: adapters with a head of their own)."""

@@ -131,6 +131,10 @@ class StructuredOutputManager:
         return failed
 
     # ---- the step -------------------------------------------------------------------------
+    def constrains(self, requests: list[Request]) -> bool:
+        """Whether any of `requests` follows a grammar (fill_bitmask would return a bitmask)."""
+        return any(r.request_id in self._matchers for r in requests)
+
     def fill_bitmask(self, requests: list[Request]) -> torch.Tensor | None:
         """[len(requests), num_words] int32: bit t of row r allows token t; None when no row is constrained."""
         rows = [(i, self._matchers[r.request_id]) for i, r in enumerate(requests) if r.request_id in self._matchers]
