@@ -14,7 +14,6 @@ from loraplex.engine.layers.greedy_head import MAX_ROWS as SCREENED_HEAD_MAX_ROW
 from loraplex.engine.layers.greedy_head import ScreenedGreedyHead
 from loraplex.engine.layers.sampler import (
     Sampler,
-    SamplerOutput,
     SamplingMetadata,
     greedy,
     prompt_token_logprobs,
@@ -135,17 +134,16 @@ class ModelRunner:
         sampling = [s for s in scheduled if s.sample]  # same order as logits_indices
         if not sampling:
             return result
-        out = self._screened_greedy(hidden, batch, sampling)
-        if out is None:
-            logits = self.model.compute_logits(hidden[batch.logits_indices], batch.logits_indices)  # [num_sampled, vocab]
-            if any(s.draft_token_ids for s in sampling):
-                logits, sampling = self._verify_drafts(logits, sampling, result)
-                if not sampling:
-                    return result
-            requests = [s.request for s in sampling]
-            bitmask = None if self.structured_output is None else self.structured_output.fill_bitmask(requests)
-            out = self.sampler.sample(logits, requests, self.device, bitmask)
+        if self._screened_greedy(hidden, batch, sampling, result):
+            return result
+        logits = self.model.compute_logits(hidden[batch.logits_indices], batch.logits_indices)  # [num_sampled, vocab]
+        if any(s.draft_token_ids for s in sampling):
+            logits, sampling = self._verify_drafts(logits, sampling, result)
+            if not sampling:
+                return result
         requests = [s.request for s in sampling]
+        bitmask = None if self.structured_output is None else self.structured_output.fill_bitmask(requests)
+        out = self.sampler.sample(logits, requests, self.device, bitmask)
         token_ids = out.sampled_token_ids.tolist()  # the step's one host sync
         if out.logprobs is not None:
             lp_ids, lps = out.logprob_token_ids.tolist(), out.logprobs.tolist()
@@ -158,21 +156,37 @@ class ModelRunner:
             result[req.request_id] = SampledToken(token_ids[i], lp, scored)
         return result
 
-    def _screened_greedy(self, hidden: torch.Tensor, batch: ForwardBatch, sampling: list) -> SamplerOutput | None:
-        """The step's tokens through the screened head (engine/layers/greedy_head.py) when every sampled row is a plain
-        argmax (SamplingMetadata.plain_greedy, no grammar, no draft) of the base head: the same tokens as the logits
-        would give, for fewer bytes. None: compute the logits."""
+    def _screened_greedy(self, hidden: torch.Tensor, batch: ForwardBatch, sampling: list,
+                         result: dict[str, SampledToken]) -> bool:
+        """When every sampled row is a plain argmax (SamplingMetadata.plain_greedy, no grammar; a draft's rows are
+        greedy) of the base head: the step's tokens into `result` through the screened head
+        (engine/layers/greedy_head.py), the same tokens as the logits give for fewer bytes, and True. False: compute
+        the logits."""
         head = self.greedy_head
-        if head is None or len(sampling) > SCREENED_HEAD_MAX_ROWS or any(s.draft_token_ids for s in sampling):
-            return None
+        if head is None or len(batch.logits_indices) > SCREENED_HEAD_MAX_ROWS:
+            return False
         requests = [s.request for s in sampling]
         if not SamplingMetadata.plain_greedy(requests) or (
                 self.structured_output is not None and self.structured_output.constrains(requests)):
-            return None
+            return False
         if self.model.output_head(batch.logits_indices) is not head.head:  # an adapter's own head takes some row
-            return None
-        token_ids = head.greedy(hidden[batch.logits_indices])
-        return None if token_ids is None else SamplerOutput(token_ids, None, None)
+            return False
+        token_ids = head.greedy(hidden[batch.logits_indices])  # [num_sampled]: one per row, a draft's rows included
+        if token_ids is None:
+            return False
+        token_ids = token_ids.tolist()  # the step's one host sync
+        row = 0
+        for s in sampling:
+            rid = s.request.request_id
+            if s.draft_token_ids:  # as _verify_drafts: the greedy token after each of its rows
+                ids = token_ids[row:row + s.num_new_tokens]
+                row += s.num_new_tokens
+                result[rid] = SampledToken(ids[0], token_ids=ids)
+                continue
+            scored = result[rid].prompt_logprobs if rid in result else None
+            result[rid] = SampledToken(token_ids[row], None, scored)
+            row += 1
+        return True
 
     def _verify_drafts(self, logits: torch.Tensor, sampling: list, result: dict[str, SampledToken]):
         """Greedy tokens for every row of the entries with a draft (into `result`); returns the other entries'

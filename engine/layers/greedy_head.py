@@ -16,10 +16,13 @@ largest a_u - b_u (less one bfloat16 rounding step when the logits are bfloat16,
 candidate; the dense kernel computes exactly those rows (each output is one float32 dot product in a fixed order, so a
 row's value does not depend on which rows share the call) and the argmax over them, ties to the lowest index, is the
 plain path's token bit for bit. On the default model a row leaves a median of 4 candidates (p90 ~20, max ~200 over 500
-decode positions, scratch measurement), and the whole head costs 1.4-3x less (bench: scripts/bench/greedy_head.py).
+decode positions), and the head costs 2x less at one row in bfloat16, 5x in float32, 1.25x at 256 rows
+(scripts/bench/bench_greedy_head.py).
 
-The plain path (full logits, then `sampler.greedy`) is the reference, and what runs for every other row: sampling,
-penalties, logprobs, grammars, adapters with their own head, non-finite activations.
+The model runner takes it for a step whose sampled rows are all plain greedy (speculative drafts' rows included); the
+plain path (full logits, then `sampler.greedy`) is the reference, and what runs for every other step: sampling,
+penalties, logprobs, grammars, adapters with their own head, non-finite activations. `reference_greedy` is the C++
+call's plain-torch twin.
 """
 from __future__ import annotations
 
@@ -40,7 +43,7 @@ from loraplex.engine.quant.stream import (
 logger = logging.getLogger(__name__)
 
 GROUP = 64  # input channels per 8-bit scale
-MAX_ROWS = 32  # above this the screening's gain is gone (1.24x at 32 rows, 1.01x at 64, bfloat16 default model)
+MAX_ROWS = 256  # faster at every row count measured up to here (bf16 default model: 2x at 1 row, 1.25x at 256)
 # float32 summation error of the dense kernel and of the screening kernel's scale products, each below
 # K * 2^-24 * sum|x_k w_k| <= K * 2^-24 * |x|_1 max|w| (K = 576: 3.4e-5): the margin covers both, for K up to ~800 each
 # and beyond with room (the bound's norms are 10^3-10^4 times larger than this on real heads)

@@ -144,6 +144,24 @@ def test_engine_tokens_are_the_same_with_and_without_the_screened_head(default_m
     assert engines[True].runner.greedy_head.num_rows >= 16 + 4 * 15  # alone and together went through it
 
 
+def test_speculative_rows_take_the_screened_head_with_the_same_tokens(default_model_dir):
+    """Prompt-lookup drafts: every row of a draft is a greedy row; through the screen they verify to the tokens plain
+    greedy decoding without it gives."""
+    def engine(**kw):
+        return LLMEngine.from_engine_args(EngineArgs(model=str(default_model_dir), dtype="bfloat16", max_model_len=256,
+                                                     max_num_seqs=4, enable_lora=False, num_gpu_blocks_override=128,
+                                                     **kw))
+    spec = engine(speculative_config={"method": "ngram", "num_speculative_tokens": 4})
+    plain = engine(screened_greedy_head=False)
+    text = "Repeat exactly: the quick brown fox jumps over the lazy dog. the quick brown fox jumps over the lazy dog."
+    params = SamplingParams(max_tokens=32, temperature=0.0, ignore_eos=True)
+    requests = {"a": (spec.tokenizer(text)["input_ids"], params), "b": (spec.tokenizer("def add(a, b):")["input_ids"], params)}
+    got = run(spec, requests)
+    assert spec.scheduler.num_accepted_tokens > 0
+    assert spec.runner.greedy_head.num_rows > sum(map(len, got.values()))  # the drafts' rows went through it
+    assert got == run(plain, requests)
+
+
 def run(engine, requests) -> dict[str, list[int]]:
     for rid, (ids, params) in requests.items():
         engine.add_request(rid, ids, params)
