@@ -139,3 +139,33 @@ def test_greedy_alone_equals_busy_batch_with_few_module_slots(tmp_path, default_
     kv = engine.scheduler.kv_cache_manager
     assert kv.num_free_blocks == kv.num_total_blocks and not hook._pinned and not hook._slot_pinned
     assert all(hook.module_slots.pin_count(k) == 0 for k in hook.module_slots.resident)
+
+
+def test_own_heads_bypass_the_screened_greedy_head(tmp_path, default_model_dir):
+    """With the streaming head screened for plain-greedy steps (engine/layers/greedy_head.py), a step with a row of an
+    adapter with its own head computes the logits: every adapter's greedy tokens, alone and mixed, as with it off."""
+    import shutil
+
+    from tests.adapters.test_lora_engine import GREEDY, lora_engine, prompt, run
+    _, _, config, folders = build(tmp_path, tied=True)
+    for f in default_model_dir.iterdir():
+        if f.name.startswith(("tokenizer", "special_tokens", "vocab", "merges")):
+            shutil.copy(f, tmp_path / "base" / f.name)
+    keys = [None] + [(adapter_id, 1) for adapter_id, _ in ADAPTERS.values()]
+
+    def ids(i):
+        return [t % config.vocab_size for t in prompt(i)]
+    outputs = {}
+    for on in (True, False):
+        engine = lora_engine(tmp_path / "base", cpu_linear="stream", max_num_seqs=8, max_lora_rank=8,
+                             lora_pool_pages=8 * 8 + 1, screened_greedy_head=on)
+        assert (engine.runner.greedy_head is not None) == on
+        for name, (adapter_id, _) in ADAPTERS.items():
+            engine.adapter_hook.register_adapter(name, adapter_id, 1, str(folders[name]))
+        alone = {f"{k}": run(engine, {"x": (ids(0), GREEDY, k)})["x"] for k in keys}
+        mixed = run(engine, {f"{k}": (ids(0), GREEDY, k) for k in keys})
+        assert mixed == alone
+        outputs[on] = alone
+        if on:  # base and plain-LoRA rows alone took it
+            assert engine.runner.greedy_head.num_rows > 0
+    assert outputs[True] == outputs[False]

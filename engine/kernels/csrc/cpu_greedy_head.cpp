@@ -68,7 +68,8 @@ at::Tensor screened_greedy(const at::Tensor& x, const at::Tensor& weight, const 
                            const at::Tensor& scales, const at::Tensor& zeros, int64_t kind, int64_t group,
                            const at::Tensor& norms, double max_abs_weight, double summation_margin, double norm_slack,
                            double bf16_tie) {
-  TORCH_CHECK(x.device().is_cpu() && x.dim() == 2 && (x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16),
+  TORCH_CHECK(x.device().is_cpu() && x.dim() == 2 &&
+                  (x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16),
               "screened_greedy: x [M, K] float32 or bfloat16 on the CPU expected");
   TORCH_CHECK(weight.dim() == 2 && weight.is_contiguous() && weight.size(1) == x.size(1) &&
                   (weight.scalar_type() == at::kFloat || weight.scalar_type() == at::kBFloat16),
@@ -106,26 +107,34 @@ at::Tensor screened_greedy(const at::Tensor& x, const at::Tensor& weight, const 
   const float* n1 = n0 + V;
   const int64_t chunks = (V + kVocabChunk - 1) / kVocabChunk;
 
+  // row m's bound at vocabulary row v (c0 |w - w^|_2 + c1 |w^|_2 + margin), alone or 16 rows at a time
+  auto bound1 = [&](int64_t m, int64_t v) { return c0[m] * n0[v] + c1[m] * n1[v] + margin[m]; };
+  auto bound16 = [&](int64_t m, int64_t v) {
+    return splat(c0[m]) * load16(n0 + v) + splat(c1[m]) * load16(n1 + v) + splat(margin[m]);
+  };
+  // fn(chunk, m, v0, v1) for every chunk [v0, v1) of the vocabulary and every row m of x, the chunks split between
+  // the threads
+  auto each_chunk = [&](auto&& fn) {
+    at::parallel_for(0, chunks, 1, [&](int64_t first, int64_t last) {
+      for (int64_t c = first; c < last; ++c)
+        for (int64_t m = 0; m < M; ++m) fn(c, m, c * kVocabChunk, std::min(V, (c + 1) * kVocabChunk));
+    });
+  };
+
   // pass 1: per row, the largest a - bound (no exact logit's maximum is below it), chunk by chunk
   std::vector<float> chunk_floor(chunks * M);
-  at::parallel_for(0, chunks, 1, [&](int64_t first, int64_t last) {
-    for (int64_t c = first; c < last; ++c) {
-      const int64_t v0 = c * kVocabChunk, v1 = std::min(V, v0 + kVocabChunk);
-      for (int64_t m = 0; m < M; ++m) {
-        const float* am = a + m * V;
-        const v16f x0 = splat(c0[m]), x1 = splat(c1[m]), mg = splat(margin[m]);
-        v16f best = splat(-std::numeric_limits<float>::infinity());
-        int64_t v = v0;
-        for (; v + 16 <= v1; v += 16) {
-          const v16f lo = load16(am + v) - (x0 * load16(n0 + v) + x1 * load16(n1 + v) + mg);
-          best = best > lo ? best : lo;
-        }
-        float b = -std::numeric_limits<float>::infinity();
-        for (int l = 0; l < 16; ++l) b = std::max(b, best[l]);
-        for (; v < v1; ++v) b = std::max(b, am[v] - (c0[m] * n0[v] + c1[m] * n1[v] + margin[m]));
-        chunk_floor[c * M + m] = b;
-      }
+  each_chunk([&](int64_t c, int64_t m, int64_t v0, int64_t v1) {
+    const float* am = a + m * V;
+    v16f best = splat(-std::numeric_limits<float>::infinity());
+    int64_t v = v0;
+    for (; v + 16 <= v1; v += 16) {
+      const v16f lo = load16(am + v) - bound16(m, v);
+      best = best > lo ? best : lo;
     }
+    float b = -std::numeric_limits<float>::infinity();
+    for (int l = 0; l < 16; ++l) b = std::max(b, best[l]);
+    for (; v < v1; ++v) b = std::max(b, am[v] - bound1(m, v));
+    chunk_floor[c * M + m] = b;
   });
   std::vector<float> floor(M, -std::numeric_limits<float>::infinity());
   for (int64_t c = 0; c < chunks; ++c)
@@ -135,23 +144,17 @@ at::Tensor screened_greedy(const at::Tensor& x, const at::Tensor& weight, const 
 
   // pass 2: the rows some row's exact logit may reach its floor from (few: listed per chunk, then merged)
   std::vector<std::vector<int64_t>> found(chunks);
-  at::parallel_for(0, chunks, 1, [&](int64_t first, int64_t last) {
-    for (int64_t c = first; c < last; ++c) {
-      const int64_t v0 = c * kVocabChunk, v1 = std::min(V, v0 + kVocabChunk);
-      for (int64_t m = 0; m < M; ++m) {
-        const float* am = a + m * V;
-        const v16f x0 = splat(c0[m]), x1 = splat(c1[m]), mg = splat(margin[m]);
-        int64_t v = v0;
-        for (; v + 16 <= v1; v += 16) {
-          const v16f hi = load16(am + v) + (x0 * load16(n0 + v) + x1 * load16(n1 + v) + mg);
-          if (!any_reaches(hi, floor[m])) continue;
-          for (int l = 0; l < 16; ++l)
-            if (hi[l] >= floor[m]) found[c].push_back(v + l);
-        }
-        for (; v < v1; ++v)
-          if (am[v] + (c0[m] * n0[v] + c1[m] * n1[v] + margin[m]) >= floor[m]) found[c].push_back(v);
-      }
+  each_chunk([&](int64_t c, int64_t m, int64_t v0, int64_t v1) {
+    const float* am = a + m * V;
+    int64_t v = v0;
+    for (; v + 16 <= v1; v += 16) {
+      const v16f hi = load16(am + v) + bound16(m, v);
+      if (!any_reaches(hi, floor[m])) continue;
+      for (int l = 0; l < 16; ++l)
+        if (hi[l] >= floor[m]) found[c].push_back(v + l);
     }
+    for (; v < v1; ++v)
+      if (am[v] + bound1(m, v) >= floor[m]) found[c].push_back(v);
   });
   std::vector<int64_t> rows;
   for (auto& part : found) {  // chunks in order; within a chunk, rows of several x rows interleave

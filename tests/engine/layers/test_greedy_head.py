@@ -14,6 +14,7 @@ from loraplex.engine.layers.greedy_head import ScreenedGreedyHead, quantize_head
 from loraplex.engine.layers.sampler import greedy
 from loraplex.engine.llm_engine import LLMEngine
 from loraplex.engine.quant.stream import StreamLinear, dequantize_codes
+from tests.engine.test_engine import run_all
 
 pytestmark = pytest.mark.skipif(not cpu_kernels.available(), reason="CPU kernels unavailable")
 DTYPES = [torch.float32, torch.bfloat16]
@@ -57,7 +58,8 @@ def test_ties_go_to_the_lowest_index_as_the_plain_argmax(dtype):
         w[row] = w[700]
         w[row, i] = torch.nextafter(w[700, i].float(), torch.tensor(1.0)).to(dtype)
     screen = ScreenedGreedyHead(head)  # built after the edits: its copy is of this weight
-    x = torch.cat([w[700:701].float() * 40, activations(3, 128, torch.float32)]).to(dtype)  # row 0: 700 and its ties win
+    # row 0 points at row 700: it and its ties win
+    x = torch.cat([w[700:701].float() * 40, activations(3, 128, torch.float32)]).to(dtype)
     want = greedy(head(x))
     assert want[0].item() in (200, 300)
     assert torch.equal(screen.greedy(x), want)
@@ -130,14 +132,15 @@ def test_engine_tokens_are_the_same_with_and_without_the_screened_head(default_m
     assert engines[False].runner.greedy_head is None
     prompts = ["The capital of France is", "def fibonacci(n):", "List three colours:", "Water boils at"]
     greedy_params = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)
-    others = [SamplingParams(max_tokens=12, temperature=0.8, seed=3), SamplingParams(max_tokens=12, temperature=0.0, logprobs=2),
+    others = [SamplingParams(max_tokens=12, temperature=0.8, seed=3),
+              SamplingParams(max_tokens=12, temperature=0.0, logprobs=2),
               SamplingParams(max_tokens=12, temperature=0.0, logit_bias=((13, 5.0),))]
     out = {}
     for on, eng in engines.items():
         ids = [eng.tokenizer(p)["input_ids"] for p in prompts]
-        alone = run(eng, {"alone": (ids[0], greedy_params)})
-        together = run(eng, {f"g{i}": (p, greedy_params) for i, p in enumerate(ids)})
-        mixed = run(eng, {"g": (ids[0], greedy_params)} | {f"o{i}": (ids[i + 1], p) for i, p in enumerate(others)})
+        alone = run_all(eng, {"alone": (ids[0], greedy_params)})
+        together = run_all(eng, {f"g{i}": (p, greedy_params) for i, p in enumerate(ids)})
+        mixed = run_all(eng, {"g": (ids[0], greedy_params)} | {f"o{i}": (ids[i + 1], p) for i, p in enumerate(others)})
         out[on] = (alone, together, mixed)
         assert alone["alone"] == together["g0"] == mixed["g"]
     assert out[True] == out[False]
@@ -155,18 +158,10 @@ def test_speculative_rows_take_the_screened_head_with_the_same_tokens(default_mo
     plain = engine(screened_greedy_head=False)
     text = "Repeat exactly: the quick brown fox jumps over the lazy dog. the quick brown fox jumps over the lazy dog."
     params = SamplingParams(max_tokens=32, temperature=0.0, ignore_eos=True)
-    requests = {"a": (spec.tokenizer(text)["input_ids"], params), "b": (spec.tokenizer("def add(a, b):")["input_ids"], params)}
-    got = run(spec, requests)
+    requests = {"a": (spec.tokenizer(text)["input_ids"], params),
+                "b": (spec.tokenizer("def add(a, b):")["input_ids"], params)}
+    got = run_all(spec, requests)
     assert spec.scheduler.num_accepted_tokens > 0
     assert spec.runner.greedy_head.num_rows > sum(map(len, got.values()))  # the drafts' rows went through it
-    assert got == run(plain, requests)
+    assert got == run_all(plain, requests)
 
-
-def run(engine, requests) -> dict[str, list[int]]:
-    for rid, (ids, params) in requests.items():
-        engine.add_request(rid, ids, params)
-    tokens: dict[str, list[int]] = {rid: [] for rid in requests}
-    while engine.has_unfinished_requests():
-        for o in engine.step():
-            tokens[o.request_id].extend(o.token_ids)
-    return tokens
