@@ -4,7 +4,7 @@ the few rows that can still win exactly.
 A plain-greedy row needs only the argmax of its logits, and at small batch the head (vocab x hidden, the largest
 matrix of a small model) is bound by the bytes it reads: 1.9 ms of a ~11 ms bfloat16 batch-1 step of the default model,
 3.6 ms of float32's ~18. `ScreenedGreedyHead` keeps a copy of the head as 8-bit codes (per group of 64 input channels,
-min/max round-to-nearest: a quarter of float32's bytes, half of bfloat16's) and multiplies it with int8 activations
+symmetric round-to-nearest: a quarter of float32's bytes, half of bfloat16's) and multiplies it with int8 activations
 through the streaming kernel's channel-lane path (engine/quant/stream.py). For every vocabulary row v the exact logit
 r_v (what the dense head computes) lies within a bound b_v of the screened one a_v:
 
@@ -43,6 +43,7 @@ from loraplex.engine.quant.stream import (
 logger = logging.getLogger(__name__)
 
 GROUP = 64  # input channels per 8-bit scale
+ZERO_POINT = 128  # the codes' one zero point (symmetric codes)
 MAX_ROWS = 256  # faster at every row count measured up to here (bf16 default model: 2x at 1 row, 1.25x at 256)
 # float32 summation error of the dense kernel and of the screening kernel's scale products, each below
 # K * 2^-24 * sum|x_k w_k| <= K * 2^-24 * |x|_1 max|w| (K = 576: 3.4e-5): the margin covers both, for K up to ~800 each
@@ -55,24 +56,22 @@ ROWS_PER_CHUNK = 8192  # quantize the copy this many vocabulary rows at a time (
 
 def quantize_head(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """weight [V, K] -> (codes uint8 [V, K], scales float32 [V, K / GROUP], zeros int32 [V, K / GROUP],
-    norms float32 [2, V]): min/max round-to-nearest 8-bit codes, w^ = (q - z) * s as the streaming kernel reads them;
-    norms[0] = |w_v - w^_v|_2, norms[1] = |w^_v|_2."""
+    norms float32 [2, V]): symmetric round-to-nearest 8-bit codes (s = max|w| / 127 per group, q = round(w / s) + 128,
+    one zero point for every group, which the int8 kernel applies once per row: ~1.2x faster than min/max codes here),
+    w^ = (q - z) * s as the streaming kernel reads them; norms[0] = |w_v - w^_v|_2, norms[1] = |w^_v|_2."""
     num_rows, k = weight.shape
     codes = torch.empty(num_rows, k, dtype=torch.uint8)
     scales = torch.empty(num_rows, k // GROUP, dtype=torch.float32)
-    zeros = torch.empty(num_rows, k // GROUP, dtype=torch.int32)
+    zeros = torch.full((num_rows, k // GROUP), ZERO_POINT, dtype=torch.int32)
     norms = torch.empty(2, num_rows, dtype=torch.float32)
     for lo in range(0, num_rows, ROWS_PER_CHUNK):
         hi = min(num_rows, lo + ROWS_PER_CHUNK)
         w = weight[lo:hi].float().view(hi - lo, k // GROUP, GROUP)  # [rows, groups, GROUP]
-        w_min, w_max = w.amin(-1, keepdim=True), w.amax(-1, keepdim=True)
-        s = ((w_max - w_min) / 255).clamp_min(torch.finfo(torch.float32).tiny)
-        z = torch.round(-w_min / s)
-        q = torch.clamp(torch.round(w / s) + z, 0, 255)
-        dequantized = (q - z) * s  # exactly the kernel's (q - z) * s in float32
-        codes[lo:hi] = q.view(hi - lo, k).to(torch.uint8)
+        s = (w.abs().amax(-1, keepdim=True) / 127).clamp_min(torch.finfo(torch.float32).tiny)
+        q = torch.clamp(torch.round(w / s), -127, 127)
+        dequantized = q * s  # exactly the kernel's (q + 128 - 128) * s in float32
+        codes[lo:hi] = (q + ZERO_POINT).view(hi - lo, k).to(torch.uint8)
         scales[lo:hi] = s.view(hi - lo, -1)
-        zeros[lo:hi] = z.view(hi - lo, -1).to(torch.int32)
         norms[0, lo:hi] = (w - dequantized).view(hi - lo, k).norm(dim=-1)
         norms[1, lo:hi] = dequantized.view(hi - lo, k).norm(dim=-1)
     return codes, scales, zeros, norms
