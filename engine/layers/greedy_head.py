@@ -15,8 +15,8 @@ with both per-row norms computed once here and both activation norms per call. E
 largest a_u - b_u (less one bfloat16 rounding step when the logits are bfloat16, where ties round together) is a
 candidate; the dense kernel computes exactly those rows (each output is one float32 dot product in a fixed order, so a
 row's value does not depend on which rows share the call) and the argmax over them, ties to the lowest index, is the
-plain path's token bit for bit. On the default model a row leaves a median of 4 candidates (p90 ~20, max ~200 over 500
-decode positions), and the head costs 2x less at one row in bfloat16, 5x in float32, 1.25x at 256 rows
+plain path's token bit for bit. On the default model a row leaves a median of 4 candidates (p90 22-33, max 154-174 over
+256 decode positions), and the head costs 2.3x less at one row in bfloat16, 5.3x in float32, 1.3x at 256 rows
 (scripts/bench/bench_greedy_head.py).
 
 The model runner takes it for a step whose sampled rows are all plain greedy (speculative drafts' rows included); the
@@ -44,11 +44,11 @@ logger = logging.getLogger(__name__)
 
 GROUP = 64  # input channels per 8-bit scale
 ZERO_POINT = 128  # the codes' one zero point (symmetric codes)
-MAX_ROWS = 256  # faster at every row count measured up to here (bf16 default model: 2x at 1 row, 1.25x at 256)
-# float32 summation error of the dense kernel and of the screening kernel's scale products, each below
-# K * 2^-24 * sum|x_k w_k| <= K * 2^-24 * |x|_1 max|w| (K = 576: 3.4e-5): the margin covers both, for K up to ~800 each
-# and beyond with room (the bound's norms are 10^3-10^4 times larger than this on real heads)
-SUMMATION_MARGIN = 1e-4
+MAX_ROWS = 256  # faster at every row count measured up to here (bf16 default model: 2.3x at 1 row, 1.3x at 256)
+# float32 rounding in the two products, as a share of |x|_1 max|w| per input channel: the dense kernel's sum of K
+# products is off by at most ~K * 2^-24 of sum|x_k w_k| <= |x|_1 max|w| (fewer roundings in its lane order), the
+# screening kernel's (exact integer sums, then one scaled sum per 32 channels) by far less: 2 K 2^-24 covers both
+SUMMATION_MARGIN_PER_CHANNEL = 2 * 2.0 ** -24
 NORM_SLACK = 1.001  # the norms' own float32 rounding (relative ~1e-6)
 BF16_TIE = 2.0 ** -6  # bfloat16 logits: values within one rounding step (<= 2^-7 relative) of the top may tie with it
 ROWS_PER_CHUNK = 8192  # quantize the copy this many vocabulary rows at a time (bounds the float32 temporaries)
@@ -91,6 +91,7 @@ class ScreenedGreedyHead:
         self.screen = StreamLinear(k, num_rows, 8, codes, scales, zeros, GROUP)
         self.screen.set_act_int8(True)  # channel lanes, integer dot products
         self.max_abs_weight = float(weight.abs().max())
+        self.summation_margin = SUMMATION_MARGIN_PER_CHANNEL * k
         self.num_rows = 0  # rows whose tokens came through `greedy` so far
         logger.info("greedy rows: exact argmax through an 8-bit screening copy of the output head (%.1f MiB)",
                     self.screen.weight_bytes / 2**20)
@@ -110,7 +111,7 @@ class ScreenedGreedyHead:
         a, d = quantize_activations(xf)  # what the screening kernel multiplies with, bit for bit
         rounded = (a.double().view(x.shape[0], -1, ACT_BLOCK) * d.double().unsqueeze(-1)).view(xf.shape)
         coef = torch.stack([xf.double().norm(dim=-1), (xf.double() - rounded).norm(dim=-1)], 1) * NORM_SLACK  # [M, 2]
-        margin = (SUMMATION_MARGIN * self.max_abs_weight) * xf.abs().sum(-1, keepdim=True)  # [M, 1]
+        margin = (self.summation_margin * self.max_abs_weight) * xf.abs().sum(-1, keepdim=True)  # [M, 1]
         screened = torch.ops.loraplex_cpu.stream_linear(xf, self.screen.weight, self.screen.scales,
                                                         self.screen.kernel_zeros, self.screen.kind, GROUP, None)
         return screened, torch.addmm(margin, coef.float(), self.norms)
@@ -135,7 +136,7 @@ class ScreenedGreedyHead:
             return None
         s = self.screen
         ids = torch.ops.loraplex_cpu.screened_greedy(x, self.head.weight, s.weight, s.scales, s.kernel_zeros, s.kind,
-                                                     GROUP, self.norms, self.max_abs_weight, SUMMATION_MARGIN,
+                                                     GROUP, self.norms, self.max_abs_weight, self.summation_margin,
                                                      NORM_SLACK, BF16_TIE)
         if ids.numel() != x.shape[0]:
             return None
