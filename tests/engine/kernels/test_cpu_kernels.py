@@ -258,9 +258,9 @@ def test_a_failed_build_leaves_the_torch_path(monkeypatch, caplog):
 @pytest.mark.slow
 @needs_kernel
 def test_generic_code_paths_on_an_avx2_build(tmp_path):
-    """The kernels built for an AVX2-only x86-64 (no AVX-512: the plain loops) pass the same tests, and the integer
-    dot products of the int8-activation linears and the bfloat16 x bfloat16 products give the same bits as this CPU's
-    build."""
+    """The kernels built for an AVX2-only x86-64 (no AVX-512: the plain loops) pass the same tests (the screened greedy
+    head's kernel-level ones too), and the integer dot products of the int8-activation linears and the bfloat16 x
+    bfloat16 products give the same bits as this CPU's build."""
     if torch.ops.loraplex_cpu.vector_isa() == "generic":
         pytest.skip("this CPU's own build is the generic one: the whole suite already runs it")
     import os
@@ -275,7 +275,12 @@ def test_generic_code_paths_on_an_avx2_build(tmp_path):
     assert check.returncode == 0 and check.stdout.strip() == "generic", check.stderr[-2000:]
     run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "not slow",
                           "tests/engine/kernels/test_cpu_kernels.py", "tests/adapters/test_ops.py",
-                          "tests/engine/quant/test_stream.py"],
+                          "tests/engine/quant/test_stream.py",
+                          *(f"tests/engine/layers/test_greedy_head.py::{name}" for name in (
+                              "test_screened_tokens_equal_the_plain_argmax",
+                              "test_ties_go_to_the_lowest_index_as_the_plain_argmax",
+                              "test_bound_holds_and_candidates_hold_every_maximum",
+                              "test_gathered_rows_compute_bit_for_bit_as_in_the_full_head"))],
                          cwd=root, env=env, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stdout[-3000:]
     from tests.engine.quant.test_stream import kernel_digest
