@@ -177,7 +177,7 @@ def add_engine_args(p: argparse.ArgumentParser) -> dict[str, argparse._ArgumentG
     p.add_argument("--screened-greedy-head", action=argparse.BooleanOptionalAction, default=True,
                    help="CPU, streaming float32/bfloat16 head: steps whose rows are all plain greedy find the argmax "
                         "through an 8-bit copy of the head and compute only the rows that can still win exactly "
-                        "(the same tokens; the head 1.25-5x faster at 1-256 rows, for a quarter of its float32 bytes "
+                        "(the same tokens; the head 1.3-5x faster at 1-256 rows, for a quarter of its float32 bytes "
                         "more memory)")
     p.add_argument("--max-queue-len", type=int, default=256,
                    help="waiting requests beyond this get 429 with Retry-After")
