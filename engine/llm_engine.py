@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import os
 import time
@@ -404,12 +405,30 @@ def validate_prompt(prompt_token_ids: list[int], params: SamplingParams, max_mod
         raise ValueError(f"prompt token ids must be in [0, {vocab_size})")
 
 
+PLAIN_FAST_TOKENIZERS = ("PreTrainedTokenizerFast", "TokenizersBackend")  # what AutoTokenizer resolves them to
+
+
 def load_tokenizer(model_path: str):
-    """The tokenizer (with its chat template) of a model folder, or of a .gguf file's metadata."""
+    """The tokenizer (with its chat template) of a model folder, or of a .gguf file's metadata. A folder whose
+    tokenizer_config.json names the plain fast tokenizer (with its tokenizer.json) is read by that class directly:
+    the same tokenizer AutoTokenizer makes, without the model config AutoTokenizer reads first, whose import pulls in
+    half of transformers and torch.distributed (~1-2 s of every server and engine start)."""
     from transformers import AutoTokenizer
     if os.path.isdir(model_path):
+        if _names_plain_fast_tokenizer(Path(model_path)):
+            from transformers import PreTrainedTokenizerFast
+            return PreTrainedTokenizerFast.from_pretrained(model_path)
         return AutoTokenizer.from_pretrained(model_path)
     return AutoTokenizer.from_pretrained(str(Path(model_path).parent), gguf_file=Path(model_path).name)
+
+
+def _names_plain_fast_tokenizer(folder: Path) -> bool:
+    try:
+        config = json.loads((folder / "tokenizer_config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return (isinstance(config, dict) and config.get("tokenizer_class") in PLAIN_FAST_TOKENIZERS
+            and (folder / "tokenizer.json").is_file())
 
 
 STREAM_MAX_NUM_SEQS = 16  # 'auto' streams float32 weights for deployments batching at most this many sequences

@@ -3,7 +3,7 @@ its weights take to stream from memory at this machine's measured bandwidth and 
 
     python scripts/bench/profile_decode.py [--dtype bfloat16 float32] [--batch 1 4 16] [--steps 24] [--top 12]
         [--cpu-linear onednn stream] [--stack on per-op off] [--server-runtimes] [--model FOLDER]
-        [--quantization gptq] [--kv-cache-dtype bfloat16] [--phases]
+        [--quantization gptq] [--kv-cache-dtype bfloat16] [--phases] [--adapter-rank 8]
 
 For each (dtype, batch): the median wall time of `--steps` decode steps (no profiler), the bytes of weights a step
 reads (every linear and the head; the embedding only by rows), that over the bandwidth measured here (a streaming
@@ -11,13 +11,17 @@ read of a 1 GiB buffer with the engine's threads) = the bandwidth bound, and the
 torch.profiler pass over the same steps: operator calls per step, the time inside operators, the rest (Python,
 dispatch, scheduling, sampling outside ops) and the operators that cost most. --phases adds, before the profiler
 pass, the whole-stack call's own clock (DecoderStack.set_profiling): ms per step in its norms, each linear, adapter
-rows, attention and elementwise work, and each linear's GB/s against the measured bandwidth.
+rows, attention and elementwise work, and each linear's GB/s against the measured bandwidth. --adapter-rank R adds a
+random rank-R q/v adapter (as latency_vs_llama_cpp.py's): each batch's steps are timed base and on the adapter,
+alternating --rounds times, their medians and ratio printed, and the phases (with --phases) and the profile are of
+the adapter's steps.
 """
 from __future__ import annotations
 
 import argparse
 import statistics
 import time
+from pathlib import Path
 
 import torch
 from bench_engine import make_prompts
@@ -90,7 +94,8 @@ def linear_phase_bytes(model: torch.nn.Module) -> dict[str, int]:
             for phase, mods in LINEAR_PHASES.items()}
 
 
-def print_phases(engine, batch: int, prompts, steps: int, step_ms: float, bandwidth: float) -> None:
+def print_phases(engine, batch: int, prompts, steps: int, step_ms: float, bandwidth: float,
+                 adapter: tuple | None = None) -> None:
     """`steps` decode steps with the whole-stack call's phase clock on: ms per lean call (a decode step) in each
     phase, summed over the layers, each linear's GB/s against the measured bandwidth, and the phases' total beside
     the step's time (the rest is the head, sampling and the step's Python)."""
@@ -103,7 +108,7 @@ def print_phases(engine, batch: int, prompts, steps: int, step_ms: float, bandwi
     calls = stack.lean_calls()
     stack.set_profiling(True)
     try:
-        decode_steps(engine, batch, prompts, steps)
+        decode_steps(engine, batch, prompts, steps, adapter)
         taken = stack.lean_calls() - calls
         ns = stack.phase_ns()
     finally:
@@ -117,8 +122,8 @@ def print_phases(engine, batch: int, prompts, steps: int, step_ms: float, bandwi
     per_step = {name: t / 1e6 / taken for name, t in zip(names, ns)}
     nbytes = linear_phase_bytes(engine.runner.model)
     inside = sum(per_step.values())
-    print(f"  stack phases (ms per step, {taken} lean calls; the step was {step_ms:.2f} ms, {inside:.2f} in the stack):",
-          flush=True)
+    print(f"  stack phases (ms per step, {taken} lean calls{' on the adapter' if adapter else ''}; the step was "
+          f"{step_ms:.2f} ms, {inside:.2f} in the stack):", flush=True)
     for name in names:
         line = f"    {name:12s} {per_step[name]:7.3f} ms"
         if name in nbytes and per_step[name] > 0:
@@ -154,6 +159,9 @@ def main() -> None:
     p.add_argument("--phases", action="store_true",
                    help="also time the whole-stack call's phases (its lean path; norms, each linear, adapter rows, "
                         "attention, elementwise) over the same steps, each linear's weights against the bandwidth")
+    p.add_argument("--adapter-rank", type=int, default=0,
+                   help="also time each batch on a random rank-R q/v adapter, alternating with base steps")
+    p.add_argument("--rounds", type=int, default=3, help="base/adapter alternations with --adapter-rank")
     args = p.parse_args()
 
     from loraplex.engine.default_model import ensure_default_model
@@ -167,27 +175,48 @@ def main() -> None:
           f"{bandwidth:.1f} GB/s", flush=True)
     from loraplex.engine.layers import fused_layer
     hooks = (None, None)
-    if args.server_runtimes:
+    if args.server_runtimes or args.adapter_rank:
         from loraplex.adapters.runtime import create_lora_runtime
         from loraplex.trainer.service import create_training_runtime
-        hooks = (create_lora_runtime, create_training_runtime)
+        hooks = (create_lora_runtime, create_training_runtime if args.server_runtimes else None)
     for dtype, cpu_linear, stack in [(d, c, st) for d in args.dtype for c in args.cpu_linear for st in args.stack]:
         fused_layer.set_enabled(True, stack=stack != "off", lean=stack == "on")
         engine = LLMEngine.from_engine_args(EngineArgs(model=model, dtype=dtype, max_num_seqs=max(args.batch),
                                                        enable_prefix_caching=False, cpu_linear=cpu_linear,
                                                        quantization=args.quantization,
-                                                       kv_cache_dtype=args.kv_cache_dtype),
+                                                       kv_cache_dtype=args.kv_cache_dtype,
+                                                       enable_lora=bool(args.adapter_rank)),
                                             *hooks)
+        adapter = None
+        if args.adapter_rank:
+            import tempfile
+
+            from loraplex.adapters.synthetic import write_random_peft
+            from loraplex.engine.llm_engine import _read_model_config
+            folder = write_random_peft(Path(tempfile.mkdtemp(prefix="profile-decode-")) / "a0",
+                                       _read_model_config(model), r=args.adapter_rank, seed=0, std=0.02)
+            engine.adapter_hook.register_adapter("a0", 1, 1, str(folder))
+            adapter = (1, 1)
         prompts = make_prompts(engine.tokenizer, max(args.batch))
         nbytes = weight_bytes(engine.runner.model)
         bound_ms = nbytes / (bandwidth * 1e9) * 1e3
         for batch in args.batch:
-            times = decode_steps(engine, batch, prompts, args.steps)
-            step_ms = statistics.median(times) * 1e3
-            finish(engine)
+            if adapter:
+                medians = {None: [], adapter: []}
+                for r in range(args.rounds):
+                    for on in ((None, adapter) if r % 2 == 0 else (adapter, None)):
+                        medians[on].append(statistics.median(decode_steps(engine, batch, prompts, args.steps, on)))
+                        finish(engine)
+                base_ms, step_ms = (statistics.median(medians[k]) * 1e3 for k in (None, adapter))
+                print(f"\n{dtype} {cpu_linear} batch {batch}: base step {base_ms:.2f} ms, on a rank-{args.adapter_rank} "
+                      f"q/v adapter {step_ms:.2f} ms (+{step_ms - base_ms:.2f} ms; adapter/base tok/s "
+                      f"{base_ms / step_ms:.3f}, medians of {args.rounds} alternating rounds)", flush=True)
+            else:
+                step_ms = statistics.median(decode_steps(engine, batch, prompts, args.steps)) * 1e3
+                finish(engine)
             if args.phases and stack == "on":
-                print_phases(engine, batch, prompts, args.steps, step_ms, bandwidth)
-            decode_steps(engine, batch, prompts, 2)  # same state again, under the profiler
+                print_phases(engine, batch, prompts, args.steps, step_ms, bandwidth, adapter)
+            decode_steps(engine, batch, prompts, 2, adapter)  # same state again, under the profiler
             # the whole-stack call is a method of a C++ class, no operator: a labelled range makes it one (on its lean
             # path nothing inside is an operator; operator by operator, its operators are its children)
             def labelled_stack(*a, _stack=llama.try_fused_stack, **k):
@@ -207,7 +236,7 @@ def main() -> None:
             calls = sum(e.count for e in events if "::" in e.key) / args.steps
             op_ms = sum(e.self_cpu_time_total for e in events) / 1e3 / args.steps
             stack_ms = sum(e.cpu_time_total for e in events if e.key == STACK_LABEL) / 1e3 / args.steps
-            print(f"\n{dtype} {cpu_linear}{ {'off': ' (layers one by one)', 'per-op': ' (stack per operator)'}.get(stack, '')} batch {batch}: step {step_ms:.2f} ms ({batch / step_ms * 1e3:.1f} tok/s); weights "
+            print(f"{'' if adapter else chr(10)}{dtype} {cpu_linear}{ {'off': ' (layers one by one)', 'per-op': ' (stack per operator)'}.get(stack, '')} batch {batch}: step {step_ms:.2f} ms ({batch / step_ms * 1e3:.1f} tok/s); weights "
                   f"{nbytes / 1e6:.0f} MB -> bandwidth bound {bound_ms:.2f} ms ({100 * bound_ms / step_ms:.0f}% of the "
                   f"step; {nbytes / (step_ms / 1e3) / 1e9:.1f} GB/s achieved)", flush=True)
             print(f"  profiled ({profiled_ms:.2f} ms a step under the profiler): {calls:.0f} operator calls per step, "

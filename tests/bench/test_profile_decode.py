@@ -1,5 +1,6 @@
-"""scripts/bench/profile_decode.py --phases end to end on the default model: the stack's own clock is read and printed
-per phase, each linear with its bytes and GB/s (numbers are the script's business; that they are there and sane is
+"""scripts/bench/profile_decode.py --phases --adapter-rank end to end on the default model: base and adapter steps are
+timed side by side, the stack's own clock is read on the adapter's steps and printed per phase (its adapter rows
+included), each linear with its bytes and GB/s (numbers are the script's business; that they are there and sane is
 this test's)."""
 from __future__ import annotations
 
@@ -18,11 +19,13 @@ pytestmark = [pytest.mark.slow, pytest.mark.skipif(not cpu_kernels.available(), 
 
 def test_phases_are_printed_for_every_phase_and_linear(default_model_dir):
     done = subprocess.run([sys.executable, "profile_decode.py", "--model", str(default_model_dir), "--dtype", "float32",
-                           "--batch", "1", "--steps", "4", "--cpu-linear", "stream", "--phases", "--top", "2"],
+                           "--batch", "1", "--steps", "4", "--cpu-linear", "stream", "--phases", "--top", "2",
+                           "--adapter-rank", "4", "--rounds", "1"],
                           cwd=ROOT / "scripts" / "bench", capture_output=True, text=True, timeout=600, check=False)
     assert done.returncode == 0, done.stderr[-3000:]
     out = done.stdout
-    assert re.search(r"stack phases \(ms per step, \d+ lean calls", out), out
+    assert re.search(r"batch 1: base step [\d.]+ ms, on a rank-4 q/v adapter [\d.]+ ms .*adapter/base tok/s [\d.]+", out), out
+    assert re.search(r"stack phases \(ms per step, \d+ lean calls on the adapter", out), out
     phases = dict(re.findall(r"^ {4}(\w+) +([\d.]+) ms", out, flags=re.MULTILINE))
     assert set(phases) == {"norms", "qkv", "lora", "elementwise", "attention", "o", "gate_up", "down"}, out
     assert all(float(phases[p]) > 0 for p in ("qkv", "o", "gate_up", "down", "attention")), out
