@@ -379,6 +379,10 @@ class ProcessCore:
                  background_factory: Any = None) -> None:
         """`hook_factory` / `background_factory`: picklable factories (module-level functions) of the adapter
         hook and the background work (the trainer), built in the child."""
+        model_path = args.model
+        if model_path is None:  # fetched here (once, with progress) before the engine process looks for it
+            from loraplex.engine.default_model import ensure_default_model
+            model_path = str(ensure_default_model(progress=logger.info))
         ctx = multiprocessing.get_context("spawn")
         self._calls = _PendingCalls()
         self._to_core_recv, self._to_core = ctx.Pipe(duplex=False)
@@ -388,6 +392,11 @@ class ProcessCore:
                                        logging.getLogger().getEffectiveLevel(), hook_factory, background_factory))
         self._proc.start()
         self._send_lock = threading.Lock()
+        from loraplex.engine.llm_engine import load_tokenizer
+        try:  # read while the engine process starts
+            self.tokenizer = load_tokenizer(model_path)
+        except Exception:  # noqa: BLE001 - the engine process's verdict on the model comes first; read again after
+            self.tokenizer = None
         deadline = time.monotonic() + startup_timeout_s
         while not self._from_core.poll(1.0):
             if not self._proc.is_alive():
@@ -403,12 +412,8 @@ class ProcessCore:
         self.max_model_len = info["max_model_len"]
         self.max_num_seqs = info["max_num_seqs"]
         self.initial_stats = info["stats"]
-        model_path = args.model
-        if model_path is None:
-            from loraplex.engine.default_model import ensure_default_model
-            model_path = str(ensure_default_model(progress=logger.info))
-        from loraplex.engine.llm_engine import load_tokenizer
-        self.tokenizer = load_tokenizer(model_path)
+        if self.tokenizer is None:
+            self.tokenizer = load_tokenizer(model_path)
         self._reader: threading.Thread | None = None
 
     def start(self, emit: Emit, on_error: Callable[[BaseException], None]) -> None:
