@@ -426,14 +426,3 @@ def _check_targets_exist(config: LoRAAdapterConfig, model_config: ModelConfig) -
         return
     raise AdapterError(f"target_modules {config.target_modules!r} match no linear layer of the base model "
                        f"(targetable: {', '.join(LORA_MODULES)})", param="target_modules")
-
-
-def parse_lora_modules(items: list[str]) -> dict[str, str]:
-    """`--lora-modules NAME=PATH ...` -> {name: path}."""
-    modules = {}
-    for item in items:
-        name, sep, path = item.partition("=")
-        if not sep or not name or not path:
-            raise ValueError(f"--lora-modules takes NAME=PATH, got {item!r}")
-        modules[name] = path
-    return modules

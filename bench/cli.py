@@ -121,10 +121,9 @@ def bench_serve(ns: argparse.Namespace) -> int:
 
 
 def bench_offline(ns: argparse.Namespace) -> int:
-    from loraplex.adapters.peft import parse_lora_modules
     from loraplex.adapters.runtime import create_lora_runtime
     from loraplex.engine.default_model import default_served_model_name
-    from loraplex.engine.engine_args import engine_args_from
+    from loraplex.engine.engine_args import engine_args_from, parse_lora_modules
     from loraplex.engine.llm_engine import LLMEngine
 
     from .offline import register_adapters, run_offline, synthetic_adapters

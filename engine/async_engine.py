@@ -9,15 +9,18 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from typing import TYPE_CHECKING
 
-from loraplex.engine.adapter_hook import AdapterHookFactory
-from loraplex.engine.background import BackgroundFactory
 from loraplex.engine.core.errors import EngineDeadError, QueueFullError
 from loraplex.engine.core.outputs import EngineStats, RequestOutput
+from loraplex.engine.core.request import validate_prompt
 from loraplex.engine.core.sampling_params import SamplingParams
 from loraplex.engine.engine_args import EngineArgs
 from loraplex.engine.engine_core import ProcessCore, ThreadCore
-from loraplex.engine.llm_engine import LLMEngine, validate_prompt
+
+if TYPE_CHECKING:  # the server's process imports torch only once the engine process is on its way
+    from loraplex.engine.adapter_hook import AdapterHookFactory
+    from loraplex.engine.background import BackgroundFactory
 
 logger = logging.getLogger(__name__)
 
@@ -67,9 +70,12 @@ class AsyncEngine:
                          background_factory: BackgroundFactory | None = None) -> "AsyncEngine":
         """in_process: run the loop in a thread here instead of a child process. hook_factory: builds
         the adapter hook next to the model (a module-level function, so it can cross to the child)."""
-        core = (ThreadCore(LLMEngine.from_engine_args(args, hook_factory, background_factory), args.train_share,
-                           args.stream_interval_ms)
-                if in_process else ProcessCore(args, hook_factory, background_factory=background_factory))
+        if in_process:
+            from loraplex.engine.llm_engine import LLMEngine
+            core = ThreadCore(LLMEngine.from_engine_args(args, hook_factory, background_factory), args.train_share,
+                              args.stream_interval_ms)
+        else:
+            core = ProcessCore(args, hook_factory, background_factory=background_factory)
         return cls(core, max_queue_len=args.max_queue_len)
 
     # ---- lifecycle ------------------------------------------------------------------------

@@ -270,3 +270,15 @@ def engine_args_from(ns: argparse.Namespace) -> EngineArgs:
         train_share=ns.train_share, max_train_jobs=ns.max_train_jobs,
         train_gradient_checkpointing=ns.train_gradient_checkpointing, train_chunk_tokens=ns.train_chunk_tokens,
         train_memory_bytes=ns.train_memory, train_lease_s=ns.train_lease)
+
+
+def parse_lora_modules(items: list[str]) -> dict[str, str]:
+    """`--lora-modules NAME=PATH ...` -> {name: path} (no torch here: the server checks it before it starts the
+    engine process)."""
+    modules = {}
+    for item in items:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise ValueError(f"--lora-modules takes NAME=PATH, got {item!r}")
+        modules[name] = path
+    return modules

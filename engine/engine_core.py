@@ -11,19 +11,23 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
+import dataclasses
+import importlib
 import itertools
 import logging
 import multiprocessing
 import threading
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from loraplex.engine.background import SharePolicy
 from loraplex.engine.core.outputs import EngineStats, RequestOutput
 from loraplex.engine.core.sampling_params import SamplingParams
 from loraplex.engine.engine_args import EngineArgs
-from loraplex.engine.llm_engine import LLMEngine
+
+if TYPE_CHECKING:  # imported where it runs: the server's process spawns the engine's before it imports torch
+    from loraplex.engine.llm_engine import LLMEngine
 
 logger = logging.getLogger(__name__)
 
@@ -337,6 +341,7 @@ def _process_main(args: EngineArgs, inbox: Any, outbox: Any, log_level: int, hoo
     """Entry point of the engine process."""
     logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)s %(name)s [core]: %(message)s")
     try:
+        from loraplex.engine.llm_engine import LLMEngine
         engine = LLMEngine.from_engine_args(args, hook_factory, background_factory)
     except BaseException as e:  # noqa: BLE001 - the parent turns this into a clear start-up error
         outbox.send(("error", f"{type(e).__name__}: {e}"))
@@ -370,6 +375,21 @@ def _process_main(args: EngineArgs, inbox: Any, outbox: Any, log_level: int, hoo
             outbox.send(("died", f"{type(e).__name__}: {e}"))
         except OSError:
             pass
+
+
+@dataclasses.dataclass(frozen=True)
+class ImportedFactory:
+    """A module-level factory named by its import path ("package.module:function") and imported where it is called:
+    the server hands the adapter hook's and the trainer's factories to the engine process without importing them
+    (and torch with them) first, so the engine process starts while the server's imports run."""
+    path: str
+
+    def resolve(self) -> Callable:
+        module, _, name = self.path.partition(":")
+        return getattr(importlib.import_module(module), name)
+
+    def __call__(self, *args: Any) -> Any:
+        return self.resolve()(*args)
 
 
 class ProcessCore:

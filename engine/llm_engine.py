@@ -14,10 +14,9 @@ import torch
 from loraplex.engine.adapter_hook import AdapterHook, AdapterHookFactory
 from loraplex.engine.background import BackgroundFactory, BackgroundWork
 from loraplex.engine.core.config import CacheConfig, ModelConfig, SchedulerConfig
-from loraplex.engine.core.errors import PromptTooLongError
 from loraplex.engine.core.kv_cache import KVCacheManager
 from loraplex.engine.core.outputs import EngineStats, RequestOutput, TokenLogprob
-from loraplex.engine.core.request import Request, RequestStatus
+from loraplex.engine.core.request import Request, RequestStatus, validate_prompt
 from loraplex.engine.core.sampling_params import SamplingParams
 from loraplex.engine.core.scheduler import Scheduler
 from loraplex.engine.core.spec_decode import SpeculativeConfig
@@ -392,17 +391,6 @@ class LLMEngine:
         return RequestOutput(request.request_id, text, new_token_ids, True, request.num_prompt_tokens,
                              request.num_output_tokens, logprobs, request.status.finish_reason,
                              request.stop_reason)
-
-
-def validate_prompt(prompt_token_ids: list[int], params: SamplingParams, max_model_len: int,
-                    vocab_size: int) -> None:
-    n = len(prompt_token_ids)
-    if n == 0:
-        raise ValueError("the prompt is empty")
-    if n >= max_model_len:
-        raise PromptTooLongError(n, params.max_tokens, max_model_len)
-    if any(t < 0 or t >= vocab_size for t in prompt_token_ids):
-        raise ValueError(f"prompt token ids must be in [0, {vocab_size})")
 
 
 PLAIN_FAST_TOKENIZERS = ("PreTrainedTokenizerFast", "TokenizersBackend")  # what AutoTokenizer resolves them to

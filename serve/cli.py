@@ -41,11 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run_serve(ns: argparse.Namespace) -> int:
-    import uvicorn
-
-    from loraplex.adapters.runtime import create_lora_runtime
     from loraplex.engine.async_engine import AsyncEngine
-    from loraplex.trainer.service import create_training_runtime
+    from loraplex.engine.engine_core import ImportedFactory
 
     try:
         args, _, _ = check_serve_args(ns)
@@ -54,9 +51,11 @@ def run_serve(ns: argparse.Namespace) -> int:
         return 2
     logger.info("loading %s", ns.model or MODEL_NAME)
     try:
-        engine = AsyncEngine.from_engine_args(args, hook_factory=create_lora_runtime if ns.enable_lora else None,
-                                              background_factory=create_training_runtime if args.enable_training
-                                              else None)
+        # the engine process starts first: this one's imports (torch, the app) run beside its start-up
+        engine = AsyncEngine.from_engine_args(
+            args, hook_factory=ImportedFactory("loraplex.adapters.runtime:create_lora_runtime") if ns.enable_lora
+            else None, background_factory=ImportedFactory("loraplex.trainer.service:create_training_runtime")
+            if args.enable_training else None)
     except (ValueError, FileNotFoundError, RuntimeError) as exc:
         logger.error("cannot load the model: %s", exc)
         return 1
@@ -67,6 +66,8 @@ def run_serve(ns: argparse.Namespace) -> int:
         return 1
     if ns.api_key:
         logger.info("API key required on /v1/*")
+    import uvicorn
+
     # log_config=None: uvicorn's loggers propagate to the root handler set up in main().
     # The lifespan stops the engine process; if uvicorn never starts (port taken), the process is a
     # daemon and ends with this one.

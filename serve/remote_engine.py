@@ -17,7 +17,7 @@ from typing import Any
 from loraplex.engine.async_engine import RequestStream
 from loraplex.engine.core.errors import EngineDeadError, ReplicaFailedError
 from loraplex.engine.core.outputs import EngineStats
-from loraplex.engine.llm_engine import validate_prompt
+from loraplex.engine.core.request import validate_prompt
 
 logger = logging.getLogger("loraplex.serve")
 

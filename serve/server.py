@@ -13,6 +13,7 @@ from loraplex.engine.engine_args import (
     add_engine_args,
     engine_args_from,
     fine_tuning_dir_from,
+    parse_lora_modules,
     size_arg,
 )
 from loraplex.engine.paths import default_adapter_dir
@@ -48,7 +49,6 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
 def check_serve_args(ns: argparse.Namespace):
     """-> (EngineArgs, --lora-modules, upload limits); ValueError with a message for the user."""
     from loraplex.adapters.archive import UploadLimits
-    from loraplex.adapters.peft import parse_lora_modules
     args = engine_args_from(ns)
     lora_modules = parse_lora_modules(ns.lora_modules)
     # weights barely compress: a decompressed size far above the archive's is a bomb

@@ -5,6 +5,7 @@ import enum
 import time
 from collections.abc import Hashable
 
+from loraplex.engine.core.errors import PromptTooLongError
 from loraplex.engine.core.sampling_params import SamplingParams
 
 
@@ -105,3 +106,16 @@ class Request:
     def __repr__(self) -> str:
         return (f"Request({self.request_id!r}, status={self.status.name}, prompt={self.num_prompt_tokens}, "
                 f"output={self.num_output_tokens}, computed={self.num_computed_tokens})")
+
+
+def validate_prompt(prompt_token_ids: list[int], params: SamplingParams, max_model_len: int,
+                    vocab_size: int) -> None:
+    """A prompt the engine can take: not empty, shorter than the context, every id in the vocabulary (checked at
+    the edge, where no torch is imported yet, and again by the engine)."""
+    n = len(prompt_token_ids)
+    if n == 0:
+        raise ValueError("the prompt is empty")
+    if n >= max_model_len:
+        raise PromptTooLongError(n, params.max_tokens, max_model_len)
+    if any(t < 0 or t >= vocab_size for t in prompt_token_ids):
+        raise ValueError(f"prompt token ids must be in [0, {vocab_size})")

@@ -1,6 +1,6 @@
 """What every server and engine start pays for, kept out: the tokenizer of a plain fast-tokenizer folder is read
-without AutoTokenizer's model-config import (and is the tokenizer AutoTokenizer makes), and building the model on
-the meta device imports no torch._dynamo."""
+without AutoTokenizer's model-config import (and is the tokenizer AutoTokenizer makes), building the model on the
+meta device imports no torch._dynamo, and the server starts its engine process before it imports torch."""
 from __future__ import annotations
 
 import json
@@ -56,3 +56,23 @@ def test_building_the_model_imports_no_dynamo(default_model_dir):
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=False)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip() == "False"
+
+
+def test_the_server_spawns_its_engine_before_importing_torch():
+    """What `loraplex serve` imports before it starts the engine process (the CLI, the async engine, its core and
+    the factories it hands over by name) holds no torch: the server's own imports run beside the engine's start."""
+    code = ("import argparse, sys; import loraplex.serve.cli, loraplex.engine.async_engine, loraplex.engine.engine_core; "
+            "from loraplex.serve.server import add_serve_args, check_serve_args; p = argparse.ArgumentParser(); "
+            "add_serve_args(p); check_serve_args(p.parse_args(['--lora-modules', 'a=/x', '--dtype', 'float32'])); "
+            "print('torch' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "False"
+
+
+def test_an_imported_factory_crosses_a_pickle_and_calls_its_function():
+    import pickle
+
+    from loraplex.engine.engine_core import ImportedFactory
+    factory = pickle.loads(pickle.dumps(ImportedFactory("math:hypot")))
+    assert factory == ImportedFactory("math:hypot") and factory(3.0, 4.0) == 5.0

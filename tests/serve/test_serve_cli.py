@@ -64,8 +64,11 @@ def test_serve_builds_engine_and_runs_uvicorn(monkeypatch, tmp_path):
     assert ft.settings.max_file_bytes == 1 << 20 and ft.store.root == (tmp_path / "ft").resolve()
     assert ft.adapters is app.state.adapters
     assert app.state.engine.engine_args.enable_lora and app.state.engine.engine_args.max_loras == 4
-    assert app.state.engine.hook_factory.__name__ == "create_lora_runtime"
-    assert app.state.engine.background_factory.__name__ == "create_training_runtime"
+    # handed over by name (imported in the engine process), the real factories
+    from loraplex.adapters.runtime import create_lora_runtime
+    from loraplex.trainer.service import create_training_runtime
+    assert app.state.engine.hook_factory.resolve() is create_lora_runtime
+    assert app.state.engine.background_factory.resolve() is create_training_runtime
     args = app.state.engine.engine_args
     assert args.enable_training and args.fine_tuning_dir == str(tmp_path / "ft") and args.train_share == 0.25
     assert (seen["host"], seen["port"]) == ("127.0.0.1", 9001)
