@@ -16,10 +16,13 @@ import httpx
 from prompts import PROMPTS
 
 
-async def one_request(client: httpx.AsyncClient, url: str, model: str, i: int, max_tokens: int) -> dict:
+async def one_request(client: httpx.AsyncClient, url: str, model: str | tuple[str, dict], i: int,
+                      max_tokens: int) -> dict:
+    """`model`: a name, or (name, extra body fields): llama.cpp's server picks a request's LoRA set from its body."""
+    model, extra = (model, {}) if isinstance(model, str) else model
     body = {"model": model, "stream": True, "max_tokens": max_tokens, "temperature": 0.0,
             "ignore_eos": True, "stream_options": {"include_usage": True},
-            "messages": [{"role": "user", "content": f"{PROMPTS[i % len(PROMPTS)]} (variant {i})"}]}
+            "messages": [{"role": "user", "content": f"{PROMPTS[i % len(PROMPTS)]} (variant {i})"}], **extra}
     t0 = time.perf_counter()
     ttft = None
     usage = None
@@ -38,11 +41,12 @@ async def one_request(client: httpx.AsyncClient, url: str, model: str, i: int, m
     return {"ttft": ttft or e2e, "e2e": e2e, "tokens": n}
 
 
-async def run_target(url: str, num_requests: int, max_tokens: int, models: list[str] | None = None) -> dict:
-    """`models`: request i asks for models[i % len(models)] (adapters); default: the first listed model."""
+async def run_target(url: str, num_requests: int, max_tokens: int, models: list | None = None) -> dict:
+    """`models`: request i asks for models[i % len(models)] (adapters; an entry may be (name, extra body fields));
+    default: the first listed model."""
     async with httpx.AsyncClient(timeout=600) as client:
         models = models or [(await client.get(f"{url}/v1/models")).json()["data"][0]["id"]]
-        model = models[0]
+        model = models[0] if isinstance(models[0], str) else models[0][0]
         await asyncio.gather(*(one_request(client, url, m, 0, 4) for m in models))  # warm-up (adapter loads)
         t0 = time.perf_counter()
         results = await asyncio.gather(*(one_request(client, url, models[i % len(models)], i, max_tokens)

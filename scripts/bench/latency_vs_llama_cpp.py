@@ -1,7 +1,7 @@
 """Batch-1 decode speed (and optionally 64 x 64 throughput) side by side with llama.cpp's llama-server, per bit width.
 
     python scripts/bench/latency_vs_llama_cpp.py --llama-dir /tmp/llama [--formats f32 bf16 8bit 4bit]
-        [--rounds 3] [--tokens 128] [--throughput] [--cpu-linear stream]
+        [--rounds 3] [--tokens 128] [--throughput] [--mixed-adapters] [--cpu-linear stream]
 
 For each format both servers serve the same model (the default one unless --model) on 127.0.0.1 with every core:
     f32   loraplex --dtype float32              llama.cpp F32 GGUF
@@ -18,7 +18,11 @@ Medians over the rounds are printed as the table in issue 23, with the bandwidth
 weights a step reads / the read bandwidth, measured again every round, both servers idle: this VM's moves between
 ~35 and ~64 GB/s from minute to minute) and each server's share of it (the median of its rounds' shares, each
 against that round's bandwidth). The client is sse_client.py's lean one, the same for both servers. --throughput
-adds 64 concurrent streamed chat requests x 64 tokens per server and round (bench_serving's load).
+adds 64 concurrent streamed chat requests x 64 tokens per server and round (bench_serving's load). --mixed-adapters
+then runs the same load on two rank-8 q/v adapters, requests alternating between them: loraplex serves both from
+the start (--lora-modules), llama.cpp is restarted with both converted to GGUF LoRA (the peer script's convert-lora;
+--lora-init-without-apply) and each request names its set with llama-server's "lora" field (the base rounds ran
+without them: a request naming no set would get every adapter at scale 1).
 
 Installs the peer on first use (../shared/peers/llama-cpp.sh install, ~6 min on 2 cores) and caches the GGUFs and
 GPTQ folders under --work-dir.
@@ -73,6 +77,15 @@ def gguf(llama_dir: Path, model: str, work: Path, fmt: str) -> Path:
     return out
 
 
+def lora_gguf(llama_dir: Path, model: str, peft_dir: Path, work: Path) -> Path:
+    """A PEFT adapter as llama.cpp's GGUF LoRA (float32), through the peer script's converter."""
+    out = work / f"lora-{Path(model).name}-{peft_dir.name}.gguf"
+    if not out.exists():
+        subprocess.run(["bash", str(PEER_SCRIPT), "convert-lora", str(llama_dir), model, str(peft_dir), str(out),
+                        "f32"], check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return out
+
+
 def ours_model(model: str, work: Path, fmt: str) -> tuple[str, list[str]]:
     if fmt in ("f32", "bf16"):
         return model, []
@@ -116,6 +129,9 @@ def main() -> None:
     ap.add_argument("--kv-cache-dtype", default="bfloat16", choices=["auto", "bfloat16"],
                     help="loraplex's cache under float32 (f32, 8bit, 4bit); bfloat16 as llama.cpp's default f16 cache")
     ap.add_argument("--throughput", action="store_true", help="also 64 concurrent requests x 64 tokens")
+    ap.add_argument("--mixed-adapters", action="store_true",
+                    help="also 64 x 64 on two rank-8 adapters, requests alternating between them (llama.cpp: the "
+                         "adapters converted to GGUF LoRA, each request naming its set), --rounds rounds")
     ap.add_argument("--work-dir", type=Path, default=Path("/tmp/loraplex-vs-llama-cpp"))
     ap.add_argument("--startup-timeout-s", type=float, default=600)
     args = ap.parse_args()
@@ -128,6 +144,7 @@ def main() -> None:
     from loraplex.adapters.synthetic import write_random_peft
     from loraplex.engine.llm_engine import _read_model_config
     adapter = write_random_peft(args.work_dir / "adapter", _read_model_config(model), r=8, seed=0, std=0.02)
+    adapter1 = write_random_peft(args.work_dir / "adapter1", _read_model_config(model), r=8, seed=1, std=0.02)
     print(f"model={model} rounds={args.rounds} tokens={args.tokens}", flush=True)
     rows = []
     for fmt in args.formats:
@@ -141,7 +158,8 @@ def main() -> None:
                 sys.executable, "-m", "loraplex.serve.cli", "serve", "--model", ours_dir, "--port", "8131",
                 "--dtype", dtype, "--served-model-name", "m", "--cpu-linear", args.cpu_linear, *ours_flags,
                 "--activation-quant", args.activation_quant, "--kv-cache-dtype", args.kv_cache_dtype,
-                "--lora-modules", f"a0={adapter}", "--adapter-dir", str(args.work_dir / f"store-{fmt}")],
+                "--lora-modules", f"a0={adapter}", f"a1={adapter1}", "--adapter-dir",
+                str(args.work_dir / f"store-{fmt}")],
                 8131, args.startup_timeout_s))
             servers.append(Served("llama.cpp", ["bash", str(PEER_SCRIPT), "serve", str(args.llama_dir.resolve()),
                                                 str(peer_gguf), "8132", "--alias", "m", "-np", "64", "-c", "16384"],
@@ -170,6 +188,24 @@ def main() -> None:
                       f"llama.cpp {speed['peer'][-1]:.1f} tok/s"
                       + (f"; 64x64 loraplex {speed['ours_tp'][-1]:.0f}, llama.cpp {speed['peer_tp'][-1]:.0f} tok/s"
                          if args.throughput else ""), flush=True)
+            if args.mixed_adapters:  # llama.cpp again, with both adapters loaded (its base rounds ran without)
+                servers.pop().stop()
+                loras = [lora_gguf(args.llama_dir.resolve(), model, a, args.work_dir) for a in (adapter, adapter1)]
+                servers.append(Served("llama.cpp", [
+                    "bash", str(PEER_SCRIPT), "serve", str(args.llama_dir.resolve()), str(peer_gguf), "8133",
+                    "--alias", "m", "-np", "64", "-c", "16384", "--lora", ",".join(map(str, loras)),
+                    "--lora-init-without-apply"], 8133, args.startup_timeout_s))
+                peer = servers[-1]
+                # each request names its set; an adapter not named gets scale 0 (peer script's notes)
+                peer_models = [("m", {"lora": [{"id": j, "scale": 1.0 if j == k else 0.0} for j in range(2)]})
+                               for k in range(2)]
+                speed["ours_mix"], speed["peer_mix"] = [], []
+                for i in range(args.rounds):
+                    order = [("ours", ours, ["a0", "a1"]), ("peer", peer, peer_models)]
+                    for key, server, models in (order if i % 2 == 0 else order[::-1]):
+                        speed[f"{key}_mix"].append(asyncio.run(run_target(server.url, 64, 64, models))["tok_s"])
+                    print(f"{fmt} mixed-adapter round {i + 1}: 64x64 on 2 adapters half/half, loraplex "
+                          f"{speed['ours_mix'][-1]:.0f}, llama.cpp {speed['peer_mix'][-1]:.0f} tok/s", flush=True)
         finally:
             for server in servers:
                 server.stop()
@@ -187,10 +223,15 @@ def main() -> None:
               f"{med['ours'] / med['peer']:.2f}x | {med['adapter']:.1f} ({med['adapter'] / med['ours']:.2f}x) | "
               f"{bound:.0f} "
               f"({shares['ours']:.0%} / {shares['peer']:.0%}) | {med['bandwidth']:.1f} GB/s |")
-    if args.throughput:
+    if args.throughput or args.mixed_adapters:
         print("\n| 64 x 64 throughput tok/s | llama.cpp | loraplex | ratio |\n|---|---|---|---|")
         for fmt, med, *_ in rows:
-            print(f"| {fmt} | {med['peer_tp']:.0f} | {med['ours_tp']:.0f} | {med['ours_tp'] / med['peer_tp']:.2f}x |")
+            if args.throughput:
+                print(f"| {fmt} | {med['peer_tp']:.0f} | {med['ours_tp']:.0f} | "
+                      f"{med['ours_tp'] / med['peer_tp']:.2f}x |")
+            if args.mixed_adapters:
+                print(f"| {fmt}, 2 rank-8 adapters mixed half/half | {med['peer_mix']:.0f} | {med['ours_mix']:.0f} | "
+                      f"{med['ours_mix'] / med['peer_mix']:.2f}x |")
 
 
 if __name__ == "__main__":
