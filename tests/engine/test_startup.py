@@ -29,6 +29,16 @@ def test_plain_fast_tokenizer_is_autotokenizers(default_model_dir):
     assert ours.decode(ids, skip_special_tokens=True) == auto.decode(ids, skip_special_tokens=True)
 
 
+def test_the_plain_fast_tokenizer_loads_without_autotokenizer(default_model_dir):
+    """Reading it does not import AutoTokenizer's module (~1.2 s alone: the model configs' machinery)."""
+    code = ("import sys; from loraplex.engine.llm_engine import load_tokenizer; "
+            f"tok = load_tokenizer({str(default_model_dir)!r}); assert tok('hi')['input_ids']; "
+            "print('transformers.models.auto.tokenization_auto' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=False)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "False"
+
+
 def test_other_tokenizer_classes_still_go_through_autotokenizer(default_model_dir, tmp_path, monkeypatch):
     """A folder naming another class (or none) is AutoTokenizer's to resolve: what it returns is what we return."""
     import transformers
