@@ -43,6 +43,7 @@ class EngineArgs:
     seed: int = 0
     num_threads: int | None = None  # torch intra-op threads on CPU; None: all cores
     cpu_weight_prepack: bool = True  # CPU: swap nn.Linear for oneDNN-prepacked PackedLinear
+    num_scheduler_steps: int = 8  # decode steps per schedule while every running request is plain greedy (see --num-scheduler-steps)
     speculative_config: str | dict | None = None  # vLLM's spelling: {"method": "ngram", "num_speculative_tokens": K, ...}
     cpu_linear: str = "auto"  # CPU base linears: auto | stream (weight-streaming kernel) | onednn (see llm_engine)
     cpu_huge_pages: bool = True  # CPU: weights and KV cache on transparent huge pages (engine/hugepages.py)
@@ -98,6 +99,8 @@ class EngineArgs:
             raise ValueError(f"--cpu-linear must be one of auto, stream, onednn; got {self.cpu_linear!r}")
         if self.activation_quant not in ("int8", "none"):
             raise ValueError(f"--activation-quant must be int8 or none; got {self.activation_quant!r}")
+        if not 1 <= self.num_scheduler_steps <= 64:
+            raise ValueError(f"--num-scheduler-steps must be in [1, 64]; got {self.num_scheduler_steps}")
         if self.speculative_config is not None:
             from loraplex.engine.core.spec_decode import SpeculativeConfig
             try:
@@ -162,6 +165,13 @@ def add_engine_args(p: argparse.ArgumentParser) -> dict[str, argparse._ArgumentG
                    help='prompt-lookup speculative decoding for greedy requests, as vLLM spells it: '
                         '\'{"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 4, '
                         '"prompt_lookup_min": 2}\' (outputs are token for token those of plain greedy decoding)')
+    p.add_argument("--num-scheduler-steps", type=int, default=8, metavar="N",
+                   help="while every running request decodes by greedy argmax alone and none waits, run up to N "
+                        "decode steps per schedule, each fed the tokens of the one before (vLLM's multi-step "
+                        "scheduling): the same tokens, with a step's Python, scheduling and output work once per "
+                        "group. As many steps as fit --stream-interval-ms, so tokens come no more bunched, and a new "
+                        "request waits no longer, than the coalesced stream's; 1 or --stream-interval-ms 0: off; "
+                        "off with --speculative-config (drafts at every token instead) (default: 8)")
     p.add_argument("--cpu-linear", choices=["auto", "stream", "onednn"], default="auto",
                    help="CPU base linears: 'stream' reads each weight once per step at close to the memory bandwidth "
                         "(lowest batch-1 latency), 'onednn' prepacks for oneDNN (faster from ~32 rows: prefill, wide "
@@ -259,7 +269,7 @@ def engine_args_from(ns: argparse.Namespace) -> EngineArgs:
         stream_interval_ms=ns.stream_interval_ms,
         batch_invariant=ns.batch_invariant, cpu_linear=ns.cpu_linear, cpu_huge_pages=ns.cpu_huge_pages,
         activation_quant=ns.activation_quant, screened_greedy_head=ns.screened_greedy_head,
-        speculative_config=ns.speculative_config,
+        speculative_config=ns.speculative_config, num_scheduler_steps=ns.num_scheduler_steps,
         enable_lora=ns.enable_lora, max_loras=ns.max_loras, max_lora_rank=ns.max_lora_rank,
         max_cpu_loras=ns.max_cpu_loras, lora_pool_pages=ns.lora_pool_pages, lora_pool_bytes=ns.lora_pool_bytes,
         max_mixlora_adapters=ns.max_mixlora_adapters, max_mixlora_experts=ns.max_mixlora_experts,

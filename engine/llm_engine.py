@@ -85,6 +85,11 @@ class LLMEngine:
         # requests of the engine process's own (the trainer's base-model answers): request id -> (text so far,
         # callback(text, finish_reason)); their outputs go to the callback, never to the server
         self._internal: dict[str, tuple[list[str], Callable[[str, str | None], None]]] = {}
+        # multi-step decoding (--num-scheduler-steps) fits its steps into this window, the stream interval: a
+        # request's tokens then come no more bunched, and an arrival waits no longer, than the coalesced stream's
+        self.multi_step_window_s = 0.0
+        self.decode_step_s: float | None = None  # the time a decode step takes (moving average)
+        self.scheduler.multi_step_cap = 1  # until a decode step was timed
 
     def _structured(self):
         if self.structured_output is None:
@@ -172,7 +177,7 @@ class LLMEngine:
             max_num_seqs=args.max_num_seqs,
             max_num_batched_tokens=args.max_num_batched_tokens or max(1024, args.max_num_seqs),
             max_model_len=max_model_len, enable_chunked_prefill=args.enable_chunked_prefill,
-            max_loras=args.max_loras)
+            max_loras=args.max_loras, num_scheduler_steps=args.num_scheduler_steps)
         kv = KVCacheManager(runner.num_blocks, cache_config.block_size, cache_config.enable_prefix_caching)
         speculative = SpeculativeConfig.parse(args.speculative_config)
         if speculative is not None:
@@ -181,6 +186,7 @@ class LLMEngine:
                         speculative.prompt_lookup_max)
         engine = cls(runner, Scheduler(scheduler_config, kv, speculative=speculative), tokenizer, model_config,
                      max_model_len)
+        engine.multi_step_window_s = args.stream_interval_ms / 1000
         if hook_factory is not None:
             engine.attach_adapter_hook(hook_factory(engine, args))
         if background_factory is not None:
@@ -280,7 +286,11 @@ class LLMEngine:
                 self.adapter_hook.release(self._requests[request_id], finished=False)
         if not scheduler_output.scheduled:
             return outputs
+        decode_only = all(s.num_new_tokens == 1 for s in scheduler_output.scheduled)
+        started = time.perf_counter()
         sampled = self.runner.execute(scheduler_output)
+        if decode_only:
+            self._time_decode_step(time.perf_counter() - started, sampled)
         grammar_done = []
         for rid, s in sampled.items():
             if s.prompt_logprobs:
@@ -301,6 +311,14 @@ class LLMEngine:
         for request, new_token_ids in updates:
             outputs.append(self._make_output(request, new_token_ids, sampled.get(request.request_id)))
         return self._route_internal(outputs) if self._internal else outputs
+
+    def _time_decode_step(self, elapsed_s: float, sampled: dict) -> None:
+        """Fold a decode-only step's time into decode_step_s (per step of a multi-step) and cap the next
+        multi-step at the steps that fit multi_step_window_s."""
+        steps = max((len(s.token_ids) if s.token_ids else 1 for s in sampled.values()), default=1)
+        per_step = elapsed_s / steps
+        self.decode_step_s = per_step if self.decode_step_s is None else 0.7 * self.decode_step_s + 0.3 * per_step
+        self.scheduler.multi_step_cap = max(1, int(self.multi_step_window_s / self.decode_step_s))
 
     def _route_internal(self, outputs: list[RequestOutput]) -> list[RequestOutput]:
         kept = []

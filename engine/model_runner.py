@@ -8,7 +8,11 @@ import torch
 
 from loraplex.engine.core.config import CacheConfig, ModelConfig
 from loraplex.engine.kernels import cpu_kernels
-from loraplex.engine.layers.attention import allocate_kv_caches, build_forward_batch
+from loraplex.engine.layers.attention import (
+    advance_decode_batch,
+    allocate_kv_caches,
+    build_forward_batch,
+)
 from loraplex.engine.layers.forward_batch import ForwardBatch
 from loraplex.engine.layers.greedy_head import MAX_ROWS as SCREENED_HEAD_MAX_ROWS
 from loraplex.engine.layers.greedy_head import ScreenedGreedyHead
@@ -122,6 +126,10 @@ class ModelRunner:
         scheduled = scheduler_output.scheduled
         if not scheduled:
             return {}
+        if scheduler_output.num_steps > 1:
+            multi = self._execute_multi_step(scheduled, scheduler_output.num_steps)
+            if multi is not None:
+                return multi
         prompt_rows = PromptLogprobRows()
         batch = self.build_batch(scheduled, prompt_rows)
         if self.adapter_hook is not None:
@@ -155,6 +163,64 @@ class ModelRunner:
             scored = result[req.request_id].prompt_logprobs if req.request_id in result else None
             result[req.request_id] = SampledToken(token_ids[i], lp, scored)
         return result
+
+    def _execute_multi_step(self, scheduled, num_steps: int) -> dict[str, SampledToken] | None:
+        """Up to `num_steps` decode steps of the same plain-greedy rows (the scheduler reserved their blocks), each
+        step fed the tokens of the one before: the tokens single steps would give, without a schedule, an update and
+        an output between them. Stops early once every row has sampled one of its stop tokens (the scheduler's stop
+        rules then drop what follows; stop strings are the detokenizer's). Each row's tokens go out as a draft's do
+        (SampledToken.token_ids). None when a row is not a plain argmax of the logits (the step runs as usual)."""
+        requests = [s.request for s in scheduled]
+        if not SamplingMetadata.plain_greedy(requests) or (
+                self.structured_output is not None and self.structured_output.constrains(requests)):
+            return None
+        n = len(scheduled)
+        stops = [frozenset(r.sampling_params.stop_token_ids).union(() if r.sampling_params.ignore_eos
+                                                                    else r.eos_token_ids) for r in requests]
+        input_ids = [_tokens_between(s.request, s.start_pos, s.start_pos + 1)[0] for s in scheduled]
+        positions = [s.start_pos for s in scheduled]
+        tables = [s.block_ids for s in scheduled]
+        # on the CPU kernel path the batch moves on in place (advance_decode_batch); otherwise it is built anew
+        in_place = self.cpu_attention_kernel
+        batch = build_forward_batch(input_ids, [1] * n, positions, tables, self.block_size, self.device,
+                                    sliding_window=self.model_config.sliding_window, cpu_kernel=in_place,
+                                    lookahead=num_steps if in_place else 1)
+        if self.adapter_hook is not None:  # per-row metadata: the same rows every step
+            self.adapter_hook.prepare(scheduled, batch)
+        out: list[list[int]] = [[] for _ in range(n)]
+        done = [False] * n
+        token_ids = None  # the last step's tokens, fed to the next
+        for step in range(num_steps):
+            if step:
+                if in_place:
+                    advance_decode_batch(batch, token_ids)
+                else:
+                    positions = [p + 1 for p in positions]
+                    metadata = batch.adapter_metadata
+                    batch = build_forward_batch(input_ids, [1] * n, positions, tables, self.block_size, self.device,
+                                                sliding_window=self.model_config.sliding_window)
+                    batch.adapter_metadata = metadata
+            hidden = self.model(batch, self.kv_caches)  # [n, hidden]
+            token_ids = self._greedy_rows(hidden, batch)
+            input_ids = token_ids.tolist()
+            for i, token_id in enumerate(input_ids):
+                if not done[i]:
+                    out[i].append(token_id)
+                    done[i] = token_id in stops[i]
+            if all(done):
+                break
+        return {r.request_id: SampledToken(ids[0], token_ids=ids) for r, ids in zip(requests, out)}
+
+    def _greedy_rows(self, hidden: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
+        """[rows] int64: the argmax token of each row's logits (`hidden` holds the batch's logits rows), through the
+        screened head where it takes them (the same tokens), else from the logits."""
+        rows = batch.logits_indices
+        head = self.greedy_head
+        if head is not None and len(rows) <= SCREENED_HEAD_MAX_ROWS and self.model.output_head(rows) is head.head:
+            token_ids = head.greedy(hidden)
+            if token_ids is not None:
+                return token_ids
+        return greedy(self.model.compute_logits(hidden, rows))
 
     def _screened_greedy(self, hidden: torch.Tensor, batch: ForwardBatch, sampling: list,
                          result: dict[str, SampledToken]) -> bool:

@@ -102,8 +102,13 @@ class SchedulerConfig:
     max_model_len: int = 2048
     enable_chunked_prefill: bool = True
     max_loras: int = 8  # distinct adapters per step (LoRA seam; unused without adapters)
+    # up to this many decode steps in one scheduled step while every running request decodes plain greedy and none
+    # waits (engine/model_runner.py's multi-step loop); 1: one step per schedule
+    num_scheduler_steps: int = 1
 
     def __post_init__(self) -> None:
+        if not 1 <= self.num_scheduler_steps <= 64:
+            raise ValueError("num_scheduler_steps must be in [1, 64]")
         if self.max_num_seqs < 1:
             raise ValueError("max_num_seqs must be at least 1")
         if self.max_model_len < 2:

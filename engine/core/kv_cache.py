@@ -156,6 +156,10 @@ class KVCacheManager:
         num_touched_free = sum(1 for b in new_computed_blocks if self.blocks[b].ref_cnt == 0)
         return max(0, num_required - num_have), num_touched_free
 
+    def num_blocks_needed(self, request: Request, num_new_tokens: int) -> int:
+        """Free blocks `allocate_slots(request, num_new_tokens)` would take."""
+        return self._num_blocks_to_allocate(request, num_new_tokens, [])[0]
+
     def can_allocate(self, request: Request, num_new_tokens: int,
                      new_computed_blocks: list[int] | None = None) -> bool:
         num_new, num_touched_free = self._num_blocks_to_allocate(request, num_new_tokens,

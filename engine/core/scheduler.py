@@ -22,6 +22,7 @@ from loraplex.engine.core.spec_decode import (
     Backoff,
     SpeculativeConfig,
     accepted_prefix,
+    can_multi_step,
     can_speculate,
     ngram_draft,
 )
@@ -48,6 +49,9 @@ class SchedulerOutput:
     preempted_request_ids: list[str] = field(default_factory=list)
     # Requests finished or aborted since the previous step: the runner drops their per-request state.
     finished_request_ids: list[str] = field(default_factory=list)
+    # > 1: every entry is a plain-greedy decode whose blocks hold this many more tokens; the runner may decode up to
+    # this many tokens for each, feeding each step's tokens to the next (SchedulerConfig.num_scheduler_steps)
+    num_steps: int = 1
 
     @property
     def is_empty(self) -> bool:
@@ -88,6 +92,9 @@ class Scheduler:
         self._backoff: dict[str, Backoff] = {}  # per speculating request
         self.kv_cache_manager = kv_cache_manager
         self.admission_hook = admission_hook
+        # at most this many steps in a multi-step decode (None: num_scheduler_steps); the engine sets it from the
+        # time a decode step takes, so a multi-step fits its stream interval
+        self.multi_step_cap: int | None = None
         self.requests: dict[str, Request] = {}  # every unfinished request
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []  # sorted by arrival_time: the last one is the newest
@@ -160,6 +167,9 @@ class Scheduler:
 
     # ---- the step ------------------------------------------------------------------------------
     def schedule(self) -> SchedulerOutput:
+        multi = self._schedule_multi_step()
+        if multi is not None:
+            return multi
         cfg = self.scheduler_config
         kv = self.kv_cache_manager
         token_budget = cfg.max_num_batched_tokens
@@ -205,6 +215,43 @@ class Scheduler:
             preempted_request_ids=[r.request_id for r in preempted],
             finished_request_ids=self.finished_request_ids,
         )
+        self.finished_request_ids = []
+        return output
+
+    def _schedule_multi_step(self) -> SchedulerOutput | None:
+        """A multi-step decode of every running request, or None (schedule a plain step). Taken when
+        num_scheduler_steps > 1, prompt-lookup drafting is off (a group's tokens would skip the drafts it could have
+        made at each of them), nothing waits (an arrival would wait out the extra steps), and every running request
+        is decoding with greedy argmax as its whole sampling rule (`can_multi_step`). The steps are capped by each
+        request's max_tokens and max_model_len (no token is computed past a length limit), by `multi_step_cap`, and
+        by the free blocks (never preempting for the extra tokens)."""
+        cfg = self.scheduler_config
+        if cfg.num_scheduler_steps <= 1 or self.speculative is not None or self.waiting or not self.running \
+                or len(self.running) > cfg.max_num_batched_tokens:
+            return None
+        steps = cfg.num_scheduler_steps if self.multi_step_cap is None else min(cfg.num_scheduler_steps,
+                                                                                self.multi_step_cap)
+        if steps <= 1:
+            return None
+        for request in self.running:
+            if request.num_tokens - request.num_computed_tokens != 1 or not can_multi_step(request):
+                return None
+            steps = min(steps, request.sampling_params.max_tokens - request.num_output_tokens,
+                        cfg.max_model_len - request.num_tokens)
+        if steps <= 1:
+            return None
+        kv = self.kv_cache_manager
+        while steps > 1 and sum(kv.num_blocks_needed(r, steps) for r in self.running) > kv.num_free_blocks:
+            steps -= 1  # as many as the free blocks hold
+        if steps <= 1:
+            return None
+        scheduled = []
+        for request in self.running:
+            block_ids = kv.allocate_slots(request, steps)
+            assert block_ids is not None
+            scheduled.append(ScheduledRequest(request, 1, request.num_computed_tokens, block_ids, sample=True))
+        output = SchedulerOutput(scheduled=scheduled, num_batched_tokens=len(scheduled),
+                                 finished_request_ids=self.finished_request_ids, num_steps=steps)
         self.finished_request_ids = []
         return output
 
@@ -281,6 +328,7 @@ class Scheduler:
         Returns one RequestUpdate per request that gained tokens or finished in this step; requests
         finished meanwhile (aborts) are skipped."""
         updates: list[RequestUpdate] = []
+        multi_step = scheduler_output.num_steps > 1
         for sched in scheduler_output.scheduled:
             request = sched.request
             if request.status != RequestStatus.RUNNING:
@@ -299,9 +347,19 @@ class Scheduler:
                     self._check_stop(request, token_id)
                     if request.is_finished:
                         break
+            elif multi_step:  # the runner's tokens, each computed after the ones before it: all of them stand
+                got = sampled_token_ids[request.request_id]
+                got = [got] if isinstance(got, int) else got
+                request.num_computed_tokens += len(got)  # fed: the last token, then every new one but the last
+                for token_id in got:
+                    request.output_token_ids.append(token_id)
+                    new_token_ids.append(token_id)
+                    self._check_stop(request, token_id)
+                    if request.is_finished:
+                        break
             else:
                 request.num_computed_tokens += sched.num_new_tokens
-            if sched.sample and not sched.draft_token_ids:
+            if sched.sample and not sched.draft_token_ids and not multi_step:
                 token_id = sampled_token_ids[request.request_id]
                 request.output_token_ids.append(token_id)
                 new_token_ids.append(token_id)

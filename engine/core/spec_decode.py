@@ -72,6 +72,16 @@ def can_speculate(params: SamplingParams) -> bool:
             and not params.bad_words_token_ids and params.structured_output is None and params.min_tokens == 0)
 
 
+def can_multi_step(request) -> bool:
+    """Whether greedy argmax of the raw logits decides the request's next tokens, whatever they are: as
+    `can_speculate`, but a minimum length already reached suppresses nothing any more."""
+    params = request.sampling_params
+    return (params.is_greedy and params.logprobs is None and params.repetition_penalty == 1.0
+            and params.presence_penalty == 0.0 and params.frequency_penalty == 0.0 and not params.logit_bias
+            and not params.bad_words_token_ids and params.structured_output is None
+            and request.num_output_tokens >= params.min_tokens)
+
+
 def ngram_draft(tokens: list[int], max_tokens: int, lookup_max: int, lookup_min: int) -> list[int]:
     """Up to `max_tokens` tokens that followed the latest earlier occurrence of the longest suffix of `tokens`
     (lookup_max down to lookup_min tokens long); [] when no suffix recurs."""

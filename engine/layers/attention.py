@@ -181,6 +181,7 @@ def build_forward_batch(
     logits_indices: Sequence[int] | None = None,
     sliding_window: int | None = None,
     cpu_kernel: bool = False,
+    lookahead: int = 1,
 ) -> ForwardBatch:
     """One step's ForwardBatch from plain lists, one entry per scheduled request.
 
@@ -190,11 +191,15 @@ def build_forward_batch(
     block_tables: its KV block ids, covering num_computed + query_len tokens.
     logits_indices: rows to compute logits for (default: each request's last token).
     cpu_kernel: fill the kernel_* fields for engine/kernels/cpu_kernels.py (inference only: it has no autograd).
+    lookahead: decode rows only, on the CPU kernel path: the slot table covers this many positions per row from the
+      new token's (the block tables must hold them), so advance_decode_batch can move the batch on lookahead - 1 times.
     Masks are built here once per step and shared by every layer.
     """
     if cpu_kernel and query_lens and all(q == 1 for q in query_lens):
         return _decode_batch(input_ids, num_computed_tokens, block_tables, block_size, device, logits_indices,
-                             sliding_window)
+                             sliding_window, lookahead)
+    if lookahead != 1:
+        raise ValueError("lookahead is for decode batches on the CPU kernel path")
     return _general_batch(input_ids, query_lens, num_computed_tokens, block_tables, block_size, device,
                           logits_indices, sliding_window, cpu_kernel)
 
@@ -204,7 +209,7 @@ _LANES: dict[tuple[int, str], torch.Tensor] = {}  # (block size, device) -> aran
 
 def _decode_batch(input_ids: Sequence[int], num_computed_tokens: Sequence[int], block_tables: Sequence[Sequence[int]],
                   block_size: int, device: torch.device | str, logits_indices: Sequence[int] | None,
-                  sliding_window: int | None) -> ForwardBatch:
+                  sliding_window: int | None, lookahead: int = 1) -> ForwardBatch:
     """The same ForwardBatch as _general_batch for a step of decode rows only (one new token each) on the CPU
     kernel path, from the lists in plain Python: every int64 of the step goes into one tensor and the fields are
     views of it, with five more operations for the kernel's slot table, instead of ~25 (a step of the 4-bit model
@@ -215,7 +220,7 @@ def _decode_batch(input_ids: Sequence[int], num_computed_tokens: Sequence[int], 
         raise ValueError("input_ids, query_lens, num_computed_tokens and block_tables disagree in length")
     max_blocks = max(len(b) for b in block_tables)
     positions = list(num_computed_tokens)  # each row's new token sits right after what its cache holds
-    width = max(positions) + 1
+    width = max(positions) + lookahead
     if width > max_blocks * block_size:
         raise ValueError("a block table is too short for its request's tokens")
     rows = [list(b) + [0] * (max_blocks - len(b)) for b in block_tables]
@@ -240,6 +245,18 @@ def _decode_batch(input_ids: Sequence[int], num_computed_tokens: Sequence[int], 
     attn.kernel_lens, attn.kernel_rows = field[3], field[4]
     return ForwardBatch(input_ids=field[0], positions=field[1], slot_mapping=field[2], attn=attn,
                         logits_indices=values[5 * n:5 * n + k])
+
+
+def advance_decode_batch(batch: ForwardBatch, token_ids: torch.Tensor) -> None:
+    """Move a decode batch built with lookahead > 1 on to the next position of every row, in place: `token_ids`
+    [rows] are the new tokens (the ones the batch's step sampled). The same fields as a batch built for the next
+    position, for positions the slot table covers (an index past it raises)."""
+    attn = batch.attn
+    batch.input_ids.copy_(token_ids)
+    batch.positions.add_(1)
+    attn.kernel_lens.add_(1)
+    torch.gather(attn.kernel_slots, 1, batch.positions.unsqueeze(1), out=batch.slot_mapping.unsqueeze(1))
+    batch.continued = True
 
 
 def _general_batch(input_ids: Sequence[int], query_lens: Sequence[int], num_computed_tokens: Sequence[int],

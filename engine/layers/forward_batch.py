@@ -61,6 +61,9 @@ class ForwardBatch:
     adapter_slots: torch.Tensor | None = None
     # Opaque per-step metadata prepared by the adapter hook (segment offsets etc.).
     adapter_metadata: object | None = None
+    # a multi-step decode's second or later step (advance_decode_batch): the same rows, adapters and modules as the
+    # step before, one position further; what the model checked for that step still holds
+    continued: bool = False
 
     @property
     def num_tokens(self) -> int:

@@ -82,7 +82,7 @@ def engine_load(engine, prompts_of, adapter, concurrency: int, per_stream: int, 
     from loraplex.engine.core.sampling_params import SamplingParams
     params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
     queues = {i: [prompts_of(i, j) for j in range(per_stream)] for i in range(concurrency)}
-    stamps: dict[str, list[float]] = {}
+    stamps: dict[str, list[tuple[float, int]]] = {}  # (time, tokens) of each output with tokens
     owner: dict[str, int] = {}
 
     def submit(i: int) -> None:
@@ -95,10 +95,11 @@ def engine_load(engine, prompts_of, adapter, concurrency: int, per_stream: int, 
     while engine.has_unfinished_requests():
         for out in engine.step():
             if out.token_ids:
-                stamps[out.request_id].append(time.perf_counter())
+                stamps[out.request_id].append((time.perf_counter(), len(out.token_ids)))
             if out.finished and queues[owner[out.request_id]]:
                 submit(owner[out.request_id])
-    return [(s[-1] - s[0]) / max(1, len(s) - 1) for s in stamps.values()]
+    # after the first output, over the tokens after it (an output holds several with --num-scheduler-steps)
+    return [(s[-1][0] - s[0][0]) / max(1, sum(n for _, n in s[1:])) for s in stamps.values()]
 
 
 def main() -> None:

@@ -1,0 +1,119 @@
+"""Multi-step decoding (`--num-scheduler-steps`) in the engine: decode speed with one step per schedule against up to
+N, at a few streams, base model and with a rank-8 adapter, the same greedy requests through engines in this process.
+
+    python scripts/bench/bench_multi_step.py [--steps 1 8] [--dtype bfloat16] [--cpu-linear auto]
+        [--concurrency 1 4] [--max-tokens 128] [--rounds 3] [--stream-interval-ms 20]
+        [--model FOLDER --quantization gptq --kv-cache-dtype bfloat16] [--no-adapter]
+
+Each round runs every engine on the same open-ended prompts (greedy, to EOS or --max-tokens), alternating which
+goes first; prints per run output tokens/s and the tokens per engine step, then the medians' ratios against the
+first --steps value, and checks that every engine produced the same tokens. The multi-step engines fit their steps
+into --stream-interval-ms as a server does (the default window; a larger one lets more steps run per schedule).
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+from bench_spec_decode import OPEN_PROMPTS, chat  # noqa: E402
+
+
+def run(engine, prompts: list[list[int]], max_tokens: int, concurrency: int, adapter) -> dict:
+    from loraplex.engine.core.sampling_params import SamplingParams
+    params = SamplingParams(max_tokens=max_tokens, temperature=0.0)
+    outputs: dict[int, list[int]] = {}
+    pending = list(enumerate(prompts))
+    active: dict[str, int] = {}
+    steps = 0
+    t0 = time.perf_counter()
+    while pending or engine.has_unfinished_requests():
+        while pending and len(active) < concurrency:
+            i, p = pending.pop(0)
+            rid = f"multi-step-bench-{time.monotonic_ns()}-{i}"
+            engine.add_request(rid, p, params, **({"adapter": adapter} if adapter else {}))
+            active[rid] = i
+            outputs[i] = []
+        steps += 1
+        for out in engine.step():
+            outputs[active[out.request_id]].extend(out.token_ids)
+            if out.finished:
+                del active[out.request_id]
+    seconds = time.perf_counter() - t0
+    tokens = sum(len(v) for v in outputs.values())
+    return {"tok_s": tokens / seconds, "tokens": tokens, "steps": steps,
+            "outputs": [outputs[i] for i in sorted(outputs)]}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default=None)
+    ap.add_argument("--steps", nargs="+", type=int, default=[1, 8], help="--num-scheduler-steps of each engine")
+    ap.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
+    ap.add_argument("--cpu-linear", default="auto", choices=["auto", "stream", "onednn"])
+    ap.add_argument("--max-tokens", type=int, default=128)
+    ap.add_argument("--concurrency", nargs="+", type=int, default=[1, 4])
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--stream-interval-ms", type=float, default=20.0)
+    ap.add_argument("--no-adapter", action="store_true", help="skip the runs with a rank-8 adapter")
+    ap.add_argument("--quantization", default="none", help="as `loraplex serve --quantization` (e.g. gptq)")
+    ap.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "bfloat16"])
+    args = ap.parse_args()
+
+    from loraplex.adapters.runtime import create_lora_runtime
+    from loraplex.adapters.synthetic import write_random_peft
+    from loraplex.engine.default_model import ensure_default_model
+    from loraplex.engine.engine_args import EngineArgs
+    from loraplex.engine.llm_engine import LLMEngine, _read_model_config
+
+    model = args.model or str(ensure_default_model())
+    adapter = write_random_peft(Path(tempfile.mkdtemp(prefix="bench-multi-step-")) / "a0", _read_model_config(model),
+                                r=8, seed=0, std=0.02)
+    engines = {}
+    for steps in args.steps:
+        engine = LLMEngine.from_engine_args(
+            EngineArgs(model=model, dtype=args.dtype, cpu_linear=args.cpu_linear, num_scheduler_steps=steps,
+                       stream_interval_ms=args.stream_interval_ms, max_num_seqs=max(args.concurrency),
+                       enable_prefix_caching=False, enable_lora=True, quantization=args.quantization,
+                       kv_cache_dtype=args.kv_cache_dtype),
+            hook_factory=create_lora_runtime)
+        engine.adapter_hook.register_adapter("a0", 1, 1, str(adapter))
+        engines[steps] = engine
+    tok = engines[args.steps[0]].tokenizer
+    prompts = [chat(tok, p) for p in OPEN_PROMPTS]
+    print(f"model={model} dtype={args.dtype} cpu_linear={args.cpu_linear} quantization={args.quantization} "
+          f"steps={args.steps} stream_interval_ms={args.stream_interval_ms} max_tokens={args.max_tokens} "
+          f"rounds={args.rounds}", flush=True)
+    for engine in engines.values():  # untimed warm-up (and a first timed decode step for the window)
+        run(engine, prompts[:1], 16, 1, None)
+    rows = []
+    for adapter_key in [None] + ([] if args.no_adapter else [(1, 1)]):
+        for conc in args.concurrency:
+            label = f"{'adapter' if adapter_key else 'base'}, {conc} stream{'s' if conc > 1 else ''}"
+            results: dict[int, list[dict]] = {s: [] for s in args.steps}
+            for r in range(args.rounds):
+                order = args.steps[r % len(args.steps):] + args.steps[:r % len(args.steps)]
+                for steps in order:
+                    res = run(engines[steps], prompts, args.max_tokens, conc, adapter_key)
+                    results[steps].append(res)
+                    print(f"  {label} [steps {steps}]: {res['tok_s']:.1f} tok/s, {res['tokens']} tokens in "
+                          f"{res['steps']} engine steps ({res['tokens'] / res['steps']:.2f} a step)", flush=True)
+            first = results[args.steps[0]]
+            same = all(res[i]["outputs"] == first[i]["outputs"] for res in results.values() for i in range(args.rounds))
+            medians = {s: statistics.median(x["tok_s"] for x in res) for s, res in results.items()}
+            rows.append((label, medians, same))
+    base = args.steps[0]
+    print("\n| load | " + " | ".join(f"steps {s} tok/s" for s in args.steps) + " | "
+          + " | ".join(f"{s} / {base}" for s in args.steps[1:]) + " | same tokens |")
+    print("|---" * (2 * len(args.steps)) + "|---|")
+    for label, medians, same in rows:
+        print(f"| {label} | " + " | ".join(f"{medians[s]:.1f}" for s in args.steps) + " | "
+              + " | ".join(f"{medians[s] / medians[base]:.3f}x" for s in args.steps[1:]) + f" | {same} |")
+
+
+if __name__ == "__main__":
+    main()
