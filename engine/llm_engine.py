@@ -88,8 +88,8 @@ class LLMEngine:
         # multi-step decoding (--num-scheduler-steps) fits its steps into this window, the stream interval: a
         # request's tokens then come no more bunched, and an arrival waits no longer, than the coalesced stream's
         self.multi_step_window_s = 0.0
-        self.decode_step_s: float | None = None  # the time a decode step takes (moving average)
-        self.scheduler.multi_step_cap = 1  # until a decode step was timed
+        self.decode_step_s: dict[int, float] = {}  # rows -> the time a decode step of that many takes (moving average)
+        self.scheduler.multi_step_cap = self._multi_step_cap
 
     def _structured(self):
         if self.structured_output is None:
@@ -313,12 +313,18 @@ class LLMEngine:
         return self._route_internal(outputs) if self._internal else outputs
 
     def _time_decode_step(self, elapsed_s: float, sampled: dict) -> None:
-        """Fold a decode-only step's time into decode_step_s (per step of a multi-step) and cap the next
-        multi-step at the steps that fit multi_step_window_s."""
-        steps = max((len(s.token_ids) if s.token_ids else 1 for s in sampled.values()), default=1)
+        """Fold a decode-only step's time (per step, for a multi-step) into decode_step_s for its number of rows."""
+        if not sampled:
+            return
+        steps = max(len(s.token_ids) if s.token_ids else 1 for s in sampled.values())
         per_step = elapsed_s / steps
-        self.decode_step_s = per_step if self.decode_step_s is None else 0.7 * self.decode_step_s + 0.3 * per_step
-        self.scheduler.multi_step_cap = max(1, int(self.multi_step_window_s / self.decode_step_s))
+        old = self.decode_step_s.get(len(sampled))
+        self.decode_step_s[len(sampled)] = per_step if old is None else 0.7 * old + 0.3 * per_step
+
+    def _multi_step_cap(self, rows: int) -> int:
+        """The decode steps of `rows` rows that fit multi_step_window_s; 1 until such a step was timed."""
+        per_step = self.decode_step_s.get(rows)
+        return 1 if per_step is None else max(1, int(self.multi_step_window_s / per_step))
 
     def _route_internal(self, outputs: list[RequestOutput]) -> list[RequestOutput]:
         kept = []

@@ -92,9 +92,9 @@ class Scheduler:
         self._backoff: dict[str, Backoff] = {}  # per speculating request
         self.kv_cache_manager = kv_cache_manager
         self.admission_hook = admission_hook
-        # at most this many steps in a multi-step decode (None: num_scheduler_steps); the engine sets it from the
-        # time a decode step takes, so a multi-step fits its stream interval
-        self.multi_step_cap: int | None = None
+        # multi_step_cap(rows): at most this many steps in a multi-step decode of that many rows (None: up to
+        # num_scheduler_steps); the engine sets it from the time its decode steps take, to fit its stream interval
+        self.multi_step_cap: Callable[[int], int] | None = None
         self.requests: dict[str, Request] = {}  # every unfinished request
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []  # sorted by arrival_time: the last one is the newest
@@ -229,8 +229,8 @@ class Scheduler:
         if cfg.num_scheduler_steps <= 1 or self.speculative is not None or self.waiting or not self.running \
                 or len(self.running) > cfg.max_num_batched_tokens:
             return None
-        steps = cfg.num_scheduler_steps if self.multi_step_cap is None else min(cfg.num_scheduler_steps,
-                                                                                self.multi_step_cap)
+        steps = cfg.num_scheduler_steps if self.multi_step_cap is None else min(
+            cfg.num_scheduler_steps, self.multi_step_cap(len(self.running)))
         if steps <= 1:
             return None
         for request in self.running:

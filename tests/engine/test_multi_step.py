@@ -76,10 +76,10 @@ def test_steps_stop_at_length_limits_and_the_engine_cap():
     prefill(s, b)
     assert s.schedule().num_steps == 3  # 7 tokens known, 10 at most
     s = scheduler(steps=8)
-    s.multi_step_cap = 2
+    s.multi_step_cap = lambda rows: 2
     prefill(s, Request("c", [7, 8], GREEDY))
     assert s.schedule().num_steps == 2
-    s.multi_step_cap = 1
+    s.multi_step_cap = lambda rows: 1
     assert s.schedule().num_steps == 1
 
 
@@ -282,3 +282,18 @@ def test_the_rebuilt_batch_path_gives_the_same_tokens(tiny_dir):
         got[steps] = run(engine, requests)
         assert max(seen) == steps
     assert got[8] == got[1]
+
+
+def test_groups_fit_the_stream_interval_per_batch_size(default_model_dir):
+    from loraplex.engine.llm_engine import LLMEngine
+
+    engine = LLMEngine.from_engine_args(EngineArgs(model=default_model_dir, dtype="float32", max_num_seqs=4,
+                                                   kv_cache_memory_bytes=32 << 20, stream_interval_ms=1000))
+    seen = counting(engine)
+    engine.add_request("r", [1, 2, 3, 4], SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True))
+    while engine.has_unfinished_requests():
+        engine.step()
+    per_step = engine.decode_step_s[1]
+    assert set(engine.decode_step_s) == {1} and per_step > 0
+    assert engine._multi_step_cap(1) == max(1, int(1.0 / per_step)) and engine._multi_step_cap(3) == 1
+    assert seen[:2] == [1, 1] and max(seen) > 1  # the prefill, one timed decode step, then groups
