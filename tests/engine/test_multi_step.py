@@ -297,4 +297,3 @@ def test_groups_fit_the_stream_interval_per_batch_size(default_model_dir):
     assert set(engine.decode_step_s) == {1} and per_step > 0
     assert engine._multi_step_cap(1) == max(1, int(1.0 / per_step)) and engine._multi_step_cap(3) == 1
     assert seen[:2] == [1, 1] and max(seen) > 1  # the prefill, one timed decode step, then groups
-
