@@ -16,37 +16,10 @@ import argparse
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_spec_decode import OPEN_PROMPTS, chat  # noqa: E402
-
-
-def run(engine, prompts: list[list[int]], max_tokens: int, concurrency: int, adapter) -> dict:
-    from loraplex.engine.core.sampling_params import SamplingParams
-    params = SamplingParams(max_tokens=max_tokens, temperature=0.0)
-    outputs: dict[int, list[int]] = {}
-    pending = list(enumerate(prompts))
-    active: dict[str, int] = {}
-    steps = 0
-    t0 = time.perf_counter()
-    while pending or engine.has_unfinished_requests():
-        while pending and len(active) < concurrency:
-            i, p = pending.pop(0)
-            rid = f"multi-step-bench-{time.monotonic_ns()}-{i}"
-            engine.add_request(rid, p, params, **({"adapter": adapter} if adapter else {}))
-            active[rid] = i
-            outputs[i] = []
-        steps += 1
-        for out in engine.step():
-            outputs[active[out.request_id]].extend(out.token_ids)
-            if out.finished:
-                del active[out.request_id]
-    seconds = time.perf_counter() - t0
-    tokens = sum(len(v) for v in outputs.values())
-    return {"tok_s": tokens / seconds, "tokens": tokens, "steps": steps,
-            "outputs": [outputs[i] for i in sorted(outputs)]}
+from bench_spec_decode import OPEN_PROMPTS, chat, run  # noqa: E402 (the same request loop)
 
 
 def main() -> None:
