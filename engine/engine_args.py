@@ -43,7 +43,7 @@ class EngineArgs:
     seed: int = 0
     num_threads: int | None = None  # torch intra-op threads on CPU; None: all cores
     cpu_weight_prepack: bool = True  # CPU: swap nn.Linear for oneDNN-prepacked PackedLinear
-    num_scheduler_steps: int = 8  # decode steps per schedule while every running request is plain greedy (see --num-scheduler-steps)
+    num_scheduler_steps: int = 8  # greedy decode steps per schedule, within the stream interval (--num-scheduler-steps)
     speculative_config: str | dict | None = None  # vLLM's spelling: {"method": "ngram", "num_speculative_tokens": K, ...}
     cpu_linear: str = "auto"  # CPU base linears: auto | stream (weight-streaming kernel) | onednn (see llm_engine)
     cpu_huge_pages: bool = True  # CPU: weights and KV cache on transparent huge pages (engine/hugepages.py)
