@@ -187,6 +187,11 @@ class LLMEngine:
         engine = cls(runner, Scheduler(scheduler_config, kv, speculative=speculative), tokenizer, model_config,
                      max_model_len)
         engine.multi_step_window_s = args.stream_interval_ms / 1000
+        if speculative is not None or args.num_scheduler_steps == 1 or args.stream_interval_ms == 0:
+            logger.info("multi-step decoding: off (one decode step per schedule)")
+        else:
+            logger.info("multi-step decoding: up to %d greedy decode steps per schedule, as many as fit %.0f ms",
+                        args.num_scheduler_steps, args.stream_interval_ms)
         if hook_factory is not None:
             engine.attach_adapter_hook(hook_factory(engine, args))
         if background_factory is not None:
