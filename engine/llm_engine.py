@@ -87,6 +87,7 @@ class LLMEngine:
         self._internal: dict[str, tuple[list[str], Callable[[str, str | None], None]]] = {}
         # multi-step decoding (--num-scheduler-steps) fits its steps into this window, the stream interval: a
         # request's tokens then come no more bunched, and an arrival waits no longer, than the coalesced stream's
+        # (0: groups off, decode steps not timed)
         self.multi_step_window_s = 0.0
         self.decode_step_s: dict[int, float] = {}  # rows -> the time a decode step of that many takes (moving average)
         self.scheduler.multi_step_cap = self._multi_step_cap
@@ -186,10 +187,10 @@ class LLMEngine:
                         speculative.prompt_lookup_max)
         engine = cls(runner, Scheduler(scheduler_config, kv, speculative=speculative), tokenizer, model_config,
                      max_model_len)
-        engine.multi_step_window_s = args.stream_interval_ms / 1000
         if speculative is not None or args.num_scheduler_steps == 1 or args.stream_interval_ms == 0:
             logger.info("multi-step decoding: off (one decode step per schedule)")
         else:
+            engine.multi_step_window_s = args.stream_interval_ms / 1000
             logger.info("multi-step decoding: up to %d greedy decode steps per schedule, as many as fit %.0f ms",
                         args.num_scheduler_steps, args.stream_interval_ms)
         if hook_factory is not None:
@@ -291,10 +292,10 @@ class LLMEngine:
                 self.adapter_hook.release(self._requests[request_id], finished=False)
         if not scheduler_output.scheduled:
             return outputs
-        decode_only = all(s.num_new_tokens == 1 for s in scheduler_output.scheduled)
+        timed = self.multi_step_window_s > 0 and all(s.num_new_tokens == 1 for s in scheduler_output.scheduled)
         started = time.perf_counter()
         sampled = self.runner.execute(scheduler_output)
-        if decode_only:
+        if timed:  # a decode-only step: it sizes the groups
             self._time_decode_step(time.perf_counter() - started, sampled)
         grammar_done = []
         for rid, s in sampled.items():

@@ -215,12 +215,17 @@ class ModelRunner:
         """[rows] int64: the argmax token of each row's logits (`hidden` holds the batch's logits rows), through the
         screened head where it takes them (the same tokens), else from the logits."""
         rows = batch.logits_indices
+        head = self._screened_head(rows)
+        token_ids = None if head is None else head.greedy(hidden)
+        return token_ids if token_ids is not None else greedy(self.model.compute_logits(hidden, rows))
+
+    def _screened_head(self, rows: torch.Tensor) -> ScreenedGreedyHead | None:
+        """The screened head, where it takes these logits rows: few enough, and the base head computes every one
+        (no adapter's own head takes a row)."""
         head = self.greedy_head
-        if head is not None and len(rows) <= SCREENED_HEAD_MAX_ROWS and self.model.output_head(rows) is head.head:
-            token_ids = head.greedy(hidden)
-            if token_ids is not None:
-                return token_ids
-        return greedy(self.model.compute_logits(hidden, rows))
+        if head is None or len(rows) > SCREENED_HEAD_MAX_ROWS or self.model.output_head(rows) is not head.head:
+            return None
+        return head
 
     def _screened_greedy(self, hidden: torch.Tensor, batch: ForwardBatch, sampling: list,
                          result: dict[str, SampledToken]) -> bool:
@@ -228,14 +233,12 @@ class ModelRunner:
         greedy) of the base head: the step's tokens into `result` through the screened head
         (engine/layers/greedy_head.py), the same tokens as the logits give for fewer bytes, and True. False: compute
         the logits."""
-        head = self.greedy_head
-        if head is None or len(batch.logits_indices) > SCREENED_HEAD_MAX_ROWS:
-            return False
         requests = [s.request for s in sampling]
         if not SamplingMetadata.plain_greedy(requests) or (
                 self.structured_output is not None and self.structured_output.constrains(requests)):
             return False
-        if self.model.output_head(batch.logits_indices) is not head.head:  # an adapter's own head takes some row
+        head = self._screened_head(batch.logits_indices)
+        if head is None:
             return False
         token_ids = head.greedy(hidden[batch.logits_indices])  # [num_sampled]: one per row, a draft's rows included
         if token_ids is None:

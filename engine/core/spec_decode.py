@@ -64,22 +64,23 @@ class SpeculativeConfig:
         return cls(**data)
 
 
-def can_speculate(params: SamplingParams) -> bool:
-    """Greedy argmax of the raw logits decides every token: no sampling, penalties, biases, banned words, grammar,
-    minimum length (which suppresses stop tokens) or logprobs to report per position."""
+def argmax_decides(params: SamplingParams) -> bool:
+    """Greedy argmax of the raw logits is the whole sampling rule: no sampling, penalties, biases, banned words,
+    grammar or logprobs to report per position (a minimum length is the callers' to judge)."""
     return (params.is_greedy and params.logprobs is None and params.repetition_penalty == 1.0
             and params.presence_penalty == 0.0 and params.frequency_penalty == 0.0 and not params.logit_bias
-            and not params.bad_words_token_ids and params.structured_output is None and params.min_tokens == 0)
+            and not params.bad_words_token_ids and params.structured_output is None)
+
+
+def can_speculate(params: SamplingParams) -> bool:
+    """Greedy argmax decides every token (`argmax_decides`) and no minimum length suppresses stop tokens."""
+    return argmax_decides(params) and params.min_tokens == 0
 
 
 def can_multi_step(request) -> bool:
-    """Whether greedy argmax of the raw logits decides the request's next tokens, whatever they are: as
-    `can_speculate`, but a minimum length already reached suppresses nothing any more."""
-    params = request.sampling_params
-    return (params.is_greedy and params.logprobs is None and params.repetition_penalty == 1.0
-            and params.presence_penalty == 0.0 and params.frequency_penalty == 0.0 and not params.logit_bias
-            and not params.bad_words_token_ids and params.structured_output is None
-            and request.num_output_tokens >= params.min_tokens)
+    """Greedy argmax decides the request's next tokens, whatever they are: `argmax_decides`, and a minimum length,
+    if any, already reached (it suppresses nothing any more)."""
+    return argmax_decides(request.sampling_params) and request.num_output_tokens >= request.sampling_params.min_tokens
 
 
 def ngram_draft(tokens: list[int], max_tokens: int, lookup_max: int, lookup_min: int) -> list[int]:

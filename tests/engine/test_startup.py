@@ -13,6 +13,13 @@ from loraplex.engine.llm_engine import load_tokenizer
 CHAT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Héllo, wörld! 12345 <|im_end|>"}]
 
 
+def fresh_python_prints(code: str, timeout: float) -> str:
+    """What `code` prints in a fresh interpreter (whose imports are only its own), after it ran cleanly."""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout, check=False)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return done.stdout.strip()
+
+
 def test_plain_fast_tokenizer_is_autotokenizers(default_model_dir):
     from transformers import AutoTokenizer
     ours, auto = load_tokenizer(str(default_model_dir)), AutoTokenizer.from_pretrained(str(default_model_dir))
@@ -34,9 +41,7 @@ def test_the_plain_fast_tokenizer_loads_without_autotokenizer(default_model_dir)
     code = ("import sys; from loraplex.engine.llm_engine import load_tokenizer; "
             f"tok = load_tokenizer({str(default_model_dir)!r}); assert tok('hi')['input_ids']; "
             "print('transformers.models.auto.tokenization_auto' in sys.modules)")
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=False)
-    assert done.returncode == 0, done.stderr[-2000:]
-    assert done.stdout.strip() == "False"
+    assert fresh_python_prints(code, timeout=300) == "False"
 
 
 def test_other_tokenizer_classes_still_go_through_autotokenizer(default_model_dir, tmp_path, monkeypatch):
@@ -63,9 +68,7 @@ def test_building_the_model_imports_no_dynamo(default_model_dir):
     code = ("import sys; from loraplex.engine.loader import load_model; "
             f"load_model({str(default_model_dir)!r}, 'float32'); "
             "print('torch._dynamo' in sys.modules)")
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=False)
-    assert done.returncode == 0, done.stderr[-2000:]
-    assert done.stdout.strip() == "False"
+    assert fresh_python_prints(code, timeout=300) == "False"
 
 
 def test_the_server_spawns_its_engine_before_importing_torch():
@@ -75,9 +78,7 @@ def test_the_server_spawns_its_engine_before_importing_torch():
             "from loraplex.serve.server import add_serve_args, check_serve_args; p = argparse.ArgumentParser(); "
             "add_serve_args(p); check_serve_args(p.parse_args(['--lora-modules', 'a=/x', '--dtype', 'float32'])); "
             "print('torch' in sys.modules)")
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False)
-    assert done.returncode == 0, done.stderr[-2000:]
-    assert done.stdout.strip() == "False"
+    assert fresh_python_prints(code, timeout=120) == "False"
 
 
 def test_an_imported_factory_crosses_a_pickle_and_calls_its_function():
