@@ -46,7 +46,8 @@ def main() -> None:
     try:
         engine = LLMEngine.from_engine_args(EngineArgs(model=args.model, dtype="float32", max_num_seqs=max(args.batch),
                                                        enable_prefix_caching=False, cpu_linear="stream",
-                                                       quantization="gptq", kv_cache_dtype=args.kv_cache_dtype))
+                                                       quantization="gptq", kv_cache_dtype=args.kv_cache_dtype,
+                                                       num_scheduler_steps=1))
     except ValueError as e:  # not a GPTQ checkpoint, ...
         raise SystemExit(f"bench_int8_layout.py: {e}") from None
     linears = [m for m in engine.runner.model.modules() if isinstance(m, StreamLinear)]

@@ -44,7 +44,7 @@ def main() -> None:
     for batch in args.batch:
         engine = LLMEngine.from_engine_args(EngineArgs(model=model, dtype=args.dtype, max_num_seqs=batch,
                                                        enable_prefix_caching=False, cpu_linear="stream",
-                                                       enable_lora=args.adapter, max_lora_rank=8),
+                                                       enable_lora=args.adapter, max_lora_rank=8, num_scheduler_steps=1),
                                             create_lora_runtime, create_training_runtime)
         adapter = None
         if args.adapter:

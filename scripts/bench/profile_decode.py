@@ -63,7 +63,9 @@ def _tied(model) -> bool:
 
 def decode_steps(engine, batch: int, prompts, steps: int, adapter: tuple | None = None) -> list[float]:
     """Start `batch` requests (on `adapter`, an (id, version) registered), run until every one is decoding, then
-    time `steps` decode steps."""
+    time `steps` decode steps (single steps: an engine that groups greedy steps, --num-scheduler-steps, is refused)."""
+    if engine.scheduler.scheduler_config.num_scheduler_steps != 1:
+        raise ValueError("decode_steps times single decode steps: build the engine with num_scheduler_steps=1")
     from loraplex.engine.core.sampling_params import SamplingParams
     params = SamplingParams(max_tokens=steps + 64, temperature=0.0, ignore_eos=True)
     for i in range(batch):
@@ -185,7 +187,9 @@ def main() -> None:
                                                        enable_prefix_caching=False, cpu_linear=cpu_linear,
                                                        quantization=args.quantization,
                                                        kv_cache_dtype=args.kv_cache_dtype,
-                                                       enable_lora=bool(args.adapter_rank)),
+                                                       enable_lora=bool(args.adapter_rank),
+                                                       # one decode step per engine step (groups: bench_multi_step.py)
+                                                       num_scheduler_steps=1),
                                             *hooks)
         adapter = None
         if args.adapter_rank:
