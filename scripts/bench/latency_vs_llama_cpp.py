@@ -152,6 +152,7 @@ def main() -> None:
         ours_dir, ours_flags = ours_model(model, args.work_dir, fmt)
         dtype = fmt if fmt in ("f32", "bf16") else args.quant_dtype
         dtype = {"f32": "float32", "bf16": "bfloat16"}.get(dtype, dtype)
+        step_bytes = weight_bytes_per_step(model, fmt)
         servers = []
         try:
             servers.append(Served("loraplex", [
@@ -183,9 +184,11 @@ def main() -> None:
                     if args.throughput:
                         r = asyncio.run(run_target(server.url, 64, 64, ["m"]))
                         speed[f"{key}_tp"].append(r["tok_s"])
-                print(f"{fmt} round {i + 1} (read bandwidth {speed['bandwidth'][-1]:.1f} GB/s): loraplex "
-                      f"{speed['ours'][-1]:.1f} tok/s (adapter {speed['adapter'][-1]:.1f}), "
-                      f"llama.cpp {speed['peer'][-1]:.1f} tok/s"
+                bound = speed["bandwidth"][-1] * 1e9 / step_bytes
+                print(f"{fmt} round {i + 1} (read bandwidth {speed['bandwidth'][-1]:.1f} GB/s, bound {bound:.0f} "
+                      f"tok/s): loraplex {speed['ours'][-1]:.1f} tok/s ({speed['ours'][-1] / bound:.0%} of the bound; "
+                      f"adapter {speed['adapter'][-1]:.1f}), llama.cpp {speed['peer'][-1]:.1f} tok/s "
+                      f"({speed['peer'][-1] / bound:.0%})"
                       + (f"; 64x64 loraplex {speed['ours_tp'][-1]:.0f}, llama.cpp {speed['peer_tp'][-1]:.0f} tok/s"
                          if args.throughput else ""), flush=True)
             if args.mixed_adapters:  # llama.cpp again, with both adapters loaded (its base rounds ran without)
@@ -210,7 +213,6 @@ def main() -> None:
             for server in servers:
                 server.stop()
         med = {k: statistics.median(v) if v else float("nan") for k, v in speed.items()}
-        step_bytes = weight_bytes_per_step(model, fmt)
         bound = med["bandwidth"] * 1e9 / step_bytes
         shares = {k: statistics.median(t * step_bytes / (b * 1e9) for t, b in zip(speed[k], speed["bandwidth"]))
                   for k in ("ours", "peer")}
