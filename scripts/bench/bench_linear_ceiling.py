@@ -1,6 +1,7 @@
 """What the CPU can compute against what memory can deliver (issue 23): for each linear of a model's decode step at
 batch 1, the weight-streaming kernel's time per call with its weights in cache (the same call repeated: the
-compute ceiling of these cores) and from memory (every layer's calls in model order, so each call's weights come
+compute ceiling of these cores; a call larger than the last-level cache, such as a dense output head, reads memory
+either way) and from memory (every layer's calls in model order, so each call's weights come
 from DRAM as in a real step), beside the bandwidth bound (its bytes over the read bandwidth measured here).
 
     python scripts/bench/bench_linear_ceiling.py [--model FOLDER --quantization gptq] [--dtype float32]
