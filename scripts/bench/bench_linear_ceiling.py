@@ -125,5 +125,6 @@ def main() -> None:
           f"the bound, between the larger of the two ({max(bound_ms, cache_ms):.3f} ms: reading and computing "
           f"overlapped) and their sum ({bound_ms + cache_ms:.3f} ms: one after the other)")
 
+
 if __name__ == "__main__":
     main()
