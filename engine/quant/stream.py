@@ -329,6 +329,13 @@ class StreamLinear(nn.Module):
     def weight_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (self.weight, self.scales, self.zeros) if t is not None)
 
+    @property
+    def kernel_bytes(self) -> int:
+        """Bytes one kernel call reads of this linear: the weight or codes, the scales, the zero points it takes (one
+        where they are all one: `kernel_zeros`) and the bias. weight_bytes counts what it holds."""
+        tensors = (self.weight, self.scales, self.kernel_zeros, self.bias)
+        return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+
     def extra_repr(self) -> str:
         fused = f", fused={self.index + 1}/{len(self.group.sizes)}" if self.group is not None else ""
         fmt = f"bits={self.bits}" + (f", group_size={self.group_size}" if self.bits < 16 else "")

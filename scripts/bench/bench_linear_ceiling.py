@@ -7,7 +7,8 @@ from DRAM as in a real step), beside the bandwidth bound (its bytes over the rea
     python scripts/bench/bench_linear_ceiling.py [--model FOLDER --quantization gptq] [--dtype float32]
         [--kv-cache-dtype bfloat16] [--activation-quant int8] [--passes 5]
 
-Per phase (qkv, o, gate_up, down, the head when it streams), summed over the layers a step calls it: MB read, the
+Per phase (qkv, o, gate_up, down, the head when it streams, or its 8-bit screening copy where plain-greedy steps
+take one: lm_head_screen), summed over the layers a step calls it: MB its calls read (`StreamLinear.kernel_bytes`), the
 bandwidth bound in ms, the from-memory time and the in-cache time (each with its GB/s), and the floor of one call
 (the same operator on a 16 x 64 weight: dispatch and the threads' fork and join). A call from memory takes at least
 the larger of its bound and its in-cache time (reading and arithmetic fully overlapped) and at most about their sum
@@ -85,6 +86,9 @@ def main() -> None:
                                                    activation_quant=args.activation_quant))
     dtype = getattr(torch, args.dtype)
     linears = stream_linears(engine.runner.model)
+    if engine.runner.greedy_head is not None:  # plain-greedy steps read the head's 8-bit screening copy instead
+        linears = [(p, lin) for p, lin in linears if lin is not engine.runner.greedy_head.head]
+        linears.append(("lm_head_screen", engine.runner.greedy_head.screen))
     if not linears:
         sys.exit("no streamed linears in this model (dense float32 with --cpu-linear auto/onednn?)")
     torch.manual_seed(0)
@@ -110,7 +114,7 @@ def main() -> None:
     rows = []
     for phase, memory_us in memory.items():
         members = [(x, lin) for p, x, lin in calls if p == phase]
-        nbytes = sum(lin.weight_bytes for _, lin in members)
+        nbytes = sum(lin.kernel_bytes for _, lin in members)
         cache_us = op_us([members[0]] * 100, args.passes)
         rows.append((phase, len(members), nbytes, memory_us * len(members), cache_us * len(members)))
     print("| phase | calls | MB | bound ms | from memory ms (GB/s) | in cache ms (GB/s) |\n|---|---|---|---|---|---|")

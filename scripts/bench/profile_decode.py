@@ -46,15 +46,33 @@ def read_bandwidth_gbs(gib: float = 1.0, repeats: int = 5) -> float:
     return x.numel() * 4 / best / 1e9
 
 
-def weight_bytes(model: torch.nn.Module) -> int:
-    """Bytes a decode step reads: every parameter and buffer of the decoder layers, the final norm and the head (a
-    tied head reads the embedding matrix once); the embedding lookup itself only touches a row per token."""
+def unread_zeros(model: torch.nn.Module) -> set[int]:
+    """ids of the per-group zero points no kernel reads: those of streamed linears (fused groups' included) that take
+    one zero point for all (`StreamLinear.zero_point`, counted itself as one of the linear's buffers)."""
+    from loraplex.engine.quant.stream import StreamLinear
+    linears = [m for m in model.modules() if isinstance(m, StreamLinear)]
+    linears += [m.group.linear for m in linears if m.group is not None]
+    return {id(m.zeros) for m in linears if m.zero_point is not None}
+
+
+def weight_bytes(model: torch.nn.Module, greedy_head=None) -> int:
+    """Bytes of weights a batch-1 decode step's kernels read: every parameter and buffer of the decoder layers, the
+    final norm and the head (a tied head reads the embedding matrix once; the embedding lookup itself only touches a
+    row per token), less the per-group zero points no kernel reads (`unread_zeros`) and, with `greedy_head` (the
+    runner's screened greedy head, which plain-greedy steps take), the dense head itself, replaced by its 8-bit
+    screening copy and row norms (the few candidate rows it then reads in full are left out)."""
     from loraplex.engine.quant import distinct_tensor_bytes
     from loraplex.engine.quant.stream import named_weights
+    unread, added, head_at = unread_zeros(model), [], None
+    if greedy_head is not None:  # the dense head and every tensor over its memory (a tied embedding)
+        head_at = greedy_head.head.weight.data_ptr()
+        screen = greedy_head.screen
+        added = [screen.weight, screen.scales, screen.kernel_zeros, greedy_head.norms]
     tensors = named_weights(model)  # fused siblings' weights live in their StreamGroup, not a submodule
     # each byte once: a streamed tied head is another tensor over the embedding's memory
-    return distinct_tensor_bytes([t for name, t in tensors if "rotary" not in name and
-                                  not (name.startswith("model.embed_tokens") and not _tied(model))])
+    return distinct_tensor_bytes([t for name, t in tensors if "rotary" not in name and id(t) not in unread and
+                                  (head_at is None or t.data_ptr() != head_at) and
+                                  not (name.startswith("model.embed_tokens") and not _tied(model))] + added)
 
 
 def _tied(model) -> bool:
@@ -88,10 +106,12 @@ LINEAR_PHASES = {"qkv": ("q_proj", "k_proj", "v_proj"), "o": ("o_proj",), "gate_
 
 
 def linear_phase_bytes(model: torch.nn.Module) -> dict[str, int]:
-    """Bytes of weights (codes, scales, zeros, bias) each linear phase of the stack reads in a step, every layer."""
+    """Bytes of weights (codes, scales, the zero points the kernel takes, bias) each linear phase of the stack reads
+    in a step, every layer."""
     from loraplex.engine.quant import distinct_tensor_bytes
     from loraplex.engine.quant.stream import named_weights
-    named = [(n, t) for n, t in named_weights(model) if ".layers." in n]
+    unread = unread_zeros(model)
+    named = [(n, t) for n, t in named_weights(model) if ".layers." in n and id(t) not in unread]
     return {phase: distinct_tensor_bytes([t for n, t in named if any(f".{m}." in n for m in mods)])
             for phase, mods in LINEAR_PHASES.items()}
 
@@ -202,7 +222,7 @@ def main() -> None:
             engine.adapter_hook.register_adapter("a0", 1, 1, str(folder))
             adapter = (1, 1)
         prompts = make_prompts(engine.tokenizer, max(args.batch))
-        nbytes = weight_bytes(engine.runner.model)
+        nbytes = weight_bytes(engine.runner.model, engine.runner.greedy_head)
         bound_ms = nbytes / (bandwidth * 1e9) * 1e3
         for batch in args.batch:
             if adapter:
@@ -240,7 +260,7 @@ def main() -> None:
             calls = sum(e.count for e in events if "::" in e.key) / args.steps
             op_ms = sum(e.self_cpu_time_total for e in events) / 1e3 / args.steps
             stack_ms = sum(e.cpu_time_total for e in events if e.key == STACK_LABEL) / 1e3 / args.steps
-            print(f"{'' if adapter else chr(10)}{dtype} {cpu_linear}{ {'off': ' (layers one by one)', 'per-op': ' (stack per operator)'}.get(stack, '')} batch {batch}: step {step_ms:.2f} ms ({batch / step_ms * 1e3:.1f} tok/s); weights "
+            print(f"{'' if adapter else chr(10)}{dtype} {cpu_linear}{ {'off': ' (layers one by one)', 'per-op': ' (stack per operator)'}.get(stack, '')} batch {batch}: step {step_ms:.2f} ms ({batch / step_ms * 1e3:.1f} tok/s); weights read "
                   f"{nbytes / 1e6:.0f} MB -> bandwidth bound {bound_ms:.2f} ms ({100 * bound_ms / step_ms:.0f}% of the "
                   f"step; {nbytes / (step_ms / 1e3) / 1e9:.1f} GB/s achieved)", flush=True)
             print(f"  profiled ({profiled_ms:.2f} ms a step under the profiler): {calls:.0f} operator calls per step, "

@@ -155,6 +155,9 @@ def test_int8_activations_match_their_reference(bits, group, sym, bias, out):
             assert (got.float() - exact).abs().max() <= 0.05 * exact.abs().max()
             if sym:  # one zero point: the kernel takes it alone, and gives the per-group zeros' bits
                 assert fast.kernel_zeros.numel() == 1
+                # what a call reads: the held per-group zeros swapped for the one zero point (4 bytes), plus the bias
+                bias_bytes = 0 if fast.bias is None else fast.bias.numel() * fast.bias.element_size()
+                assert fast.kernel_bytes == fast.weight_bytes - fast.zeros.numel() * 4 + 4 + bias_bytes
                 with torch.inference_mode():
                     bias_x = None if fast.bias is None else fast.bias.to(dtype)
                     per_group = torch.ops.loraplex_cpu.stream_linear(x, fast.weight, fast.scales, fast.zeros,
