@@ -5,8 +5,9 @@ its weights take to stream from memory at this machine's measured bandwidth and 
         [--cpu-linear onednn stream] [--stack on per-op off] [--server-runtimes] [--model FOLDER]
         [--quantization gptq] [--kv-cache-dtype bfloat16] [--phases] [--adapter-rank 8]
 
-For each (dtype, batch): the median wall time of `--steps` decode steps (no profiler), the bytes of weights a step
-reads (every linear and the head; the embedding only by rows), that over the bandwidth measured here (a streaming
+For each (dtype, batch): the median wall time of `--steps` single decode steps (no profiler; the engine runs without
+multi-step groups), the bytes of weights a step reads (every linear and the head as their kernels read them: see
+weight_bytes; the embedding only by rows), that over the bandwidth measured here (a streaming
 read of a 1 GiB buffer with the engine's threads) = the bandwidth bound, and the share of the step it is; then a
 torch.profiler pass over the same steps: operator calls per step, the time inside operators, the rest (Python,
 dispatch, scheduling, sampling outside ops) and the operators that cost most. --phases adds, before the profiler
