@@ -15,47 +15,21 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_spec_decode import OPEN_PROMPTS, chat, run  # noqa: E402 (the same request loop)
+from bench_spec_decode import OPEN_PROMPTS, add_engine_options, build_engines, chat, run
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default=None)
+    add_engine_options(ap, dtype="bfloat16", rounds=3)
     ap.add_argument("--steps", nargs="+", type=int, default=[1, 8], help="--num-scheduler-steps of each engine")
-    ap.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
-    ap.add_argument("--cpu-linear", default="auto", choices=["auto", "stream", "onednn"])
-    ap.add_argument("--max-tokens", type=int, default=128)
-    ap.add_argument("--concurrency", nargs="+", type=int, default=[1, 4])
-    ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--stream-interval-ms", type=float, default=20.0)
-    ap.add_argument("--no-adapter", action="store_true", help="skip the runs with a rank-8 adapter")
-    ap.add_argument("--quantization", default="none", help="as `loraplex serve --quantization` (e.g. gptq)")
-    ap.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "bfloat16"])
     args = ap.parse_args()
-
-    from loraplex.adapters.runtime import create_lora_runtime
-    from loraplex.adapters.synthetic import write_random_peft
-    from loraplex.engine.default_model import ensure_default_model
-    from loraplex.engine.engine_args import EngineArgs
-    from loraplex.engine.llm_engine import LLMEngine, _read_model_config
-
-    model = args.model or str(ensure_default_model())
-    adapter = write_random_peft(Path(tempfile.mkdtemp(prefix="bench-multi-step-")) / "a0", _read_model_config(model),
-                                r=8, seed=0, std=0.02)
-    engines = {}
-    for steps in args.steps:
-        engine = LLMEngine.from_engine_args(
-            EngineArgs(model=model, dtype=args.dtype, cpu_linear=args.cpu_linear, num_scheduler_steps=steps,
-                       stream_interval_ms=args.stream_interval_ms, max_num_seqs=max(args.concurrency),
-                       enable_prefix_caching=False, enable_lora=True, quantization=args.quantization,
-                       kv_cache_dtype=args.kv_cache_dtype),
-            hook_factory=create_lora_runtime)
-        engine.adapter_hook.register_adapter("a0", 1, 1, str(adapter))
-        engines[steps] = engine
+    model, engines = build_engines(args, {steps: {"num_scheduler_steps": steps,
+                                                  "stream_interval_ms": args.stream_interval_ms}
+                                          for steps in args.steps}, "bench-multi-step-")
     tok = engines[args.steps[0]].tokenizer
     prompts = [chat(tok, p) for p in OPEN_PROMPTS]
     print(f"model={model} dtype={args.dtype} cpu_linear={args.cpu_linear} quantization={args.quantization} "

@@ -74,22 +74,22 @@ def run(engine, prompts: list[list[int]], max_tokens: int, concurrency: int, mod
             "draft": s.num_draft_tokens - draft0, "accepted": s.num_accepted_tokens - acc0}
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_engine_options(ap: argparse.ArgumentParser, dtype: str, rounds: int) -> None:
+    """The options every engine of build_engines shares (this script's and bench_multi_step.py's)."""
     ap.add_argument("--model", default=None)
-    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    ap.add_argument("--dtype", default=dtype, choices=["float32", "bfloat16"])
     ap.add_argument("--cpu-linear", default="auto", choices=["auto", "stream", "onednn"])
     ap.add_argument("--max-tokens", type=int, default=128)
-    ap.add_argument("--num-speculative-tokens", type=int, default=4)
-    ap.add_argument("--prompt-lookup-max", type=int, default=4)
-    ap.add_argument("--prompt-lookup-min", type=int, default=2)
     ap.add_argument("--concurrency", nargs="+", type=int, default=[1, 4])
-    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=rounds)
     ap.add_argument("--no-adapter", action="store_true", help="skip the runs with a rank-8 adapter")
     ap.add_argument("--quantization", default="none", help="as `loraplex serve --quantization` (e.g. gptq)")
     ap.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "bfloat16"])
-    args = ap.parse_args()
 
+
+def build_engines(args: argparse.Namespace, variants: dict, prefix: str) -> tuple[str, dict]:
+    """(model folder, {name: LLMEngine}): one engine per variant (EngineArgs fields on top of add_engine_options'),
+    each with LoRA on and the same random rank-8 q/v adapter registered as (1, 1)."""
     from loraplex.adapters.runtime import create_lora_runtime
     from loraplex.adapters.synthetic import write_random_peft
     from loraplex.engine.default_model import ensure_default_model
@@ -97,19 +97,30 @@ def main() -> None:
     from loraplex.engine.llm_engine import LLMEngine, _read_model_config
 
     model = args.model or str(ensure_default_model())
-    spec = json.dumps({"method": "ngram", "num_speculative_tokens": args.num_speculative_tokens,
-                       "prompt_lookup_max": args.prompt_lookup_max, "prompt_lookup_min": args.prompt_lookup_min})
-    tmp = Path(tempfile.mkdtemp(prefix="bench-spec-"))
-    adapter = write_random_peft(tmp / "a0", _read_model_config(model), r=8, seed=0, std=0.02)
+    adapter = write_random_peft(Path(tempfile.mkdtemp(prefix=prefix)) / "a0", _read_model_config(model), r=8, seed=0,
+                                std=0.02)
     engines = {}
-    for name, config in (("plain", None), ("spec", spec)):
+    for name, fields in variants.items():
         engine = LLMEngine.from_engine_args(
-            EngineArgs(model=model, dtype=args.dtype, cpu_linear=args.cpu_linear, speculative_config=config,
-                       max_num_seqs=max(args.concurrency), enable_prefix_caching=False, enable_lora=True,
-                       quantization=args.quantization, kv_cache_dtype=args.kv_cache_dtype),
+            EngineArgs(model=model, dtype=args.dtype, cpu_linear=args.cpu_linear, max_num_seqs=max(args.concurrency),
+                       enable_prefix_caching=False, enable_lora=True, quantization=args.quantization,
+                       kv_cache_dtype=args.kv_cache_dtype, **fields),
             hook_factory=create_lora_runtime)
         engine.adapter_hook.register_adapter("a0", 1, 1, str(adapter))
         engines[name] = engine
+    return model, engines
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_engine_options(ap, dtype="float32", rounds=2)
+    ap.add_argument("--num-speculative-tokens", type=int, default=4)
+    ap.add_argument("--prompt-lookup-max", type=int, default=4)
+    ap.add_argument("--prompt-lookup-min", type=int, default=2)
+    args = ap.parse_args()
+    spec = json.dumps({"method": "ngram", "num_speculative_tokens": args.num_speculative_tokens,
+                       "prompt_lookup_max": args.prompt_lookup_max, "prompt_lookup_min": args.prompt_lookup_min})
+    model, engines = build_engines(args, {"plain": {}, "spec": {"speculative_config": spec}}, "bench-spec-")
     tok = engines["plain"].tokenizer
     workloads = {
         "edit/extract": [chat(tok, task.format(text)) for task in EDIT_TASKS for text in EDIT_TEXTS][:8],
