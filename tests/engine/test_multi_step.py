@@ -16,6 +16,7 @@ from loraplex.engine.core.scheduler import Scheduler
 from loraplex.engine.core.spec_decode import SpeculativeConfig
 from loraplex.engine.engine_args import EngineArgs
 from loraplex.engine.layers.attention import advance_decode_batch, build_forward_batch
+from tests.engine.test_spec_decode import alone_and_mixed, two_adapter_engines
 
 GREEDY = SamplingParams(max_tokens=20, temperature=0.0)
 
@@ -160,32 +161,15 @@ def counting(engine) -> list[int]:
     return seen
 
 
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory, default_model_dir):
-    from tests.adapters.peft_factory import make_tiny_model
-    return make_tiny_model(tmp_path_factory.mktemp("tiny"), default_model_dir)
-
-
 def prompt(i: int) -> list[int]:
     return [(37 * i + 11 * k) % 30000 + 300 for k in range(4 + i % 5)]
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_outputs_equal_single_steps_alone_and_in_mixed_adapter_batches(tiny_dir, tmp_path, dtype):
-    from loraplex.engine.llm_engine import _read_model_config
-    from tests.adapters.peft_factory import write_random_peft
-    from tests.adapters.test_lora_engine import lora_engine, run
-
-    config = _read_model_config(str(tiny_dir))
-    engines, seen = {}, {}
-    for steps in (1, 8):
-        engine = lora_engine(tiny_dir, dtype=dtype, num_scheduler_steps=steps, stream_interval_ms=1000)
-        for i, targets in enumerate([("q_proj", "v_proj"), ("gate_proj", "up_proj", "down_proj", "o_proj")]):
-            folder = write_random_peft(tmp_path / f"s{steps}-{i}", config, r=8, target_modules=targets, seed=i,
-                                       std=0.3)
-            engine.adapter_hook.register_adapter(f"a{i}", i + 1, 1, str(folder))
-        engines[steps] = engine
-        seen[steps] = counting(engine)
+    engines = two_adapter_engines(tiny_dir, tmp_path, dtype, {steps: {"num_scheduler_steps": steps,
+                                                                      "stream_interval_ms": 1000} for steps in (1, 8)})
+    seen = {steps: counting(engine) for steps, engine in engines.items()}
     greedy = SamplingParams(max_tokens=21, temperature=0.0, ignore_eos=True)
     keys = [None, (1, 1), (2, 1)]
     requests = {f"g{j}-{k}": (prompt(j), greedy, k) for j in range(3) for k in keys}
@@ -193,13 +177,7 @@ def test_outputs_equal_single_steps_alone_and_in_mixed_adapter_batches(tiny_dir,
     # while they run, multi-steps after)
     requests["sampled"] = (prompt(5), SamplingParams(max_tokens=6, temperature=0.8, seed=3), (1, 1))
     requests["logprobs"] = (prompt(6), SamplingParams(max_tokens=5, temperature=0.0, logprobs=2), None)
-    out = {}
-    for steps, engine in engines.items():
-        alone = {rid: run(engine, {"x": req})["x"] for rid, req in requests.items() if rid.startswith("g")}
-        mixed = run(engine, requests)
-        out[steps] = (alone, mixed)
-        kv = engine.scheduler.kv_cache_manager
-        assert kv.num_free_blocks == kv.num_total_blocks and not engine.adapter_hook._pinned
+    out = {steps: alone_and_mixed(engine, requests) for steps, engine in engines.items()}
     assert out[8] == out[1]
     assert all(len(t) == 21 for t in out[8][1].values() if len(t) > 6)
     assert set(seen[1]) == {1} and max(seen[8]) == 8 and 1 in seen[8]

@@ -122,40 +122,47 @@ def repetitive_prompt(i: int) -> list[int]:
     return base * 3 + base[:2 + i % 4]
 
 
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory, default_model_dir):
-    from tests.adapters.peft_factory import make_tiny_model
-    return make_tiny_model(tmp_path_factory.mktemp("tiny"), default_model_dir)
+def two_adapter_engines(tiny_dir, tmp_path, dtype: str, variants: dict) -> dict:
+    """{name: an engine with LoRA (tests/adapters/test_lora_engine.py's lora_engine) and `variants[name]`'s engine
+    arguments}, each with the same two random rank-8 adapters: (1, 1) on q/v, (2, 1) on the MLP and o."""
+    from loraplex.engine.llm_engine import _read_model_config
+    from tests.adapters.peft_factory import write_random_peft
+    from tests.adapters.test_lora_engine import lora_engine
+
+    config = _read_model_config(str(tiny_dir))
+    engines = {}
+    for name, fields in variants.items():
+        engine = lora_engine(tiny_dir, dtype=dtype, **fields)
+        for i, targets in enumerate([("q_proj", "v_proj"), ("gate_proj", "up_proj", "down_proj", "o_proj")]):
+            folder = write_random_peft(tmp_path / f"{name}-{i}", config, r=8, target_modules=targets, seed=i, std=0.3)
+            engine.adapter_hook.register_adapter(f"a{i}", i + 1, 1, str(folder))
+        engines[name] = engine
+    return engines
+
+
+def alone_and_mixed(engine, requests: dict) -> tuple[dict, dict]:
+    """(the greedy requests, ids "g...", each run alone; every request run together), each request's tokens; after
+    both, every KV block is free again and no adapter pinned."""
+    from tests.adapters.test_lora_engine import run
+
+    alone = {rid: run(engine, {"x": req})["x"] for rid, req in requests.items() if rid.startswith("g")}
+    mixed = run(engine, requests)
+    kv = engine.scheduler.kv_cache_manager
+    assert kv.num_free_blocks == kv.num_total_blocks and not engine.adapter_hook._pinned
+    return alone, mixed
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_speculative_outputs_equal_plain_greedy_alone_and_in_mixed_adapter_batches(tiny_dir, tmp_path, dtype):
-    from loraplex.engine.llm_engine import _read_model_config
-    from tests.adapters.peft_factory import write_random_peft
-    from tests.adapters.test_lora_engine import lora_engine, run
-
-    config = _read_model_config(str(tiny_dir))
     spec = '{"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 3, "prompt_lookup_min": 1}'
-    engines = {}
-    for name, speculative in (("plain", None), ("spec", spec)):
-        engine = lora_engine(tiny_dir, dtype=dtype, speculative_config=speculative)
-        for i, targets in enumerate([("q_proj", "v_proj"), ("gate_proj", "up_proj", "down_proj", "o_proj")]):
-            folder = write_random_peft(tmp_path / f"{name}{i}", config, r=8, target_modules=targets, seed=i, std=0.3)
-            engine.adapter_hook.register_adapter(f"a{i}", i + 1, 1, str(folder))
-        engines[name] = engine
+    engines = two_adapter_engines(tiny_dir, tmp_path, dtype, {"plain": {}, "spec": {"speculative_config": spec}})
     greedy = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
     keys = [None, (1, 1), (2, 1)]
     requests = {f"g{j}-{k}": (repetitive_prompt(j), greedy, k) for j in range(3) for k in keys}
     # beside them: a seeded sampled request and a greedy one with logprobs (neither speculates)
     requests["sampled"] = (repetitive_prompt(5), SamplingParams(max_tokens=12, temperature=0.8, seed=3), (1, 1))
     requests["logprobs"] = (repetitive_prompt(6), SamplingParams(max_tokens=12, temperature=0.0, logprobs=2), None)
-    out = {}
-    for name, engine in engines.items():
-        alone = {rid: run(engine, {"x": req})["x"] for rid, req in requests.items() if rid.startswith("g")}
-        mixed = run(engine, requests)
-        out[name] = (alone, mixed)
-        kv = engine.scheduler.kv_cache_manager
-        assert kv.num_free_blocks == kv.num_total_blocks and not engine.adapter_hook._pinned
+    out = {name: alone_and_mixed(engine, requests) for name, engine in engines.items()}
     assert out["spec"] == out["plain"]
     stats = engines["spec"].stats()
     assert stats.spec_draft_tokens > 0 and 0 < stats.spec_accepted_tokens <= stats.spec_draft_tokens
