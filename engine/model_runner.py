@@ -171,8 +171,7 @@ class ModelRunner:
         rules then drop what follows; stop strings are the detokenizer's). Each row's tokens go out as a draft's do
         (SampledToken.token_ids). None when a row is not a plain argmax of the logits (the step runs as usual)."""
         requests = [s.request for s in scheduled]
-        if not SamplingMetadata.plain_greedy(requests) or (
-                self.structured_output is not None and self.structured_output.constrains(requests)):
+        if not self._argmax_only(requests):
             return None
         n = len(scheduled)
         stops = [frozenset(r.sampling_params.stop_token_ids).union(() if r.sampling_params.ignore_eos
@@ -219,6 +218,11 @@ class ModelRunner:
         token_ids = None if head is None else head.greedy(hidden)
         return token_ids if token_ids is not None else greedy(self.model.compute_logits(hidden, rows))
 
+    def _argmax_only(self, requests: list) -> bool:
+        """Each request's token is the plain argmax of its logits: plain greedy sampling, no grammar constraining it."""
+        return SamplingMetadata.plain_greedy(requests) and not (
+            self.structured_output is not None and self.structured_output.constrains(requests))
+
     def _screened_head(self, rows: torch.Tensor) -> ScreenedGreedyHead | None:
         """The screened head, where it takes these logits rows: few enough, and the base head computes every one
         (no adapter's own head takes a row)."""
@@ -233,12 +237,8 @@ class ModelRunner:
         greedy) of the base head: the step's tokens into `result` through the screened head
         (engine/layers/greedy_head.py), the same tokens as the logits give for fewer bytes, and True. False: compute
         the logits."""
-        requests = [s.request for s in sampling]
-        if not SamplingMetadata.plain_greedy(requests) or (
-                self.structured_output is not None and self.structured_output.constrains(requests)):
-            return False
         head = self._screened_head(batch.logits_indices)
-        if head is None:
+        if head is None or not self._argmax_only([s.request for s in sampling]):
             return False
         token_ids = head.greedy(hidden[batch.logits_indices])  # [num_sampled]: one per row, a draft's rows included
         if token_ids is None:

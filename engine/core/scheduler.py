@@ -341,29 +341,16 @@ class Scheduler:
                 self.num_accepted_tokens += accepted
                 self._backoff.setdefault(request.request_id, Backoff()).record(accepted)
                 request.num_computed_tokens += 1 + accepted  # the fed token and the confirmed drafts
-                for token_id in greedy[:accepted + 1]:
-                    request.output_token_ids.append(token_id)
-                    new_token_ids.append(token_id)
-                    self._check_stop(request, token_id)
-                    if request.is_finished:
-                        break
+                self._take_tokens(request, greedy[:accepted + 1], new_token_ids)
             elif multi_step:  # the runner's tokens, each computed after the ones before it: all of them stand
                 got = sampled_token_ids[request.request_id]
                 got = [got] if isinstance(got, int) else got
                 request.num_computed_tokens += len(got)  # fed: the last token, then every new one but the last
-                for token_id in got:
-                    request.output_token_ids.append(token_id)
-                    new_token_ids.append(token_id)
-                    self._check_stop(request, token_id)
-                    if request.is_finished:
-                        break
+                self._take_tokens(request, got, new_token_ids)
             else:
                 request.num_computed_tokens += sched.num_new_tokens
-            if sched.sample and not sched.draft_token_ids and not multi_step:
-                token_id = sampled_token_ids[request.request_id]
-                request.output_token_ids.append(token_id)
-                new_token_ids.append(token_id)
-                self._check_stop(request, token_id)
+                if sched.sample:
+                    self._take_tokens(request, [sampled_token_ids[request.request_id]], new_token_ids)
             if new_token_ids and request.first_token_time is None:
                 request.first_token_time = time.monotonic()
             self.kv_cache_manager.cache_full_blocks(request)
@@ -373,6 +360,15 @@ class Scheduler:
             if new_token_ids or request.is_finished:
                 updates.append(RequestUpdate(request, new_token_ids))
         return updates
+
+    def _take_tokens(self, request: Request, token_ids: list[int], new_token_ids: list[int]) -> None:
+        """Append `token_ids` to the request's output (and to `new_token_ids`) in order, until one finishes it."""
+        for token_id in token_ids:
+            request.output_token_ids.append(token_id)
+            new_token_ids.append(token_id)
+            self._check_stop(request, token_id)
+            if request.is_finished:
+                break
 
     def _check_stop(self, request: Request, token_id: int) -> None:
         params = request.sampling_params
