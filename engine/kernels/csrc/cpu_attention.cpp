@@ -1,6 +1,7 @@
 // CPU fast path for paged attention over a flattened batch: optionally writes the step's keys and
-// values into the paged cache, then one fused loop per (query row, kv head) reads keys and values
-// straight from the cache (no gathered copy), scores in float32, softmax, weighted sum. The plain-torch reference is loraplex/engine/layers/attention.py:paged_attention;
+// values into the paged cache, then one fused loop per (query row, kv head, up to 256 of the row's keys; a longer
+// row's parts are merged after) reads keys and values straight from the cache (no gathered copy), scores in
+// float32, softmax, weighted sum. The plain-torch reference is loraplex/engine/layers/attention.py:paged_attention;
 // tests/engine/test_cpu_kernels.py checks this against it. Built once per machine by
 // loraplex/engine/kernels/cpu_kernels.py (torch.utils.cpp_extension), registered as torch.ops.loraplex_cpu.*.
 #include <ATen/ATen.h>
@@ -37,11 +38,13 @@ inline void from_float(const float* src, c10::BFloat16* dst, int64_t n) {
 }
 
 #if defined(LORAPLEX_AVX512)
-// scores[0..n) <- exp(scores - max), in place; returns 1 / sum
-inline float softmax_unnormalised(float* sg, int64_t n) {
+// scores[0..n) <- exp(scores - max), in place; *max (when not null) <- the max; returns the sum
+inline float softmax_unnormalised(float* sg, int64_t n, float* max = nullptr) {
   __m512 m = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
   for (int64_t j = 0; j < n; j += 16) m = _mm512_max_ps(m, _mm512_mask_loadu_ps(m, lpx::tail_mask(n - j), sg + j));
-  const __m512 mv = _mm512_set1_ps(_mm512_reduce_max_ps(m));
+  const float top = _mm512_reduce_max_ps(m);
+  if (max != nullptr) *max = top;
+  const __m512 mv = _mm512_set1_ps(top);
   __m512 sum = _mm512_setzero_ps();
   for (int64_t j = 0; j < n; j += 16) {
     const __mmask16 tail = lpx::tail_mask(n - j);
@@ -49,7 +52,7 @@ inline float softmax_unnormalised(float* sg, int64_t n) {
     _mm512_mask_storeu_ps(sg + j, tail, e);
     sum = _mm512_add_ps(sum, _mm512_maskz_mov_ps(tail, e));
   }
-  return 1.f / _mm512_reduce_add_ps(sum);
+  return _mm512_reduce_add_ps(sum);
 }
 
 template <int D, typename T>
@@ -65,7 +68,7 @@ constexpr int64_t PREFETCH_AHEAD = 6;  // tokens: hides the jump to the next pag
 // rows a few tokens ahead are prefetched (consecutive tokens sit in different blocks every block_size).
 template <int D, int G, typename T>
 void attend_item_grouped(const T* q, const T* k_cache, const T* v_cache, const int64_t* slots, int64_t n,
-                         int64_t kv_stride, float scale, float* scores, T* out) {
+                         int64_t kv_stride, float scale, float* scores, T* out, float* parts, int64_t part_stride) {
   constexpr int C = D / 16;
   __m512 qv[G][C];
   for (int g = 0; g < G; ++g)
@@ -88,8 +91,8 @@ void attend_item_grouped(const T* q, const T* k_cache, const T* v_cache, const i
       scores[g * n + j] = _mm512_reduce_add_ps(s) * scale;
     }
   }
-  float inv[G];
-  for (int g = 0; g < G; ++g) inv[g] = softmax_unnormalised(scores + g * n, n);
+  float sum[G], max[G];
+  for (int g = 0; g < G; ++g) sum[g] = softmax_unnormalised(scores + g * n, n, max + g);
   __m512 acc[G][C];
   for (int g = 0; g < G; ++g)
     for (int c = 0; c < C; ++c) acc[g][c] = _mm512_setzero_ps();
@@ -102,22 +105,120 @@ void attend_item_grouped(const T* q, const T* k_cache, const T* v_cache, const i
       for (int c = 0; c < C; ++c) acc[g][c] = _mm512_fmadd_ps(p, vv[c], acc[g][c]);
     }
   }
-  for (int g = 0; g < G; ++g) store_scaled<D>(acc[g], inv[g], out + g * D);
+  for (int g = 0; g < G; ++g) {
+    if (parts == nullptr) {
+      store_scaled<D>(acc[g], 1.f / sum[g], out + g * D);
+      continue;
+    }
+    float* p = parts + g * part_stride;  // one chunk of a split row: (max, sum, acc) for split_softmax
+    p[0] = max[g];
+    p[1] = sum[g];
+    for (int c = 0; c < D / 16; ++c) _mm512_storeu_ps(p + 2 + 16 * c, acc[g][c]);
+  }
 }
 
-// Any group size: the query heads one at a time.
+// Any group size: the query heads one at a time. parts: null (out gets the output) or where this chunk's
+// (max, sum, acc) go, part_stride floats per query head.
 template <int D, typename T>
 void attend_item_avx512(const T* q, const T* k_cache, const T* v_cache, const int64_t* slots, int64_t n,
-                        int64_t group, int64_t kv_stride, float scale, float* scores, T* out) {
+                        int64_t group, int64_t kv_stride, float scale, float* scores, T* out, float* parts,
+                        int64_t part_stride) {
   switch (group) {
-    case 1: return attend_item_grouped<D, 1>(q, k_cache, v_cache, slots, n, kv_stride, scale, scores, out);
-    case 2: return attend_item_grouped<D, 2>(q, k_cache, v_cache, slots, n, kv_stride, scale, scores, out);
-    case 3: return attend_item_grouped<D, 3>(q, k_cache, v_cache, slots, n, kv_stride, scale, scores, out);
-    case 4: return attend_item_grouped<D, 4>(q, k_cache, v_cache, slots, n, kv_stride, scale, scores, out);
+    case 1:
+      return attend_item_grouped<D, 1>(q, k_cache, v_cache, slots, n, kv_stride, scale, scores, out, parts,
+                                      part_stride);
+    case 2:
+      return attend_item_grouped<D, 2>(q, k_cache, v_cache, slots, n, kv_stride, scale, scores, out, parts,
+                                      part_stride);
+    case 3:
+      return attend_item_grouped<D, 3>(q, k_cache, v_cache, slots, n, kv_stride, scale, scores, out, parts,
+                                      part_stride);
+    case 4:
+      return attend_item_grouped<D, 4>(q, k_cache, v_cache, slots, n, kv_stride, scale, scores, out, parts,
+                                      part_stride);
     default: break;
   }
   for (int64_t g = 0; g < group; ++g)
-    attend_item_grouped<D, 1>(q + g * D, k_cache, v_cache, slots, n, kv_stride, scale, scores, out + g * D);
+    attend_item_grouped<D, 1>(q + g * D, k_cache, v_cache, slots, n, kv_stride, scale, scores, out + g * D,
+                              parts == nullptr ? nullptr : parts + g * part_stride, part_stride);
+}
+
+// A row split into chunks: one query head's output from each chunk's (max, sum, acc), in chunk order:
+// out = sum_c exp(m_c - m) acc_c / sum_c exp(m_c - m) s_c, m the largest m_c.
+template <typename T>
+void split_softmax(const float* parts, int64_t chunks, int64_t part_stride, int64_t head_dim, T* out) {
+  float m = -std::numeric_limits<float>::infinity();
+  for (int64_t c = 0; c < chunks; ++c) m = std::max(m, parts[c * part_stride]);
+  std::vector<float> acc(head_dim, 0.f);
+  float s = 0.f;
+  for (int64_t c = 0; c < chunks; ++c) {
+    const float* p = parts + c * part_stride;
+    const float w = std::exp(p[0] - m);
+    s += w * p[1];
+    for (int64_t d = 0; d < head_dim; ++d) acc[d] += w * p[2 + d];
+  }
+  const float inv = 1.f / s;
+  for (int64_t d = 0; d < head_dim; ++d) out[d] = static_cast<T>(acc[d] * inv);
+}
+
+constexpr int64_t SPLIT_KEYS = 256;  // keys per work item: a longer row is split, its parts merged (split_softmax)
+
+// The vectorised path (head_dim 64 or 128): one work item per (query row, kv head, SPLIT_KEYS keys of the row), so
+// a long row's keys spread over the threads instead of its few kv heads leaving one idle (at one row and three kv
+// heads, one thread took two of the three). A row of one chunk gets its output from its item, as it always did;
+// longer rows keep each chunk's (max, sum, acc) and merge them in chunk order. How a row is split depends on its
+// own length only: its output is the same whatever else is in the batch and however many threads run it.
+template <int D, typename T>
+void paged_attention_split(const T* q, const T* k_cache, const T* v_cache, const int64_t* slot_table,
+                           const int64_t* row_index, const int64_t* row_len, T* out, int64_t num_rows,
+                           int64_t num_heads, int64_t num_kv_heads, int64_t table_width, int64_t window,
+                           float scale) {
+  const int64_t group = num_heads / num_kv_heads, part = D + 2;
+  struct Item {
+    int64_t t, h, c;
+  };
+  std::vector<Item> items;
+  std::vector<int64_t> first_part(num_rows, -1);  // a split row's first chunk in parts (-1: one chunk or none)
+  int64_t num_parts = 0;
+  for (int64_t t = 0; t < num_rows; ++t) {
+    const int64_t len = row_len[t], first = window > 0 ? std::max<int64_t>(0, len - window) : 0;
+    const int64_t chunks = (len - first + SPLIT_KEYS - 1) / SPLIT_KEYS;
+    if (chunks <= 0) {  // a row the caller computes another way
+      std::fill(out + t * num_heads * D, out + (t + 1) * num_heads * D, T(0.f));
+      continue;
+    }
+    if (chunks > 1) {
+      first_part[t] = num_parts;
+      num_parts += chunks;
+    }
+    for (int64_t h = 0; h < num_kv_heads; ++h)
+      for (int64_t c = 0; c < chunks; ++c) items.push_back({t, h, c});
+  }
+  std::vector<float> parts(num_parts * num_heads * part);  // [split chunk, query head, (max, sum, acc[D])]
+  at::parallel_for(0, static_cast<int64_t>(items.size()), 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> scores(group * SPLIT_KEYS);
+    for (int64_t i = begin; i < end; ++i) {
+      const Item it = items[i];
+      const int64_t len = row_len[it.t], first = window > 0 ? std::max<int64_t>(0, len - window) : 0;
+      const int64_t start = first + it.c * SPLIT_KEYS, n = std::min(SPLIT_KEYS, len - start);
+      const int64_t head0 = it.t * num_heads + it.h * group;  // the item's first query head
+      float* p = first_part[it.t] < 0 ? nullptr
+                                      : parts.data() + ((first_part[it.t] + it.c) * num_heads + it.h * group) * part;
+      attend_item_avx512<D>(q + head0 * D, k_cache + it.h * D, v_cache + it.h * D,
+                            slot_table + row_index[it.t] * table_width + start, n, group, num_kv_heads * D, scale,
+                            scores.data(), out + head0 * D, p, part);
+    }
+  });
+  if (num_parts == 0) return;
+  at::parallel_for(0, num_rows * num_heads, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t t = i / num_heads;
+      if (first_part[t] < 0) continue;
+      const int64_t len = row_len[t], first = window > 0 ? std::max<int64_t>(0, len - window) : 0;
+      split_softmax<T>(parts.data() + (first_part[t] * num_heads + i % num_heads) * part,
+                       (len - first + SPLIT_KEYS - 1) / SPLIT_KEYS, num_heads * part, D, out + i * D);
+    }
+  });
 }
 #endif
 
@@ -129,6 +230,15 @@ void paged_attention_impl(const T* q, const T* k_cache, const T* v_cache, const 
                           const int64_t* row_index, const int64_t* row_len, T* out, int64_t num_rows,
                           int64_t num_heads, int64_t num_kv_heads, int64_t head_dim, int64_t table_width,
                           int64_t window, float scale) {
+#if defined(LORAPLEX_AVX512)
+  if (head_dim == 64)
+    return paged_attention_split<64, T>(q, k_cache, v_cache, slot_table, row_index, row_len, out, num_rows,
+                                        num_heads, num_kv_heads, table_width, window, scale);
+  if (head_dim == 128)
+    return paged_attention_split<128, T>(q, k_cache, v_cache, slot_table, row_index, row_len, out, num_rows,
+                                         num_heads, num_kv_heads, table_width, window, scale);
+#endif
+  // any head_dim, any CPU: one item per (query row, kv head), loops the compiler vectorises
   const int64_t group = num_heads / num_kv_heads;
   at::parallel_for(0, num_rows * num_kv_heads, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> qf(group * head_dim), acc(group * head_dim), row(head_dim), scores;
@@ -144,20 +254,6 @@ void paged_attention_impl(const T* q, const T* k_cache, const T* v_cache, const 
         continue;
       }
       scores.resize(group * n);
-#if defined(LORAPLEX_AVX512)
-      if (head_dim == 64 || head_dim == 128) {
-        const T* qh = q + (t * num_heads + h * group) * head_dim;
-        T* oh = out + (t * num_heads + h * group) * head_dim;
-        const T* kh = k_cache + h * head_dim;
-        const T* vh = v_cache + h * head_dim;
-        if (head_dim == 64) {
-          attend_item_avx512<64>(qh, kh, vh, slots + first, n, group, num_kv_heads * head_dim, scale, scores.data(), oh);
-        } else {
-          attend_item_avx512<128>(qh, kh, vh, slots + first, n, group, num_kv_heads * head_dim, scale, scores.data(), oh);
-        }
-        continue;
-      }
-#endif
       to_float(q + (t * num_heads + h * group) * head_dim, qf.data(), group * head_dim);
       // scores[g, j] = scale * q_g . k_j
       for (int64_t j = 0; j < n; ++j) {

@@ -40,12 +40,13 @@ def test_disabled_by_environment(monkeypatch):
 ])
 def test_kernel_matches_reference(dtype, num_heads, num_kv_heads, head_dim, window):
     gen = torch.Generator().manual_seed(0)
-    num_slots, rows = 200, 5
+    num_slots, rows = 800, 5
     k_cache = torch.randn(num_slots, num_kv_heads, head_dim, generator=gen).to(dtype)
     v_cache = torch.randn(num_slots, num_kv_heads, head_dim, generator=gen).to(dtype)
-    table = torch.stack([torch.randperm(num_slots, generator=gen)[:40] for _ in range(rows)])  # [rows, 40]
-    row_index = torch.tensor([0, 1, 2, 2, 2, 3, 4, 4, 0])
-    row_len = torch.tensor([1, 17, 3, 4, 5, 40, 33, 0, 16])  # 0: left to another path, gets zeros
+    table = torch.stack([torch.randperm(num_slots, generator=gen)[:400] for _ in range(rows)])  # [rows, 400]
+    row_index = torch.tensor([0, 1, 2, 2, 2, 3, 4, 4, 0, 1, 3, 2])
+    # 0: left to another path, gets zeros; 128 keys: one chunk of the vectorised path, 129 and more: split and merged
+    row_len = torch.tensor([1, 17, 3, 4, 5, 40, 33, 0, 16, 128, 129, 400])
     q = torch.randn(len(row_index), num_heads, head_dim, generator=gen).to(dtype)
     scale = head_dim ** -0.5
     out = cpu_kernels.paged_attention(q, k_cache, v_cache, table, row_index, row_len, window, scale)
@@ -54,6 +55,29 @@ def test_kernel_matches_reference(dtype, num_heads, num_kv_heads, head_dim, wind
     tol = 1e-5 if dtype == torch.float32 else 1e-2  # bfloat16: one rounding of the output
     torch.testing.assert_close(out.float(), ref.float(), atol=tol, rtol=tol)
     assert not out[7].any()
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_long_rows_output_is_its_own(dtype):
+    """Rows of more than 256 keys are split into parts that different threads compute and then merged: each row's
+    output is bit for bit the same alone, beside other rows and on one thread or two."""
+    gen = torch.Generator().manual_seed(1)
+    k_cache, v_cache = (torch.randn(1200, 3, 64, generator=gen).to(dtype) for _ in range(2))
+    table = torch.stack([torch.randperm(1200, generator=gen)[:1000] for _ in range(3)])
+    q = torch.randn(4, 9, 64, generator=gen).to(dtype)
+    row_index, row_len = torch.tensor([0, 1, 2, 0]), torch.tensor([1000, 300, 7, 257])
+    threads = torch.get_num_threads()
+    try:
+        together = cpu_kernels.paged_attention(q, k_cache, v_cache, table, row_index, row_len, None, 0.125)
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            for i in range(4):
+                alone = cpu_kernels.paged_attention(q[i:i + 1], k_cache, v_cache, table, row_index[i:i + 1],
+                                                    row_len[i:i + 1], None, 0.125)
+                assert torch.equal(alone[0], together[i]), (n, i)
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _packed_attention_and_grads(q, k, v, lens, window, grad):
