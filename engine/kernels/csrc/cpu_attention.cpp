@@ -145,20 +145,20 @@ void attend_item_avx512(const T* q, const T* k_cache, const T* v_cache, const in
 
 // A row split into chunks: one query head's output from each chunk's (max, sum, acc), in chunk order:
 // out = sum_c exp(m_c - m) acc_c / sum_c exp(m_c - m) s_c, m the largest m_c.
-template <typename T>
-void split_softmax(const float* parts, int64_t chunks, int64_t part_stride, int64_t head_dim, T* out) {
+template <int D, typename T>
+void split_softmax(const float* parts, int64_t chunks, int64_t part_stride, T* out) {
   float m = -std::numeric_limits<float>::infinity();
   for (int64_t c = 0; c < chunks; ++c) m = std::max(m, parts[c * part_stride]);
-  std::vector<float> acc(head_dim, 0.f);
+  float acc[D] = {};
   float s = 0.f;
   for (int64_t c = 0; c < chunks; ++c) {
     const float* p = parts + c * part_stride;
     const float w = std::exp(p[0] - m);
     s += w * p[1];
-    for (int64_t d = 0; d < head_dim; ++d) acc[d] += w * p[2 + d];
+    for (int64_t d = 0; d < D; ++d) acc[d] += w * p[2 + d];
   }
   const float inv = 1.f / s;
-  for (int64_t d = 0; d < head_dim; ++d) out[d] = static_cast<T>(acc[d] * inv);
+  for (int64_t d = 0; d < D; ++d) out[d] = static_cast<T>(acc[d] * inv);
 }
 
 constexpr int64_t SPLIT_KEYS = 256;  // keys per work item: a longer row is split, its parts merged (split_softmax)
@@ -177,8 +177,17 @@ void paged_attention_split(const T* q, const T* k_cache, const T* v_cache, const
   struct Item {
     int64_t t, h, c;
   };
-  std::vector<Item> items;
-  std::vector<int64_t> first_part(num_rows, -1);  // a split row's first chunk in parts (-1: one chunk or none)
+  // the calling thread's buffers, grown and kept: a prefill chunk's rows make tens of thousands of items and parts,
+  // and fresh memory each call would be paid in page faults
+  // (bound to references here: inside the parallel region the names would mean each worker thread's own)
+  thread_local std::vector<Item> items_buffer;
+  thread_local std::vector<int64_t> first_part_buffer;
+  thread_local std::vector<float> parts_buffer;
+  std::vector<Item>& items = items_buffer;
+  std::vector<int64_t>& first_part = first_part_buffer;  // a split row's first chunk in parts (-1: one chunk or none)
+  std::vector<float>& parts = parts_buffer;              // [split chunk, query head, (max, sum, acc[D])]
+  items.clear();
+  first_part.assign(num_rows, -1);
   int64_t num_parts = 0;
   for (int64_t t = 0; t < num_rows; ++t) {
     const int64_t len = row_len[t], first = window > 0 ? std::max<int64_t>(0, len - window) : 0;
@@ -194,7 +203,7 @@ void paged_attention_split(const T* q, const T* k_cache, const T* v_cache, const
     for (int64_t h = 0; h < num_kv_heads; ++h)
       for (int64_t c = 0; c < chunks; ++c) items.push_back({t, h, c});
   }
-  std::vector<float> parts(num_parts * num_heads * part);  // [split chunk, query head, (max, sum, acc[D])]
+  if (static_cast<int64_t>(parts.size()) < num_parts * num_heads * part) parts.resize(num_parts * num_heads * part);
   at::parallel_for(0, static_cast<int64_t>(items.size()), 1, [&](int64_t begin, int64_t end) {
     std::vector<float> scores(group * SPLIT_KEYS);
     for (int64_t i = begin; i < end; ++i) {
@@ -215,8 +224,8 @@ void paged_attention_split(const T* q, const T* k_cache, const T* v_cache, const
       const int64_t t = i / num_heads;
       if (first_part[t] < 0) continue;
       const int64_t len = row_len[t], first = window > 0 ? std::max<int64_t>(0, len - window) : 0;
-      split_softmax<T>(parts.data() + (first_part[t] * num_heads + i % num_heads) * part,
-                       (len - first + SPLIT_KEYS - 1) / SPLIT_KEYS, num_heads * part, D, out + i * D);
+      split_softmax<D, T>(parts.data() + (first_part[t] * num_heads + i % num_heads) * part,
+                          (len - first + SPLIT_KEYS - 1) / SPLIT_KEYS, num_heads * part, out + i * D);
     }
   });
 }
