@@ -1,7 +1,7 @@
 """Batch-1 decode speed (and optionally 64 x 64 throughput) side by side with llama.cpp's llama-server, per bit width.
 
     python scripts/bench/latency_vs_llama_cpp.py --llama-dir /tmp/llama [--formats f32 bf16 8bit 4bit]
-        [--rounds 3] [--tokens 128] [--throughput] [--mixed-adapters] [--cpu-linear stream]
+        [--rounds 3] [--tokens 128] [--context 1500] [--throughput] [--mixed-adapters] [--cpu-linear stream]
 
 For each format both servers serve the same model (the default one unless --model) on 127.0.0.1 with every core:
     f32   loraplex --dtype float32              llama.cpp F32 GGUF
@@ -18,7 +18,11 @@ Medians over the rounds are printed as the table in issue 23, with the bandwidth
 weights a step reads / the read bandwidth, measured again every round, both servers idle: this VM's moves between
 ~35 and ~64 GB/s from minute to minute) and each server's share of it (the median of its rounds' shares, each
 against that round's bandwidth). The client is sse_client.py's lean one, the same for both servers. --throughput
-adds 64 concurrent streamed chat requests x 64 tokens per server and round (bench_serving's load). --mixed-adapters
+adds 64 concurrent streamed chat requests x 64 tokens per server and round (bench_serving's load). --context N
+decodes after a prompt of about N tokens (a document of distinct numbered lines, then a request to summarize it)
+instead of the short default one: the keys and values a step reads (16-bit in both caches here: llama.cpp's f16, our
+bfloat16) then join the weights in the bound, at the context's middle; llama-server gets the context for each of
+its 64 slots. --mixed-adapters
 then runs the same load on two rank-8 q/v adapters, requests alternating between them: loraplex serves both from
 the start (--lora-modules), llama.cpp is restarted with both converted to GGUF LoRA (the peer script's convert-lora;
 --lora-init-without-apply) and each request names its set with llama-server's "lora" field (the base rounds ran
@@ -49,12 +53,34 @@ GGUF_TYPE = {"f32": "f32", "bf16": "bf16", "8bit": "q8_0", "4bit": "q4_0"}
 PEER_LABEL = {"f32": "F32", "bf16": "BF16", "8bit": "Q8_0", "4bit": "Q4_0"}
 
 
-def one_completion(url: str, model: str, tokens: int, extra: dict | None = None) -> float:
+def long_prompt(model_dir: str, tokens: int) -> str:
+    """About `tokens` tokens (counted with the model's tokenizer): numbered lines that differ in their numbers, so no
+    n-gram repeats a line, then a request to summarize them."""
+    from transformers import AutoTokenizer
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    lines, i = [], 0
+    while True:
+        lines.append(f"Line {i}: shipment {(i * 7919) % 10007} left depot {i % 13} on day {i % 31} with {i % 97} "
+                     f"crates.")
+        text = "\n".join(lines) + "\nSummarize the shipments above."
+        if len(tokenizer(text)["input_ids"]) >= tokens:
+            return text
+        i += 1
+
+
+def kv_bytes_per_step(model_dir: str, context: int) -> int:
+    """Keys and values a batch-1 step reads at `context` tokens: 16-bit, every layer."""
+    from loraplex.engine.llm_engine import _read_model_config
+    c = _read_model_config(model_dir)
+    return 2 * c.num_hidden_layers * c.num_key_value_heads * c.head_dim * 2 * context
+
+
+def one_completion(url: str, model: str, tokens: int, prompt: str = PROMPT, extra: dict | None = None) -> float:
     """Decode tokens/s of one streamed greedy completion: tokens after the first over the time after the first,
     read with sse_client.py's lean client (the same for both servers; it shares the two cores with them). The token
     count is the server's usage where it sends one (an event may carry several tokens: `--stream-interval-ms`), the
     events' count otherwise."""
-    body = {"model": model, "prompt": PROMPT, "max_tokens": tokens, "temperature": 0.0, "stream": True,
+    body = {"model": model, "prompt": prompt, "max_tokens": tokens, "temperature": 0.0, "stream": True,
             "ignore_eos": True, "stream_options": {"include_usage": True}, **(extra or {})}
     stamps, count = timed_stream(url, "/v1/completions", body)
     if len(stamps) < 2:
@@ -123,6 +149,7 @@ def main() -> None:
     ap.add_argument("--formats", nargs="+", default=["f32", "bf16", "8bit", "4bit"], choices=list(GGUF_TYPE))
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--tokens", type=int, default=128)
+    ap.add_argument("--context", type=int, default=None, help="decode after a prompt of about this many tokens")
     ap.add_argument("--quant-dtype", default="float32", choices=["float32", "bfloat16"])
     ap.add_argument("--cpu-linear", default="stream", choices=["auto", "stream", "onednn"])
     ap.add_argument("--activation-quant", default="int8", choices=["int8", "none"])
@@ -145,14 +172,23 @@ def main() -> None:
     from loraplex.engine.llm_engine import _read_model_config
     adapter = write_random_peft(args.work_dir / "adapter", _read_model_config(model), r=8, seed=0, std=0.02)
     adapter1 = write_random_peft(args.work_dir / "adapter1", _read_model_config(model), r=8, seed=1, std=0.02)
-    print(f"model={model} rounds={args.rounds} tokens={args.tokens}", flush=True)
+    slot_tokens = 256  # llama-server splits -c over its 64 slots
+    kv_bytes, prompt = 0, PROMPT
+    if args.context:
+        if args.kv_cache_dtype != "bfloat16":
+            raise SystemExit("--context counts 16-bit caches in the bound: keep --kv-cache-dtype bfloat16")
+        prompt = long_prompt(model, args.context)
+        slot_tokens = args.context + args.tokens + 64
+        kv_bytes = kv_bytes_per_step(model, args.context + args.tokens // 2)
+    print(f"model={model} rounds={args.rounds} tokens={args.tokens} context={args.context or 'short prompt'}",
+          flush=True)
     rows = []
     for fmt in args.formats:
         peer_gguf = gguf(args.llama_dir.resolve(), model, args.work_dir, fmt)
         ours_dir, ours_flags = ours_model(model, args.work_dir, fmt)
         dtype = fmt if fmt in ("f32", "bf16") else args.quant_dtype
         dtype = {"f32": "float32", "bf16": "bfloat16"}.get(dtype, dtype)
-        step_bytes = weight_bytes_per_step(model, fmt)
+        step_bytes = weight_bytes_per_step(model, fmt) + kv_bytes
         servers = []
         try:
             servers.append(Served("loraplex", [
@@ -163,7 +199,8 @@ def main() -> None:
                 str(args.work_dir / f"store-{fmt}")],
                 8131, args.startup_timeout_s))
             servers.append(Served("llama.cpp", ["bash", str(PEER_SCRIPT), "serve", str(args.llama_dir.resolve()),
-                                                str(peer_gguf), "8132", "--alias", "m", "-np", "64", "-c", "16384"],
+                                                str(peer_gguf), "8132", "--alias", "m", "-np", "64", "-c",
+                                                str(64 * slot_tokens)],
                                   8132, args.startup_timeout_s))
             ours, peer = servers
             speed: dict[str, list[float]] = {"ours": [], "adapter": [], "peer": [], "ours_tp": [], "peer_tp": [],
@@ -177,10 +214,10 @@ def main() -> None:
                 order = [("ours", ours), ("peer", peer)]
                 for key, server in (order if i % 2 == 0 else order[::-1]):
                     if key == "peer":
-                        speed["peer"].append(one_completion(server.url, "m", args.tokens))
+                        speed["peer"].append(one_completion(server.url, "m", args.tokens, prompt))
                     else:  # base and adapter, alternating which goes first
                         for model_name, slot in [("m", "ours"), ("a0", "adapter")][::1 if i % 2 == 0 else -1]:
-                            speed[slot].append(one_completion(server.url, model_name, args.tokens))
+                            speed[slot].append(one_completion(server.url, model_name, args.tokens, prompt))
                     if args.throughput:
                         r = asyncio.run(run_target(server.url, 64, 64, ["m"]))
                         speed[f"{key}_tp"].append(r["tok_s"])
@@ -196,7 +233,7 @@ def main() -> None:
                 loras = [lora_gguf(args.llama_dir.resolve(), model, a, args.work_dir) for a in (adapter, adapter1)]
                 servers.append(Served("llama.cpp", [
                     "bash", str(PEER_SCRIPT), "serve", str(args.llama_dir.resolve()), str(peer_gguf), "8133",
-                    "--alias", "m", "-np", "64", "-c", "16384", "--lora", ",".join(map(str, loras)),
+                    "--alias", "m", "-np", "64", "-c", str(64 * slot_tokens), "--lora", ",".join(map(str, loras)),
                     "--lora-init-without-apply"], 8133, args.startup_timeout_s))
                 peer = servers[-1]
                 # each request names its set; an adapter not named gets scale 0 (peer script's notes)
