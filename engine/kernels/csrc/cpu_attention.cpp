@@ -123,19 +123,15 @@ template <int D, typename T>
 void attend_item_avx512(const T* q, const T* k_cache, const T* v_cache, const int64_t* slots, int64_t n,
                         int64_t group, int64_t kv_stride, float scale, float* scores, T* out, float* parts,
                         int64_t part_stride) {
+  const auto grouped = [&](auto g) {  // g: the group size as a type (std::integral_constant)
+    attend_item_grouped<D, decltype(g)::value>(q, k_cache, v_cache, slots, n, kv_stride, scale, scores, out, parts,
+                                                part_stride);
+  };
   switch (group) {
-    case 1:
-      return attend_item_grouped<D, 1>(q, k_cache, v_cache, slots, n, kv_stride, scale, scores, out, parts,
-                                      part_stride);
-    case 2:
-      return attend_item_grouped<D, 2>(q, k_cache, v_cache, slots, n, kv_stride, scale, scores, out, parts,
-                                      part_stride);
-    case 3:
-      return attend_item_grouped<D, 3>(q, k_cache, v_cache, slots, n, kv_stride, scale, scores, out, parts,
-                                      part_stride);
-    case 4:
-      return attend_item_grouped<D, 4>(q, k_cache, v_cache, slots, n, kv_stride, scale, scores, out, parts,
-                                      part_stride);
+    case 1: return grouped(std::integral_constant<int, 1>{});
+    case 2: return grouped(std::integral_constant<int, 2>{});
+    case 3: return grouped(std::integral_constant<int, 3>{});
+    case 4: return grouped(std::integral_constant<int, 4>{});
     default: break;
   }
   for (int64_t g = 0; g < group; ++g)
@@ -177,8 +173,8 @@ void paged_attention_split(const T* q, const T* k_cache, const T* v_cache, const
   struct Item {
     int64_t t, h, c;
   };
-  // the calling thread's buffers, grown and kept: a prefill chunk's rows make tens of thousands of items and parts,
-  // and fresh memory each call would be paid in page faults
+  // the calling thread's buffers, grown and kept: a long prefill chunk's rows make thousands of items and parts
+  // (2048 rows: ~11 MB of parts), and fresh memory each call would be paid in page faults
   // (bound to references here: inside the parallel region the names would mean each worker thread's own)
   thread_local std::vector<Item> items_buffer;
   thread_local std::vector<int64_t> first_part_buffer;

@@ -37,6 +37,7 @@ def test_disabled_by_environment(monkeypatch):
     (8, 2, 128, None),  # vectorised head_dim 128
     (6, 2, 24, None),  # generic path
     (4, 1, 64, 5),  # MQA with a sliding window
+    (10, 2, 64, None),  # groups of 5 query heads: the vectorised path one head at a time
 ])
 def test_kernel_matches_reference(dtype, num_heads, num_kv_heads, head_dim, window):
     gen = torch.Generator().manual_seed(0)
