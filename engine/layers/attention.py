@@ -252,10 +252,15 @@ def advance_decode_batch(batch: ForwardBatch, token_ids: torch.Tensor) -> None:
     [rows] are the new tokens (the ones the batch's step sampled). The same fields as a batch built for the next
     position, for positions the slot table covers (an index past it raises)."""
     attn = batch.attn
-    batch.input_ids.copy_(token_ids)
-    batch.positions.add_(1)
-    attn.kernel_lens.add_(1)
-    torch.gather(attn.kernel_slots, 1, batch.positions.unsqueeze(1), out=batch.slot_mapping.unsqueeze(1))
+    if cpu_kernels.loaded() and token_ids.device.type == "cpu" and token_ids.dtype == torch.int64 \
+            and token_ids.is_contiguous():  # the same in one call, everything checked before it writes
+        torch.ops.loraplex_cpu.advance_decode_(batch.input_ids, batch.positions, batch.slot_mapping, attn.kernel_lens,
+                                               attn.kernel_slots, token_ids)
+    else:
+        batch.input_ids.copy_(token_ids)
+        batch.positions.add_(1)
+        attn.kernel_lens.add_(1)
+        torch.gather(attn.kernel_slots, 1, batch.positions.unsqueeze(1), out=batch.slot_mapping.unsqueeze(1))
     batch.continued = True
 
 

@@ -5,6 +5,8 @@ single steps: alone, in mixed batches with adapters and sampled requests beside 
 strings and aborts (blocks back to the free list)."""
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 
@@ -15,6 +17,7 @@ from loraplex.engine.core.sampling_params import SamplingParams
 from loraplex.engine.core.scheduler import Scheduler
 from loraplex.engine.core.spec_decode import SpeculativeConfig
 from loraplex.engine.engine_args import EngineArgs
+from loraplex.engine.kernels import cpu_kernels
 from loraplex.engine.layers.attention import advance_decode_batch, build_forward_batch
 from tests.engine.test_spec_decode import alone_and_mixed, two_adapter_engines
 
@@ -129,11 +132,15 @@ def test_no_preemption_for_extra_steps_and_none_beside_prompt_lookup():
     assert out.num_steps == 1 and out.scheduled[0].draft_token_ids == []  # nothing recurs: a plain step
 
 
-def test_an_advanced_batch_equals_one_built_for_the_next_position():
+@pytest.mark.parametrize("kernel", [True, False], ids=["advance_decode_ op", "torch reference"])
+def test_an_advanced_batch_equals_one_built_for_the_next_position(kernel):
+    if kernel and not cpu_kernels.available():
+        pytest.skip("CPU kernels unavailable")
     tables = [[3, 7, 1], [2, 5]]
     first = build_forward_batch([11, 12], [1, 1], [5, 2], tables, 4, cpu_kernel=True, lookahead=3)
-    advance_decode_batch(first, torch.tensor([21, 22]))
-    advance_decode_batch(first, torch.tensor([31, 32]))
+    with contextlib.nullcontext() if kernel else cpu_kernels.suspended():
+        advance_decode_batch(first, torch.tensor([21, 22]))
+        advance_decode_batch(first, torch.tensor([31, 32]))
     fresh = build_forward_batch([31, 32], [1, 1], [7, 4], tables, 4, cpu_kernel=True)
     for name in ("input_ids", "positions", "slot_mapping", "logits_indices"):
         assert torch.equal(getattr(first, name), getattr(fresh, name)), name
@@ -144,6 +151,17 @@ def test_an_advanced_batch_equals_one_built_for_the_next_position():
     assert first.continued and not fresh.continued
     with pytest.raises(ValueError):  # the tables must hold the lookahead's positions
         build_forward_batch([1], [1], [11], [[3, 7, 1]], 4, cpu_kernel=True, lookahead=2)
+
+
+@pytest.mark.skipif(not cpu_kernels.available(), reason="CPU kernels unavailable")
+def test_advancing_past_the_slot_table_raises_and_leaves_the_batch_as_it_was():
+    batch = build_forward_batch([11, 12], [1, 1], [5, 2], [[3, 7], [2, 5]], 4, cpu_kernel=True, lookahead=2)
+    advance_decode_batch(batch, torch.tensor([21, 22]))  # position 6: the last the table was built for
+    before = [t.clone() for t in (batch.input_ids, batch.positions, batch.slot_mapping, batch.attn.kernel_lens)]
+    with pytest.raises(RuntimeError, match="past the slot table"):
+        advance_decode_batch(batch, torch.tensor([31, 32]))
+    after = (batch.input_ids, batch.positions, batch.slot_mapping, batch.attn.kernel_lens)
+    assert all(torch.equal(a, b) for a, b in zip(before, after))
 
 
 # ---- the engine -------------------------------------------------------------------------------------------------

@@ -291,6 +291,35 @@ at::Tensor argmax_rows(const at::Tensor& x) {
   return out;
 }
 
+// A multi-step decode batch moved on one position in place (engine/layers/attention.py:advance_decode_batch is the
+// reference, four tensor operations): input_ids <- token_ids, positions += 1, kernel_lens += 1, and each row's slot
+// for its new position from kernel_slots [rows, width]. Everything is checked before anything is written: a
+// position past the slot table raises and leaves the batch as it was.
+void advance_decode_(const at::Tensor& input_ids, const at::Tensor& positions, const at::Tensor& slot_mapping,
+                     const at::Tensor& kernel_lens, const at::Tensor& kernel_slots, const at::Tensor& token_ids) {
+  const int64_t n = input_ids.numel();
+  for (const at::Tensor* t : {&input_ids, &positions, &slot_mapping, &kernel_lens, &token_ids})
+    TORCH_CHECK(t->device().is_cpu() && t->scalar_type() == at::kLong && t->dim() == 1 && t->numel() == n &&
+                    t->is_contiguous(),
+                "advance_decode_: int64 CPU vectors of one length expected");
+  TORCH_CHECK(kernel_slots.device().is_cpu() && kernel_slots.scalar_type() == at::kLong && kernel_slots.dim() == 2 &&
+                  kernel_slots.size(0) == n && kernel_slots.is_contiguous(),
+              "advance_decode_: kernel_slots [rows, width] int64, contiguous");
+  const int64_t width = kernel_slots.size(1);
+  int64_t *ids = input_ids.data_ptr<int64_t>(), *pos = positions.data_ptr<int64_t>(),
+          *slot = slot_mapping.data_ptr<int64_t>(), *lens = kernel_lens.data_ptr<int64_t>();
+  const int64_t *table = kernel_slots.data_ptr<int64_t>(), *tokens = token_ids.data_ptr<int64_t>();
+  for (int64_t i = 0; i < n; ++i)
+    TORCH_CHECK(pos[i] + 1 >= 0 && pos[i] + 1 < width, "advance_decode_: position ", pos[i] + 1,
+                " is past the slot table (", width, " positions)");
+  for (int64_t i = 0; i < n; ++i) {
+    ids[i] = tokens[i];
+    pos[i] += 1;
+    lens[i] += 1;
+    slot[i] = table[i * width + pos[i]];
+  }
+}
+
 std::string vector_isa() {
 #if defined(LORAPLEX_AVX512)
   return "avx512";
@@ -344,4 +373,7 @@ TORCH_LIBRARY_FRAGMENT(loraplex_cpu, m) {
   m.impl("rms_norm", c10::DispatchKey::CPU, &rms_norm);
   m.impl("silu_and_mul", c10::DispatchKey::CPU, &silu_and_mul);
   m.impl("rotary_", c10::DispatchKey::CPU, &rotary_);
+  m.def("advance_decode_(Tensor(a!) input_ids, Tensor(b!) positions, Tensor(c!) slot_mapping, Tensor(d!) kernel_lens, "
+        "Tensor kernel_slots, Tensor token_ids) -> ()");
+  m.impl("advance_decode_", c10::DispatchKey::CPU, &advance_decode_);
 }
