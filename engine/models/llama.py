@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from loraplex.engine.core.config import ModelConfig
+from loraplex.engine.kernels import cpu_kernels
 from loraplex.engine.layers.attention import attend
 from loraplex.engine.layers.elementwise import (
     add_rms_norm,
@@ -148,6 +149,10 @@ class RotaryEmbedding(nn.Module):
         emb = torch.cat((freqs, freqs), dim=-1).unsqueeze(1)  # [num_tokens, 1, head_dim]
         return emb.cos().to(dtype), emb.sin().to(dtype)
 
+    def cpu_tables(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The CPU cos / sin tables [positions, head_dim] built for `dtype`, or None (not built yet, or not on CPU)."""
+        return self._tables.get((dtype, torch.device("cpu")))
+
     def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         key = (dtype, self.inv_freq.device)
         if key[1].type != "cpu":  # an index past a table asserts on the device instead of raising here
@@ -246,9 +251,28 @@ class LlamaModel(nn.Module):
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.rotary_emb = RotaryEmbedding(config)
 
+    def step_inputs(self, batch: ForwardBatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x [num_tokens, hidden] (the tokens' embeddings) and cos, sin [num_tokens, 1, head_dim] (their positions'
+        rotary rows): through one kernel call where the embedding is the plain table and the rotary tables are built
+        (the same rows the modules gather: after a step's weights went through the caches each tensor operation
+        costs ~10 us, and these were five), else through the modules."""
+        embed, ids, positions = self.embed_tokens, batch.input_ids, batch.positions
+        weight = getattr(embed, "weight", None)
+        if cpu_kernels.loaded() and type(embed) is nn.Embedding and embed.max_norm is None \
+                and not weight.requires_grad and weight.is_contiguous() and weight.device.type == "cpu" \
+                and weight.dtype in (torch.float32, torch.bfloat16) and ids.dtype == positions.dtype == torch.int64 \
+                and ids.device.type == "cpu" and ids.is_contiguous() and positions.is_contiguous():
+            tables = self.rotary_emb.cpu_tables(weight.dtype)
+            if tables is not None:
+                try:
+                    return torch.ops.loraplex_cpu.step_inputs(weight, ids, *tables, positions)
+                except IndexError:  # a position past the tables (the module grows them) or a bad token (it raises)
+                    pass
+        x = embed(ids)
+        return (x, *self.rotary_emb(positions, x.dtype))
+
     def forward(self, batch: ForwardBatch, kv_caches: list[KVCache | None]) -> torch.Tensor:
-        x = self.embed_tokens(batch.input_ids)  # [num_tokens, hidden]
-        cos, sin = self.rotary_emb(batch.positions, x.dtype)  # once per step, shared by all layers
+        x, cos, sin = self.step_inputs(batch)  # cos / sin once per step, shared by all layers
         # every layer in one call when it can, the final norm included
         stacked = try_fused_stack(self.layers, x, cos, sin, kv_caches, batch, self.norm)
         if stacked is not None:

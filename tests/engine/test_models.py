@@ -1,5 +1,6 @@
 """Logits parity with transformers (fp32) for each Llama-family model, through the paged KV cache."""
 import random
+import types
 
 import pytest
 import torch
@@ -170,6 +171,42 @@ def test_rotary_tables_hold_exactly_what_is_computed_and_grow(tiny, dtype):
         p = torch.tensor(odd)
         assert all(torch.equal(g, w) for g, w in zip(rotary(p, dtype), rotary.compute(p, dtype)))
     assert rotary._tables[dtype, torch.device("cpu")][0].shape[0] == size
+
+
+@pytest.mark.skipif(not cpu_kernels.available(), reason="CPU kernels unavailable")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_step_inputs_in_one_call_are_the_modules_rows(tiny, dtype):
+    """LlamaModel.step_inputs gathers the token embeddings and the rotary rows in one kernel call once the tables
+    exist: the modules' bits; positions past the tables or below 0 go through the modules (which grow the tables or
+    compute), and a token past the vocabulary raises as the embedding does."""
+    model = tiny[1].model
+    embed, rotary = model.embed_tokens, model.rotary_emb
+    model.embed_tokens = torch.nn.Embedding.from_pretrained(embed.weight.detach().to(dtype))
+    rotary._tables.clear()
+    calls = []
+    op = torch.ops.loraplex_cpu.step_inputs
+
+    def counted(*args):
+        calls.append(args[4].tolist())
+        return op(*args)
+
+    try:
+        torch.ops.loraplex_cpu.step_inputs = counted
+        for ids, positions in (([1, 2, 3], [0, 5, 5]), ([7, 7], [4095, 3]), ([4], [5000]), ([9, 8], [-3, 2])):
+            batch = types.SimpleNamespace(input_ids=torch.tensor(ids), positions=torch.tensor(positions))
+            got = model.step_inputs(batch)
+            want = (model.embed_tokens(batch.input_ids), *rotary(batch.positions, dtype))
+            assert all(g.dtype == dtype and torch.equal(g, w) for g, w in zip(got, want, strict=True))
+            assert got[1].shape == (len(ids), 1, rotary.inv_freq.numel() * 2)
+        # the first step built the tables (no call), the second and third went through the kernel (the third's
+        # position was past the table: it raised, the module grew the table), the fourth's negative position too
+        assert calls == [[4095, 3], [5000], [-3, 2]]
+        with pytest.raises(IndexError):
+            model.step_inputs(types.SimpleNamespace(input_ids=torch.tensor([embed.num_embeddings]),
+                                                    positions=torch.tensor([0])))
+    finally:
+        torch.ops.loraplex_cpu.step_inputs = op
+        model.embed_tokens = embed
 
 
 def test_weights_are_frozen_and_tied(tiny):

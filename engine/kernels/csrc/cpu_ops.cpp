@@ -320,6 +320,45 @@ void advance_decode_(const at::Tensor& input_ids, const at::Tensor& positions, c
   }
 }
 
+// A decode step's inputs in one call: the token rows of the embedding table and each position's row of the rotary
+// cos / sin tables (engine/models/llama.py:LlamaModel.step_inputs; the modules' gathers are the reference, the same
+// values): x [n, hidden], cos / sin [n, 1, head_dim]. A token or position past its table raises IndexError with
+// nothing returned (the caller falls back to the modules, which grow the rotary tables).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> step_inputs(const at::Tensor& weight, const at::Tensor& ids,
+                                                           const at::Tensor& cos_table, const at::Tensor& sin_table,
+                                                           const at::Tensor& positions) {
+  TORCH_CHECK(weight.device().is_cpu() && weight.dim() == 2 && weight.is_contiguous() &&
+                  (weight.scalar_type() == at::kFloat || weight.scalar_type() == at::kBFloat16),
+              "step_inputs: a contiguous float32 or bfloat16 embedding table [vocab, hidden] expected");
+  TORCH_CHECK(cos_table.dim() == 2 && cos_table.sizes() == sin_table.sizes() && cos_table.is_contiguous() &&
+                  sin_table.is_contiguous() && cos_table.scalar_type() == weight.scalar_type() &&
+                  sin_table.scalar_type() == weight.scalar_type() && cos_table.device().is_cpu(),
+              "step_inputs: contiguous cos / sin tables [positions, head_dim] in the table's dtype expected");
+  TORCH_CHECK(ids.device().is_cpu() && ids.scalar_type() == at::kLong && ids.dim() == 1 && ids.is_contiguous() &&
+                  positions.device().is_cpu() && positions.scalar_type() == at::kLong &&
+                  positions.sizes() == ids.sizes() && positions.is_contiguous(),
+              "step_inputs: int64 ids and positions [tokens] expected");
+  const int64_t n = ids.numel(), vocab = weight.size(0), hidden = weight.size(1), rows = cos_table.size(0),
+                dim = cos_table.size(1), esize = weight.element_size();
+  const int64_t *ip = ids.data_ptr<int64_t>(), *pp = positions.data_ptr<int64_t>();
+  for (int64_t t = 0; t < n; ++t) {
+    TORCH_CHECK_INDEX(ip[t] >= 0 && ip[t] < vocab, "step_inputs: token ", ip[t], " is past the embedding table");
+    TORCH_CHECK_INDEX(pp[t] >= 0 && pp[t] < rows, "step_inputs: position ", pp[t], " is past the rotary tables");
+  }
+  auto x = at::empty({n, hidden}, weight.options());
+  auto cos = at::empty({n, 1, dim}, weight.options()), sin = at::empty({n, 1, dim}, weight.options());
+  const char *w = static_cast<const char*>(weight.data_ptr()), *c = static_cast<const char*>(cos_table.data_ptr()),
+             *sn = static_cast<const char*>(sin_table.data_ptr());
+  char *xo = static_cast<char*>(x.data_ptr()), *co = static_cast<char*>(cos.data_ptr()),
+       *so = static_cast<char*>(sin.data_ptr());
+  for (int64_t t = 0; t < n; ++t) {
+    std::memcpy(xo + t * hidden * esize, w + ip[t] * hidden * esize, hidden * esize);
+    std::memcpy(co + t * dim * esize, c + pp[t] * dim * esize, dim * esize);
+    std::memcpy(so + t * dim * esize, sn + pp[t] * dim * esize, dim * esize);
+  }
+  return {x, cos, sin};
+}
+
 std::string vector_isa() {
 #if defined(LORAPLEX_AVX512)
   return "avx512";
@@ -376,4 +415,7 @@ TORCH_LIBRARY_FRAGMENT(loraplex_cpu, m) {
   m.def("advance_decode_(Tensor(a!) input_ids, Tensor(b!) positions, Tensor(c!) slot_mapping, Tensor(d!) kernel_lens, "
         "Tensor kernel_slots, Tensor token_ids) -> ()");
   m.impl("advance_decode_", c10::DispatchKey::CPU, &advance_decode_);
+  m.def("step_inputs(Tensor weight, Tensor ids, Tensor cos_table, Tensor sin_table, Tensor positions) -> "
+        "(Tensor, Tensor, Tensor)");
+  m.impl("step_inputs", c10::DispatchKey::CPU, &step_inputs);
 }
