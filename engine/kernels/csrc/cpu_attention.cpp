@@ -38,13 +38,12 @@ inline void from_float(const float* src, c10::BFloat16* dst, int64_t n) {
 }
 
 #if defined(LORAPLEX_AVX512)
-// scores[0..n) <- exp(scores - max), in place; *max (when not null) <- the max; returns the sum
-inline float softmax_unnormalised(float* sg, int64_t n, float* max = nullptr) {
+// scores[0..n) <- exp(scores - max), in place; *max <- the max; returns the sum
+inline float softmax_unnormalised(float* sg, int64_t n, float* max) {
   __m512 m = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
   for (int64_t j = 0; j < n; j += 16) m = _mm512_max_ps(m, _mm512_mask_loadu_ps(m, lpx::tail_mask(n - j), sg + j));
-  const float top = _mm512_reduce_max_ps(m);
-  if (max != nullptr) *max = top;
-  const __m512 mv = _mm512_set1_ps(top);
+  *max = _mm512_reduce_max_ps(m);
+  const __m512 mv = _mm512_set1_ps(*max);
   __m512 sum = _mm512_setzero_ps();
   for (int64_t j = 0; j < n; j += 16) {
     const __mmask16 tail = lpx::tail_mask(n - j);
