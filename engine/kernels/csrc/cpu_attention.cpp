@@ -138,6 +138,97 @@ void attend_item_avx512(const T* q, const T* k_cache, const T* v_cache, const in
                               parts == nullptr ? nullptr : parts + g * part_stride, part_stride);
 }
 
+#elif defined(LORAPLEX_AVX2)
+// The same item on AVX2's 16 ymm registers: scores with the key row held (D / 8 vectors) and the query heads read
+// from L1; then the weighted sum of values two 8-float columns at a time for up to 4 query heads (8 accumulators),
+// each value row read again per column pair from L1/L2 (an item has at most SPLIT_KEYS keys). parts as
+// attend_item_avx512's.
+template <int D, typename T>
+void attend_item_avx2(const T* q, const T* k_cache, const T* v_cache, const int64_t* slots, int64_t n,
+                      int64_t group, int64_t kv_stride, float scale, float* scores, T* out, float* parts,
+                      int64_t part_stride) {
+  constexpr int C = D / 8;
+  static_assert(C % 2 == 0, "attend_item_avx2: head_dim a multiple of 16");
+  thread_local std::vector<float> head_buffer;  // the query heads in float32, then each head's max and sum
+  std::vector<float>& qf = head_buffer;
+  qf.resize(group * (D + 2));
+  to_float(q, qf.data(), group * D);
+  float* max = qf.data() + group * D;
+  float* sum = max + group;
+  for (int64_t j = 0; j < n; ++j) {
+    const T* k = k_cache + slots[j] * kv_stride;
+    __m256 kv[C];
+    for (int c = 0; c < C; ++c) kv[c] = lpx::load8(k + 8 * c);
+    for (int64_t g = 0; g < group; ++g) {
+      const float* qg = qf.data() + g * D;
+      __m256 s0 = _mm256_mul_ps(_mm256_loadu_ps(qg), kv[0]), s1 = _mm256_mul_ps(_mm256_loadu_ps(qg + 8), kv[1]);
+      for (int c = 2; c < C; c += 2) {
+        s0 = _mm256_fmadd_ps(_mm256_loadu_ps(qg + 8 * c), kv[c], s0);
+        s1 = _mm256_fmadd_ps(_mm256_loadu_ps(qg + 8 * c + 8), kv[c + 1], s1);
+      }
+      scores[g * n + j] = lpx::hsum8(_mm256_add_ps(s0, s1)) * scale;
+    }
+  }
+  for (int64_t g = 0; g < group; ++g) {  // scores <- exp(score - max) in place
+    float* sg = scores + g * n;
+    float m = -std::numeric_limits<float>::infinity();
+    for (int64_t j = 0; j < n; ++j) m = std::max(m, sg[j]);
+    const __m256 mv = _mm256_set1_ps(m);
+    __m256 acc = _mm256_setzero_ps();
+    int64_t j = 0;
+    for (; j + 8 <= n; j += 8) {
+      const __m256 e = lpx::exp8(_mm256_sub_ps(_mm256_loadu_ps(sg + j), mv));
+      _mm256_storeu_ps(sg + j, e);
+      acc = _mm256_add_ps(acc, e);
+    }
+    float total = lpx::hsum8(acc);
+    if (j < n) {  // the tail through the same exp
+      float tail[8] = {};
+      for (int64_t l = 0; j + l < n; ++l) tail[l] = sg[j + l] - m;
+      _mm256_storeu_ps(tail, lpx::exp8(_mm256_loadu_ps(tail)));
+      for (int64_t l = 0; j + l < n; ++l) {
+        sg[j + l] = tail[l];
+        total += tail[l];
+      }
+    }
+    max[g] = m;
+    sum[g] = total;
+  }
+  for (int64_t g0 = 0; g0 < group; g0 += 4) {
+    const int64_t gs = std::min<int64_t>(4, group - g0);
+    for (int c = 0; c < C; c += 2) {  // columns 8c .. 8c + 15 of heads g0 .. g0 + gs - 1
+      __m256 acc[8];
+      for (int i = 0; i < 8; ++i) acc[i] = _mm256_setzero_ps();
+      for (int64_t j = 0; j < n; ++j) {
+        const T* v = v_cache + slots[j] * kv_stride + 8 * c;
+        const __m256 v0 = lpx::load8(v), v1 = lpx::load8(v + 8);
+        for (int64_t g = 0; g < gs; ++g) {
+          const __m256 p = _mm256_set1_ps(scores[(g0 + g) * n + j]);
+          acc[2 * g] = _mm256_fmadd_ps(p, v0, acc[2 * g]);
+          acc[2 * g + 1] = _mm256_fmadd_ps(p, v1, acc[2 * g + 1]);
+        }
+      }
+      for (int64_t g = 0; g < gs; ++g) {
+        float cols[16];
+        _mm256_storeu_ps(cols, acc[2 * g]);
+        _mm256_storeu_ps(cols + 8, acc[2 * g + 1]);
+        if (parts == nullptr) {
+          const float inv = 1.f / sum[g0 + g];
+          for (int l = 0; l < 16; ++l) cols[l] *= inv;
+          from_float(cols, out + (g0 + g) * D + 8 * c, 16);
+        } else {  // one chunk of a split row: (max, sum, acc) for split_softmax
+          float* pp = parts + (g0 + g) * part_stride;
+          pp[0] = max[g0 + g];
+          pp[1] = sum[g0 + g];
+          std::memcpy(pp + 2 + 8 * c, cols, sizeof(cols));
+        }
+      }
+    }
+  }
+}
+#endif
+
+#if defined(LORAPLEX_AVX512) || defined(LORAPLEX_AVX2)
 // A row split into chunks: one query head's output from each chunk's (max, sum, acc), in chunk order:
 // out = sum_c exp(m_c - m) acc_c / sum_c exp(m_c - m) s_c, m the largest m_c.
 template <int D, typename T>
@@ -208,9 +299,15 @@ void paged_attention_split(const T* q, const T* k_cache, const T* v_cache, const
       const int64_t head0 = it.t * num_heads + it.h * group;  // the item's first query head
       float* p = first_part[it.t] < 0 ? nullptr
                                       : parts.data() + ((first_part[it.t] + it.c) * num_heads + it.h * group) * part;
+#if defined(LORAPLEX_AVX512)
       attend_item_avx512<D>(q + head0 * D, k_cache + it.h * D, v_cache + it.h * D,
                             slot_table + row_index[it.t] * table_width + start, n, group, num_kv_heads * D, scale,
                             scores.data(), out + head0 * D, p, part);
+#else
+      attend_item_avx2<D>(q + head0 * D, k_cache + it.h * D, v_cache + it.h * D,
+                          slot_table + row_index[it.t] * table_width + start, n, group, num_kv_heads * D, scale,
+                          scores.data(), out + head0 * D, p, part);
+#endif
     }
   });
   if (num_parts == 0) return;
@@ -234,7 +331,7 @@ void paged_attention_impl(const T* q, const T* k_cache, const T* v_cache, const 
                           const int64_t* row_index, const int64_t* row_len, T* out, int64_t num_rows,
                           int64_t num_heads, int64_t num_kv_heads, int64_t head_dim, int64_t table_width,
                           int64_t window, float scale) {
-#if defined(LORAPLEX_AVX512)
+#if defined(LORAPLEX_AVX512) || defined(LORAPLEX_AVX2)
   if (head_dim == 64)
     return paged_attention_split<64, T>(q, k_cache, v_cache, slot_table, row_index, row_len, out, num_rows,
                                         num_heads, num_kv_heads, table_width, window, scale);

@@ -30,8 +30,18 @@ float dot(const T* a, const U* b, int64_t n) {
   }
   return _mm512_reduce_add_ps(acc);
 #else
+  int64_t d = 0;
   float s = 0.f;
-  for (int64_t d = 0; d < n; ++d) s += lpx::f32(a[d]) * lpx::f32(b[d]);
+#if defined(LORAPLEX_AVX2)
+  __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();  // two chains: an fma's latency is 4 cycles
+  for (; d + 16 <= n; d += 16) {
+    acc0 = _mm256_fmadd_ps(lpx::load8(a + d), lpx::load8(b + d), acc0);
+    acc1 = _mm256_fmadd_ps(lpx::load8(a + d + 8), lpx::load8(b + d + 8), acc1);
+  }
+  for (; d + 8 <= n; d += 8) acc0 = _mm256_fmadd_ps(lpx::load8(a + d), lpx::load8(b + d), acc0);
+  s = lpx::hsum8(_mm256_add_ps(acc0, acc1));
+#endif
+  for (; d < n; ++d) s += lpx::f32(a[d]) * lpx::f32(b[d]);
   return s;
 #endif
 }
@@ -47,7 +57,17 @@ void expand_row(T* y, const T* const* b_rows, const float* h, int64_t rank, int6
     lpx::store(y + d, _mm512_add_ps(lpx::load(y + d, m), acc), m);
   }
 #else
-  for (int64_t d = 0; d < n; ++d) {
+  int64_t d = 0;
+#if defined(LORAPLEX_AVX2)
+  float sum[8];
+  for (; d + 8 <= n; d += 8) {  // 8 lanes at a time, each adding in rank order
+    __m256 acc = _mm256_setzero_ps();
+    for (int64_t r = 0; r < rank; ++r) acc = _mm256_fmadd_ps(_mm256_set1_ps(h[r]), lpx::load8(b_rows[r] + d), acc);
+    _mm256_storeu_ps(sum, acc);
+    for (int l = 0; l < 8; ++l) y[d + l] = lpx::cast<T>(lpx::f32(y[d + l]) + sum[l]);
+  }
+#endif
+  for (; d < n; ++d) {
     float acc = 0.f;
     for (int64_t r = 0; r < rank; ++r) acc += h[r] * lpx::f32(b_rows[r][d]);
     y[d] = lpx::cast<T>(lpx::f32(y[d]) + acc);

@@ -44,7 +44,17 @@ void rms_norm_row(const T* x, const T* w, T* o, int64_t dim, float eps) {
   }
 #else
   float ss = 0.f;
-  for (int64_t d = 0; d < dim; ++d) ss += f32(x[d]) * f32(x[d]);
+  int64_t d0 = 0;
+#if defined(LORAPLEX_AVX2)
+  __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+  for (; d0 + 16 <= dim; d0 += 16) {
+    const __m256 v0 = lpx::load8(x + d0), v1 = lpx::load8(x + d0 + 8);
+    acc0 = _mm256_fmadd_ps(v0, v0, acc0);
+    acc1 = _mm256_fmadd_ps(v1, v1, acc1);
+  }
+  ss = lpx::hsum8(_mm256_add_ps(acc0, acc1));
+#endif
+  for (int64_t d = d0; d < dim; ++d) ss += f32(x[d]) * f32(x[d]);
   const float inv = 1.f / std::sqrt(ss / static_cast<float>(dim) + eps);
   for (int64_t d = 0; d < dim; ++d) o[d] = cast<T>(f32(w[d]) * round_trip_scalar<T>(f32(x[d]) * inv));
 #endif
@@ -75,7 +85,17 @@ void silu_and_mul_row(const T* g, const T* u, T* o, int64_t dim) {
     lpx::store(o + d, _mm512_mul_ps(lpx::round_trip<T>(act), lpx::load(u + d, m)), m);
   }
 #else
-  for (int64_t d = 0; d < dim; ++d) {
+  int64_t d = 0;
+#if defined(LORAPLEX_AVX2)
+  const __m256 one = _mm256_set1_ps(1.f);
+  for (; d + 8 <= dim; d += 8) {  // silu 8 lanes at a time; the roundings as below
+    const __m256 x = lpx::load8(g + d);
+    float act[8];
+    _mm256_storeu_ps(act, _mm256_div_ps(x, _mm256_add_ps(one, lpx::exp8(_mm256_sub_ps(_mm256_setzero_ps(), x)))));
+    for (int l = 0; l < 8; ++l) o[d + l] = cast<T>(round_trip_scalar<T>(act[l]) * f32(u[d + l]));
+  }
+#endif
+  for (; d < dim; ++d) {
     const float x = f32(g[d]);
     o[d] = cast<T>(round_trip_scalar<T>(x / (1.f + std::exp(-x))) * f32(u[d]));
   }

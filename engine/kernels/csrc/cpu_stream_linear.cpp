@@ -843,6 +843,7 @@ inline QI cl_total(QI lo, QI hi) {  // hi: the high nibbles' sum times kCLHigh (
 }
 inline void qf_store(float* p, QF y) { _mm512_storeu_ps(p, y.v); }
 static_assert(kCLHigh == 16, "cl_total shifts by 4");
+constexpr bool kCLSum16 = false;  // vpdpbusd adds each lane's 4 products into int32 in one instruction
 #elif defined(__AVX2__) && defined(__FMA__)
 constexpr int CL_MT = 2;
 constexpr int CL_BATCH_NG = 1;  // 16 ymm: one lane group at a time
@@ -883,6 +884,25 @@ inline QI cl_zero_term(const int32_t* z, int32_t sum, int32_t off) {
 }
 template <bool U4>
 inline QI cl_total(QI lo, QI hi) { return {_mm256_add_epi32(lo.lo, hi.lo), _mm256_add_epi32(lo.hi, hi.hi)}; }
+// 4-bit: a block's products are summed in int16 lanes (vpmaddubsw's pairs added with vpaddw), widened once a block
+// (one vpmaddwd), instead of widening and adding every pair: half the multiplies. Exact: a pair is at most
+// 2 * 15 * 127 = 3810 in magnitude and a lane adds 2 * (QB / 8) of them a block (low and high nibbles), 30480 < 2^15.
+constexpr bool kCLSum16 = true;
+template <bool U4>
+inline QI cl_dot16(QI acc, CLV w, int32_t a4) {
+  const __m256i a = _mm256_set1_epi32(a4);
+  QI r{_mm256_add_epi16(acc.lo, _mm256_maddubs_epi16(w.lo, a)), _mm256_add_epi16(acc.hi, _mm256_maddubs_epi16(w.hi, a))};
+  // each sum in its register as it is made: left free, the compiler computes a block's 32 products first, then adds
+  // them in a tree, spilling most of them to the stack (16 ymm)
+  asm volatile("" : "+x"(r.lo), "+x"(r.hi));
+  return r;
+}
+inline QI cl_widen16(QI init, QI acc) {
+  const __m256i ones = _mm256_set1_epi16(1);
+  return {_mm256_add_epi32(init.lo, _mm256_madd_epi16(acc.lo, ones)),
+          _mm256_add_epi32(init.hi, _mm256_madd_epi16(acc.hi, ones))};
+}
+static_assert(2 * (QB / 8) * 2 * 15 * 127 < 32768, "cl_dot16: a block's int16 sums must not overflow");
 inline void qf_store(float* p, QF y) {
   _mm256_storeu_ps(p, y.lo);
   _mm256_storeu_ps(p + 8, y.hi);
@@ -926,7 +946,12 @@ inline QI cl_total(QI lo, QI hi) {
   return lo;
 }
 inline void qf_store(float* p, QF y) { std::memcpy(p, y.l, 64); }
+constexpr bool kCLSum16 = false;
 #endif
+// kCLSum16's block sums (defined where it is true; the calls are discarded elsewhere)
+template <bool U4>
+QI cl_dot16(QI acc, CLV w, int32_t a4);
+QI cl_widen16(QI init, QI acc);
 
 struct CLBlocks {           // per row of x and 32-channel activation block
   std::vector<int32_t> sum;  // [M, K / 32] the block's sum of a
@@ -974,7 +999,9 @@ inline void cl_tile(const QAct& q, const CLBlocks& cb, int64_t m0, int64_t K, in
         CLV wl, wh;
         cl_load<U4>(gc[j] + (b * VPB + v) * gstep[j], wl, wh);
         for (int i = 0; i < MT; ++i) {
-          if constexpr (U4) {
+          if constexpr (U4 && kCLSum16) {  // hi: the block's int16 sums
+            hi[i][j] = cl_dot16<U4>(cl_dot16<U4>(hi[i][j], wl, a0[i]), wh, a1[i]);
+          } else if constexpr (U4) {
             lo[i][j] = cl_dot<U4>(lo[i][j], wl, a0[i]);
             hi[i][j] = cl_dot<U4>(hi[i][j], wh, a1[i]);
           } else if (v & 1) {  // two chains a pair (exact integers: the order does not matter)
@@ -987,9 +1014,15 @@ inline void cl_tile(const QAct& q, const CLBlocks& cb, int64_t m0, int64_t K, in
     }
     for (int i = 0; i < MT; ++i) {
       const float d = cb.d[(m0 + i) * blocks + b];
-      for (int j = 0; j < NG; ++j)
-        y[i][j] = qacc(cl_total<U4>(lo[i][j], hi[i][j]), qscale(qf_load(scales + ((g0 + j) * groups + g) * CL_CH), d),
-                       y[i][j]);
+      for (int j = 0; j < NG; ++j) {
+        QI t;
+        if constexpr (U4 && kCLSum16) {
+          t = cl_widen16(lo[i][j], hi[i][j]);
+        } else {
+          t = cl_total<U4>(lo[i][j], hi[i][j]);
+        }
+        y[i][j] = qacc(t, qscale(qf_load(scales + ((g0 + j) * groups + g) * CL_CH), d), y[i][j]);
+      }
     }
   }
   for (int i = 0; i < MT; ++i)

@@ -196,6 +196,22 @@ def test_elementwise_kernels_match_references(dtype, dim):
 
 
 @needs_kernel
+def test_silu_and_mul_at_the_ends_of_exps_range():
+    """The vectorised exp's clamps (AVX2: 2^n built in the exponent bits) keep silu finite and right far out: 0 for
+    large negative gates (exp overflowing), the gate itself for large positive ones (exp underflowing)."""
+    from loraplex.engine.layers import elementwise
+    ends = torch.tensor([-1e4, -200., -104., -90., -88., -87.5, -20., -1e-3, 0., 1e-3, 20., 87.5, 88., 90., 104., 200.,
+                         1e4])
+    gate = ends.repeat(3)[:48].reshape(1, 48)  # 8-lane vectors and a tail
+    up = torch.ones_like(gate)
+    with torch.inference_mode():
+        got = torch.ops.loraplex_cpu.silu_and_mul(gate, up)
+    want = elementwise.silu_and_mul_reference(gate, up)
+    assert torch.isfinite(got).all()
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-30)
+
+
+@needs_kernel
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("heads,head_dim", [(9, 64), (2, 24)])  # vectorised halves; generic path
 def test_rotary_kernel_matches_reference(dtype, heads, head_dim):
