@@ -382,6 +382,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> step_inputs(const at::Tensor& wei
 std::string vector_isa() {
 #if defined(LORAPLEX_AVX512)
   return "avx512";
+#elif defined(LORAPLEX_AVX2)
+  return "avx2";
 #else
   return "generic";
 #endif
