@@ -888,10 +888,10 @@ inline QI cl_total(QI lo, QI hi) { return {_mm256_add_epi32(lo.lo, hi.lo), _mm25
 // (one vpmaddwd), instead of widening and adding every pair: half the multiplies. Exact: a pair is at most
 // 2 * 15 * 127 = 3810 in magnitude and a lane adds 2 * (QB / 8) of them a block (low and high nibbles), 30480 < 2^15.
 constexpr bool kCLSum16 = true;
-template <bool U4>
 inline QI cl_dot16(QI acc, CLV w, int32_t a4) {
   const __m256i a = _mm256_set1_epi32(a4);
-  QI r{_mm256_add_epi16(acc.lo, _mm256_maddubs_epi16(w.lo, a)), _mm256_add_epi16(acc.hi, _mm256_maddubs_epi16(w.hi, a))};
+  QI r{_mm256_add_epi16(acc.lo, _mm256_maddubs_epi16(w.lo, a)),
+       _mm256_add_epi16(acc.hi, _mm256_maddubs_epi16(w.hi, a))};
   // each sum in its register as it is made: left free, the compiler computes a block's 32 products first, then adds
   // them in a tree, spilling most of them to the stack (16 ymm)
   asm volatile("" : "+x"(r.lo), "+x"(r.hi));
@@ -949,7 +949,6 @@ inline void qf_store(float* p, QF y) { std::memcpy(p, y.l, 64); }
 constexpr bool kCLSum16 = false;
 #endif
 // kCLSum16's block sums (defined where it is true; the calls are discarded elsewhere)
-template <bool U4>
 QI cl_dot16(QI acc, CLV w, int32_t a4);
 QI cl_widen16(QI init, QI acc);
 
@@ -1000,7 +999,7 @@ inline void cl_tile(const QAct& q, const CLBlocks& cb, int64_t m0, int64_t K, in
         cl_load<U4>(gc[j] + (b * VPB + v) * gstep[j], wl, wh);
         for (int i = 0; i < MT; ++i) {
           if constexpr (U4 && kCLSum16) {  // hi: the block's int16 sums
-            hi[i][j] = cl_dot16<U4>(cl_dot16<U4>(hi[i][j], wl, a0[i]), wh, a1[i]);
+            hi[i][j] = cl_dot16(cl_dot16(hi[i][j], wl, a0[i]), wh, a1[i]);
           } else if constexpr (U4) {
             lo[i][j] = cl_dot<U4>(lo[i][j], wl, a0[i]);
             hi[i][j] = cl_dot<U4>(hi[i][j], wh, a1[i]);
