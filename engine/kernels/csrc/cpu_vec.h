@@ -68,8 +68,8 @@ inline __m512 exp(__m512 x) {
 
 }  // namespace lpx
 #elif defined(__AVX2__) && defined(__FMA__)
-// AVX2 (no AVX-512): 8-float counterparts for the paths that have them (attention, adapter rows); full vectors
-// only, tails are the callers' (scalar) work
+// AVX2 (no AVX-512): 8-float counterparts for the paths that have them (decode attention, adapter rows, silu, the
+// norm's sum of squares); full vectors only, tails are the callers' (scalar) work
 #define LORAPLEX_AVX2 1
 #include <immintrin.h>
 
@@ -84,11 +84,6 @@ inline float hsum8(__m256 v) {  // fixed order: halves, then pairs
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
   s = _mm_add_ps(s, _mm_movehl_ps(s, s));
   return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
-}
-inline float hmax8(__m256 v) {
-  __m128 s = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_max_ps(s, _mm_movehl_ps(s, s));
-  return _mm_cvtss_f32(_mm_max_ss(s, _mm_movehdup_ps(s)));
 }
 
 // exp(x): the AVX-512 exp's range reduction and polynomial; 2^n is built in the exponent bits, so x is clamped to
