@@ -248,12 +248,18 @@ void split_softmax(const float* parts, int64_t chunks, int64_t part_stride, T* o
 }
 
 constexpr int64_t SPLIT_KEYS = 256;  // keys per work item: a longer row is split, its parts merged (split_softmax)
+constexpr int64_t SPLIT_MIN = 64;    // a row of SPLIT_MIN to SPLIT_KEYS keys: two halves
 
-// The vectorised path (head_dim 64 or 128): one work item per (query row, kv head, SPLIT_KEYS keys of the row), so
-// a long row's keys spread over the threads instead of its few kv heads leaving one idle (at one row and three kv
-// heads, one thread took two of the three). A row of one chunk gets its output from its item, as it always did;
-// longer rows keep each chunk's (max, sum, acc) and merge them in chunk order. How a row is split depends on its
-// own length only: its output is the same whatever else is in the batch and however many threads run it.
+// Keys per chunk of a row of n keys (n > 0): SPLIT_KEYS, or half the row (rounded up) for a row of SPLIT_MIN to
+// SPLIT_KEYS keys, so that a short row's work still spreads over two threads.
+inline int64_t chunk_keys(int64_t n) { return n >= SPLIT_MIN && n <= SPLIT_KEYS ? (n + 1) / 2 : SPLIT_KEYS; }
+
+// The vectorised path (head_dim 64 or 128): one work item per (query row, kv head, chunk of the row's keys), so a
+// row's keys spread over the threads instead of its few kv heads leaving one idle (at one row and three kv heads,
+// one thread took two of the three items: on a short chat context, a third of the step's attention on one thread
+// alone). A row of one chunk (under SPLIT_MIN keys) gets its output from its item; longer rows keep each chunk's
+// (max, sum, acc) and merge them in chunk order. How a row is split depends on its own length only: its output is
+// the same whatever else is in the batch and however many threads run it.
 template <int D, typename T>
 void paged_attention_split(const T* q, const T* k_cache, const T* v_cache, const int64_t* slot_table,
                            const int64_t* row_index, const int64_t* row_len, T* out, int64_t num_rows,
@@ -277,7 +283,7 @@ void paged_attention_split(const T* q, const T* k_cache, const T* v_cache, const
   int64_t num_parts = 0;
   for (int64_t t = 0; t < num_rows; ++t) {
     const int64_t len = row_len[t], first = window > 0 ? std::max<int64_t>(0, len - window) : 0;
-    const int64_t chunks = (len - first + SPLIT_KEYS - 1) / SPLIT_KEYS;
+    const int64_t keys = len - first, chunks = keys > 0 ? (keys + chunk_keys(keys) - 1) / chunk_keys(keys) : 0;
     if (chunks <= 0) {  // a row the caller computes another way
       std::fill(out + t * num_heads * D, out + (t + 1) * num_heads * D, T(0.f));
       continue;
@@ -295,7 +301,7 @@ void paged_attention_split(const T* q, const T* k_cache, const T* v_cache, const
     for (int64_t i = begin; i < end; ++i) {
       const Item it = items[i];
       const int64_t len = row_len[it.t], first = window > 0 ? std::max<int64_t>(0, len - window) : 0;
-      const int64_t start = first + it.c * SPLIT_KEYS, n = std::min(SPLIT_KEYS, len - start);
+      const int64_t ck = chunk_keys(len - first), start = first + it.c * ck, n = std::min(ck, len - start);
       const int64_t head0 = it.t * num_heads + it.h * group;  // the item's first query head
       float* p = first_part[it.t] < 0 ? nullptr
                                       : parts.data() + ((first_part[it.t] + it.c) * num_heads + it.h * group) * part;
@@ -316,8 +322,9 @@ void paged_attention_split(const T* q, const T* k_cache, const T* v_cache, const
       const int64_t t = i / num_heads;
       if (first_part[t] < 0) continue;
       const int64_t len = row_len[t], first = window > 0 ? std::max<int64_t>(0, len - window) : 0;
+      const int64_t keys = len - first;
       split_softmax<D, T>(parts.data() + (first_part[t] * num_heads + i % num_heads) * part,
-                          (len - first + SPLIT_KEYS - 1) / SPLIT_KEYS, num_heads * part, out + i * D);
+                          (keys + chunk_keys(keys) - 1) / chunk_keys(keys), num_heads * part, out + i * D);
     }
   });
 }

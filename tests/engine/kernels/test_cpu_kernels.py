@@ -46,8 +46,9 @@ def test_kernel_matches_reference(dtype, num_heads, num_kv_heads, head_dim, wind
     v_cache = torch.randn(num_slots, num_kv_heads, head_dim, generator=gen).to(dtype)
     table = torch.stack([torch.randperm(num_slots, generator=gen)[:400] for _ in range(rows)])  # [rows, 400]
     row_index = torch.tensor([0, 1, 2, 2, 2, 3, 4, 4, 0, 1, 3, 2])
-    # 0: left to another path, gets zeros; 128 keys: one chunk of the vectorised path, 129 and more: split and merged
-    row_len = torch.tensor([1, 17, 3, 4, 5, 40, 33, 0, 16, 128, 129, 400])
+    # 0: left to another path, gets zeros; under 64 keys: one chunk of the vectorised path; 64-256 keys: two halves,
+    # merged; more: chunks of 256, merged
+    row_len = torch.tensor([1, 17, 3, 4, 5, 40, 63, 0, 64, 128, 129, 400])
     q = torch.randn(len(row_index), num_heads, head_dim, generator=gen).to(dtype)
     scale = head_dim ** -0.5
     out = cpu_kernels.paged_attention(q, k_cache, v_cache, table, row_index, row_len, window, scale)
@@ -61,19 +62,19 @@ def test_kernel_matches_reference(dtype, num_heads, num_kv_heads, head_dim, wind
 @needs_kernel
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_a_long_rows_output_is_its_own(dtype):
-    """Rows of more than 256 keys are split into parts that different threads compute and then merged: each row's
+    """Rows of 64 keys or more are split into parts that different threads compute and then merged: each row's
     output is bit for bit the same alone, beside other rows and on one thread or two."""
     gen = torch.Generator().manual_seed(1)
     k_cache, v_cache = (torch.randn(1200, 3, 64, generator=gen).to(dtype) for _ in range(2))
     table = torch.stack([torch.randperm(1200, generator=gen)[:1000] for _ in range(3)])
-    q = torch.randn(4, 9, 64, generator=gen).to(dtype)
-    row_index, row_len = torch.tensor([0, 1, 2, 0]), torch.tensor([1000, 300, 7, 257])
+    row_index, row_len = torch.tensor([0, 1, 2, 0, 1, 2]), torch.tensor([1000, 300, 7, 257, 64, 101])
+    q = torch.randn(len(row_len), 9, 64, generator=gen).to(dtype)
     threads = torch.get_num_threads()
     try:
         together = cpu_kernels.paged_attention(q, k_cache, v_cache, table, row_index, row_len, None, 0.125)
         for n in (1, 2):
             torch.set_num_threads(n)
-            for i in range(4):
+            for i in range(len(row_len)):
                 alone = cpu_kernels.paged_attention(q[i:i + 1], k_cache, v_cache, table, row_index[i:i + 1],
                                                     row_len[i:i + 1], None, 0.125)
                 assert torch.equal(alone[0], together[i]), (n, i)
