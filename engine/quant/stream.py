@@ -25,7 +25,9 @@ from the row-order ones when int8 activations are switched on: channel lanes (`c
 out_features is a multiple of 16: each 32-bit lane of a vector one output channel, so one integer dot-product
 instruction advances 16 channels, 2-2.4x fewer instructions per weight than kinds 5/6; 1.25-1.4x faster decode steps
 at batch 4-64, 1.0-1.1x at batch 1, where the bytes set the pace), else every IL_ROWS channels interleaved
-(`interleave_rows`, kinds 5 and 6). `codes()` and `row_params()` give the row-order codes, scales and zeros back.
+(`interleave_rows`, kinds 5 and 6). An AVX2 build multiplies 8-bit codes as signed bytes; for it the 8-bit lanes are
+stored as q ^ 0x80 (kind 9, `lane_u8_kind`), which every build reads. `codes()` and `row_params()` give the row-order
+codes, scales and zeros back.
 
 The 8- and 4-bit forms come from GPTQ checkpoints (`loraplex quantize --format gptq --bits 8|4`, symmetric or not,
 without act-order) by repacking, so their float32 weights equal the GPTQ reference's dequantized weights exactly.
@@ -49,6 +51,7 @@ KIND = {32: 0, 16: 0, 8: 1, 4: 2}  # the kernel's weight kinds: dense, 8-bit cod
 KIND_ACT_INT8 = {8: 3, 4: 4}  # the same codes, with int8 activations and integer dot products
 KIND_ACT_INT8_IL = {8: 5, 4: 6}  # the same, codes of IL_ROWS channels interleaved per 64-channel chunk
 KIND_ACT_INT8_CL = {8: 7, 4: 8}  # the same, codes in channel lanes (channel_lanes)
+KIND_U8_CL_SIGNED = 9  # kind 7 with each code stored as q ^ 0x80, where the loaded kernels read those faster (AVX2)
 IL_ROWS = 4
 LANES = 16  # output channels per lane group of the channel-lane layout: out_features a multiple of it
 CHUNK = 16  # input channels per decoded chunk: in_features and group sizes are multiples of it
@@ -120,6 +123,15 @@ def _unpair_groups(v: torch.Tensor) -> torch.Tensor:
     return torch.cat([head, v[2 * pairs:]]).contiguous()
 
 
+def lane_u8_kind() -> int:
+    """The 8-bit channel-lane kind the loaded kernels read fastest: 9 (codes stored as q ^ 0x80) where they multiply
+    codes as signed bytes (AVX2), else 7. Either kind runs correctly on every build: the kind says how the bytes are
+    stored, whichever build is loaded when they are read."""
+    if not cpu_kernels.available():
+        return KIND_ACT_INT8_CL[8]
+    return int(torch.ops.loraplex_cpu.channel_lane_u8_kind())
+
+
 def from_channel_lanes(codes: torch.Tensor, bits: int) -> torch.Tensor:
     """channel_lanes' inverse: -> unpacked codes [N, K] uint8."""
     n = codes.shape[0]
@@ -188,6 +200,7 @@ class StreamLinear(nn.Module):
         # weight holds codes in row order, interleave_rows' or channel_lanes' (set_act_int8); with channel lanes the
         # scales and zeros are in lane_params' order (row_params gives them in row order)
         self.layout = "rows"
+        self.signed_lanes = False  # 8-bit channel lanes stored as q ^ 0x80 (kind 9: lane_u8_kind)
         self.kind = KIND[bits]  # the kernel's weight kind (engine/kernels/csrc/cpu_stream_linear.cpp)
         self.register_buffer("zero_point", None, persistent=False)
 
@@ -219,11 +232,16 @@ class StreamLinear(nn.Module):
                 self.weight = channel_lanes(plain if self.bits == 8 else unpack_nibbles(plain), self.bits)
             else:
                 self.weight = plain
+            self.signed_lanes = layout == "lanes" and self.bits == 8 and lane_u8_kind() == KIND_U8_CL_SIGNED
+            if self.signed_lanes:
+                self.weight = self.weight ^ 0x80
             lanes = layout == "lanes"
             self.scales, self.zeros = (lane_params(scales), lane_params(zeros)) if lanes else (scales, zeros)
         self.layout = layout
         kinds = {"rows": KIND_ACT_INT8, "interleaved": KIND_ACT_INT8_IL, "lanes": KIND_ACT_INT8_CL}[layout]
         self.kind = kinds[self.bits] if on else KIND[self.bits]
+        if on and self.signed_lanes:
+            self.kind = KIND_U8_CL_SIGNED
         zeros = self.zeros
         one = on and zeros is not None and bool((zeros == zeros.reshape(-1)[0]).all())
         self.zero_point = zeros.reshape(-1)[:1].clone() if one else None
@@ -239,7 +257,7 @@ class StreamLinear(nn.Module):
         if self.layout == "interleaved":
             return deinterleave_rows(self.weight, self.in_features // ACT_CHUNK)
         if self.layout == "lanes":
-            q = from_channel_lanes(self.weight, self.bits)
+            q = self.unpacked_codes()
             return q if self.bits == 8 else pack_nibbles(q)
         return self.weight
 
@@ -291,7 +309,8 @@ class StreamLinear(nn.Module):
     def unpacked_codes(self) -> torch.Tensor | None:
         """The codes in row order, one per byte ([out, in] uint8), straight from whichever layout holds them."""
         if self.layout == "lanes":
-            return from_channel_lanes(self.weight, self.bits)
+            q = from_channel_lanes(self.weight, self.bits)
+            return q ^ 0x80 if self.signed_lanes else q
         codes = self.codes()
         return codes if codes is None or self.bits == 8 else unpack_nibbles(codes)
 

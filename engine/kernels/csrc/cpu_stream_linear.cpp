@@ -859,21 +859,28 @@ void run_q(const float* xf, int64_t M, int64_t K, int64_t N, int64_t kind, const
 // reads one sequential stream; an odd last group stands alone); scales [N / 16, K / group, 16] float32, zeros likewise
 // int32 (or [1], one zero point).
 constexpr int64_t kU8CL = 7, kU4CL = 8, CL_CH = 16, CL_NB = 32;  // channels per lane group, per block of work
+// Kind 9: kind 7 with every code stored as q ^ 0x80 (q - 128 as a signed byte), for the builds that multiply 8-bit
+// codes as signed bytes (AVX2's vpmaddubsw pairs would saturate on unsigned ones): they read them as they are, the
+// others flip them back at load. Set by stream.py where the loaded build asks for it (channel_lane_u8_kind).
+constexpr int64_t kU8CLS = 9;
 
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
 constexpr int CL_MT = 4;         // rows of x per batched tile
 constexpr int CL_BATCH_NG = 2;   // lane groups per batched tile
 constexpr int32_t kCLHigh = 16;  // 4-bit high nibbles are multiplied in place (code * 16: one AND, no shift)
 constexpr int32_t kCLU8Off = 0;  // 8-bit codes go in as they are (vpdpbusd multiplies unsigned by signed bytes)
+constexpr bool kCLU8Signed = false;
 struct CLV {
   __m512i v;
 };
-template <bool U4>
+template <bool U4, bool SIGNED>
 inline void cl_load(const uint8_t* p, CLV& lo, CLV& hi) {
   const __m512i v = _mm512_loadu_si512(p);
   if constexpr (U4) {
     lo.v = _mm512_and_si512(v, _mm512_set1_epi8(0x0f));
     hi.v = _mm512_and_si512(v, _mm512_set1_epi8(static_cast<char>(0xf0)));
+  } else if constexpr (SIGNED) {  // kind 9's codes back to unsigned
+    lo.v = _mm512_xor_si512(v, _mm512_set1_epi8(static_cast<char>(0x80)));
   } else {
     lo.v = v;
   }
@@ -897,10 +904,11 @@ constexpr int CL_MT = 2;
 constexpr int CL_BATCH_NG = 1;  // 16 ymm: one lane group at a time
 constexpr int32_t kCLHigh = 1;
 constexpr int32_t kCLU8Off = 128;  // 8-bit codes go in as signed q - 128 (vpmaddubsw pairs must not saturate)
+constexpr bool kCLU8Signed = true;  // kind 9 stores them so: one instruction fewer per 32 codes
 struct CLV {
   __m256i lo, hi;  // channels 0-7, 8-15
 };
-template <bool U4>
+template <bool U4, bool SIGNED>
 inline void cl_load(const uint8_t* p, CLV& lo, CLV& hi) {
   const __m256i v0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
   const __m256i v1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 32));
@@ -908,6 +916,8 @@ inline void cl_load(const uint8_t* p, CLV& lo, CLV& hi) {
     const __m256i m = _mm256_set1_epi8(15);
     lo = {_mm256_and_si256(v0, m), _mm256_and_si256(v1, m)};
     hi = {_mm256_and_si256(_mm256_srli_epi16(v0, 4), m), _mm256_and_si256(_mm256_srli_epi16(v1, 4), m)};
+  } else if constexpr (SIGNED) {
+    lo = {v0, v1};
   } else {
     const __m256i off = _mm256_set1_epi8(static_cast<char>(0x80));
     lo = {_mm256_xor_si256(v0, off), _mm256_xor_si256(v1, off)};
@@ -960,13 +970,14 @@ constexpr int CL_MT = 2;
 constexpr int CL_BATCH_NG = 1;
 constexpr int32_t kCLHigh = 1;
 constexpr int32_t kCLU8Off = 0;
+constexpr bool kCLU8Signed = false;
 struct CLV {
   uint8_t b[64];
 };
-template <bool U4>
+template <bool U4, bool SIGNED>
 inline void cl_load(const uint8_t* p, CLV& lo, CLV& hi) {
   for (int i = 0; i < 64; ++i) {
-    lo.b[i] = U4 ? p[i] & 15 : p[i];
+    lo.b[i] = U4 ? p[i] & 15 : (SIGNED ? p[i] ^ 0x80 : p[i]);
     hi.b[i] = U4 ? p[i] >> 4 : 0;
   }
 }
@@ -1007,7 +1018,7 @@ struct CLBlocks {           // per row of x and 32-channel activation block
 };
 
 // out [MT][NG * 16]: rows m0.. of x against the NG lane groups from g0
-template <bool U4, bool UNIFORM, int MT, int NG>
+template <bool U4, bool SIGNED, bool UNIFORM, int MT, int NG>
 inline void cl_tile(const QAct& q, const CLBlocks& cb, int64_t m0, int64_t K, int64_t group, const uint8_t* codes,
                     int64_t groups_n, const float* scales, const int32_t* zeros, int64_t g0, float* out) {
   constexpr int64_t S = U4 ? 8 : 4;  // input channels per code vector
@@ -1044,7 +1055,7 @@ inline void cl_tile(const QAct& q, const CLBlocks& cb, int64_t m0, int64_t K, in
       }
       for (int j = 0; j < NG; ++j) {
         CLV wl, wh;
-        cl_load<U4>(gc[j] + (b * VPB + v) * gstep[j], wl, wh);
+        cl_load<U4, SIGNED>(gc[j] + (b * VPB + v) * gstep[j], wl, wh);
         for (int i = 0; i < MT; ++i) {
           if constexpr (U4 && kCLSum16) {  // hi: the block's int16 sums
             hi[i][j] = cl_dot16(cl_dot16(hi[i][j], wl, a0[i]), wh, a1[i]);
@@ -1077,8 +1088,8 @@ inline void cl_tile(const QAct& q, const CLBlocks& cb, int64_t m0, int64_t K, in
 }
 
 template <typename T>
-void run_cl(const float* xf, int64_t M, int64_t K, int64_t N, bool u4, const uint8_t* w, const float* scales,
-            const int32_t* zeros, bool uniform, int64_t group, const T* bias, T* y) {
+void run_cl(const float* xf, int64_t M, int64_t K, int64_t N, bool u4, bool sgn, const uint8_t* w,
+            const float* scales, const int32_t* zeros, bool uniform, int64_t group, const T* bias, T* y) {
   thread_local QAct caller_q;  // reused: no allocation per call once grown (the workers read the caller's)
   thread_local CLBlocks caller_b;
   QAct& q = caller_q;
@@ -1112,34 +1123,38 @@ void run_cl(const float* xf, int64_t M, int64_t K, int64_t N, bool u4, const uin
           y[(m + i) * N + c0 + c] = static_cast<T>(v);
         }
     };
-    const auto go = [&](auto u4c, auto unic) {
-      constexpr bool U4 = decltype(u4c)::value, UNI = decltype(unic)::value;
+    const auto go = [&](auto u4c, auto sc, auto unic) {
+      constexpr bool U4 = decltype(u4c)::value, S = decltype(sc)::value, UNI = decltype(unic)::value;
       int64_t m = 0;
       for (; m + CL_MT <= M; m += CL_MT) {
         if (CL_BATCH_NG == 2 && ng == 2) {  // both lane groups in one pass over the block's stream
-          cl_tile<U4, UNI, CL_MT, CL_BATCH_NG>(q, cb, m, K, group, w, N / CL_CH, scales, zeros, g0, out);
+          cl_tile<U4, S, UNI, CL_MT, CL_BATCH_NG>(q, cb, m, K, group, w, N / CL_CH, scales, zeros, g0, out);
           emit(m, CL_MT, n0, 2 * CL_CH);
           continue;
         }
         for (int64_t j = 0; j < ng; ++j) {
-          cl_tile<U4, UNI, CL_MT, 1>(q, cb, m, K, group, w, N / CL_CH, scales, zeros, g0 + j, out);
+          cl_tile<U4, S, UNI, CL_MT, 1>(q, cb, m, K, group, w, N / CL_CH, scales, zeros, g0 + j, out);
           emit(m, CL_MT, n0 + j * CL_CH, CL_CH);
         }
       }
       for (; m < M; ++m) {
         if (ng == 2) {
-          cl_tile<U4, UNI, 1, 2>(q, cb, m, K, group, w, N / CL_CH, scales, zeros, g0, out);
+          cl_tile<U4, S, UNI, 1, 2>(q, cb, m, K, group, w, N / CL_CH, scales, zeros, g0, out);
         } else {
-          cl_tile<U4, UNI, 1, 1>(q, cb, m, K, group, w, N / CL_CH, scales, zeros, g0, out);
+          cl_tile<U4, S, UNI, 1, 1>(q, cb, m, K, group, w, N / CL_CH, scales, zeros, g0, out);
         }
         emit(m, 1, n0, ng * CL_CH);
       }
     };
     static_assert(CL_NB == 2 * CL_CH, "run_cl: one or two lane groups a block");
+    using yes = std::true_type;
+    using no = std::false_type;
     if (u4) {
-      uniform ? go(std::true_type{}, std::true_type{}) : go(std::true_type{}, std::false_type{});
+      uniform ? go(yes{}, no{}, yes{}) : go(yes{}, no{}, no{});
+    } else if (sgn) {
+      uniform ? go(no{}, yes{}, yes{}) : go(no{}, yes{}, no{});
     } else {
-      uniform ? go(std::false_type{}, std::true_type{}) : go(std::false_type{}, std::false_type{});
+      uniform ? go(no{}, no{}, yes{}) : go(no{}, no{}, no{});
     }
   });
 }
@@ -1279,8 +1294,8 @@ void check_linear(bool x_bf16, int64_t K, const at::Tensor& w, const c10::option
     TORCH_CHECK(w.size(1) == K && (w.scalar_type() == at::kFloat || w.scalar_type() == at::kBFloat16),
                 "stream_linear: dense weight [N, K] float32 or bfloat16 expected");
   } else {
-    TORCH_CHECK(kind >= kU8 && kind <= kU4CL, "stream_linear: unknown weight kind ", kind);
-    const bool u8 = kind == kU8 || kind == kU8A8 || kind == kU8A8I || kind == kU8CL;
+    TORCH_CHECK(kind >= kU8 && kind <= kU8CLS, "stream_linear: unknown weight kind ", kind);
+    const bool u8 = kind == kU8 || kind == kU8A8 || kind == kU8A8I || kind == kU8CL || kind == kU8CLS;
     TORCH_CHECK(kind < kU8A8I || kind > kU4A8I || N % IL_ROWS == 0,
                 "stream_linear: interleaved codes need N a multiple of ", IL_ROWS);
     TORCH_CHECK(kind < kU8CL || N % CL_CH == 0, "stream_linear: channel-lane codes need N a multiple of ", CL_CH);
@@ -1323,12 +1338,14 @@ void linear_into(const void* x, bool x_bf16, int64_t M, int64_t K, const at::Ten
     xf = widened.data();
   }
   if (kind >= kU8CL) {
-    const bool u4 = kind == kU4CL, uniform = zeros->numel() == 1;
+    const bool u4 = kind == kU4CL, sgn = kind == kU8CLS, uniform = zeros->numel() == 1;
     const uint8_t* codes = w.data_ptr<uint8_t>();
     if (!x_bf16) {
-      run_cl<float>(xf, M, K, N, u4, codes, s, z, uniform, group, static_cast<const float*>(bias), static_cast<float*>(out));
+      run_cl<float>(xf, M, K, N, u4, sgn, codes, s, z, uniform, group, static_cast<const float*>(bias),
+                    static_cast<float*>(out));
     } else {
-      run_cl<bf16>(xf, M, K, N, u4, codes, s, z, uniform, group, static_cast<const bf16*>(bias), static_cast<bf16*>(out));
+      run_cl<bf16>(xf, M, K, N, u4, sgn, codes, s, z, uniform, group, static_cast<const bf16*>(bias),
+                   static_cast<bf16*>(out));
     }
   } else if (kind >= kU8A8) {
     const uint8_t* codes = w.data_ptr<uint8_t>();
@@ -1354,4 +1371,7 @@ void linear_into(const void* x, bool x_bf16, int64_t M, int64_t K, const at::Ten
 TORCH_LIBRARY_FRAGMENT(loraplex_cpu, m) {
   m.def("stream_linear(Tensor x, Tensor w, Tensor? scales, Tensor? zeros, int kind, int group, Tensor? bias) -> Tensor");
   m.impl("stream_linear", c10::DispatchKey::CPU, &stream_linear);
+  m.def("channel_lane_u8_kind() -> int");  // the 8-bit channel-lane kind this build reads fastest: 7, or 9
+  m.impl("channel_lane_u8_kind", c10::DispatchKey::CatchAll,
+         +[]() -> int64_t { return kCLU8Signed ? kU8CLS : kU8CL; });
 }

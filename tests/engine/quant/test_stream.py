@@ -18,6 +18,7 @@ from loraplex.engine.quant.stream import (
     channel_lanes,
     dequantize_activations,
     from_channel_lanes,
+    lane_u8_kind,
     pack_nibbles,
     quantize_activations,
     unpack_nibbles,
@@ -140,7 +141,7 @@ def test_int8_activations_match_their_reference(bits, group, sym, bias, out):
     fast = StreamLinear.from_gptq(ref, torch.float32)
     assert can_act_int8(fast)
     fast.set_act_int8(True)
-    kinds = {40: (5, 6, "interleaved"), 48: (7, 8, "lanes")}[out]
+    kinds = {40: (5, 6, "interleaved"), 48: (lane_u8_kind(), 8, "lanes")}[out]  # 8-bit lanes: 7, or 9 (AVX2)
     assert fast.kind == kinds[bits == 4] and fast.layout == kinds[2] and "act_int8" in repr(fast)
     for dtype in (torch.float32, torch.bfloat16):
         for rows in (1, 2, 5, 9):
@@ -199,7 +200,7 @@ def test_int8_activations_need_widths_and_groups_of_64():
     model.add_module("b", gptq(128, 16, 8, 64, True, False))
     assert use_stream_linears(model, torch.float32, dense=False, act_int8=True) == 2
     assert not model.a.act_int8 and model.b.act_int8  # the one that cannot stays exact weight-only
-    assert model.a.kind == 2 and model.b.kind == 7 and model.b.kernel_zeros.numel() == 1
+    assert model.a.kind == 2 and model.b.kind == lane_u8_kind() and model.b.kernel_zeros.numel() == 1
     with pytest.raises(ValueError, match="multiples of 64"):
         model.a.set_act_int8(True)
     assert not model.a.act_int8 and model.a.kind == 2  # refused: nothing changed
@@ -237,6 +238,24 @@ def test_interleaved_codes_give_the_same_bits_and_weights(bits):
         op(torch.randn(1, 128), codes, torch.ones(IL_ROWS + 2, 2), torch.tensor([128], dtype=torch.int32), 5, 64, None)
 
 
+@pytest.mark.parametrize("sym", [True, False])
+def test_both_8_bit_channel_lane_kinds_give_the_same_bits_on_this_build(sym):
+    """Kind 7 (codes as they are) and kind 9 (each stored as q ^ 0x80, what an AVX2 build reads fastest) are both run
+    by every build, whichever it prefers (lane_u8_kind): the same bits at 1 and 5 rows, one zero point or many."""
+    fast = StreamLinear.from_gptq(gptq(192, 48, 8, 64, sym, True, seed=5), torch.float32)
+    fast.set_act_int8(True)
+    x = torch.randn(5, 192) * 2
+    flipped = fast.weight ^ 0x80
+    with torch.inference_mode():
+        ran = {}
+        for kind, weight in ((fast.kind, fast.weight), (16 - fast.kind, flipped)):  # 7 <-> 9
+            ran[kind] = [torch.ops.loraplex_cpu.stream_linear(x[:rows], weight, fast.scales, fast.kernel_zeros, kind,
+                                                              64, fast.bias) for rows in (1, 5)]
+    assert sorted(ran) == [7, 9]
+    assert all(torch.equal(a, b) for a, b in zip(ran[7], ran[9]))
+    torch.testing.assert_close(ran[7][1], fast.reference(x), rtol=1e-4, atol=1e-4)  # the rounded activations' product
+
+
 @pytest.mark.parametrize("bits", [8, 4])
 def test_channel_lane_codes_are_the_documented_layout_and_switch_back(bits):
     """With int8 activations and a multiple of 16 output channels, the codes go into channel lanes (kinds 7 and 8):
@@ -250,7 +269,8 @@ def test_channel_lane_codes_are_the_documented_layout_and_switch_back(bits):
         fast.dequantized_weight()
     q = plain_codes if bits == 8 else unpack_nibbles(plain_codes)  # [n, k] codes
     fast.set_act_int8(True)
-    assert fast.layout == "lanes" and fast.kind == (7 if bits == 8 else 8)
+    assert fast.layout == "lanes" and fast.kind == (lane_u8_kind() if bits == 8 else 8)
+    assert fast.signed_lanes == (fast.kind == 9)
     flat = fast.weight.reshape(-1)
     per_vector = 4 if bits == 8 else 8  # inputs per 64-byte vector
     group_bytes = k // per_vector * 64
@@ -258,7 +278,7 @@ def test_channel_lane_codes_are_the_documented_layout_and_switch_back(bits):
         at = g // 2 * 2 * group_bytes + (v * 128 + g % 2 * 64 if g < 2 else v * 64) + 4 * c + t
         channel, first = 16 * g + c, per_vector * v + t
         want = int(q[channel, first]) if bits == 8 else int(q[channel, first]) | int(q[channel, first + 4]) << 4
-        assert int(flat[at]) == want, (g, c, v, t)
+        assert int(flat[at]) == want ^ (0x80 if fast.signed_lanes else 0), (g, c, v, t)
     assert float(fast.scales.reshape(-1)[2 * 16 + 16 + 3]) == float(scales[16 + 3, 1])  # [n / 16, groups, 16]
     assert torch.equal(from_channel_lanes(channel_lanes(q, bits), bits), q)
     assert torch.equal(fast.codes(), plain_codes) and torch.equal(fast.dequantized_weight(), want_w)
