@@ -200,7 +200,6 @@ class StreamLinear(nn.Module):
         # weight holds codes in row order, interleave_rows' or channel_lanes' (set_act_int8); with channel lanes the
         # scales and zeros are in lane_params' order (row_params gives them in row order)
         self.layout = "rows"
-        self.signed_lanes = False  # 8-bit channel lanes stored as q ^ 0x80 (kind 9: lane_u8_kind)
         self.kind = KIND[bits]  # the kernel's weight kind (engine/kernels/csrc/cpu_stream_linear.cpp)
         self.register_buffer("zero_point", None, persistent=False)
 
@@ -224,6 +223,7 @@ class StreamLinear(nn.Module):
         layout = layout or possible[0]
         self.act_int8 = on
         SWITCHES["count"] += 1
+        signed = self.signed_lanes  # kept unless the codes are laid out again
         if self.weight is not None and layout != self.layout:
             plain, scales, zeros = self.codes(), *self.row_params()
             if layout == "interleaved":
@@ -232,21 +232,26 @@ class StreamLinear(nn.Module):
                 self.weight = channel_lanes(plain if self.bits == 8 else unpack_nibbles(plain), self.bits)
             else:
                 self.weight = plain
-            self.signed_lanes = layout == "lanes" and self.bits == 8 and lane_u8_kind() == KIND_U8_CL_SIGNED
-            if self.signed_lanes:
+            signed = layout == "lanes" and self.bits == 8 and lane_u8_kind() == KIND_U8_CL_SIGNED
+            if signed:
                 self.weight = self.weight ^ 0x80
             lanes = layout == "lanes"
             self.scales, self.zeros = (lane_params(scales), lane_params(zeros)) if lanes else (scales, zeros)
         self.layout = layout
         kinds = {"rows": KIND_ACT_INT8, "interleaved": KIND_ACT_INT8_IL, "lanes": KIND_ACT_INT8_CL}[layout]
         self.kind = kinds[self.bits] if on else KIND[self.bits]
-        if on and self.signed_lanes:
+        if on and signed:
             self.kind = KIND_U8_CL_SIGNED
         zeros = self.zeros
         one = on and zeros is not None and bool((zeros == zeros.reshape(-1)[0]).all())
         self.zero_point = zeros.reshape(-1)[:1].clone() if one else None
         if self.group is not None and self.group.linear is not self and self.group.linear.act_int8 != on:
             self.group.linear.set_act_int8(on)
+
+    @property
+    def signed_lanes(self) -> bool:
+        """8-bit channel lanes stored as q ^ 0x80 (kind 9: lane_u8_kind)."""
+        return self.kind == KIND_U8_CL_SIGNED
 
     @property
     def interleaved(self) -> bool:

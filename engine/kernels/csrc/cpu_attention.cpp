@@ -253,6 +253,7 @@ constexpr int64_t SPLIT_MIN = 64;    // a row of SPLIT_MIN to SPLIT_KEYS keys: t
 // Keys per chunk of a row of n keys (n > 0): SPLIT_KEYS, or half the row (rounded up) for a row of SPLIT_MIN to
 // SPLIT_KEYS keys, so that a short row's work still spreads over two threads.
 inline int64_t chunk_keys(int64_t n) { return n >= SPLIT_MIN && n <= SPLIT_KEYS ? (n + 1) / 2 : SPLIT_KEYS; }
+inline int64_t row_chunks(int64_t n) { return n > 0 ? (n + chunk_keys(n) - 1) / chunk_keys(n) : 0; }
 
 // The vectorised path (head_dim 64 or 128): one work item per (query row, kv head, chunk of the row's keys), so a
 // row's keys spread over the threads instead of its few kv heads leaving one idle (at one row and three kv heads,
@@ -283,7 +284,7 @@ void paged_attention_split(const T* q, const T* k_cache, const T* v_cache, const
   int64_t num_parts = 0;
   for (int64_t t = 0; t < num_rows; ++t) {
     const int64_t len = row_len[t], first = window > 0 ? std::max<int64_t>(0, len - window) : 0;
-    const int64_t keys = len - first, chunks = keys > 0 ? (keys + chunk_keys(keys) - 1) / chunk_keys(keys) : 0;
+    const int64_t chunks = row_chunks(len - first);
     if (chunks <= 0) {  // a row the caller computes another way
       std::fill(out + t * num_heads * D, out + (t + 1) * num_heads * D, T(0.f));
       continue;
@@ -322,9 +323,8 @@ void paged_attention_split(const T* q, const T* k_cache, const T* v_cache, const
       const int64_t t = i / num_heads;
       if (first_part[t] < 0) continue;
       const int64_t len = row_len[t], first = window > 0 ? std::max<int64_t>(0, len - window) : 0;
-      const int64_t keys = len - first;
-      split_softmax<D, T>(parts.data() + (first_part[t] * num_heads + i % num_heads) * part,
-                          (keys + chunk_keys(keys) - 1) / chunk_keys(keys), num_heads * part, out + i * D);
+      split_softmax<D, T>(parts.data() + (first_part[t] * num_heads + i % num_heads) * part, row_chunks(len - first),
+                          num_heads * part, out + i * D);
     }
   });
 }

@@ -270,7 +270,6 @@ def test_channel_lane_codes_are_the_documented_layout_and_switch_back(bits):
     q = plain_codes if bits == 8 else unpack_nibbles(plain_codes)  # [n, k] codes
     fast.set_act_int8(True)
     assert fast.layout == "lanes" and fast.kind == (lane_u8_kind() if bits == 8 else 8)
-    assert fast.signed_lanes == (fast.kind == 9)
     flat = fast.weight.reshape(-1)
     per_vector = 4 if bits == 8 else 8  # inputs per 64-byte vector
     group_bytes = k // per_vector * 64
