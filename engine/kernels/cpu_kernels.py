@@ -197,6 +197,13 @@ def _prune_other_builds(keep: Path, older_than_s: float = PRUNE_AFTER_S) -> None
                 shutil.rmtree(other, ignore_errors=True)
 
 
+def stream_ahead(nbytes: int | None = None) -> int:
+    """The distance, in bytes, at which a batch-1 streaming-linear tile prefetches its weights (0: not at all); with
+    `nbytes` (a multiple of 64, at most 64 KiB) set it and return the previous one. Speed only: no result changes.
+    Each build starts at the distance measured best on its kind of machine (cpu_stream_linear.cpp)."""
+    return int(torch.ops.loraplex_cpu.stream_ahead(nbytes))
+
+
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_table: torch.Tensor,
                     row_index: torch.Tensor, row_len: torch.Tensor, window: int | None, scale: float,
                     k_new: torch.Tensor | None = None, v_new: torch.Tensor | None = None,

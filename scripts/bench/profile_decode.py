@@ -3,7 +3,7 @@ its weights take to stream from memory at this machine's measured bandwidth and 
 
     python scripts/bench/profile_decode.py [--dtype bfloat16 float32] [--batch 1 4 16] [--steps 24] [--top 12]
         [--cpu-linear onednn stream] [--stack on per-op off] [--server-runtimes] [--model FOLDER]
-        [--quantization gptq] [--kv-cache-dtype bfloat16] [--phases] [--adapter-rank 8]
+        [--quantization gptq] [--kv-cache-dtype bfloat16] [--phases] [--adapter-rank 8] [--stream-ahead 0]
 
 For each (dtype, batch): the median wall time of `--steps` single decode steps (no profiler; the engine runs without
 multi-step groups), the bytes of weights a step reads (every linear and the head as their kernels read them: see
@@ -15,7 +15,8 @@ pass, the whole-stack call's own clock (DecoderStack.set_profiling): ms per step
 rows, attention and elementwise work, and each linear's GB/s against the measured bandwidth. --adapter-rank R adds a
 random rank-R q/v adapter (as latency_vs_llama_cpp.py's): each batch's steps are timed base and on the adapter,
 alternating --rounds times, their medians and ratio printed, and the phases (with --phases) and the profile are of
-the adapter's steps.
+the adapter's steps. --stream-ahead BYTES times each batch's steps likewise at the build's batch-1 weight prefetch
+distance and at BYTES (0: none), alternating, and prints both and their ratio (the distance never changes a result).
 """
 from __future__ import annotations
 
@@ -184,8 +185,13 @@ def main() -> None:
                         "attention, elementwise) over the same steps, each linear's weights against the bandwidth")
     p.add_argument("--adapter-rank", type=int, default=0,
                    help="also time each batch on a random rank-R q/v adapter, alternating with base steps")
-    p.add_argument("--rounds", type=int, default=3, help="base/adapter alternations with --adapter-rank")
+    p.add_argument("--rounds", type=int, default=3,
+                   help="alternations (base/adapter with --adapter-rank, the two distances with --stream-ahead)")
+    p.add_argument("--stream-ahead", type=int, default=None, metavar="BYTES",
+                   help="also time each batch at this batch-1 weight prefetch distance, against the build's")
     args = p.parse_args()
+    if args.stream_ahead is not None and args.adapter_rank:
+        p.error("--stream-ahead and --adapter-rank each alternate the steps: one at a time")
 
     from loraplex.engine.default_model import ensure_default_model
     from loraplex.engine.engine_args import EngineArgs
@@ -236,6 +242,22 @@ def main() -> None:
                 print(f"\n{dtype} {cpu_linear} batch {batch}: base step {base_ms:.2f} ms, on a rank-{args.adapter_rank} "
                       f"q/v adapter {step_ms:.2f} ms (+{step_ms - base_ms:.2f} ms; adapter/base tok/s "
                       f"{base_ms / step_ms:.3f}, medians of {args.rounds} alternating rounds)", flush=True)
+            elif args.stream_ahead is not None:
+                from loraplex.engine.kernels import cpu_kernels
+                distances = (cpu_kernels.stream_ahead(), args.stream_ahead)
+                medians = {d: [] for d in distances}
+                try:
+                    for r in range(args.rounds):
+                        for d in (distances if r % 2 == 0 else distances[::-1]):
+                            cpu_kernels.stream_ahead(d)
+                            medians[d].append(statistics.median(decode_steps(engine, batch, prompts, args.steps)))
+                            finish(engine)
+                finally:
+                    cpu_kernels.stream_ahead(distances[0])
+                step_ms, other_ms = (statistics.median(medians[d]) * 1e3 for d in distances)
+                print(f"\n{dtype} {cpu_linear} batch {batch}: step {step_ms:.2f} ms with the build's weight prefetch "
+                      f"{distances[0]} bytes ahead, {other_ms:.2f} ms at {distances[1]} (tok/s ratio build/other "
+                      f"{other_ms / step_ms:.3f}, medians of {args.rounds} alternating rounds)", flush=True)
             else:
                 step_ms = statistics.median(decode_steps(engine, batch, prompts, args.steps)) * 1e3
                 finish(engine)

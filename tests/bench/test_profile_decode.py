@@ -32,3 +32,22 @@ def test_phases_are_printed_for_every_phase_and_linear(default_model_dir):
     for linear in ("qkv", "o", "gate_up", "down"):  # f32 weights: q/k/v are 576 x 960 x 4 bytes a layer, 30 layers
         mb, gbs = re.search(rf"^ {{4}}{linear} +[\d.]+ ms +([\d.]+) MB +([\d.]+) GB/s", out, flags=re.MULTILINE).groups()
         assert float(mb) > 10 and float(gbs) > 0, out
+
+
+def test_stream_ahead_times_both_distances_and_restores_the_builds(default_model_dir):
+    """--stream-ahead 0 times each batch's steps at the build's prefetch distance and with none, alternating, and
+    prints both and their ratio; an adapter alternation at the same time is refused."""
+    args = [sys.executable, "profile_decode.py", "--model", str(default_model_dir), "--dtype", "bfloat16",
+            "--batch", "1", "--steps", "3", "--cpu-linear", "stream", "--top", "1", "--rounds", "2",
+            "--stream-ahead", "0"]
+    done = subprocess.run(args, cwd=ROOT / "scripts" / "bench", capture_output=True, text=True, timeout=600,
+                          check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    m = re.search(r"batch 1: step ([\d.]+) ms with the build's weight prefetch (\d+) bytes ahead, ([\d.]+) ms at 0 "
+                  r"\(tok/s ratio build/other ([\d.]+), medians of 2 alternating rounds\)", done.stdout)
+    assert m, done.stdout
+    build_ms, ahead, other_ms, ratio = float(m[1]), int(m[2]), float(m[3]), float(m[4])
+    assert ahead == cpu_kernels.stream_ahead() and build_ms > 0 and abs(ratio - other_ms / build_ms) < 2e-3
+    refused = subprocess.run(args + ["--adapter-rank", "4"], cwd=ROOT / "scripts" / "bench", capture_output=True,
+                             text=True, timeout=120, check=False)
+    assert refused.returncode == 2 and "one at a time" in refused.stderr

@@ -21,6 +21,7 @@ from loraplex.engine.quant.stream import (
     lane_u8_kind,
     pack_nibbles,
     quantize_activations,
+    stream_product,
     unpack_nibbles,
     use_stream_linears,
 )
@@ -254,6 +255,38 @@ def test_both_8_bit_channel_lane_kinds_give_the_same_bits_on_this_build(sym):
     assert sorted(ran) == [7, 9]
     assert all(torch.equal(a, b) for a, b in zip(ran[7], ran[9]))
     torch.testing.assert_close(ran[7][1], fast.reference(x), rtol=1e-4, atol=1e-4)  # the rounded activations' product
+
+
+def test_the_batch_1_prefetch_distance_changes_no_result_and_refuses_bad_values():
+    """stream_ahead only moves where a batch-1 tile prefetches its weights: f32, bf16 and 8/4-bit channel-lane calls
+    give the same bits with no prefetch, at the build's distance and at 64 KiB (past the end of every weight here), at
+    1 row (the tiles that prefetch) and 5; a negative, unaligned or too large distance is refused, the setting kept."""
+    linears = [(StreamLinear.from_linear(dense(320, 56, True, torch.float32, seed=1)), torch.float32),
+               (StreamLinear.from_linear(dense(320, 56, True, torch.bfloat16, seed=2)), torch.bfloat16)]
+    for bits in (8, 4):
+        lanes = StreamLinear.from_gptq(gptq(192, 48, bits, 64, False, True, seed=bits), torch.float32)
+        lanes.set_act_int8(True)
+        assert lanes.layout == "lanes"
+        linears.append((lanes, torch.float32))
+    default = cpu_kernels.stream_ahead()
+    assert default % 64 == 0 and 0 <= default <= 1 << 16
+    runs = {}
+    try:
+        for ahead in (0, default, 1 << 16):
+            assert cpu_kernels.stream_ahead(ahead) in (0, default, 1 << 16)
+            assert cpu_kernels.stream_ahead() == ahead
+            with torch.inference_mode():
+                runs[ahead] = [stream_product((torch.randn(rows, linear.in_features, generator=torch.Generator()
+                                                           .manual_seed(rows)) * 2).to(dtype), linear)
+                               for linear, dtype in linears for rows in (1, 5)]
+    finally:
+        cpu_kernels.stream_ahead(default)
+    assert all(torch.equal(a, b) for a, b in zip(runs[0], runs[default]))
+    assert all(torch.equal(a, b) for a, b in zip(runs[0], runs[1 << 16]))
+    for bad in (-64, 100, (1 << 16) + 64):
+        with pytest.raises(RuntimeError, match="multiple of 64 bytes"):
+            cpu_kernels.stream_ahead(bad)
+        assert cpu_kernels.stream_ahead() == default
 
 
 @pytest.mark.parametrize("bits", [8, 4])
