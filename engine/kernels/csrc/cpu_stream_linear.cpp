@@ -62,15 +62,15 @@ struct F16 {
 enum Kind : int64_t { kDense = 0, kU8 = 1, kU4 = 2 };
 constexpr int64_t NB = 12;  // output channels per block (decoded together, reused across every row of x)
 
-// A batch-1 tile (f32, bf16, 8/4-bit channel lanes) reads one weight stream per thread. On the AVX2 VM measured here
-// (AMD EPYC, Zen 3 cores under KVM) the hardware prefetchers alone left the quantized streams waiting on DRAM: their
-// linears took nearly the sum of their arithmetic and their reads. Touching the line 2 KiB ahead as each one is
-// consumed made whole batch-1 decode steps 1.10-1.14x faster at 8-bit and 4-bit and 1.08-1.15x in bf16 (1 and 4 KiB
-// ahead: less); f32 moved within the noise (0.94-1.02x in the benchmark's alternating rounds). On the AVX-512
-// machines (Zen 4) a prefetch ahead of the 4-bit stream measured 0.97-0.98x, so those builds start at 0. The distance
-// is a setting (op stream_ahead; `profile_decode.py --stream-ahead` times a step at another one against the build's)
-// and never changes a result. A prefetch does not fault, so one past a tensor's end is harmless; its address is an
-// integer sum.
+// The first row tile over a block's weights (every tile at batch 1) reads them as one stream per thread; later row
+// tiles find them in cache. On the AVX2 VM measured here (AMD EPYC, Zen 3 cores under KVM) the hardware prefetchers
+// alone left the quantized streams waiting on DRAM: their linears took nearly the sum of their arithmetic and their
+// reads. Touching the line 2 KiB ahead as each one is consumed made whole batch-1 decode steps 1.05-1.14x faster at
+// 8-bit and 4-bit and 1.08-1.15x in bf16 (1 and 4 KiB ahead: less), 2 and 4 rows 1.05-1.14x, 8 and 16 rows
+// 1.01-1.02x; f32 moved within the noise (0.94-1.02x in the benchmark's alternating rounds). On the AVX-512 machines (Zen 4) a prefetch ahead of the
+// 4-bit stream measured 0.97-0.98x, so those builds start at 0. The distance is a setting (op stream_ahead;
+// `profile_decode.py --stream-ahead` times a step at another one against the build's) and never changes a result.
+// A prefetch does not fault, so one past a tensor's end is harmless; its address is an integer sum.
 #if defined(__AVX512F__)
 constexpr int64_t kStreamAheadDefault = 0;
 #else
@@ -79,6 +79,7 @@ constexpr int64_t kStreamAheadDefault = 2048;
 constexpr int64_t kStreamAheadMax = 1 << 16;
 std::atomic<int64_t> g_stream_ahead{kStreamAheadDefault};
 inline int64_t stream_ahead_bytes() { return g_stream_ahead.load(std::memory_order_relaxed); }
+inline int64_t first_rows_ahead(int64_t m) { return m == 0 ? stream_ahead_bytes() : 0; }  // a tile from row m
 inline void stream_ahead(const void* p, int64_t bytes) {
   if (bytes != 0) __builtin_prefetch(reinterpret_cast<const void*>(reinterpret_cast<uintptr_t>(p) + bytes), 0, 3);
 }
@@ -176,11 +177,11 @@ inline v8f fma8(v8f x, v8f w, v8f acc) {
 // out[i][j] = dot(x[i], w[j]) over K, for MT rows of x and NT weight rows: one 8-lane accumulator per pair, chunk
 // after chunk, then hsum. Every tile shape does exactly this per pair: shapes only change register reuse.
 template <int MT, int NT>
-inline void tile(const float* const* x, const float* const* w, int64_t K, float out[MT][NT]) {
+inline void tile(const float* const* x, const float* const* w, int64_t K, float out[MT][NT], int64_t ahead) {
   v8f acc[MT][NT];
   for (int i = 0; i < MT; ++i)
     for (int j = 0; j < NT; ++j) acc[i][j] = v8f{};
-  const int64_t ahead = MT == 1 && NT == 1 ? stream_ahead_bytes() : 0;  // batch 1: one line a 64-byte step
+  if (NT != 1) ahead = 0;  // one weight stream: one line a 64-byte step
   for (int64_t k = 0; k < K; k += 8) {
     v8f wv[NT];
     if (k % 16 == 0) stream_ahead(w[0] + k, ahead);
@@ -385,7 +386,7 @@ void run(const float* xf, int64_t M, int64_t K, int64_t N, int64_t kind, const v
     }
     walk_tiles<MT, NT, NT1>(M, n0, nb, [&](auto mt, auto nt, int64_t m, int64_t j, auto& out) {
       const auto xr = row_ptrs<decltype(mt)::value>(xf, m, K);
-      tile<decltype(mt)::value, decltype(nt)::value>(xr.data(), wrow + j, K, out);
+      tile<decltype(mt)::value, decltype(nt)::value>(xr.data(), wrow + j, K, out, first_rows_ahead(m));
     }, emit);
   });
 }
@@ -1040,15 +1041,16 @@ struct CLBlocks {           // per row of x and 32-channel activation block
   std::vector<int32_t> zt;   // [M, K / 32] the whole zero term, when there is one zero point
 };
 
-// out [MT][NG * 16]: rows m0.. of x against the NG lane groups from g0
-template <bool U4, bool SIGNED, bool UNIFORM, int MT, int NG>
+// out [MT][NG * 16]: rows m0.. of x against the NG lane groups from g0; AHEAD: prefetch the codes `ahead` bytes on
+// (a separate instantiation: the tiles that do not prefetch keep no test in their loop)
+template <bool U4, bool SIGNED, bool UNIFORM, int MT, int NG, bool AHEAD>
 inline void cl_tile(const QAct& q, const CLBlocks& cb, int64_t m0, int64_t K, int64_t group, const uint8_t* codes,
-                    int64_t groups_n, const float* scales, const int32_t* zeros, int64_t g0, float* out) {
+                    int64_t groups_n, const float* scales, const int32_t* zeros, int64_t g0, float* out,
+                    int64_t ahead) {
   constexpr int64_t S = U4 ? 8 : 4;  // input channels per code vector
   constexpr int64_t VPB = QB / S;    // code vectors per activation block
   const int64_t blocks = K / QB, groups = K / group, bpg = group / QB, gbytes = (K / S) * 64;
   constexpr int32_t off = U4 ? 0 : kCLU8Off;
-  const int64_t ahead = MT == 1 ? stream_ahead_bytes() : 0;  // batch 1: a code vector is one line
   QF y[MT][NG];
   for (int i = 0; i < MT; ++i)
     for (int j = 0; j < NG; ++j) y[i][j] = qf_zero();
@@ -1079,7 +1081,7 @@ inline void cl_tile(const QAct& q, const CLBlocks& cb, int64_t m0, int64_t K, in
       }
       for (int j = 0; j < NG; ++j) {
         CLV wl, wh;
-        stream_ahead(gc[j] + (b * VPB + v) * gstep[j], ahead);
+        if constexpr (AHEAD) stream_ahead(gc[j] + (b * VPB + v) * gstep[j], ahead);
         cl_load<U4, SIGNED>(gc[j] + (b * VPB + v) * gstep[j], wl, wh);
         for (int i = 0; i < MT; ++i) {
           if constexpr (U4 && kCLSum16) {  // hi: the block's int16 sums
@@ -1150,23 +1152,36 @@ void run_cl(const float* xf, int64_t M, int64_t K, int64_t N, bool u4, bool sgn,
     };
     const auto go = [&](auto u4c, auto sc, auto unic) {
       constexpr bool U4 = decltype(u4c)::value, S = decltype(sc)::value, UNI = decltype(unic)::value;
+      // rows m.. against `groups` lane groups from g (the block's first row tile prefetches its codes)
+      const auto tile = [&](auto rows, auto groups, int64_t m, int64_t g) {
+        constexpr int R = decltype(rows)::value, G = decltype(groups)::value;
+        const int64_t ahead = first_rows_ahead(m);
+        if (ahead != 0) {
+          cl_tile<U4, S, UNI, R, G, true>(q, cb, m, K, group, w, N / CL_CH, scales, zeros, g, out, ahead);
+        } else {
+          cl_tile<U4, S, UNI, R, G, false>(q, cb, m, K, group, w, N / CL_CH, scales, zeros, g, out, 0);
+        }
+      };
+      using mt = std::integral_constant<int, CL_MT>;
+      using one = std::integral_constant<int, 1>;
+      using two = std::integral_constant<int, 2>;
       int64_t m = 0;
       for (; m + CL_MT <= M; m += CL_MT) {
         if (CL_BATCH_NG == 2 && ng == 2) {  // both lane groups in one pass over the block's stream
-          cl_tile<U4, S, UNI, CL_MT, CL_BATCH_NG>(q, cb, m, K, group, w, N / CL_CH, scales, zeros, g0, out);
+          tile(mt{}, std::integral_constant<int, CL_BATCH_NG>{}, m, g0);
           emit(m, CL_MT, n0, 2 * CL_CH);
           continue;
         }
         for (int64_t j = 0; j < ng; ++j) {
-          cl_tile<U4, S, UNI, CL_MT, 1>(q, cb, m, K, group, w, N / CL_CH, scales, zeros, g0 + j, out);
+          tile(mt{}, one{}, m, g0 + j);
           emit(m, CL_MT, n0 + j * CL_CH, CL_CH);
         }
       }
       for (; m < M; ++m) {
         if (ng == 2) {
-          cl_tile<U4, S, UNI, 1, 2>(q, cb, m, K, group, w, N / CL_CH, scales, zeros, g0, out);
+          tile(one{}, two{}, m, g0);
         } else {
-          cl_tile<U4, S, UNI, 1, 1>(q, cb, m, K, group, w, N / CL_CH, scales, zeros, g0, out);
+          tile(one{}, one{}, m, g0);
         }
         emit(m, 1, n0, ng * CL_CH);
       }
@@ -1196,11 +1211,11 @@ constexpr int64_t BC = 32;  // channels per step
 #if defined(__AVX512BF16__) && defined(__AVX512F__)
 constexpr int BMT = 4, BNT = 6, BNT1 = 1;  // batch 1: one row at a time streams ~1.4x faster than six
 template <int MT, int NT>
-inline void btile(const bf16* const* x, const bf16* const* w, int64_t K, float out[MT][NT]) {
+inline void btile(const bf16* const* x, const bf16* const* w, int64_t K, float out[MT][NT], int64_t ahead) {
   __m512 acc[MT][NT];
   for (int i = 0; i < MT; ++i)
     for (int j = 0; j < NT; ++j) acc[i][j] = _mm512_setzero_ps();
-  const int64_t ahead = MT == 1 && NT == 1 ? stream_ahead_bytes() : 0;  // batch 1: a step is one 64-byte line
+  if (NT != 1) ahead = 0;  // one weight stream: a step is one 64-byte line
   for (int64_t k = 0; k < K; k += BC) {
     stream_ahead(w[0] + k, ahead);
     __m512bh wv[NT];
@@ -1220,12 +1235,12 @@ inline void btile(const bf16* const* x, const bf16* const* w, int64_t K, float o
 #elif defined(__AVX2__) && defined(__FMA__)
 constexpr int BMT = 2, BNT = 2, BNT1 = 1;  // batch 1: one row at a time (measured ~1.8x faster than three)
 template <int MT, int NT>
-inline void btile(const bf16* const* x, const bf16* const* w, int64_t K, float out[MT][NT]) {
+inline void btile(const bf16* const* x, const bf16* const* w, int64_t K, float out[MT][NT], int64_t ahead) {
   __m256 acc[MT][NT][2];  // lanes 0-7 (channels 0-15 of a step), lanes 8-15 (16-31)
   for (int i = 0; i < MT; ++i)
     for (int j = 0; j < NT; ++j) acc[i][j][0] = acc[i][j][1] = _mm256_setzero_ps();
   const __m256i odd_mask = _mm256_set1_epi32(static_cast<int>(0xffff0000u));
-  const int64_t ahead = MT == 1 && NT == 1 ? stream_ahead_bytes() : 0;  // batch 1: a step is one 64-byte line
+  if (NT != 1) ahead = 0;  // one weight stream: a step is one 64-byte line
   for (int64_t k = 0; k < K; k += BC) {
     stream_ahead(w[0] + k, ahead);
     for (int h = 0; h < 2; ++h) {
@@ -1255,11 +1270,11 @@ inline void btile(const bf16* const* x, const bf16* const* w, int64_t K, float o
 #else
 constexpr int BMT = 2, BNT = 2, BNT1 = 1;
 template <int MT, int NT>
-inline void btile(const bf16* const* x, const bf16* const* w, int64_t K, float out[MT][NT]) {
+inline void btile(const bf16* const* x, const bf16* const* w, int64_t K, float out[MT][NT], int64_t ahead) {
   for (int i = 0; i < MT; ++i)
     for (int j = 0; j < NT; ++j) {
       float acc[16] = {};
-      const int64_t ahead = MT == 1 && NT == 1 ? stream_ahead_bytes() : 0;
+      if (NT != 1) ahead = 0;
       for (int64_t k = 0; k < K; k += BC) {
         stream_ahead(w[j] + k, ahead);
         for (int l = 0; l < 16; ++l) {
@@ -1287,7 +1302,7 @@ void run_bf16(const bf16* x, int64_t M, int64_t K, int64_t N, const bf16* w, con
     };
     walk_tiles<BMT, BNT, BNT1>(M, n0, nb, [&](auto mt, auto nt, int64_t m, int64_t j, auto& out) {
       const auto xr = row_ptrs<decltype(mt)::value>(x, m, K);
-      btile<decltype(mt)::value, decltype(nt)::value>(xr.data(), wrow + j, K, out);
+      btile<decltype(mt)::value, decltype(nt)::value>(xr.data(), wrow + j, K, out, first_rows_ahead(m));
     }, emit);
   });
 }
