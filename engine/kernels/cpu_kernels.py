@@ -198,9 +198,10 @@ def _prune_other_builds(keep: Path, older_than_s: float = PRUNE_AFTER_S) -> None
 
 
 def stream_ahead(nbytes: int | None = None) -> int:
-    """The distance, in bytes, at which a batch-1 streaming-linear tile prefetches its weights (0: not at all); with
-    `nbytes` (a multiple of 64, at most 64 KiB) set it and return the previous one. Speed only: no result changes.
-    Each build starts at the distance measured best on its kind of machine (cpu_stream_linear.cpp)."""
+    """The distance, in bytes, at which the streaming linears' first row tile over each block of weights (every tile
+    at batch 1) prefetches them (0: not at all); with `nbytes` (a multiple of 64, at most 64 KiB) set it and return
+    the previous one. Speed only: no result changes. Each build starts at the distance measured best on its kind of
+    machine (cpu_stream_linear.cpp)."""
     return int(torch.ops.loraplex_cpu.stream_ahead(nbytes))
 
 

@@ -67,10 +67,11 @@ constexpr int64_t NB = 12;  // output channels per block (decoded together, reus
 // alone left the quantized streams waiting on DRAM: their linears took nearly the sum of their arithmetic and their
 // reads. Touching the line 2 KiB ahead as each one is consumed made whole batch-1 decode steps 1.05-1.14x faster at
 // 8-bit and 4-bit and 1.08-1.15x in bf16 (1 and 4 KiB ahead: less), 2 and 4 rows 1.05-1.14x, 8 and 16 rows
-// 1.01-1.02x; f32 moved within the noise (0.94-1.02x in the benchmark's alternating rounds). On the AVX-512 machines (Zen 4) a prefetch ahead of the
-// 4-bit stream measured 0.97-0.98x, so those builds start at 0. The distance is a setting (op stream_ahead;
-// `profile_decode.py --stream-ahead` times a step at another one against the build's) and never changes a result.
-// A prefetch does not fault, so one past a tensor's end is harmless; its address is an integer sum.
+// 1.01-1.02x; f32 moved within the noise (0.94-1.02x in the benchmark's alternating rounds). On the AVX-512
+// machines (Zen 4) a prefetch ahead of the 4-bit stream measured 0.97-0.98x, so those builds start at 0. The
+// distance is a setting (op stream_ahead; `profile_decode.py --stream-ahead` times a step at another one against the
+// build's) and never changes a result. A prefetch does not fault, so one past a tensor's end is harmless; its address
+// is an integer sum.
 #if defined(__AVX512F__)
 constexpr int64_t kStreamAheadDefault = 0;
 #else
@@ -1421,7 +1422,7 @@ TORCH_LIBRARY_FRAGMENT(loraplex_cpu, m) {
   m.def("channel_lane_u8_kind() -> int");  // the 8-bit channel-lane kind this build reads fastest: 7, or 9
   m.impl("channel_lane_u8_kind", c10::DispatchKey::CatchAll,
          +[]() -> int64_t { return kCLU8Signed ? kU8CLS : kU8CL; });
-  m.def("stream_ahead(int? bytes=None) -> int");  // batch-1 weight prefetch distance: set it (0: off), get the old
+  m.def("stream_ahead(int? bytes=None) -> int");  // the weight prefetch distance: set it (0: off), get the old
   m.impl("stream_ahead", c10::DispatchKey::CatchAll, +[](c10::optional<int64_t> bytes) -> int64_t {
     if (!bytes.has_value()) return stream_ahead_bytes();
     TORCH_CHECK(*bytes >= 0 && *bytes <= kStreamAheadMax && *bytes % 64 == 0,

@@ -258,9 +258,10 @@ def test_both_8_bit_channel_lane_kinds_give_the_same_bits_on_this_build(sym):
 
 
 def test_the_batch_1_prefetch_distance_changes_no_result_and_refuses_bad_values():
-    """stream_ahead only moves where a batch-1 tile prefetches its weights: f32, bf16 and 8/4-bit channel-lane calls
+    """stream_ahead only moves where a streaming tile prefetches its weights: f32, bf16 and 8/4-bit channel-lane calls
     give the same bits with no prefetch, at the build's distance and at 64 KiB (past the end of every weight here), at
-    1 row (the tiles that prefetch) and 5; a negative, unaligned or too large distance is refused, the setting kept."""
+    1 row and 5 (the first row tile over a block prefetches, the later ones not); a negative, unaligned or too large
+    distance is refused, the setting kept."""
     linears = [(StreamLinear.from_linear(dense(320, 56, True, torch.float32, seed=1)), torch.float32),
                (StreamLinear.from_linear(dense(320, 56, True, torch.bfloat16, seed=2)), torch.bfloat16)]
     for bits in (8, 4):
