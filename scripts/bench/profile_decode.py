@@ -15,8 +15,8 @@ pass, the whole-stack call's own clock (DecoderStack.set_profiling): ms per step
 rows, attention and elementwise work, and each linear's GB/s against the measured bandwidth. --adapter-rank R adds a
 random rank-R q/v adapter (as latency_vs_llama_cpp.py's): each batch's steps are timed base and on the adapter,
 alternating --rounds times, their medians and ratio printed, and the phases (with --phases) and the profile are of
-the adapter's steps. --stream-ahead BYTES times each batch's steps likewise at the build's batch-1 weight prefetch
-distance and at BYTES (0: none), alternating, and prints both and their ratio (the distance never changes a result).
+the adapter's steps. --stream-ahead BYTES times each batch's steps likewise at the build's weight prefetch distance
+(cpu_kernels.stream_ahead) and at BYTES (0: none), alternating, and prints both and their ratio (the distance never changes a result).
 """
 from __future__ import annotations
 
@@ -107,6 +107,23 @@ LINEAR_PHASES = {"qkv": ("q_proj", "k_proj", "v_proj"), "o": ("o_proj",), "gate_
                  "down": ("down_proj",)}
 
 
+def alternating_medians(engine, batch: int, prompts, steps: int, rounds: int, choices: tuple, apply) -> dict:
+    """choice -> the median time of `steps` decode steps at `batch` in each of `rounds` runs, the choices alternating
+    (in reverse order every other round); `apply(choice)` sets a choice up and gives the adapter its steps run on."""
+    medians = {c: [] for c in choices}
+    for r in range(rounds):
+        for c in (choices if r % 2 == 0 else choices[::-1]):
+            medians[c].append(statistics.median(decode_steps(engine, batch, prompts, steps, apply(c))))
+            finish(engine)
+    return medians
+
+
+def prefetch_at(nbytes: int) -> None:
+    """--stream-ahead's choices: the weight prefetch distance, base steps."""
+    from loraplex.engine.kernels import cpu_kernels
+    cpu_kernels.stream_ahead(nbytes)
+
+
 def linear_phase_bytes(model: torch.nn.Module) -> dict[str, int]:
     """Bytes of weights (codes, scales, the zero points the kernel takes, bias) each linear phase of the stack reads
     in a step, every layer."""
@@ -188,7 +205,7 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=3,
                    help="alternations (base/adapter with --adapter-rank, the two distances with --stream-ahead)")
     p.add_argument("--stream-ahead", type=int, default=None, metavar="BYTES",
-                   help="also time each batch at this batch-1 weight prefetch distance, against the build's")
+                   help="also time each batch at this weight prefetch distance, against the build's")
     args = p.parse_args()
     if args.stream_ahead is not None and args.adapter_rank:
         p.error("--stream-ahead and --adapter-rank each alternate the steps: one at a time")
@@ -233,11 +250,8 @@ def main() -> None:
         bound_ms = nbytes / (bandwidth * 1e9) * 1e3
         for batch in args.batch:
             if adapter:
-                medians = {None: [], adapter: []}
-                for r in range(args.rounds):
-                    for on in ((None, adapter) if r % 2 == 0 else (adapter, None)):
-                        medians[on].append(statistics.median(decode_steps(engine, batch, prompts, args.steps, on)))
-                        finish(engine)
+                medians = alternating_medians(engine, batch, prompts, args.steps, args.rounds, (None, adapter),
+                                              lambda on: on)
                 base_ms, step_ms = (statistics.median(medians[k]) * 1e3 for k in (None, adapter))
                 print(f"\n{dtype} {cpu_linear} batch {batch}: base step {base_ms:.2f} ms, on a rank-{args.adapter_rank} "
                       f"q/v adapter {step_ms:.2f} ms (+{step_ms - base_ms:.2f} ms; adapter/base tok/s "
@@ -245,13 +259,9 @@ def main() -> None:
             elif args.stream_ahead is not None:
                 from loraplex.engine.kernels import cpu_kernels
                 distances = (cpu_kernels.stream_ahead(), args.stream_ahead)
-                medians = {d: [] for d in distances}
                 try:
-                    for r in range(args.rounds):
-                        for d in (distances if r % 2 == 0 else distances[::-1]):
-                            cpu_kernels.stream_ahead(d)
-                            medians[d].append(statistics.median(decode_steps(engine, batch, prompts, args.steps)))
-                            finish(engine)
+                    medians = alternating_medians(engine, batch, prompts, args.steps, args.rounds, distances,
+                                                  prefetch_at)
                 finally:
                     cpu_kernels.stream_ahead(distances[0])
                 step_ms, other_ms = (statistics.median(medians[d]) * 1e3 for d in distances)
